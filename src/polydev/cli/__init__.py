@@ -1,0 +1,25 @@
+"""The `polydev` command. Each command group lives in its own module and is mounted here."""
+
+from __future__ import annotations
+
+import typer
+
+from polydev.cli import config_cmd, keys, serve, users
+
+app = typer.Typer(help="Polydev: AI coding CLIs in disposable microVMs.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+app.command("serve")(serve.serve)
+app.command("config")(config_cmd.config)
+app.add_typer(keys.app, name="keys")
+app.add_typer(users.app, name="users")
+
+try:  # the image commands arrive with the VM engine (issue 3); keep the CLI usable without them
+    from polydev.cli import image
+except ImportError:  # pragma: no cover
+    image = None  # type: ignore[assignment]
+else:
+    app.add_typer(image.app, name="image")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,150 @@
+"""Settings from the environment.
+
+Names follow the seed's Appendix B where they apply (PORT, DATABASE_URL, REDIS_URL, REDIS_SESSION_TTL,
+CREDENTIAL_ENCRYPTION_KEY, VM_*, NETWORK_*, FIRECRACKER_*). Everything has an embedded default so that a
+bare `polydev serve` works: SQLite under the data directory, the in-process session store and a master
+key generated into the data directory.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+PROVIDERS: tuple[str, ...] = ("claude_code", "codex", "gemini_cli")
+
+
+def _default_data_dir() -> Path:
+    # Root installs keep state with the system; a developer's run keeps it in their home.
+    if os.geteuid() == 0:
+        return Path("/var/lib/polydev")
+    return Path.home() / ".local" / "share" / "polydev"
+
+
+def _default_cache_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/cache/polydev")
+    return Path.home() / ".cache" / "polydev"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    # Server
+    host: str = Field("127.0.0.1", description="address the API listens on")
+    port: int = Field(4000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_request_bytes: int = Field(1024 * 1024, ge=1024, description="larger request bodies answer 413")
+    data_dir: Path = Field(default_factory=_default_data_dir, validation_alias="POLYDEV_DATA_DIR")
+    cache_dir: Path = Field(default_factory=_default_cache_dir, validation_alias="POLYDEV_CACHE_DIR")
+
+    # Database: unset means SQLite in the data directory.
+    database_url: SecretStr | None = None
+
+    # Session store: unset REDIS_URL means the in-process store.
+    redis_url: SecretStr | None = None
+    redis_session_ttl: int = Field(600, ge=1, description="seconds a login session lives without activity")
+
+    # Credentials: base64 of 32 bytes. Unset means a key file generated in the data directory.
+    credential_encryption_key: SecretStr | None = None
+    # Older master keys, comma separated, kept for reading during a rotation.
+    credential_encryption_previous_keys: SecretStr | None = None
+
+    # VM sizing (seed Appendix B)
+    vm_backend: Literal["qemu", "firecracker"] = "qemu"
+    vm_browser_vcpu: int = Field(2, ge=1)
+    vm_browser_memory_mb: int = Field(4096, ge=256)
+    vm_cli_vcpu: int = Field(1, ge=1)
+    vm_cli_memory_mb: int = Field(2048, ge=256)
+
+    # Network (seed Appendix B); the pool addresses are the host ends of per-VM slots.
+    network_bridge: str = "fc-br0"
+    network_ip_pool_start: str = "192.168.100.2"
+    network_ip_pool_end: str = "192.168.100.254"
+
+    # Firecracker backend
+    firecracker_binary: Path = Path("/usr/local/bin/firecracker")
+    firecracker_base: Path = Path("/var/lib/firecracker")
+    firecracker_golden_rootfs: Path | None = None
+    firecracker_golden_kernel: Path | None = None
+
+    debug_keep_failed_vms: bool = False
+
+    @field_validator("database_url", "redis_url", "credential_encryption_key",
+                     "credential_encryption_previous_keys", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        """The SQLAlchemy async URL, with the driver filled in for plain postgres/sqlite URLs."""
+        if self.database_url is None:
+            return f"sqlite+aiosqlite:///{self.data_dir / 'polydev.db'}"
+        return normalize_database_url(self.database_url.get_secret_value())
+
+    @property
+    def session_store_kind(self) -> str:
+        return "redis" if self.redis_url else "memory"
+
+    @property
+    def master_key_file(self) -> Path:
+        return self.data_dir / "master.keys"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration with every secret replaced, for `polydev config`."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "********"
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name.upper() if name not in ("data_dir", "cache_dir") else f"POLYDEV_{name.upper()}"] = value
+        out["DATABASE_URL"] = redact_url(self.effective_database_url)
+        if self.redis_url is not None:
+            out["REDIS_URL"] = redact_url(self.redis_url.get_secret_value())
+        out["SESSION_STORE"] = self.session_store_kind
+        out["CREDENTIAL_ENCRYPTION_KEY"] = (
+            "******** (from environment)" if self.credential_encryption_key
+            else f"(generated, kept in {self.master_key_file})"
+        )
+        return out
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the URLs operators write (postgres://, postgresql://, sqlite:///) and pick async drivers."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql" and parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    elif backend == "sqlite" and parsed.drivername == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    elif backend not in ("postgresql", "sqlite"):
+        raise ValueError(f"unsupported database {backend!r}: use postgresql:// or sqlite:///")
+    return parsed.render_as_string(hide_password=False)
+
+
+def redact_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy understands (e.g. redis://): strip userinfo by hand
+        if "@" in url and "://" in url:
+            scheme, rest = url.split("://", 1)
+            return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
