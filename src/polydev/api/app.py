@@ -1,0 +1,77 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI
+
+from polydev import __version__
+from polydev.api.errors import install_error_handlers
+from polydev.api.metrics import Metrics
+from polydev.api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
+from polydev.api.routes import auth_sessions, credentials, health, users
+from polydev.config import Settings, get_settings
+from polydev.services import Services, open_services
+
+log = structlog.get_logger(__name__)
+
+
+def announce_admin_token(services: Services, secret: str) -> None:
+    """Show the bootstrap token once, on the terminal rather than in the (JSON, shipped-off) logs."""
+    path = services.settings.data_dir / "admin.token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    print(
+        "\n" + "=" * 72 + "\n"
+        "  Polydev created the first user, 'admin'. Its API token (shown once):\n\n"
+        f"    {secret}\n\n"
+        f"  A copy is in {path} (mode 0600): store it elsewhere and delete the file.\n"
+        + "=" * 72 + "\n",
+        file=sys.stdout, flush=True,
+    )
+    log.info("admin_bootstrapped", file=str(path))
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    settings = settings or (services.settings if services else get_settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = services is None
+        svc = services or await open_services(settings)
+        app.state.services = svc
+        try:
+            if owned:
+                issued = await svc.users.bootstrap_admin()
+                if issued is not None:
+                    announce_admin_token(svc, issued.secret)
+            log.info("started", database=svc.engine.dialect.name, session_store=svc.sessions.kind,
+                     port=settings.port)
+            yield
+        finally:
+            if owned:
+                await svc.close()
+
+    app = FastAPI(
+        title="Polydev",
+        version=__version__,
+        description="Run Claude Code, Codex CLI and Gemini CLI in disposable microVMs.",
+        lifespan=lifespan,
+    )
+    if services is not None:  # tests hand in ready services and drive the app without a lifespan
+        app.state.services = services
+    metrics = Metrics()
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    for router in (health.router, users.router, credentials.router, auth_sessions.router):
+        app.include_router(router)
+    # Outermost first: observe everything (413s included), then enforce the size limit.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,70 @@
+"""The read side of the login flow: live state from the session store, durable record from the database.
+
+A session that has gone from the store before reaching a terminal status has expired; it is marked
+`timeout` in the database so it reads the same way from every replica afterwards.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from polydev.store.auth_sessions import AuthSessionRepo
+from polydev.store.models import AUTH_SESSION_TERMINAL, AuthSession, utcnow
+from polydev.store.sessions import SessionStore
+
+EXPIRED_MESSAGE = "session expired after {ttl} s without activity"
+
+
+class SessionNotFound(Exception):
+    pass
+
+
+class SessionExpired(Exception):
+    pass
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _from_row(row: AuthSession) -> dict[str, Any]:
+    return {
+        "session_id": str(row.session_id),
+        "user_id": str(row.user_id),
+        "provider": row.provider,
+        "status": row.status,
+        "auth_url": row.auth_url,
+        "vnc_url": row.vnc_url,
+        "error_message": row.error_message,
+        "started_at": _iso(row.started_at),
+        "completed_at": _iso(row.completed_at),
+    }
+
+
+class LoginSessions:
+    def __init__(self, store: SessionStore, repo: AuthSessionRepo) -> None:
+        self.store = store
+        self.repo = repo
+
+    async def start(self, user_id: uuid.UUID, provider: str) -> dict[str, Any]:
+        """Record a new session and publish its live state (the flow that drives it arrives later)."""
+        row = await self.repo.create(user_id, provider)
+        live = _from_row(row) | {"updated_at": utcnow().isoformat()}
+        await self.store.create(live["session_id"], live)
+        return live
+
+    async def read(self, user_id: uuid.UUID, session_id: uuid.UUID) -> dict[str, Any]:
+        live = await self.store.get(str(session_id))
+        if live is not None:
+            if live.get("user_id") != str(user_id):
+                raise SessionNotFound(session_id)
+            return live
+        row = await self.repo.get_owned(user_id, session_id)
+        if row is None:
+            raise SessionNotFound(session_id)
+        if row.status in AUTH_SESSION_TERMINAL:
+            return _from_row(row)
+        await self.repo.finish(session_id, "timeout", EXPIRED_MESSAGE.format(ttl=self.store.default_ttl))
+        raise SessionExpired(session_id)

@@ -1,0 +1,213 @@
+"""The guest agent: HTTP on TCP 8080 inside the VM. Routes, auth and start-up; the work is in execute.py.
+
+Started by guest/init.py (or by hand: `python3 -m polydev.guest.agent --token T`). Imports only the standard
+library and polydev.protocol, so it listens within a fraction of a second even on an emulated CPU.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+
+from polydev import protocol as p
+from polydev.guest import execute
+from polydev.guest.http import HTTPError, Request, serve
+
+MAX_UPLOAD = 4 * 1024 * 1024 * 1024
+_upload_ids = itertools.count()  # tempfile would import random, shutil and more
+
+
+class Agent:
+    def __init__(self, token: str | None) -> None:
+        self._token = token
+        self._token_lock = threading.Lock()
+        self.listening_at = 0.0
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    def handle(self, req: Request) -> None:
+        if req.path == "/livez":
+            if req.method != "GET":
+                raise HTTPError(405, "use GET")
+            req.send(200, b"ok\n", "text/plain")
+            return
+        route = ROUTES.get((req.method, req.path))
+        if route is None:
+            known = [m for (m, path) in ROUTES if path == req.path]
+            if known:
+                raise HTTPError(405, f"{req.path} takes {', '.join(sorted(known))}")
+            raise HTTPError(404, f"no route {req.method} {req.path}")
+        self._authorize(req)
+        try:
+            route(self, req)
+        except p.ProtocolError as exc:
+            raise HTTPError(400, str(exc)) from None
+
+    def _authorize(self, req: Request) -> None:
+        with self._token_lock:
+            token = self._token
+        if not token:
+            raise HTTPError(503, "this VM was started without a token; nothing but /livez is served")
+        scheme, _, given = req.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPError(401, "missing or wrong bearer token")
+
+    # -- routes -----------------------------------------------------------------------------------------
+
+    def health(self, req: Request) -> None:
+        body = p.Health(status="ok", protocol=p.PROTOCOL_VERSION, uptime_s=round(_uptime(), 3),
+                        agent_start_s=round(self.listening_at, 3), running=len(execute.RUNNING))
+        req.send_json(200, body.to_json())
+
+    def exec(self, req: Request) -> None:
+        spec = p.ExecRequest.from_json(req.read_body())
+        if spec.cwd is not None and not os.path.isdir(spec.cwd):
+            raise HTTPError(422, f"cwd {spec.cwd!r} is not a directory")
+        try:
+            exec_id, proc, master = execute.spawn(spec)
+        except execute.SpawnError as exc:
+            raise HTTPError(422, f"cannot start {spec.args[0]!r}: {exc}") from None
+        try:
+            req.start(200, {"Content-Type": p.NDJSON, "X-Polydev-Exec-Id": exec_id}, chunked=True)
+        except BaseException:
+            execute.kill_group(proc)
+            proc.wait()
+            raise
+        execute.stream(spec, exec_id, proc, master, req.conn, req.send_chunk)
+        req.end_chunks()
+
+    def files_put(self, req: Request) -> None:
+        path = _abs_path(req)
+        mode = p.parse_mode(req.query.get("mode", "0644"))
+        length = req.content_length(MAX_UPLOAD)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        if os.path.isdir(path):
+            raise HTTPError(409, f"{path} is a directory")
+        # Write beside the target and rename, so a reader never sees half a file and a failed upload
+        # leaves the old one.
+        tmp = os.path.join(parent, f".polydev-upload-{os.getpid()}-{next(_upload_ids)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            remaining = length
+            with os.fdopen(fd, "wb") as out:
+                while remaining:
+                    chunk = req.rfile.read(min(remaining, 1024 * 1024))
+                    if not chunk:
+                        raise HTTPError(400, "body shorter than Content-Length")
+                    out.write(chunk)
+                    remaining -= len(chunk)
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        req.send_json(200, p.FileInfo(path=path, size=length, mode=mode).to_json())
+
+    def files_get(self, req: Request) -> None:
+        path = _abs_path(req)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise HTTPError(404, f"{path} does not exist") from None
+        except IsADirectoryError:
+            raise HTTPError(409, f"{path} is a directory") from None
+        except PermissionError as exc:
+            raise HTTPError(403, str(exc)) from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise HTTPError(409, f"{path} is not a regular file")
+            req.start(200, {"Content-Type": "application/octet-stream",
+                            p.MODE_HEADER: format(st.st_mode & 0o7777, "04o")}, length=st.st_size)
+            remaining = st.st_size
+            while remaining > 0:
+                chunk = f.read(min(remaining, 1024 * 1024))
+                if not chunk:
+                    break
+                req.conn.sendall(chunk)
+                remaining -= len(chunk)
+
+    def signal(self, req: Request) -> None:
+        spec = p.SignalRequest.from_json(req.read_body())
+        number = p.signal_number(spec.signal)
+        assert number is not None
+        if not execute.send_signal(spec.exec_id, number):
+            raise HTTPError(404, f"no running exec {spec.exec_id}")
+        req.send_json(200, {"delivered": True})
+
+    def token(self, req: Request) -> None:
+        spec = p.TokenRequest.from_json(req.read_body())
+        with self._token_lock:
+            self._token = spec.token
+        req.send_json(200, {"rotated": True})
+
+
+ROUTES = {
+    ("GET", "/health"): Agent.health,
+    ("POST", "/exec"): Agent.exec,
+    ("PUT", "/files"): Agent.files_put,
+    ("GET", "/files"): Agent.files_get,
+    ("POST", "/signal"): Agent.signal,
+    ("POST", "/token"): Agent.token,
+}
+
+
+def _abs_path(req: Request) -> str:
+    path = req.query.get("path", "")
+    if not path.startswith("/") or "\0" in path:
+        raise HTTPError(400, "path must be an absolute path in the query (?path=/...)")
+    return os.path.normpath(path)
+
+
+def _uptime() -> float:
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return time.monotonic()
+
+
+def listen(port: int, host: str = "0.0.0.0") -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(64)
+    return sock
+
+
+def run(token: str | None, port: int = p.AGENT_PORT, host: str = "0.0.0.0") -> None:
+    agent = Agent(token)
+    sock = listen(port, host)
+    agent.listening_at = _uptime()
+    # The host waits for this exact line on the serial console; print it only once the socket accepts.
+    sys.stdout.write(f"{p.READY_MARKER} port={port} uptime={agent.listening_at:.2f}\n")
+    sys.stdout.flush()
+    serve(sock, agent.handle)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    token = os.environ.pop("POLYDEV_AGENT_TOKEN", None)
+    port, host = p.AGENT_PORT, "0.0.0.0"
+    while args:
+        flag = args.pop(0)
+        if flag == "--token":
+            token = args.pop(0)
+        elif flag == "--port":
+            port = int(args.pop(0))
+        elif flag == "--host":
+            host = args.pop(0)
+        else:
+            sys.exit(f"usage: agent [--token T] [--port N] [--host H] (unknown {flag!r})")
+    run(token, port, host)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Host ⇄ guest wire protocol: the one module the guest agent shares with the host side.
+
+Why plain dataclasses and not pydantic (as DESIGN.md §2 first said): this module is imported by the agent
+inside the VM, where it must start in well under a second on an emulated (TCG) CPU and where the image
+carries only Debian's python3. Importing pydantic costs ~0.2 s natively and several seconds under TCG, and it
+would drag a compiled wheel (pydantic-core) into the image. So the types here are stdlib dataclasses with
+explicit validation (`from_json` raises `ProtocolError` with a reason the agent answers as HTTP 400). The host
+may wrap them in pydantic models at the API edge if it wants; the wire format is defined only here.
+
+Wire summary (all JSON bodies are UTF-8 objects; process output is base64 because it is arbitrary bytes):
+- `GET /livez`                       no token; answers `ok`. A bare liveness probe.
+- `GET /health`                      → `Health`
+- `POST /exec` body `ExecRequest`    → `application/x-ndjson` stream of `ExecEvent`, one per line, `seq` from 0:
+                                        `start`, then `stdout`/`stderr` chunks, then exactly one `exit`.
+- `PUT /files?path=ABS&mode=0644`    raw body → `FileInfo`;  `GET /files?path=ABS` → raw body + `X-Polydev-Mode`.
+- `POST /signal` body `SignalRequest` → `{"delivered": true}`
+- `POST /token` body `TokenRequest`  replaces the token (after a snapshot restore the host hands each clone its own).
+Every call but `/livez` needs `Authorization: Bearer <token>`; errors answer `{"error": reason}` with a 4xx/5xx.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+AGENT_PORT = 8080
+PROTOCOL_VERSION = 1
+# Printed on the serial console by the agent the moment its socket listens; the host watches for it.
+READY_MARKER = "POLYDEV-AGENT-READY"
+# Kernel command line keys the host sets at boot (the token is never baked into an image).
+CMDLINE_TOKEN = "polydev.token"
+CMDLINE_ADDR = "polydev.addr"  # e.g. 10.0.2.15/24
+CMDLINE_GATEWAY = "polydev.gw"
+CMDLINE_PORT = "polydev.port"
+MODE_HEADER = "X-Polydev-Mode"
+NDJSON = "application/x-ndjson"
+
+EVENT_TYPES = ("start", "stdout", "stderr", "exit")
+SIGNALS = {"HUP": 1, "INT": 2, "QUIT": 3, "KILL": 9, "USR1": 10, "USR2": 12, "TERM": 15, "CONT": 18,
+           "STOP": 19, "TSTP": 20, "WINCH": 28}
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol; the text is the reason given to the peer."""
+
+
+def _obj(raw: bytes | str | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"body is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("body must be a JSON object")
+    return value
+
+
+def _check_keys(data: dict[str, Any], allowed: set[str], what: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ProtocolError(f"{what}: unknown field(s) {', '.join(unknown)}")
+
+
+def _str_list(value: Any, name: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProtocolError(f"{name} must be a list of strings")
+    return value
+
+
+def _opt(value: Any, kind: type | tuple[type, ...], name: str) -> Any:
+    # bool is an int in Python; a JSON true where a number is expected is still a client bug.
+    if value is None:
+        return None
+    if isinstance(value, bool) and kind is not bool:
+        raise ProtocolError(f"{name} has the wrong type")
+    if not isinstance(value, kind):
+        raise ProtocolError(f"{name} has the wrong type")
+    return value
+
+
+@dataclass
+class ExecRequest:
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # merged over the agent's default environment
+    cwd: str | None = None
+    stdin: str | None = None  # base64; closed after writing (for a PTY: written, then left open)
+    pty: bool = False  # stdout carries the terminal's output; stderr is merged into it
+    timeout_s: float | None = None  # the process group is killed when it runs longer
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> ExecRequest:
+        data = _obj(raw)
+        _check_keys(data, {"args", "env", "cwd", "stdin", "pty", "timeout_s"}, "exec")
+        if "args" not in data:
+            raise ProtocolError("exec: args is required")
+        args = _str_list(data["args"], "args")
+        if not args or not args[0]:
+            raise ProtocolError("args must name a program")
+        env = data.get("env") or {}
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise ProtocolError("env must map strings to strings")
+        if any(not k or "=" in k or "\0" in k + v for k, v in env.items()):
+            raise ProtocolError("env names must be non-empty, without '=' or NUL")
+        if any("\0" in a for a in args):
+            raise ProtocolError("args must not contain NUL")
+        timeout = _opt(data.get("timeout_s"), (int, float), "timeout_s")
+        if timeout is not None and timeout <= 0:
+            raise ProtocolError("timeout_s must be positive")
+        return cls(args=args, env=env, cwd=_opt(data.get("cwd"), str, "cwd"),
+                   stdin=_opt(data.get("stdin"), str, "stdin"), pty=bool(_opt(data.get("pty"), bool, "pty")),
+                   timeout_s=None if timeout is None else float(timeout))
+
+
+@dataclass
+class ExecEvent:
+    seq: int
+    type: str  # one of EVENT_TYPES
+    exec_id: str | None = None  # start: the id POST /signal takes
+    pid: int | None = None  # start
+    data: str | None = None  # stdout/stderr: base64 of the bytes read
+    code: int | None = None  # exit: the exit status, or -N when killed by signal N (as subprocess does)
+    timed_out: bool = False  # exit: killed because timeout_s passed
+    duration_s: float | None = None  # exit
+
+    def to_line(self) -> bytes:
+        body = {k: v for k, v in asdict(self).items() if v is not None and (k != "timed_out" or v)}
+        return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> ExecEvent:
+        data = _obj(raw)
+        if data.get("type") not in EVENT_TYPES or not isinstance(data.get("seq"), int):
+            raise ProtocolError(f"not an exec event: {data!r:.200}")
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def bytes(self) -> bytes:
+        import base64  # only the host decodes; the agent never calls this
+
+        return base64.b64decode(self.data or "")
+
+
+@dataclass
+class Health:
+    status: str
+    protocol: int
+    uptime_s: float
+    agent_start_s: float  # guest uptime when the agent started listening
+    running: int  # processes started by /exec still running
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> Health:
+        data = _obj(raw)
+        try:
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        except KeyError as exc:
+            raise ProtocolError(f"health: missing {exc}") from None
+
+
+@dataclass
+class FileInfo:
+    path: str
+    size: int
+    mode: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SignalRequest:
+    exec_id: str
+    signal: str = "TERM"  # a name from SIGNALS, with or without the SIG prefix
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> SignalRequest:
+        data = _obj(raw)
+        _check_keys(data, {"exec_id", "signal"}, "signal")
+        exec_id = _opt(data.get("exec_id"), str, "exec_id")
+        if not exec_id:
+            raise ProtocolError("signal: exec_id is required")
+        name = _opt(data.get("signal", "TERM"), str, "signal") or "TERM"
+        if signal_number(name) is None:
+            raise ProtocolError(f"unknown signal {name!r}")
+        return cls(exec_id=exec_id, signal=name)
+
+
+@dataclass
+class TokenRequest:
+    token: str
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> TokenRequest:
+        data = _obj(raw)
+        _check_keys(data, {"token"}, "token")
+        token = _opt(data.get("token"), str, "token")
+        if not token or len(token) < 16 or any(c.isspace() for c in token):
+            raise ProtocolError("token must be at least 16 characters without spaces")
+        return cls(token=token)
+
+
+def signal_number(name: str) -> int | None:
+    name = name.upper()
+    return SIGNALS.get(name[3:] if name.startswith("SIG") else name)
+
+
+def parse_mode(text: str) -> int:
+    """An octal permission string such as "0600" or "755"; only permission and sticky/set-id bits."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ProtocolError(f"mode must be octal, got {text!r}") from None
+    if not 0 <= mode <= 0o7777:
+        raise ProtocolError(f"mode out of range: {text!r}")
+    return mode
+
+
+def parse_cmdline(text: str) -> dict[str, str]:
+    """The `polydev.*` keys of a kernel command line (values never contain spaces)."""
+    out: dict[str, str] = {}
+    for word in text.split():
+        key, sep, value = word.partition("=")
+        if sep and key.startswith("polydev."):
+            out[key] = value
+    return out

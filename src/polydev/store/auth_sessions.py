@@ -1,0 +1,51 @@
+"""Durable records of login sessions (the `auth_sessions` table); the live state is in the SessionStore."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from polydev.store.db import session_scope
+from polydev.store.models import AUTH_SESSION_TERMINAL, AuthSession, utcnow
+
+
+class AuthSessionRepo:
+    def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
+        self._factory = factory
+
+    async def create(self, user_id: uuid.UUID, provider: str, status: str = "initializing") -> AuthSession:
+        async with session_scope(self._factory) as s:
+            row = AuthSession(user_id=user_id, provider=provider, status=status)
+            s.add(row)
+            await s.flush()
+            return row
+
+    async def get_owned(self, user_id: uuid.UUID, session_id: uuid.UUID) -> AuthSession | None:
+        """The session if it belongs to `user_id`; another user's session is indistinguishable from none."""
+        async with self._factory() as s:
+            return await s.scalar(select(AuthSession).where(
+                AuthSession.session_id == session_id, AuthSession.user_id == user_id))
+
+    async def finish(self, session_id: uuid.UUID, status: str, error: str | None = None) -> bool:
+        """Move a non-terminal session to a terminal status; False if it had already ended."""
+        if status not in AUTH_SESSION_TERMINAL:
+            raise ValueError(f"{status!r} is not a terminal status")
+        async with session_scope(self._factory) as s:
+            result = await s.execute(
+                update(AuthSession)
+                .where(AuthSession.session_id == session_id, AuthSession.status.not_in(AUTH_SESSION_TERMINAL))
+                .values(status=status, error_message=error, completed_at=utcnow())
+            )
+            return result.rowcount == 1
+
+    async def set_status(self, session_id: uuid.UUID, status: str, **fields: object) -> None:
+        async with session_scope(self._factory) as s:
+            await s.execute(update(AuthSession).where(AuthSession.session_id == session_id)
+                            .values(status=status, **fields))
+
+    async def count_by_status(self) -> dict[str, int]:
+        async with self._factory() as s:
+            rows = await s.execute(select(AuthSession.status, func.count()).group_by(AuthSession.status))
+            return {status: int(n) for status, n in rows}

@@ -1,0 +1,166 @@
+"""Tables. The seed's §11 (vms, auth_sessions, credentials, vm_cleanup_tasks, with the same status
+vocabularies) plus users, api_tokens and runs. Every change here needs an Alembic revision."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Status vocabularies, kept as data so the API, the metrics and the tests share them.
+VM_STATUSES = ("running", "hibernated", "destroyed")
+VM_TYPES = ("cli", "browser")
+AUTH_SESSION_STATUSES = (
+    "initializing", "vm_created", "ready", "awaiting_user_auth", "completed", "failed", "timeout", "cancelled",
+)
+AUTH_SESSION_TERMINAL = ("completed", "failed", "timeout", "cancelled")
+CLEANUP_STATUSES = ("pending", "processing", "completed", "failed")
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "timeout")
+USER_ROLES = ("admin", "user")
+CREDENTIAL_KINDS = ("oauth", "api_key")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    # Named constraints keep Alembic migrations identical on SQLite and PostgreSQL.
+    metadata = MetaData(naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    })
+
+
+Timestamp = DateTime(timezone=True)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16), default="user")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    # SHA-256 of the token: tokens carry 256 random bits, so a fast hash is enough and lookups stay O(1).
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # The first characters, so a user can tell their tokens apart without the secret.
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class Vm(Base):
+    __tablename__ = "vms"
+
+    vm_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("users.id", ondelete="SET NULL"),
+                                                      nullable=True, index=True)
+    type: Mapped[str] = mapped_column(String(16))
+    vm_type: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    ip_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    tap_device: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    vcpu_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The seed's firecracker_pid: the hypervisor process, whichever backend runs it.
+    firecracker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    socket_path: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    cpu_usage_percent: Mapped[float | None] = mapped_column(Float, nullable=True)
+    memory_usage_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_heartbeat: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    destroyed_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class AuthSession(Base):
+    __tablename__ = "auth_sessions"
+
+    session_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    browser_vm_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    vm_ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    vnc_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    auth_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_heartbeat: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class Credential(Base):
+    __tablename__ = "credentials"
+    __table_args__ = (UniqueConstraint("user_id", "provider", name="uq_credentials_user_provider"),)
+
+    credential_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(16), default="oauth")
+    # The seed's four columns, base64 text; key_id names the master key that sealed the record.
+    encrypted_credentials: Mapped[str] = mapped_column(Text)
+    encryption_iv: Mapped[str] = mapped_column(Text)
+    encryption_tag: Mapped[str] = mapped_column(Text)
+    encryption_salt: Mapped[str] = mapped_column(Text)
+    key_id: Mapped[str] = mapped_column(String(32), index=True)
+    is_valid: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    last_validated: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class VmCleanupTask(Base):
+    __tablename__ = "vm_cleanup_tasks"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    vm_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+    session_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    cleanup_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class Run(Base):
+    """One prompt execution."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    vm_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)

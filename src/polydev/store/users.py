@@ -1,0 +1,119 @@
+"""Users and API tokens. Tokens are shown once and stored as SHA-256 hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from polydev.store.db import session_scope
+from polydev.store.models import ApiToken, User, utcnow
+
+TOKEN_PREFIX = "pd_"
+# Recording every use would turn each authenticated read into a write; once a minute is enough to audit.
+_LAST_USED_GRANULARITY = timedelta(minutes=1)
+
+
+class NameTaken(Exception):
+    pass
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: ApiToken
+    secret: str  # the only time the plaintext exists outside the caller's hands
+
+
+class UserRepo:
+    def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
+        self._factory = factory
+
+    async def count(self) -> int:
+        async with self._factory() as s:
+            return int(await s.scalar(select(func.count()).select_from(User)) or 0)
+
+    async def create(self, name: str, role: str = "user") -> User:
+        try:
+            async with session_scope(self._factory) as s:
+                user = User(name=name, role=role)
+                s.add(user)
+                await s.flush()
+                return user
+        except IntegrityError:
+            raise NameTaken(name) from None
+
+    async def get(self, user_id: uuid.UUID) -> User | None:
+        async with self._factory() as s:
+            return await s.get(User, user_id)
+
+    async def list(self) -> list[User]:
+        async with self._factory() as s:
+            return list(await s.scalars(select(User).order_by(User.created_at, User.name)))
+
+    async def issue_token(self, user_id: uuid.UUID, name: str) -> IssuedToken:
+        secret = new_token()
+        async with session_scope(self._factory) as s:
+            token = ApiToken(user_id=user_id, name=name, token_hash=hash_token(secret), prefix=secret[:10])
+            s.add(token)
+            await s.flush()
+        return IssuedToken(token, secret)
+
+    async def list_tokens(self, user_id: uuid.UUID) -> list[ApiToken]:
+        async with self._factory() as s:
+            q = select(ApiToken).where(ApiToken.user_id == user_id).order_by(ApiToken.created_at)
+            return list(await s.scalars(q))
+
+    async def revoke_token(self, user_id: uuid.UUID, token_id: uuid.UUID) -> bool:
+        async with session_scope(self._factory) as s:
+            result = await s.execute(
+                update(ApiToken)
+                .where(ApiToken.id == token_id, ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            )
+            return result.rowcount == 1
+
+    async def authenticate(self, secret: str) -> User | None:
+        if not secret.startswith(TOKEN_PREFIX) or len(secret) > 128:
+            return None
+        async with self._factory() as s:
+            row = (await s.execute(
+                select(ApiToken, User).join(User, User.id == ApiToken.user_id)
+                .where(ApiToken.token_hash == hash_token(secret), ApiToken.revoked_at.is_(None))
+            )).first()
+            if row is None:
+                return None
+            token, user = row
+            if user.disabled:
+                return None
+            now = utcnow()
+            last = token.last_used_at
+            if last is not None and last.tzinfo is None:  # SQLite hands back naive datetimes
+                last = last.replace(tzinfo=now.tzinfo)
+            if last is None or now - last > _LAST_USED_GRANULARITY:
+                await s.execute(update(ApiToken).where(ApiToken.id == token.id).values(last_used_at=now))
+                await s.commit()
+            return user
+
+    async def bootstrap_admin(self) -> IssuedToken | None:
+        """On the first start (no users at all) create `admin` and its first token."""
+        if await self.count() > 0:
+            return None
+        try:
+            admin = await self.create("admin", role="admin")
+        except NameTaken:  # another replica won the race
+            return None
+        return await self.issue_token(admin.id, "bootstrap")

@@ -1,0 +1,108 @@
+"""Host-side client for the guest agent (see polydev.protocol for the wire format)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+
+from polydev import protocol as p
+
+
+class AgentError(Exception):
+    """The agent answered an error; `status` and `reason` are what it said."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"agent answered {status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    duration_s: float
+    events: list[p.ExecEvent] = field(default_factory=list)
+
+
+class AgentClient:
+    def __init__(self, base_url: str, token: str, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout,
+                                  headers={"Authorization": f"Bearer {token}"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def set_token(self, token: str) -> None:
+        self._http.headers["Authorization"] = f"Bearer {token}"
+
+    @staticmethod
+    def _check(response: httpx.Response) -> httpx.Response:
+        if response.status_code >= 400:
+            response.read()
+            try:
+                reason = response.json().get("error", response.text)
+            except (ValueError, AttributeError):
+                reason = response.text
+            raise AgentError(response.status_code, reason)
+        return response
+
+    def livez(self) -> bool:
+        return self._http.get("/livez").status_code == 200
+
+    def health(self) -> p.Health:
+        return p.Health.from_json(self._check(self._http.get("/health")).content)
+
+    def exec_stream(self, args: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+                    stdin: bytes | None = None, pty: bool = False,
+                    timeout_s: float | None = None) -> Iterator[p.ExecEvent]:
+        """Yield events as the agent sends them. Leaving the loop early closes the connection, which kills
+        the process in the guest."""
+        req = p.ExecRequest(args=args, env=env or {}, cwd=cwd, pty=pty, timeout_s=timeout_s,
+                            stdin=None if stdin is None else base64.b64encode(stdin).decode())
+        # The read timeout must outlast the command; the agent enforces timeout_s itself.
+        read_timeout = None if timeout_s is None else timeout_s + 30
+        with self._http.stream("POST", "/exec", json=req.to_json(),
+                               timeout=httpx.Timeout(30.0, read=read_timeout)) as response:
+            self._check(response)
+            for line in response.iter_lines():
+                if line:
+                    yield p.ExecEvent.from_json(line)
+
+    def exec(self, args: list[str], **kw: object) -> ExecResult:
+        events = list(self.exec_stream(args, **kw))  # type: ignore[arg-type]
+        if not events or events[-1].type != "exit":
+            raise AgentError(502, "exec stream ended without an exit event")
+        last = events[-1]
+        out = b"".join(e.bytes() for e in events if e.type == "stdout")
+        err = b"".join(e.bytes() for e in events if e.type == "stderr")
+        return ExecResult(exit_code=last.code if last.code is not None else -1, stdout=out, stderr=err,
+                          timed_out=last.timed_out, duration_s=last.duration_s or 0.0, events=events)
+
+    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> dict[str, object]:
+        response = self._http.put("/files", params={"path": path, "mode": format(mode, "04o")}, content=data)
+        return json.loads(self._check(response).content)
+
+    def get_file(self, path: str) -> tuple[bytes, int]:
+        response = self._check(self._http.get("/files", params={"path": path}))
+        return response.content, int(response.headers[p.MODE_HEADER], 8)
+
+    def signal(self, exec_id: str, signal: str = "TERM") -> None:
+        self._check(self._http.post("/signal", json={"exec_id": exec_id, "signal": signal}))
+
+    def rotate_token(self, new_token: str) -> None:
+        self._check(self._http.post("/token", json={"token": new_token}))
+        self.set_token(new_token)
