@@ -101,8 +101,6 @@ class UserRepo:
                 return None
             now = utcnow()
             last = token.last_used_at
-            if last is not None and last.tzinfo is None:  # SQLite hands back naive datetimes
-                last = last.replace(tzinfo=now.tzinfo)
             if last is None or now - last > _LAST_USED_GRANULARITY:
                 await s.execute(update(ApiToken).where(ApiToken.id == token.id).values(last_used_at=now))
                 await s.commit()

@@ -1,0 +1,121 @@
+"""PID 1 of the guest: mount what the agent and the CLIs need, bring up the network, run the agent.
+
+Why not systemd: it would add seconds of unit processing on an emulated CPU and nothing here needs it.
+Why one Python process: the agent is forked from this process after setup, so the interpreter starts once;
+the parent stays PID 1 and reaps orphans (the CLIs spawn helpers that outlive their parents).
+Debian's initramfs has already loaded the virtio modules, mounted the root file system (read-write, from
+`rw` on the kernel command line) and moved /proc, /sys, /dev and /run into it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from polydev import protocol as p
+
+MOUNTS = [  # (type, target, options); done only when not already mounted
+    ("proc", "/proc", "nosuid,nodev,noexec"),
+    ("sysfs", "/sys", "nosuid,nodev,noexec"),
+    ("devtmpfs", "/dev", "mode=0755,nosuid"),
+    ("devpts", "/dev/pts", "mode=0620,ptmxmode=0666,gid=5"),
+    ("tmpfs", "/dev/shm", "mode=1777,nosuid,nodev"),  # Chromium aborts without it
+    ("tmpfs", "/run", "mode=0755,nosuid,nodev"),
+    ("tmpfs", "/tmp", "mode=1777,nosuid,nodev"),
+]
+
+
+def log(message: str) -> None:
+    sys.stdout.write(f"polydev-init: {message}\n")
+    sys.stdout.flush()
+
+
+def mount_all() -> None:
+    try:
+        with open("/proc/mounts") as f:
+            mounted = {line.split()[1] for line in f}
+    except OSError:
+        mounted = set()
+    for fstype, target, options in MOUNTS:
+        if target in mounted:
+            continue
+        os.makedirs(target, exist_ok=True)
+        result = subprocess.run(["mount", "-t", fstype, "-o", options, fstype, target], capture_output=True)
+        if result.returncode:
+            log(f"mount {target} failed: {result.stderr.decode(errors='replace').strip()}")
+    if not os.path.exists("/dev/ptmx"):
+        os.symlink("pts/ptmx", "/dev/ptmx")
+
+
+def ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True)
+    if result.returncode:
+        log(f"ip {' '.join(args)}: {result.stderr.decode(errors='replace').strip()}")
+
+
+def network(conf: dict[str, str]) -> None:
+    ip("link", "set", "lo", "up")
+    addr, gateway = conf.get(p.CMDLINE_ADDR), conf.get(p.CMDLINE_GATEWAY)
+    nics = sorted(n for n in os.listdir("/sys/class/net") if n != "lo")
+    if not nics:
+        log("no network interface")
+        return
+    nic = nics[0]
+    ip("link", "set", nic, "up")
+    if addr:
+        ip("addr", "add", addr, "dev", nic)
+    if gateway:
+        ip("route", "add", "default", "via", gateway)
+    log(f"{nic} {addr or 'unconfigured'} via {gateway or '-'}")
+
+
+def start_agent(conf: dict[str, str]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.setsid()
+        from polydev.guest import agent
+
+        agent.run(conf.get(p.CMDLINE_TOKEN) or None, int(conf.get(p.CMDLINE_PORT, p.AGENT_PORT)))
+    except BaseException as exc:  # never return into PID 1's loop from the child
+        log(f"agent failed: {exc!r}")
+    finally:
+        os._exit(1)
+
+
+def main() -> None:
+    mount_all()
+    with open("/proc/cmdline") as f:
+        conf = p.parse_cmdline(f.read())
+    os.environ.update({"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                       "HOME": "/root", "LANG": "C.UTF-8"})
+    try:
+        network(conf)
+    except OSError as exc:
+        log(f"network setup failed: {exc}")
+    agent_pid = start_agent(conf)
+    restarts: list[float] = []
+    while True:  # PID 1: reap everything; restart the agent if it dies, but not in a tight loop
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            time.sleep(1)
+            continue
+        if pid == agent_pid:
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < 60] + [now]
+            log(f"agent exited with status {status}; restart {len(restarts)} in the last minute")
+            if len(restarts) > 5:
+                # PID 1 exiting panics the kernel; with panic=-1 and QEMU's -no-reboot the VM stops,
+                # and the host sees the console log instead of a VM that never gets ready.
+                log("agent keeps dying; stopping the VM")
+                os.sync()
+                sys.exit(1)
+            agent_pid = start_agent(conf)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Storage against SQLite and a real PostgreSQL server: schema, credentials, rotation, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from sqlalchemy import inspect, select, text, update
+
+from polydev.services import Services
+from polydev.store import db, rotation
+from polydev.store.models import ApiToken, Credential
+from polydev.store.vault import FileKeySource, VaultError
+
+SECRET = b'{"tokens": {"access_token": "at-123", "refresh_token": "rt-456"}}'
+
+
+async def test_migrations_create_every_table_and_rerun_cleanly(services: Services) -> None:
+    await db.migrate(services.engine)  # second run: a no-op, not an error
+    async with services.engine.connect() as conn:
+        tables = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+        version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
+    assert {"users", "api_tokens", "vms", "auth_sessions", "credentials", "vm_cleanup_tasks", "runs"} <= tables
+    assert version == "0001"
+
+
+async def test_seed_columns_hold_only_ciphertext(services: Services) -> None:
+    user = await services.users.create("alice")
+    await services.credentials.put(user.id, "codex", "oauth", SECRET)
+    async with services.factory() as s:
+        row = await s.scalar(select(Credential))
+    assert row is not None
+    for column in ("encrypted_credentials", "encryption_iv", "encryption_tag", "encryption_salt", "key_id"):
+        assert getattr(row, column)
+        assert b"at-123" not in getattr(row, column).encode()
+    assert await services.credentials.reveal(user.id, "codex") == SECRET
+
+
+async def test_put_replaces_the_credential(services: Services) -> None:
+    user = await services.users.create("alice")
+    await services.credentials.put(user.id, "codex", "oauth", SECRET)
+    await services.credentials.put(user.id, "codex", "api_key", b"sk-new-key-123456")
+    rows = await services.credentials.list(user.id)
+    assert [(r.provider, r.kind) for r in rows] == [("codex", "api_key")]
+    assert await services.credentials.reveal(user.id, "codex") == b"sk-new-key-123456"
+
+
+async def _copy_sealed_columns(services: Services, src: Credential, dst_id: uuid.UUID) -> None:
+    async with services.factory() as s:
+        await s.execute(update(Credential).where(Credential.credential_id == dst_id).values(
+            encrypted_credentials=src.encrypted_credentials, encryption_iv=src.encryption_iv,
+            encryption_tag=src.encryption_tag, encryption_salt=src.encryption_salt, key_id=src.key_id))
+        await s.commit()
+
+
+async def test_ciphertext_copied_to_another_users_row_fails(services: Services) -> None:
+    alice = await services.users.create("alice")
+    bob = await services.users.create("bob")
+    a = await services.credentials.put(alice.id, "codex", "oauth", SECRET)
+    b = await services.credentials.put(bob.id, "codex", "oauth", b"bob's own")
+    await _copy_sealed_columns(services, a, b.credential_id)
+    with pytest.raises(VaultError):
+        await services.credentials.reveal(bob.id, "codex")
+    assert await services.credentials.reveal(alice.id, "codex") == SECRET
+
+
+async def test_ciphertext_copied_to_another_providers_row_fails(services: Services) -> None:
+    alice = await services.users.create("alice")
+    a = await services.credentials.put(alice.id, "codex", "oauth", SECRET)
+    g = await services.credentials.put(alice.id, "gemini_cli", "oauth", b"gemini creds")
+    await _copy_sealed_columns(services, a, g.credential_id)
+    with pytest.raises(VaultError):
+        await services.credentials.reveal(alice.id, "gemini_cli")
+
+
+async def test_rotation_reencrypts_every_row_while_reads_keep_working(services: Services) -> None:
+    users = [await services.users.create(f"user{i}") for i in range(12)]
+    expected = {}
+    for u in users:
+        for provider in ("claude_code", "codex", "gemini_cli"):
+            payload = f"{u.id}/{provider}".encode()
+            await services.credentials.put(u.id, provider, "oauth", payload)
+            expected[(u.id, provider)] = payload
+    old_key = services.vault.primary_key_id
+    source = FileKeySource(services.settings.master_key_file)
+
+    done = asyncio.Event()
+    reads = 0
+    failures: list[str] = []
+
+    async def reader() -> None:
+        # Reads through the server's own vault (not the rotation's): this is what a running API does.
+        nonlocal reads
+        while not done.is_set():
+            for (uid, provider), payload in expected.items():
+                try:
+                    got = await services.credentials.reveal(uid, provider)
+                    if got != payload:
+                        failures.append(f"{uid}/{provider}: wrong plaintext")
+                except VaultError as exc:
+                    failures.append(f"{uid}/{provider}: {exc}")
+                reads += 1
+            await asyncio.sleep(0)
+
+    # The rotation runs with a separate Vault over the same key file, as `polydev keys rotate` would.
+    from polydev.services import make_vault
+    from polydev.store.credentials import CredentialRepo
+
+    rotator_vault = make_vault(services.settings)
+    readers = [asyncio.create_task(reader()) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    result = await rotation.rotate(rotator_vault, source, CredentialRepo(services.factory, rotator_vault))
+    await asyncio.sleep(0.05)
+    done.set()
+    await asyncio.gather(*readers)
+
+    assert failures == []
+    assert reads > len(expected)
+    assert result.old_key_id == old_key != result.new_key_id
+    assert result.report.reencrypted == len(expected) and result.report.failed == []
+    assert await services.credentials.key_ids_in_use() == {result.new_key_id}
+    for (uid, provider), payload in expected.items():
+        assert await services.credentials.reveal(uid, provider) == payload
+
+    dropped = await rotation.prune(rotator_vault, source, CredentialRepo(services.factory, rotator_vault))
+    assert dropped == [old_key]
+    assert len(source.read_lines()) == 1
+    for (uid, provider), payload in expected.items():
+        assert await services.credentials.reveal(uid, provider) == payload
+
+
+async def test_tokens_are_stored_hashed_and_authenticate(services: Services) -> None:
+    user = await services.users.create("alice")
+    issued = await services.users.issue_token(user.id, "laptop")
+    async with services.factory() as s:
+        stored = list(await s.scalars(select(ApiToken)))
+    assert len(stored) == 1 and issued.secret not in (stored[0].token_hash, stored[0].prefix)
+    assert (await services.users.authenticate(issued.secret)).id == user.id  # type: ignore[union-attr]
+    assert await services.users.authenticate(issued.secret + "x") is None
+    assert await services.users.revoke_token(user.id, issued.token.id) is True
+    assert await services.users.authenticate(issued.secret) is None
+
+
+async def test_bootstrap_admin_only_once(services: Services) -> None:
+    first = await services.users.bootstrap_admin()
+    assert first is not None
+    assert await services.users.bootstrap_admin() is None
+    admin = await services.users.authenticate(first.secret)
+    assert admin is not None and admin.role == "admin"

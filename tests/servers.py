@@ -1,0 +1,155 @@
+"""Real PostgreSQL and Redis servers for the tests, started in temporary directories on free ports.
+
+POLYDEV_TEST_POSTGRES_URL / POLYDEV_TEST_REDIS_URL point the tests at servers you already run instead.
+When the server binaries are missing the tests that need them skip, unless POLYDEV_REQUIRE_SERVERS=1
+(set by scripts/test.sh and CI), in which case they fail: CI must never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _missing(what: str) -> None:
+    message = f"{what} is not installed (scripts/test.sh installs it)"
+    if os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
+
+
+@dataclass
+class Server:
+    url: str
+    stop: list = field(default_factory=list)
+
+    def close(self) -> None:
+        for fn in reversed(self.stop):
+            fn()
+
+
+def start_redis() -> Server:
+    if url := os.environ.get("POLYDEV_TEST_REDIS_URL"):
+        return Server(url)
+    binary = shutil.which("redis-server")
+    if binary is None:
+        _missing("redis-server")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="polydev-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", workdir, "--daemonize", "no", "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    _wait_port(port, proc, "redis-server")
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    return Server(f"redis://127.0.0.1:{port}/0", [stop])
+
+
+def _pg_bindir() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def start_postgres() -> Server:
+    if url := os.environ.get("POLYDEV_TEST_POSTGRES_URL"):
+        return Server(url)
+    bindir = _pg_bindir()
+    if bindir is None:
+        _missing("PostgreSQL server (initdb)")
+    # PostgreSQL refuses to run as root: as root, run it as the `postgres` system user.
+    run_as = None
+    if os.geteuid() == 0:
+        try:
+            run_as = pwd.getpwnam("postgres")
+        except KeyError:
+            _missing("the postgres system user")
+    workdir = Path(tempfile.mkdtemp(prefix="polydev-pg-"))
+    datadir = workdir / "data"
+    if run_as is not None:
+        os.chown(workdir, run_as.pw_uid, run_as.pw_gid)
+    user = run_as.pw_name if run_as else None
+    port = free_port()
+    subprocess.run([str(bindir / "initdb"), "-D", str(datadir), "-U", "polydev", "--auth=trust",
+                    "--encoding=UTF8", "--no-sync"],
+                   check=True, user=user, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=workdir)
+    proc = subprocess.Popen(
+        [str(bindir / "postgres"), "-D", str(datadir), "-p", str(port), "-k", str(workdir),
+         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+         "-c", "full_page_writes=off", "-c", "max_connections=200"],
+        user=user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir,
+    )
+    _wait_port(port, proc, "postgres")
+
+    def stop() -> None:
+        proc.terminate()  # SIGTERM: smart shutdown; fine since every client is gone by now
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    return Server(f"postgresql://polydev@127.0.0.1:{port}/postgres", [stop])
+
+
+def create_database(admin_url: str, name: str) -> str:
+    """A fresh, empty database on the test server, so each test starts from nothing."""
+    import asyncio
+
+    import asyncpg
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(admin_url)
+
+    async def create() -> None:
+        conn = await asyncpg.connect(host=url.host, port=url.port, user=url.username, database=url.database)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return url.set(database=name).render_as_string(hide_password=False)
