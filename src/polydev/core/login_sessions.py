@@ -64,6 +64,8 @@ class LoginSessions:
         row = await self.repo.get_owned(user_id, session_id)
         if row is None:
             raise SessionNotFound(session_id)
+        if row.status == "timeout":  # expired earlier: keep telling the client to start over
+            raise SessionExpired(session_id)
         if row.status in AUTH_SESSION_TERMINAL:
             return _from_row(row)
         await self.repo.finish(session_id, "timeout", EXPIRED_MESSAGE.format(ttl=self.store.default_ttl))

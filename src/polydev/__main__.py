@@ -1,0 +1,3 @@
+from polydev.cli import main
+
+main()
