@@ -22,7 +22,8 @@ class Provider(str, Enum):
 _bearer = HTTPBearer(auto_error=False, description="An API token: `Authorization: Bearer pd_…`")
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async on purpose: FastAPI runs plain `def` dependencies in a thread pool, a thread hop per request.
     return request.app.state.services
 
 

@@ -1,0 +1,147 @@
+"""Requests per second for GET /api/auth/sessions/{id}, in-process session store vs Redis, one run.
+
+Each store gets its own `polydev` API process (uvicorn, SQLite database, real HTTP on loopback) seeded
+with live login sessions; this process drives it with concurrent keep-alive clients for a fixed time
+and prints throughput, latency percentiles, and the ratio against the in-process store (the baseline).
+
+    .venv/bin/python bench/api_bench.py [--seconds 5] [--concurrency 16] [--sessions 200]
+
+Needs redis-server installed (scripts/test.sh installs it); a private one is started on a free port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.servers import free_port, start_redis  # noqa: E402
+
+
+async def _serve(data_dir: str, port: int, sessions: int, info_file: str) -> None:
+    """Child process: open services, seed sessions, then serve the API."""
+    import uvicorn
+
+    from polydev.api.app import create_app
+    from polydev.config import Settings
+    from polydev.services import open_services
+
+    from polydev.logging import configure_logging
+
+    settings = Settings()  # everything from the environment the parent set
+    configure_logging(settings.log_level)  # the production log path (JSON lines), as `polydev serve` has it
+    services = await open_services(settings)
+    user = await services.users.create("bench")
+    token = (await services.users.issue_token(user.id, "bench")).secret
+    ids = [(await services.login.start(user.id, "claude_code"))["session_id"] for _ in range(sessions)]
+    Path(info_file).write_text(json.dumps({"token": token, "sessions": ids}))
+    server = uvicorn.Server(uvicorn.Config(create_app(services=services), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    try:
+        await server.serve()
+    finally:
+        await services.close()
+
+
+async def _load(url: str, token: str, ids: list[str], seconds: float, concurrency: int) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    headers = {"Authorization": f"Bearer {token}"}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits) as client:
+        async def worker(stop: float, record: bool) -> None:
+            nonlocal errors
+            rng = random.Random()
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = await client.get(f"/api/auth/sessions/{rng.choice(ids)}")
+                if record:
+                    latencies.append(time.perf_counter() - t0)
+                    errors += r.status_code != 200
+
+        await asyncio.gather(*(worker(time.perf_counter() + 1.0, False) for _ in range(concurrency)))  # warm-up
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+    }
+
+
+def _run_one(store: str, redis_url: str | None, args: argparse.Namespace) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix=f"polydev-bench-{store}-") as tmp:
+        port = free_port()
+        info = Path(tmp) / "info.json"
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+        env.update(POLYDEV_DATA_DIR=tmp)
+        if redis_url:
+            env["REDIS_URL"] = redis_url
+        log = open(Path(tmp) / "server.log", "wb")
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", tmp, str(port), str(args.sessions), str(info)],
+                                env=env, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"{store} server exited with {proc.returncode}")
+                try:
+                    if info.exists() and httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{store} server did not come up")
+                time.sleep(0.1)
+            seeded = json.loads(info.read_text())
+            return asyncio.run(_load(url, seeded["token"], seeded["sessions"], args.seconds, args.concurrency))
+        finally:
+            proc.terminate()
+            proc.wait(15)
+            log.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        data_dir, port, sessions, info = args.serve
+        asyncio.run(_serve(data_dir, int(port), int(sessions), info))
+        return
+
+    redis = start_redis()
+    try:
+        results = {"memory": _run_one("memory", None, args), "redis": _run_one("redis", redis.url, args)}
+    finally:
+        redis.close()
+    base = results["memory"]["rps"]
+    print(f"GET /api/auth/sessions/{{id}} — {args.concurrency} concurrent clients, {args.seconds:.0f} s each, "
+          f"SQLite database, one uvicorn worker")
+    print(f"{'store':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs memory':>10}")
+    for name, r in results.items():
+        print(f"{name:<8} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>7.0f} "
+              f"{r['rps'] / base:>9.2f}x")
+    if any(r["errors"] for r in results.values()):
+        raise SystemExit("some requests failed")
+
+
+if __name__ == "__main__":
+    main()
