@@ -120,10 +120,11 @@ class Agent:
             raise HTTPError(409, f"{path} is a directory") from None
         except PermissionError as exc:
             raise HTTPError(403, str(exc)) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise HTTPError(409, f"{path} is not a regular file")
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise HTTPError(409, f"{path} is not a regular file")
             req.start(200, {"Content-Type": "application/octet-stream",
                             p.MODE_HEADER: format(st.st_mode & 0o7777, "04o")}, length=st.st_size)
             remaining = st.st_size

@@ -69,6 +69,7 @@ class QemuVM:
         self._reader: threading.Thread | None = None
         self._ready = threading.Event()
         self._first_output = threading.Event()
+        self._eof = threading.Event()
         self._is_ready = False
         self._tail: deque[str] = deque(maxlen=60)
 
@@ -153,6 +154,7 @@ class QemuVM:
         self.port = free_port()
         self._ready.clear()
         self._first_output.clear()
+        self._eof.clear()
         self._is_ready = False
         self._tail.clear()
         self.qmp_socket.unlink(missing_ok=True)
@@ -170,6 +172,8 @@ class QemuVM:
             raise VMError("no console output under KVM")
         self._ready.wait(max(0.0, ready_timeout - (time.monotonic() - started)))
         if not self._is_ready:
+            if self._eof.is_set():  # the console closed because QEMU is exiting: collect its status
+                self._proc.wait()
             exited = self._proc.poll() is not None
             err = (self.workdir / "qemu.stderr").read_text(errors="replace").strip().splitlines()[-3:]
             self._kill()
@@ -191,6 +195,7 @@ class QemuVM:
                 if not self._is_ready and p.READY_MARKER in line:
                     self._is_ready = True
                     self._ready.set()
+        self._eof.set()
         self._first_output.set()
         self._ready.set()  # QEMU is gone: wake the starter rather than let it wait out its timeout
 

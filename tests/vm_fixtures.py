@@ -1,0 +1,89 @@
+"""Fixtures for tests that need the golden image or a booted VM, and a local agent for fast runs.
+
+Use by importing the fixtures into a test module (tests/conftest.py belongs to the control plane):
+    from tests.vm_fixtures import agent, local_agent, test_image, test_vm  # noqa: F401
+
+`test_image` builds the test-profile image into the configured cache directory (POLYDEV_CACHE_DIR, default
+/var/cache/polydev as root) or reuses it: CI on a machine that has built it once pays nothing; a new machine
+pays one build. It fails rather than skips when the build cannot be done, so a green run means the VM tests
+ran; POLYDEV_SKIP_VM_TESTS=1 skips them explicitly (developer machines without root).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from polydev import protocol as p
+from polydev.config import Settings
+from polydev.vm import images
+from polydev.vm.agent_client import AgentClient
+from polydev.vm.backends.qemu import QemuVM, free_port
+
+SRC = Path(images.__file__).resolve().parents[2]
+
+
+def _skip_if_asked() -> None:
+    if os.environ.get("POLYDEV_SKIP_VM_TESTS") == "1":
+        pytest.skip("POLYDEV_SKIP_VM_TESTS=1")
+
+
+@pytest.fixture(scope="session")
+def test_image() -> images.Image:
+    _skip_if_asked()
+    # Settings() here, not the cached get_settings(): other fixtures point POLYDEV_CACHE_DIR at tmp dirs.
+    cache_dir = Settings().cache_dir
+    image, _ = images.ensure(cache_dir, "test",
+                             lambda stage, line: print(f"[image {stage}] {line}", file=sys.stderr))
+    return image
+
+
+@pytest.fixture(scope="session")
+def test_vm(test_image: images.Image) -> Iterator[QemuVM]:
+    """One VM booted for the whole session: a TCG boot costs seconds, and the agent tests do not interfere."""
+    with tempfile.TemporaryDirectory(prefix="polydev-test-vm-") as tmp:
+        vm = QemuVM(test_image, Path(tmp) / "vm", keep_console=False)
+        vm.start()
+        try:
+            yield vm
+        finally:
+            vm.stop()
+
+
+@pytest.fixture(scope="session")
+def local_agent() -> Iterator[tuple[str, str]]:
+    """The same agent code as a host process on loopback: exercises the protocol in a second, no VM."""
+    token = secrets.token_urlsafe(24)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(SRC), "POLYDEV_AGENT_TOKEN": token}
+    proc = subprocess.Popen([sys.executable, "-m", "polydev.guest.agent", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the READY line: printed once the socket listens
+        assert p.READY_MARKER in line, f"agent did not start: {line!r}"
+        yield f"http://127.0.0.1:{port}", token
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+@pytest.fixture(params=["local", pytest.param("vm", marks=pytest.mark.vm)])
+def agent(request: pytest.FixtureRequest) -> Iterator[AgentClient]:
+    """An authenticated client, against the local agent and against the agent inside a real VM."""
+    if request.param == "local":
+        url, token = request.getfixturevalue("local_agent")
+    else:
+        vm: QemuVM = request.getfixturevalue("test_vm")
+        url, token = vm.agent_url, vm.token
+    client = AgentClient(url, token, timeout=60)
+    yield client
+    client.close()
