@@ -49,7 +49,9 @@ ensure_venv() {
   fi
   stamp="$VENV/.polydev-installed"
   want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)-$extras"
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  have=$(cat "$stamp" 2>/dev/null || true)
+  # A runtime-only install is satisfied by any install of the same pyproject (extras are a superset).
+  if [ "$have" != "$want" ] && { [ -n "$extras" ] || [ "${have%%-*}" != "${want%%-*}" ]; }; then
     say "installing Polydev and its Python dependencies (${extras:-runtime})"
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
     "$VENV/bin/python" -m pip install -q -e "$ROOT${extras:+[$extras]}"

@@ -14,6 +14,7 @@ import stat
 import sys
 import threading
 import time
+from typing import Callable
 
 from polydev import protocol as p
 from polydev.guest import execute
@@ -183,13 +184,19 @@ def listen(port: int, host: str = "0.0.0.0") -> socket.socket:
     return sock
 
 
-def run(token: str | None, port: int = p.AGENT_PORT, host: str = "0.0.0.0") -> None:
+def _print(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def run(token: str | None, port: int = p.AGENT_PORT, host: str = "0.0.0.0",
+        announce: Callable[[str], None] = _print) -> None:
     agent = Agent(token)
     sock = listen(port, host)
     agent.listening_at = _uptime()
-    # The host waits for this exact line on the serial console; print it only once the socket accepts.
-    sys.stdout.write(f"{p.READY_MARKER} port={port} uptime={agent.listening_at:.2f}\n")
-    sys.stdout.flush()
+    # The host waits for this line on the serial console; it goes out only once the socket accepts.
+    # (Under guest/init.py, init prints it, after the network is up too.)
+    announce(f"{p.READY_MARKER} port={port} uptime={agent.listening_at:.2f}")
     serve(sock, agent.handle)
 
 

@@ -67,7 +67,8 @@ def network(conf: dict[str, str]) -> None:
     log(f"{nics[0] if nics else 'no interface'} {addr or 'unconfigured'} via {gateway or '-'}")
 
 
-def start_agent(conf: dict[str, str]) -> int:
+def start_agent(conf: dict[str, str], ready_fd: int | None = None) -> int:
+    """Fork the agent. With ready_fd, it reports "listening" there instead of printing the READY line."""
     pid = os.fork()
     if pid:
         return pid
@@ -75,7 +76,11 @@ def start_agent(conf: dict[str, str]) -> int:
         os.setsid()
         from polydev.guest import agent
 
-        agent.run(conf.get(p.CMDLINE_TOKEN) or None, int(conf.get(p.CMDLINE_PORT, p.AGENT_PORT)))
+        announce = agent._print
+        if ready_fd is not None:
+            announce = lambda line: os.write(ready_fd, line.encode() + b"\n") and None  # noqa: E731
+        agent.run(conf.get(p.CMDLINE_TOKEN) or None, int(conf.get(p.CMDLINE_PORT, p.AGENT_PORT)),
+                  announce=announce)
     except BaseException as exc:  # never return into PID 1's loop from the child
         log(f"agent failed: {exc!r}")
     finally:
@@ -83,16 +88,25 @@ def start_agent(conf: dict[str, str]) -> int:
 
 
 def main() -> None:
-    mount_all()
     with open("/proc/cmdline") as f:
         conf = p.parse_cmdline(f.read())
     os.environ.update({"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                        "HOME": "/root", "LANG": "C.UTF-8"})
+    # The agent imports and binds (most of a second on an emulated CPU) while this process mounts and
+    # configures the network; READY goes to the console only when both are done.
+    ready_r, ready_w = os.pipe()
+    agent_pid = start_agent(conf, ready_w)
+    os.close(ready_w)
+    mount_all()
     try:
         network(conf)
     except OSError as exc:
         log(f"network setup failed: {exc}")
-    agent_pid = start_agent(conf)
+    with os.fdopen(ready_r) as ready:
+        line = ready.readline().strip()
+    if line:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
     restarts: list[float] = []
     while True:  # PID 1: reap everything; restart the agent if it dies, but not in a tight loop
         try:
