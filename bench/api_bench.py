@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.servers import free_port, start_redis  # noqa: E402
+from tests.servers import free_port, start_redis, stop_process, wait_http_ok  # noqa: E402
 
 
 async def _serve(data_dir: str, port: int, sessions: int, info_file: str) -> None:
@@ -95,23 +95,11 @@ def _run_one(store: str, redis_url: str | None, args: argparse.Namespace) -> dic
                                 env=env, stderr=log)
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"{store} server exited with {proc.returncode}")
-                try:
-                    if info.exists() and httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{store} server did not come up")
-                time.sleep(0.1)
+            wait_http_ok(f"{url}/health", proc, f"{store} server", ready=info.exists)
             seeded = json.loads(info.read_text())
             return asyncio.run(_load(url, seeded["token"], seeded["sessions"], args.seconds, args.concurrency))
         finally:
-            proc.terminate()
-            proc.wait(15)
+            stop_process(proc)
             log.close()
 
 

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,35 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
     raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it does not exit in time."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_http_ok(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 60,
+                 ready: Callable[[], bool] = lambda: True) -> None:
+    """Poll `url` until it answers 200 (and `ready()` holds); fail fast if the process dies."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if ready() and httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not answering {url} after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 @dataclass
 class Server:
     url: str
@@ -73,12 +103,7 @@ def start_redis() -> Server:
     _wait_port(port, proc, "redis-server")
 
     def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         shutil.rmtree(workdir, ignore_errors=True)
 
     return Server(f"redis://127.0.0.1:{port}/0", [stop])
@@ -123,12 +148,7 @@ def start_postgres() -> Server:
     _wait_port(port, proc, "postgres")
 
     def stop() -> None:
-        proc.terminate()  # SIGTERM: smart shutdown; fine since every client is gone by now
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)  # SIGTERM is PostgreSQL's smart shutdown; every client is gone by now
         shutil.rmtree(workdir, ignore_errors=True)
 
     return Server(f"postgresql://polydev@127.0.0.1:{port}/postgres", [stop])
