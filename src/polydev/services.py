@@ -44,7 +44,8 @@ def make_vault(settings: Settings) -> Vault:
 
 
 async def open_services(settings: Settings, *, migrate: bool = True) -> Services:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # The data directory holds the database, the generated master key and the bootstrap token.
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     engine = db.create_engine(settings.effective_database_url)
     try:
         if migrate:
