@@ -1,0 +1,144 @@
+"""Network slots in namespaces the test creates: a namespace plays the host, emulated guests play VMs.
+
+Proves what the tap network mode promises: the control plane reaches every agent; a guest reaches no
+other guest, no host port, not its own namespace, and only the egress its policy allows.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from pyroute2 import NetNS, netns
+
+from polydev.vm import network as net
+from polydev.vm.network import EgressPolicy, EgressRule, NetworkError, SlotNetwork
+from tests.netns import Listener, connect, require_root_netns
+
+POOL = ("192.168.100.2", "192.168.100.254")
+HOST_SERVICE_IP = "10.255.255.1"  # an address in the test's host namespace only
+
+
+@pytest.fixture
+def slots() -> Iterator[SlotNetwork]:
+    require_root_netns()
+    prefix = "t" + secrets.token_hex(2)
+    host = f"{prefix}-host"
+    netns.create(host)
+    network = SlotNetwork(*POOL, prefix=prefix, host_netns=host)
+    listeners: list[Listener] = []
+    network.listeners = listeners  # type: ignore[attr-defined]
+    try:
+        with NetNS(host) as ns:
+            lo = ns.link_lookup(ifname="lo")[0]
+            ns.link("set", index=lo, state="up")
+            ns.addr("add", index=lo, address=HOST_SERVICE_IP, prefixlen=32)  # (this kernel has no dummy links)
+        yield network
+    finally:
+        for listener in listeners:
+            listener.close()
+        network.reclaim([])
+        netns.remove(host)
+
+
+def listen(slots: SlotNetwork, ns: str, ip: str, port: int) -> None:
+    slots.listeners.append(Listener(ns, ip, port))  # type: ignore[attr-defined]
+
+
+def test_pool_is_cut_into_aligned_pairs() -> None:
+    pairs = net.pool_pairs("192.168.100.2", "192.168.100.254")
+    assert len(pairs) == 126
+    assert (pairs[0].host_ip, pairs[0].ns_ip) == ("192.168.100.2", "192.168.100.3")
+    assert (pairs[-1].host_ip, pairs[-1].ns_ip) == ("192.168.100.252", "192.168.100.253")
+    assert net.pool_pairs("10.0.0.3", "10.0.0.6")[0].host_ip == "10.0.0.4"
+    with pytest.raises(NetworkError):
+        net.pool_pairs("10.0.0.9", "10.0.0.1")
+
+
+def test_guest_address_is_the_same_in_every_slot() -> None:
+    assert net.Slot.kernel_ip_arg() == "ip=169.254.0.21::169.254.0.22:255.255.255.252::eth0:off"
+
+
+def test_control_plane_reaches_every_agent_and_guests_reach_nothing_else(slots: SlotNetwork) -> None:
+    host = slots.host_netns
+    assert host is not None
+    a = slots.create(0, guest="emulated")
+    b = slots.create(1, guest="emulated")
+    assert a.guest_netns and b.guest_netns
+    for slot in (a, b):
+        listen(slots, slot.guest_netns, net.GUEST_IP, net.AGENT_PORT)  # type: ignore[arg-type]
+        listen(slots, slot.guest_netns, net.GUEST_IP, 5000)  # type: ignore[arg-type]
+        listen(slots, slot.netns, "0.0.0.0", 7777)  # something listening in the slot namespace itself
+    listen(slots, host, "0.0.0.0", 9999)
+
+    # The control plane (host namespace) reaches each agent through the slot's own address.
+    assert connect(host, a.ns_ip, net.AGENT_PORT) == f"hello {a.host_ip}"
+    assert connect(host, b.ns_ip, net.AGENT_PORT) == f"hello {b.host_ip}"
+    # ...and nothing else in the guest.
+    assert connect(host, a.ns_ip, 5000) is None
+
+    for src, other in ((a, b), (b, a)):
+        g = src.guest_netns
+        assert g
+        assert connect(g, other.ns_ip, net.AGENT_PORT) is None, "VM to VM (agent channel)"
+        assert connect(g, other.ns_ip, 7777) is None, "VM to another slot's namespace"
+        assert connect(g, src.host_ip, 9999) is None, "VM to host (own veth end)"
+        assert connect(g, other.host_ip, 9999) is None, "VM to host (other veth end)"
+        assert connect(g, HOST_SERVICE_IP, 9999) is None, "VM to a host service"
+        assert connect(g, net.GATEWAY_IP, 7777) is None, "VM to its own slot namespace"
+        assert connect(g, src.ns_ip, 7777) is None, "VM to its own slot's outer address"
+    # The probes can succeed at all: inside a guest, its own service answers.
+    assert connect(a.guest_netns, net.GUEST_IP, 5000) == f"hello {net.GUEST_IP}"
+
+
+def test_egress_goes_only_where_the_policy_allows_masqueraded(slots: SlotNetwork) -> None:
+    host = slots.host_netns
+    assert host is not None
+    policy = EgressPolicy(allow=(EgressRule(f"{HOST_SERVICE_IP}/32", 9000),))
+    c = slots.create(2, egress=policy, guest="emulated")
+    listen(slots, host, "0.0.0.0", 9000)
+    listen(slots, host, "0.0.0.0", 9999)
+    assert c.guest_netns
+    # The allowed destination sees the slot's address, never the guest's shared one.
+    assert connect(c.guest_netns, HOST_SERVICE_IP, 9000) == f"hello {c.ns_ip}"
+    assert connect(c.guest_netns, HOST_SERVICE_IP, 9999) is None
+    assert connect(c.guest_netns, c.host_ip, 9000) is None, "the pool stays closed whatever the policy"
+
+
+def test_destroy_and_reclaim_leave_nothing(slots: SlotNetwork) -> None:
+    for i in (0, 1, 3):
+        slots.create(i, guest="emulated" if i else "tap")
+    assert slots.existing() == {0, 1, 3}
+    slots.destroy(0)
+    slots.destroy(0)  # idempotent
+    assert slots.existing() == {1, 3}
+    assert slots.reclaim([3]) == [1]
+    assert slots.existing() == {3}
+    assert slots.reclaim([]) == [3]
+    assert slots.existing() == set()
+    assert not [n for n in netns.listnetns() if n.startswith(f"{slots.prefix}-slot-")]
+    with NetNS(slots.host_netns) as host:  # type: ignore[arg-type]
+        assert not [l.get("ifname") for l in host.get_links() if l.get("ifname", "").startswith(f"{slots.prefix}h")]
+
+
+def test_a_failed_create_leaves_nothing(slots: SlotNetwork, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(args: list[str], stdin: str | None = None) -> None:
+        if "nft" in args:
+            raise NetworkError("nft exploded")
+
+    monkeypatch.setattr(net, "_run", broken)
+    with pytest.raises(NetworkError, match="nft exploded"):
+        slots.create(4, guest="emulated")
+    assert slots.existing() == set()
+
+
+def test_create_over_a_crash_leftover(slots: SlotNetwork) -> None:
+    slots.create(5)
+    again = slots.create(5)  # e.g. after a crash: the stale slot is replaced, not an error
+    assert again.index == 5 and slots.existing() == {5}
+
+
+def test_slot_outside_the_pool_is_refused(slots: SlotNetwork) -> None:
+    with pytest.raises(NetworkError, match="outside the pool"):
+        slots.create(slots.capacity)

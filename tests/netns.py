@@ -1,0 +1,67 @@
+"""Test hosts in network namespaces the tests create: listeners and connection probes.
+
+Everything here runs inside namespaces made by the tests themselves; no packet reaches a real interface.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_LISTENER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(16)
+print("ready", flush=True)
+while True:
+    c, peer = s.accept()
+    c.sendall(("hello " + peer[0] + "\n").encode()); c.close()
+"""
+
+_PROBE = r"""
+import socket, sys
+try:
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+    print(c.recv(100).decode().strip()); c.close()
+except OSError as e:
+    print("fail", type(e).__name__); sys.exit(1)
+"""
+
+
+def require_root_netns() -> None:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("network slot tests need root (network namespaces, veth, TAP, nftables)")
+    if not Path("/usr/sbin/nft").exists() and not Path("/sbin/nft").exists():
+        if os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1":
+            pytest.fail("nft is not installed (scripts/test.sh installs nftables)")
+        pytest.skip("nft is not installed")
+
+
+def in_ns(ns: str, *args: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *args]
+
+
+class Listener:
+    def __init__(self, ns: str, ip: str, port: int) -> None:
+        self.proc = subprocess.Popen(in_ns(ns, sys.executable, "-c", _LISTENER, ip, str(port)),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if line.strip() != "ready":
+            self.close()
+            raise RuntimeError(f"listener {ns} {ip}:{port} failed: {self.proc.stderr.read() if self.proc.stderr else ''}")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def connect(ns: str, ip: str, port: int, timeout: float = 1.0) -> str | None:
+    """Open a TCP connection from namespace `ns`; the greeting (which names our source address) or None."""
+    result = subprocess.run(in_ns(ns, sys.executable, "-c", _PROBE, ip, str(port), str(timeout)),
+                            capture_output=True, text=True, timeout=30)
+    return result.stdout.strip() if result.returncode == 0 else None
