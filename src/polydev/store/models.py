@@ -185,3 +185,15 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class NetworkLease(Base):
+    """A network slot (one /31 of the address pool) held by a VM. The primary key makes leasing atomic
+    across processes and replicas; rows outlive restarts, so a restart never hands out a slot in use."""
+
+    __tablename__ = "network_leases"
+
+    slot_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    vm_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    host_ip: Mapped[str] = mapped_column(String(64))
+    leased_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
