@@ -23,7 +23,7 @@ async def test_migrations_create_every_table_and_rerun_cleanly(services: Service
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
     assert {"users", "api_tokens", "vms", "auth_sessions", "credentials", "vm_cleanup_tasks", "runs",
             "network_leases"} <= tables
-    assert version == "0002"  # head: bump with every new revision
+    assert version == "0003"  # head: bump with every new revision
 
 
 async def test_seed_columns_hold_only_ciphertext(services: Services) -> None:
@@ -164,3 +164,24 @@ async def test_models_and_migrations_agree(services: Services) -> None:
     async with services.engine.connect() as conn:
         changes = await conn.run_sync(diff)
     assert changes == []
+
+
+async def test_upgrade_from_the_first_schema_keeps_vm_rows(database_url: str) -> None:
+    """An installation on revision 0001 upgrades in place; the seed's firecracker_pid becomes backend_pid."""
+    from polydev.config import normalize_database_url
+
+    engine = db.create_engine(normalize_database_url(database_url))
+    try:
+        await db.migrate(engine, "0001")
+        vm_id = uuid.uuid4()
+        async with engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO vms (vm_id, type, status, firecracker_pid, created_at) "
+                "VALUES (:id, 'cli', 'running', 4242, CURRENT_TIMESTAMP)"),
+                {"id": vm_id.hex if engine.dialect.name == "sqlite" else vm_id})
+        await db.migrate(engine)
+        async with engine.connect() as conn:
+            pid = (await conn.execute(text("SELECT backend_pid FROM vms"))).scalar_one()
+        assert pid == 4242
+    finally:
+        await engine.dispose()

@@ -23,7 +23,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Status vocabularies, kept as data so the API, the metrics and the tests share them.
-VM_STATUSES = ("running", "hibernated", "destroyed")
+# The seed's three, plus the two an engine that can crash mid-way needs to say honestly.
+VM_STATUSES = ("creating", "running", "hibernated", "destroyed", "failed")
 VM_TYPES = ("cli", "browser")
 AUTH_SESSION_STATUSES = (
     "initializing", "vm_created", "ready", "awaiting_user_auth", "completed", "failed", "timeout", "cancelled",
@@ -109,9 +110,15 @@ class Vm(Base):
     tap_device: Mapped[str | None] = mapped_column(String(32), nullable=True)
     vcpu_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
     memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    # The seed's firecracker_pid: the hypervisor process, whichever backend runs it.
-    firecracker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The seed's firecracker_pid, named for what it is: the hypervisor process of whichever backend.
+    backend_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    backend: Mapped[str | None] = mapped_column(String(16), nullable=True)
     socket_path: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    workdir: Mapped[str | None] = mapped_column(String(255), nullable=True)  # overlay, sockets, console log
+    agent_port: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    slot_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True, index=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     cpu_usage_percent: Mapped[float | None] = mapped_column(Float, nullable=True)
     memory_usage_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_heartbeat: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
