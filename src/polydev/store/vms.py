@@ -1,0 +1,104 @@
+"""VM rows and delayed-cleanup tasks: the engine's durable state."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from polydev.store.db import session_scope
+from polydev.store.models import Vm, VmCleanupTask, utcnow
+
+LIVE = ("creating", "running")
+
+
+class VmRepo:
+    def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
+        self._factory = factory
+
+    async def create(self, **fields: Any) -> Vm:
+        async with session_scope(self._factory) as s:
+            vm = Vm(status="creating", **fields)
+            s.add(vm)
+            await s.flush()
+            return vm
+
+    async def update(self, vm_id: uuid.UUID, **fields: Any) -> None:
+        async with session_scope(self._factory) as s:
+            await s.execute(update(Vm).where(Vm.vm_id == vm_id).values(**fields))
+
+    async def mark_failed(self, vm_id: uuid.UUID, error: str) -> None:
+        await self.update(vm_id, status="failed", error_message=error, destroyed_at=utcnow())
+
+    async def mark_destroyed(self, vm_id: uuid.UUID) -> None:
+        """Destroyed, unless it already ended as failed (keep that reason)."""
+        async with session_scope(self._factory) as s:
+            await s.execute(update(Vm).where(Vm.vm_id == vm_id, Vm.status != "failed")
+                            .values(status="destroyed", destroyed_at=utcnow()))
+
+    async def get(self, vm_id: uuid.UUID) -> Vm | None:
+        async with self._factory() as s:
+            return await s.get(Vm, vm_id)
+
+    async def list(self, *, live_only: bool = True, user_id: uuid.UUID | None = None) -> list[Vm]:
+        q = select(Vm).order_by(Vm.created_at)
+        if live_only:
+            q = q.where(Vm.status.in_(LIVE))
+        if user_id is not None:
+            q = q.where(Vm.user_id == user_id)
+        async with self._factory() as s:
+            return list(await s.scalars(q))
+
+    async def expired(self, now: datetime | None = None) -> list[Vm]:
+        async with self._factory() as s:
+            return list(await s.scalars(select(Vm).where(
+                Vm.status.in_(LIVE), Vm.expires_at.is_not(None), Vm.expires_at <= (now or utcnow()))))
+
+
+class CleanupTaskRepo:
+    """`vm_cleanup_tasks`: destroy-at-a-time requests that survive restarts."""
+
+    def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
+        self._factory = factory
+
+    async def schedule(self, vm_id: uuid.UUID, at: datetime, session_id: uuid.UUID | None = None) -> uuid.UUID:
+        async with session_scope(self._factory) as s:
+            task = VmCleanupTask(vm_id=vm_id, cleanup_at=at, session_id=session_id)
+            s.add(task)
+            await s.flush()
+            return task.id
+
+    async def claim_due(self, now: datetime | None = None, limit: int = 20) -> list[VmCleanupTask]:
+        """Move due tasks from pending to processing; each task is claimed by exactly one caller."""
+        async with self._factory() as s:
+            ids = list(await s.scalars(select(VmCleanupTask.id).where(
+                VmCleanupTask.status == "pending", VmCleanupTask.cleanup_at <= (now or utcnow()))
+                .order_by(VmCleanupTask.cleanup_at).limit(limit)))
+        claimed: list[VmCleanupTask] = []
+        for task_id in ids:
+            async with session_scope(self._factory) as s:
+                result = await s.execute(update(VmCleanupTask).where(
+                    VmCleanupTask.id == task_id, VmCleanupTask.status == "pending").values(status="processing"))
+                if result.rowcount == 1:
+                    claimed.append(await s.get_one(VmCleanupTask, task_id))
+        return claimed
+
+    async def finish(self, task_id: uuid.UUID, error: str | None = None) -> None:
+        async with session_scope(self._factory) as s:
+            await s.execute(update(VmCleanupTask).where(VmCleanupTask.id == task_id).values(
+                status="failed" if error else "completed", error_message=error, completed_at=utcnow()))
+
+    async def requeue_interrupted(self) -> int:
+        """At start-up: tasks a crashed process had claimed go back to pending."""
+        async with session_scope(self._factory) as s:
+            result = await s.execute(update(VmCleanupTask).where(VmCleanupTask.status == "processing")
+                                     .values(status="pending"))
+            return result.rowcount
+
+    async def pending_for(self, vm_id: uuid.UUID) -> list[VmCleanupTask]:
+        async with self._factory() as s:
+            return list(await s.scalars(select(VmCleanupTask).where(
+                VmCleanupTask.vm_id == vm_id, VmCleanupTask.status == "pending")))
