@@ -126,3 +126,20 @@ def test_readme_run_command_serves_health(env: dict[str, str], tmp_path: Path) -
         os.killpg(proc.pid, 15)
         proc.wait(30)
         log.close()
+
+
+def test_credentials_commands_against_a_live_server(live_server, env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    key = "sk-cli-0123456789abcdef"
+    env = env | {"POLYDEV_URL": live_server.url, "POLYDEV_TOKEN": live_server.admin_token}
+    stored = subprocess.run([sys.executable, "-m", "polydev", "credentials", "set-key", "gemini_cli"], env=env,
+                            input=key + "\n", capture_output=True, text=True, timeout=60)
+    assert stored.returncode == 0, stored.stderr
+    listed = polydev("credentials", "ls", env=env).stdout
+    assert "gemini_cli" in listed and "api_key" in listed and key not in listed
+    bad = polydev("credentials", "rm", "nope", env=env, check=False)
+    assert bad.returncode == 1 and "unknown_provider" in bad.stderr
+    assert "removed" in polydev("credentials", "rm", "gemini_cli", env=env).stdout
+    assert "gemini_cli" not in polydev("credentials", "ls", env=env).stdout
+    unreachable = polydev("credentials", "ls", env=env | {"POLYDEV_URL": f"http://127.0.0.1:{free_port()}"},
+                          check=False)
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr

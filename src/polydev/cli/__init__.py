@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from polydev.cli import config_cmd, keys, serve, users
+from polydev.cli import config_cmd, keys, remote, serve, users
 
 app = typer.Typer(help="Polydev: AI coding CLIs in disposable microVMs.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -12,6 +12,7 @@ app.command("serve")(serve.serve)
 app.command("config")(config_cmd.config)
 app.add_typer(keys.app, name="keys")
 app.add_typer(users.app, name="users")
+app.add_typer(remote.credentials, name="credentials")
 
 try:  # the image commands arrive with the VM engine (issue 3); keep the CLI usable without them
     from polydev.cli import image
