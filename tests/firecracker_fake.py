@@ -1,0 +1,262 @@
+"""A stand-in for Firecracker's API server on a Unix socket, for contract tests without KVM.
+
+It records every request, checks each against both published specifications (a violation is answered
+with 400 and a fault_message, as Firecracker would, and kept in `violations`), and keeps the little state
+Firecracker enforces: pre-boot-only calls, InstanceStart needing a kernel, snapshots only while paused,
+snapshot load only on a fresh process, files that must exist. On InstanceStart it prints a line to stdout
+(in the subprocess mode, that is the "serial console" the driver watches).
+
+Two ways to run it:
+- in-process: `async with FakeFirecracker(sock, specs) as fake:` for client tests;
+- as a fake `firecracker` binary (`python -m tests.firecracker_fake --api-sock PATH ...`, see
+  `write_fake_binary`), and as a fake `jailer` (`jailer` sub-command) for driver tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+from tests.firecracker_spec import REPO_ROOT, Spec, load_specs
+
+PRE_BOOT_ONLY = "The requested operation is not supported after starting the microVM."
+CONSOLE_LINE = "fake-guest: booted"
+REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    body: Any
+
+
+class FakeFirecracker:
+    def __init__(self, socket_path: Path, specs: list[Spec], *, root: Path | None = None,
+                 record: Path | None = None, console_line: str = CONSOLE_LINE) -> None:
+        self.socket_path = socket_path
+        self.specs = specs
+        self.root = root  # a jail's chroot: API paths are resolved inside it
+        self.record = record
+        self.console_line = console_line
+        self.requests: list[Request] = []
+        self.violations: list[str] = []
+        self.faults: dict[tuple[str, str], tuple[int, str]] = {}
+        self.state = "Not started"
+        self.configured: set[str] = set()
+        self.machine: dict[str, Any] = {"vcpu_count": 1, "mem_size_mib": 128, "smt": False,
+                                        "track_dirty_pages": False}
+        self._server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def serve_forever(self) -> None:
+        async with self:
+            assert self._server is not None
+            await self._server.serve_forever()
+
+    # -- HTTP/1.1, just enough for httpx: keep-alive, Content-Length bodies ------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while request_line := await reader.readline():
+                method, target, _ = request_line.decode("latin-1").split(" ", 2)
+                headers: dict[str, str] = {}
+                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                raw = await reader.readexactly(int(headers.get("content-length", "0")))
+                status, answer = self.handle(method, target, raw)
+                payload = json.dumps(answer).encode() if answer is not None else b""
+                head = f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Length: {len(payload)}\r\n"
+                if payload:
+                    head += "Content-Type: application/json\r\n"
+                writer.write(head.encode() + b"\r\n" + payload)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    # -- Firecracker's behaviour -------------------------------------------------------------------------
+
+    def handle(self, method: str, path: str, raw: bytes) -> tuple[int, Any]:
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            return 400, {"fault_message": "body is not JSON"}
+        request = Request(method, path, body)
+        self.requests.append(request)
+        if self.record is not None:
+            with open(self.record, "a") as out:
+                out.write(json.dumps({"method": method, "path": path, "body": body}) + "\n")
+        problems = [f"{spec.version}: {v}" for spec in self.specs for v in spec.violations(method, path, body)]
+        if problems:
+            self.violations.extend(problems)
+            return 400, {"fault_message": "; ".join(problems)}
+        if (method, path) in self.faults:
+            status, message = self.faults[(method, path)]
+            return status, {"fault_message": message}
+        try:
+            return self._route(request)
+        except Refused as exc:
+            return 400, {"fault_message": str(exc)}
+
+    def _route(self, r: Request) -> tuple[int, Any]:
+        key = (r.method, "/" + r.path.strip("/").split("/")[0])
+        if key == ("GET", "/"):
+            return 200, {"id": "fake", "state": self.state, "vmm_version": "1.13.2", "app_name": "Firecracker"}
+        if key == ("GET", "/version"):
+            return 200, {"firecracker_version": "1.13.2"}
+        if key == ("GET", "/machine-config"):
+            return 200, self.machine
+        if key == ("PUT", "/actions"):
+            return self._action(r.body["action_type"])
+        if key == ("PATCH", "/vm"):
+            if self.state == "Not started":
+                raise Refused("The microVM is not running.")
+            self.state = "Paused" if r.body["state"] == "Paused" else "Running"
+            return 204, None
+        if key == ("PUT", "/snapshot"):
+            return self._snapshot(r.path, r.body)
+        if key == ("PATCH", "/drives"):
+            if self.state == "Not started":
+                raise Refused("Operation not allowed pre-boot.")
+            self._must_exist(r.body["path_on_host"])
+            return 204, None
+        if self.state != "Not started":
+            raise Refused(PRE_BOOT_ONLY)
+        if key == ("PUT", "/machine-config"):
+            self.machine = {"smt": False, "track_dirty_pages": False, **r.body}
+        elif key == ("PATCH", "/machine-config"):
+            self.machine.update(r.body)
+        elif key == ("PUT", "/boot-source"):
+            self._must_exist(r.body["kernel_image_path"])
+        elif key == ("PUT", "/drives"):
+            self._must_exist(r.body["path_on_host"])
+        elif key == ("PUT", "/logger"):
+            self._must_exist(r.body["log_path"])
+        self.configured.add(r.path)
+        return 204, None
+
+    def _action(self, action: str) -> tuple[int, Any]:
+        if action == "InstanceStart":
+            if self.state != "Not started":
+                raise Refused(PRE_BOOT_ONLY)
+            if "/boot-source" not in self.configured:
+                raise Refused("Cannot start microvm without kernel configuration.")
+            self.state = "Running"
+            print(self.console_line, flush=True)
+        elif action == "SendCtrlAltDel" and self.state != "Running":
+            raise Refused("The microVM is not running.")
+        return 204, None
+
+    def _snapshot(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        if path == "/snapshot/create":
+            if self.state != "Paused":
+                raise Refused("Cannot save the microVM state: the microVM is not paused.")
+            self._host(body["snapshot_path"]).write_text(json.dumps(self.machine))
+            self._host(body["mem_file_path"]).write_bytes(b"\0" * 4096)
+            return 204, None
+        if self.state != "Not started" or self.configured - {"/logger", "/metrics"}:
+            raise Refused("Loading a microVM snapshot not allowed after configuring boot-specific resources.")
+        self._must_exist(body["snapshot_path"])
+        self._must_exist(body["mem_backend"]["backend_path"])
+        self.machine = json.loads(self._host(body["snapshot_path"]).read_text())
+        self.state = "Running" if body.get("resume_vm") else "Paused"
+        return 204, None
+
+    def _host(self, api_path: str) -> Path:
+        return self.root / api_path.lstrip("/") if self.root else Path(api_path)
+
+    def _must_exist(self, api_path: str) -> None:
+        if not self._host(api_path).exists():
+            raise Refused(f"No such file or directory (os error 2): {api_path}")
+
+
+class Refused(Exception):
+    """Firecracker refuses the request in its current state (answered 400 with this fault_message)."""
+
+
+# -- subprocess modes -------------------------------------------------------------------------------------
+
+
+def write_fake_binary(path: Path, *extra_args: str, sub_command: str = "firecracker") -> Path:
+    """Write an executable script that runs this module (as a fake firecracker or jailer) with `extra_args`."""
+    path.write_text(f"#!{sys.executable}\n"
+                    "import sys\n"
+                    f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+                    "from tests.firecracker_fake import main\n"
+                    f"sys.exit(main([{sub_command!r}, *{list(extra_args)!r}, *sys.argv[1:]]))\n")
+    path.chmod(0o755)
+    return path
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["jailer"]:
+        return _jailer(argv[1:])
+    parser = argparse.ArgumentParser(prog="fake-firecracker")
+    parser.add_argument("--api-sock", required=True)
+    parser.add_argument("--id", default="anonymous-instance")
+    parser.add_argument("--chroot", type=Path, help="set by the fake jailer: the jail's root")
+    parser.add_argument("--record", type=Path, help="append every request here as a JSON line")
+    parser.add_argument("--fault", action="append", default=[], help="'METHOD PATH=STATUS:message'")
+    args = parser.parse_args(argv[1:])
+    sock = args.chroot / args.api_sock.lstrip("/") if args.chroot else Path(args.api_sock)
+    fake = FakeFirecracker(sock, load_specs(), root=args.chroot, record=args.record)
+    for fault in args.fault:
+        where, _, answer = fault.partition("=")
+        method, path = where.split(" ", 1)
+        status, _, message = answer.partition(":")
+        fake.faults[(method, path)] = (int(status), message)
+    print(f"fake firecracker {args.id} listening on {sock}", flush=True)
+    asyncio.run(fake.serve_forever())
+    return 0
+
+
+def _jailer(argv: list[str]) -> int:
+    """The jailer's interface (docs/jailer.md) without its privileges: it builds the chroot path, records how
+    it was called, and execs the fake firecracker telling it where the jail is."""
+    parser = argparse.ArgumentParser(prog="fake-jailer")
+    for flag in ("--id", "--exec-file", "--uid", "--gid"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--chroot-base-dir", default="/srv/jailer")
+    for flag in ("--netns", "--cgroup-version", "--parent-cgroup"):
+        parser.add_argument(flag)
+    parser.add_argument("--cgroup", action="append", default=[])
+    parser.add_argument("--resource-limit", action="append", default=[])
+    parser.add_argument("--new-pid-ns", action="store_true")
+    parser.add_argument("--record-argv", type=Path)
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.record_argv:
+        args.record_argv.write_text(json.dumps(argv))
+    exec_file = Path(args.exec_file)
+    if "firecracker" not in exec_file.name:
+        print("jailer: exec file name must contain 'firecracker'", file=sys.stderr)
+        return 1
+    chroot = Path(args.chroot_base_dir) / exec_file.name / args.id / "root"
+    chroot.mkdir(parents=True, exist_ok=True)
+    fc_argv = [str(exec_file), f"--id={args.id}", "--chroot", str(chroot), *rest]
+    if args.new_pid_ns:
+        # The real jailer clones the VMM into a new PID namespace, writes its pid and exits.
+        child = os.fork()
+        if child == 0:
+            os.execv(exec_file, fc_argv)
+        (chroot / f"{exec_file.name}.pid").write_text(str(child))
+        return 0
+    os.execv(exec_file, fc_argv)
+    return 1  # not reached
