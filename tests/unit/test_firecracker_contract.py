@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -45,7 +46,7 @@ def short_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-async def fake(specs: list[Spec], short_dir: Path) -> Iterator[FakeFirecracker]:
+async def fake(specs: list[Spec], short_dir: Path) -> AsyncIterator[FakeFirecracker]:
     async with FakeFirecracker(short_dir / "api.sock", specs) as server:
         yield server
     # Every request any test sent through the fake must have conformed, whatever the test asserted.
@@ -53,7 +54,7 @@ async def fake(specs: list[Spec], short_dir: Path) -> Iterator[FakeFirecracker]:
 
 
 @pytest.fixture
-async def client(fake: FakeFirecracker) -> Iterator[fc.FirecrackerClient]:
+async def client(fake: FakeFirecracker) -> AsyncIterator[fc.FirecrackerClient]:
     async with fc.FirecrackerClient(fake.socket_path) as c:
         yield c
 
@@ -395,7 +396,7 @@ async def test_driver_reports_a_binary_that_exits_at_once(short_dir: Path, vm_fi
 
 async def test_driver_gives_up_on_a_socket_that_never_appears(short_dir: Path, vm_files: fc.VMConfig) -> None:
     binary = short_dir / "firecracker"
-    binary.write_text(f"#!{shutil.which('python3') or '/usr/bin/python3'}\nimport signal\nsignal.pause()\n")
+    binary.write_text(f"#!{sys.executable}\nimport signal\nsignal.pause()\n")  # alive, never listening
     binary.chmod(0o755)
     vm = fc.FirecrackerProcess(short_dir / "vm", binary=binary, kvm_device=None, socket_timeout=0.5)
     with pytest.raises(fc.FirecrackerProcessError, match="did not appear within 0.5 s"):
