@@ -5,8 +5,11 @@ Everything here runs inside namespaces made by the tests themselves; no packet r
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,24 @@ def connect(ns: str, ip: str, port: int, timeout: float = 1.0) -> str | None:
     result = subprocess.run(in_ns(ns, sys.executable, "-c", _PROBE, ip, str(port), str(timeout)),
                             capture_output=True, text=True, timeout=30)
     return result.stdout.strip() if result.returncode == 0 else None
+
+
+HOST_SERVICE_IP = "10.255.255.1"  # an address that exists only in a test's host namespace
+POOL = ("192.168.100.2", "192.168.100.254")
+
+
+@contextlib.contextmanager
+def test_host_namespace() -> Iterator[str]:
+    """A namespace that plays the host for slot tests; removed with everything in it afterwards.
+    Yields the slot-name prefix; the namespace is `<prefix>-host`. (`ip` rather than pyroute2, so it works
+    from async tests too: pyroute2's sync API runs an event loop of its own.)"""
+    name = "t" + secrets.token_hex(2)
+    host = f"{name}-host"
+    subprocess.run(["ip", "netns", "add", host], check=True)
+    try:
+        subprocess.run(["ip", "-n", host, "link", "set", "lo", "up"], check=True)
+        # An address only this namespace has (on lo: this kernel has no dummy links).
+        subprocess.run(["ip", "-n", host, "addr", "add", f"{HOST_SERVICE_IP}/32", "dev", "lo"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", host], check=False)

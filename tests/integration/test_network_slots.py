@@ -6,7 +6,6 @@ other guest, no host port, not its own namespace, and only the egress its policy
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 
 import pytest
@@ -14,32 +13,23 @@ from pyroute2 import NetNS, netns
 
 from polydev.vm import network as net
 from polydev.vm.network import EgressPolicy, EgressRule, NetworkError, SlotNetwork
-from tests.netns import Listener, connect, require_root_netns
+from tests.netns import HOST_SERVICE_IP, POOL, Listener, connect, require_root_netns, test_host_namespace
 
-POOL = ("192.168.100.2", "192.168.100.254")
-HOST_SERVICE_IP = "10.255.255.1"  # an address in the test's host namespace only
 
 
 @pytest.fixture
 def slots() -> Iterator[SlotNetwork]:
     require_root_netns()
-    prefix = "t" + secrets.token_hex(2)
-    host = f"{prefix}-host"
-    netns.create(host)
-    network = SlotNetwork(*POOL, prefix=prefix, host_netns=host)
-    listeners: list[Listener] = []
-    network.listeners = listeners  # type: ignore[attr-defined]
-    try:
-        with NetNS(host) as ns:
-            lo = ns.link_lookup(ifname="lo")[0]
-            ns.link("set", index=lo, state="up")
-            ns.addr("add", index=lo, address=HOST_SERVICE_IP, prefixlen=32)  # (this kernel has no dummy links)
-        yield network
-    finally:
-        for listener in listeners:
-            listener.close()
-        network.reclaim([])
-        netns.remove(host)
+    with test_host_namespace() as prefix:
+        network = SlotNetwork(*POOL, prefix=prefix, host_netns=f"{prefix}-host")
+        listeners: list[Listener] = []
+        network.listeners = listeners  # type: ignore[attr-defined]
+        try:
+            yield network
+        finally:
+            for listener in listeners:
+                listener.close()
+            network.reclaim([])
 
 
 def listen(slots: SlotNetwork, ns: str, ip: str, port: int) -> None:

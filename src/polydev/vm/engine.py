@@ -1,0 +1,375 @@
+"""The VM engine: the only way the rest of Polydev creates, finds and destroys VMs.
+
+Every VM has a row in `vms` before anything is started, so a crash at any point leaves a record that
+`reconcile()` can act on. Creation goes: row (creating) → network slot (tap mode) → backend start, which
+returns once the guest agent answers → row (running). Destruction is one ordered cleanup that tolerates
+partial state: hypervisor process → network slot → address lease → disk → row. Anything that fails is
+retried through `vm_cleanup_tasks`, which survive restarts.
+
+Each engine owns the VMs tagged with its `tag` (derived from the data directory), so two engines on one
+machine — a server and a test run — never reclaim each other's VMs. Per-VM agent tokens live only in this
+process's memory: VMs that outlive their engine (a crash, a restart) are unusable and are destroyed by
+`reconcile()` at the next start, their rows marked failed with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Literal, Protocol
+
+import structlog
+
+from polydev.store.leases import LeaseRepo
+from polydev.store.models import Vm, utcnow
+from polydev.store.vms import CleanupTaskRepo, VmRepo
+from polydev.vm.network import Slot, SlotNetwork
+
+log = structlog.get_logger(__name__)
+
+Purpose = Literal["cli", "browser"]
+RETRY_CLEANUP_AFTER = timedelta(seconds=30)
+
+
+class VMCreateError(Exception):
+    """Creation failed; everything it had set up is gone. `console_log` is kept when there was one."""
+
+    def __init__(self, vm_id: uuid.UUID, reason: str, console_log: Path | None = None) -> None:
+        where = f" (console log: {console_log})" if console_log else ""
+        super().__init__(f"VM {vm_id} failed to start: {reason}{where}")
+        self.vm_id = vm_id
+        self.reason = reason
+        self.console_log = console_log
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """What a backend needs to start one VM."""
+
+    vm_id: uuid.UUID
+    purpose: Purpose
+    vcpus: int
+    memory_mb: int
+    workdir: Path
+    token: str
+    marker: str  # appears in the hypervisor's command line, so reconcile can find the process
+    slot: Slot | None  # tap network mode; None means user-mode networking
+
+
+@dataclass(frozen=True)
+class Started:
+    """What a backend reports once the agent answers."""
+
+    pid: int
+    agent_url: str
+    agent_port: int | None = None
+    socket_path: str | None = None
+
+
+class Backend(Protocol):
+    name: str
+
+    async def start(self, spec: VMSpec) -> Started:
+        """Start the VM and return once its agent answers. On failure: raise, with the process gone."""
+        ...
+
+    async def stop(self, pid: int | None, workdir: Path) -> None:
+        """Stop the hypervisor (gracefully if it can, else kill). Idempotent; `pid` may be stale."""
+        ...
+
+    def console_log(self, workdir: Path) -> Path:
+        ...
+
+
+@dataclass(frozen=True)
+class VM:
+    id: uuid.UUID
+    user_id: uuid.UUID | None
+    purpose: str
+    status: str
+    backend: str
+    agent_url: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    slot_index: int | None
+    error: str | None
+
+    @classmethod
+    def of(cls, row: Vm, agent_url: str | None) -> VM:
+        return cls(row.vm_id, row.user_id, row.type, row.status, row.backend or "?", agent_url, row.created_at,
+                   row.expires_at, row.slot_index, row.error_message)
+
+
+def engine_tag(data_dir: Path) -> str:
+    return hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]
+
+
+def marker_for(tag: str, vm_id: uuid.UUID) -> str:
+    return f"polydev-{tag}-{vm_id}"
+
+
+def find_marked_processes(tag: str, proc_root: Path = Path("/proc")) -> dict[uuid.UUID, int]:
+    """Hypervisor processes of this engine on the machine, found by the marker in their command line."""
+    prefix = f"polydev-{tag}-".encode()
+    found: dict[uuid.UUID, int] = {}
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # exited while we looked
+        for arg in args:
+            pos = arg.find(prefix)
+            if pos < 0:
+                continue
+            text = arg[pos + len(prefix):pos + len(prefix) + 36].decode(errors="replace")
+            with contextlib.suppress(ValueError):
+                found[uuid.UUID(text)] = int(entry.name)
+            break
+    return found
+
+
+class VMEngine:
+    def __init__(self, *, backend: Backend, vms: VmRepo, cleanup: CleanupTaskRepo, leases: LeaseRepo,
+                 data_dir: Path, network: SlotNetwork | None = None, vcpus: dict[str, int] | None = None,
+                 memory_mb: dict[str, int] | None = None, keep_failed: bool = False,
+                 process_finder: Callable[[str], dict[uuid.UUID, int]] = find_marked_processes) -> None:
+        self.backend = backend
+        self.vms = vms
+        self.cleanup = cleanup
+        self.leases = leases
+        self.network = network
+        self.data_dir = data_dir
+        self.tag = engine_tag(data_dir)
+        self.vcpus = vcpus or {"cli": 1, "browser": 2}
+        self.memory_mb = memory_mb or {"cli": 2048, "browser": 4096}
+        self.keep_failed = keep_failed
+        self._find = process_finder
+        self._tokens: dict[uuid.UUID, str] = {}
+        self._urls: dict[uuid.UUID, str] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- paths --------------------------------------------------------------------------------------------
+    @property
+    def vms_dir(self) -> Path:
+        return self.data_dir / "vms"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    def workdir(self, vm_id: uuid.UUID) -> Path:
+        return self.vms_dir / str(vm_id)
+
+    # -- create / destroy ---------------------------------------------------------------------------------
+    async def create(self, user_id: uuid.UUID | None, purpose: Purpose = "cli",
+                     ttl: timedelta = timedelta(minutes=30)) -> VM:
+        vm_id = uuid.uuid4()
+        workdir = self.workdir(vm_id)
+        row = await self.vms.create(vm_id=vm_id, user_id=user_id, type=purpose, vm_type=purpose,
+                                    backend=self.backend.name, vcpu_count=self.vcpus[purpose],
+                                    memory_mb=self.memory_mb[purpose], workdir=str(workdir),
+                                    expires_at=utcnow() + ttl)
+        token = secrets.token_urlsafe(32)
+        slot: Slot | None = None
+        try:
+            workdir.mkdir(parents=True, mode=0o700)
+            if self.network is not None:
+                index = await self.leases.acquire(vm_id, self.network.capacity,
+                                                  lambda i: self.network.address(i).host_ip)  # type: ignore[union-attr]
+                await self.vms.update(vm_id, slot_index=index)
+                slot = await asyncio.to_thread(self.network.create, index)
+            spec = VMSpec(vm_id, purpose, self.vcpus[purpose], self.memory_mb[purpose], workdir, token,
+                          marker_for(self.tag, vm_id), slot)
+            started = await self.backend.start(spec)
+        except BaseException as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            kept = await self._teardown(row, failed=True)
+            await self.vms.mark_failed(vm_id, reason + (f" (console log: {kept})" if kept else ""))
+            log.warning("vm_create_failed", vm_id=str(vm_id), reason=reason, console_log=str(kept) if kept else None)
+            if isinstance(exc, Exception):
+                raise VMCreateError(vm_id, reason, kept) from exc
+            raise
+        self._tokens[vm_id] = token
+        self._urls[vm_id] = started.agent_url
+        await self.vms.update(vm_id, status="running", backend_pid=started.pid, agent_port=started.agent_port,
+                              socket_path=started.socket_path,
+                              ip_address=slot.ns_ip if slot else "127.0.0.1",
+                              tap_device=slot.netns if slot else None, last_heartbeat=utcnow())
+        log.info("vm_created", vm_id=str(vm_id), purpose=purpose, backend=self.backend.name,
+                 slot=slot.index if slot else None)
+        fresh = await self.vms.get(vm_id)
+        assert fresh is not None
+        return VM.of(fresh, started.agent_url)
+
+    async def destroy(self, vm_id: uuid.UUID) -> bool:
+        """Destroy a VM; False if there was no live VM by that id. Safe to call more than once."""
+        row = await self.vms.get(vm_id)
+        if row is None or row.status in ("destroyed", "failed"):
+            return False
+        await self._teardown(row, failed=False)
+        await self.vms.mark_destroyed(vm_id)
+        log.info("vm_destroyed", vm_id=str(vm_id))
+        return True
+
+    async def _teardown(self, row: Vm, *, failed: bool) -> Path | None:
+        """Ordered, tolerant cleanup: process, network slot, lease, disk. Returns the kept console log."""
+        vm_id = row.vm_id
+        self._tokens.pop(vm_id, None)
+        self._urls.pop(vm_id, None)
+        workdir = Path(row.workdir) if row.workdir else self.workdir(vm_id)
+        errors: list[str] = []
+        pid = row.backend_pid or self._find(self.tag).get(vm_id)
+        try:
+            await self.backend.stop(pid, workdir)
+        except Exception as exc:  # keep going: a stuck process must not keep its disk and address forever
+            errors.append(f"stop: {exc}")
+        if self.network is not None:
+            index = row.slot_index
+            if index is None:
+                index = next((i for i, v in (await self.leases.held()).items() if v == vm_id), None)
+            if index is not None:
+                try:
+                    await asyncio.to_thread(self.network.destroy, index)
+                except Exception as exc:
+                    errors.append(f"network: {exc}")
+        await self.leases.release(vm_id)
+        kept = self._keep_console(workdir, vm_id) if (failed or self.keep_failed) else None
+        shutil.rmtree(workdir, ignore_errors=True)
+        if errors:
+            await self.cleanup.schedule(vm_id, utcnow() + RETRY_CLEANUP_AFTER)
+            log.error("vm_cleanup_incomplete", vm_id=str(vm_id), errors=errors)
+        return kept
+
+    def _keep_console(self, workdir: Path, vm_id: uuid.UUID) -> Path | None:
+        source = self.backend.console_log(workdir)
+        if not source.exists():
+            return None
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        target = self.logs_dir / f"{vm_id}.console.log"
+        shutil.copyfile(source, target)
+        return target
+
+    # -- queries ------------------------------------------------------------------------------------------
+    async def get(self, vm_id: uuid.UUID) -> VM | None:
+        row = await self.vms.get(vm_id)
+        return VM.of(row, self._urls.get(vm_id)) if row else None
+
+    async def list(self, *, user_id: uuid.UUID | None = None, live_only: bool = True) -> list[VM]:
+        return [VM.of(r, self._urls.get(r.vm_id)) for r in await self.vms.list(live_only=live_only, user_id=user_id)]
+
+    def agent_endpoint(self, vm_id: uuid.UUID) -> tuple[str, str]:
+        """(agent URL, token) for a VM this engine runs; KeyError when it runs no such VM."""
+        return self._urls[vm_id], self._tokens[vm_id]
+
+    def agent(self, vm_id: uuid.UUID, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+        from polydev.vm.agent_client import AgentClient
+
+        url, token = self.agent_endpoint(vm_id)
+        return AgentClient(url, token, timeout=timeout)
+
+    # -- reconcile and reaping ----------------------------------------------------------------------------
+    async def reconcile(self) -> dict[str, int]:
+        """Make the machine match the database, in a fixed order: processes, then network, then disks.
+
+        Run at start-up: every VM process of ours that this engine did not start in this process is
+        killed (its token died with the previous process), and its row marked failed."""
+        counts = {"processes": 0, "rows": 0, "slots": 0, "leases": 0, "disks": 0, "tasks": 0}
+        counts["tasks"] = await self.cleanup.requeue_interrupted()
+        mine = set(self._tokens)
+        # 1. processes
+        for vm_id, pid in self._find(self.tag).items():
+            if vm_id in mine:
+                continue
+            await self.backend.stop(pid, self.workdir(vm_id))
+            counts["processes"] += 1
+        # rows that claim to live but have no process in this engine
+        for row in await self.vms.list():
+            if row.vm_id in mine:
+                continue
+            kept = self._keep_console(Path(row.workdir) if row.workdir else self.workdir(row.vm_id), row.vm_id)
+            reason = "lost when the control plane stopped" + (f" (console log: {kept})" if kept else "")
+            await self.vms.mark_failed(row.vm_id, reason)
+            counts["rows"] += 1
+        live_rows = {r.vm_id: r for r in await self.vms.list()}
+        # 2. network: slots and leases without a live VM
+        held = await self.leases.held()
+        for index, vm_id in held.items():
+            if vm_id not in live_rows:
+                await self.leases.release(vm_id)
+                counts["leases"] += 1
+        if self.network is not None:
+            live_slots = {r.slot_index for r in live_rows.values() if r.slot_index is not None}
+            counts["slots"] = len(await asyncio.to_thread(self.network.reclaim, live_slots))
+        # 3. disks
+        if self.vms_dir.exists():
+            for child in self.vms_dir.iterdir():
+                try:
+                    vm_id = uuid.UUID(child.name)
+                except ValueError:
+                    continue
+                if vm_id not in live_rows:
+                    shutil.rmtree(child, ignore_errors=True)
+                    counts["disks"] += 1
+        if any(counts.values()):
+            log.warning("reconciled", **counts)
+        return counts
+
+    async def reap_once(self) -> int:
+        """Destroy expired VMs and run due cleanup tasks. Returns how many VMs it destroyed."""
+        done = 0
+        for row in await self.vms.expired():
+            if await self.destroy(row.vm_id):
+                done += 1
+        for task in await self.cleanup.claim_due():
+            try:
+                row = await self.vms.get(task.vm_id)
+                if row is not None:
+                    await self._teardown(row, failed=False)
+                    await self.vms.mark_destroyed(task.vm_id)
+                await self.cleanup.finish(task.id)
+            except Exception as exc:
+                await self.cleanup.finish(task.id, error=str(exc))
+        return done
+
+    def start_reaper(self, interval: float = 5.0) -> None:
+        async def loop() -> None:
+            while True:
+                try:
+                    await self.reap_once()
+                except Exception:
+                    log.exception("reaper_failed")
+                await asyncio.sleep(interval)
+
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(loop())
+
+    async def close(self, destroy_all: bool = True) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        if destroy_all:
+            for vm_id in list(self._tokens):
+                await self.destroy(vm_id)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
