@@ -17,6 +17,7 @@ Usage::
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import uuid
@@ -119,7 +120,25 @@ class StandinState:
 # ---------------------------------------------------------------- helpers
 
 
+def token_label(cred: str | None) -> str | None:
+    """A JWT minted by the OAuth stand-in (Codex access tokens) stands for its ``standin_token`` claim."""
+    if cred and cred.count(".") == 2:
+        payload = cred.split(".")[1]
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except ValueError:
+            return cred
+        if isinstance(claims, dict) and isinstance(claims.get("standin_token"), str):
+            return claims["standin_token"]
+    return cred
+
+
 def credential_of(request: Request) -> str | None:
+    """The request's API key or bearer token (a stand-in JWT as its token name, e.g. ``codex-access-2``)."""
+    return token_label(_raw_credential(request))
+
+
+def _raw_credential(request: Request) -> str | None:
     h = request.headers
     if h.get("x-api-key"):
         return h["x-api-key"]

@@ -1,0 +1,103 @@
+"""A CONNECT proxy stand-in that terminates TLS with the test CA and hands the plain HTTP to one upstream.
+
+The CLI sends ``CONNECT host:443``; the proxy answers 200, does the TLS handshake itself with a certificate
+for ``host`` signed by :class:`~tests.standins.tls.TestCA`, and pipes the decrypted bytes to ``upstream``
+(the OAuth stand-in, which tells hosts apart by the ``Host`` header). Plain ``http://`` proxy requests are
+piped the same way. Nothing is ever forwarded anywhere but ``upstream``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+from tests.standins.tls import TestCA
+
+
+@dataclass
+class ProxyLog:
+    connects: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, target: str) -> None:
+        with self.lock:
+            self.connects.append(target)
+
+    def hosts(self) -> list[str]:
+        with self.lock:
+            return [c.rsplit(":", 1)[0] for c in self.connects]
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        try:
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (OSError, RuntimeError):
+            pass
+
+
+class ConnectProxy:
+    def __init__(self, ca: TestCA, upstream_host: str, upstream_port: int) -> None:
+        self.ca = ca
+        self.upstream = (upstream_host, upstream_port)
+        self.log = ProxyLog()
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._server = await asyncio.start_server(self._handle, host, port)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._conns):
+            t.cancel()
+        if self._conns:
+            await asyncio.wait(self._conns, timeout=5)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            method, target, _ = request_line.split(" ", 2)
+            if method.upper() == "CONNECT":
+                self.log.add(target)
+                host = target.rsplit(":", 1)[0].strip("[]")
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                await writer.drain()
+                await writer.start_tls(self.ca.server_context(host))
+                first = b""
+            else:
+                # absolute-form plain-HTTP proxy request: pass it on as it is (the app reads Host).
+                self.log.add(target)
+                first = head
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            if first:
+                up_writer.write(first)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            up_writer.close()
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError, ValueError):
+            pass
+        except Exception:  # noqa: BLE001 - e.g. ssl errors when a client rejects the certificate
+            pass
+        finally:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._conns.discard(task)
