@@ -76,3 +76,15 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         images.ensure(tmp_path, "test")
     leftovers = [p.name for p in images.images_dir(tmp_path).iterdir() if not p.name.startswith(".lock-")]
     assert leftovers == []
+
+
+def test_prune_keeps_current_recipes_only(tmp_path: Path) -> None:
+    current = fake_image(tmp_path, images.recipe_for("test"))
+    stale = fake_image(tmp_path, replace(images.recipe_for("test"), guest_digest="old"))
+    base_now = tmp_path / "base" / images.base_hash(images.recipe_for("full"))
+    base_old = tmp_path / "base" / "0123456789abcdef"
+    base_now.mkdir(parents=True)
+    base_old.mkdir(parents=True)
+    removed = images.prune(tmp_path)
+    assert sorted(removed) == sorted([f"images/{stale.name}", "base/0123456789abcdef"])
+    assert current.is_dir() and base_now.is_dir() and not stale.exists() and not base_old.exists()

