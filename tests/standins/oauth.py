@@ -137,6 +137,14 @@ class OAuthState:
         with self._lock:
             return self._issuers[provider].issue()
 
+    def access_token_known(self, provider: str, token: str | None) -> bool:
+        """Whether ``token`` is an access token this stand-in issued for ``provider``."""
+        prefix = f"{provider}-access-"
+        if not token or not token.startswith(prefix) or not token[len(prefix):].isdigit():
+            return False
+        with self._lock:
+            return 1 <= int(token[len(prefix):]) <= self._issuers[provider].generation
+
 
 async def _parse(request: Request) -> Any:
     raw = await request.body()
@@ -346,6 +354,18 @@ def _route(state: OAuthState, host: str, method: str, path: str, body: dict[str,
         return _codex_device(state, path, body, rec)
     if host == "oauth2.googleapis.com" and method == "POST" and path == "/token":
         return _google_token(state, body, rec)
+    if host in ("oauth2.googleapis.com", "www.googleapis.com") and path in ("/tokeninfo", "/oauth2/v3/tokeninfo"):
+        rec.kind = "profile"
+        auth = rec.headers.get("authorization", "")
+        token = auth[7:] if auth.lower().startswith("bearer ") else body.get("access_token")
+        if not state.access_token_known(GOOGLE, token):
+            return _err(400, "invalid_token", "Invalid Value")
+        return JSONResponse({"azp": "standin", "aud": "standin", "sub": "1000", "email": EMAIL,
+                             "email_verified": "true", "access_type": "offline", "expires_in": state.access_ttl,
+                             "exp": str(int(time.time()) + state.access_ttl),
+                             "scope": "openid https://www.googleapis.com/auth/cloud-platform "
+                                      "https://www.googleapis.com/auth/userinfo.email "
+                                      "https://www.googleapis.com/auth/userinfo.profile"})
     if host in ("www.googleapis.com", "openidconnect.googleapis.com") and "userinfo" in path:
         rec.kind = "profile"
         return JSONResponse({"id": "1000", "sub": "1000", "email": EMAIL, "verified_email": True,
