@@ -126,6 +126,12 @@ def claude_credentials(home: Path) -> Path:
 
 # ---------------------------------------------------------------- Codex
 
+#: Codex 0.171's default model (gpt-6.2-sol) sent no ``tools`` at all to a custom provider [observed];
+#: ``gpt-5.5`` is in its built-in catalog and offers ``exec_command``. A name outside the catalog works too but
+#: adds an ``error`` item ("Model metadata for ... not found") to the stream.
+CODEX_MODEL = "gpt-5.5"
+
+
 def codex_env(home: Path, **extra: str) -> dict[str, str]:
     env = base_env(home)
     env["CODEX_HOME"] = str(home / ".codex")
@@ -149,9 +155,11 @@ def codex_provider_args(api_url: str, *, chatgpt_auth: bool = False) -> list[str
     return ["-c", "model_provider=standin", "-c", f"model_providers.standin={provider}"]
 
 
-def codex_run_args(exe: Path, prompt: str, api_url: str, *, chatgpt_auth: bool = False) -> list[str]:
+def codex_run_args(exe: Path, prompt: str, api_url: str, *, chatgpt_auth: bool = False,
+                   model: str | None = CODEX_MODEL) -> list[str]:
+    """``codex exec --json``; the sandbox is off (``danger-full-access``): in Polydev the VM is the sandbox."""
     return [str(exe), "exec", "--json", "--skip-git-repo-check", *codex_provider_args(api_url, chatgpt_auth=chatgpt_auth),
-            *codex_background_off(), "-s", "danger-full-access", prompt]
+            *codex_background_off(), *(["-m", model] if model else []), "-s", "danger-full-access", prompt]
 
 
 def codex_shell_tool(command: str) -> ToolCall:
