@@ -1,7 +1,7 @@
 """Fixtures for tests that need the golden image or a booted VM, and a local agent for fast runs.
 
-Use by importing the fixtures into a test module (tests/conftest.py belongs to the control plane):
-    from tests.vm_fixtures import agent, local_agent, test_image, test_vm  # noqa: F401
+Use from a test module with `pytest_plugins = ["tests.vm_fixtures"]` (tests/conftest.py belongs to the control
+plane); registered once as a plugin, the session-scoped VM is shared by every module that uses it.
 
 `test_image` builds the test-profile image into the configured cache directory (POLYDEV_CACHE_DIR, default
 /var/cache/polydev as root) or reuses it: CI on a machine that has built it once pays nothing; a new machine

@@ -28,7 +28,11 @@ AGENT_PORT = 8080
 PROTOCOL_VERSION = 1
 # Printed on the serial console by the agent the moment its socket listens; the host watches for it.
 READY_MARKER = "POLYDEV-AGENT-READY"
-# Kernel command line keys the host sets at boot (the token is never baked into an image).
+# The token is never baked into an image. The host hands it over at boot as a QEMU fw_cfg file (readable
+# in the guest under FW_CFG_SYSFS, kept out of the host's process list and of /proc/cmdline), or on the
+# kernel command line as CMDLINE_TOKEN for backends without fw_cfg.
+FW_CFG_TOKEN = "opt/polydev/token"
+FW_CFG_SYSFS = "/sys/firmware/qemu_fw_cfg/by_name"
 CMDLINE_TOKEN = "polydev.token"
 CMDLINE_ADDR = "polydev.addr"  # e.g. 10.0.2.15/24
 CMDLINE_GATEWAY = "polydev.gw"

@@ -13,7 +13,7 @@ import pytest
 
 from polydev import protocol as p
 from polydev.vm.agent_client import AgentClient, AgentError
-from tests.vm_fixtures import agent, local_agent, test_image, test_vm  # noqa: F401
+pytest_plugins = ["tests.vm_fixtures"]  # fixtures: agent, local_agent, test_image, test_vm (one VM per session)
 
 GONE = 'test ! -e /proc/{pid} || [ "$(cut -d" " -f3 /proc/{pid}/stat)" = Z ]'  # exited (or only a zombie)
 

@@ -67,6 +67,15 @@ def network(conf: dict[str, str]) -> None:
     log(f"{nics[0] if nics else 'no interface'} {addr or 'unconfigured'} via {gateway or '-'}")
 
 
+def read_token(conf: dict[str, str]) -> str | None:
+    """The token from fw_cfg if the host sent one there, else from the kernel command line."""
+    try:
+        with open(f"{p.FW_CFG_SYSFS}/{p.FW_CFG_TOKEN}/raw") as f:
+            return f.read().strip() or None
+    except OSError:
+        return conf.get(p.CMDLINE_TOKEN) or None
+
+
 def start_agent(conf: dict[str, str], ready_fd: int | None = None) -> int:
     """Fork the agent. With ready_fd, it reports "listening" there instead of printing the READY line."""
     pid = os.fork()
@@ -79,8 +88,7 @@ def start_agent(conf: dict[str, str], ready_fd: int | None = None) -> int:
         announce = agent._print
         if ready_fd is not None:
             announce = lambda line: os.write(ready_fd, line.encode() + b"\n") and None  # noqa: E731
-        agent.run(conf.get(p.CMDLINE_TOKEN) or None, int(conf.get(p.CMDLINE_PORT, p.AGENT_PORT)),
-                  announce=announce)
+        agent.run(read_token(conf), int(conf.get(p.CMDLINE_PORT, p.AGENT_PORT)), announce=announce)
     except BaseException as exc:  # never return into PID 1's loop from the child
         log(f"agent failed: {exc!r}")
     finally:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from polydev.vm.proc import run
 
-# The VM's devices (virtio-pci disk and NIC); modprobe resolves what each needs, in load order.
-MODULES = ("virtio_pci", "virtio_blk", "virtio_net")
+# The VM's devices (virtio-pci disk and NIC, and fw_cfg, which carries the agent token); modprobe resolves
+# what each needs, in load order.
+MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "qemu_fw_cfg")
 INIT_SCRIPT = Path(__file__).resolve().parent.parent / "guest" / "initramfs_init.sh"
 
 

@@ -132,11 +132,14 @@ class QemuVM:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.image.rootfs.resolve()),
                         "-F", "raw", str(self.overlay)], check=True, capture_output=True)
 
+    @property
+    def token_file(self) -> Path:
+        return self.workdir / "token"
+
     def cmdline(self) -> str:
-        # `quiet` keeps the kernel from echoing this line (and the token in it) to the console log.
+        # No token here: the command line shows in the host's process list and in the guest's /proc/cmdline.
         return " ".join(["console=ttyS0", "quiet", "root=/dev/vda", "rw", "panic=-1", f"init={INIT_PATH}",
-                         f"{p.CMDLINE_TOKEN}={self.token}", f"{p.CMDLINE_ADDR}={GUEST_ADDR}",
-                         f"{p.CMDLINE_GATEWAY}={GUEST_GATEWAY}"])
+                         f"{p.CMDLINE_ADDR}={GUEST_ADDR}", f"{p.CMDLINE_GATEWAY}={GUEST_GATEWAY}"])
 
     def argv(self, accel: str) -> list[str]:
         cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
@@ -147,6 +150,7 @@ class QemuVM:
                 "-drive", f"id=root,file={self.overlay},format=qcow2,if=none,discard=unmap",
                 "-device", "virtio-blk-pci,drive=root",
                 "-netdev", netdev, "-device", "virtio-net-pci,netdev=net0",
+                "-fw_cfg", f"name={p.FW_CFG_TOKEN},file={self.token_file}",
                 "-serial", "stdio", "-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
 
     def _boot(self, accel: str, ready_timeout: float) -> float:
@@ -158,6 +162,10 @@ class QemuVM:
         self._is_ready = False
         self._tail.clear()
         self.qmp_socket.unlink(missing_ok=True)
+        # QEMU reads the file when it starts; it is removed as soon as the guest is up (or the boot failed).
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.token)
         started = time.monotonic()
         stderr = open(self.workdir / "qemu.stderr", "wb")
         try:
@@ -168,9 +176,11 @@ class QemuVM:
         self._reader = threading.Thread(target=self._read_console, args=(self._proc, started), daemon=True)
         self._reader.start()
         if accel == "kvm" and not self._first_output.wait(KVM_FIRST_OUTPUT_S):
+            self.token_file.unlink(missing_ok=True)
             self._kill()
             raise VMError("no console output under KVM")
         self._ready.wait(max(0.0, ready_timeout - (time.monotonic() - started)))
+        self.token_file.unlink(missing_ok=True)
         if not self._is_ready:
             if self._eof.is_set():  # the console closed because QEMU is exiting: collect its status
                 self._proc.wait()
