@@ -29,7 +29,8 @@ def test_one_shot_stream_json_ends_in_success_with_standin_text(
         standins: Standins, claude_exe: Path, cli_home: Path, workdir: Path) -> None:
     text = "stand-in says " + secrets.token_hex(4)
     standins.api.script.text = text
-    env = clis.claude_env(cli_home, ANTHROPIC_BASE_URL=standins.api_url, ANTHROPIC_API_KEY=API_KEY)
+    # The proxy is offered too: with the background-traffic switch on, nothing but the API is contacted.
+    env = clis.claude_env(cli_home, ANTHROPIC_BASE_URL=standins.api_url, ANTHROPIC_API_KEY=API_KEY, **standins.env())
     run = standins.run(clis.claude_run_args(claude_exe, "say something"), env, cwd=workdir)
     assert run.returncode == 0, run.stderr[-3000:]
     events = clis.json_lines(run.stdout)
@@ -42,6 +43,18 @@ def test_one_shot_stream_json_ends_in_success_with_standin_text(
     assert {t.credential for t in turns} == {API_KEY}
     assert turns[0].headers.get("x-api-key") == API_KEY
     assert turns[0].body["stream"] is True
+    assert standins.proxy.log.connects == []
+    assert standins.oauth.requests == []
+
+
+def test_without_the_switch_the_cli_calls_home_through_the_proxy(
+        standins: Standins, claude_exe: Path, cli_home: Path, workdir: Path) -> None:
+    """Control for the test above: the proxy does catch calls home when the switch is left out."""
+    env = clis.claude_env(cli_home, ANTHROPIC_BASE_URL=standins.api_url, ANTHROPIC_API_KEY=API_KEY, **standins.env())
+    del env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"]
+    run = standins.run(clis.claude_run_args(claude_exe, "say something"), env, cwd=workdir)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "api.anthropic.com" in standins.proxy.log.hosts()
 
 
 def test_tool_round_trip_runs_the_command_and_returns_its_output(

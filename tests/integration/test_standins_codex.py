@@ -39,7 +39,8 @@ def test_exec_json_ends_in_turn_completed_with_standin_text(
         standins: Standins, codex_exe: Path, cli_home: Path, workdir: Path) -> None:
     text = "stand-in says " + secrets.token_hex(4)
     standins.api.script.text = text
-    env = clis.codex_env(cli_home, CODEX_API_KEY=API_KEY)
+    # The proxy is offered too: with the background-traffic switches on, nothing but the API is contacted.
+    env = clis.codex_env(cli_home, CODEX_API_KEY=API_KEY, **standins.env())
     run = standins.run(clis.codex_run_args(codex_exe, "say something", standins.api_url), env, cwd=workdir)
     assert run.returncode == 0, run.stderr[-3000:]
     events = _events(run.stdout)
@@ -50,6 +51,20 @@ def test_exec_json_ends_in_turn_completed_with_standin_text(
     turns = standins.api.model_turns(OPENAI)
     assert len(turns) == 1 and turns[0].path == "/v1/responses" and turns[0].body["stream"] is True
     assert turns[0].credential == API_KEY
+    assert standins.proxy.log.connects == []
+    assert standins.oauth.requests == []
+
+
+def test_without_the_switches_the_cli_calls_home_through_the_proxy(
+        standins: Standins, codex_exe: Path, cli_home: Path, workdir: Path) -> None:
+    """Control for the test above: the proxy does catch calls home when the switches are left out."""
+    args = clis.codex_run_args(codex_exe, "say something", standins.api_url)
+    i = args.index("analytics.enabled=false")
+    assert args[i - 1:i + 3] == ["-c", "analytics.enabled=false", "--disable", "plugins"]
+    del args[i - 1:i + 3]
+    run = standins.run(args, clis.codex_env(cli_home, CODEX_API_KEY=API_KEY, **standins.env()), cwd=workdir)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert standins.proxy.log.connects != []
 
 
 def test_tool_round_trip_runs_the_command_and_returns_its_output(

@@ -22,7 +22,7 @@ API_KEY = "AIza-standin-" + "k" * 8
 
 def _api_key_env(si: Standins, home: Path) -> dict[str, str]:
     clis.gemini_settings(home, "gemini-api-key")
-    return clis.gemini_env(home, GEMINI_API_KEY=API_KEY, GOOGLE_GEMINI_BASE_URL=si.api_url)
+    return clis.gemini_env(home, GEMINI_API_KEY=API_KEY, GOOGLE_GEMINI_BASE_URL=si.api_url, **si.env())
 
 
 def _result(events: list[dict]) -> dict:
@@ -49,6 +49,20 @@ def test_one_shot_stream_json_ends_in_success_with_standin_text(
     turns = standins.api.model_turns(GEMINI)
     assert len(turns) == 1 and turns[0].path.endswith(":streamGenerateContent") and turns[0].query == "alt=sse"
     assert turns[0].headers.get("x-goog-api-key") == API_KEY
+    # The proxy was offered too: with usage statistics off, nothing but the API is contacted.
+    assert standins.proxy.log.connects == []
+    assert standins.oauth.requests == []
+
+
+def test_without_the_switch_the_cli_calls_home_through_the_proxy(
+        standins: Standins, gemini_exe: Path, cli_home: Path, workdir: Path) -> None:
+    """Control for the test above: the proxy does catch calls home when usage statistics stay on."""
+    env = _api_key_env(standins, cli_home)
+    settings = clis.gemini_settings(cli_home, "gemini-api-key")
+    settings.write_text(json.dumps({"security": {"auth": {"selectedType": "gemini-api-key"}}}))
+    run = standins.run(clis.gemini_run_args(gemini_exe, "say something", yolo=False), env, cwd=workdir)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert standins.proxy.log.connects != []
 
 
 def test_tool_round_trip_runs_the_command_and_returns_its_output(
