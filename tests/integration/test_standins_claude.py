@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,24 @@ def test_login_writes_credentials_and_forced_refresh_writes_back_rotated_tokens(
     creds = json.loads(creds_path.read_text())["claudeAiOauth"]
     assert creds["accessToken"] == "claude-access-2" and creds["refreshToken"] == "claude-refresh-2"
     assert stat.S_IMODE(creds_path.stat().st_mode) == 0o600
+
+
+def test_token_close_to_expiry_is_refreshed_before_the_run_and_written_back(
+        standins: Standins, claude_exe: Path, cli_home: Path, workdir: Path) -> None:
+    access, refresh = standins.oauth.seed_tokens("claude")
+    creds_path = clis.claude_credentials(cli_home)
+    creds_path.parent.mkdir(parents=True)
+    creds_path.write_text(json.dumps({"claudeAiOauth": {
+        "accessToken": access, "refreshToken": refresh, "expiresAt": int(time.time() * 1000) + 60_000,
+        "scopes": ["user:inference", "user:profile"], "subscriptionType": "max",
+        "rateLimitTier": "default_claude_max_20x"}}))
+    creds_path.chmod(0o600)
+    env = clis.claude_env(cli_home, ANTHROPIC_BASE_URL=standins.api_url, **standins.env())
+    run = standins.run(clis.claude_run_args(claude_exe, "hello"), env, cwd=workdir)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _result(run.stdout)["subtype"] == "success"
+    assert [r.body["refresh_token"] for r in standins.oauth.of_kind("refresh")] == [refresh]
+    assert [t.credential for t in standins.api.model_turns(ANTHROPIC)] == ["claude-access-2"]
+    creds = json.loads(creds_path.read_text())["claudeAiOauth"]
+    assert creds["accessToken"] == "claude-access-2" and creds["refreshToken"] == "claude-refresh-2"
+    assert creds["expiresAt"] > time.time() * 1000 + 30 * 60_000

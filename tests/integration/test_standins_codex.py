@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.standins import clis, flows
+from tests.standins import clis, flows, oauth
 from tests.standins.api import OPENAI
 from tests.standins.fixtures import cli_home, codex_exe, standins, workdir  # noqa: F401 - fixtures
 from tests.standins.harness import Standins
@@ -138,3 +138,45 @@ def test_device_code_login_writes_auth_json(standins: Standins, codex_exe: Path,
     auth_path = clis.codex_credentials(cli_home)
     assert stat.S_IMODE(auth_path.stat().st_mode) == 0o600
     _assert_chatgpt_auth(json.loads(auth_path.read_text()), 1)
+
+
+def test_expired_access_token_is_refreshed_before_the_run_and_written_back(
+        standins: Standins, codex_exe: Path, cli_home: Path, workdir: Path) -> None:
+    access, refresh = standins.oauth.seed_tokens("codex")
+    auth_path = clis.codex_credentials(cli_home)
+    auth_path.parent.mkdir(parents=True)
+    auth_path.write_text(json.dumps({"auth_mode": "chatgpt", "OPENAI_API_KEY": None, "tokens": {
+        "id_token": oauth.codex_id_token(), "access_token": oauth.codex_access_token(access, expires_in=-60),
+        "refresh_token": refresh, "account_id": "acc-standin"}, "last_refresh": "2026-01-01T00:00:00Z"}))
+    auth_path.chmod(0o600)
+    env = clis.codex_env(cli_home, **standins.env())
+    run = standins.run(clis.codex_run_args(codex_exe, "hello", standins.api_url, chatgpt_auth=True), env,
+                       cwd=workdir)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _agent_messages(_events(run.stdout)) == [standins.api.script.text]
+    assert [r.body["refresh_token"] for r in standins.oauth.of_kind("refresh")] == [refresh]
+    assert {r.credential for r in standins.api.requests if r.path == "/v1/responses"} == {"codex-access-2"}
+    _assert_chatgpt_auth(json.loads(auth_path.read_text()), 2)
+
+
+def test_reused_refresh_token_is_refused(standins: Standins, codex_exe: Path, cli_home: Path,
+                                         workdir: Path) -> None:
+    """Refresh tokens are single-use: a second VM restoring the same auth.json cannot refresh."""
+    access, refresh = standins.oauth.seed_tokens("codex")
+    assert standins.oauth.refresh("codex", refresh) == ("codex-access-2", "codex-refresh-2")
+    auth_path = clis.codex_credentials(cli_home)
+    auth_path.parent.mkdir(parents=True)
+    auth_path.write_text(json.dumps({"auth_mode": "chatgpt", "OPENAI_API_KEY": None, "tokens": {
+        "id_token": oauth.codex_id_token(), "access_token": oauth.codex_access_token(access, expires_in=-60),
+        "refresh_token": refresh, "account_id": "acc-standin"}, "last_refresh": "2026-01-01T00:00:00Z"}))
+    standins.api.script.reject_tokens = {access}  # it has expired
+    env = clis.codex_env(cli_home, **standins.env())
+    run = standins.run(clis.codex_run_args(codex_exe, "hello", standins.api_url, chatgpt_auth=True), env,
+                       cwd=workdir)
+    refused = standins.oauth.of_kind("refresh")
+    assert refused and all(r.status == 401 for r in refused)
+    assert not any(r.status == 200 for r in standins.api.requests if r.path == "/v1/responses")
+    assert json.loads(auth_path.read_text())["tokens"]["refresh_token"] == refresh
+    assert run.returncode != 0
+    failed = [e for e in _events(run.stdout) if e.get("type") == "turn.failed"]
+    assert failed and "refresh token was already used" in failed[0]["error"]["message"]

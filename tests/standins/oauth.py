@@ -217,9 +217,11 @@ def codex_id_token(plan: str = "pro") -> str:
     })
 
 
-def _codex_access(access: str) -> str:
+def codex_access_token(access: str, expires_in: int = 3600) -> str:
+    """A Codex access token (a JWT) standing for the stand-in token name ``access``; negative = expired."""
     now = int(time.time())
-    return fake_jwt({"iss": "https://auth.openai.com", "sub": "standin-user", "iat": now, "exp": now + 3600,
+    return fake_jwt({"iss": "https://auth.openai.com", "sub": "standin-user", "iat": now,
+                     "exp": now + expires_in,
                      "standin_token": access,
                      "https://api.openai.com/auth": {"chatgpt_account_id": "acc-standin",
                                                      "chatgpt_plan_type": "pro"}})
@@ -245,7 +247,7 @@ def _codex_token(state: OAuthState, body: dict[str, Any], rec: OAuthRequest) -> 
                              "issued_token_type": "urn:ietf:params:oauth:token-type:access_token"})
     else:
         return _err(400, "unsupported_grant_type")
-    return JSONResponse({"id_token": codex_id_token(), "access_token": _codex_access(access),
+    return JSONResponse({"id_token": codex_id_token(), "access_token": codex_access_token(access, state.access_ttl),
                          "refresh_token": refresh, "token_type": "Bearer", "expires_in": state.access_ttl})
 
 

@@ -93,6 +93,9 @@ class ConnectProxy:
             up_writer.close()
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError, ValueError):
             pass
+        except asyncio.CancelledError:
+            # closing: end quietly (a cancelled handler task makes asyncio's stream callback log a traceback)
+            pass
         except Exception:  # noqa: BLE001 - e.g. ssl errors when a client rejects the certificate
             pass
         finally:
