@@ -8,14 +8,12 @@ import stat
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.standins import clis, flows
 from tests.standins.api import ANTHROPIC
-from tests.standins.fixtures import claude_exe, cli_home, standins, workdir  # noqa: F401 - fixtures
 from tests.standins.harness import Standins
 
-pytestmark = pytest.mark.standins
+# The plugin gives the fixtures and marks every test here `standins`.
+pytest_plugins = ["tests.standins.fixtures"]
 
 API_KEY = "sk-ant-api03-standin-" + "k" * 8
 

@@ -7,14 +7,12 @@ import secrets
 import stat
 from pathlib import Path
 
-import pytest
-
 from tests.standins import clis, flows, oauth
 from tests.standins.api import OPENAI
-from tests.standins.fixtures import cli_home, codex_exe, standins, workdir  # noqa: F401 - fixtures
 from tests.standins.harness import Standins
 
-pytestmark = pytest.mark.standins
+# The plugin gives the fixtures and marks every test here `standins`.
+pytest_plugins = ["tests.standins.fixtures"]
 
 API_KEY = "sk-proj-standin-" + "k" * 8
 

@@ -8,14 +8,12 @@ import stat
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.standins import clis, flows
 from tests.standins.api import CODE_ASSIST, GEMINI
-from tests.standins.fixtures import cli_home, gemini_exe, standins, workdir  # noqa: F401 - fixtures
 from tests.standins.harness import Standins
 
-pytestmark = pytest.mark.standins
+# The plugin gives the fixtures and marks every test here `standins`.
+pytest_plugins = ["tests.standins.fixtures"]
 
 API_KEY = "AIza-standin-" + "k" * 8
 

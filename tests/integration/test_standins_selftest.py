@@ -11,10 +11,10 @@ import httpx
 import pytest
 
 from tests.standins import api
-from tests.standins.fixtures import standins  # noqa: F401 - fixture
 from tests.standins.harness import Standins
 
-pytestmark = pytest.mark.standins
+# The plugin gives the fixtures and marks every test here `standins`.
+pytest_plugins = ["tests.standins.fixtures"]
 
 
 def _client(state: api.StandinState) -> httpx.AsyncClient:
@@ -86,7 +86,7 @@ async def test_openai_function_call_and_output() -> None:
             {"type": "function_call_output", "call_id": call["call_id"], "output": "x.txt"}]})
     events = _sse_data(second.text)
     assert events[-1]["type"] == "response.completed"
-    message = [e["item"] for e in events if e["type"] == "response.output_item.done"][0]
+    message = next(e["item"] for e in events if e["type"] == "response.output_item.done")
     assert message["content"][0]["text"] == "got x.txt"
 
 

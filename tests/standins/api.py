@@ -257,10 +257,8 @@ async def anthropic_messages(request: Request) -> Response:
     cred = credential_of(request)
     rec = RecordedRequest(ANTHROPIC, request.method, request.url.path, request.url.query,
                           dict(request.headers), body, cred)
-    if script.reject_all or (cred is not None and cred in script.reject_tokens):
-        rec.status, rec.answered = 401, "error"
-        state.record(rec)
-        return _anthropic_error(401, "authentication_error", "OAuth token has expired.")
+    if _refused(script, cred):
+        return _reject(state, rec, _anthropic_error(401, "authentication_error", "OAuth token has expired."))
     model = body.get("model", "claude-standin")
     results = _anthropic_tool_results(body.get("messages") or [])
     offered = [t.get("name") for t in body.get("tools") or [] if isinstance(t, dict)]
@@ -324,12 +322,10 @@ async def openai_responses(request: Request) -> Response:
     cred = credential_of(request)
     rec = RecordedRequest(OPENAI, request.method, request.url.path, request.url.query,
                           dict(request.headers), body, cred)
-    if script.reject_all or (cred is not None and cred in script.reject_tokens):
-        rec.status, rec.answered = 401, "error"
-        state.record(rec)
-        return JSONResponse({"error": {"message": "Your authentication token has expired.",
-                                       "type": "invalid_request_error", "code": "token_expired"}},
-                            status_code=401)
+    if _refused(script, cred):
+        return _reject(state, rec, JSONResponse({"error": {"message": "Your authentication token has expired.",
+                                                           "type": "invalid_request_error",
+                                                           "code": "token_expired"}}, status_code=401))
     items = body.get("input") if isinstance(body.get("input"), list) else []
     results = _openai_tool_results(items)
     tool = _pick_tool(script, _openai_tool_names(body.get("tools") or [])) if results is None else None
@@ -433,6 +429,23 @@ def _is_json_mode(body: dict[str, Any]) -> bool:
         or "responseSchema" in cfg
 
 
+def _aux(state: StandinState, rec: RecordedRequest, payload: Any) -> JSONResponse:
+    """Record a side call (not a model turn) and answer it with ``payload``."""
+    rec.answered = "aux"
+    state.record(rec)
+    return JSONResponse(payload)
+
+
+def _reject(state: StandinState, rec: RecordedRequest, response: JSONResponse) -> JSONResponse:
+    rec.status, rec.answered = response.status_code, "error"
+    state.record(rec)
+    return response
+
+
+def _refused(script: Script, cred: str | None) -> bool:
+    return script.reject_all or (cred is not None and cred in script.reject_tokens)
+
+
 def _gemini_unauthorized() -> JSONResponse:
     return JSONResponse({"error": {"code": 401, "message": "Request had invalid authentication credentials.",
                                    "status": "UNAUTHENTICATED"}}, status_code=401)
@@ -448,23 +461,14 @@ async def gemini_model_call(request: Request) -> Response:
     rec = RecordedRequest(GEMINI, request.method, request.url.path, request.url.query,
                           dict(request.headers), body, cred)
     script = state.script
-    if method in ("streamGenerateContent", "generateContent") and (
-            script.reject_all or (cred is not None and cred in script.reject_tokens)):
-        rec.status, rec.answered = 401, "error"
-        state.record(rec)
-        return _gemini_unauthorized()
+    if method in ("streamGenerateContent", "generateContent") and _refused(script, cred):
+        return _reject(state, rec, _gemini_unauthorized())
     if method == "countTokens":
-        rec.answered = "aux"
-        state.record(rec)
-        return JSONResponse({"totalTokens": 12})
+        return _aux(state, rec, {"totalTokens": 12})
     if method == "embedContent":
-        rec.answered = "aux"
-        state.record(rec)
-        return JSONResponse({"embedding": {"values": [0.0] * 8}})
+        return _aux(state, rec, {"embedding": {"values": [0.0] * 8}})
     if method == "generateContent" and _is_json_mode(body):
-        rec.answered = "aux"
-        state.record(rec)
-        return JSONResponse(_gemini_chunk([{"text": json.dumps(_SIDE_JSON)}], model))
+        return _aux(state, rec, _gemini_chunk([{"text": json.dumps(_SIDE_JSON)}], model))
     answer = _gemini_answer(state, rec, body, model)
     state.record(rec)
     if method == "streamGenerateContent":
@@ -481,32 +485,23 @@ async def code_assist_call(request: Request) -> Response:
     rec = RecordedRequest(CODE_ASSIST, request.method, request.url.path, request.url.query,
                           dict(request.headers), body, cred)
     script = state.script
-    if script.reject_all or (cred is not None and cred in script.reject_tokens):
-        rec.status, rec.answered = 401, "error"
-        state.record(rec)
-        return _gemini_unauthorized()
+    if _refused(script, cred):
+        return _reject(state, rec, _gemini_unauthorized())
     inner = body.get("request") if isinstance(body, dict) and isinstance(body.get("request"), dict) else {}
     model = body.get("model", "gemini-standin") if isinstance(body, dict) else "gemini-standin"
     if method == "loadCodeAssist":
-        rec.answered = "aux"
-        state.record(rec)
-        return JSONResponse({"currentTier": {"id": "standard-tier", "name": "Stand-in", "userDefinedCloudaicompanionProject": False},
+        return _aux(state, rec, {"currentTier": {"id": "standard-tier", "name": "Stand-in",
+                                                 "userDefinedCloudaicompanionProject": False},
                              "allowedTiers": [{"id": "standard-tier", "name": "Stand-in", "isDefault": True}],
                              "cloudaicompanionProject": "polydev-standin"})
     if method == "onboardUser":
-        rec.answered = "aux"
-        state.record(rec)
-        return JSONResponse({"name": "operations/standin", "done": True,
+        return _aux(state, rec, {"name": "operations/standin", "done": True,
                              "response": {"cloudaicompanionProject": {"id": "polydev-standin",
                                                                       "name": "polydev-standin"}}})
     if method == "countTokens":
-        rec.answered = "aux"
-        state.record(rec)
-        return JSONResponse({"totalTokens": 12})
+        return _aux(state, rec, {"totalTokens": 12})
     if method == "generateContent" and _is_json_mode(inner):
-        rec.answered = "aux"
-        state.record(rec)
-        return JSONResponse({"response": _gemini_chunk([{"text": json.dumps(_SIDE_JSON)}], model)})
+        return _aux(state, rec, {"response": _gemini_chunk([{"text": json.dumps(_SIDE_JSON)}], model)})
     if method in ("streamGenerateContent", "generateContent"):
         answer = _gemini_answer(state, rec, inner, model)
         state.record(rec)
@@ -515,12 +510,8 @@ async def code_assist_call(request: Request) -> Response:
             return _sse_response([_sse(None, wrapped)])
         return JSONResponse(wrapped)
     if method == "retrieveUserQuota":
-        rec.answered = "aux"
-        state.record(rec)
-        return JSONResponse({"buckets": []})
-    rec.answered = "aux"
-    state.record(rec)
-    return JSONResponse({})
+        return _aux(state, rec, {"buckets": []})
+    return _aux(state, rec, {})
 
 
 async def fallback(request: Request) -> Response:

@@ -48,7 +48,7 @@ def node_major(node: str = "node") -> int | None:
     exe = shutil.which(node)
     if exe is None:
         return None
-    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    out = subprocess.run([exe, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout.strip()
     try:
         return int(out.lstrip("v").split(".")[0])
     except ValueError:
@@ -73,7 +73,8 @@ def install(cli: CliSpec, root: Path | None = None) -> Path:
         if npm is None:
             raise RuntimeError("npm is not installed")
         result = subprocess.run([npm, "install", "--prefix", str(tmp), "--no-save", "--no-audit", "--no-fund",
-                                 "--loglevel=error", cli.spec], capture_output=True, text=True, timeout=1200)
+                                 "--loglevel=error", cli.spec], check=False, capture_output=True, text=True,
+                                timeout=1200)
         if result.returncode != 0:
             raise RuntimeError(f"npm install {cli.spec} failed:\n{result.stderr[-4000:]}")
         (tmp / ".spec").write_text(cli.spec + "\n")

@@ -1,4 +1,7 @@
-"""Pytest fixtures for stand-in tests; import them into a test module (``from tests.standins.fixtures import *``).
+"""Pytest plugin for stand-in tests: ``pytest_plugins = ["tests.standins.fixtures"]`` in a test module.
+
+It registers the ``standins`` marker, puts it on every test of a module that loads this plugin (so
+``-m standins`` / ``-m "not standins"`` select them), and provides the fixtures below.
 
 Needs root (network namespaces), ``ip``, node >= 20 and npm. Without them the tests skip, unless
 ``POLYDEV_REQUIRE_SERVERS=1`` (CI), where they fail instead.
@@ -16,7 +19,22 @@ import pytest
 from tests.standins import clis
 from tests.standins.harness import Standins
 
-__all__ = ["standins", "cli_home", "workdir", "claude_exe", "codex_exe", "gemini_exe", "require_host"]
+__all__ = ["claude_exe", "cli_home", "codex_exe", "gemini_exe", "require_host", "standins", "workdir"]
+
+
+MARKER = "standins: the real provider CLIs against local stand-ins (root, ip netns, node >= 20, npm)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and __name__ in getattr(module, "pytest_plugins", ()):
+            item.add_marker("standins")
 
 
 def _missing() -> str | None:

@@ -12,7 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -68,8 +68,8 @@ class Standins:
 
     def run(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None, timeout: float = 240,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(argv, cwd), env=dict(env), capture_output=True, text=True,
-                              timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL)
+        return subprocess.run(self.command(argv, cwd), check=False, env=dict(env), capture_output=True,
+                              text=True, timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL)
 
     def popen(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None,
               **kwargs: Any) -> subprocess.Popen[str]:
@@ -95,7 +95,7 @@ class Standins:
         finally:
             self.netns.close()
 
-    def __enter__(self) -> Standins:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,6 +9,7 @@ piped the same way. Nothing is ever forwarded anywhere but ``upstream``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from dataclasses import dataclass, field
 
@@ -17,8 +18,15 @@ from tests.standins.tls import TestCA
 
 @dataclass
 class ProxyLog:
+    #: every CONNECT target (host:port) or absolute URL asked for, in order
     connects: list[str] = field(default_factory=list)
+    #: why a connection ended badly (TLS handshake refused by the client, upstream gone, ...)
+    errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def error(self, what: str) -> None:
+        with self.lock:
+            self.errors.append(what)
 
     def add(self, target: str) -> None:
         with self.lock:
@@ -31,20 +39,17 @@ class ProxyLog:
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                break
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError, asyncio.IncompleteReadError):
-        pass
+        with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError):  # peer went away
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
     finally:
-        try:
+        with contextlib.suppress(OSError, RuntimeError):
             if writer.can_write_eof():
                 writer.write_eof()
-        except (OSError, RuntimeError):
-            pass
 
 
 class ConnectProxy:
@@ -91,16 +96,12 @@ class ConnectProxy:
                 up_writer.write(first)
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
             up_writer.close()
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError, ValueError):
-            pass
         except asyncio.CancelledError:
             # closing: end quietly (a cancelled handler task makes asyncio's stream callback log a traceback)
-            pass
-        except Exception:  # noqa: BLE001 - e.g. ssl errors when a client rejects the certificate
-            pass
+            self.log.error("cancelled")
+        except Exception as e:  # noqa: BLE001 - e.g. a client rejecting the certificate; kept for the test
+            self.log.error(f"{type(e).__name__}: {e}")
         finally:
-            try:
+            with contextlib.suppress(Exception):
                 writer.close()
-            except Exception:  # noqa: BLE001
-                pass
             self._conns.discard(task)

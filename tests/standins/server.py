@@ -11,6 +11,7 @@ VM tests can reuse the same pieces without a namespace: ``StandinLoop()`` + ``se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import socket
@@ -18,7 +19,7 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Self
 
 import uvicorn
 
@@ -65,9 +66,9 @@ class LoopbackNetns:
         return ["ip", "netns", "exec", self.name]
 
     def close(self) -> None:
-        subprocess.run(["ip", "netns", "delete", self.name], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "delete", self.name], check=False, capture_output=True, timeout=30)
 
-    def __enter__(self) -> LoopbackNetns:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -143,9 +144,7 @@ class StandinLoop:
                 await asyncio.wait(self._tasks, timeout=5)
 
         if self.loop.is_running():
-            try:
+            with contextlib.suppress(Exception):  # best effort on teardown
                 self.run(_shutdown(), timeout=10)
-            except Exception:  # noqa: BLE001 - best effort on teardown
-                pass
             self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)

@@ -28,7 +28,7 @@ class TestCA:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(_name("Polydev Test CA"))
@@ -53,7 +53,7 @@ class TestCA:
     def leaf(self, host: str) -> tuple[Path, Path]:
         """Write a certificate and key for ``host``; returns (cert_path, key_path)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         try:
             san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
         except ValueError:
