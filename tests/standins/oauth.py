@@ -256,13 +256,13 @@ def _codex_device(state: OAuthState, path: str, body: dict[str, Any], rec: OAuth
         rec.kind = "device_code"
         device_id = "dev-" + secrets.token_hex(6)
         user_code = "STND-" + secrets.token_hex(2).upper()
-        with state._lock:  # noqa: SLF001 - same module
+        with state._lock:
             state.device[device_id] = {"user_code": user_code, "approved": False}
         return JSONResponse({"device_auth_id": device_id, "user_code": user_code,
                              "interval": "1", "expires_at": "2099-01-01T00:00:00Z"})
     rec.kind = "device_poll"
     device_id = body.get("device_auth_id")
-    with state._lock:  # noqa: SLF001
+    with state._lock:
         entry = state.device.get(device_id or "")
     if entry is None:
         return _err(404, "not_found")
@@ -289,8 +289,8 @@ def _google_token(state: OAuthState, body: dict[str, Any], rec: OAuthRequest) ->
         rec.kind = "refresh"
         # Google keeps the refresh token: answer without a new one, as the real endpoint does.
         token = body.get("refresh_token")
-        with state._lock:  # noqa: SLF001
-            iss = state._issuers[GOOGLE]  # noqa: SLF001
+        with state._lock:
+            iss = state._issuers[GOOGLE]
             if token not in iss.valid_refresh:
                 return _err(400, "invalid_grant", "Token has been expired or revoked.")
             iss.generation += 1
