@@ -15,7 +15,13 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlparse
 
 from tests.standins import clis
-from tests.standins.harness import Standins, browser_hook, read_urls, wait_for
+from tests.standins.harness import (
+    Standins,
+    browser_hook,
+    kill_group,
+    read_urls,
+    wait_for,
+)
 
 LOGIN_TIMEOUT = 120.0
 
@@ -32,7 +38,7 @@ def _finish(proc: subprocess.Popen[str], timeout: float = LOGIN_TIMEOUT) -> tupl
     try:
         return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        kill_group(proc)
         out, err = proc.communicate()
         raise AssertionError(f"login did not finish in {timeout}s\nstdout: {out[-3000:]}\nstderr: {err[-3000:]}")
 
@@ -62,9 +68,7 @@ def claude_login(si: Standins, exe: Path, home: Path, hook_dir: Path) -> LoginRe
         _callback(si, url, "claude")
         out, err = _finish(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        kill_group(proc)
     return LoginResult(url, proc.returncode, out, err)
 
 
@@ -77,9 +81,7 @@ def codex_login(si: Standins, exe: Path, home: Path, hook_dir: Path) -> LoginRes
         _callback(si, url, "codex")
         out, err = _finish(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        kill_group(proc)
     return LoginResult(url, proc.returncode, out, err)
 
 
@@ -92,9 +94,7 @@ def codex_device_login(si: Standins, exe: Path, home: Path) -> LoginResult:
         si.oauth.approve_device_codes()
         out, err = _finish(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        kill_group(proc)
     return LoginResult("https://auth.openai.com/codex/device", proc.returncode, out, err)
 
 
@@ -117,9 +117,7 @@ def gemini_login(si: Standins, exe: Path, home: Path, hook_dir: Path, workdir: P
         _callback(si, url, "google")
         out, err = _finish(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        kill_group(proc)
     return LoginResult(url, proc.returncode, out, err)
 
 

@@ -7,7 +7,9 @@ but these servers. ``env()`` gives the variables that point a CLI at the proxy a
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -68,15 +70,25 @@ class Standins:
 
     def run(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None, timeout: float = 240,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(argv, cwd), check=False, env=dict(env), capture_output=True,
-                              text=True, timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL)
+        """Run to completion; on timeout the whole process group is killed and TimeoutExpired raised."""
+        proc = self.popen(argv, env, cwd, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
+        try:
+            out, err = proc.communicate(input=input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            raise
+        finally:
+            kill_group(proc)  # helpers the CLI left behind (the CLI itself has exited)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def popen(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None,
               **kwargs: Any) -> subprocess.Popen[str]:
+        """Start in the namespace, in a new session (so :func:`kill_group` reaches its children)."""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
-        return subprocess.Popen(self.command(argv, cwd), env=dict(env), text=True, **kwargs)
+        return subprocess.Popen(self.command(argv, cwd), env=dict(env), text=True, start_new_session=True,
+                                **kwargs)
 
     def http_get(self, url: str, timeout: float = 30) -> httpx.Response:
         """GET from inside the namespace (e.g. a CLI's localhost OAuth callback)."""
@@ -100,6 +112,15 @@ class Standins:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the process group that :meth:`Standins.popen` started (the CLI and anything it spawned)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.returncode is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen[str] | None = None,
