@@ -23,7 +23,7 @@ import pytest
 
 from polydev import protocol as p
 from polydev.config import Settings
-from polydev.vm import images
+from polydev.vm import build_steps, images
 from polydev.vm.agent_client import AgentClient
 from polydev.vm.backends.qemu import QemuVM, free_port
 
@@ -40,8 +40,10 @@ def test_image() -> images.Image:
     _skip_if_asked()
     # Settings() here, not the cached get_settings(): other fixtures point POLYDEV_CACHE_DIR at tmp dirs.
     cache_dir = Settings().cache_dir
-    image, _ = images.ensure(cache_dir, "test",
-                             lambda stage, line: print(f"[image {stage}] {line}", file=sys.stderr))
+    progress = lambda stage, line: print(f"[image {stage}] {line}", file=sys.stderr)  # noqa: E731
+    # QEMU and the build tools, installed when missing (as root); a cached image still needs QEMU.
+    build_steps.host_tools(progress)
+    image, _ = images.ensure(cache_dir, "test", progress)
     return image
 
 

@@ -21,8 +21,9 @@ from polydev.vm.proc import run
 Progress = Callable[[str, str], None]
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # Host commands the build needs, and the Debian package that brings each.
+# QEMU is not needed to build, but an image is no use without it (`image test`, the tests).
 HOST_TOOLS = {"debootstrap": "debootstrap", "mkfs.ext4": "e2fsprogs", "npm": "npm", "dpkg-query": "dpkg",
-              "modprobe": "kmod"}
+              "modprobe": "kmod", "qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils"}
 GUEST_INIT = f"""#!/usr/bin/python3 -IS
 # PID 1 of a Polydev VM (kernel command line: init={im.INIT_PATH}). -I -S: no site, no environment, fast start.
 import sys
