@@ -178,3 +178,18 @@ def test_reused_refresh_token_is_refused(standins: Standins, codex_exe: Path, cl
     assert run.returncode != 0
     failed = [e for e in _events(run.stdout) if e.get("type") == "turn.failed"]
     assert failed and "refresh token was already used" in failed[0]["error"]["message"]
+
+
+def test_login_with_api_key_on_stdin_writes_auth_json_used_by_runs(
+        standins: Standins, codex_exe: Path, cli_home: Path, workdir: Path) -> None:
+    key = "sk-proj-stdin-" + secrets.token_hex(4)
+    login = standins.run([str(codex_exe), "login", "--with-api-key", *clis.codex_background_off()],
+                         clis.codex_env(cli_home), input=key + "\n")
+    assert login.returncode == 0, login.stderr[-3000:]
+    auth_path = clis.codex_credentials(cli_home)
+    assert stat.S_IMODE(auth_path.stat().st_mode) == 0o600
+    assert json.loads(auth_path.read_text()) == {"auth_mode": "apikey", "OPENAI_API_KEY": key}
+    run = standins.run(clis.codex_run_args(codex_exe, "hello", standins.api_url, chatgpt_auth=True),
+                       clis.codex_env(cli_home), cwd=workdir)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [t.credential for t in standins.api.model_turns(OPENAI)] == [key]
