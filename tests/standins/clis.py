@@ -84,10 +84,42 @@ def install(cli: CliSpec, root: Path | None = None) -> Path:
     return exe
 
 
+def node_dir(root: Path | None = None) -> Path:
+    """A directory whose `node` is >= NODE_MIN_MAJOR: the host's when it is new enough, else the Node
+    the golden image uses, taken from the npm registry once into the cache (Debian 12 ships Node 18)."""
+    major = node_major()
+    if major is not None and major >= NODE_MIN_MAJOR:
+        return Path(shutil.which("node") or "/usr/bin/node").parent
+    from polydev.vm.images import NODE_PACKAGE
+
+    name, version = NODE_PACKAGE
+    root = root or cache_root()
+    target = root / f"{name}-{version}"
+    node = target / "bin" / "node"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if node.exists():
+            return node.parent
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError("npm is not installed")
+        work = root / f"{target.name}.tmp"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        subprocess.run([npm, "pack", f"{name}@{version}", "--pack-destination", str(work), "--loglevel=error"],
+                       check=True, capture_output=True, timeout=600, cwd=work)
+        tgz = next(work.glob("*.tgz"))
+        subprocess.run(["tar", "-xzf", str(tgz), "-C", str(work)], check=True, timeout=600)
+        (work / "package" / "bin").rename(work / "bin")
+        shutil.rmtree(target, ignore_errors=True)
+        work.rename(target)
+    return node.parent
+
+
 def base_env(home: Path, extra_path: list[Path] | None = None) -> dict[str, str]:
     """A clean environment: nothing of the test runner's leaks into the CLI."""
-    node_dir = str(Path(shutil.which("node") or "/usr/bin/node").parent)
-    path = [str(p) for p in extra_path or []] + [node_dir, "/usr/local/bin", "/usr/bin", "/bin"]
+    path = [str(p) for p in extra_path or []] + [str(node_dir()), "/usr/local/bin", "/usr/bin", "/bin"]
     return {"HOME": str(home), "PATH": ":".join(dict.fromkeys(path)), "LANG": "C.UTF-8", "TERM": "dumb",
             "USER": "root", "SHELL": "/bin/bash", "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
 
