@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 GUEST_ADDR, GUEST_GATEWAY = "10.0.2.15/24", "10.0.2.2"  # QEMU user networking's fixed layout
 # A kernel under KVM writes its first console line well within this; silence means KVM is not usable here.
 KVM_FIRST_OUTPUT_S = 15.0
+# TCG CPU model. Measured here: with qemu64 Claude Code's native (Bun) binary dies of SIGILL; Nehalem and
+# max both run all three CLIs, `gemini --version` 71 s vs 61 s, so max.
+TCG_CPU = "max"
 _kvm_usable: bool | None = None  # learnt once per process: the answer does not change while it runs
 
 
@@ -54,7 +57,8 @@ class QemuVM:
     """One VM: a qcow2 overlay on the image, a QEMU process, its console log and its QMP socket."""
 
     def __init__(self, image: Image, workdir: Path, *, token: str | None = None, vcpus: int = 2,
-                 memory_mb: int = 2048, accel: str = "auto", keep_console: bool = True) -> None:
+                 memory_mb: int = 2048, accel: str = "auto", keep_console: bool = True,
+                 tcg_cpu: str = TCG_CPU) -> None:
         self.image = image
         self.workdir = workdir
         self.token = token or secrets.token_urlsafe(24)
@@ -63,6 +67,7 @@ class QemuVM:
         self.accel_wanted = accel  # auto | kvm | tcg
         self.accel = ""
         self.keep_console = keep_console
+        self.tcg_cpu = tcg_cpu
         self.port = 0
         self.boot_seconds = 0.0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -142,7 +147,7 @@ class QemuVM:
                          f"{p.CMDLINE_ADDR}={GUEST_ADDR}", f"{p.CMDLINE_GATEWAY}={GUEST_GATEWAY}"])
 
     def argv(self, accel: str) -> list[str]:
-        cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
+        cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg", "-cpu", self.tcg_cpu]
         netdev = f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:{p.AGENT_PORT}"
         return ["qemu-system-x86_64", "-M", "q35", *cpu, "-smp", str(self.vcpus), "-m", str(self.memory_mb),
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
