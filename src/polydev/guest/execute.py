@@ -22,6 +22,7 @@ from typing import Callable
 from polydev.protocol import ExecEvent, ExecRequest
 
 READ_SIZE = 64 * 1024
+DRAIN_READS = 256  # at most 16 MiB per stream read after the process exited
 DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -159,8 +160,10 @@ def stream(req: ExecRequest, exec_id: str, proc: subprocess.Popen[bytes], master
         # grandchildren that may keep them open.
         for key in list(sel.get_map().values()):
             if key.data in ("stdout", "stderr"):
-                while _pump(key.fd, key.data, event, drain=True):
-                    pass
+                # Bounded: a daemon that escaped the process group could otherwise keep us here forever.
+                for _ in range(DRAIN_READS):
+                    if not _pump(key.fd, key.data, event, drain=True):
+                        break
         code = proc.wait()
         event(type="exit", code=code, timed_out=timed_out, duration_s=round(time.monotonic() - started, 3))
     except BaseException:
