@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Install everything the tests need (PostgreSQL and Redis servers, nftables and iproute2 for the network
-# slot tests, npm for the real CLIs, from Debian packages; Python deps)
+# slot tests, QEMU and debootstrap for the VM image, npm for the real CLIs, from Debian packages; Python deps)
 # and run the whole suite. The tests start their own PostgreSQL and Redis on free loopback ports.
 # Extra arguments go to pytest, e.g. scripts/test.sh tests/unit -x
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
-apt_install postgresql redis-server nftables iproute2 procps npm
+apt_install postgresql redis-server nftables iproute2 procps
+# The VM image build and the VM tests: QEMU, debootstrap, mkfs.ext4 -d, the guest kernel.
+apt_install qemu-system-x86 qemu-utils debootstrap e2fsprogs kmod linux-image-cloud-amd64
+# npm fetches Node and the CLIs from the npm registry; a machine with its own Node already has it.
+command -v npm >/dev/null || apt_install npm
 ensure_venv test
 cd "$ROOT"
 # Server-backed tests fail instead of skipping when their server cannot start.

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
 
 PROVIDERS: tuple[str, ...] = ("claude_code", "codex", "gemini_cli")
 
@@ -122,6 +121,8 @@ class Settings(BaseSettings):
 
 def normalize_database_url(url: str) -> str:
     """Accept the URLs operators write (postgres://, postgresql://, sqlite:///) and pick async drivers."""
+    from sqlalchemy.engine import make_url  # imported here: SQLAlchemy costs ~0.3 s, and most commands never need it
+
     if url.startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://"):]
     parsed = make_url(url)
@@ -136,6 +137,8 @@ def normalize_database_url(url: str) -> str:
 
 
 def redact_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL SQLAlchemy understands (e.g. redis://): strip userinfo by hand

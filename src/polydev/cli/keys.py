@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
-from polydev.services import Services
-from polydev.store import rotation
-from polydev.store.vault import FileKeySource, generate_master_key
+if TYPE_CHECKING:  # the store is imported inside the commands: `polydev --help` stays fast
+    from polydev.services import Services
+    from polydev.store.vault import FileKeySource
 
 app = typer.Typer(help="Manage the credential vault's master keys.", no_args_is_help=True)
 
 
 def _file_source(services: Services) -> FileKeySource | None:
+    from polydev.store.vault import FileKeySource
+
     return None if services.settings.credential_encryption_key else FileKeySource(services.settings.master_key_file)
 
 
 @app.command()
 def generate() -> None:
     """Print a new random master key (base64 of 32 bytes) for CREDENTIAL_ENCRYPTION_KEY."""
+    from polydev.store.vault import generate_master_key
+
     typer.echo(generate_master_key())
 
 
@@ -25,6 +31,7 @@ def generate() -> None:
 def rotate() -> None:
     """Re-encrypt every stored credential under a new master key; reads keep working meanwhile."""
     from polydev.cli._run import with_services
+    from polydev.store import rotation
 
     async def run(services: Services) -> rotation.RotationResult:
         return await rotation.rotate(services.vault, _file_source(services), services.credentials)
@@ -46,6 +53,7 @@ def rotate() -> None:
 def prune() -> None:
     """Drop old master keys from the key file once no record needs them (embedded key-file mode)."""
     from polydev.cli._run import with_services
+    from polydev.store import rotation
 
     async def run(services: Services) -> list[str]:
         source = _file_source(services)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-import typer
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from polydev.client import PolydevClient, PolydevError
+import typer
+
+if TYPE_CHECKING:  # httpx is imported inside the commands: the CLI's start-up stays fast
+    from polydev.client import PolydevError
 
 credentials = typer.Typer(help="Your stored provider credentials (on the server named by POLYDEV_URL).",
                           no_args_is_help=True)
@@ -25,6 +26,11 @@ def _fail(exc: PolydevError) -> None:
 @credentials.command("ls")
 def ls(url: str = _URL, token: str = _TOKEN) -> None:
     """List your stored credentials (never their contents)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from polydev.client import PolydevClient, PolydevError
+
     try:
         with PolydevClient(url, token) as pd:
             rows = pd.credentials()
@@ -41,6 +47,8 @@ def ls(url: str = _URL, token: str = _TOKEN) -> None:
 def set_key(provider: str, url: str = _URL, token: str = _TOKEN) -> None:
     """Store your own API key for PROVIDER. The key is read from stdin (or asked for, hidden), never
     taken as an argument, so it stays out of shell history and process listings."""
+    from polydev.client import PolydevClient, PolydevError
+
     key = sys.stdin.readline().strip() if not sys.stdin.isatty() else typer.prompt("API key", hide_input=True)
     try:
         with PolydevClient(url, token) as pd:
@@ -53,6 +61,8 @@ def set_key(provider: str, url: str = _URL, token: str = _TOKEN) -> None:
 @credentials.command("rm")
 def rm(provider: str, url: str = _URL, token: str = _TOKEN) -> None:
     """Forget your credential for PROVIDER."""
+    from polydev.client import PolydevClient, PolydevError
+
     try:
         with PolydevClient(url, token) as pd:
             pd.delete_credential(provider)

@@ -1,10 +1,6 @@
 from __future__ import annotations
 
 import typer
-import uvicorn
-
-from polydev.config import get_settings
-from polydev.logging import configure_logging
 
 
 def serve(
@@ -12,7 +8,11 @@ def serve(
     port: int = typer.Option(None, help="listen port (default: PORT, else 4000)"),
 ) -> None:
     """Run the control plane API. Migrations run on start."""
+    import uvicorn
+
     from polydev.api.app import create_app
+    from polydev.config import get_settings
+    from polydev.logging import configure_logging
 
     settings = get_settings()
     configure_logging(settings.log_level)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
-from polydev.services import Services
-from polydev.store.users import NameTaken
+if TYPE_CHECKING:
+    from polydev.services import Services
 
 app = typer.Typer(help="Manage users and their API tokens.", no_args_is_help=True)
 
@@ -14,6 +16,7 @@ app = typer.Typer(help="Manage users and their API tokens.", no_args_is_help=Tru
 def create(name: str, admin: bool = typer.Option(False, "--admin", help="give the user the admin role")) -> None:
     """Create a user and print its first API token (shown once)."""
     from polydev.cli._run import with_services
+    from polydev.store.users import NameTaken
 
     async def run(services: Services) -> str:
         user = await services.users.create(name, "admin" if admin else "user")
