@@ -61,8 +61,14 @@ class Settings(BaseSettings):
     vm_browser_memory_mb: int = Field(4096, ge=256)
     vm_cli_vcpu: int = Field(1, ge=1)
     vm_cli_memory_mb: int = Field(2048, ge=256)
+    vm_image_profile: Literal["test", "full"] = Field("full", description="golden image the engine boots")
+    vm_warm_pool_size: int = Field(0, ge=0, description="restored VMs kept ready to hand out")
+    vm_ttl_seconds: int = Field(1800, ge=10, description="default lifetime of a VM before the reaper takes it")
 
     # Network (seed Appendix B); the pool addresses are the host ends of per-VM slots.
+    # user: QEMU user networking, agent port forwarded to 127.0.0.1 (no root needed).
+    # tap: a network namespace per VM with nftables isolation (root; production).
+    network_mode: Literal["user", "tap"] = "user"
     network_bridge: str = "fc-br0"
     network_ip_pool_start: str = "192.168.100.2"
     network_ip_pool_end: str = "192.168.100.254"
