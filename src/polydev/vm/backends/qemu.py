@@ -10,20 +10,27 @@ and wakes the starter the moment the agent's READY line appears, or the moment Q
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
+import json
 import logging
 import os
 import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+import uuid
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from polydev import protocol as p
 from polydev.vm.agent_client import AgentClient
+from polydev.vm.engine import Started, VMSpec
 from polydev.vm.images import INIT_PATH, Image
 
 log = logging.getLogger(__name__)
@@ -58,8 +65,14 @@ class QemuVM:
 
     def __init__(self, image: Image, workdir: Path, *, token: str | None = None, vcpus: int = 2,
                  memory_mb: int = 2048, accel: str = "auto", keep_console: bool = True,
-                 tcg_cpu: str = TCG_CPU) -> None:
+                 tcg_cpu: str = TCG_CPU, name: str | None = None,
+                 backing: tuple[Path, str] | None = None) -> None:
         self.image = image
+        # Shows in the host's process list: how the engine's reconcile recognises its VMs after a crash.
+        self.name = name
+        # The overlay's backing file and its format: the image (raw) for a cold boot, a snapshot's disk
+        # (qcow2, frozen at snapshot time) for a restore.
+        self.backing = backing or (image.rootfs.resolve(), "raw")
         self.workdir = workdir
         self.token = token or secrets.token_urlsafe(24)
         self.vcpus = vcpus
@@ -90,7 +103,14 @@ class QemuVM:
 
     @property
     def qmp_socket(self) -> Path:
-        return self.workdir / "qmp.sock"
+        path = self.workdir / "qmp.sock"
+        if len(str(path)) < 100:
+            return path
+        # Unix socket paths are limited to 108 bytes: a deep work directory gets a short runtime path.
+        digest = hashlib.sha256(str(self.workdir).encode()).hexdigest()[:16]
+        short = Path(tempfile.gettempdir()) / "polydev-qmp"
+        short.mkdir(mode=0o700, exist_ok=True)
+        return short / f"{digest}.sock"
 
     @property
     def agent_url(self) -> str:
@@ -113,8 +133,7 @@ class QemuVM:
         global _kvm_usable
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.image.rootfs.resolve()),
-                            "-F", "raw", str(self.overlay)], check=True, capture_output=True)
+            self._create_overlay()
             want_kvm = self.accel_wanted == "kvm" or (self.accel_wanted == "auto" and kvm_available()
                                                       and _kvm_usable is not False)
             if want_kvm:
@@ -132,10 +151,14 @@ class QemuVM:
             self.stop()
             raise
 
+    def _create_overlay(self) -> None:
+        # Copy-on-write on the read-only base: constant time whatever the image size.
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.backing[0]),
+                        "-F", self.backing[1], str(self.overlay)], check=True, capture_output=True)
+
     def _reset_overlay(self) -> None:
         self.overlay.unlink(missing_ok=True)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.image.rootfs.resolve()),
-                        "-F", "raw", str(self.overlay)], check=True, capture_output=True)
+        self._create_overlay()
 
     @property
     def token_file(self) -> Path:
@@ -149,7 +172,8 @@ class QemuVM:
     def argv(self, accel: str) -> list[str]:
         cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg", "-cpu", self.tcg_cpu]
         netdev = f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:{p.AGENT_PORT}"
-        return ["qemu-system-x86_64", "-M", "q35", *cpu, "-smp", str(self.vcpus), "-m", str(self.memory_mb),
+        name = ["-name", self.name] if self.name else []
+        return ["qemu-system-x86_64", *name, "-M", "q35", *cpu, "-smp", str(self.vcpus), "-m", str(self.memory_mb),
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                 "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd), "-append", self.cmdline(),
                 "-drive", f"id=root,file={self.overlay},format=qcow2,if=none,discard=unmap",
@@ -166,20 +190,8 @@ class QemuVM:
         self._eof.clear()
         self._is_ready = False
         self._tail.clear()
-        self.qmp_socket.unlink(missing_ok=True)
-        # QEMU reads the file when it starts; it is removed as soon as the guest is up (or the boot failed).
-        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.token)
-        started = time.monotonic()
-        stderr = open(self.workdir / "qemu.stderr", "wb")
-        try:
-            self._proc = subprocess.Popen(self.argv(accel), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                          stderr=stderr, start_new_session=True)
-        finally:
-            stderr.close()
-        self._reader = threading.Thread(target=self._read_console, args=(self._proc, started), daemon=True)
-        self._reader.start()
+        started = self._spawn(accel)
+        assert self._proc is not None
         if accel == "kvm" and not self._first_output.wait(KVM_FIRST_OUTPUT_S):
             self.token_file.unlink(missing_ok=True)
             self._kill()
@@ -196,6 +208,95 @@ class QemuVM:
             raise VMError(f"{accel}: {reason}", list(self._tail))
         self.boot_seconds = time.monotonic() - started
         return self.boot_seconds
+
+    def _spawn(self, accel: str, extra: list[str] | None = None) -> float:
+        """Start QEMU with the console reader running; returns the start time."""
+        self.qmp_socket.unlink(missing_ok=True)
+        # QEMU reads the file when it starts; it is removed as soon as the guest is up (or the boot failed).
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.token)
+        started = time.monotonic()
+        stderr = open(self.workdir / "qemu.stderr", "wb")
+        try:
+            self._proc = subprocess.Popen([*self.argv(accel), *(extra or [])], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+        finally:
+            stderr.close()
+        self._reader = threading.Thread(target=self._read_console, args=(self._proc, started), daemon=True)
+        self._reader.start()
+        return started
+
+    def restore(self, state: Path, accel: str, new_token: str, ready_timeout: float = 60.0) -> float:
+        """Start from a snapshot's memory state (on an overlay over the snapshot's disk), resume it, and hand
+        the agent its own token. Returns seconds from QEMU start to the agent answering with that token."""
+        self.accel = accel
+        self.port = free_port()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._create_overlay()
+            started = self._spawn(accel, ["-incoming", f"exec:cat {state}"])
+            deadline = started + ready_timeout
+            self._resume_when_migrated(deadline)
+            self.token_file.unlink(missing_ok=True)
+            self._hand_over_token(new_token, deadline)
+        except BaseException as exc:
+            self.token_file.unlink(missing_ok=True)
+            tail = list(self._tail)
+            self.stop()
+            if isinstance(exc, VMError) or not isinstance(exc, Exception):
+                raise
+            raise VMError(f"restore failed: {exc}", tail) from exc
+        self.boot_seconds = time.monotonic() - started
+        return self.boot_seconds
+
+    def _resume_when_migrated(self, deadline: float) -> None:
+        from qemu.qmp import QMPClient
+        from qemu.qmp.protocol import ConnectError
+
+        async def run() -> None:
+            while True:  # QEMU creates the socket a moment after it starts
+                client = QMPClient("polydev")
+                try:
+                    if not self.qmp_socket.exists():  # (a refused connect is logged as an error by qemu.qmp)
+                        raise FileNotFoundError(self.qmp_socket)
+                    await client.connect(str(self.qmp_socket))
+                    break
+                except (ConnectError, FileNotFoundError):
+                    if not self.alive() or time.monotonic() > deadline:
+                        raise VMError("QEMU did not open its QMP socket", list(self._tail)) from None
+                    await asyncio.sleep(0.01)
+            try:
+                while True:  # "inmigrate" while the state streams in, then paused (the source was stopped)
+                    status = (await client.execute("query-status"))["status"]
+                    if status in ("paused", "postmigrate", "prelaunch"):
+                        break
+                    if status not in ("inmigrate",) or time.monotonic() > deadline:
+                        raise VMError(f"restore ended in status {status!r}", list(self._tail))
+                    await asyncio.sleep(0.01)
+                await client.execute("cont")
+            finally:
+                await client.disconnect()
+
+        asyncio.run(run())
+
+    def _hand_over_token(self, new_token: str, deadline: float) -> None:
+        """The restored agent still holds the snapshot's token: replace it with this VM's own."""
+        import httpx
+
+        from polydev.vm.agent_client import AgentError
+
+        with AgentClient(self.agent_url, self.token, timeout=5.0) as agent:
+            while True:
+                try:
+                    agent.rotate_token(new_token)
+                    break
+                except (httpx.TransportError, AgentError):
+                    # The guest's network path through the new QEMU comes up a moment after `cont`.
+                    if not self.alive() or time.monotonic() > deadline:
+                        raise VMError("the restored agent did not answer", list(self._tail)) from None
+                    time.sleep(0.01)
+        self.token = new_token
 
     def _read_console(self, proc: subprocess.Popen[bytes], started: float) -> None:
         assert proc.stdout is not None
@@ -256,9 +357,183 @@ class QemuVM:
             except Exception:  # QMP unreachable or QEMU stuck: the kill below still cleans up
                 pass
         self._kill()
+        self.qmp_socket.unlink(missing_ok=True)
         if self.keep_console and self.console_log.exists():
             for path in self.workdir.iterdir():
                 if path.name != self.console_log.name:
                     path.unlink(missing_ok=True)
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# -- the engine's backend -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A booted guest frozen with its agent running: memory state plus the disk as it was at that moment."""
+
+    directory: Path
+    accel: str
+
+    @property
+    def state(self) -> Path:
+        return self.directory / "state.bin"
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / "disk.qcow2"
+
+    @property
+    def token(self) -> str:
+        return (self.directory / "template.token").read_text().strip()
+
+
+def qemu_version() -> str:
+    out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()[0].strip()
+
+
+class QemuBackend:
+    """The engine's QEMU backend. The first VM of a size boots cold, and its boot is frozen into a snapshot
+    (QEMU migration to a file, taken with the agent running); every later VM of that size is a restore of
+    that snapshot onto a fresh overlay over the snapshot's disk, with its own token handed over after the
+    restore. User-mode networking only for now: a snapshot's guest address is fixed at boot."""
+
+    name = "qemu"
+
+    def __init__(self, image: Image, snapshots_dir: Path, *, accel: str = "auto", snapshots: bool = True) -> None:
+        self.image = image
+        self.snapshots_dir = snapshots_dir
+        self.accel_wanted = accel
+        self.use_snapshots = snapshots
+        self._vms: dict[Path, QemuVM] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> QemuBackend:
+        from polydev.vm import images
+        from polydev.vm.backends import BackendUnavailable
+
+        if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
+            raise BackendUnavailable("QEMU is not installed (Debian: apt-get install qemu-system-x86 qemu-utils)")
+        if settings.network_mode != "user":
+            raise BackendUnavailable("the QEMU backend supports NETWORK_MODE=user so far")
+        image = images.find(settings.cache_dir, images.recipe_for(settings.vm_image_profile))
+        if image is None:
+            raise BackendUnavailable(f"no {settings.vm_image_profile} image in {settings.cache_dir}: run "
+                                     f"`polydev image build --profile {settings.vm_image_profile}`")
+        return cls(image, settings.data_dir / "snapshots")
+
+    @property
+    def accel(self) -> str:
+        """kvm or tcg once a VM has booted here; until then what will be tried first."""
+        if _kvm_usable is False or not kvm_available():
+            return "tcg"
+        return "kvm" if _kvm_usable else "kvm (untested)"
+
+    def console_log(self, workdir: Path) -> Path:
+        return workdir / "console.log"
+
+    async def start(self, spec: VMSpec) -> Started:
+        return await asyncio.to_thread(self._start, spec)
+
+    def _start(self, spec: VMSpec) -> Started:
+        if spec.slot is not None:
+            raise VMError("the QEMU backend has no tap networking yet (NETWORK_MODE=user)")
+        snapshot = self.ensure_snapshot(spec.vcpus, spec.memory_mb, spec.marker) if self.use_snapshots else None
+        if snapshot is None:
+            vm = QemuVM(self.image, spec.workdir, token=spec.token, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
+                        accel=self.accel_wanted, name=spec.marker)
+            vm.start()
+        else:
+            vm = QemuVM(self.image, spec.workdir, token=snapshot.token, vcpus=spec.vcpus,
+                        memory_mb=spec.memory_mb, accel=snapshot.accel, name=spec.marker,
+                        backing=(snapshot.disk, "qcow2"))
+            vm.restore(snapshot.state, snapshot.accel, spec.token)
+        assert vm._proc is not None
+        with self._lock:
+            self._vms[spec.workdir] = vm
+        return Started(pid=vm._proc.pid, agent_url=vm.agent_url, agent_port=vm.port,
+                       socket_path=str(vm.qmp_socket))
+
+    def snapshot_dir(self, vcpus: int, memory_mb: int) -> Path:
+        key = hashlib.sha256(json.dumps([self.image.hash, vcpus, memory_mb, TCG_CPU, qemu_version()]).encode())
+        return self.snapshots_dir / key.hexdigest()[:16]
+
+    def ensure_snapshot(self, vcpus: int, memory_mb: int, marker: str) -> Snapshot:
+        """The snapshot for this size, made (once, under a file lock) by a cold boot if it does not exist."""
+        directory = self.snapshot_dir(vcpus, memory_mb)
+        meta = directory / "meta.json"
+        if meta.exists():
+            return Snapshot(directory, json.loads(meta.read_text())["accel"])
+        self.snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.snapshots_dir / f".lock-{directory.name}", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if meta.exists():
+                return Snapshot(directory, json.loads(meta.read_text())["accel"])
+            return self._make_snapshot(directory, vcpus, memory_mb, marker)
+
+    def _make_snapshot(self, directory: Path, vcpus: int, memory_mb: int, marker: str) -> Snapshot:
+        work = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(mode=0o700)
+        # A marker of the engine's kind (another id), so a crash mid-snapshot leaves nothing reconcile misses.
+        template_name = marker.rsplit("-", 5)[0] + "-" + str(uuid.uuid4())
+        template = QemuVM(self.image, work / "boot", vcpus=vcpus, memory_mb=memory_mb, accel=self.accel_wanted,
+                          name=template_name, keep_console=False)
+        try:
+            started = time.monotonic()
+            template.start()
+            template.qmp("stop")
+            state = work / "state.bin"
+            template.qmp("migrate", {"uri": f"exec:cat > {state}"})
+            while True:
+                status = template.qmp("query-migrate").get("status")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled"):
+                    raise VMError(f"snapshot migration {status}")
+                time.sleep(0.02)
+            accel = template.accel
+            template._kill()
+            os.replace(template.overlay, work / "disk.qcow2")
+            os.chmod(work / "disk.qcow2", 0o400)  # frozen: every restored VM's overlay builds on it
+            fd = os.open(work / "template.token", os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(template.token)
+            (work / "meta.json").write_text(json.dumps({"accel": accel, "image": self.image.hash, "vcpus": vcpus,
+                                                        "memory_mb": memory_mb, "qemu": qemu_version(),
+                                                        "seconds": round(time.monotonic() - started, 2)}))
+            shutil.rmtree(work / "boot", ignore_errors=True)
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(work, directory)
+            log.info("snapshot made for %d vCPU / %d MiB in %s (%s)", vcpus, memory_mb, directory, accel)
+            return Snapshot(directory, accel)
+        finally:
+            template.stop()
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def stop(self, pid: int | None, workdir: Path) -> None:
+        await asyncio.to_thread(self._stop, pid, workdir)
+
+    def _stop(self, pid: int | None, workdir: Path) -> None:
+        with self._lock:
+            vm = self._vms.pop(workdir, None)
+        if vm is not None:
+            vm.stop()
+            return
+        if pid is None:
+            return
+        # A VM of an earlier engine process: no QMP session or console reader of ours, just the process.
+        try:
+            os.killpg(pid, 9)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                pass
+            time.sleep(0.01)

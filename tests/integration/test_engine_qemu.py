@@ -1,0 +1,92 @@
+"""The engine with the real QEMU backend: the first VM's boot becomes a snapshot, later VMs are restores,
+each with its own token; destroy and reconcile leave no QEMU process or disk behind."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from polydev.services import Services
+from polydev.store.leases import LeaseRepo
+from polydev.store.vms import CleanupTaskRepo, VmRepo
+from polydev.vm import images
+from polydev.vm.backends.qemu import QemuBackend
+from polydev.vm.engine import VMEngine, find_marked_processes
+
+pytest_plugins = ["tests.vm_fixtures"]
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(params=["sqlite"])  # the engine's SQL is covered on both databases by test_engine.py
+def database_url(tmp_path) -> str:  # type: ignore[no-untyped-def]
+    return f"sqlite:///{tmp_path / 'polydev.db'}"
+
+
+def make_engine(services: Services, image: images.Image) -> VMEngine:
+    backend = QemuBackend(image, services.settings.data_dir / "snapshots")
+    return VMEngine(backend=backend, vms=VmRepo(services.factory), cleanup=CleanupTaskRepo(services.factory),
+                    leases=LeaseRepo(services.factory), data_dir=services.settings.data_dir,
+                    vcpus={"cli": 1, "browser": 1}, memory_mb={"cli": 1024, "browser": 1024})
+
+
+@pytest.fixture
+async def engine(services: Services, test_image: images.Image) -> AsyncIterator[VMEngine]:
+    eng = make_engine(services, test_image)
+    yield eng
+    await eng.close()
+    await make_engine(services, test_image).reconcile()
+
+
+async def test_vms_restore_from_one_snapshot_each_with_its_own_token(engine: VMEngine) -> None:
+    first = await engine.create(None, "cli")
+    backend = engine.backend
+    assert isinstance(backend, QemuBackend)
+    snapshot = backend.ensure_snapshot(1, 1024, "unused")
+    assert snapshot.state.exists() and snapshot.disk.exists()
+    second = await engine.create(None, "cli")
+    third = await engine.create(None, "cli")
+    marked = find_marked_processes(engine.tag)
+    assert {first.id, second.id, third.id} <= set(marked)
+    outputs = set()
+    for vm in (first, second, third):
+        with engine.agent(vm.id) as agent:
+            # Field 22 of the agent's /proc stat: when it started, in ticks since boot. Identical in every
+            # restore of one snapshot, different between cold boots.
+            result = agent.exec(["sh", "-c", "echo $((6*7)); cut -d' ' -f22 /proc/$PPID/stat"])
+            assert result.exit_code == 0
+            lines = result.stdout.decode().split()
+            assert lines[0] == "42"
+            outputs.add(lines[1])
+        # The snapshot's token no longer opens a restored VM's agent.
+        r = httpx.post(f"{vm.agent_url}/exec", json={"args": ["true"]},
+                       headers={"Authorization": f"Bearer {snapshot.token}"}, timeout=10)
+        assert r.status_code == 401
+        url, token = engine.agent_endpoint(vm.id)
+        assert token != snapshot.token
+    # Restored guests share the snapshot's memory image: the same agent process, started at the same tick.
+    assert len(outputs) == 1
+    # Writes in one VM stay in its own overlay.
+    with engine.agent(second.id) as a, engine.agent(third.id) as b:
+        a.put_file("/root/mine", b"second")
+        assert b.exec(["test", "-e", "/root/mine"]).exit_code == 1
+    for vm in (first, second, third):
+        assert await engine.destroy(vm.id)
+        assert not engine.workdir(vm.id).exists()
+    assert find_marked_processes(engine.tag) == {}
+
+
+async def test_a_lost_engines_qemu_processes_are_reclaimed(services: Services, engine: VMEngine,
+                                                           test_image: images.Image) -> None:
+    vm = await engine.create(None, "cli")
+    pid = find_marked_processes(engine.tag)[vm.id]
+    successor = make_engine(services, test_image)
+    counts = await successor.reconcile()
+    assert counts["processes"] == 1 and counts["rows"] == 1 and counts["disks"] == 1
+    assert find_marked_processes(engine.tag) == {}
+    assert not (__import__("pathlib").Path(f"/proc/{pid}")).exists()
+    row = await successor.get(vm.id)
+    assert row is not None and row.status == "failed"
+    assert await successor.get(uuid.uuid4()) is None
