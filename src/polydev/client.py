@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:4000"
+CREATE_VM_TIMEOUT_S = 600.0
 
 
 class PolydevError(Exception):
@@ -89,3 +90,31 @@ class PolydevClient:
     # -- login sessions ---------------------------------------------------------------------------------
     def session(self, session_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/auth/sessions/{session_id}")
+
+    # -- VMs (admin) ------------------------------------------------------------------------------------
+    def vms(self, *, include_ended: bool = False) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/vms", params={"all": "true"} if include_ended else None)
+
+    def create_vm(self, purpose: str = "cli", ttl_seconds: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"purpose": purpose}
+        if ttl_seconds is not None:
+            body["ttl_seconds"] = ttl_seconds
+        # A first VM may boot cold (and be snapshotted) before it answers: minutes under software emulation.
+        return self._call("POST", "/api/vms", json=body, timeout=CREATE_VM_TIMEOUT_S)
+
+    def vm(self, vm_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/vms/{vm_id}")
+
+    def delete_vm(self, vm_id: str) -> None:
+        self._call("DELETE", f"/api/vms/{vm_id}")
+
+    def exec_vm(self, vm_id: str, args: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+                timeout_s: float | None = None, stdin: str | None = None) -> dict[str, Any]:
+        """Run a command in a VM and wait for it: {exit_code, stdout, stderr, timed_out, ...}."""
+        body: dict[str, Any] = {"args": args, "env": env or {}}
+        for name, value in (("cwd", cwd), ("timeout_s", timeout_s), ("stdin", stdin)):
+            if value is not None:
+                body[name] = value
+        # The answer comes when the command ends: wait for its own timeout (server default 60 s) and then some.
+        wait = (timeout_s or 60.0) + 30.0
+        return self._call("POST", f"/api/vms/{vm_id}/exec", json=body, timeout=wait)

@@ -1,9 +1,18 @@
-"""Wiring: builds the store-layer objects from Settings once, for the API and the CLI alike."""
+"""Wiring: builds the store-layer objects from Settings once, for the API and the CLI alike.
+
+The VM engine is wired separately (`start_vm_engine`): only the server runs VMs, and only the server may
+reconcile, since reconcile kills every VM process of this data directory that it did not start itself.
+CLI commands that work on the store use `open_services` and never touch VMs.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from polydev.config import Settings
@@ -15,11 +24,19 @@ from polydev.store.sessions import SessionStore, create_session_store
 from polydev.store.users import UserRepo
 from polydev.store.vault import Vault, key_source_from_settings
 
+if TYPE_CHECKING:  # the engine pulls in pyroute2 and the backends: loaded only when the server wires VMs
+    from polydev.vm.engine import Backend, VMEngine
+    from polydev.vm.network import SlotNetwork
+
+log = structlog.get_logger(__name__)
+
+BackendFactory = Callable[[Settings], "Backend"]
+
 
 @dataclass
 class Services:
     settings: Settings
-    engine: AsyncEngine
+    db_engine: AsyncEngine
     factory: async_sessionmaker[AsyncSession]
     vault: Vault
     sessions: SessionStore
@@ -27,10 +44,18 @@ class Services:
     credentials: CredentialRepo
     auth_sessions: AuthSessionRepo
     login: LoginSessions
+    # The VM engine when this process runs VMs; None otherwise, with the reason in `engine_unavailable`
+    # when the server tried and could not (no image, no QEMU, tap mode without root, ...).
+    engine: VMEngine | None = None
+    engine_unavailable: str | None = None
 
     async def close(self) -> None:
+        # VMs first: destroying them updates their rows, so the database must still be there.
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            await engine.close()
         await self.sessions.close()
-        await self.engine.dispose()
+        await self.db_engine.dispose()
 
 
 def make_vault(settings: Settings) -> Vault:
@@ -59,7 +84,74 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
     store = create_session_store(redis_url, settings.redis_session_ttl)
     auth_sessions = AuthSessionRepo(factory)
     return Services(
-        settings=settings, engine=engine, factory=factory, vault=vault, sessions=store,
+        settings=settings, db_engine=engine, factory=factory, vault=vault, sessions=store,
         users=UserRepo(factory), credentials=CredentialRepo(factory, vault), auth_sessions=auth_sessions,
         login=LoginSessions(store, auth_sessions),
     )
+
+
+def slot_network(settings: Settings) -> SlotNetwork:
+    """The tap mode's slot pool, or BackendUnavailable saying what is missing. Building it changes nothing
+    on the machine; slots are made per VM."""
+    from polydev.vm.backends import BackendUnavailable
+    from polydev.vm.engine import engine_tag
+    from polydev.vm.network import NetworkError, SlotNetwork
+
+    if os.geteuid() != 0:
+        raise BackendUnavailable("NETWORK_MODE=tap needs root (network namespaces, TAPs, nftables); "
+                                 "run as root or use NETWORK_MODE=user")
+    try:
+        # The prefix carries the engine's tag, so a second Polydev on this machine (another data directory,
+        # a test run) never reclaims this one's slots: reclaim removes every slot with its prefix.
+        return SlotNetwork(settings.network_ip_pool_start, settings.network_ip_pool_end,
+                           prefix="p" + engine_tag(settings.data_dir)[:5])
+    except (NetworkError, ValueError) as exc:
+        raise BackendUnavailable(f"bad NETWORK_IP_POOL_START..END: {exc}") from None
+
+
+def build_vm_engine(services: Services, backend_factory: BackendFactory | None = None) -> VMEngine:
+    """A VM engine from the settings; BackendUnavailable (with the reason) when this machine cannot run one."""
+    from polydev.store.leases import LeaseRepo
+    from polydev.store.vms import CleanupTaskRepo, VmRepo
+    from polydev.vm.backends import create_backend
+    from polydev.vm.engine import VMEngine
+
+    s = services.settings
+    network = slot_network(s) if s.network_mode == "tap" else None
+    backend = (backend_factory or create_backend)(s)
+    return VMEngine(backend=backend, vms=VmRepo(services.factory), cleanup=CleanupTaskRepo(services.factory),
+                    leases=LeaseRepo(services.factory), data_dir=s.data_dir, network=network,
+                    vcpus={"cli": s.vm_cli_vcpu, "browser": s.vm_browser_vcpu},
+                    memory_mb={"cli": s.vm_cli_memory_mb, "browser": s.vm_browser_memory_mb},
+                    keep_failed=s.debug_keep_failed_vms)
+
+
+async def start_vm_engine(services: Services, backend_factory: BackendFactory | None = None) -> None:
+    """Build the engine, reclaim what an earlier run left behind, start the reaper. Never raises for a
+    machine that cannot run VMs: the API must keep serving credentials, so the engine is then None and the
+    reason is kept for /health and for the VM routes' 503s."""
+    from polydev.vm.backends import BackendUnavailable
+
+    try:
+        engine = build_vm_engine(services, backend_factory)
+    except BackendUnavailable as exc:
+        services.engine_unavailable = str(exc)
+        log.warning("vm_engine_unavailable", reason=str(exc))
+        return
+    except Exception as exc:  # a broken backend module or setting: still serve the rest of the API
+        services.engine_unavailable = f"{type(exc).__name__}: {exc}"
+        log.error("vm_engine_failed", reason=services.engine_unavailable, exc_info=exc)
+        return
+    try:
+        counts = await engine.reconcile()
+    except Exception as exc:
+        # Without a successful reconcile, orphans may still hold slots and addresses: refuse to create more.
+        services.engine_unavailable = f"start-up reconcile failed: {exc}"
+        log.error("vm_engine_failed", reason=services.engine_unavailable, exc_info=exc)
+        await engine.close(destroy_all=False)
+        return
+    engine.start_reaper()
+    services.engine = engine
+    services.engine_unavailable = None
+    log.info("vm_engine_started", backend=engine.backend.name, network_mode=services.settings.network_mode,
+             accel=getattr(engine.backend, "accel", None), reclaimed=counts)

@@ -17,8 +17,8 @@ SECRET = b'{"tokens": {"access_token": "at-123", "refresh_token": "rt-456"}}'
 
 
 async def test_migrations_create_every_table_and_rerun_cleanly(services: Services) -> None:
-    await db.migrate(services.engine)  # second run: a no-op, not an error
-    async with services.engine.connect() as conn:
+    await db.migrate(services.db_engine)  # second run: a no-op, not an error
+    async with services.db_engine.connect() as conn:
         tables = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
     assert {"users", "api_tokens", "vms", "auth_sessions", "credentials", "vm_cleanup_tasks", "runs",
@@ -161,7 +161,7 @@ async def test_models_and_migrations_agree(services: Services) -> None:
     def diff(conn):  # type: ignore[no-untyped-def]
         return compare_metadata(MigrationContext.configure(conn), Base.metadata)
 
-    async with services.engine.connect() as conn:
+    async with services.db_engine.connect() as conn:
         changes = await conn.run_sync(diff)
     assert changes == []
 

@@ -14,9 +14,9 @@ from polydev import __version__
 from polydev.api.errors import install_error_handlers
 from polydev.api.metrics import Metrics
 from polydev.api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
-from polydev.api.routes import auth_sessions, credentials, health, users
+from polydev.api.routes import auth_sessions, credentials, health, users, vms
 from polydev.config import Settings, get_settings
-from polydev.services import Services, open_services
+from polydev.services import BackendFactory, Services, open_services, start_vm_engine
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +38,10 @@ def announce_admin_token(services: Services, secret: str) -> None:
     log.info("admin_bootstrapped", file=str(path))
 
 
-def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, services: Services | None = None, *,
+               backend_factory: BackendFactory | None = None) -> FastAPI:
+    """The app. Without `services` it opens its own and runs the VM engine (built by `backend_factory`,
+    default: the backend VM_BACKEND names); with `services`, the caller owns both, engine included."""
     settings = settings or (services.settings if services else get_settings())
 
     @asynccontextmanager
@@ -51,12 +54,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 issued = await svc.users.bootstrap_admin()
                 if issued is not None:
                     announce_admin_token(svc, issued.secret)
-            log.info("started", database=svc.engine.dialect.name, session_store=svc.sessions.kind,
-                     port=settings.port)
+                await start_vm_engine(svc, backend_factory)
+            log.info("started", database=svc.db_engine.dialect.name, session_store=svc.sessions.kind,
+                     vm_engine=svc.engine is not None, port=settings.port)
             yield
         finally:
             if owned:
-                await svc.close()
+                await svc.close()  # stops the reaper and destroys this process's VMs before the database goes
 
     app = FastAPI(
         title="Polydev",
@@ -69,7 +73,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     metrics = Metrics()
     app.state.metrics = metrics
     install_error_handlers(app)
-    for router in (health.router, users.router, credentials.router, auth_sessions.router):
+    for router in (health.router, users.router, credentials.router, auth_sessions.router, vms.router):
         app.include_router(router)
     # Outermost first: observe everything (413s included), then enforce the size limit.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)

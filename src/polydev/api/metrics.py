@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from polydev.store.models import AUTH_SESSION_STATUSES
+from polydev.store.vms import LIVE as LIVE_VM_STATUSES
 
 
 class Metrics:
@@ -17,6 +18,10 @@ class Metrics:
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.sessions = Gauge("polydev_auth_sessions", "Login sessions recorded, by status", ["status"],
                               registry=self.registry)
+        # Live VMs only: ended ones (destroyed, failed) are history, counted by the creations counter.
+        self.vms = Gauge("polydev_vms", "VMs alive now, by status", ["status"], registry=self.registry)
+        self.vm_creations = Counter("polydev_vm_creations", "VM creations by outcome (created, failed, unavailable)",
+                                    ["outcome"], registry=self.registry)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
@@ -25,6 +30,10 @@ class Metrics:
     def set_sessions(self, counts: dict[str, int]) -> None:
         for status in AUTH_SESSION_STATUSES:
             self.sessions.labels(status).set(counts.get(status, 0))
+
+    def set_vms(self, statuses: list[str]) -> None:
+        for status in LIVE_VM_STATUSES:
+            self.vms.labels(status).set(statuses.count(status))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from polydev.cli import config_cmd, keys, remote, serve, users
+from polydev.cli import config_cmd, doctor, keys, remote, serve, users
 
 app = typer.Typer(help="Polydev: AI coding CLIs in disposable microVMs.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -13,6 +13,8 @@ app.command("config")(config_cmd.config)
 app.add_typer(keys.app, name="keys")
 app.add_typer(users.app, name="users")
 app.add_typer(remote.credentials, name="credentials")
+app.add_typer(remote.vm, name="vm")
+app.command("doctor")(doctor.doctor)
 
 try:  # the image commands arrive with the VM engine (issue 3); keep the CLI usable without them
     from polydev.cli import image

@@ -69,3 +69,92 @@ def rm(provider: str, url: str = _URL, token: str = _TOKEN) -> None:
     except PolydevError as exc:
         _fail(exc)
     typer.echo(f"removed the {provider} credential")
+
+
+vm = typer.Typer(help="VMs on the server named by POLYDEV_URL (admin token).", no_args_is_help=True)
+
+
+@vm.command("create")
+def vm_create(purpose: str = typer.Option("cli", "--purpose", help="cli, or browser (the login VM's size)"),
+              ttl: int = typer.Option(None, "--ttl", help="seconds before the reaper destroys it (server default)"),
+              url: str = _URL, token: str = _TOKEN) -> None:
+    """Create a VM and wait until its agent answers. Prints the VM's id (and nothing else) on stdout."""
+    from polydev.client import PolydevClient, PolydevError
+
+    try:
+        with PolydevClient(url, token) as pd:
+            created = pd.create_vm(purpose, ttl)
+    except PolydevError as exc:
+        _fail(exc)
+    typer.echo(created["id"])
+    typer.echo(f"{created['purpose']} VM running on {created['backend']}, expires {created['expires_at'][:19]}",
+               err=True)
+
+
+@vm.command("ls")
+def vm_ls(include_ended: bool = typer.Option(False, "--all", help="include destroyed and failed VMs"),
+          url: str = _URL, token: str = _TOKEN) -> None:
+    """List VMs (live ones, or all with --all)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from polydev.client import PolydevClient, PolydevError
+
+    try:
+        with PolydevClient(url, token) as pd:
+            rows = pd.vms(include_ended=include_ended)
+    except PolydevError as exc:
+        _fail(exc)
+    table = Table("id", "purpose", "status", "backend", "created", "expires", "error")
+    for v in rows:
+        table.add_row(v["id"], v["purpose"], v["status"], v["backend"], v["created_at"][:19],
+                      (v["expires_at"] or "-")[:19], v["error"] or "")
+    Console(width=200).print(table)
+
+
+@vm.command("exec", context_settings={"allow_interspersed_args": False})
+def vm_exec(vm_id: str = typer.Argument(..., help="the VM's id"),
+            command: list[str] = typer.Argument(..., help="the program and its arguments, after --"),
+            env: list[str] = typer.Option([], "--env", "-e", help="NAME=VALUE for the command (repeatable)"),
+            cwd: str = typer.Option(None, "--cwd", help="working directory in the VM"),
+            timeout: float = typer.Option(None, "--timeout", help="kill the command after this many seconds"),
+            stdin: bool = typer.Option(False, "--stdin", help="send this terminal's standard input to the command"),
+            url: str = _URL, token: str = _TOKEN) -> None:
+    """Run COMMAND in a VM: `polydev vm exec VM_ID -- CMD ARGS...`. Its output is printed as it ends, and
+    this command exits with its status (128+N when killed by signal N, 124 when it timed out)."""
+    from polydev.client import PolydevClient, PolydevError
+
+    pairs = dict(item.split("=", 1) for item in env if "=" in item)
+    if len(pairs) != len(env):
+        typer.secho("error: --env takes NAME=VALUE", fg="red", err=True)
+        raise typer.Exit(2)
+    data = sys.stdin.read() if stdin else None
+    try:
+        with PolydevClient(url, token) as pd:
+            result = pd.exec_vm(vm_id, command, env=pairs, cwd=cwd, timeout_s=timeout, stdin=data)
+    except PolydevError as exc:
+        _fail(exc)
+    sys.stdout.write(result["stdout"])
+    sys.stdout.flush()
+    sys.stderr.write(result["stderr"])
+    for stream in ("stdout", "stderr"):
+        if result.get(f"{stream}_truncated"):
+            typer.secho(f"polydev: the command's {stream} was cut at the server's limit", fg="yellow", err=True)
+    if result["timed_out"]:
+        typer.secho("polydev: the command timed out and was killed", fg="yellow", err=True)
+        raise typer.Exit(124)
+    code = int(result["exit_code"])
+    raise typer.Exit(128 - code if code < 0 else code)
+
+
+@vm.command("rm")
+def vm_rm(vm_id: str = typer.Argument(..., help="the VM's id"), url: str = _URL, token: str = _TOKEN) -> None:
+    """Destroy a VM: its process, disk, network slot and address."""
+    from polydev.client import PolydevClient, PolydevError
+
+    try:
+        with PolydevClient(url, token) as pd:
+            pd.delete_vm(vm_id)
+    except PolydevError as exc:
+        _fail(exc)
+    typer.echo(f"destroyed {vm_id}")

@@ -4,10 +4,11 @@ from typing import Literal
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from polydev import __version__
 from polydev.api.deps import ServicesDep
+from polydev.services import Services
 from polydev.store import db
 
 router = APIRouter(tags=["health"])
@@ -18,25 +19,54 @@ class Component(BaseModel):
     kind: str
 
 
+class VmComponent(BaseModel):
+    backend: str = Field(description="qemu, firecracker, or the backend a test injected")
+    available: bool = Field(description="whether this server can create VMs now")
+    reason: str | None = Field(None, description="why not, when it cannot")
+    accel: str | None = Field(None, description="kvm or tcg (software emulation), as the backend reports it")
+    network_mode: str
+    live_vms: int | None = Field(None, description="VMs creating or running; null when it could not be read")
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     version: str
     database: Component
     session_store: Component
+    vm: VmComponent
+
+
+async def vm_component(services: Services) -> VmComponent:
+    engine = services.engine
+    settings = services.settings
+    if engine is None:
+        return VmComponent(backend=settings.vm_backend, available=False,
+                           reason=services.engine_unavailable or "this server runs no VM engine",
+                           network_mode=settings.network_mode)
+    try:
+        live: int | None = len(await engine.list())
+    except Exception:  # the database check above already says what is wrong; keep /health answering
+        live = None
+    accel = getattr(engine.backend, "accel", None)  # QEMU knows; other backends may not say
+    return VmComponent(backend=engine.backend.name, available=True, accel=str(accel) if accel else None,
+                       network_mode=settings.network_mode, live_vms=live)
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
 async def health(services: ServicesDep, response: Response) -> Health:
-    db_ok = await db.ping(services.engine)
+    db_ok = await db.ping(services.db_engine)
     store_ok = await services.sessions.ping()
+    # VMs do not count towards the status: without them the credential and account API still works, and a
+    # load balancer must not take a replica out of service because this machine lacks an image or KVM.
     ok = db_ok and store_ok
     if not ok:
         response.status_code = 503
     return Health(
         status="ok" if ok else "degraded",
         version=__version__,
-        database=Component(ok=db_ok, kind=services.engine.dialect.name),
+        database=Component(ok=db_ok, kind=services.db_engine.dialect.name),
         session_store=Component(ok=store_ok, kind=services.sessions.kind),
+        vm=await vm_component(services),
     )
 
 
@@ -44,4 +74,6 @@ async def health(services: ServicesDep, response: Response) -> Health:
 async def metrics(request: Request, services: ServicesDep) -> Response:
     registry = request.app.state.metrics
     registry.set_sessions(await services.auth_sessions.count_by_status())
+    if services.engine is not None:
+        registry.set_vms([vm.status for vm in await services.engine.list()])
     return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
