@@ -22,24 +22,41 @@ class LiveServer:
     log: Path
 
 
-@pytest.fixture(scope="session")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    root = tmp_path_factory.mktemp("live")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_server(root: Path, module: str) -> Iterator[LiveServer]:
     port = free_port()
-    env = {**os.environ, "POLYDEV_DATA_DIR": str(root / "data"), "PORT": str(port), "HOST": "127.0.0.1"}
-    for name in ("DATABASE_URL", "REDIS_URL", "CREDENTIAL_ENCRYPTION_KEY"):
+    # An empty image cache: whatever images this machine has built, the server finds none, so its VM engine
+    # is unavailable (with the reason) and nothing here boots a real VM.
+    env = {**os.environ, "POLYDEV_DATA_DIR": str(root / "data"), "POLYDEV_CACHE_DIR": str(root / "cache"),
+           "PORT": str(port), "HOST": "127.0.0.1"}
+    for name in ("DATABASE_URL", "REDIS_URL", "CREDENTIAL_ENCRYPTION_KEY", "VM_BACKEND", "NETWORK_MODE"):
         env.pop(name, None)  # the embedded default
     log = root / "server.log"
     out = root / "server.out"
     with open(log, "wb") as err, open(out, "wb") as stdout:
-        proc = subprocess.Popen([sys.executable, "-m", "polydev", "serve"], env=env, stdout=stdout, stderr=err)
+        proc = subprocess.Popen([sys.executable, "-m", module, *(["serve"] if module == "polydev" else [])],
+                                env=env, stdout=stdout, stderr=err, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_http_ok(f"{url}/health", proc, "polydev serve")
+            wait_http_ok(f"{url}/health", proc, module)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}:\n{log.read_text()}") from None
         token = (root / "data" / "admin.token").read_text().strip()
         yield LiveServer(url, token, root / "data", log)
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """`polydev serve` as the README starts it."""
+    yield from start_server(tmp_path_factory.mktemp("live"), "polydev")
+
+
+@pytest.fixture(scope="session")
+def fake_vm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The same server with a VM engine on the stand-in hypervisor: VM routes work, no VM boots."""
+    yield from start_server(tmp_path_factory.mktemp("fakevm"), "tests.e2e.fake_vm_server")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 
 if TYPE_CHECKING:  # httpx is imported inside the commands: the CLI's start-up stays fast
-    from polydev.client import PolydevError
+    from polydev.client import PolydevClient, PolydevError
+
+T = TypeVar("T")
 
 credentials = typer.Typer(help="Your stored provider credentials (on the server named by POLYDEV_URL).",
                           no_args_is_help=True)
@@ -23,19 +26,25 @@ def _fail(exc: PolydevError) -> None:
     raise typer.Exit(1)
 
 
+def _call(url: str | None, token: str | None, fn: Callable[[PolydevClient], T]) -> T:
+    """One API call with the client; an error answer ends the command with its message and status 1."""
+    from polydev.client import PolydevClient, PolydevError
+
+    try:
+        with PolydevClient(url, token) as pd:
+            return fn(pd)
+    except PolydevError as exc:
+        _fail(exc)
+        raise  # unreachable: _fail exits
+
+
 @credentials.command("ls")
 def ls(url: str = _URL, token: str = _TOKEN) -> None:
     """List your stored credentials (never their contents)."""
     from rich.console import Console
     from rich.table import Table
 
-    from polydev.client import PolydevClient, PolydevError
-
-    try:
-        with PolydevClient(url, token) as pd:
-            rows = pd.credentials()
-    except PolydevError as exc:
-        _fail(exc)
+    rows = _call(url, token, lambda pd: pd.credentials())
     table = Table("provider", "kind", "valid", "created", "last validated")
     for c in rows:
         table.add_row(c["provider"], c["kind"], "yes" if c["is_valid"] else "no", c["created_at"][:19],
@@ -47,27 +56,15 @@ def ls(url: str = _URL, token: str = _TOKEN) -> None:
 def set_key(provider: str, url: str = _URL, token: str = _TOKEN) -> None:
     """Store your own API key for PROVIDER. The key is read from stdin (or asked for, hidden), never
     taken as an argument, so it stays out of shell history and process listings."""
-    from polydev.client import PolydevClient, PolydevError
-
     key = sys.stdin.readline().strip() if not sys.stdin.isatty() else typer.prompt("API key", hide_input=True)
-    try:
-        with PolydevClient(url, token) as pd:
-            pd.set_api_key(provider, key)
-    except PolydevError as exc:
-        _fail(exc)
+    _call(url, token, lambda pd: pd.set_api_key(provider, key))
     typer.echo(f"stored an API key for {provider}")
 
 
 @credentials.command("rm")
 def rm(provider: str, url: str = _URL, token: str = _TOKEN) -> None:
     """Forget your credential for PROVIDER."""
-    from polydev.client import PolydevClient, PolydevError
-
-    try:
-        with PolydevClient(url, token) as pd:
-            pd.delete_credential(provider)
-    except PolydevError as exc:
-        _fail(exc)
+    _call(url, token, lambda pd: pd.delete_credential(provider))
     typer.echo(f"removed the {provider} credential")
 
 
@@ -79,13 +76,7 @@ def vm_create(purpose: str = typer.Option("cli", "--purpose", help="cli, or brow
               ttl: int = typer.Option(None, "--ttl", help="seconds before the reaper destroys it (server default)"),
               url: str = _URL, token: str = _TOKEN) -> None:
     """Create a VM and wait until its agent answers. Prints the VM's id (and nothing else) on stdout."""
-    from polydev.client import PolydevClient, PolydevError
-
-    try:
-        with PolydevClient(url, token) as pd:
-            created = pd.create_vm(purpose, ttl)
-    except PolydevError as exc:
-        _fail(exc)
+    created = _call(url, token, lambda pd: pd.create_vm(purpose, ttl))
     typer.echo(created["id"])
     typer.echo(f"{created['purpose']} VM running on {created['backend']}, expires {created['expires_at'][:19]}",
                err=True)
@@ -98,13 +89,7 @@ def vm_ls(include_ended: bool = typer.Option(False, "--all", help="include destr
     from rich.console import Console
     from rich.table import Table
 
-    from polydev.client import PolydevClient, PolydevError
-
-    try:
-        with PolydevClient(url, token) as pd:
-            rows = pd.vms(include_ended=include_ended)
-    except PolydevError as exc:
-        _fail(exc)
+    rows = _call(url, token, lambda pd: pd.vms(include_ended=include_ended))
     table = Table("id", "purpose", "status", "backend", "created", "expires", "error")
     for v in rows:
         table.add_row(v["id"], v["purpose"], v["status"], v["backend"], v["created_at"][:19],
@@ -122,18 +107,13 @@ def vm_exec(vm_id: str = typer.Argument(..., help="the VM's id"),
             url: str = _URL, token: str = _TOKEN) -> None:
     """Run COMMAND in a VM: `polydev vm exec VM_ID -- CMD ARGS...`. Its output is printed as it ends, and
     this command exits with its status (128+N when killed by signal N, 124 when it timed out)."""
-    from polydev.client import PolydevClient, PolydevError
-
     pairs = dict(item.split("=", 1) for item in env if "=" in item)
     if len(pairs) != len(env):
         typer.secho("error: --env takes NAME=VALUE", fg="red", err=True)
         raise typer.Exit(2)
     data = sys.stdin.read() if stdin else None
-    try:
-        with PolydevClient(url, token) as pd:
-            result = pd.exec_vm(vm_id, command, env=pairs, cwd=cwd, timeout_s=timeout, stdin=data)
-    except PolydevError as exc:
-        _fail(exc)
+    result = _call(url, token, lambda pd: pd.exec_vm(vm_id, command, env=pairs, cwd=cwd, timeout_s=timeout,
+                                                     stdin=data))
     sys.stdout.write(result["stdout"])
     sys.stdout.flush()
     sys.stderr.write(result["stderr"])
@@ -150,11 +130,5 @@ def vm_exec(vm_id: str = typer.Argument(..., help="the VM's id"),
 @vm.command("rm")
 def vm_rm(vm_id: str = typer.Argument(..., help="the VM's id"), url: str = _URL, token: str = _TOKEN) -> None:
     """Destroy a VM: its process, disk, network slot and address."""
-    from polydev.client import PolydevClient, PolydevError
-
-    try:
-        with PolydevClient(url, token) as pd:
-            pd.delete_vm(vm_id)
-    except PolydevError as exc:
-        _fail(exc)
+    _call(url, token, lambda pd: pd.delete_vm(vm_id))
     typer.echo(f"destroyed {vm_id}")
