@@ -4,6 +4,10 @@ and the app's lifespan wiring the engine itself: reconcile at start, destroy at 
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,14 +15,46 @@ from pathlib import Path
 import httpx
 import pytest
 
+import polydev
+from polydev import protocol as p
 from polydev.api.app import create_app
+from polydev.api.routes import vms as vm_routes
 from polydev.config import Settings
 from polydev.services import build_vm_engine, open_services
 from polydev.vm.backends import BackendUnavailable
-from polydev.vm.engine import VMEngine, find_marked_processes
+from polydev.vm.engine import Started, VMEngine, VMSpec, find_marked_processes
 from polydev.vm.network import SlotNetwork
 from tests.conftest import Api, make_settings
 from tests.engine_fakes import FakeBackend
+from tests.servers import free_port
+
+SRC = Path(polydev.__file__).resolve().parents[1]
+# The guest agent as a host process; the VM's marker rides along as an argument reconcile can find.
+_AGENT = "import sys; from polydev.guest.agent import main; main(sys.argv[2:])"
+
+
+class AgentBackend(FakeBackend):
+    """The stand-in hypervisor, with the real guest agent as its "guest": on a loopback port, holding the
+    token the engine handed over, so exec runs through the engine's agent client end to end."""
+
+    name = "agent"
+
+    async def start(self, spec: VMSpec) -> Started:
+        port = free_port()
+        env = {**os.environ, "PYTHONPATH": str(SRC), "POLYDEV_AGENT_TOKEN": spec.token}
+        with open(self.console_log(spec.workdir), "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-c", _AGENT, spec.marker, "--host", "127.0.0.1", "--port",
+                                     str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.started.append(spec)
+        for _ in range(1000):  # the agent prints its READY line once it listens
+            if p.READY_MARKER.encode() in self.console_log(spec.workdir).read_bytes():
+                return Started(pid=proc.pid, agent_url=f"http://127.0.0.1:{port}", agent_port=port)
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.01)
+        await self.stop(proc.pid, spec.workdir)
+        raise RuntimeError("agent did not start")
 
 
 def pid_gone(pid: int) -> bool:
@@ -27,11 +63,16 @@ def pid_gone(pid: int) -> bool:
 
 
 @pytest.fixture
-async def vm_api(stack: Settings) -> AsyncIterator[Api]:
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+async def vm_api(stack: Settings, backend: FakeBackend) -> AsyncIterator[Api]:
     svc = await open_services(stack)
     issued = await svc.users.bootstrap_admin()
     assert issued is not None
-    svc.engine = build_vm_engine(svc, lambda _settings: FakeBackend())
+    svc.engine = build_vm_engine(svc, lambda _settings: backend)
     app = create_app(services=svc)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://polydev.test") as client:
@@ -137,6 +178,37 @@ async def test_exec_without_an_agent_is_a_clear_502_never_a_500(vm_api: Api) -> 
     assert r.status_code == 409 and r.json()["error"]["code"] == "vm_not_running"
     r = await vm_api.client.post(f"/api/vms/{uuid.uuid4()}/exec", json={"args": ["true"]}, headers=h)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("backend", [AgentBackend()], ids=["agent"])
+async def test_exec_runs_the_command_through_the_agent(vm_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = vm_api.auth(vm_api.admin_token)
+    vm = (await vm_api.client.post("/api/vms", json={}, headers=h)).json()
+    assert vm["backend"] == "agent"
+    engine = vm_api.services.engine
+    assert engine is not None
+    _, token = engine.agent_endpoint(uuid.UUID(vm["id"]))
+
+    async def run(**body: object) -> dict:  # type: ignore[type-arg]
+        r = await vm_api.client.post(f"/api/vms/{vm['id']}/exec", json=body, headers=h)
+        assert r.status_code == 200, r.text
+        assert token not in r.text
+        return r.json()
+
+    out = await run(args=["sh", "-c", 'echo "$GREETING from $(pwd)"; echo oops >&2; exit 3'],
+                    env={"GREETING": "hello"}, cwd="/tmp")
+    assert (out["exit_code"], out["stdout"], out["stderr"]) == (3, "hello from /tmp\n", "oops\n")
+    assert out["timed_out"] is False and out["stdout_truncated"] is False
+    assert (await run(args=["cat"], stdin="piped in"))["stdout"] == "piped in"
+    slow = await run(args=["sleep", "30"], timeout_s=0.5)
+    assert slow["timed_out"] is True and slow["duration_s"] < 10
+    monkeypatch.setattr(vm_routes, "MAX_OUTPUT_BYTES", 1000)
+    big = await run(args=["sh", "-c", "head -c 5000 /dev/zero | tr '\\0' x; echo done >&2"])
+    assert big["stdout"] == "x" * 1000 and big["stdout_truncated"] is True
+    assert big["stderr"] == "done\n" and big["exit_code"] == 0  # the command ran to its end regardless
+    r = await vm_api.client.post(f"/api/vms/{vm['id']}/exec", json={"args": ["no-such-program-xyz"]}, headers=h)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "exec_rejected"
+    assert "cannot start 'no-such-program-xyz'" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("method,path,body,status,code", [

@@ -188,7 +188,7 @@ def _exec(agent: AgentClient, vm_id: uuid.UUID, body: ExecIn) -> ExecOut:
                 elif event.type == "exit":
                     last = event
     except AgentError as exc:
-        if exc.status == 400:
+        if exc.status in (400, 422):  # a bad request or a program that cannot start: the caller's to fix
             raise ApiError(422, "exec_rejected", f"the VM's agent refused the command: {exc.reason}") from None
         raise ApiError(502, "agent_error", f"the VM's agent answered {exc.status}: {exc.reason}") from None
     except httpx.TransportError as exc:
