@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     port: int = Field(4000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_request_bytes: int = Field(1024 * 1024, ge=1024, description="larger request bodies answer 413")
+    auth_cache_seconds: float = Field(5.0, ge=0, description="how long a checked API token is trusted without "
+                                      "asking the database; bounds how late another replica sees a revocation")
     data_dir: Path = Field(default_factory=_default_data_dir, validation_alias="POLYDEV_DATA_DIR")
     cache_dir: Path = Field(default_factory=_default_cache_dir, validation_alias="POLYDEV_CACHE_DIR")
 

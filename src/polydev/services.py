@@ -85,7 +85,8 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
     auth_sessions = AuthSessionRepo(factory)
     return Services(
         settings=settings, db_engine=engine, factory=factory, vault=vault, sessions=store,
-        users=UserRepo(factory), credentials=CredentialRepo(factory, vault), auth_sessions=auth_sessions,
+        users=UserRepo(factory, settings.auth_cache_seconds), credentials=CredentialRepo(factory, vault),
+        auth_sessions=auth_sessions,
         login=LoginSessions(store, auth_sessions),
     )
 

@@ -185,3 +185,24 @@ async def test_upgrade_from_the_first_schema_keeps_vm_rows(database_url: str) ->
         assert pid == 4242
     finally:
         await engine.dispose()
+
+
+async def test_token_cache_trusts_for_its_ttl_and_revocation_here_is_immediate(services: Services) -> None:
+    from polydev.store.users import UserRepo
+
+    now = [0.0]
+    cached = UserRepo(services.factory, auth_cache_seconds=5, clock=lambda: now[0])
+    other = UserRepo(services.factory)  # another replica, no cache
+    user = await cached.create("alice")
+    issued = await cached.issue_token(user.id, "t")
+    assert await cached.authenticate(issued.secret) is not None
+    # Revoked by another replica: trusted here until the entry expires, then refused.
+    assert await other.revoke_token(user.id, issued.token.id)
+    assert await cached.authenticate(issued.secret) is not None
+    now[0] += 5.1
+    assert await cached.authenticate(issued.secret) is None
+    # Revoked through this repo: refused at once.
+    second = await cached.issue_token(user.id, "t2")
+    assert await cached.authenticate(second.secret) is not None
+    assert await cached.revoke_token(user.id, second.token.id)
+    assert await cached.authenticate(second.secret) is None

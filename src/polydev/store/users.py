@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -39,8 +41,15 @@ class IssuedToken:
 
 
 class UserRepo:
-    def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, factory: async_sessionmaker[AsyncSession], auth_cache_seconds: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._factory = factory
+        # token hash -> (user, valid until). Every API call authenticates; without this each one is a
+        # database round trip. Revocations in this process take effect at once; another replica's
+        # revocation within `auth_cache_seconds` (AUTH_CACHE_SECONDS, 0 turns the cache off).
+        self._auth_ttl = auth_cache_seconds
+        self._auth_cache: dict[str, tuple[User, float]] = {}
+        self._clock = clock
 
     async def count(self) -> int:
         async with self._factory() as s:
@@ -84,15 +93,32 @@ class UserRepo:
                 .where(ApiToken.id == token_id, ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
                 .values(revoked_at=utcnow())
             )
-            return result.rowcount == 1
+            revoked = result.rowcount == 1
+        if revoked:
+            self._auth_cache.clear()  # rare: simpler than keeping a token id -> hash index
+        return revoked
 
     async def authenticate(self, secret: str) -> User | None:
         if not secret.startswith(TOKEN_PREFIX) or len(secret) > 128:
             return None
+        digest = hash_token(secret)
+        cached = self._auth_cache.get(digest)
+        if cached is not None:
+            if cached[1] > self._clock():
+                return cached[0]
+            del self._auth_cache[digest]
+        user = await self._authenticate(digest)
+        if user is not None and self._auth_ttl > 0:
+            if len(self._auth_cache) > 10_000:  # bounded: drop everything rather than track recency
+                self._auth_cache.clear()
+            self._auth_cache[digest] = (user, self._clock() + self._auth_ttl)
+        return user
+
+    async def _authenticate(self, digest: str) -> User | None:
         async with self._factory() as s:
             row = (await s.execute(
                 select(ApiToken, User).join(User, User.id == ApiToken.user_id)
-                .where(ApiToken.token_hash == hash_token(secret), ApiToken.revoked_at.is_(None))
+                .where(ApiToken.token_hash == digest, ApiToken.revoked_at.is_(None))
             )).first()
             if row is None:
                 return None
