@@ -1,4 +1,5 @@
-"""`polydev serve`, but with the engine's backend replaced by the stand-in hypervisor (tests/engine_fakes.py).
+"""`polydev serve`, but with the engine's backend replaced by a stand-in whose guest is the real agent as a
+host process (tests/agent_backend.py).
 
 Run as `python -m tests.e2e.fake_vm_server` from the repository root, with the same environment as
 `polydev serve`. Everything else (settings, lifespan, reconcile, reaper, routes) is the real server's, so
@@ -12,13 +13,13 @@ import uvicorn
 from polydev.api.app import create_app
 from polydev.config import get_settings
 from polydev.logging import configure_logging
-from tests.engine_fakes import FakeBackend
+from tests.agent_backend import AgentBackend
 
 
 def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_level)
-    app = create_app(settings, backend_factory=lambda _settings: FakeBackend())
+    app = create_app(settings, backend_factory=lambda _settings: AgentBackend())
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=10)
 
 

@@ -1,9 +1,9 @@
 """Schemathesis over /openapi.json against a live server: no input may produce a 5xx.
 
-The server is `polydev serve` with its VM backend replaced by the stand-in hypervisor (fake_vm_server):
-with no image on the test machine the real server's VM routes answer 503 `vm_unavailable` by design,
-which would hide every other answer those routes give; with the stand-in they create, list, destroy and
-exec for real, and still boot nothing.
+The server is `polydev serve` with its VM backend replaced by a stand-in (fake_vm_server): with no image
+on the test machine the real server's VM routes answer 503 `vm_unavailable` by design, which would hide
+every other answer those routes give; with the stand-in they create, list and destroy for real, and still
+boot nothing.
 
 Driven through schemathesis' Python API with Hypothesis directly (one property per operation), which
 keeps it independent of the schemathesis pytest plugin's ties to pytest internals.
@@ -61,4 +61,4 @@ def test_no_input_causes_a_server_error(api_schema: schemathesis.BaseSchema, fak
     assert total > len(ops), "the fuzzer sent requests"
     if mode is GenerationMode.POSITIVE:  # valid bodies reached the engine, not just the validation layer
         vms = httpx.get(f"{fake_vm_server.url}/api/vms", params={"all": "true"}, headers=headers).json()
-        assert any(vm["backend"] == "fake" for vm in vms)
+        assert any(vm["backend"] == "agent" for vm in vms)

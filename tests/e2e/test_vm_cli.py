@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -108,11 +110,19 @@ def test_vm_commands_against_a_server_with_an_engine(fake_vm_server: LiveServer,
     env = env | {"POLYDEV_URL": fake_vm_server.url, "POLYDEV_TOKEN": fake_vm_server.admin_token}
     created = polydev("vm", "create", "--purpose", "cli", "--ttl", "300", env=env)
     vm_id = created.stdout.strip()
-    assert len(vm_id) == 36 and "running on fake" in created.stderr
+    assert len(vm_id) == 36 and "running on agent" in created.stderr
     assert vm_id in polydev("vm", "ls", env=env).stdout
-    # The stand-in runs no agent: a clear error, not a traceback; exit status 1.
-    ran = polydev("vm", "exec", vm_id, "--", "echo", "--not-an-option", env=env, check=False)
-    assert ran.returncode == 1 and "agent_unreachable" in ran.stderr and "Traceback" not in ran.stderr
+    # Options before `--` are polydev's; everything after it is the command, option-like words included.
+    ran = polydev("vm", "exec", vm_id, "-e", "WHO=world", "--cwd", "/tmp", "--", "sh", "-c",
+                  'echo "hello $WHO in $(pwd)"; echo --not-an-option; echo oops >&2; exit 3', env=env, check=False)
+    assert (ran.returncode, ran.stdout, ran.stderr) == (3, "hello world in /tmp\n--not-an-option\n", "oops\n")
+    piped = subprocess.run([sys.executable, "-m", "polydev", "vm", "exec", "--stdin", vm_id, "--", "cat"], env=env,
+                           input="from stdin", capture_output=True, text=True, timeout=60, check=False)
+    assert piped.returncode == 0 and piped.stdout == "from stdin"
+    slow = polydev("vm", "exec", vm_id, "--timeout", "0.5", "--", "sleep", "30", env=env, check=False)
+    assert slow.returncode == 124 and "timed out" in slow.stderr
+    missing = polydev("vm", "exec", vm_id, "--", "no-such-program-xyz", env=env, check=False)
+    assert missing.returncode == 1 and "exec_rejected" in missing.stderr and "Traceback" not in missing.stderr
     bad = polydev("vm", "exec", "not-a-uuid", "--", "true", env=env, check=False)
     assert bad.returncode == 1 and "malformed_id" in bad.stderr
     assert polydev("vm", "rm", vm_id, env=env).stdout.strip() == f"destroyed {vm_id}"

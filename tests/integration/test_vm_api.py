@@ -4,10 +4,6 @@ and the app's lifespan wiring the engine itself: reconcile at start, destroy at 
 
 from __future__ import annotations
 
-import asyncio
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,47 +11,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-import polydev
-from polydev import protocol as p
 from polydev.api.app import create_app
 from polydev.api.routes import vms as vm_routes
 from polydev.config import Settings
 from polydev.services import build_vm_engine, open_services
 from polydev.vm.backends import BackendUnavailable
-from polydev.vm.engine import Started, VMEngine, VMSpec, find_marked_processes
+from polydev.vm.engine import VMEngine, find_marked_processes
 from polydev.vm.network import SlotNetwork
+from tests.agent_backend import AgentBackend
 from tests.conftest import Api, make_settings
 from tests.engine_fakes import FakeBackend
-from tests.servers import free_port
-
-SRC = Path(polydev.__file__).resolve().parents[1]
-# The guest agent as a host process; the VM's marker rides along as an argument reconcile can find.
-_AGENT = "import sys; from polydev.guest.agent import main; main(sys.argv[2:])"
-
-
-class AgentBackend(FakeBackend):
-    """The stand-in hypervisor, with the real guest agent as its "guest": on a loopback port, holding the
-    token the engine handed over, so exec runs through the engine's agent client end to end."""
-
-    name = "agent"
-
-    async def start(self, spec: VMSpec) -> Started:
-        port = free_port()
-        env = {**os.environ, "PYTHONPATH": str(SRC), "POLYDEV_AGENT_TOKEN": spec.token}
-        with open(self.console_log(spec.workdir), "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-c", _AGENT, spec.marker, "--host", "127.0.0.1", "--port",
-                                     str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        self.started.append(spec)
-        for _ in range(1000):  # the agent prints its READY line once it listens
-            if p.READY_MARKER.encode() in self.console_log(spec.workdir).read_bytes():
-                return Started(pid=proc.pid, agent_url=f"http://127.0.0.1:{port}", agent_port=port)
-            if proc.poll() is not None:
-                break
-            await asyncio.sleep(0.01)
-        await self.stop(proc.pid, spec.workdir)
-        raise RuntimeError("agent did not start")
-
 
 def pid_gone(pid: int) -> bool:
     stat = Path(f"/proc/{pid}/stat")

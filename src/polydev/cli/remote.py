@@ -96,7 +96,7 @@ def vm_ls(include_ended: bool = typer.Option(False, "--all", help="include destr
     Console(width=200).print(table)
 
 
-@vm.command("exec", context_settings={"allow_interspersed_args": False})
+@vm.command("exec")
 def vm_exec(vm_id: str = typer.Argument(..., help="the VM's id"),
             command: list[str] = typer.Argument(..., help="the program and its arguments, after --"),
             env: list[str] = typer.Option([], "--env", "-e", help="NAME=VALUE for the command (repeatable)"),
