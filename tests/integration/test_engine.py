@@ -18,7 +18,7 @@ import pytest
 from polydev.services import Services
 from polydev.store.leases import LeaseRepo
 from polydev.store.vms import CleanupTaskRepo, VmRepo
-from polydev.vm.engine import VMCreateError, VMEngine, find_marked_processes, marker_for
+from polydev.vm.engine import VMCapacityError, VMCreateError, VMEngine, find_marked_processes, marker_for
 from tests.engine_fakes import FakeBackend
 
 
@@ -189,3 +189,12 @@ async def test_tap_mode_slot_follows_the_vm_and_is_reclaimed(services: Services)
         counts = await successor.reconcile()
         assert counts["slots"] == 2 and counts["processes"] == 2
         assert await asyncio.to_thread(network.existing) == set() and await successor.leases.held() == {}
+
+        # A pool of one slot: the second VM is refused as a capacity problem, and leaves nothing behind.
+        tiny = SlotNetwork("192.168.100.2", "192.168.100.3", prefix=prefix, host_netns=f"{prefix}-host")
+        small = make_engine(services, FakeBackend(), network=tiny)
+        only = await small.create(None, "cli")
+        with pytest.raises(VMCapacityError, match="network slots are in use"):
+            await small.create(None, "cli")
+        assert set(find_marked_processes(small.tag)) == {only.id}
+        await small.close()

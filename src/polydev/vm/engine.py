@@ -29,7 +29,7 @@ from typing import Literal, Protocol
 
 import structlog
 
-from polydev.store.leases import LeaseRepo
+from polydev.store.leases import LeaseRepo, PoolExhausted
 from polydev.store.models import Vm, utcnow
 from polydev.store.vms import CleanupTaskRepo, VmRepo
 from polydev.vm.network import Slot, SlotNetwork
@@ -49,6 +49,10 @@ class VMCreateError(Exception):
         self.vm_id = vm_id
         self.reason = reason
         self.console_log = console_log
+
+
+class VMCapacityError(VMCreateError):
+    """No VM could be created because a shared resource (the network slot pool) is used up: try later."""
 
 
 @dataclass(frozen=True)
@@ -198,7 +202,8 @@ class VMEngine:
             await self.vms.mark_failed(vm_id, reason + (f" (console log: {kept})" if kept else ""))
             log.warning("vm_create_failed", vm_id=str(vm_id), reason=reason, console_log=str(kept) if kept else None)
             if isinstance(exc, Exception):
-                raise VMCreateError(vm_id, reason, kept) from exc
+                error = VMCapacityError if isinstance(exc, PoolExhausted) else VMCreateError
+                raise error(vm_id, reason, kept) from exc
             raise
         self._tokens[vm_id] = token
         self._urls[vm_id] = started.agent_url

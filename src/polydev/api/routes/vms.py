@@ -105,9 +105,10 @@ async def list_vms(_: AdminUser, services: ServicesDep,
 
 @router.post("", response_model=VmOut, status_code=201, responses={
     502: {"description": "the VM failed to start (`vm_create_failed`, with the reason and the VM's id)"},
-    503: _UNAVAILABLE})
+    503: {"description": "VMs are unavailable here (`vm_unavailable`) or every network slot is in use "
+                         "(`vm_capacity`, try again later)"}})
 async def create_vm(body: VmIn, admin: AdminUser, services: ServicesDep, request: Request) -> VmOut:
-    from polydev.vm.engine import VMCreateError
+    from polydev.vm.engine import VMCapacityError, VMCreateError
 
     created = request.app.state.metrics.vm_creations
     try:
@@ -118,6 +119,10 @@ async def create_vm(body: VmIn, admin: AdminUser, services: ServicesDep, request
     ttl = timedelta(seconds=body.ttl_seconds or services.settings.vm_ttl_seconds)
     try:
         vm = await engine.create(admin.id, body.purpose, ttl=ttl)
+    except VMCapacityError as exc:
+        created.labels("failed").inc()
+        raise ApiError(503, "vm_capacity", f"no capacity for another VM right now: {exc.reason}",
+                       vm_id=str(exc.vm_id)) from None
     except VMCreateError as exc:
         created.labels("failed").inc()
         # 502: the hypervisor, not the request, is what failed; the row stays, marked failed with the reason.
