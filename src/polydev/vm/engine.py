@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import secrets
 import shutil
 import uuid
@@ -309,7 +308,7 @@ class VMEngine:
         live_rows = {r.vm_id: r for r in await self.vms.list()}
         # 2. network: slots and leases without a live VM
         held = await self.leases.held()
-        for index, vm_id in held.items():
+        for vm_id in held.values():
             if vm_id not in live_rows:
                 await self.leases.release(vm_id)
                 counts["leases"] += 1
@@ -369,12 +368,3 @@ class VMEngine:
             for vm_id in list(self._tokens):
                 await self.destroy(vm_id)
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
