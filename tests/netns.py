@@ -75,7 +75,7 @@ POOL = ("192.168.100.2", "192.168.100.254")
 
 
 @contextlib.contextmanager
-def test_host_namespace() -> Iterator[str]:
+def host_namespace() -> Iterator[str]:
     """A namespace that plays the host for slot tests; removed with everything in it afterwards.
     Yields the slot-name prefix; the namespace is `<prefix>-host`. (`ip` rather than pyroute2, so it works
     from async tests too: pyroute2's sync API runs an event loop of its own.)"""

@@ -167,11 +167,11 @@ async def test_sigkill_while_running_and_mid_creation_then_reconcile(services: S
 
 async def test_tap_mode_slot_follows_the_vm_and_is_reclaimed(services: Services) -> None:
     from polydev.vm.network import SlotNetwork
-    from tests.netns import POOL, require_root_netns, test_host_namespace
+    from tests.netns import POOL, require_root_netns, host_namespace
 
     require_root_netns()
     # pyroute2's sync API runs an event loop of its own: from async code, call it in a thread (as the engine does).
-    with test_host_namespace() as prefix:
+    with host_namespace() as prefix:
         network = SlotNetwork(*POOL, prefix=prefix, host_netns=f"{prefix}-host")
         eng = make_engine(services, FakeBackend(), network=network)
         a = await eng.create(None, "cli")

@@ -13,14 +13,14 @@ from pyroute2 import NetNS, netns
 
 from polydev.vm import network as net
 from polydev.vm.network import EgressPolicy, EgressRule, NetworkError, SlotNetwork
-from tests.netns import HOST_SERVICE_IP, POOL, Listener, connect, require_root_netns, test_host_namespace
+from tests.netns import HOST_SERVICE_IP, POOL, Listener, connect, require_root_netns, host_namespace
 
 
 
 @pytest.fixture
 def slots() -> Iterator[SlotNetwork]:
     require_root_netns()
-    with test_host_namespace() as prefix:
+    with host_namespace() as prefix:
         network = SlotNetwork(*POOL, prefix=prefix, host_netns=f"{prefix}-host")
         listeners: list[Listener] = []
         network.listeners = listeners  # type: ignore[attr-defined]
