@@ -18,7 +18,13 @@ import pytest
 from polydev.services import Services
 from polydev.store.leases import LeaseRepo
 from polydev.store.vms import CleanupTaskRepo, VmRepo
-from polydev.vm.engine import VMCapacityError, VMCreateError, VMEngine, find_marked_processes, marker_for
+from polydev.vm.engine import (
+    VMCapacityError,
+    VMCreateError,
+    VMEngine,
+    find_marked_processes,
+    marker_for,
+)
 from tests.engine_fakes import FakeBackend
 
 
@@ -167,7 +173,7 @@ async def test_sigkill_while_running_and_mid_creation_then_reconcile(services: S
 
 async def test_tap_mode_slot_follows_the_vm_and_is_reclaimed(services: Services) -> None:
     from polydev.vm.network import SlotNetwork
-    from tests.netns import POOL, require_root_netns, host_namespace
+    from tests.netns import POOL, host_namespace, require_root_netns
 
     require_root_netns()
     # pyroute2's sync API runs an event loop of its own: from async code, call it in a thread (as the engine does).

@@ -13,8 +13,14 @@ from pyroute2 import NetNS, netns
 
 from polydev.vm import network as net
 from polydev.vm.network import EgressPolicy, EgressRule, NetworkError, SlotNetwork
-from tests.netns import HOST_SERVICE_IP, POOL, Listener, connect, require_root_netns, host_namespace
-
+from tests.netns import (
+    HOST_SERVICE_IP,
+    POOL,
+    Listener,
+    connect,
+    host_namespace,
+    require_root_netns,
+)
 
 
 @pytest.fixture
