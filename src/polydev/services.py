@@ -124,7 +124,7 @@ def build_vm_engine(services: Services, backend_factory: BackendFactory | None =
                     leases=LeaseRepo(services.factory), data_dir=s.data_dir, network=network,
                     vcpus={"cli": s.vm_cli_vcpu, "browser": s.vm_browser_vcpu},
                     memory_mb={"cli": s.vm_cli_memory_mb, "browser": s.vm_browser_memory_mb},
-                    keep_failed=s.debug_keep_failed_vms)
+                    keep_failed=s.debug_keep_failed_vms, pool_size=s.vm_warm_pool_size)
 
 
 async def start_vm_engine(services: Services, backend_factory: BackendFactory | None = None) -> None:
@@ -152,6 +152,7 @@ async def start_vm_engine(services: Services, backend_factory: BackendFactory | 
         await engine.close(destroy_all=False)
         return
     engine.start_reaper()
+    engine.start_pool()
     services.engine = engine
     services.engine_unavailable = None
     log.info("vm_engine_started", backend=engine.backend.name, network_mode=services.settings.network_mode,

@@ -204,3 +204,33 @@ async def test_tap_mode_slot_follows_the_vm_and_is_reclaimed(services: Services)
             await small.create(None, "cli")
         assert set(find_marked_processes(small.tag)) == {only.id}
         await small.close()
+
+
+async def test_warm_pool_hands_out_running_vms_and_refills(services: Services) -> None:
+    backend = FakeBackend()
+    eng = make_engine(services, backend, pool_size=2)
+    try:
+        assert await eng.fill_pool() == 2
+        pooled = {v.id for v in await eng.list()}
+        assert len(pooled) == 2 and all(v.user_id is None and v.expires_at is None for v in await eng.list())
+        user = uuid.uuid4()
+        async with services.factory() as s:  # a real user row: vms.user_id is a foreign key
+            from polydev.store.models import User
+
+            s.add(User(id=user, name="pool-user"))
+            await s.commit()
+        starts_before = len(backend.started)
+        vm = await eng.create(user, "cli", ttl=timedelta(minutes=5))
+        assert vm.id in pooled and vm.user_id == user and vm.expires_at is not None
+        assert len(backend.started) == starts_before, "handed out without starting anything"
+        browser = await eng.create(user, "browser")
+        assert browser.id not in pooled, "the pool only holds cli VMs"
+        eng.start_pool()
+        for _ in range(500):  # the background filler tops the pool up again
+            if len(eng._pool) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(eng._pool) == 2 and vm.id not in eng._pool
+    finally:
+        await eng.close()
+    assert find_marked_processes(eng.tag) == {}, "close() destroys pooled VMs too"

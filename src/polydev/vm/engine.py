@@ -145,7 +145,7 @@ def find_marked_processes(tag: str, proc_root: Path = Path("/proc")) -> dict[uui
 class VMEngine:
     def __init__(self, *, backend: Backend, vms: VmRepo, cleanup: CleanupTaskRepo, leases: LeaseRepo,
                  data_dir: Path, network: SlotNetwork | None = None, vcpus: dict[str, int] | None = None,
-                 memory_mb: dict[str, int] | None = None, keep_failed: bool = False,
+                 memory_mb: dict[str, int] | None = None, keep_failed: bool = False, pool_size: int = 0,
                  process_finder: Callable[[str], dict[uuid.UUID, int]] = find_marked_processes) -> None:
         self.backend = backend
         self.vms = vms
@@ -161,6 +161,11 @@ class VMEngine:
         self._tokens: dict[uuid.UUID, str] = {}
         self._urls: dict[uuid.UUID, str] = {}
         self._reaper: asyncio.Task[None] | None = None
+        # Warm pool: running `cli` VMs owned by nobody, handed out by create() without waiting for a start.
+        self.pool_size = pool_size
+        self._pool: list[uuid.UUID] = []
+        self._pool_filler: asyncio.Task[None] | None = None
+        self._pool_wanted = asyncio.Event()
 
     # -- paths --------------------------------------------------------------------------------------------
     @property
@@ -177,12 +182,52 @@ class VMEngine:
     # -- create / destroy ---------------------------------------------------------------------------------
     async def create(self, user_id: uuid.UUID | None, purpose: Purpose = "cli",
                      ttl: timedelta = timedelta(minutes=30)) -> VM:
+        if purpose == "cli" and self._pool:
+            return await self._take_from_pool(user_id, ttl)
+        return await self._create(user_id, purpose, ttl)
+
+    async def _take_from_pool(self, user_id: uuid.UUID | None, ttl: timedelta) -> VM:
+        vm_id = self._pool.pop(0)
+        self._pool_wanted.set()
+        await self.vms.update(vm_id, user_id=user_id, expires_at=utcnow() + ttl)
+        log.info("vm_from_pool", vm_id=str(vm_id), pooled=len(self._pool))
+        vm = await self.get(vm_id)
+        assert vm is not None
+        return vm
+
+    async def fill_pool(self) -> int:
+        """Start VMs until the pool holds `pool_size`; returns how many it started."""
+        started = 0
+        while len(self._pool) < self.pool_size:
+            vm = await self._create(None, "cli", ttl=None)
+            self._pool.append(vm.id)
+            started += 1
+        return started
+
+    def start_pool(self, retry_after: float = 5.0) -> None:
+        """Keep the pool full in the background (refilled after every hand-out)."""
+        async def loop() -> None:
+            while True:
+                self._pool_wanted.clear()
+                try:
+                    await self.fill_pool()
+                except Exception:
+                    log.exception("warm_pool_fill_failed")
+                    await asyncio.sleep(retry_after)
+                    continue
+                await self._pool_wanted.wait()
+
+        if self.pool_size > 0 and self._pool_filler is None:
+            self._pool_filler = asyncio.get_running_loop().create_task(loop())
+
+    async def _create(self, user_id: uuid.UUID | None, purpose: Purpose, ttl: timedelta | None) -> VM:
         vm_id = uuid.uuid4()
         workdir = self.workdir(vm_id)
         row = await self.vms.create(vm_id=vm_id, user_id=user_id, type=purpose, vm_type=purpose,
                                     backend=self.backend.name, vcpu_count=self.vcpus[purpose],
                                     memory_mb=self.memory_mb[purpose], workdir=str(workdir),
-                                    expires_at=utcnow() + ttl)
+                                    # pooled VMs do not expire until handed out
+                                    expires_at=utcnow() + ttl if ttl is not None else None)
         token = secrets.token_urlsafe(32)
         slot: Slot | None = None
         try:
@@ -221,6 +266,9 @@ class VMEngine:
         row = await self.vms.get(vm_id)
         if row is None or row.status in ("destroyed", "failed"):
             return False
+        if vm_id in self._pool:
+            self._pool.remove(vm_id)
+            self._pool_wanted.set()
         await self._teardown(row, failed=False)
         await self.vms.mark_destroyed(vm_id)
         log.info("vm_destroyed", vm_id=str(vm_id))
@@ -359,11 +407,13 @@ class VMEngine:
             self._reaper = asyncio.get_running_loop().create_task(loop())
 
     async def close(self, destroy_all: bool = True) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-            self._reaper = None
+        for attr in ("_reaper", "_pool_filler"):
+            task = getattr(self, attr)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                setattr(self, attr, None)
         if destroy_all:
             for vm_id in list(self._tokens):
                 await self.destroy(vm_id)
