@@ -90,3 +90,19 @@ async def test_a_lost_engines_qemu_processes_are_reclaimed(services: Services, e
     row = await successor.get(vm.id)
     assert row is not None and row.status == "failed"
     assert await successor.get(uuid.uuid4()) is None
+
+
+async def test_ten_vms_created_at_once_all_come_up(engine: VMEngine) -> None:
+    import asyncio
+
+    vms = await asyncio.gather(*(engine.create(None, "cli") for _ in range(10)))
+    assert len({vm.id for vm in vms}) == 10 and all(vm.status == "running" for vm in vms)
+    assert set(find_marked_processes(engine.tag)) == {vm.id for vm in vms}
+    ports = set()
+    for vm in vms:
+        with engine.agent(vm.id) as agent:
+            assert agent.exec(["true"]).exit_code == 0
+        ports.add(vm.agent_url)
+    assert len(ports) == 10
+    await asyncio.gather(*(engine.destroy(vm.id) for vm in vms))
+    assert find_marked_processes(engine.tag) == {}
