@@ -106,3 +106,77 @@ async def test_ten_vms_created_at_once_all_come_up(engine: VMEngine) -> None:
     assert len(ports) == 10
     await asyncio.gather(*(engine.destroy(vm.id) for vm in vms))
     assert find_marked_processes(engine.tag) == {}
+
+
+QEMU_CRASHER = '''
+import asyncio, sys, threading
+from pathlib import Path
+from polydev.config import Settings
+from polydev.services import open_services
+from polydev.store.leases import LeaseRepo
+from polydev.store.vms import CleanupTaskRepo, VmRepo
+from polydev.vm import images
+from polydev.vm.backends import qemu
+from polydev.vm.engine import VMEngine
+
+data, url, image_dir = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+reached = threading.Event()
+original = qemu.QemuVM._hand_over_token
+calls = []
+
+def hand_over(self, token, deadline):
+    calls.append(1)
+    if len(calls) == 3:  # the third VM: QEMU runs, the engine has not recorded it as running yet
+        reached.set()
+        threading.Event().wait()
+    return original(self, token, deadline)
+
+qemu.QemuVM._hand_over_token = hand_over
+
+async def main():
+    s = await open_services(Settings(POLYDEV_DATA_DIR=data, DATABASE_URL=url))
+    backend = qemu.QemuBackend(images.Image.load(image_dir), data / "snapshots")
+    e = VMEngine(backend=backend, vms=VmRepo(s.factory), cleanup=CleanupTaskRepo(s.factory),
+                 leases=LeaseRepo(s.factory), data_dir=data, vcpus={"cli": 1, "browser": 1},
+                 memory_mb={"cli": 1024, "browser": 1024})
+    for _ in range(2):
+        await e.create(None, "cli")
+    task = asyncio.create_task(e.create(None, "cli"))
+    await asyncio.to_thread(reached.wait)
+    print("ready", flush=True)
+    await task
+
+asyncio.run(main())
+'''
+
+
+async def test_engine_sigkilled_with_real_vms_then_reconcile(services: Services, engine: VMEngine,
+                                                             test_image: images.Image) -> None:
+    import asyncio
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    backend = engine.backend
+    assert isinstance(backend, QemuBackend)
+    # Make the snapshot first, in this process, so the crasher only restores.
+    await asyncio.to_thread(backend.ensure_snapshot, 1, 1024, f"polydev-{engine.tag}-{uuid.uuid4()}")
+    proc = subprocess.Popen([sys.executable, "-c", QEMU_CRASHER, str(services.settings.data_dir),
+                             services.settings.effective_database_url, str(test_image.dir)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while not lines or lines[-1] not in ("ready", ""):
+        lines.append((await asyncio.to_thread(proc.stdout.readline)).strip())
+    assert lines[-1] == "ready", lines
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(find_marked_processes(engine.tag)) == 3, "the QEMU processes outlive their engine"
+    assert sorted(r.status for r in await engine.vms.list()) == ["creating", "running", "running"]
+
+    counts = await engine.reconcile()
+    assert counts["processes"] == 3 and counts["rows"] == 3 and counts["disks"] == 3
+    assert find_marked_processes(engine.tag) == {}
+    assert await engine.list() == [] and not any(engine.vms_dir.iterdir())
+    assert await engine.leases.held() == {}
