@@ -138,14 +138,20 @@ class QemuVM:
                                                       and _kvm_usable is not False)
             if want_kvm:
                 try:
-                    return self._boot("kvm", ready_timeout)
+                    seconds = self._boot("kvm", ready_timeout)
+                    _kvm_usable = True
+                    return seconds
                 except VMError as exc:
                     if self.accel_wanted == "kvm":
                         raise
-                    _kvm_usable = False
-                    log.warning("KVM is not usable here (%s); falling back to TCG (software emulation)",
-                                str(exc).splitlines()[0])
+                    kvm_error = str(exc).splitlines()[0]
                     self._reset_overlay()
+                # If TCG fails too, the guest or the setup is broken, not KVM: it raises before we learn
+                # anything. Only a TCG success after a KVM failure shows KVM itself is the problem here.
+                seconds = self._boot("tcg", ready_timeout)
+                _kvm_usable = False
+                log.warning("KVM is not usable here (%s); falling back to TCG (software emulation)", kvm_error)
+                return seconds
             return self._boot("tcg", ready_timeout)
         except BaseException:
             self.stop()
