@@ -38,3 +38,13 @@ async def test_cleanup_tasks_are_claimed_once_and_survive_a_crash(services: Serv
     assert [t.id for t in again] == [due]
     await repo.finish(due)
     assert await repo.claim_due() == [] and await repo.pending_for(vm) == []
+
+
+async def test_count_by_status_counts_live_vms(services: Services) -> None:
+    repo = VmRepo(services.factory)
+    a = await repo.create(type="cli", backend="qemu")
+    b = await repo.create(type="cli", backend="qemu")
+    await repo.create(type="cli", backend="qemu")
+    await repo.update(a.vm_id, status="running")
+    await repo.mark_destroyed(b.vm_id)
+    assert await repo.count_by_status() == {"creating": 1, "running": 1}

@@ -31,9 +31,9 @@ class Metrics:
         for status in AUTH_SESSION_STATUSES:
             self.sessions.labels(status).set(counts.get(status, 0))
 
-    def set_vms(self, statuses: list[str]) -> None:
+    def set_vms(self, counts: dict[str, int]) -> None:
         for status in LIVE_VM_STATUSES:
-            self.vms.labels(status).set(statuses.count(status))
+            self.vms.labels(status).set(counts.get(status, 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

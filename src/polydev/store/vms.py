@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from polydev.store.db import session_scope
@@ -51,6 +51,12 @@ class VmRepo:
             q = q.where(Vm.user_id == user_id)
         async with self._factory() as s:
             return list(await s.scalars(q))
+
+    async def count_by_status(self, statuses: tuple[str, ...] = LIVE) -> dict[str, int]:
+        async with self._factory() as s:
+            rows = await s.execute(select(Vm.status, func.count()).where(Vm.status.in_(statuses))
+                                   .group_by(Vm.status))
+            return {status: int(n) for status, n in rows}
 
     async def expired(self, now: datetime | None = None) -> list[Vm]:
         async with self._factory() as s:

@@ -44,7 +44,7 @@ async def vm_component(services: Services) -> VmComponent:
                            reason=services.engine_unavailable or "this server runs no VM engine",
                            network_mode=settings.network_mode)
     try:
-        live: int | None = len(await engine.list())
+        live: int | None = sum((await engine.vms.count_by_status()).values())
     except Exception:  # the database check above already says what is wrong; keep /health answering
         live = None
     accel = getattr(engine.backend, "accel", None)  # QEMU knows; other backends may not say
@@ -75,5 +75,5 @@ async def metrics(request: Request, services: ServicesDep) -> Response:
     registry = request.app.state.metrics
     registry.set_sessions(await services.auth_sessions.count_by_status())
     if services.engine is not None:
-        registry.set_vms([vm.status for vm in await services.engine.list()])
+        registry.set_vms(await services.engine.vms.count_by_status())
     return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
