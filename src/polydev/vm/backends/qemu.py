@@ -32,6 +32,7 @@ from polydev import protocol as p
 from polydev.vm.agent_client import AgentClient
 from polydev.vm.engine import Started, VMSpec
 from polydev.vm.images import INIT_PATH, Image
+from polydev.vm.network import Slot
 
 log = logging.getLogger(__name__)
 GUEST_ADDR, GUEST_GATEWAY = "10.0.2.15/24", "10.0.2.2"  # QEMU user networking's fixed layout
@@ -66,8 +67,11 @@ class QemuVM:
     def __init__(self, image: Image, workdir: Path, *, token: str | None = None, vcpus: int = 2,
                  memory_mb: int = 2048, accel: str = "auto", keep_console: bool = True,
                  tcg_cpu: str = TCG_CPU, name: str | None = None,
-                 backing: tuple[Path, str] | None = None) -> None:
+                 backing: tuple[Path, str] | None = None, slot: Slot | None = None) -> None:
         self.image = image
+        # A network slot (tap mode): QEMU runs inside the slot's namespace on its TAP, the guest takes the
+        # slot layout's fixed address, and the agent is reached at the slot's own address.
+        self.slot = slot
         # Shows in the host's process list: how the engine's reconcile recognises its VMs after a crash.
         self.name = name
         # The overlay's backing file and its format: the image (raw) for a cold boot, a snapshot's disk
@@ -114,6 +118,8 @@ class QemuVM:
 
     @property
     def agent_url(self) -> str:
+        if self.slot is not None:
+            return f"http://{self.slot.ns_ip}:{p.AGENT_PORT}"
         return f"http://127.0.0.1:{self.port}"
 
     def client(self, timeout: float = 60.0) -> AgentClient:
@@ -173,13 +179,33 @@ class QemuVM:
     def cmdline(self) -> str:
         # No token here: the command line shows in the host's process list and in the guest's /proc/cmdline.
         return " ".join(["console=ttyS0", "quiet", "root=/dev/vda", "rw", "panic=-1", f"init={INIT_PATH}",
-                         f"{p.CMDLINE_ADDR}={GUEST_ADDR}", f"{p.CMDLINE_GATEWAY}={GUEST_GATEWAY}"])
+                         f"{p.CMDLINE_ADDR}={self._guest_addr()}", f"{p.CMDLINE_GATEWAY}={self._gateway()}"])
+
+    def _guest_addr(self) -> str:
+        if self.slot is None:
+            return GUEST_ADDR
+        from polydev.vm import network
+
+        return f"{network.GUEST_IP}/{network.GUEST_PREFIX}"
+
+    def _gateway(self) -> str:
+        if self.slot is None:
+            return GUEST_GATEWAY
+        from polydev.vm import network
+
+        return network.GATEWAY_IP
 
     def argv(self, accel: str) -> list[str]:
         cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg", "-cpu", self.tcg_cpu]
         netdev = f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:{p.AGENT_PORT}"
+        prefix: list[str] = []
+        if self.slot is not None:
+            from polydev.vm import network
+
+            netdev = f"tap,id=net0,ifname={network.TAP},script=no,downscript=no"
+            prefix = self.slot.command_prefix()  # opening the TAP needs the slot's namespace
         name = ["-name", self.name] if self.name else []
-        return ["qemu-system-x86_64", *name, "-M", "q35", *cpu, "-smp", str(self.vcpus), "-m", str(self.memory_mb),
+        return [*prefix, "qemu-system-x86_64", *name, "-M", "q35", *cpu, "-smp", str(self.vcpus), "-m", str(self.memory_mb),
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                 "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd), "-append", self.cmdline(),
                 "-drive", f"id=root,file={self.overlay},format=qcow2,if=none,discard=unmap",
@@ -403,7 +429,7 @@ class QemuBackend:
     """The engine's QEMU backend. The first VM of a size boots cold, and its boot is frozen into a snapshot
     (QEMU migration to a file, taken with the agent running); every later VM of that size is a restore of
     that snapshot onto a fresh overlay over the snapshot's disk, with its own token handed over after the
-    restore. User-mode networking only for now: a snapshot's guest address is fixed at boot."""
+    restore. In tap mode (a network slot per VM) VMs boot cold: a snapshot's guest address is fixed at boot."""
 
     name = "qemu"
 
@@ -422,8 +448,6 @@ class QemuBackend:
 
         if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
             raise BackendUnavailable("QEMU is not installed (Debian: apt-get install qemu-system-x86 qemu-utils)")
-        if settings.network_mode != "user":
-            raise BackendUnavailable("the QEMU backend supports NETWORK_MODE=user so far")
         image = images.find(settings.cache_dir, images.recipe_for(settings.vm_image_profile))
         if image is None:
             raise BackendUnavailable(f"no {settings.vm_image_profile} image in {settings.cache_dir}: run "
@@ -444,12 +468,13 @@ class QemuBackend:
         return await asyncio.to_thread(self._start, spec)
 
     def _start(self, spec: VMSpec) -> Started:
-        if spec.slot is not None:
-            raise VMError("the QEMU backend has no tap networking yet (NETWORK_MODE=user)")
-        snapshot = self.ensure_snapshot(spec.vcpus, spec.memory_mb, spec.marker) if self.use_snapshots else None
+        # Snapshots are made in user mode only so far: a snapshot's guest address is fixed at its boot, so
+        # tap-mode VMs boot cold (slower, same isolation).
+        use_snapshot = self.use_snapshots and spec.slot is None
+        snapshot = self.ensure_snapshot(spec.vcpus, spec.memory_mb, spec.marker) if use_snapshot else None
         if snapshot is None:
             vm = QemuVM(self.image, spec.workdir, token=spec.token, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
-                        accel=self.accel_wanted, name=spec.marker)
+                        accel=self.accel_wanted, name=spec.marker, slot=spec.slot)
             vm.start()
         else:
             vm = QemuVM(self.image, spec.workdir, token=snapshot.token, vcpus=spec.vcpus,

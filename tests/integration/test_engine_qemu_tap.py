@@ -1,0 +1,116 @@
+"""Real VMs through the engine in tap mode, in namespaces the test creates: the control plane (the test's
+host namespace) reaches each agent; a VM reaches neither another VM nor any host port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+
+from polydev.services import Services
+from polydev.store.leases import LeaseRepo
+from polydev.store.vms import CleanupTaskRepo, VmRepo
+from polydev.vm import images
+from polydev.vm import network as net
+from polydev.vm.backends.qemu import QemuBackend
+from polydev.vm.engine import VMEngine, find_marked_processes
+from polydev.vm.network import SlotNetwork
+from tests.netns import (
+    HOST_SERVICE_IP,
+    POOL,
+    Listener,
+    host_namespace,
+    in_ns,
+    require_root_netns,
+)
+
+pytest_plugins = ["tests.vm_fixtures"]
+pytestmark = pytest.mark.vm
+
+# Runs in the host namespace: one agent call (token from the environment, never on a command line).
+_CALL = r"""
+import json, os, sys
+from polydev.vm.agent_client import AgentClient
+url, args = sys.argv[1], json.loads(sys.argv[2])
+with AgentClient(url, os.environ["AGENT_TOKEN"], timeout=120) as agent:
+    if args == "livez":
+        print(json.dumps({"live": agent.livez()}))
+    else:
+        r = agent.exec(args)
+        print(json.dumps({"exit": r.exit_code, "out": r.stdout.decode(), "err": r.stderr.decode()}))
+"""
+
+# Inside a guest: try a TCP connection, exit 0 on success.
+_TRY = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()\n"
+        "except OSError: sys.exit(1)\n")
+
+
+@pytest.fixture(params=["sqlite"])
+def database_url(tmp_path) -> str:  # type: ignore[no-untyped-def]
+    return f"sqlite:///{tmp_path / 'polydev.db'}"
+
+
+@pytest.fixture
+async def tap_engine(services: Services, test_image: images.Image) -> AsyncIterator[tuple[VMEngine, str]]:
+    require_root_netns()
+    with host_namespace() as prefix:
+        network = SlotNetwork(*POOL, prefix=prefix, host_netns=f"{prefix}-host")
+        eng = VMEngine(backend=QemuBackend(test_image, services.settings.data_dir / "snapshots"),
+                       vms=VmRepo(services.factory), cleanup=CleanupTaskRepo(services.factory),
+                       leases=LeaseRepo(services.factory), data_dir=services.settings.data_dir, network=network,
+                       vcpus={"cli": 1, "browser": 1}, memory_mb={"cli": 1024, "browser": 1024})
+        try:
+            yield eng, f"{prefix}-host"
+        finally:
+            await eng.close()
+            await eng.reconcile()
+
+
+def call(host: str, url: str, token: str, args: object) -> dict:  # type: ignore[type-arg]
+    result = subprocess.run(in_ns(host, sys.executable, "-c", _CALL, url, json.dumps(args)),
+                            env={"AGENT_TOKEN": token, "PATH": "/usr/sbin:/usr/bin:/bin",
+                                 "PYTHONPATH": ":".join(sys.path)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+async def test_tap_mode_vms_are_reachable_and_isolated(tap_engine: tuple[VMEngine, str]) -> None:
+    engine, host = tap_engine
+    a, b = await asyncio.gather(engine.create(None, "cli"), engine.create(None, "cli"))
+    assert {a.slot_index, b.slot_index} == {0, 1}
+    listener = Listener(host, "0.0.0.0", 9999)
+    try:
+        ends = {}
+        for vm in (a, b):
+            url, token = engine.agent_endpoint(vm.id)
+            assert url.startswith(f"http://{engine.network.address(vm.slot_index).ns_ip}:")  # type: ignore[union-attr,arg-type]
+            ends[vm.id] = (url, token)
+            # The control plane reaches each agent through its slot; the guest has the shared address.
+            out = call(host, url, token, ["ip", "-4", "-o", "addr", "show", "eth0"])
+            assert out["exit"] == 0 and f"{net.GUEST_IP}/{net.GUEST_PREFIX}" in out["out"]
+        b_ip = engine.network.address(b.slot_index).ns_ip  # type: ignore[union-attr,arg-type]
+        a_host = engine.network.address(a.slot_index).host_ip  # type: ignore[union-attr,arg-type]
+        url, token = ends[a.id]
+        probes = {
+            "VM A to VM B's agent": (b_ip, net.AGENT_PORT),
+            "VM A to a host service": (HOST_SERVICE_IP, 9999),
+            "VM A to its own veth host end": (a_host, 9999),
+            "VM A to its slot gateway": (net.GATEWAY_IP, 9999),
+        }
+        for what, (ip, port) in probes.items():
+            out = call(host, url, token, ["python3", "-c", _TRY, ip, str(port)])
+            assert out["exit"] == 1, f"{what} must fail"
+        # The probe itself works: inside VM A, its own agent port answers.
+        out = call(host, url, token, ["python3", "-c", _TRY, net.GUEST_IP, str(net.AGENT_PORT)])
+        assert out["exit"] == 0
+    finally:
+        listener.close()
+    for vm in (a, b):
+        assert await engine.destroy(vm.id)
+    assert find_marked_processes(engine.tag) == {}
+    assert await asyncio.to_thread(engine.network.existing) == set()  # type: ignore[union-attr]
