@@ -52,10 +52,6 @@ def test_pool_is_cut_into_aligned_pairs() -> None:
         net.pool_pairs("10.0.0.9", "10.0.0.1")
 
 
-def test_guest_address_is_the_same_in_every_slot() -> None:
-    assert net.Slot.kernel_ip_arg() == "ip=169.254.0.21::169.254.0.22:255.255.255.252::eth0:off"
-
-
 def test_control_plane_reaches_every_agent_and_guests_reach_nothing_else(slots: SlotNetwork) -> None:
     host = slots.host_netns
     assert host is not None

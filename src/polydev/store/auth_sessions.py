@@ -40,11 +40,6 @@ class AuthSessionRepo:
             )
             return result.rowcount == 1
 
-    async def set_status(self, session_id: uuid.UUID, status: str, **fields: object) -> None:
-        async with session_scope(self._factory) as s:
-            await s.execute(update(AuthSession).where(AuthSession.session_id == session_id)
-                            .values(status=status, **fields))
-
     async def count_by_status(self) -> dict[str, int]:
         async with self._factory() as s:
             rows = await s.execute(select(AuthSession.status, func.count()).group_by(AuthSession.status))

@@ -109,19 +109,9 @@ class Slot:
     host_netns: str | None = None
     guest_netns: str | None = None  # only for emulated guests (see SlotNetwork.create)
 
-    @property
-    def agent_address(self) -> tuple[str, int]:
-        return self.ns_ip, AGENT_PORT
-
     def command_prefix(self) -> list[str]:
         """Prefix for a command that must run inside the slot (the hypervisor, to open the TAP)."""
         return ["ip", "netns", "exec", self.netns]
-
-    @staticmethod
-    def kernel_ip_arg(device: str = "eth0") -> str:
-        """The guest's static address in the kernel's `ip=` syntax; identical for every slot."""
-        mask = str(ipaddress.IPv4Network(f"0.0.0.0/{GUEST_PREFIX}").netmask)
-        return f"ip={GUEST_IP}::{GATEWAY_IP}:{mask}::{device}:off"
 
 
 def _run(args: list[str], stdin: str | None = None) -> None:
