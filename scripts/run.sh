@@ -8,7 +8,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 profile=${POLYDEV_IMAGE_PROFILE:-full}
 if [ "${POLYDEV_SKIP_IMAGE:-0}" != 1 ]; then
-  apt_install qemu-system-x86 qemu-utils debootstrap e2fsprogs kmod linux-image-cloud-amd64
+  apt_install qemu-system-x86 qemu-utils debootstrap e2fsprogs kmod linux-image-cloud-amd64 socat
   command -v npm >/dev/null || apt_install npm
 fi
 ensure_venv ""

@@ -6,8 +6,9 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 apt_install postgresql redis-server nftables iproute2 procps
-# The VM image build and the VM tests: QEMU, debootstrap, mkfs.ext4 -d, the guest kernel.
-apt_install qemu-system-x86 qemu-utils debootstrap e2fsprogs kmod linux-image-cloud-amd64
+# The VM image build and the VM tests: QEMU, debootstrap, mkfs.ext4 -d, the guest kernel; socat relays
+# VM_GUEST_FORWARDS connections.
+apt_install qemu-system-x86 qemu-utils debootstrap e2fsprogs kmod linux-image-cloud-amd64 socat
 # npm fetches Node and the CLIs from the npm registry; a machine with its own Node already has it.
 command -v npm >/dev/null || apt_install npm
 ensure_venv test

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from polydev.vm.forwards import GuestForward, parse_guest_forwards
 
 PROVIDERS: tuple[str, ...] = ("claude_code", "codex", "gemini_cli")
 
@@ -66,6 +68,10 @@ class Settings(BaseSettings):
     vm_image_profile: Literal["test", "full"] = Field("full", description="golden image the engine boots")
     vm_warm_pool_size: int = Field(0, ge=0, description="restored VMs kept ready to hand out")
     vm_ttl_seconds: int = Field(1800, ge=10, description="default lifetime of a VM before the reaper takes it")
+    # User networking only: GUEST_IP:PORT=HOST_IP:PORT,... — the host loopback services a guest may reach
+    # (NoDecode: the environment value is this list syntax, not JSON).
+    vm_guest_forwards: Annotated[tuple[GuestForward, ...], NoDecode] = Field(
+        (), description="guest addresses in 10.0.2.0/24 forwarded to host loopback services")
 
     # Network (seed Appendix B); the pool addresses are the host ends of per-VM slots.
     # user: QEMU user networking, agent port forwarded to 127.0.0.1 (no root needed).
@@ -91,6 +97,11 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("vm_guest_forwards", mode="before")
+    @classmethod
+    def _parse_guest_forwards(cls, value: Any) -> Any:
+        return parse_guest_forwards(value) if isinstance(value, str) else value
+
     @property
     def effective_database_url(self) -> str:
         """The SQLAlchemy async URL, with the driver filled in for plain postgres/sqlite URLs."""
@@ -115,6 +126,8 @@ class Settings(BaseSettings):
                 value = "********"
             elif isinstance(value, Path):
                 value = str(value)
+            elif name == "vm_guest_forwards":
+                value = ",".join(str(fwd) for fwd in value)
             out[name.upper() if name not in ("data_dir", "cache_dir") else f"POLYDEV_{name.upper()}"] = value
         out["DATABASE_URL"] = redact_url(self.effective_database_url)
         if self.redis_url is not None:

@@ -1,14 +1,20 @@
 """The engine with the real QEMU backend: the first VM's boot becomes a snapshot, later VMs are restores,
-each with its own token; destroy and reconcile leave no QEMU process or disk behind."""
+each with its own token; destroy and reconcile leave no QEMU process or disk behind; guest forwards open
+exactly the configured host loopback services to a guest."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
+from polydev.config import Settings
 from polydev.services import Services
 from polydev.store.leases import LeaseRepo
 from polydev.store.vms import CleanupTaskRepo, VmRepo
@@ -180,3 +186,75 @@ async def test_engine_sigkilled_with_real_vms_then_reconcile(services: Services,
     assert find_marked_processes(engine.tag) == {}
     assert await engine.list() == [] and not any(engine.vms_dir.iterdir())
     assert await engine.leases.held() == {}
+
+
+# Inside the guest: two connections to the forwarded address open at once (the first waits half-sent while
+# the second completes), then a probe of the host alias at a port that is not forwarded.
+_FORWARD_PROBE = r'''
+import json, socket, sys, urllib.request
+first = socket.create_connection(("10.0.2.100", 80), timeout=20)
+first.sendall(b"GET /first HTTP/1.0\r\n")
+second = urllib.request.urlopen("http://10.0.2.100/second", timeout=20).read().decode()
+first.sendall(b"\r\n")
+reply = b""
+while chunk := first.recv(65536):
+    reply += chunk
+try:
+    socket.create_connection(("10.0.2.2", int(sys.argv[1])), timeout=5).close()
+    other = "reached"
+except OSError as exc:
+    other = type(exc).__name__
+print(json.dumps({"first": reply.split(b"\r\n\r\n", 1)[1].decode(), "second": second, "other": other}))
+'''
+
+
+class _Hello(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        body = f"hello {self.path}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _loopback_http() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_guest_forwards_reach_exactly_the_forwarded_host_services(
+        services: Services, test_image: images.Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The session's image, whatever the guest code's digest is by now (from_settings looks it up by recipe).
+    monkeypatch.setattr(images, "find", lambda cache_dir, recipe: test_image)
+    with _loopback_http() as port, _loopback_http() as other_port:
+        settings = Settings(POLYDEV_DATA_DIR=services.settings.data_dir, VM_IMAGE_PROFILE="test",
+                            VM_GUEST_FORWARDS=f"10.0.2.100:80=127.0.0.1:{port}")
+        backend = QemuBackend.from_settings(settings)
+        engine = VMEngine(backend=backend, vms=VmRepo(services.factory), cleanup=CleanupTaskRepo(services.factory),
+                          leases=LeaseRepo(services.factory), data_dir=settings.data_dir,
+                          vcpus={"cli": 1, "browser": 1}, memory_mb={"cli": 1024, "browser": 1024})
+        try:
+            # The first VM's creation makes the snapshot (its template booted with the forwards); the second
+            # is a plain restore: a fresh QEMU command line carries the forwards either way.
+            for _ in range(2):
+                vm = await engine.create(None, "cli")
+                with engine.agent(vm.id, timeout=120) as agent:
+                    result = agent.exec(["python3", "-c", _FORWARD_PROBE, str(other_port)], timeout_s=90)
+                assert result.exit_code == 0, result.stderr.decode()[-2000:]
+                seen = json.loads(result.stdout)
+                assert seen["first"] == "hello /first" and seen["second"] == "hello /second"
+                assert seen["other"] != "reached"  # restrict=on: a host port not forwarded stays shut
+                await engine.destroy(vm.id)
+            assert backend.snapshot_dir(1, 1024).exists()
+        finally:
+            await engine.close()

@@ -2,9 +2,11 @@
 
 Machine: `q35` with virtio-pci. QEMU's `microvm` machine (DESIGN §3) hangs Debian's cloud kernel under TCG at
 TSC calibration (no PIT/HPET reference), and the kernel lacks VIRTIO_MMIO_CMDLINE_DEVICES, so q35 it is.
-Network: QEMU user networking with `restrict=on` (the guest reaches nothing outside) and one hostfwd from
-127.0.0.1:<free port> to the agent. Readiness: a reader thread copies the serial console to `console.log`
-and wakes the starter the moment the agent's READY line appears, or the moment QEMU exits. No sleeps.
+Network: QEMU user networking with `restrict=on` (the guest reaches nothing outside), one hostfwd from
+127.0.0.1:<free port> to the agent, and a `guestfwd` per configured guest forward (VM_GUEST_FORWARDS,
+polydev.vm.forwards): the host loopback services the guest may reach, and nothing else.
+Readiness: a reader thread copies the serial console to `console.log` and wakes the starter the moment the
+agent's READY line appears, or the moment QEMU exits. No sleeps.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 from polydev import protocol as p
 from polydev.vm.agent_client import AgentClient
 from polydev.vm.engine import Started, VMSpec
+from polydev.vm.forwards import RELAY_MISSING, GuestForward, relay_path
 from polydev.vm.images import INIT_PATH, Image
 from polydev.vm.network import Slot
 
@@ -67,8 +70,11 @@ class QemuVM:
     def __init__(self, image: Image, workdir: Path, *, token: str | None = None, vcpus: int = 2,
                  memory_mb: int = 2048, accel: str = "auto", keep_console: bool = True,
                  tcg_cpu: str = TCG_CPU, name: str | None = None,
-                 backing: tuple[Path, str] | None = None, slot: Slot | None = None) -> None:
+                 backing: tuple[Path, str] | None = None, slot: Slot | None = None,
+                 guest_forwards: tuple[GuestForward, ...] = ()) -> None:
         self.image = image
+        # User networking only (a slot's egress is its firewall's business): host services the guest may reach.
+        self.guest_forwards = guest_forwards
         # A network slot (tap mode): QEMU runs inside the slot's namespace on its TAP, the guest takes the
         # slot layout's fixed address, and the agent is reached at the slot's own address.
         self.slot = slot
@@ -198,6 +204,11 @@ class QemuVM:
     def argv(self, accel: str) -> list[str]:
         cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg", "-cpu", self.tcg_cpu]
         netdev = f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:{p.AGENT_PORT}"
+        if self.guest_forwards and self.slot is None:
+            relay = relay_path()
+            if relay is None:
+                raise VMError(RELAY_MISSING)
+            netdev += "".join(f",{fwd.netdev_rule(relay)}" for fwd in self.guest_forwards)
         prefix: list[str] = []
         if self.slot is not None:
             from polydev.vm import network
@@ -433,8 +444,12 @@ class QemuBackend:
 
     name = "qemu"
 
-    def __init__(self, image: Image, snapshots_dir: Path, *, accel: str = "auto", snapshots: bool = True) -> None:
+    def __init__(self, image: Image, snapshots_dir: Path, *, accel: str = "auto", snapshots: bool = True,
+                 guest_forwards: tuple[GuestForward, ...] = ()) -> None:
         self.image = image
+        # Given to every VM, template included: a forward is on QEMU's command line, not in the snapshot, so
+        # restores get the forwards configured now whatever the template had.
+        self.guest_forwards = guest_forwards
         self.snapshots_dir = snapshots_dir
         self.accel_wanted = accel
         self.use_snapshots = snapshots
@@ -452,7 +467,13 @@ class QemuBackend:
         if image is None:
             raise BackendUnavailable(f"no {settings.vm_image_profile} image in {settings.cache_dir}: run "
                                      f"`polydev image build --profile {settings.vm_image_profile}`")
-        return cls(image, settings.data_dir / "snapshots")
+        forwards = tuple(settings.vm_guest_forwards)
+        if forwards and relay_path() is None:
+            raise BackendUnavailable(RELAY_MISSING)
+        if forwards and settings.network_mode != "user":
+            log.warning("VM_GUEST_FORWARDS applies to user networking only; NETWORK_MODE=%s ignores it",
+                        settings.network_mode)
+        return cls(image, settings.data_dir / "snapshots", guest_forwards=forwards)
 
     @property
     def accel(self) -> str:
@@ -474,12 +495,13 @@ class QemuBackend:
         snapshot = self.ensure_snapshot(spec.vcpus, spec.memory_mb, spec.marker) if use_snapshot else None
         if snapshot is None:
             vm = QemuVM(self.image, spec.workdir, token=spec.token, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
-                        accel=self.accel_wanted, name=spec.marker, slot=spec.slot)
+                        accel=self.accel_wanted, name=spec.marker, slot=spec.slot,
+                        guest_forwards=self.guest_forwards)
             vm.start()
         else:
             vm = QemuVM(self.image, spec.workdir, token=snapshot.token, vcpus=spec.vcpus,
                         memory_mb=spec.memory_mb, accel=snapshot.accel, name=spec.marker,
-                        backing=(snapshot.disk, "qcow2"))
+                        backing=(snapshot.disk, "qcow2"), guest_forwards=self.guest_forwards)
             vm.restore(snapshot.state, snapshot.accel, spec.token)
         assert vm._proc is not None
         with self._lock:
@@ -511,7 +533,7 @@ class QemuBackend:
         # A marker of the engine's kind (another id), so a crash mid-snapshot leaves nothing reconcile misses.
         template_name = marker.rsplit("-", 5)[0] + "-" + str(uuid.uuid4())
         template = QemuVM(self.image, work / "boot", vcpus=vcpus, memory_mb=memory_mb, accel=self.accel_wanted,
-                          name=template_name, keep_console=False)
+                          name=template_name, keep_console=False, guest_forwards=self.guest_forwards)
         try:
             started = time.monotonic()
             template.start()
