@@ -14,12 +14,21 @@ Wire summary (all JSON bodies are UTF-8 objects; process output is base64 becaus
                                         `start`, then `stdout`/`stderr` chunks, then exactly one `exit`.
 - `PUT /files?path=ABS&mode=0644`    raw body → `FileInfo`;  `GET /files?path=ABS` → raw body + `X-Polydev-Mode`.
 - `POST /signal` body `SignalRequest` → `{"delivered": true}`
+- `POST /input` body `InputRequest`  → `{"written": n}`: more input for a running exec: a PTY exec's terminal, or
+                                        a pipe exec started with `keep_stdin_open`. `eof` closes a pipe; on a PTY
+                                        it types the EOF character (Ctrl-D). 404 unknown or finished exec, 409
+                                        stdin closed. `n < len(data)` when the process read nothing for
+                                        INPUT_WAIT_S (then `eof` was not applied).
+- `POST /watch` body `WatchRequest`  → `{"path": P, "size": n, "mode": "0600"}` as soon as one of the paths is a
+                                        regular file of at least `min_size` bytes that has stopped changing
+                                        (so a half-written file is not reported); `{"path": null}` at timeout.
 - `POST /token` body `TokenRequest`  replaces the token (after a snapshot restore the host hands each clone its own).
 Every call but `/livez` needs `Authorization: Bearer <token>`; errors answer `{"error": reason}` with a 4xx/5xx.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,6 +46,9 @@ CMDLINE_TOKEN = "polydev.token"
 CMDLINE_ADDR = "polydev.addr"  # e.g. 10.0.2.15/24
 CMDLINE_GATEWAY = "polydev.gw"
 CMDLINE_PORT = "polydev.port"
+INPUT_WAIT_S = 10.0  # how long one POST /input waits for a process that does not read its input
+MAX_WATCH_PATHS = 16
+MAX_WATCH_S = 300.0
 MODE_HEADER = "X-Polydev-Mode"
 NDJSON = "application/x-ndjson"
 
@@ -73,6 +85,16 @@ def _str_list(value: Any, name: str) -> list[str]:
     return value
 
 
+def _b64(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"{name} must be a base64 string")
+    try:
+        base64.b64decode(value, validate=True)
+    except ValueError:  # binascii.Error
+        raise ProtocolError(f"{name} is not valid base64") from None
+    return value
+
+
 def _opt(value: Any, kind: type | tuple[type, ...], name: str) -> Any:
     # bool is an int in Python; a JSON true where a number is expected is still a client bug.
     if value is None:
@@ -89,9 +111,10 @@ class ExecRequest:
     args: list[str]
     env: dict[str, str] = field(default_factory=dict)  # merged over the agent's default environment
     cwd: str | None = None
-    stdin: str | None = None  # base64; closed after writing (for a PTY: written, then left open)
+    stdin: str | None = None  # base64; closed after writing unless keep_stdin_open (a PTY stays open)
     pty: bool = False  # stdout carries the terminal's output; stderr is merged into it
     timeout_s: float | None = None  # the process group is killed when it runs longer
+    keep_stdin_open: bool = False  # a pipe exec's stdin stays open for POST /input (a PTY's always does)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,7 +122,7 @@ class ExecRequest:
     @classmethod
     def from_json(cls, raw: bytes | str | dict[str, Any]) -> ExecRequest:
         data = _obj(raw)
-        _check_keys(data, {"args", "env", "cwd", "stdin", "pty", "timeout_s"}, "exec")
+        _check_keys(data, {"args", "env", "cwd", "stdin", "pty", "timeout_s", "keep_stdin_open"}, "exec")
         if "args" not in data:
             raise ProtocolError("exec: args is required")
         args = _str_list(data["args"], "args")
@@ -115,9 +138,12 @@ class ExecRequest:
         timeout = _opt(data.get("timeout_s"), (int, float), "timeout_s")
         if timeout is not None and timeout <= 0:
             raise ProtocolError("timeout_s must be positive")
+        stdin = data.get("stdin")
         return cls(args=args, env=env, cwd=_opt(data.get("cwd"), str, "cwd"),
-                   stdin=_opt(data.get("stdin"), str, "stdin"), pty=bool(_opt(data.get("pty"), bool, "pty")),
-                   timeout_s=None if timeout is None else float(timeout))
+                   stdin=None if stdin is None else _b64(stdin, "stdin"),
+                   pty=bool(_opt(data.get("pty"), bool, "pty")),
+                   timeout_s=None if timeout is None else float(timeout),
+                   keep_stdin_open=bool(_opt(data.get("keep_stdin_open"), bool, "keep_stdin_open")))
 
 
 @dataclass
@@ -144,8 +170,6 @@ class ExecEvent:
         return cls(**known)
 
     def bytes(self) -> bytes:
-        import base64  # only the host decodes; the agent never calls this
-
         return base64.b64decode(self.data or "")
 
 
@@ -195,6 +219,56 @@ class SignalRequest:
         if signal_number(name) is None:
             raise ProtocolError(f"unknown signal {name!r}")
         return cls(exec_id=exec_id, signal=name)
+
+
+@dataclass
+class InputRequest:
+    exec_id: str
+    data: str = ""  # base64 of the bytes to write
+    eof: bool = False  # after the data: close a pipe's stdin, or type Ctrl-D on a PTY
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def payload(self) -> bytes:
+        return base64.b64decode(self.data)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> InputRequest:
+        data = _obj(raw)
+        _check_keys(data, {"exec_id", "data", "eof"}, "input")
+        exec_id = _opt(data.get("exec_id"), str, "exec_id")
+        if not exec_id:
+            raise ProtocolError("input: exec_id is required")
+        return cls(exec_id=exec_id, data=_b64(data.get("data", ""), "data"),
+                   eof=bool(_opt(data.get("eof"), bool, "eof")))
+
+
+@dataclass
+class WatchRequest:
+    paths: list[str]  # absolute; the answer names the first that is ready, as spelled here
+    timeout: float  # seconds; 0 checks once
+    min_size: int = 1  # an empty file just created by open() is not yet the file being waited for
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> WatchRequest:
+        data = _obj(raw)
+        _check_keys(data, {"paths", "timeout", "min_size"}, "watch")
+        paths = _str_list(data.get("paths"), "paths")
+        if not 1 <= len(paths) <= MAX_WATCH_PATHS:
+            raise ProtocolError(f"paths must name 1 to {MAX_WATCH_PATHS} files")
+        if any(not path.startswith("/") or "\0" in path for path in paths):
+            raise ProtocolError("paths must be absolute, without NUL")
+        timeout = _opt(data.get("timeout"), (int, float), "timeout")
+        if timeout is None or not 0 <= timeout <= MAX_WATCH_S:  # also refuses NaN, which json accepts
+            raise ProtocolError(f"timeout must be seconds from 0 to {MAX_WATCH_S:g}")
+        min_size = _opt(data.get("min_size", 1), int, "min_size")
+        if min_size is None or min_size < 0:
+            raise ProtocolError("min_size must be a non-negative integer")
+        return cls(paths=paths, timeout=float(timeout), min_size=min_size)
 
 
 @dataclass

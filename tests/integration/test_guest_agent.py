@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
 import time
+from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
 import httpx
@@ -150,19 +152,32 @@ def test_calls_without_the_token_are_rejected(agent: AgentClient) -> None:
     assert agent.health().status == "ok"
 
 
-@pytest.mark.parametrize("body, needle", [
-    (b"not json", "not JSON"),
-    (b"[1, 2]", "object"),
-    (b"{}", "args"),
-    (b'{"args": []}', "program"),
-    (b'{"args": "ls"}', "list of strings"),
-    (b'{"args": ["ls"], "bogus": 1}', "bogus"),
-    (b'{"args": ["ls"], "env": {"A": 1}}', "env"),
-    (b'{"args": ["ls"], "timeout_s": -1}', "timeout_s"),
-    (b'{"args": ["ls"], "pty": "yes"}', "pty"),
+@pytest.mark.parametrize("route, body, needle", [
+    ("/exec", b"not json", "not JSON"),
+    ("/exec", b"[1, 2]", "object"),
+    ("/exec", b"{}", "args"),
+    ("/exec", b'{"args": []}', "program"),
+    ("/exec", b'{"args": "ls"}', "list of strings"),
+    ("/exec", b'{"args": ["ls"], "bogus": 1}', "bogus"),
+    ("/exec", b'{"args": ["ls"], "env": {"A": 1}}', "env"),
+    ("/exec", b'{"args": ["ls"], "timeout_s": -1}', "timeout_s"),
+    ("/exec", b'{"args": ["ls"], "pty": "yes"}', "pty"),
+    ("/exec", b'{"args": ["cat"], "stdin": "%%%"}', "base64"),
+    ("/input", b'{"exec_id": "x", "data": "%%%"}', "base64"),
+    ("/input", b'{"data": "aGk="}', "exec_id"),
+    ("/input", b'{"exec_id": "x", "eof": "yes"}', "eof"),
+    ("/input", b'{"exec_id": "x", "extra": 1}', "extra"),
+    ("/watch", b'{"paths": [], "timeout": 1}', "1 to 16"),
+    ("/watch", b'{"paths": ["relative"], "timeout": 1}', "absolute"),
+    ("/watch", b'{"paths": "/tmp/x", "timeout": 1}', "list of strings"),
+    ("/watch", b'{"paths": ["/tmp/x"]}', "timeout"),
+    ("/watch", b'{"paths": ["/tmp/x"], "timeout": 301}', "timeout"),
+    ("/watch", b'{"paths": ["/tmp/x"], "timeout": -1}', "timeout"),
+    ("/watch", b'{"paths": ["/tmp/x"], "timeout": 1, "min_size": -1}', "min_size"),
+    ("/watch", b'{"paths": ["/tmp/x"], "timeout": 1, "min_size": true}', "min_size"),
 ])
-def test_malformed_exec_is_a_400_with_a_reason(agent: AgentClient, body: bytes, needle: str) -> None:
-    response = agent._http.post("/exec", content=body)
+def test_malformed_body_is_a_400_with_a_reason(agent: AgentClient, route: str, body: bytes, needle: str) -> None:
+    response = agent._http.post(route, content=body)
     assert response.status_code == 400
     assert needle in response.json()["error"]
 
@@ -199,3 +214,133 @@ def test_token_rotation(agent: AgentClient) -> None:
     finally:
         agent.rotate_token(old)
     assert agent.health().protocol == p.PROTOCOL_VERSION
+
+
+# -- POST /input ------------------------------------------------------------------------------------------------
+
+
+def _stdout(events: list[p.ExecEvent]) -> bytes:
+    return b"".join(e.bytes() for e in events if e.type == "stdout")
+
+
+def test_input_reaches_a_pty_exec_after_its_prompt(agent: AgentClient) -> None:
+    # The paste-code login: the CLI prompts on a terminal and the code arrives later, on another connection.
+    stream = agent.exec_stream(["bash", "-c", "printf 'Paste code here if prompted >'; read -r x; echo got:$x; "
+                                "cat >/dev/null; echo closed"], pty=True, timeout_s=120)
+    start = next(stream)
+    assert start.exec_id
+    seen = b""
+    for event in stream:
+        seen += event.bytes() if event.type == "stdout" else b""
+        if b"prompted >" in seen:
+            break
+    assert agent.write_input(start.exec_id, b"code-123\n") == len(b"code-123\n")
+    assert agent.write_input(start.exec_id, b"", eof=True) == 0  # Ctrl-D at a line start: cat sees EOF
+    rest = list(stream)
+    assert rest[-1].type == "exit" and rest[-1].code == 0
+    assert b"got:code-123" in _stdout(rest) and b"closed" in _stdout(rest)
+    with pytest.raises(AgentError) as finished:
+        agent.write_input(start.exec_id, b"late\n")
+    assert finished.value.status == 404
+
+
+def test_input_to_a_pipe_kept_open_follows_the_initial_stdin(agent: AgentClient) -> None:
+    stream = agent.exec_stream(["sh", "-c", "read -r a; echo first:$a; cat; echo end"], stdin=b"one\n",
+                               keep_stdin_open=True, timeout_s=120)
+    start = next(stream)
+    assert start.exec_id
+    assert agent.write_input(start.exec_id, b"two\n") == 4
+    assert agent.write_input(start.exec_id, b"three", eof=True) == 5  # eof closes the pipe: cat ends
+    rest = list(stream)
+    assert rest[-1].type == "exit" and rest[-1].code == 0
+    assert _stdout(rest) == b"first:one\ntwo\nthreeend\n"
+    with pytest.raises(AgentError) as finished:
+        agent.write_input(start.exec_id, b"x")
+    assert finished.value.status == 404
+
+
+def test_input_errors(agent: AgentClient) -> None:
+    with pytest.raises(AgentError) as unknown:
+        agent.write_input("no-such-exec", b"x")
+    assert unknown.value.status == 404
+    # A pipe exec started without keep_stdin_open has no stdin to write to.
+    stream = agent.exec_stream(["sleep", "300"])
+    start = next(stream)
+    assert start.exec_id
+    with pytest.raises(AgentError) as closed:
+        agent.write_input(start.exec_id, b"x")
+    assert closed.value.status == 409 and "keep_stdin_open" in closed.value.reason
+    agent.signal(start.exec_id, "KILL")
+    assert list(stream)[-1].code == -9
+
+
+# -- POST /watch ------------------------------------------------------------------------------------------------
+
+
+def test_watch_answers_with_a_file_written_later(agent: AgentClient, scratch: str) -> None:
+    # Written beside the target and renamed into place, as a careful CLI does; mode 0600 like a credential.
+    write = (f"sleep 0.5; mkdir -p {scratch}; printf secret > {scratch}/cred.tmp; chmod 600 {scratch}/cred.tmp; "
+             f"mv {scratch}/cred.tmp {scratch}/cred")
+    stream = agent.exec_stream(["sh", "-c", write], timeout_s=120)
+    assert next(stream).type == "start"
+    response = agent._http.post("/watch", json={"paths": [f"{scratch}/never", f"{scratch}/cred"], "timeout": 120},
+                                timeout=180)
+    assert response.status_code == 200
+    assert response.json() == {"path": f"{scratch}/cred", "size": 6, "mode": "0600"}
+    assert list(stream)[-1].code == 0
+    assert agent.watch([f"{scratch}/cred"], timeout=30) == f"{scratch}/cred"  # already there: answers at once
+    agent.exec(["rm", "-r", scratch])
+
+
+def test_watch_times_out_with_null(agent: AgentClient, scratch: str) -> None:
+    # Neither a missing file, nor a directory, nor a file smaller than min_size counts.
+    agent.put_file(f"{scratch}/empty", b"")
+    assert agent.watch([f"{scratch}/never", scratch, f"{scratch}/empty"], timeout=0.5) is None
+    assert agent.watch([f"{scratch}/empty"], timeout=0) is None
+    assert agent.watch([f"{scratch}/empty"], timeout=10, min_size=0) == f"{scratch}/empty"
+    agent.exec(["rm", "-r", scratch])
+
+
+@pytest.fixture
+def local_client(local_agent: tuple[str, str]) -> Iterator[AgentClient]:
+    with AgentClient(*local_agent, timeout=60) as client:
+        yield client
+
+
+def test_watch_waits_for_a_growing_file_to_settle(local_client: AgentClient, scratch: str) -> None:
+    # Local agent only: under an emulated CPU the writer itself may stall past the settle window, which is
+    # indistinguishable from having finished.
+    path = f"{scratch}/growing"
+    writer = ("import os, sys, time\nos.makedirs(os.path.dirname(sys.argv[1]))\nf = open(sys.argv[1], 'ab', 0)\n"
+              "for _ in range(25):\n    f.write(b'x' * 100)\n    time.sleep(0.02)\n")
+    stream = local_client.exec_stream(["python3", "-c", writer, path], timeout_s=120)
+    assert next(stream).type == "start"
+    response = local_client._http.post("/watch", json={"paths": [path], "timeout": 120}, timeout=180)
+    assert response.json()["size"] == 2500  # not a size from half way
+    assert list(stream)[-1].code == 0
+    local_client.exec(["rm", "-r", scratch])
+
+
+def _agent_threads(agent: AgentClient) -> int:
+    # The exec's parent process is the agent; each open connection holds one of its threads.
+    return int(agent.exec(["sh", "-c", "ls /proc/$PPID/task | wc -l"]).stdout)
+
+
+def _eventually(check: Callable[[], bool], within_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+    return False
+
+
+def test_watch_ends_when_the_client_disconnects(agent: AgentClient, scratch: str) -> None:
+    url = urlparse(agent.base_url)
+    body = json.dumps({"paths": [f"{scratch}/never"], "timeout": 300}).encode()
+    head = (f"POST /watch HTTP/1.1\r\nHost: x\r\nAuthorization: {agent._http.headers['Authorization']}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    before = _agent_threads(agent)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as s:
+        s.sendall(head + body)
+        assert _eventually(lambda: _agent_threads(agent) > before), "the watch never started"
+    assert _eventually(lambda: _agent_threads(agent) <= before), "the watch outlived its client"

@@ -56,6 +56,26 @@ def test_token_stays_off_command_lines(test_vm: QemuVM) -> None:
     assert b"init=/sbin/polydev-init" in guest_cmdline and test_vm.token.encode() not in guest_cmdline
 
 
+def test_paste_code_login_over_input_and_watch(test_vm: QemuVM) -> None:
+    # The login flows' two calls in the real guest: a terminal prompt gets its code over POST /input, and
+    # POST /watch reports the credential file the "CLI" writes once it has the code.
+    home = "/root/.polydev-login-test"
+    script = (f"printf 'Paste code here if prompted >'; read -r code; mkdir -p {home}; umask 077; "
+              f"printf '{{\"code\":\"%s\"}}' \"$code\" > {home}/cred.tmp; mv {home}/cred.tmp {home}/cred.json")
+    with test_vm.client(timeout=120) as agent:
+        agent.exec(["rm", "-rf", home])
+        # The terminal buffers the code until bash reads it, so it may be sent before the prompt shows.
+        stream = agent.exec_stream(["bash", "-c", script], pty=True, timeout_s=300)
+        start = next(stream)
+        assert start.exec_id
+        assert agent.watch([f"{home}/cred.json"], timeout=0) is None  # the CLI still waits for its code
+        assert agent.write_input(start.exec_id, b"4/0Ab-code\n") == 11
+        assert agent.watch([f"{home}/cred.json"], timeout=120) == f"{home}/cred.json"
+        assert list(stream)[-1].code == 0
+        assert agent.get_file(f"{home}/cred.json") == (b'{"code":"4/0Ab-code"}', 0o600)
+        agent.exec(["rm", "-rf", home])
+
+
 def test_guest_cannot_reach_the_host(test_vm: QemuVM) -> None:
     # A server on the host's loopback: with restrict=on, the guest's 10.0.2.2 (QEMU's alias for the host)
     # must not reach it. Only loopback is involved, so nothing leaves this machine whatever happens.

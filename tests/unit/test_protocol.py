@@ -73,3 +73,28 @@ def test_guest_modules_import_without_pydantic_or_host_code() -> None:
             "or m.startswith(('polydev.vm', 'polydev.api', 'polydev.config', 'polydev.store'))]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_input_and_watch_requests_round_trip() -> None:
+    req = p.InputRequest.from_json({"exec_id": "abc", "data": base64.b64encode(b"\x00code\n").decode(), "eof": True})
+    assert req.payload() == b"\x00code\n" and req.eof
+    assert p.InputRequest.from_json(req.to_json()) == req
+    assert p.InputRequest.from_json({"exec_id": "abc"}).payload() == b""
+    watch = p.WatchRequest.from_json({"paths": ["/a", "/b"], "timeout": 5})
+    assert watch == p.WatchRequest(paths=["/a", "/b"], timeout=5.0, min_size=1)
+    assert p.WatchRequest.from_json(watch.to_json()) == watch
+    assert p.ExecRequest.from_json({"args": ["cat"], "keep_stdin_open": True}).keep_stdin_open
+
+
+@pytest.mark.parametrize("kind, raw, needle", [
+    (p.InputRequest, '{"exec_id": "a", "data": "not base64!"}', "base64"),
+    (p.InputRequest, '{"exec_id": ""}', "exec_id"),
+    (p.WatchRequest, json.dumps({"paths": [f"/f{i}" for i in range(17)], "timeout": 1}), "1 to 16"),
+    (p.WatchRequest, '{"paths": ["/a\\u0000"], "timeout": 1}', "NUL"),
+    (p.WatchRequest, '{"paths": ["/a"], "timeout": NaN}', "timeout"),
+    (p.ExecRequest, '{"args": ["cat"], "stdin": "***"}', "stdin is not valid base64"),
+    (p.ExecRequest, '{"args": ["cat"], "keep_stdin_open": 1}', "keep_stdin_open"),
+])
+def test_input_and_watch_requests_reject_with_reason(kind: type, raw: str, needle: str) -> None:
+    with pytest.raises(p.ProtocolError, match=needle):
+        kind.from_json(raw)

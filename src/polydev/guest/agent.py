@@ -19,6 +19,7 @@ from typing import Callable
 from polydev import protocol as p
 from polydev.guest import execute
 from polydev.guest.http import HTTPError, Request, serve
+from polydev.guest.watch import wait_for_file
 
 MAX_UPLOAD = 4 * 1024 * 1024 * 1024
 _upload_ids = itertools.count()  # tempfile would import random, shutil and more
@@ -71,16 +72,15 @@ class Agent:
         if spec.cwd is not None and not os.path.isdir(spec.cwd):
             raise HTTPError(422, f"cwd {spec.cwd!r} is not a directory")
         try:
-            exec_id, proc, master = execute.spawn(spec)
+            exec_id, ex = execute.spawn(spec)
         except execute.SpawnError as exc:
             raise HTTPError(422, f"cannot start {spec.args[0]!r}: {exc}") from None
         try:
             req.start(200, {"Content-Type": p.NDJSON, "X-Polydev-Exec-Id": exec_id}, chunked=True)
         except BaseException:
-            execute.kill_group(proc)
-            proc.wait()
+            execute.discard(exec_id, ex)
             raise
-        execute.stream(spec, exec_id, proc, master, req.conn, req.send_chunk)
+        execute.stream(spec, exec_id, ex, req.conn, req.send_chunk)
         req.end_chunks()
 
     def files_put(self, req: Request) -> None:
@@ -144,6 +144,25 @@ class Agent:
             raise HTTPError(404, f"no running exec {spec.exec_id}")
         req.send_json(200, {"delivered": True})
 
+    def input(self, req: Request) -> None:
+        spec = p.InputRequest.from_json(req.read_body())
+        try:
+            written = execute.write_input(spec.exec_id, spec.payload(), spec.eof)
+        except execute.NoSuchExec:
+            raise HTTPError(404, f"no running exec {spec.exec_id}") from None
+        except execute.InputClosed:
+            raise HTTPError(409, f"stdin of exec {spec.exec_id} is closed (start it with keep_stdin_open)") from None
+        req.send_json(200, {"written": written})
+
+    def watch(self, req: Request) -> None:
+        spec = p.WatchRequest.from_json(req.read_body())
+        found = wait_for_file(spec.paths, spec.timeout, spec.min_size, req.conn)
+        if found is None:
+            req.send_json(200, {"path": None})
+            return
+        path, st = found
+        req.send_json(200, {"path": path, "size": st.st_size, "mode": format(st.st_mode & 0o7777, "04o")})
+
     def token(self, req: Request) -> None:
         spec = p.TokenRequest.from_json(req.read_body())
         with self._token_lock:
@@ -157,6 +176,8 @@ ROUTES = {
     ("PUT", "/files"): Agent.files_put,
     ("GET", "/files"): Agent.files_get,
     ("POST", "/signal"): Agent.signal,
+    ("POST", "/input"): Agent.input,
+    ("POST", "/watch"): Agent.watch,
     ("POST", "/token"): Agent.token,
 }
 

@@ -1,7 +1,9 @@
 """Run one command for POST /exec and stream its output as ordered events.
 
 Each command runs in its own session (process group), so a timeout, a client that went away or a
-POST /signal reaches the whole tree it started, not only the first process.
+POST /signal reaches the whole tree it started, not only the first process. POST /input writes to a running
+command's terminal or stdin pipe from another connection's thread, so each command's input side is an `Exec`
+guarded by its own lock.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import os
+import select
 import selectors
 import signal
 import socket
@@ -19,9 +22,12 @@ import time
 import uuid
 from typing import Callable
 
-from polydev.protocol import ExecEvent, ExecRequest
+from polydev.guest.http import client_gone
+from polydev.protocol import INPUT_WAIT_S, ExecEvent, ExecRequest
 
 READ_SIZE = 64 * 1024
+WRITE_SLICE_S = 0.2  # a blocked writer looks this often whether its exec is ending
+EOT = b"\x04"  # the terminal's default EOF character (Ctrl-D)
 DRAIN_READS = 256  # at most 16 MiB per stream read after the process exited
 DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -34,13 +40,66 @@ DEFAULT_ENV = {
 if os.path.isdir("/var/cache/node-compile-cache"):
     DEFAULT_ENV["NODE_COMPILE_CACHE"] = "/var/cache/node-compile-cache"
 
-# exec_id -> Popen, for POST /signal and /health's count.
-RUNNING: dict[str, subprocess.Popen[bytes]] = {}
-_lock = threading.Lock()
 
 
 class SpawnError(Exception):
     """The program could not be started (missing, not executable, bad cwd)."""
+
+
+class NoSuchExec(LookupError):
+    """No exec with that id is running (never was, or it has finished)."""
+
+
+class InputClosed(Exception):
+    """The exec runs, but its stdin was never kept open or has been closed."""
+
+
+class Exec:
+    """A started process and its input side, shared by the thread streaming its output and /input's threads."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stdin: int | None, pty: bool) -> None:
+        self.proc = proc
+        self.pty = pty
+        # The PTY master or the stdin pipe's write end; None once closed. Guarded by `lock`: the stream thread
+        # closes it when the process ends, and a number closed under a writer could be reused by another file.
+        self.stdin = stdin
+        self.lock = threading.Lock()
+        # Set once the request's own stdin is written, so /input bytes never overtake it.
+        self.fed = threading.Event()
+        self.ending = False  # set by the stream thread before it closes stdin: blocked writers give up
+
+    def close_stdin(self) -> None:
+        """Caller holds `lock`."""
+        if self.stdin is None:
+            return
+        if self.pty:
+            os.close(self.stdin)
+        else:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # closes the fd we wrote to; Popen's file object never buffered anything
+        self.stdin = None
+
+    def write(self, data: bytes, wait_s: float | None) -> int:
+        """Caller holds `lock` and has checked `stdin`. Returns how much was written before the process stopped
+        reading for wait_s (None: for as long as it runs); OSError (EPIPE, EIO) when the reader is gone."""
+        fd = self.stdin
+        assert fd is not None
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        done = 0
+        while done < len(data) and not self.ending:
+            try:
+                done += os.write(fd, data[done:])
+            except BlockingIOError:
+                left = WRITE_SLICE_S if deadline is None else min(WRITE_SLICE_S, deadline - time.monotonic())
+                if left <= 0:
+                    break
+                select.select([], [fd], [], left)
+        return done
+
+
+# exec_id -> Exec, for POST /signal, POST /input and /health's count.
+RUNNING: dict[str, Exec] = {}
+_lock = threading.Lock()
 
 
 def _make_controlling_tty() -> None:
@@ -49,8 +108,8 @@ def _make_controlling_tty() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-def spawn(req: ExecRequest) -> tuple[str, subprocess.Popen[bytes], int | None]:
-    """Start the process. Returns (exec_id, process, pty master fd or None)."""
+def spawn(req: ExecRequest) -> tuple[str, Exec]:
+    """Start the process and register it under a new exec id."""
     env = {**DEFAULT_ENV, **req.env}
     master = None
     try:
@@ -61,18 +120,26 @@ def spawn(req: ExecRequest) -> tuple[str, subprocess.Popen[bytes], int | None]:
                                         start_new_session=True, preexec_fn=_make_controlling_tty)
             finally:
                 os.close(slave)
+            stdin = master
         else:
-            proc = subprocess.Popen(req.args, stdin=subprocess.PIPE if req.stdin is not None else subprocess.DEVNULL,
+            piped = req.stdin is not None or req.keep_stdin_open
+            proc = subprocess.Popen(req.args, stdin=subprocess.PIPE if piped else subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=req.cwd, env=env,
                                     start_new_session=True)
+            stdin = proc.stdin.fileno() if proc.stdin is not None else None
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         if master is not None:
             os.close(master)
         raise SpawnError(str(exc)) from None
+    if stdin is not None:
+        os.set_blocking(stdin, False)  # writers wait in select, so a process that does not read cannot hang them
+    ex = Exec(proc, stdin, req.pty)
+    if req.stdin is None:
+        ex.fed.set()
     exec_id = uuid.uuid4().hex[:16]
     with _lock:
-        RUNNING[exec_id] = proc
-    return exec_id, proc, master
+        RUNNING[exec_id] = ex
+    return exec_id, ex
 
 
 def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
@@ -82,34 +149,83 @@ def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None
         pass
 
 
-def send_signal(exec_id: str, sig: int) -> bool:
+def _running(exec_id: str) -> Exec | None:
     with _lock:
-        proc = RUNNING.get(exec_id)
-    if proc is None or proc.returncode is not None:
+        ex = RUNNING.get(exec_id)
+    return None if ex is None or ex.proc.returncode is not None else ex
+
+
+def discard(exec_id: str, ex: Exec) -> None:
+    """For an exec whose stream never started (the response could not be sent): kill it and free it."""
+    kill_group(ex.proc)
+    _release(exec_id, ex)
+
+
+def _release(exec_id: str, ex: Exec) -> None:
+    """Once the process has exited or been killed: close its fds, reap it, forget it."""
+    ex.ending = True  # a writer blocked on this process gives up within WRITE_SLICE_S and frees the lock
+    with ex.lock:
+        ex.close_stdin()
+    ex.fed.set()  # wakes /input calls waiting for the initial stdin; they find the exec ending
+    ex.proc.wait()
+    for pipe in (ex.proc.stdout, ex.proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    with _lock:
+        RUNNING.pop(exec_id, None)
+
+
+def send_signal(exec_id: str, sig: int) -> bool:
+    ex = _running(exec_id)
+    if ex is None:
         return False
-    kill_group(proc, sig)
+    kill_group(ex.proc, sig)
     return True
 
 
-def _feed_stdin(proc: subprocess.Popen[bytes], data: bytes) -> None:
-    # In a thread: a large stdin must not deadlock against a child that writes before it reads.
-    try:
-        assert proc.stdin is not None
-        proc.stdin.write(data)
-    except (BrokenPipeError, OSError):
-        pass
-    finally:
+def write_input(exec_id: str, data: bytes, eof: bool) -> int:
+    """POST /input: write to a running exec's terminal or kept-open stdin pipe; returns the bytes written."""
+    ex = _running(exec_id)
+    if ex is None:
+        raise NoSuchExec(exec_id)
+    if not ex.fed.wait(INPUT_WAIT_S):
+        return 0  # the request's own stdin is still not read; this input may not jump ahead of it
+    with ex.lock:
+        if ex.ending:
+            raise NoSuchExec(exec_id)
+        if ex.stdin is None:
+            raise InputClosed(exec_id)
         try:
-            proc.stdin.close()  # type: ignore[union-attr]
-        except OSError:
-            pass
+            written = ex.write(data, INPUT_WAIT_S)
+            if eof and written == len(data):
+                # Closing a PTY master would hang up the terminal and lose its output; type EOF instead.
+                if ex.pty:
+                    ex.write(EOT, INPUT_WAIT_S)
+                else:
+                    ex.close_stdin()
+        except OSError:  # EPIPE or EIO: the process, or every holder of its terminal, is gone
+            raise NoSuchExec(exec_id) from None
+    return written
 
 
-def stream(req: ExecRequest, exec_id: str, proc: subprocess.Popen[bytes], master: int | None,
-           client: socket.socket, emit: Callable[[bytes], None]) -> None:
+def _feed_stdin(ex: Exec, data: bytes, close: bool) -> None:
+    # In a thread: a large stdin must not deadlock against a child that writes before it reads.
+    with ex.lock:
+        try:
+            if ex.stdin is not None:
+                ex.write(data, None)
+                if close:
+                    ex.close_stdin()
+        except OSError:  # the reader is gone: nothing more can be written
+            ex.close_stdin()
+    ex.fed.set()
+
+
+def stream(req: ExecRequest, exec_id: str, ex: Exec, client: socket.socket, emit: Callable[[bytes], None]) -> None:
     """Pump output into `emit` as NDJSON lines until the process exits; kill it if the client leaves or time runs out."""
     started = time.monotonic()
     seq = 0
+    proc = ex.proc
 
     def event(**kw: object) -> None:
         nonlocal seq
@@ -120,19 +236,18 @@ def stream(req: ExecRequest, exec_id: str, proc: subprocess.Popen[bytes], master
     pidfd = os.pidfd_open(proc.pid)
     try:
         event(type="start", exec_id=exec_id, pid=proc.pid)
-        stdin = base64.b64decode(req.stdin) if req.stdin else b""
-        if master is not None:
-            os.set_blocking(master, False)
-            sel.register(master, selectors.EVENT_READ, "stdout")
-            if stdin:
-                os.write(master, stdin)  # the terminal's input queue takes a few KB; plenty for prompts
+        if ex.pty:
+            assert ex.stdin is not None
+            sel.register(ex.stdin, selectors.EVENT_READ, "stdout")  # the master: output is read where input goes
         else:
             assert proc.stdout is not None and proc.stderr is not None
             for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
                 os.set_blocking(pipe.fileno(), False)
                 sel.register(pipe.fileno(), selectors.EVENT_READ, name)
-            if proc.stdin is not None:
-                threading.Thread(target=_feed_stdin, args=(proc, stdin), daemon=True).start()
+        if req.stdin is not None:
+            # A pipe is closed after it (EOF) unless kept open; a terminal stays open for /input anyway.
+            close = not (ex.pty or req.keep_stdin_open)
+            threading.Thread(target=_feed_stdin, args=(ex, base64.b64decode(req.stdin), close), daemon=True).start()
         sel.register(pidfd, selectors.EVENT_READ, "exit")
         sel.register(client, selectors.EVENT_READ, "client")
         deadline = None if req.timeout_s is None else started + req.timeout_s
@@ -150,7 +265,7 @@ def stream(req: ExecRequest, exec_id: str, proc: subprocess.Popen[bytes], master
                 if key.data == "exit":
                     exited = True
                 elif key.data == "client":
-                    if _client_gone(client):
+                    if client_gone(client):
                         kill_group(proc)
                         raise BrokenPipeError("client disconnected")
                     sel.unregister(client)  # it sent bytes we do not expect; stop watching rather than spin
@@ -172,14 +287,7 @@ def stream(req: ExecRequest, exec_id: str, proc: subprocess.Popen[bytes], master
     finally:
         sel.close()
         os.close(pidfd)
-        if master is not None:
-            os.close(master)
-        proc.wait()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-        with _lock:
-            RUNNING.pop(exec_id, None)
+        _release(exec_id, ex)
 
 
 def _pump(fd: int, name: str, event: Callable[..., None], drain: bool = False) -> bool:
@@ -194,12 +302,3 @@ def _pump(fd: int, name: str, event: Callable[..., None], drain: bool = False) -
         return False
     event(type=name, data=base64.b64encode(data).decode("ascii"))
     return True
-
-
-def _client_gone(client: socket.socket) -> bool:
-    try:
-        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True

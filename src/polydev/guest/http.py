@@ -184,3 +184,13 @@ def _error(conn: socket.socket, status: int, reason: str) -> None:
         conn.sendall(head.encode() + body)
     except OSError:
         pass
+
+
+def client_gone(conn: socket.socket) -> bool:
+    """After select() says the connection is readable: True when the peer closed it (we expect no more bytes)."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True

@@ -67,12 +67,13 @@ class AgentClient:
         return p.Health.from_json(self._check(self._http.get("/health")).content)
 
     def exec_stream(self, args: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-                    stdin: bytes | None = None, pty: bool = False,
-                    timeout_s: float | None = None) -> Iterator[p.ExecEvent]:
+                    stdin: bytes | None = None, pty: bool = False, timeout_s: float | None = None,
+                    keep_stdin_open: bool = False) -> Iterator[p.ExecEvent]:
         """Yield events as the agent sends them. Leaving the loop early closes the connection, which kills
-        the process in the guest."""
+        the process in the guest. With keep_stdin_open (or pty), `write_input` feeds it more input later."""
         req = p.ExecRequest(args=args, env=env or {}, cwd=cwd, pty=pty, timeout_s=timeout_s,
-                            stdin=None if stdin is None else base64.b64encode(stdin).decode())
+                            stdin=None if stdin is None else base64.b64encode(stdin).decode(),
+                            keep_stdin_open=keep_stdin_open)
         # The read timeout must outlast the command; the agent enforces timeout_s itself.
         read_timeout = None if timeout_s is None else timeout_s + 30
         with self._http.stream("POST", "/exec", json=req.to_json(),
@@ -102,6 +103,22 @@ class AgentClient:
 
     def signal(self, exec_id: str, signal: str = "TERM") -> None:
         self._check(self._http.post("/signal", json={"exec_id": exec_id, "signal": signal}))
+
+    def write_input(self, exec_id: str, data: bytes, eof: bool = False) -> int:
+        """Write to a running exec's terminal (pty) or kept-open stdin; eof closes the pipe / types Ctrl-D.
+        Returns the bytes written: fewer than given when the process read nothing for p.INPUT_WAIT_S."""
+        req = p.InputRequest(exec_id=exec_id, data=base64.b64encode(data).decode(), eof=eof)
+        response = self._http.post("/input", json=req.to_json(), timeout=httpx.Timeout(30.0, read=p.INPUT_WAIT_S + 30))
+        return int(json.loads(self._check(response).content)["written"])
+
+    def watch(self, paths: list[str], timeout: float, min_size: int = 1) -> str | None:
+        """Block until one of `paths` (absolute, in the guest) is a completely written file of at least
+        min_size bytes, and return it; None when `timeout` seconds pass first."""
+        req = p.WatchRequest(paths=list(paths), timeout=timeout, min_size=min_size)
+        # The read timeout must outlast the watch; the agent enforces `timeout` itself.
+        response = self._http.post("/watch", json=req.to_json(), timeout=httpx.Timeout(30.0, read=timeout + 30))
+        path = json.loads(self._check(response).content)["path"]
+        return None if path is None else str(path)
 
     def rotate_token(self, new_token: str) -> None:
         self._check(self._http.post("/token", json={"token": new_token}))
