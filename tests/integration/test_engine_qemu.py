@@ -209,7 +209,7 @@ print(json.dumps({"first": reply.split(b"\r\n\r\n", 1)[1].decode(), "second": se
 
 
 class _Hello(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body = f"hello {self.path}".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))

@@ -1,5 +1,6 @@
-"""Real VMs through the engine in tap mode, in namespaces the test creates: the control plane (the test's
-host namespace) reaches each agent; a VM reaches neither another VM nor any host port."""
+"""Real VMs through the engine in tap mode, in namespaces the test creates: VMs are restored from one tap-mode
+snapshot into different slots; the control plane (the test's host namespace) reaches each agent; a VM reaches
+neither another VM nor any host port."""
 
 from __future__ import annotations
 
@@ -83,9 +84,15 @@ async def test_tap_mode_vms_are_reachable_and_isolated(tap_engine: tuple[VMEngin
     engine, host = tap_engine
     a, b = await asyncio.gather(engine.create(None, "cli"), engine.create(None, "cli"))
     assert {a.slot_index, b.slot_index} == {0, 1}
+    backend = engine.backend
+    assert isinstance(backend, QemuBackend)
+    meta = json.loads((backend.snapshot_dir(1, 1024, "tap") / "meta.json").read_text())
+    assert meta["network"] == "tap"
+    assert backend.snapshot_dir(1, 1024, "tap") != backend.snapshot_dir(1, 1024, "user")
     listener = Listener(host, "0.0.0.0", 9999)
     try:
         ends = {}
+        started_at: set[str] = set()
         for vm in (a, b):
             url, token = engine.agent_endpoint(vm.id)
             assert url.startswith(f"http://{engine.network.address(vm.slot_index).ns_ip}:")  # type: ignore[union-attr,arg-type]
@@ -93,6 +100,12 @@ async def test_tap_mode_vms_are_reachable_and_isolated(tap_engine: tuple[VMEngin
             # The control plane reaches each agent through its slot; the guest has the shared address.
             out = call(host, url, token, ["ip", "-4", "-o", "addr", "show", "eth0"])
             assert out["exit"] == 0 and f"{net.GUEST_IP}/{net.GUEST_PREFIX}" in out["out"]
+            # Field 22 of the agent's /proc stat: when it started, in ticks since boot. Cold boots differ;
+            # restores of one snapshot share the snapshot's memory image, so the same value.
+            out = call(host, url, token, ["sh", "-c", "cut -d' ' -f22 /proc/$PPID/stat"])
+            assert out["exit"] == 0
+            started_at.add(out["out"].strip())
+        assert len(started_at) == 1, "both VMs restored from the one snapshot"
         b_ip = engine.network.address(b.slot_index).ns_ip  # type: ignore[union-attr,arg-type]
         a_host = engine.network.address(a.slot_index).host_ip  # type: ignore[union-attr,arg-type]
         url, token = ends[a.id]

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from polydev import protocol as p
+from polydev.vm import handover
 from polydev.vm.agent_client import AgentClient
 from polydev.vm.engine import Started, VMSpec
 from polydev.vm.forwards import RELAY_MISSING, GuestForward, relay_path
@@ -323,22 +324,27 @@ class QemuVM:
 
         asyncio.run(run())
 
+    def _agent_address(self) -> tuple[str, int, str | None]:
+        """(host, port, namespace to connect from) of the agent as the control plane reaches it."""
+        if self.slot is not None:
+            return self.slot.ns_ip, p.AGENT_PORT, self.slot.host_netns
+        return "127.0.0.1", self.port, None
+
     def _hand_over_token(self, new_token: str, deadline: float) -> None:
         """The restored agent still holds the snapshot's token: replace it with this VM's own."""
-        import httpx
-
-        from polydev.vm.agent_client import AgentError
-
-        with AgentClient(self.agent_url, self.token, timeout=5.0) as agent:
-            while True:
-                try:
-                    agent.rotate_token(new_token)
-                    break
-                except (httpx.TransportError, AgentError):
-                    # The guest's network path through the new QEMU comes up a moment after `cont`.
-                    if not self.alive() or time.monotonic() > deadline:
-                        raise VMError("the restored agent did not answer", list(self._tail)) from None
-                    time.sleep(0.01)
+        host, port, netns = self._agent_address()
+        while True:
+            try:
+                handover.rotate_token(host, port, self.token, new_token, netns=netns,
+                                      timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                break
+            except OSError:
+                # The guest's network path through the new QEMU comes up a moment after `cont`.
+                if not self.alive() or time.monotonic() > deadline:
+                    raise VMError("the restored agent did not answer", list(self._tail)) from None
+                time.sleep(0.01)
+            except handover.HandoverRefused as exc:
+                raise VMError(f"the restored agent refused its new token ({exc})", list(self._tail)) from None
         self.token = new_token
 
     def _read_console(self, proc: subprocess.Popen[bytes], started: float) -> None:
@@ -431,6 +437,15 @@ class Snapshot:
         return (self.directory / "template.token").read_text().strip()
 
 
+def _network_key(mode: str) -> list[str]:
+    """What a restored guest keeps from the network it was snapshotted on: its address and its gateway."""
+    if mode == "user":
+        return ["user", GUEST_ADDR, GUEST_GATEWAY]
+    from polydev.vm import network
+
+    return ["tap", f"{network.GUEST_IP}/{network.GUEST_PREFIX}", network.GATEWAY_IP]
+
+
 def qemu_version() -> str:
     out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=True)
     return out.stdout.splitlines()[0].strip()
@@ -440,7 +455,8 @@ class QemuBackend:
     """The engine's QEMU backend. The first VM of a size boots cold, and its boot is frozen into a snapshot
     (QEMU migration to a file, taken with the agent running); every later VM of that size is a restore of
     that snapshot onto a fresh overlay over the snapshot's disk, with its own token handed over after the
-    restore. In tap mode (a network slot per VM) VMs boot cold: a snapshot's guest address is fixed at boot."""
+    restore. Snapshots are kept per network mode: in tap mode every slot gives the guest the same address
+    (and gateway), so a template booted in the first VM's slot restores into any slot."""
 
     name = "qemu"
 
@@ -489,10 +505,8 @@ class QemuBackend:
         return await asyncio.to_thread(self._start, spec)
 
     def _start(self, spec: VMSpec) -> Started:
-        # Snapshots are made in user mode only so far: a snapshot's guest address is fixed at its boot, so
-        # tap-mode VMs boot cold (slower, same isolation).
-        use_snapshot = self.use_snapshots and spec.slot is None
-        snapshot = self.ensure_snapshot(spec.vcpus, spec.memory_mb, spec.marker) if use_snapshot else None
+        snapshot = (self.ensure_snapshot(spec.vcpus, spec.memory_mb, spec.marker, spec.slot)
+                    if self.use_snapshots else None)
         if snapshot is None:
             vm = QemuVM(self.image, spec.workdir, token=spec.token, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
                         accel=self.accel_wanted, name=spec.marker, slot=spec.slot,
@@ -500,7 +514,7 @@ class QemuBackend:
             vm.start()
         else:
             vm = QemuVM(self.image, spec.workdir, token=snapshot.token, vcpus=spec.vcpus,
-                        memory_mb=spec.memory_mb, accel=snapshot.accel, name=spec.marker,
+                        memory_mb=spec.memory_mb, accel=snapshot.accel, name=spec.marker, slot=spec.slot,
                         backing=(snapshot.disk, "qcow2"), guest_forwards=self.guest_forwards)
             vm.restore(snapshot.state, snapshot.accel, spec.token)
         assert vm._proc is not None
@@ -509,13 +523,18 @@ class QemuBackend:
         return Started(pid=vm._proc.pid, agent_url=vm.agent_url, agent_port=vm.port,
                        socket_path=str(vm.qmp_socket))
 
-    def snapshot_dir(self, vcpus: int, memory_mb: int) -> Path:
-        key = hashlib.sha256(json.dumps([self.image.hash, vcpus, memory_mb, TCG_CPU, qemu_version()]).encode())
+    def snapshot_dir(self, vcpus: int, memory_mb: int, network: str = "user") -> Path:
+        """Where the snapshot of this size and network mode lives. The network mode is in the key because the
+        guest's address and devices differ: user networking's 10.0.2.15, or the slot layout's address."""
+        key = hashlib.sha256(json.dumps([self.image.hash, vcpus, memory_mb, TCG_CPU, qemu_version(),
+                                         _network_key(network)]).encode())
         return self.snapshots_dir / key.hexdigest()[:16]
 
-    def ensure_snapshot(self, vcpus: int, memory_mb: int, marker: str) -> Snapshot:
-        """The snapshot for this size, made (once, under a file lock) by a cold boot if it does not exist."""
-        directory = self.snapshot_dir(vcpus, memory_mb)
+    def ensure_snapshot(self, vcpus: int, memory_mb: int, marker: str, slot: Slot | None = None) -> Snapshot:
+        """The snapshot for this size and network mode, made (once, under a file lock) by a cold boot if it does
+        not exist. In tap mode the template boots in `slot` (the slot of the VM being created, which waits for
+        it anyway): every slot looks the same to a guest."""
+        directory = self.snapshot_dir(vcpus, memory_mb, "tap" if slot else "user")
         meta = directory / "meta.json"
         if meta.exists():
             return Snapshot(directory, json.loads(meta.read_text())["accel"])
@@ -524,16 +543,17 @@ class QemuBackend:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if meta.exists():
                 return Snapshot(directory, json.loads(meta.read_text())["accel"])
-            return self._make_snapshot(directory, vcpus, memory_mb, marker)
+            return self._make_snapshot(directory, vcpus, memory_mb, marker, slot)
 
-    def _make_snapshot(self, directory: Path, vcpus: int, memory_mb: int, marker: str) -> Snapshot:
+    def _make_snapshot(self, directory: Path, vcpus: int, memory_mb: int, marker: str,
+                       slot: Slot | None) -> Snapshot:
         work = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(mode=0o700)
         # A marker of the engine's kind (another id), so a crash mid-snapshot leaves nothing reconcile misses.
         template_name = marker.rsplit("-", 5)[0] + "-" + str(uuid.uuid4())
         template = QemuVM(self.image, work / "boot", vcpus=vcpus, memory_mb=memory_mb, accel=self.accel_wanted,
-                          name=template_name, keep_console=False, guest_forwards=self.guest_forwards)
+                          name=template_name, keep_console=False, guest_forwards=self.guest_forwards, slot=slot)
         try:
             started = time.monotonic()
             template.start()
@@ -556,6 +576,7 @@ class QemuBackend:
                 f.write(template.token)
             (work / "meta.json").write_text(json.dumps({"accel": accel, "image": self.image.hash, "vcpus": vcpus,
                                                         "memory_mb": memory_mb, "qemu": qemu_version(),
+                                                        "network": "tap" if slot else "user",
                                                         "seconds": round(time.monotonic() - started, 2)}))
             shutil.rmtree(work / "boot", ignore_errors=True)
             shutil.rmtree(directory, ignore_errors=True)

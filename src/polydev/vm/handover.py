@@ -1,0 +1,80 @@
+"""Handing a restored guest's agent its own token: one `POST /token` on a plain socket.
+
+A restored guest still holds the snapshot's token; the first request that succeeds also proves the agent
+answers, which is what "the VM is ready" means. Two reasons this is a bare socket and not httpx:
+- a tap-mode VM is reached through its slot from the namespace that plays the host (the root namespace in
+  production, a namespace of their own in tests): the socket is created in that namespace by a short-lived
+  thread (setns(2) changes only the calling thread, and a socket keeps the namespace it was made in), so the
+  engine itself never leaves its own namespace;
+- it runs on every VM creation's critical path, where building an httpx client costs more than the request.
+The agent serves one request per connection (Connection: close), so reading to EOF gets the whole answer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = Path("/run/netns")  # where `ip netns` (and pyroute2) keep named namespaces
+
+
+class HandoverRefused(Exception):
+    """The agent answered, but not with success (a wrong old token, say): retrying will not help."""
+
+
+def socket_in_netns(netns: str | None) -> socket.socket:
+    """A TCP socket that lives in the named network namespace (None: this thread's own)."""
+    if netns is None:
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    made: list[socket.socket] = []
+    failed: list[BaseException] = []
+
+    def make() -> None:  # a throwaway thread: it ends in the other namespace, nobody else runs on it
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(NETNS_DIR / netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            made.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
+            failed.append(exc)
+
+    thread = threading.Thread(target=make, name=f"netns-{netns}", daemon=True)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return made[0]
+
+
+def rotate_token(host: str, port: int, old_token: str, new_token: str, *, netns: str | None = None,
+                 timeout: float = 5.0) -> None:
+    """Replace the agent's token. OSError while the guest's network is not answering yet (retry);
+    HandoverRefused when the agent said no."""
+    body = json.dumps({"token": new_token}).encode()
+    head = (f"POST /token HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {old_token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket_in_netns(netns) as sock:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        sock.sendall(head + body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    if not reply:  # accepted and closed: in user mode, QEMU's port forward before the guest is reachable
+        raise ConnectionResetError("the agent closed the connection without answering")
+    status_line = reply.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ConnectionResetError(f"not an HTTP answer: {status_line[:80]!r}")
+    if parts[1] != "200":  # the reason is the agent's, never the tokens
+        raise HandoverRefused(f"agent answered {status_line[:120]}")
