@@ -86,15 +86,42 @@ class Settings(BaseSettings):
     firecracker_base: Path = Path("/var/lib/firecracker")
     firecracker_golden_rootfs: Path | None = None
     firecracker_golden_kernel: Path | None = None
+    # Optional: run Firecracker under its jailer (chroot under FIRECRACKER_BASE, own uid/gid, --new-pid-ns).
+    firecracker_jailer: Path | None = None
+    firecracker_jailer_uid: int | None = Field(None, ge=1, description="uid the jailed VMM runs as (not root)")
+    firecracker_jailer_gid: int | None = Field(None, ge=1)
 
     debug_keep_failed_vms: bool = False
 
+    # Provider flows (login and runs)
+    login_timeout_seconds: int = Field(300, ge=10, le=3600, description="a login session not completed "
+                                       "by then is ended as timeout and its VM destroyed")
+    run_timeout_seconds: int = Field(900, ge=10, description="default time limit of a run")
+    run_max_timeout_seconds: int = Field(3600, ge=10, description="largest `timeout` a run request may ask")
+    max_prompt_bytes: int = Field(100_000, ge=1, description="longer prompts answer 413")
+    max_run_files_bytes: int = Field(4 * 1024 * 1024, ge=0, description="total size of files sent with a run")
+    # How the CLIs in a VM reach the outside: an HTTPS proxy as the guest sees it (in user networking, a
+    # VM_GUEST_FORWARDS address), an extra CA the CLIs trust, and per-provider API base URLs (JSON object,
+    # e.g. {"claude_code": "http://10.0.2.101"}); all unset means the CLIs' defaults.
+    guest_https_proxy: str | None = None
+    guest_ca_cert_file: Path | None = None
+    provider_api_base_urls: dict[str, str] = Field(default_factory=dict)
+
     @field_validator("database_url", "redis_url", "credential_encryption_key",
-                     "credential_encryption_previous_keys", mode="before")
+                     "credential_encryption_previous_keys", "guest_https_proxy", "guest_ca_cert_file",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         if isinstance(value, str) and not value.strip():
             return None
+        return value
+
+    @field_validator("provider_api_base_urls")
+    @classmethod
+    def _known_providers(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(PROVIDERS))
+        if unknown:
+            raise ValueError(f"unknown provider(s) {', '.join(unknown)}; use {', '.join(PROVIDERS)}")
         return value
 
     @field_validator("vm_guest_forwards", mode="before")

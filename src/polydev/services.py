@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from polydev.config import Settings
+from polydev.core.login_flow import LoginFlow
 from polydev.core.login_sessions import LoginSessions
+from polydev.core.run_flow import RunFlow
+from polydev.providers.base import GuestEnv
 from polydev.store import db
 from polydev.store.auth_sessions import AuthSessionRepo
 from polydev.store.credentials import CredentialRepo
+from polydev.store.runs import RunRepo
 from polydev.store.sessions import SessionStore, create_session_store
 from polydev.store.users import UserRepo
 from polydev.store.vault import Vault, key_source_from_settings
@@ -44,13 +48,36 @@ class Services:
     credentials: CredentialRepo
     auth_sessions: AuthSessionRepo
     login: LoginSessions
+    runs: RunRepo
     # The VM engine when this process runs VMs; None otherwise, with the reason in `engine_unavailable`
     # when the server tried and could not (no image, no QEMU, tap mode without root, ...).
     engine: VMEngine | None = None
     engine_unavailable: str | None = None
+    # Where things live in the guest (home, working and login directories). Tests whose "guest" is an agent
+    # on the host point these at a temporary directory.
+    guest_paths: GuestEnv = field(default_factory=GuestEnv)
+    login_flow: LoginFlow = None  # type: ignore[assignment]  # wired right after construction
+    run_flow: RunFlow = None  # type: ignore[assignment]
+
+    def engine_or_reason(self) -> tuple[VMEngine | None, str | None]:
+        return self.engine, self.engine_unavailable
+
+    def guest_env(self, provider: str) -> GuestEnv:
+        """How a VM for `provider` reaches the outside, per the settings."""
+        from dataclasses import replace
+
+        from polydev.providers.base import GUEST_CA_PATH
+
+        s = self.settings
+        return replace(self.guest_paths, https_proxy=s.guest_https_proxy,
+                       ca_cert_path=GUEST_CA_PATH if s.guest_ca_cert_file else None,
+                       api_base_url=s.provider_api_base_urls.get(provider))
 
     async def close(self) -> None:
-        # VMs first: destroying them updates their rows, so the database must still be there.
+        # Flows first (they destroy their VMs), then VMs: destroying them updates their rows, so the
+        # database must still be there.
+        await self.login_flow.close()
+        await self.run_flow.close()
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await engine.close()
@@ -83,12 +110,18 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
     store = create_session_store(redis_url, settings.redis_session_ttl)
     auth_sessions = AuthSessionRepo(factory)
-    return Services(
+    svc = Services(
         settings=settings, db_engine=engine, factory=factory, vault=vault, sessions=store,
         users=UserRepo(factory, settings.auth_cache_seconds), credentials=CredentialRepo(factory, vault),
         auth_sessions=auth_sessions,
-        login=LoginSessions(store, auth_sessions),
+        login=LoginSessions(store, auth_sessions), runs=RunRepo(factory),
     )
+    ca_pem = settings.guest_ca_cert_file.read_bytes() if settings.guest_ca_cert_file else None
+    svc.login_flow = LoginFlow(sessions=svc.login, credentials=svc.credentials, engine=svc.engine_or_reason,
+                               guest_env=svc.guest_env, ca_pem=ca_pem, timeout=settings.login_timeout_seconds)
+    svc.run_flow = RunFlow(runs=svc.runs, credentials=svc.credentials, engine=svc.engine_or_reason,
+                           guest_env=svc.guest_env, ca_pem=ca_pem, default_timeout=settings.run_timeout_seconds)
+    return svc
 
 
 def slot_network(settings: Settings) -> SlotNetwork:

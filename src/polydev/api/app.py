@@ -14,7 +14,7 @@ from polydev import __version__
 from polydev.api.errors import install_error_handlers
 from polydev.api.metrics import Metrics
 from polydev.api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
-from polydev.api.routes import auth_sessions, credentials, health, users, vms
+from polydev.api.routes import auth_sessions, credentials, health, runs, users, vms
 from polydev.config import Settings, get_settings
 from polydev.services import BackendFactory, Services, open_services, start_vm_engine
 
@@ -55,6 +55,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 if issued is not None:
                     announce_admin_token(svc, issued.secret)
                 await start_vm_engine(svc, backend_factory)
+                # Logins and runs an earlier process was driving lost their VMs with it: say so.
+                ended = (await svc.login_flow.reclaim(), await svc.run_flow.reclaim())
+                if any(ended):
+                    log.warning("flows_reclaimed", login_sessions=ended[0], runs=ended[1])
             log.info("started", database=svc.db_engine.dialect.name, session_store=svc.sessions.kind,
                      vm_engine=svc.engine is not None, port=settings.port)
             yield
@@ -73,7 +77,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     metrics = Metrics()
     app.state.metrics = metrics
     install_error_handlers(app)
-    for router in (health.router, users.router, credentials.router, auth_sessions.router, vms.router):
+    for router in (health.router, users.router, credentials.router, auth_sessions.router, runs.router,
+                   vms.router):
         app.include_router(router)
     # Outermost first: observe everything (413s included), then enforce the size limit.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)

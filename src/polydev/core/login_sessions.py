@@ -15,6 +15,7 @@ from polydev.store.models import AUTH_SESSION_TERMINAL, AuthSession, utcnow
 from polydev.store.sessions import SessionStore
 
 EXPIRED_MESSAGE = "session expired after {ttl} s without activity"
+_ROW_COLUMNS = ("status", "auth_url", "vnc_url", "vm_ip")
 
 
 class SessionNotFound(Exception):
@@ -34,7 +35,9 @@ def _from_row(row: AuthSession) -> dict[str, Any]:
         "session_id": str(row.session_id),
         "user_id": str(row.user_id),
         "provider": row.provider,
+        "method": row.method,
         "status": row.status,
+        "vm_id": str(row.browser_vm_id) if row.browser_vm_id else None,
         "auth_url": row.auth_url,
         "vnc_url": row.vnc_url,
         "error_message": row.error_message,
@@ -48,12 +51,31 @@ class LoginSessions:
         self.store = store
         self.repo = repo
 
-    async def start(self, user_id: uuid.UUID, provider: str) -> dict[str, Any]:
-        """Record a new session and publish its live state (the flow that drives it arrives later)."""
-        row = await self.repo.create(user_id, provider)
+    async def start(self, user_id: uuid.UUID, provider: str, method: str | None = None) -> dict[str, Any]:
+        """Record a new session and publish its live state; the login flow drives it from here."""
+        row = await self.repo.create(user_id, provider, method=method)
         live = _from_row(row) | {"updated_at": utcnow().isoformat()}
         await self.store.create(live["session_id"], live)
         return live
+
+    async def update(self, session_id: uuid.UUID, **changes: Any) -> dict[str, Any] | None:
+        """Publish progress of a live session: the store gets everything, the row its own columns."""
+        columns = {k: v for k, v in changes.items() if k in _ROW_COLUMNS}
+        if "vm_id" in changes:
+            columns["browser_vm_id"] = uuid.UUID(changes["vm_id"]) if changes["vm_id"] else None
+        if columns:
+            await self.repo.update(session_id, **columns)
+        return await self.store.update(str(session_id), changes | {"updated_at": utcnow().isoformat()})
+
+    async def finish(self, session_id: uuid.UUID, status: str, error: str | None = None) -> bool:
+        """End a session (terminal status); False if it had already ended. The store keeps the final state
+        until its TTL so every replica reads the same outcome."""
+        ended = await self.repo.finish(session_id, status, error)
+        if ended:
+            await self.store.update(str(session_id), {"status": status, "error_message": error,
+                                                      "completed_at": utcnow().isoformat(),
+                                                      "updated_at": utcnow().isoformat()})
+        return ended
 
     async def read(self, user_id: uuid.UUID, session_id: uuid.UUID) -> dict[str, Any]:
         live = await self.store.get(str(session_id))

@@ -27,6 +27,8 @@ GUEST_WORKDIR = "/root/work"
 # The platform writes it into the guest before a login (so the image does not have to change for it) and
 # puts its directory first on PATH, which also catches CLIs that call `xdg-open` through the `open` package.
 LOGIN_DIR = "/run/polydev/login"
+# Where the platform puts an extra CA (GUEST_CA_CERT_FILE) for the CLIs to trust.
+GUEST_CA_PATH = "/usr/local/share/polydev/extra-ca.pem"
 # Some CLIs open the browser only when a display is set (Claude and Gemini on Linux). Display :1 is where
 # the login browser's VNC server runs when there is one.
 LOGIN_DISPLAY = ":1"

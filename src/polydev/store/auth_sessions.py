@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -15,9 +16,10 @@ class AuthSessionRepo:
     def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
         self._factory = factory
 
-    async def create(self, user_id: uuid.UUID, provider: str, status: str = "initializing") -> AuthSession:
+    async def create(self, user_id: uuid.UUID, provider: str, status: str = "initializing",
+                     method: str | None = None) -> AuthSession:
         async with session_scope(self._factory) as s:
-            row = AuthSession(user_id=user_id, provider=provider, status=status)
+            row = AuthSession(user_id=user_id, provider=provider, status=status, method=method)
             s.add(row)
             await s.flush()
             return row
@@ -27,6 +29,26 @@ class AuthSessionRepo:
         async with self._factory() as s:
             return await s.scalar(select(AuthSession).where(
                 AuthSession.session_id == session_id, AuthSession.user_id == user_id))
+
+    async def update(self, session_id: uuid.UUID, **fields: Any) -> bool:
+        """Change a session that has not ended (status, auth_url, browser_vm_id, …); False if it had."""
+        if fields.get("status") in AUTH_SESSION_TERMINAL:
+            raise ValueError("use finish() for terminal statuses")
+        async with session_scope(self._factory) as s:
+            result = await s.execute(
+                update(AuthSession)
+                .where(AuthSession.session_id == session_id, AuthSession.status.not_in(AUTH_SESSION_TERMINAL))
+                .values(**fields, last_heartbeat=utcnow()))
+            return result.rowcount == 1
+
+    async def get(self, session_id: uuid.UUID) -> AuthSession | None:
+        async with self._factory() as s:
+            return await s.get(AuthSession, session_id)
+
+    async def live(self) -> list[AuthSession]:
+        async with self._factory() as s:
+            return list(await s.scalars(select(AuthSession).where(
+                AuthSession.status.not_in(AUTH_SESSION_TERMINAL))))
 
     async def finish(self, session_id: uuid.UUID, status: str, error: str | None = None) -> bool:
         """Move a non-terminal session to a terminal status; False if it had already ended."""

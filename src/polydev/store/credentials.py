@@ -61,12 +61,17 @@ class CredentialRepo:
 
     async def reveal(self, user_id: uuid.UUID, provider: str) -> bytes | None:
         """The decrypted credential, for writing into a VM. Raises VaultError if it cannot be opened."""
+        found = await self.reveal_with_kind(user_id, provider)
+        return None if found is None else found[1]
+
+    async def reveal_with_kind(self, user_id: uuid.UUID, provider: str) -> tuple[str, bytes] | None:
+        """(kind, decrypted credential), or None when the user has none for `provider`."""
         async with self._factory() as s:
             row = await s.scalar(select(Credential).where(
                 Credential.user_id == user_id, Credential.provider == provider))
         if row is None:
             return None
-        return self._vault.open(row.user_id, row.provider, _sealed(row))
+        return row.kind, self._vault.open(row.user_id, row.provider, _sealed(row))
 
     async def delete(self, user_id: uuid.UUID, provider: str) -> bool:
         async with session_scope(self._factory) as s:

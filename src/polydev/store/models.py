@@ -138,6 +138,7 @@ class AuthSession(Base):
     vnc_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     auth_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    method: Mapped[str | None] = mapped_column(String(16), nullable=True)  # browser | device
     last_heartbeat: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     started_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
@@ -192,6 +193,28 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    # "<user>:<provider>" while the run is live, NULL once it ended. Unique, so the database itself refuses a
+    # second live run on one stored credential (Codex refresh tokens are single-use: two VMs holding the
+    # same auth.json would log each other out). NULLs never collide, on SQLite and PostgreSQL alike.
+    live_key: Mapped[str | None] = mapped_column(String(80), nullable=True, unique=True)
+    timeout_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    credential_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    credential_refreshed: Mapped[bool] = mapped_column(Boolean, default=False)
+    usage_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result_text: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class RunEvent(Base):
+    """One normalized event of a run, kept so a client that connects late (or reconnects with
+    Last-Event-ID) sees the whole run."""
+
+    __tablename__ = "run_events"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    type: Mapped[str] = mapped_column(String(16))
+    data: Mapped[str] = mapped_column(Text)  # the event as JSON
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
 class NetworkLease(Base):

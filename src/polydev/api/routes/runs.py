@@ -1,0 +1,136 @@
+"""Runs: send a prompt to a provider's CLI in a fresh VM and follow its output live (SSE)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from polydev.api.deps import CurrentUser, Provider, ServicesDep
+from polydev.api.errors import ApiError
+from polydev.api.routes.auth_sessions import SSE_HEADERS
+from polydev.core.login_flow import FlowUnavailable
+from polydev.core.run_flow import BadRunFiles, CredentialBusy, NoCredential, check_files
+from polydev.store.models import Run
+
+router = APIRouter(prefix="/api/runs", tags=["runs"])
+
+
+class RunIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    provider: Provider
+    prompt: str = Field(min_length=1, description="what to ask the CLI; its size limit is MAX_PROMPT_BYTES")
+    files: dict[str, str] | None = Field(None, description="text files to put in the run's working "
+                                         "directory, keyed by relative path")
+    timeout: int | None = Field(None, ge=10, description="seconds before the run is stopped")
+
+
+class RunOut(BaseModel):
+    id: uuid.UUID
+    provider: Provider
+    status: str
+    prompt: str
+    error_message: str | None = None
+    exit_code: int | None = None
+    usage: dict[str, Any] | None = None
+    result: str | None = None
+    credential_refreshed: bool = False
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @classmethod
+    def of(cls, r: Run) -> RunOut:
+        return cls(id=r.id, provider=Provider(r.provider), status=r.status, prompt=r.prompt,
+                   error_message=r.error_message, exit_code=r.exit_code,
+                   usage=json.loads(r.usage_json) if r.usage_json else None, result=r.result_text,
+                   credential_refreshed=bool(r.credential_refreshed), created_at=r.created_at,
+                   started_at=r.started_at, finished_at=r.finished_at)
+
+
+@router.post("", response_model=RunOut, status_code=202, responses={409: {}, 413: {}, 422: {}, 503: {}})
+async def start_run(body: RunIn, user: CurrentUser, services: ServicesDep) -> RunOut:
+    s = services.settings
+    if not body.prompt.strip():
+        raise ApiError(422, "empty_prompt", "the prompt is empty")
+    if len(body.prompt.encode()) > s.max_prompt_bytes:
+        raise ApiError(413, "prompt_too_large", f"the prompt is over the {s.max_prompt_bytes}-byte limit")
+    if body.timeout is not None and body.timeout > s.run_max_timeout_seconds:
+        raise ApiError(422, "timeout_too_long", f"timeout may be at most {s.run_max_timeout_seconds} s")
+    try:
+        files = check_files(body.files, s.max_run_files_bytes)
+    except BadRunFiles as exc:
+        raise ApiError(422, "bad_files", str(exc)) from None
+    provider = body.provider.value
+    try:
+        row = await services.run_flow.start(user.id, provider, body.prompt, files=files, timeout=body.timeout)
+    except NoCredential:
+        raise ApiError(409, "no_credential",
+                       f"no stored credential for {provider}: connect the account first (POST /api/auth/start "
+                       f"or `polydev login {provider}`) or store an API key (PUT /api/credentials/{provider}/api-key)",
+                       action="connect_provider") from None
+    except CredentialBusy:
+        raise ApiError(409, "credential_busy",
+                       f"another run is using your {provider} credential; wait for it to finish or cancel it "
+                       "(one VM at a time per credential: refresh tokens are single-use)") from None
+    except FlowUnavailable as exc:
+        raise ApiError(503, "vm_unavailable", f"this server cannot start VMs: {exc}") from None
+    return RunOut.of(row)
+
+
+@router.get("", response_model=list[RunOut])
+async def list_runs(user: CurrentUser, services: ServicesDep,
+                    limit: int = Query(50, ge=1, le=500)) -> list[RunOut]:
+    return [RunOut.of(r) for r in await services.runs.list_for(user.id, limit)]
+
+
+async def _owned(services: ServicesDep, user_id: uuid.UUID, run_id: uuid.UUID) -> Run:
+    row = await services.runs.get_owned(user_id, run_id)
+    if row is None:
+        raise ApiError(404, "not_found", "no such run")
+    return row
+
+
+@router.get("/{run_id}", response_model=RunOut, responses={404: {}})
+async def get_run(run_id: uuid.UUID, user: CurrentUser, services: ServicesDep) -> RunOut:
+    return RunOut.of(await _owned(services, user.id, run_id))
+
+
+@router.get("/{run_id}/events", responses={404: {}})
+async def run_events(run_id: uuid.UUID, request: Request, user: CurrentUser, services: ServicesDep,
+                     last_event_id: str | None = Header(None, description="resume after this event id"),
+                     after: int | None = Query(None, ge=-1, description="same as Last-Event-ID")) -> StreamingResponse:
+    """The run's events as server-sent events: `id` is the event's sequence number, `event` its type, `data`
+    the event as JSON. Everything from the start (or after Last-Event-ID), then live, until the run ends."""
+    await _owned(services, user.id, run_id)
+    start = after if after is not None else -1
+    if last_event_id is not None:
+        try:
+            start = int(last_event_id)
+        except ValueError:
+            raise ApiError(400, "bad_last_event_id", "Last-Event-ID must be an event id (an integer)") from None
+
+    async def gen() -> AsyncIterator[bytes]:
+        async for ev in services.run_flow.stream(run_id, start):
+            if ev is None:
+                if await request.is_disconnected():
+                    return
+                yield b": keep-alive\n\n"
+                continue
+            yield f"id: {ev.seq}\nevent: {ev.data.get('type', 'message')}\ndata: {json.dumps(ev.data)}\n\n".encode()
+
+    return StreamingResponse(gen(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.post("/{run_id}/cancel", response_model=RunOut, responses={404: {}})
+async def cancel_run(run_id: uuid.UUID, user: CurrentUser, services: ServicesDep) -> RunOut:
+    row = await services.run_flow.cancel(user.id, run_id)
+    if row is None:
+        raise ApiError(404, "not_found", "no such run")
+    return RunOut.of(row)

@@ -1,0 +1,307 @@
+"""The run flow: one prompt, one fresh VM, the provider's CLI run non-interactively, its output streamed.
+
+`start` checks what can be checked at once (a stored credential, no other live run on it) and answers with a
+queued run; a background task then: VM from the snapshot → the user's credential written into the guest
+(files 0600, or an API key in the environment) → the CLI's one-shot streaming run → every output line
+normalized into Polydev events, stored and pushed to subscribers → on exit the credential files read back
+and, when the CLI refreshed them, sealed again → VM destroyed → run `succeeded` / `failed` / `timeout` /
+`cancelled` with the reason.
+
+Events are stored in `run_events` as they arrive, so a client that connects late or reconnects with
+Last-Event-ID reads the whole run; `RunEvents` wakes the subscribers of this process at once and the others
+(other replicas) poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from pathlib import PurePosixPath
+from typing import Any
+
+import structlog
+
+from polydev.core.guest import Guest, GuestProcess
+from polydev.core.tasks import cancel_and_wait
+from polydev.providers import get_adapter
+from polydev.providers.base import (
+    CredentialBundle,
+    GuestEnv,
+    GuestFile,
+    ProviderAdapter,
+    event,
+)
+from polydev.store.credentials import CredentialRepo
+from polydev.store.models import Run
+from polydev.store.runs import RUN_TERMINAL, CredentialBusy, RunRepo, StoredEvent
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["BadRunFiles", "CredentialBusy", "NoCredential", "RunEvents", "RunFlow"]
+
+
+class NoCredential(Exception):
+    """The user has stored nothing for this provider."""
+
+
+class BadRunFiles(ValueError):
+    pass
+
+
+class RunEvents:
+    """Wakes the readers of a run when new events are stored. In-process only: readers on another replica
+    fall back to polling the table, so this is a latency shortcut, not the source of truth."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[uuid.UUID, asyncio.Event] = {}
+
+    def waiter(self, run_id: uuid.UUID) -> asyncio.Event:
+        ev = self._waiters.get(run_id)
+        if ev is None or ev.is_set():
+            ev = self._waiters[run_id] = asyncio.Event()
+        return ev
+
+    def notify(self, run_id: uuid.UUID) -> None:
+        ev = self._waiters.pop(run_id, None)
+        if ev is not None:
+            ev.set()
+
+
+def check_files(files: dict[str, str] | None, limit: int) -> dict[str, bytes]:
+    """Files the user sends with a run: relative paths inside the run's working directory."""
+    out: dict[str, bytes] = {}
+    total = 0
+    for name, content in (files or {}).items():
+        path = PurePosixPath(name)
+        if not name or path.is_absolute() or ".." in path.parts or "\0" in name or len(name) > 255:
+            raise BadRunFiles(f"file name {name[:80]!r} must be a relative path inside the working directory")
+        data = content.encode()
+        total += len(data)
+        out[str(path)] = data
+    if total > limit:
+        raise BadRunFiles(f"files total {total} bytes; the limit is {limit}")
+    return out
+
+
+class _Live:
+    def __init__(self, run_id: uuid.UUID) -> None:
+        self.run_id = run_id
+        self.task: asyncio.Task[None] | None = None
+        self.proc: GuestProcess | None = None
+        self.cancelled_by_user = False
+        self.seq = -1
+
+
+class RunFlow:
+    def __init__(self, *, runs: RunRepo, credentials: CredentialRepo, engine: Callable[[], Any],
+                 guest_env: Callable[[str], GuestEnv], ca_pem: bytes | None = None,
+                 default_timeout: int = 900, events: RunEvents | None = None,
+                 poll_interval: float = 0.5) -> None:
+        self.runs = runs
+        self.credentials = credentials
+        self._engine = engine  # () -> (VMEngine | None, reason when None)
+        self._guest_env = guest_env  # provider -> GuestEnv (API base URLs differ per provider)
+        self.ca_pem = ca_pem
+        self.default_timeout = default_timeout
+        self.events = events or RunEvents()
+        self.poll_interval = poll_interval
+        self._live: dict[uuid.UUID, _Live] = {}
+
+    # -- API-facing ---------------------------------------------------------------------------------------
+
+    async def start(self, user_id: uuid.UUID, provider: str, prompt: str, *, files: dict[str, bytes] | None = None,
+                    timeout: int | None = None) -> Run:
+        from polydev.core.login_flow import FlowUnavailable
+
+        adapter = get_adapter(provider)
+        found = await self.credentials.reveal_with_kind(user_id, provider)
+        if found is None:
+            raise NoCredential(provider)
+        engine, reason = self._engine()
+        if engine is None:
+            raise FlowUnavailable(reason or "this server runs no VMs")
+        kind, secret = found
+        bundle = CredentialBundle.from_bytes(secret, kind)
+        timeout = timeout or self.default_timeout
+        row = await self.runs.create(user_id, provider, prompt, timeout_seconds=timeout, credential_kind=kind)
+        live = _Live(row.id)
+        self._live[row.id] = live
+        live.task = asyncio.create_task(self._drive(live, row, adapter, bundle, files or {}, engine),
+                                        name=f"run-{row.id}")
+        log.info("run_started", run_id=str(row.id), provider=provider, credential_kind=kind)
+        return row
+
+    async def cancel(self, user_id: uuid.UUID, run_id: uuid.UUID) -> Run | None:
+        row = await self.runs.get_owned(user_id, run_id)
+        if row is None:
+            return None
+        live = self._live.get(run_id)
+        if live is not None and live.task is not None and not live.task.done():
+            live.cancelled_by_user = True
+            await cancel_and_wait([live.task])
+        elif row.status not in RUN_TERMINAL:
+            await self._emit(live or _Live(run_id), event("error", message="cancelled by the user"))
+            await self.runs.finish(run_id, "cancelled", error="cancelled by the user")
+        return await self.runs.get_owned(user_id, run_id)
+
+    async def stream(self, run_id: uuid.UUID, after: int = -1) -> AsyncIterator[StoredEvent | None]:
+        """Every event after `after`, then the live ones as they come, until the run has ended. Yields None
+        while nothing happens (the caller sends a keep-alive)."""
+        idle_since = time.monotonic()
+        while True:
+            waiter = self.events.waiter(run_id)  # taken before reading, so no event slips between the two
+            batch = await self.runs.events_after(run_id, after)
+            for ev in batch:
+                after = ev.seq
+                yield ev
+            if batch:
+                idle_since = time.monotonic()
+                continue
+            row = await self.runs.get(run_id)
+            if row is None or row.status in RUN_TERMINAL:
+                for ev in await self.runs.events_after(run_id, after):  # written just before the end
+                    yield ev
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), self.poll_interval)
+            if time.monotonic() - idle_since > 15:
+                idle_since = time.monotonic()
+                yield None
+
+    async def close(self) -> None:
+        await cancel_and_wait([x.task for x in list(self._live.values())])
+
+    async def reclaim(self) -> int:
+        """At start-up: runs a previous process was driving can never finish now."""
+        n = 0
+        for row in await self.runs.live():
+            if row.id not in self._live:
+                reason = "the server restarted before the run finished"
+                await self._emit(_Live(row.id), event("error", message=reason), seq_from_db=True)
+                n += await self.runs.finish(row.id, "failed", error=reason)
+        return n
+
+    # -- the flow -----------------------------------------------------------------------------------------
+
+    async def _emit(self, live: _Live, ev: dict[str, Any], seq_from_db: bool = False) -> None:
+        if seq_from_db:
+            last = await self.runs.events_after(live.run_id, -1, limit=100_000)
+            live.seq = last[-1].seq if last else -1
+        live.seq += 1
+        await self.runs.append_events(live.run_id, [StoredEvent(live.seq, ev)])
+        self.events.notify(live.run_id)
+
+    async def _drive(self, live: _Live, row: Run, adapter: ProviderAdapter, bundle: CredentialBundle,
+                     files: dict[str, bytes], engine: Any) -> None:
+        run_id = row.id
+        timeout = row.timeout_seconds or self.default_timeout
+        env = self._guest_env(adapter.name)
+        vm_id: uuid.UUID | None = None
+        guest: Guest | None = None
+        status, error, exit_code = "failed", None, None
+        usage: dict[str, Any] | None = None
+        result: str | None = None
+        refreshed = False
+        ended = False  # a done or error event has been sent
+        try:
+            await self._emit(live, event("status", message="starting a VM"))
+            vm = await engine.create(row.user_id, "cli", ttl=timedelta(seconds=timeout + 180))
+            vm_id = vm.id
+            await self.runs.mark_running(run_id, vm.id)
+            guest = Guest(engine.agent(vm.id, timeout=timeout + 60))
+            command = adapter.run_command(row.prompt, env, api_key=bundle.api_key if bundle.kind == "api_key"
+                                          else None)
+            await guest.put(*self._files_for(env, bundle, files, command.files))
+            await self._emit(live, event("status", message=f"running {adapter.display_name}"))
+            parser = adapter.new_parser()
+            live.proc = proc = guest.start(command, timeout_s=timeout)
+            async for line in proc.lines():
+                for ev in parser.feed(line):
+                    ended = ended or ev["type"] in ("done", "error")
+                    usage = ev.get("usage", usage) if ev["type"] == "done" else usage
+                    result = ev.get("result", result) if ev["type"] == "done" else result
+                    await self._emit(live, ev)
+            exit_code = proc.exit_code
+            final = parser.finish(exit_code if exit_code is not None else -1)
+            if proc.timed_out:
+                status, error = "timeout", f"the run did not finish within {timeout} s"
+                final = [event("error", message=error)]
+            for ev in final:
+                ended = ended or ev["type"] in ("done", "error")
+                usage = ev.get("usage", usage) if ev["type"] == "done" else usage
+                await self._emit(live, ev)
+            if status != "timeout":
+                errors = [ev for ev in final if ev["type"] == "error"]
+                if exit_code == 0 and not errors:
+                    status = "succeeded"
+                else:
+                    error = (errors[0].get("message") if errors else None) or \
+                        f"{adapter.display_name} exited with status {exit_code}"
+            refreshed = await self._write_back(guest, env, adapter, bundle, row)
+        except asyncio.CancelledError:
+            status = "cancelled"
+            error = "cancelled by the user" if live.cancelled_by_user else "the server shut down"
+            if live.proc is not None:
+                await live.proc.kill()
+            if guest is not None:  # the CLI may have refreshed its tokens before it was stopped
+                with contextlib.suppress(Exception):
+                    refreshed = await self._write_back(guest, env, adapter, bundle, row)
+        except Exception as exc:  # VM failed to start, died mid-run, agent broke
+            error = _reason(exc, vm_id is not None)
+            log.warning("run_failed", run_id=str(run_id), error=error)
+        finally:
+            if status != "succeeded" and (not ended or status == "cancelled"):
+                with contextlib.suppress(Exception):  # every stream ends in done or error
+                    await self._emit(live, event("error", message=error or "the run failed"))
+            if guest is not None:
+                guest.close()
+            if vm_id is not None:
+                with contextlib.suppress(Exception):
+                    await engine.destroy(vm_id)
+            await self.runs.finish(run_id, status, error=error, exit_code=exit_code, usage=usage, result=result,
+                                   refreshed=refreshed)
+            self.events.notify(run_id)
+            self._live.pop(run_id, None)
+            log.info("run_ended", run_id=str(run_id), status=status, credential_refreshed=refreshed)
+
+    def _files_for(self, env: GuestEnv, bundle: CredentialBundle, files: dict[str, bytes],
+                   command_files: tuple[GuestFile, ...]) -> list[GuestFile]:
+        out = [GuestFile(f"{env.workdir}/.polydev", b"", 0o600)]
+        if self.ca_pem and env.ca_cert_path:
+            out.append(GuestFile(env.ca_cert_path, self.ca_pem, 0o644))
+        out += command_files
+        for rel, (data, _mode) in bundle.files.items():
+            out.append(GuestFile(env.home_path(rel), data, 0o600))  # the run's copy is private, whatever it was
+        out += [GuestFile(f"{env.workdir}/{name}", data, 0o644) for name, data in files.items()]
+        return out
+
+    async def _write_back(self, guest: Guest, env: GuestEnv, adapter: ProviderAdapter,
+                          bundle: CredentialBundle, row: Run) -> bool:
+        """Seal the credential files again when the CLI changed them (a refresh); True if it did."""
+        if bundle.kind != "oauth":
+            return False
+        fresh = CredentialBundle("oauth")
+        for rel in adapter.credential_files:
+            found = await guest.read(env.home_path(rel))
+            if found is not None and found[0].strip():
+                fresh.files[rel] = (found[0], bundle.files.get(rel, (b"", 0o600))[1])
+        if any(rel not in fresh.files for rel in adapter.required_credential_files):
+            return False  # a CLI that deleted its login: keep what we had rather than store half of it
+        if {k: v[0] for k, v in fresh.files.items()} == {k: v[0] for k, v in bundle.files.items()}:
+            return False
+        await self.credentials.put(row.user_id, adapter.name, "oauth", fresh.to_bytes())
+        log.info("credential_refreshed", run_id=str(row.id), provider=adapter.name)
+        return True
+
+
+def _reason(exc: BaseException, vm_started: bool) -> str:
+    from polydev.vm.agent_client import AgentError
+
+    text = f"{type(exc).__name__}: {exc}"[:400]
+    if vm_started and isinstance(exc, (AgentError, OSError)) or "httpx" in type(exc).__module__:
+        return f"the VM stopped responding during the run ({text})"
+    return text

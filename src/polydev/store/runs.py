@@ -1,0 +1,106 @@
+"""Runs and their events: the durable record of every prompt a user sent and everything it streamed."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from polydev.store.db import session_scope
+from polydev.store.models import Run, RunEvent, utcnow
+
+RUN_LIVE = ("queued", "running")
+RUN_TERMINAL = ("succeeded", "failed", "cancelled", "timeout")
+
+
+class CredentialBusy(Exception):
+    """Another run holds this user's credential for the provider."""
+
+
+def live_key(user_id: uuid.UUID, provider: str) -> str:
+    return f"{user_id}:{provider}"
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    seq: int
+    data: dict[str, Any]
+
+
+class RunRepo:
+    def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
+        self._factory = factory
+
+    async def create(self, user_id: uuid.UUID, provider: str, prompt: str, *, timeout_seconds: int,
+                     credential_kind: str) -> Run:
+        """A queued run holding the credential; CredentialBusy if a live run already holds it."""
+        try:
+            async with session_scope(self._factory) as s:
+                row = Run(user_id=user_id, provider=provider, prompt=prompt, status="queued",
+                          live_key=live_key(user_id, provider), timeout_seconds=timeout_seconds,
+                          credential_kind=credential_kind)
+                s.add(row)
+                await s.flush()
+                return row
+        except IntegrityError:
+            raise CredentialBusy(provider) from None
+
+    async def get(self, run_id: uuid.UUID) -> Run | None:
+        async with self._factory() as s:
+            return await s.get(Run, run_id)
+
+    async def get_owned(self, user_id: uuid.UUID, run_id: uuid.UUID) -> Run | None:
+        """The run if it belongs to `user_id`; another user's run is indistinguishable from none."""
+        async with self._factory() as s:
+            return await s.scalar(select(Run).where(Run.id == run_id, Run.user_id == user_id))
+
+    async def list_for(self, user_id: uuid.UUID, limit: int = 50) -> list[Run]:
+        async with self._factory() as s:
+            return list(await s.scalars(select(Run).where(Run.user_id == user_id)
+                                        .order_by(Run.created_at.desc()).limit(limit)))
+
+    async def live(self) -> list[Run]:
+        async with self._factory() as s:
+            return list(await s.scalars(select(Run).where(Run.status.in_(RUN_LIVE))))
+
+    async def mark_running(self, run_id: uuid.UUID, vm_id: uuid.UUID) -> None:
+        async with session_scope(self._factory) as s:
+            await s.execute(update(Run).where(Run.id == run_id, Run.status.in_(RUN_LIVE))
+                            .values(status="running", vm_id=vm_id, started_at=utcnow()))
+
+    async def finish(self, run_id: uuid.UUID, status: str, *, error: str | None = None,
+                     exit_code: int | None = None, usage: dict[str, Any] | None = None,
+                     result: str | None = None, refreshed: bool = False) -> bool:
+        """End a live run and release its credential; False if it had already ended."""
+        if status not in RUN_TERMINAL:
+            raise ValueError(f"{status!r} is not a terminal run status")
+        async with session_scope(self._factory) as s:
+            res = await s.execute(
+                update(Run).where(Run.id == run_id, Run.status.in_(RUN_LIVE))
+                .values(status=status, error_message=error, exit_code=exit_code, live_key=None,
+                        usage_json=json.dumps(usage) if usage is not None else None, result_text=result,
+                        credential_refreshed=refreshed, finished_at=utcnow()))
+            return res.rowcount == 1
+
+    async def append_events(self, run_id: uuid.UUID, events: list[StoredEvent]) -> None:
+        if not events:
+            return
+        async with session_scope(self._factory) as s:
+            s.add_all(RunEvent(run_id=run_id, seq=e.seq, type=str(e.data.get("type", "")),
+                               data=json.dumps(e.data)) for e in events)
+
+    async def events_after(self, run_id: uuid.UUID, after: int = -1, limit: int = 500) -> list[StoredEvent]:
+        async with self._factory() as s:
+            rows = await s.scalars(select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.seq > after)
+                                   .order_by(RunEvent.seq).limit(limit))
+            return [StoredEvent(r.seq, json.loads(r.data)) for r in rows]
+
+    async def count_by_status(self) -> dict[str, int]:
+        async with self._factory() as s:
+            rows = await s.execute(select(Run.status, func.count()).group_by(Run.status))
+            return {status: int(n) for status, n in rows}

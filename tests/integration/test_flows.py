@@ -1,0 +1,413 @@
+"""The login and run flows through the API, with the real guest agent as the "VM" (on the host, in a temporary
+directory) and a scripted CLI (tests/flow_fakes.py): statuses, codes, credential capture and write-back, the
+SSE stream, and every fault ending in the right status with nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from polydev.api.app import create_app
+from polydev.config import Settings
+from polydev.providers import ADAPTERS
+from polydev.providers.base import CredentialBundle
+from polydev.services import build_vm_engine, open_services
+from polydev.vm.engine import find_marked_processes
+from tests.agent_backend import AgentBackend
+from tests.conftest import Api
+from tests.flow_fakes import CREDS, FakeAdapter, host_guest_paths
+from tests.servers import free_port
+
+
+@pytest.fixture
+async def flows(stack: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Api]:
+    monkeypatch.setitem(ADAPTERS, "claude_code", FakeAdapter())
+    stack = stack.model_copy(update={"login_timeout_seconds": 60})
+    svc = await open_services(stack)
+    svc.guest_paths = host_guest_paths(str(tmp_path / "guest"))
+    svc.login_flow.timeout = 60
+    issued = await svc.users.bootstrap_admin()
+    assert issued is not None
+    svc.engine = build_vm_engine(svc, lambda _settings: AgentBackend())
+    app = create_app(services=svc)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://polydev.test",
+                                 timeout=60) as client:
+        yield Api(svc, client, issued.secret)
+    tag = svc.engine.tag
+    await svc.close()
+    assert find_marked_processes(tag) == {}
+
+
+async def wait_status(api: Api, h: dict[str, str], sid: str, *statuses: str, timeout: float = 60) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        body = (await api.client.get(f"/api/auth/sessions/{sid}", headers=h)).json()
+        if body["status"] in statuses:
+            return body
+        assert asyncio.get_running_loop().time() < deadline, f"session stuck in {body}"
+        await asyncio.sleep(0.05)
+
+
+async def wait_run(api: Api, h: dict[str, str], rid: str, timeout: float = 60) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        body = (await api.client.get(f"/api/runs/{rid}", headers=h)).json()
+        if body["status"] not in ("queued", "running"):
+            return body
+        assert asyncio.get_running_loop().time() < deadline, f"run stuck in {body}"
+        await asyncio.sleep(0.05)
+
+
+async def no_vms_left(api: Api) -> None:
+    engine = api.services.engine
+    assert engine is not None
+    assert await engine.list() == []
+    assert find_marked_processes(engine.tag) == {}
+
+
+def sse(text: str) -> list[tuple[int, str, dict[str, Any]]]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        if "data" in fields:
+            out.append((int(fields.get("id", -1)), fields.get("event", ""), json.loads(fields["data"])))
+    return out
+
+
+async def stored(api: Api, uid: str) -> CredentialBundle:
+    found = await api.services.credentials.reveal_with_kind(uuid.UUID(uid), "claude_code")
+    assert found is not None
+    return CredentialBundle.from_bytes(found[1], found[0])
+
+
+async def login(api: Api, h: dict[str, str]) -> str:
+    sid = (await api.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)).json()["session_id"]
+    await wait_status(api, h, sid, "awaiting_user_auth")
+    r = await api.client.post(f"/api/auth/sessions/{sid}/code", json={"code": "good-code"}, headers=h)
+    assert r.status_code == 202, r.text
+    assert (await wait_status(api, h, sid, "completed", "failed"))["status"] == "completed"
+    return sid
+
+
+async def logged_in(api: Api) -> tuple[str, dict[str, str]]:
+    """A new user whose fake account is connected: (user id, auth headers)."""
+    uid, token = await api.new_user()
+    h = api.auth(token)
+    await login(api, h)
+    return uid, h
+
+
+async def post_run(api: Api, h: dict[str, str], prompt: str, **extra: Any) -> str:
+    r = await api.client.post("/api/runs", json={"provider": "claude_code", "prompt": prompt, **extra}, headers=h)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+# -- login ---------------------------------------------------------------------------------------------------
+
+async def test_login_with_a_pasted_code_stores_the_credential_and_destroys_the_vm(flows: Api) -> None:
+    uid, token = await flows.new_user()
+    h = flows.auth(token)
+    r = await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)
+    assert r.status_code == 202, r.text
+    first = r.json()
+    assert first["status"] == "initializing" and first["accepts_code"] is True
+    sid = first["session_id"]
+    waiting = await wait_status(flows, h, sid, "awaiting_user_auth")
+    assert waiting["auth_url"].startswith("https://auth.fake.test/authorize?")  # caught by the BROWSER hook
+    r = await flows.client.post(f"/api/auth/sessions/{sid}/code", json={"code": "good-code"}, headers=h)
+    assert r.status_code == 202, r.text
+    done = await wait_status(flows, h, sid, "completed", "failed")
+    assert done["status"] == "completed", done
+    bundle = await stored(flows, uid)
+    assert json.loads(bundle.files[CREDS][0])["access"] == "from-paste"
+    assert bundle.files[CREDS][1] == 0o600
+    # The sealed row holds ciphertext only.
+    rows = await flows.services.credentials.list(uuid.UUID(uid))
+    assert rows[0].kind == "oauth" and b"from-paste" not in rows[0].encrypted_credentials.encode()
+    await no_vms_left(flows)
+
+
+async def test_session_events_stream_every_status_until_the_end(flows: Api) -> None:
+    _, token = await flows.new_user()
+    h = flows.auth(token)
+    sid = (await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)).json()["session_id"]
+    await wait_status(flows, h, sid, "awaiting_user_auth")
+
+    async def paste_soon() -> None:
+        await asyncio.sleep(0.3)
+        await flows.client.post(f"/api/auth/sessions/{sid}/code", json={"code": "good-code"}, headers=h)
+
+    task = asyncio.create_task(paste_soon())
+    r = await flows.client.get(f"/api/auth/sessions/{sid}/events", headers=h)
+    await task
+    statuses = [data["status"] for _, kind, data in sse(r.text) if kind == "session"]
+    assert statuses[0] == "awaiting_user_auth" and statuses[-1] == "completed"
+
+
+async def test_login_through_the_cli_callback_url(flows: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    monkeypatch.setitem(ADAPTERS, "claude_code", FakeAdapter("callback", port))
+    uid, token = await flows.new_user()
+    h = flows.auth(token)
+    sid = (await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)).json()["session_id"]
+    await wait_status(flows, h, sid, "awaiting_user_auth")
+    # A pasted code is refused for a CLI without a code prompt; another port is not this login's callback.
+    r = await flows.client.post(f"/api/auth/sessions/{sid}/code", json={"code": "good-code"}, headers=h)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "code_rejected"
+    r = await flows.client.post(f"/api/auth/sessions/{sid}/code",
+                                json={"code": f"http://localhost:{port + 1}/callback?code=good-code"}, headers=h)
+    assert r.status_code == 422
+    r = await flows.client.post(f"/api/auth/sessions/{sid}/code",
+                                json={"code": f"http://localhost:{port}/callback?code=good-code&state=s1"}, headers=h)
+    assert r.status_code == 202, r.text
+    assert (await wait_status(flows, h, sid, "completed", "failed"))["status"] == "completed"
+    assert json.loads((await stored(flows, uid)).files[CREDS][0])["access"] == "from-callback"
+    await no_vms_left(flows)
+
+
+async def test_device_login_shows_the_code_and_completes(flows: Api) -> None:
+    _, token = await flows.new_user()
+    h = flows.auth(token)
+    r = await flows.client.post("/api/auth/start", json={"provider": "claude_code", "method": "device"}, headers=h)
+    sid = r.json()["session_id"]
+    body = await wait_status(flows, h, sid, "awaiting_user_auth", "completed")
+    if body["status"] == "awaiting_user_auth":
+        assert body["device_code"] == "ABCD-1234" and body["auth_url"] == "https://auth.fake.test/device"
+    assert (await wait_status(flows, h, sid, "completed", "failed"))["status"] == "completed"
+
+
+async def test_a_wrong_code_fails_the_session_with_the_cli_s_words(flows: Api) -> None:
+    uid, token = await flows.new_user()
+    h = flows.auth(token)
+    sid = (await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)).json()["session_id"]
+    await wait_status(flows, h, sid, "awaiting_user_auth")
+    await flows.client.post(f"/api/auth/sessions/{sid}/code", json={"code": "bad-code"}, headers=h)
+    body = await wait_status(flows, h, sid, "failed", "completed")
+    assert body["status"] == "failed" and "invalid code" in body["error_message"]
+    assert await flows.services.credentials.list(uuid.UUID(uid)) == []
+    await no_vms_left(flows)
+
+
+async def test_cancel_ends_the_session_and_its_vm(flows: Api) -> None:
+    _, token = await flows.new_user()
+    h = flows.auth(token)
+    sid = (await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)).json()["session_id"]
+    await wait_status(flows, h, sid, "awaiting_user_auth")
+    r = await flows.client.post(f"/api/auth/sessions/{sid}/cancel", headers=h)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert r.json()["error_message"] == "cancelled by the user"
+    r = await flows.client.post(f"/api/auth/sessions/{sid}/code", json={"code": "good-code"}, headers=h)
+    assert r.status_code == 409
+    await no_vms_left(flows)
+
+
+async def test_login_timeout_ends_the_session_with_the_reason(flows: Api) -> None:
+    flows.services.login_flow.timeout = 3
+    _, token = await flows.new_user()
+    h = flows.auth(token)
+    sid = (await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)).json()["session_id"]
+    body = await wait_status(flows, h, sid, "timeout", "failed", "completed")
+    assert body["status"] == "timeout" and "3 s" in body["error_message"]
+    await no_vms_left(flows)
+
+
+async def test_a_login_cli_that_fails_fails_the_session(flows: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(ADAPTERS, "claude_code", FakeAdapter("fail"))
+    _, token = await flows.new_user()
+    h = flows.auth(token)
+    sid = (await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)).json()["session_id"]
+    body = await wait_status(flows, h, sid, "failed", "completed")
+    assert "status 4" in body["error_message"] and "cannot reach the provider" in body["error_message"]
+    await no_vms_left(flows)
+
+
+async def test_another_user_cannot_see_code_or_cancel_a_session(flows: Api) -> None:
+    _, token_a = await flows.new_user()
+    _, token_b = await flows.new_user()
+    ha, hb = flows.auth(token_a), flows.auth(token_b)
+    sid = (await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=ha)).json()["session_id"]
+    await wait_status(flows, ha, sid, "awaiting_user_auth")
+    for method, path, body in (("GET", "", None), ("POST", "/code", {"code": "good-code"}), ("POST", "/cancel", None),
+                               ("GET", "/events", None)):
+        r = await flows.client.request(method, f"/api/auth/sessions/{sid}{path}", json=body, headers=hb)
+        assert r.status_code == 404, (path, r.text)
+    assert (await flows.client.get(f"/api/auth/sessions/{sid}", headers=ha)).json()["status"] == "awaiting_user_auth"
+    await flows.client.post(f"/api/auth/sessions/{sid}/cancel", headers=ha)
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"provider": "nope"}, 422),
+    ({}, 422),
+    ({"provider": "claude_code", "method": "carrier-pigeon"}, 422),
+    ({"provider": "gemini_cli", "method": "device"}, 422),
+    ({"provider": "claude_code", "extra": 1}, 422),
+])
+async def test_bad_login_requests_are_4xx_and_start_nothing(flows: Api, body: dict, code: int) -> None:
+    _, token = await flows.new_user()
+    r = await flows.client.post("/api/auth/start", json=body, headers=flows.auth(token))
+    assert r.status_code == code and "error" in r.json(), r.text
+    assert await flows.services.auth_sessions.live() == []
+    await no_vms_left(flows)
+
+
+# -- runs ----------------------------------------------------------------------------------------------------
+
+async def test_run_streams_events_in_order_ending_in_done(flows: Api) -> None:
+    _, h = await logged_in(flows)
+    r = await flows.client.post("/api/runs", json={"provider": "claude_code", "prompt": "hello",
+                                                   "files": {"note.txt": "the note"}}, headers=h)
+    assert r.status_code == 202, r.text
+    rid = r.json()["id"]
+    events = sse((await flows.client.get(f"/api/runs/{rid}/events", headers=h)).text)
+    kinds = [kind for _, kind, _ in events]
+    assert [seq for seq, _, _ in events] == list(range(len(events)))
+    assert kinds[-1] == "done" and kinds.count("done") == 1 and "error" not in kinds
+    assert kinds.index("tool_call") < kinds.index("tool_result") < kinds.index("text", kinds.index("tool_result"))
+    assert {"type": "status", "message": "init oauth:from-paste"} in [d for _, _, d in events]
+    assert any(d.get("output") == "the note" for _, _, d in events)
+    run = await wait_run(flows, h, rid)
+    assert run["status"] == "succeeded" and run["usage"] == {"output_tokens": 7}
+    assert run["credential_refreshed"] is False
+    # A client that connects late, or resumes after event 2, gets the rest and only the rest.
+    again = sse((await flows.client.get(f"/api/runs/{rid}/events", headers=h)).text)
+    assert again == events
+    resumed = sse((await flows.client.get(f"/api/runs/{rid}/events", headers={**h, "Last-Event-ID": "2"})).text)
+    assert resumed == events[3:]
+    await no_vms_left(flows)
+
+
+async def test_a_refreshed_credential_is_written_back_encrypted(flows: Api) -> None:
+    uid, h = await logged_in(flows)
+    rid = await post_run(flows, h, "refresh")
+    run = await wait_run(flows, h, rid)
+    assert run["status"] == "succeeded" and run["credential_refreshed"] is True
+    assert json.loads((await stored(flows, uid)).files[CREDS][0])["access"] == "refreshed"
+    # The next run starts from the refreshed credential.
+    rid = await post_run(flows, h, "again")
+    await wait_run(flows, h, rid)
+    events = sse((await flows.client.get(f"/api/runs/{rid}/events", headers=h)).text)
+    assert {"type": "status", "message": "init oauth:refreshed"} in [d for _, _, d in events]
+
+
+async def test_api_key_runs_use_the_key_and_never_show_it(flows: Api) -> None:
+    _, token = await flows.new_user()
+    h = flows.auth(token)
+    key = "sk-fake-" + uuid.uuid4().hex
+    assert (await flows.client.put("/api/credentials/claude_code/api-key", json={"api_key": key},
+                                   headers=h)).status_code == 200
+    rid = await post_run(flows, h, "hi")
+    run = await wait_run(flows, h, rid)
+    events = (await flows.client.get(f"/api/runs/{rid}/events", headers=h)).text
+    assert run["status"] == "succeeded" and "init api_key" in events
+    assert key not in events and key not in json.dumps(run)
+
+
+async def test_a_crashing_cli_fails_the_run_with_the_reason(flows: Api) -> None:
+    _, h = await logged_in(flows)
+    rid = await post_run(flows, h, "crash")
+    run = await wait_run(flows, h, rid)
+    assert run["status"] == "failed" and run["exit_code"] == 2 and "status 2" in run["error_message"]
+    events = sse((await flows.client.get(f"/api/runs/{rid}/events", headers=h)).text)
+    assert events[-1][1] == "error" and "done" not in [k for _, k, _ in events]
+    await no_vms_left(flows)
+
+
+async def test_cancel_mid_run_kills_the_cli_and_destroys_the_vm(flows: Api) -> None:
+    _, h = await logged_in(flows)
+    rid = await post_run(flows, h, "sleep 60")
+    await _until_event(flows, h, rid, "text")
+    r = await flows.client.post(f"/api/runs/{rid}/cancel", headers=h)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    events = sse((await flows.client.get(f"/api/runs/{rid}/events", headers=h)).text)
+    assert events[-1][1] == "error" and events[-1][2]["message"] == "cancelled by the user"
+    await no_vms_left(flows)
+    # The credential is free again.
+    r = await flows.client.post("/api/runs", json={"provider": "claude_code", "prompt": "next"}, headers=h)
+    assert r.status_code == 202
+    await wait_run(flows, h, r.json()["id"])
+
+
+async def test_a_vm_that_dies_mid_run_fails_the_run(flows: Api) -> None:
+    _, h = await logged_in(flows)
+    rid = await post_run(flows, h, "sleep 60")
+    await _until_event(flows, h, rid, "text")
+    engine = flows.services.engine
+    assert engine is not None
+    [vm] = await engine.list()
+    row = await engine.vms.get(vm.id)
+    assert row is not None and row.backend_pid
+    os.killpg(row.backend_pid, signal.SIGKILL)  # the "VM" (the agent) dies
+    run = await wait_run(flows, h, rid)
+    assert run["status"] == "failed" and "VM stopped responding" in run["error_message"], run
+    await no_vms_left(flows)
+
+
+async def test_run_timeout_stops_the_cli(flows: Api) -> None:
+    _, h = await logged_in(flows)
+    rid = await post_run(flows, h, "sleep 60", timeout=10)
+    run = await wait_run(flows, h, rid, timeout=90)
+    assert run["status"] == "timeout" and "10 s" in run["error_message"]
+    await no_vms_left(flows)
+
+
+async def test_one_live_run_per_credential(flows: Api) -> None:
+    _, h = await logged_in(flows)
+    first = await post_run(flows, h, "sleep 60")
+    r = await flows.client.post("/api/runs", json={"provider": "claude_code", "prompt": "second"}, headers=h)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "credential_busy"
+    await flows.client.post(f"/api/runs/{first}/cancel", headers=h)
+
+
+async def _until_event(api: Api, h: dict[str, str], rid: str, kind: str) -> None:
+    for _ in range(600):
+        stored_events = await api.services.runs.events_after(uuid.UUID(rid))
+        if any(e.data["type"] == kind for e in stored_events):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {kind} event")
+
+
+async def test_bad_run_requests_are_4xx_that_say_what_to_do(flows: Api) -> None:
+    _, token = await flows.new_user()
+    h = flows.auth(token)
+    limit = flows.services.settings.max_prompt_bytes
+    cases = [
+        ({"provider": "nope", "prompt": "x"}, 422, None),
+        ({"provider": "claude_code", "prompt": ""}, 422, None),
+        ({"provider": "claude_code", "prompt": "   "}, 422, "empty_prompt"),
+        ({"provider": "claude_code", "prompt": "x" * (limit + 1)}, 413, "prompt_too_large"),
+        ({"provider": "claude_code", "prompt": "x", "timeout": 10 ** 6}, 422, "timeout_too_long"),
+        ({"provider": "claude_code", "prompt": "x", "files": {"../etc/passwd": "x"}}, 422, "bad_files"),
+        ({"provider": "claude_code", "prompt": "x"}, 409, "no_credential"),
+    ]
+    for body, status, code in cases:
+        r = await flows.client.post("/api/runs", json=body, headers=h)
+        assert r.status_code == status, (body, r.text)
+        if code:
+            assert r.json()["error"]["code"] == code
+    assert "polydev login claude_code" in r.json()["error"]["message"]
+    assert (await flows.client.get("/api/runs", headers=h)).json() == []
+    await no_vms_left(flows)
+
+
+async def test_another_user_cannot_see_or_cancel_a_run(flows: Api) -> None:
+    _, token_a = await flows.new_user()
+    _, token_b = await flows.new_user()
+    ha, hb = flows.auth(token_a), flows.auth(token_b)
+    await login(flows, ha)
+    rid = (await flows.client.post("/api/runs", json={"provider": "claude_code", "prompt": "hi"}, headers=ha)).json()["id"]
+    for method, path in (("GET", ""), ("GET", "/events"), ("POST", "/cancel")):
+        r = await flows.client.request(method, f"/api/runs/{rid}{path}", headers=hb)
+        assert r.status_code == 404, (path, r.text)
+    assert (await flows.client.get("/api/runs", headers=hb)).json() == []
+    assert (await wait_run(flows, ha, rid))["status"] == "succeeded"
