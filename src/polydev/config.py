@@ -116,6 +116,15 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("provider_api_base_urls", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            import json
+
+            return json.loads(value) if value.strip() else {}
+        return value
+
     @field_validator("provider_api_base_urls")
     @classmethod
     def _known_providers(cls, value: dict[str, str]) -> dict[str, str]:

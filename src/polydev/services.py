@@ -65,13 +65,18 @@ class Services:
     def guest_env(self, provider: str) -> GuestEnv:
         """How a VM for `provider` reaches the outside, per the settings."""
         from dataclasses import replace
+        from urllib.parse import urlparse
 
         from polydev.providers.base import GUEST_CA_PATH
 
         s = self.settings
-        return replace(self.guest_paths, https_proxy=s.guest_https_proxy,
-                       ca_cert_path=GUEST_CA_PATH if s.guest_ca_cert_file else None,
-                       api_base_url=s.provider_api_base_urls.get(provider))
+        base = s.provider_api_base_urls.get(provider)
+        no_proxy = self.guest_paths.no_proxy
+        host = urlparse(base).hostname if base else None
+        if host and host not in no_proxy.split(","):
+            no_proxy += f",{host}"  # an overridden API is reached directly, not through the proxy
+        return replace(self.guest_paths, https_proxy=s.guest_https_proxy, no_proxy=no_proxy,
+                       ca_cert_path=GUEST_CA_PATH if s.guest_ca_cert_file else None, api_base_url=base)
 
     async def close(self) -> None:
         # Flows first (they destroy their VMs), then VMs: destroying them updates their rows, so the
