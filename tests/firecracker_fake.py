@@ -3,8 +3,15 @@
 It records every request, checks each against both published specifications (a violation is answered
 with 400 and a fault_message, as Firecracker would, and kept in `violations`), and keeps the little state
 Firecracker enforces: pre-boot-only calls, InstanceStart needing a kernel, snapshots only while paused,
-snapshot load only on a fresh process, files that must exist. On InstanceStart it prints a line to stdout
-(in the subprocess mode, that is the "serial console" the driver watches).
+snapshot load only on a fresh process, files that must exist (a snapshot load reopens the drives the snapshot
+recorded, by the names it recorded). On InstanceStart it prints a line to stdout (in the subprocess mode, that
+is the "serial console" the driver watches).
+
+With an agent address (`agent_host`, or FAKE_AGENT_HOST in the environment, which `LoopbackSlot` sets the way a
+real slot enters its namespace) it also plays the guest: on InstanceStart it prints its kernel command line
+(as a chatty kernel would, so tests can prove the host redacts the token) and runs the real guest agent on
+that address with the `polydev.token` of the boot args, announcing READY on the console; the agent's token is
+part of a snapshot, and a restored fake runs the agent again with the token it had when it was frozen.
 
 Two ways to run it:
 - in-process: `async with FakeFirecracker(sock, specs) as fake:` for client tests;
@@ -19,15 +26,20 @@ import asyncio
 import json
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from polydev import protocol as p
+from polydev.vm.network import Slot, SlotAddress
 from tests.firecracker_spec import REPO_ROOT, Spec, load_specs
 
 PRE_BOOT_ONLY = "The requested operation is not supported after starting the microVM."
 CONSOLE_LINE = "fake-guest: booted"
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
+AGENT_HOST_ENV = "FAKE_AGENT_HOST"
+VERSION = "Firecracker v1.13.2 (fake)"
 
 
 @dataclass(frozen=True)
@@ -39,8 +51,13 @@ class Request:
 
 class FakeFirecracker:
     def __init__(self, socket_path: Path, specs: list[Spec], *, root: Path | None = None,
-                 record: Path | None = None, console_line: str = CONSOLE_LINE) -> None:
+                 record: Path | None = None, console_line: str = CONSOLE_LINE,
+                 agent_host: str | None = None) -> None:
         self.socket_path = socket_path
+        self.agent_host = agent_host
+        self.agent: Any = None  # polydev.guest.agent.Agent, once the "guest" runs
+        self.boot_args = ""
+        self.drives: dict[str, str] = {}
         self.specs = specs
         self.root = root  # a jail's chroot: API paths are resolved inside it
         self.record = record
@@ -145,8 +162,10 @@ class FakeFirecracker:
             self.machine.update(r.body)
         elif key == ("PUT", "/boot-source"):
             self._must_exist(r.body["kernel_image_path"])
+            self.boot_args = r.body.get("boot_args", "")
         elif key == ("PUT", "/drives"):
             self._must_exist(r.body["path_on_host"])
+            self.drives[r.body["drive_id"]] = r.body["path_on_host"]
         elif key == ("PUT", "/logger"):
             self._must_exist(r.body["log_path"])
         self.configured.add(r.path)
@@ -160,6 +179,9 @@ class FakeFirecracker:
                 raise Refused("Cannot start microvm without kernel configuration.")
             self.state = "Running"
             print(self.console_line, flush=True)
+            if self.agent_host:
+                print(f"Kernel command line: {self.boot_args}", flush=True)
+                self._run_agent(p.parse_cmdline(self.boot_args).get(p.CMDLINE_TOKEN), announce=True)
         elif action == "SendCtrlAltDel" and self.state != "Running":
             raise Refused("The microVM is not running.")
         return 204, None
@@ -168,16 +190,34 @@ class FakeFirecracker:
         if path == "/snapshot/create":
             if self.state != "Paused":
                 raise Refused("Cannot save the microVM state: the microVM is not paused.")
-            self._host(body["snapshot_path"]).write_text(json.dumps(self.machine))
+            # The "memory" holds what a guest would: the agent's token as it is now.
+            token = self.agent._token if self.agent is not None else None
+            self._host(body["snapshot_path"]).write_text(json.dumps(
+                {"machine": self.machine, "drives": self.drives, "token": token}))
             self._host(body["mem_file_path"]).write_bytes(b"\0" * 4096)
             return 204, None
         if self.state != "Not started" or self.configured - {"/logger", "/metrics"}:
             raise Refused("Loading a microVM snapshot not allowed after configuring boot-specific resources.")
         self._must_exist(body["snapshot_path"])
         self._must_exist(body["mem_backend"]["backend_path"])
-        self.machine = json.loads(self._host(body["snapshot_path"]).read_text())
+        frozen = json.loads(self._host(body["snapshot_path"]).read_text())
+        for drive in frozen["drives"].values():
+            self._must_exist(drive)  # Firecracker reopens each drive by the name the snapshot recorded
+        self.machine, self.drives = frozen["machine"], frozen["drives"]
         self.state = "Running" if body.get("resume_vm") else "Paused"
+        if self.agent_host and frozen["token"]:
+            self._run_agent(frozen["token"], announce=False)  # a restored guest says nothing on its console
         return 204, None
+
+    def _run_agent(self, token: str | None, *, announce: bool) -> None:
+        from polydev.guest import agent
+
+        assert self.agent_host is not None
+        self.agent = agent.Agent(token)
+        sock = agent.listen(p.AGENT_PORT, self.agent_host)
+        threading.Thread(target=agent.serve, args=(sock, self.agent.handle), daemon=True).start()
+        if announce:
+            print(f"{p.READY_MARKER} port={p.AGENT_PORT}", flush=True)
 
     def _host(self, api_path: str) -> Path:
         return self.root / api_path.lstrip("/") if self.root else Path(api_path)
@@ -208,15 +248,23 @@ def write_fake_binary(path: Path, *extra_args: str, sub_command: str = "firecrac
 def main(argv: list[str]) -> int:
     if argv[:1] == ["jailer"]:
         return _jailer(argv[1:])
+    if "--version" in argv:
+        print(VERSION)
+        return 0
     parser = argparse.ArgumentParser(prog="fake-firecracker")
     parser.add_argument("--api-sock", required=True)
     parser.add_argument("--id", default="anonymous-instance")
     parser.add_argument("--chroot", type=Path, help="set by the fake jailer: the jail's root")
     parser.add_argument("--record", type=Path, help="append every request here as a JSON line")
     parser.add_argument("--fault", action="append", default=[], help="'METHOD PATH=STATUS:message'")
+    parser.add_argument("--agent-host", default=os.environ.get(AGENT_HOST_ENV),
+                        help="play the guest: run the guest agent on this address")
     args = parser.parse_args(argv[1:])
-    sock = args.chroot / args.api_sock.lstrip("/") if args.chroot else Path(args.api_sock)
-    fake = FakeFirecracker(sock, load_specs(), root=args.chroot, record=args.record)
+    sock = Path(args.api_sock)
+    if args.chroot:  # as in a real jail, the socket is bound by its short name under the jail's root
+        os.chdir(args.chroot)
+        sock = Path(args.api_sock.lstrip("/"))
+    fake = FakeFirecracker(sock, load_specs(), root=args.chroot, record=args.record, agent_host=args.agent_host)
     for fault in args.fault:
         where, _, answer = fault.partition("=")
         method, path = where.split(" ", 1)
@@ -260,3 +308,43 @@ def _jailer(argv: list[str]) -> int:
         return 0
     os.execv(exec_file, fc_argv)
     return 1  # not reached
+
+
+# -- network slots on loopback addresses -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopbackSlot(Slot):
+    """A slot without a namespace: its "namespace address" is a loopback address of its own, where the fake
+    guest runs its agent. Its prefix tells the fake that address, the way a real slot's prefix puts the
+    hypervisor in the slot's namespace."""
+
+    def command_prefix(self) -> list[str]:
+        return ["env", f"{AGENT_HOST_ENV}={self.ns_ip}"]
+
+
+class LoopbackSlots:
+    """The engine's SlotNetwork, for backends driving the fake: slot i is 127.<net>.<i>.2, nothing is built."""
+
+    def __init__(self, net: int, capacity: int = 8) -> None:
+        self.net = net
+        self.capacity = capacity
+        self.live: set[int] = set()
+        self.created: list[int] = []
+
+    def address(self, index: int) -> SlotAddress:
+        return SlotAddress(index, f"127.{self.net}.{index}.1", f"127.{self.net}.{index}.2")
+
+    def create(self, index: int) -> LoopbackSlot:
+        addr = self.address(index)
+        self.live.add(index)
+        self.created.append(index)
+        return LoopbackSlot(index, f"lo-slot-{index}", f"loh{index}", addr.host_ip, addr.ns_ip)
+
+    def destroy(self, index: int) -> None:
+        self.live.discard(index)
+
+    def reclaim(self, live: set[int]) -> list[int]:
+        removed = sorted(self.live - set(live))
+        self.live -= set(removed)
+        return removed

@@ -34,6 +34,9 @@ GUEST_IP = "169.254.0.21"
 GATEWAY_IP = "169.254.0.22"
 GUEST_PREFIX = 30
 GUEST_MAC = "02:50:44:00:00:15"  # locally administered; the same in every slot, like the IP
+# The gateway (the slot's TAP) has one MAC in every slot too: a guest restored from a snapshot taken in
+# another slot still has the gateway's MAC in its ARP cache, and a TAP drops frames addressed to another MAC.
+GATEWAY_MAC = "02:50:44:00:00:16"
 AGENT_PORT = 8080
 VNC_PORT = 5901
 NS_VETH = "veth0"
@@ -193,6 +196,7 @@ class SlotNetwork:
                 netns.create(slot.guest_netns)
                 ns.link("add", ifname=TAP, kind="veth", peer={"ifname": "eth0", "net_ns_fd": slot.guest_netns})
             tap = ns.link_lookup(ifname=TAP)[0]
+            ns.link("set", index=tap, address=GATEWAY_MAC)
             ns.addr("add", index=tap, address=GATEWAY_IP, prefixlen=GUEST_PREFIX)
             ns.link("set", index=tap, state="up")
         if slot.guest_netns is not None:

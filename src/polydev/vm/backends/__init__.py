@@ -19,7 +19,6 @@ def create_backend(settings: Settings) -> Backend:
         from polydev.vm.backends.qemu import QemuBackend
 
         return QemuBackend.from_settings(settings)
-    from polydev.vm.backends.firecracker import unavailable_reason
+    from polydev.vm.backends.firecracker_backend import FirecrackerBackend
 
-    reason = unavailable_reason(settings.firecracker_binary)
-    raise BackendUnavailable(reason or "the firecracker backend is not wired into the engine yet")
+    return FirecrackerBackend.from_settings(settings)

@@ -20,12 +20,14 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import platform
 import re
 import shutil
 import signal
+import tempfile
 import uuid
 from collections import deque
 from collections.abc import Coroutine, Mapping, Sequence
@@ -476,6 +478,9 @@ class _Console:
 
     path: Path
     marker: str | None
+    # Secrets the guest may echo (a kernel prints its command line, which can carry the agent token):
+    # replaced before a line reaches the file or the tail, since both outlive the VM and end up in errors.
+    redact: tuple[bytes, ...] = ()
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -485,6 +490,8 @@ class _Console:
             # Plain file writes: a line to a local file costs microseconds, less than a thread hop would.
             with open(self.path, "ab") as out:  # noqa: ASYNC230
                 while raw := await stream.readline():
+                    for secret in self.redact:
+                        raw = raw.replace(secret, b"[redacted]")
                     out.write(raw)
                     out.flush()
                     line = raw.decode("utf-8", "replace").rstrip()
@@ -504,7 +511,8 @@ class FirecrackerProcess:
     def __init__(self, workdir: Path, *, binary: Path, vm_id: str | None = None,
                  jailer: JailerConfig | None = None, kvm_device: Path | None = Path("/dev/kvm"),
                  socket_timeout: float = 10.0, api_timeout: float = 10.0,
-                 ready_marker: str | None = p.READY_MARKER, log_level: LogLevel | None = "Warning") -> None:
+                 ready_marker: str | None = p.READY_MARKER, log_level: LogLevel | None = "Warning",
+                 command_prefix: Sequence[str] = (), redact: Sequence[str] = ()) -> None:
         self.workdir = workdir
         self.binary = binary
         self.vm_id = vm_id or str(uuid.uuid4())
@@ -512,8 +520,12 @@ class FirecrackerProcess:
         self.kvm_device = kvm_device  # None: do not check KVM (tests drive a fake binary)
         self.socket_timeout = socket_timeout
         self.api_timeout = api_timeout
+        # Keep it at Warning or above in production: at Info and below Firecracker may log request bodies.
         self.log_level = log_level  # None: Firecracker logs to stdout, i.e. into the console log
-        self._console = _Console(workdir / "console.log", ready_marker)
+        # Runs before Firecracker, e.g. `ip netns exec <slot>` so it opens the TAP in the VM's network slot.
+        self.command_prefix = list(command_prefix)
+        self._console = _Console(workdir / "console.log", ready_marker,
+                                 tuple(s.encode() for s in redact if s))
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -528,9 +540,19 @@ class FirecrackerProcess:
         return self.jailer.chroot_dir(self.binary, self.vm_id) if self.jailer else None
 
     @property
-    def socket_path(self) -> Path:
-        # Under the jailer, Firecracker sees the chroot as "/" and creates its socket at "/<name>" there.
+    def api_socket(self) -> Path:
+        """Where Firecracker creates its API socket: in its cwd (the work directory) or, jailed, at "/<name>" in
+        its chroot. It is given that short name, so it can bind however deep the directory is."""
         return (self.chroot or self.workdir) / self.SOCKET_NAME
+
+    @property
+    def socket_path(self) -> Path:
+        """Where we connect: the socket itself, or a short symlink to it when its full path is longer than a
+        Unix socket address may be (a deep data directory, or a jail id as long as the engine's markers)."""
+        if len(os.fsencode(self.api_socket)) <= UNIX_PATH_MAX:
+            return self.api_socket
+        digest = hashlib.sha256(str(self.api_socket.absolute()).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "polydev-fc" / f"{digest}.socket"
 
     @property
     def console_log(self) -> Path:
@@ -575,8 +597,10 @@ class FirecrackerProcess:
 
     def argv(self) -> list[str]:
         if self.jailer:
-            return self.jailer.argv(self.vm_id, self.binary, ["--api-sock", "/" + self.SOCKET_NAME])
-        return [str(self.binary), "--id", self.vm_id, "--api-sock", str(self.socket_path)]
+            argv = self.jailer.argv(self.vm_id, self.binary, ["--api-sock", "/" + self.SOCKET_NAME])
+        else:
+            argv = [str(self.binary), "--id", self.vm_id, "--api-sock", self.SOCKET_NAME]  # in its cwd
+        return [*self.command_prefix, *argv]
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -650,9 +674,12 @@ class FirecrackerProcess:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        handed_off: int | None = None
         if self._proc is not None and not self._killed:
             # Once only: after the group is gone its number may be reused by someone else's group.
             self._killed = True
+            vmm = self.vmm_pid
+            handed_off = vmm if vmm != self._proc.pid else None
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self._proc.pid, signal.SIGKILL)  # the group: the jailer's --new-pid-ns child too
             await self._proc.wait()
@@ -661,7 +688,11 @@ class FirecrackerProcess:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._pump, timeout=5.0)
             self._pump = None
+        if handed_off is not None:
+            # Not our child, so not reaped by the wait above: its pipe closes a moment before it is gone.
+            await _gone(handed_off, timeout=5.0)
         self.socket_path.unlink(missing_ok=True)
+        self.api_socket.unlink(missing_ok=True)
         if self.chroot is not None:
             shutil.rmtree(self.chroot.parent, ignore_errors=True)  # <base>/firecracker/<id>
 
@@ -717,14 +748,15 @@ class FirecrackerProcess:
         if self.chroot is not None:
             # Built before the jailer runs (it keeps an existing directory) so files can be linked in early.
             self.chroot.mkdir(parents=True, exist_ok=True)
-        if len(os.fsencode(self.socket_path)) > UNIX_PATH_MAX:
-            raise FirecrackerError(f"API socket path {self.socket_path} is longer than a Unix socket allows "
-                                   f"({UNIX_PATH_MAX} bytes): use a shorter work directory or chroot base")
-        self.socket_path.unlink(missing_ok=True)  # a stale socket makes Firecracker fail with EADDRINUSE
+        self.api_socket.unlink(missing_ok=True)  # a stale socket makes Firecracker fail with EADDRINUSE
+        if self.socket_path != self.api_socket:
+            self.socket_path.parent.mkdir(mode=0o700, exist_ok=True)
+            self.socket_path.unlink(missing_ok=True)
+            self.socket_path.symlink_to(self.api_socket.absolute())  # dangles until Firecracker binds
         # start_new_session: one process group to kill, so nothing outlives stop() even if the jailer forks.
         self._proc = await asyncio.create_subprocess_exec(
             *self.argv(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, cwd=self.workdir)
         assert self._proc.stdout is not None
         self._pump = asyncio.create_task(self._console.pump(self._proc.stdout))
         self._exited = asyncio.create_task(self._proc.wait())
@@ -772,24 +804,22 @@ class FirecrackerProcess:
                 await asyncio.wait_for(asyncio.shield(self._pump), timeout=1.0)
 
     def _expose(self, host_path: Path, *, writable: bool = False) -> str:
-        """The path Firecracker must be given for `host_path`. Unjailed: the absolute path. Jailed: the file is
-        hard-linked into the chroot (a copy would cost what the overlays exist to avoid) and named from "/"."""
+        """The path Firecracker must be given for `host_path`. Unjailed: relative to the work directory (its
+        cwd) for files in it, else absolute. Jailed: the file is hard-linked into the chroot (a copy would cost
+        what the overlays exist to avoid) and named from "/". Either way a VM's own files (its disk) get the
+        same name in every VM, which is what lets a snapshot, which records the names, load onto another
+        VM's disk."""
         host_path = host_path.resolve()
         if self.chroot is None or self.jailer is None:
-            return str(host_path)
+            workdir = self.workdir.resolve()
+            return str(host_path.relative_to(workdir)) if host_path.is_relative_to(workdir) else str(host_path)
         if host_path in self._exposed:
             return self._exposed[host_path]
         chroot = self.chroot.resolve()
         inside = host_path
         if not host_path.is_relative_to(chroot):
             inside = chroot / f"{len(self._exposed)}-{host_path.name}"  # the index keeps equal names apart
-            try:
-                os.link(host_path, inside)
-            except OSError as exc:
-                if exc.errno == errno.EXDEV:
-                    raise FirecrackerError(f"{host_path} is on another file system than the jail {chroot}: "
-                                           "put the jailer's chroot base beside the VM files") from exc
-                raise
+            link_into_jail(host_path, inside)
         if writable and os.geteuid() == 0:
             # The jailed VMM runs as uid:gid and must write here. A hard link shares the inode, so this changes
             # the owner of the original too, which is why only per-VM files (overlays, logs) are writable.
@@ -811,6 +841,32 @@ class FirecrackerProcess:
         for name, final in (("snapshot.state", dest.state), ("snapshot.mem", dest.memory)):
             final.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(self.chroot / name, final)
+
+
+def link_into_jail(host_path: Path, inside: Path) -> None:
+    """Hard-link a file into a jail: a copy would cost what the per-VM disks exist to avoid."""
+    try:
+        os.link(host_path, inside)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            raise FirecrackerError(f"{host_path} is on another file system than the jail {inside.parent}: put "
+                                   "the jailer's chroot base (FIRECRACKER_BASE) beside the VM files") from exc
+        raise
+
+
+def process_gone(pid: int) -> bool:
+    """True when `pid` has exited: no such process, or a zombie its parent has yet to reap."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state == "Z"
+
+
+async def _gone(pid: int, timeout: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not process_gone(pid) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.005)
 
 
 async def _accepts(path: Path) -> bool:
