@@ -52,9 +52,10 @@ class Request:
 class FakeFirecracker:
     def __init__(self, socket_path: Path, specs: list[Spec], *, root: Path | None = None,
                  record: Path | None = None, console_line: str = CONSOLE_LINE,
-                 agent_host: str | None = None) -> None:
+                 agent_host: str | None = None, guest_netns: bool = False) -> None:
         self.socket_path = socket_path
         self.agent_host = agent_host
+        self.guest_netns = guest_netns  # run the agent in the slot's emulated guest namespace
         self.agent: Any = None  # polydev.guest.agent.Agent, once the "guest" runs
         self.boot_args = ""
         self.drives: dict[str, str] = {}
@@ -214,7 +215,10 @@ class FakeFirecracker:
 
         assert self.agent_host is not None
         self.agent = agent.Agent(token)
-        sock = agent.listen(p.AGENT_PORT, self.agent_host)
+        if self.guest_netns:
+            sock = _in_guest_netns(lambda: agent.listen(p.AGENT_PORT, self.agent_host))  # type: ignore[arg-type]
+        else:
+            sock = agent.listen(p.AGENT_PORT, self.agent_host)
         threading.Thread(target=agent.serve, args=(sock, self.agent.handle), daemon=True).start()
         if announce:
             print(f"{p.READY_MARKER} port={p.AGENT_PORT}", flush=True)
@@ -225,6 +229,30 @@ class FakeFirecracker:
     def _must_exist(self, api_path: str) -> None:
         if not self._host(api_path).exists():
             raise Refused(f"No such file or directory (os error 2): {api_path}")
+
+
+def _in_guest_netns(make: Any) -> Any:
+    """Call `make` in a thread inside `<this slot>-g`, the namespace SlotNetwork builds to play a slot's guest
+    (a veth named like the TAP leads there). The fake runs in the slot's namespace (`ip netns exec`), which it
+    finds by its inode among the named ones; a socket keeps the namespace it was made in."""
+    import ctypes
+
+    mine = os.stat("/proc/self/ns/net").st_ino
+    netns_dir = Path("/run/netns")
+    slot = next(n.name for n in netns_dir.iterdir() if n.stat().st_ino == mine)
+    made: list[Any] = []
+
+    def run() -> None:
+        fd = os.open(netns_dir / f"{slot}-g", os.O_RDONLY)
+        if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), "setns")
+        os.close(fd)
+        made.append(make())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return made[0]
 
 
 class Refused(Exception):
@@ -259,12 +287,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fault", action="append", default=[], help="'METHOD PATH=STATUS:message'")
     parser.add_argument("--agent-host", default=os.environ.get(AGENT_HOST_ENV),
                         help="play the guest: run the guest agent on this address")
+    parser.add_argument("--guest-netns", action="store_true",
+                        help="run the agent in the slot's emulated guest namespace (tap-mode tests)")
     args = parser.parse_args(argv[1:])
     sock = Path(args.api_sock)
     if args.chroot:  # as in a real jail, the socket is bound by its short name under the jail's root
         os.chdir(args.chroot)
         sock = Path(args.api_sock.lstrip("/"))
-    fake = FakeFirecracker(sock, load_specs(), root=args.chroot, record=args.record, agent_host=args.agent_host)
+    fake = FakeFirecracker(sock, load_specs(), root=args.chroot, record=args.record, agent_host=args.agent_host,
+                           guest_netns=args.guest_netns)
     for fault in args.fault:
         where, _, answer = fault.partition("=")
         method, path = where.split(" ", 1)

@@ -6,6 +6,7 @@ Everything here runs inside namespaces made by the tests themselves; no packet r
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from polydev.vm import handover
 
 _LISTENER = r"""
 import socket, sys
@@ -89,3 +92,19 @@ def host_namespace() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", host], check=False)
+
+
+def agent_health(url: str, token: str, netns: str) -> dict[str, object]:
+    """GET /health from the namespace that plays the host (the agent is reachable only through its slot)."""
+    host, port = url.removeprefix("http://").split(":")
+    with handover.socket_in_netns(netns) as sock:
+        sock.settimeout(10)
+        sock.connect((host, int(port)))
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"200", head[:200]
+    return json.loads(body)
