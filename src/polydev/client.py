@@ -2,19 +2,27 @@
 
     from polydev.client import PolydevClient
     with PolydevClient("http://127.0.0.1:4000", token) as pd:
-        pd.set_api_key("codex", "sk-...")
-        print(pd.credentials())
+        session = pd.start_login("claude_code")           # then show session["auth_url"] to the user
+        pd.wait_session(session["session_id"], until=("completed",))
+        run = pd.start_run("claude_code", "explain this repo")
+        for event in pd.run_events(run["id"]):           # text, tool_call, tool_result, status, error, done
+            print(event)
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:4000"
+SESSION_TERMINAL = ("completed", "failed", "timeout", "cancelled")
+RUN_TERMINAL = ("succeeded", "failed", "cancelled", "timeout")
 CREATE_VM_TIMEOUT_S = 600.0
 
 
@@ -53,16 +61,19 @@ class PolydevClient:
         except httpx.TransportError as exc:
             raise PolydevError(0, "unreachable", f"cannot reach Polydev at {self.url}: {exc}") from None
         if response.status_code >= 400:
-            try:
-                body = response.json()
-                err = body.get("error", {})
-                raise PolydevError(response.status_code, err.get("code", "error"), err.get("message", response.text),
-                                   body)
-            except ValueError:
-                raise PolydevError(response.status_code, "error", response.text[:200]) from None
+            self._raise(response)
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
+
+    @staticmethod
+    def _raise(response: httpx.Response) -> None:
+        try:
+            body = response.json()
+        except ValueError:
+            raise PolydevError(response.status_code, "error", response.text[:200]) from None
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        raise PolydevError(response.status_code, err.get("code", "error"), err.get("message", response.text), body)
 
     # -- account ----------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -88,8 +99,75 @@ class PolydevClient:
         self._call("DELETE", f"/api/credentials/{provider}")
 
     # -- login sessions ---------------------------------------------------------------------------------
+    def start_login(self, provider: str, method: str | None = None) -> dict[str, Any]:
+        """Start connecting a provider account; answers at once (status `initializing`)."""
+        body: dict[str, Any] = {"provider": provider}
+        if method:
+            body["method"] = method
+        return self._call("POST", "/api/auth/start", json=body)
+
     def session(self, session_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/auth/sessions/{session_id}")
+
+    def wait_session(self, session_id: str, until: tuple[str, ...] = ("awaiting_user_auth", *SESSION_TERMINAL),
+                     timeout: float = 600.0, interval: float = 0.5) -> dict[str, Any]:
+        """Poll until the session reaches one of `until` (or any end); returns its state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.session(session_id)
+            if state["status"] in until or state["status"] in SESSION_TERMINAL:
+                return state
+            if time.monotonic() > deadline:
+                raise PolydevError(0, "timeout", f"session still {state['status']} after {timeout:.0f} s")
+            time.sleep(interval)
+
+    def submit_code(self, session_id: str, code: str) -> None:
+        """Hand the login the code the provider showed, or the localhost URL the browser ended on."""
+        self._call("POST", f"/api/auth/sessions/{session_id}/code", json={"code": code}, timeout=90)
+
+    def cancel_session(self, session_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/api/auth/sessions/{session_id}/cancel", timeout=60)
+
+    # -- runs -------------------------------------------------------------------------------------------
+    def start_run(self, provider: str, prompt: str, *, files: dict[str, str] | None = None,
+                  timeout: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"provider": provider, "prompt": prompt}
+        if files:
+            body["files"] = files
+        if timeout is not None:
+            body["timeout"] = timeout
+        return self._call("POST", "/api/runs", json=body)
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/runs/{run_id}")
+
+    def runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/runs", params={"limit": limit})
+
+    def cancel_run(self, run_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/api/runs/{run_id}/cancel", timeout=60)
+
+    def run_events(self, run_id: str, after: int = -1, reconnects: int = 5) -> Iterator[dict[str, Any]]:
+        """The run's events from the start (or after event `after`), live until it ends. A dropped
+        connection is resumed where it stopped (Last-Event-ID), so no event is missed or repeated."""
+        last, failures = after, 0
+        while True:
+            headers = {"Accept": "text/event-stream", "Last-Event-ID": str(last)}
+            try:
+                with self._http.stream("GET", f"/api/runs/{run_id}/events", headers=headers,
+                                       timeout=httpx.Timeout(30.0, read=None)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        self._raise(response)
+                    for seq, data in _sse(response.iter_lines()):
+                        last, failures = seq, 0
+                        yield data
+                return
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > reconnects:
+                    raise PolydevError(0, "unreachable", f"lost the event stream of run {run_id}: {exc}") from None
+                time.sleep(min(2.0, 0.2 * failures))
 
     # -- VMs (admin) ------------------------------------------------------------------------------------
     def vms(self, *, include_ended: bool = False) -> list[dict[str, Any]]:
@@ -118,3 +196,17 @@ class PolydevClient:
         # The answer comes when the command ends: wait for its own timeout (server default 60 s) and then some.
         wait = (timeout_s or 60.0) + 30.0
         return self._call("POST", f"/api/vms/{vm_id}/exec", json=body, timeout=wait)
+
+
+def _sse(lines: Iterator[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(id, data) of each server-sent event; comments (keep-alives) are skipped."""
+    seq, data = -1, []
+    for line in lines:
+        if not line:
+            if data:
+                yield seq, json.loads("\n".join(data))
+            data = []
+        elif line.startswith("id:"):
+            seq = int(line[3:].strip())
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())

@@ -25,7 +25,7 @@ class LiveServer:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_server(root: Path, module: str) -> Iterator[LiveServer]:
+def start_server(root: Path, module: str, extra_env: dict[str, str] | None = None) -> Iterator[LiveServer]:
     port = free_port()
     # An empty image cache: whatever images this machine has built, the server finds none, so its VM engine
     # is unavailable (with the reason) and nothing here boots a real VM.
@@ -33,6 +33,7 @@ def start_server(root: Path, module: str) -> Iterator[LiveServer]:
            "PORT": str(port), "HOST": "127.0.0.1"}
     for name in ("DATABASE_URL", "REDIS_URL", "CREDENTIAL_ENCRYPTION_KEY", "VM_BACKEND", "NETWORK_MODE"):
         env.pop(name, None)  # the embedded default
+    env.update(extra_env or {})
     log = root / "server.log"
     out = root / "server.out"
     with open(log, "wb") as err, open(out, "wb") as stdout:
@@ -60,3 +61,11 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
 def fake_vm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """The same server with a VM engine on the stand-in hypervisor: VM routes work, no VM boots."""
     yield from start_server(tmp_path_factory.mktemp("fakevm"), "tests.e2e.fake_vm_server")
+
+
+@pytest.fixture(scope="session")
+def fake_flow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The stand-in-hypervisor server whose claude_code adapter is the scripted CLI of tests/flow_fakes.py:
+    the login and run flows work end to end over real HTTP in seconds."""
+    root = tmp_path_factory.mktemp("fakeflow")
+    yield from start_server(root, "tests.e2e.fake_vm_server", {"POLYDEV_TEST_FAKE_CLI": str(root / "guest")})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from polydev.cli import config_cmd, doctor, keys, remote, serve, users
+from polydev.cli import config_cmd, doctor, flows, keys, remote, serve, users
 
 app = typer.Typer(help="Polydev: AI coding CLIs in disposable microVMs.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -12,6 +12,8 @@ app.command("serve")(serve.serve)
 app.command("config")(config_cmd.config)
 app.add_typer(keys.app, name="keys")
 app.add_typer(users.app, name="users")
+app.command("login")(flows.login)
+app.command("run")(flows.run)
 app.add_typer(remote.credentials, name="credentials")
 app.add_typer(remote.vm, name="vm")
 app.command("doctor")(doctor.doctor)

@@ -1,0 +1,151 @@
+"""`polydev login` and `polydev run`: the two provider flows from the terminal, over the API."""
+
+from __future__ import annotations
+
+import select
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from polydev.cli.remote import _TOKEN, _URL, _call, _fail
+
+if TYPE_CHECKING:
+    from polydev.client import PolydevClient
+
+PROVIDER_HELP = "claude_code, codex or gemini_cli"
+
+
+def _say(text: str, **style: Any) -> None:
+    typer.secho(text, err=True, **style)
+
+
+def login(provider: str = typer.Argument(..., help=PROVIDER_HELP),
+          device: bool = typer.Option(False, "--device", help="use a device code (Codex) instead of a browser"),
+          url: str = _URL, token: str = _TOKEN) -> None:
+    """Connect your PROVIDER account: prints the login URL (or device code), then waits. Paste the code the
+    provider shows, or the http://localhost… address your browser ends on, and press Enter."""
+    from polydev.client import SESSION_TERMINAL, PolydevClient, PolydevError
+
+    session = _call(url, token, lambda pd: pd.start_login(provider, "device" if device else None))
+    sid = session["session_id"]
+    _say(f"login session {sid}: starting a VM for {provider}…")
+    try:
+        with PolydevClient(url, token) as pd:
+            state = _follow_login(pd, sid)
+    except PolydevError as exc:
+        _fail(exc)
+        return
+    except KeyboardInterrupt:
+        _call(url, token, lambda pd: pd.cancel_session(sid))
+        _say("cancelled", fg="yellow")
+        raise typer.Exit(130) from None
+    if state["status"] == "completed":
+        _say(f"connected: your {provider} credential is stored (encrypted)", fg="green")
+        return
+    assert state["status"] in SESSION_TERMINAL
+    _say(f"login {state['status']}: {state.get('error_message') or ''}", fg="red")
+    raise typer.Exit(1)
+
+
+def _follow_login(pd: PolydevClient, sid: str) -> dict[str, Any]:
+    from polydev.client import SESSION_TERMINAL
+
+    shown = False
+    reads_input = not sys.stdin.closed
+    while True:
+        state = pd.session(sid)
+        if state["status"] in SESSION_TERMINAL:
+            return state
+        if state["status"] == "awaiting_user_auth" and not shown:
+            shown = True
+            if state.get("device_code"):
+                _say(f"\nOpen {state['auth_url']}\nand enter the code:  {state['device_code']}\n", bold=True)
+            else:
+                _say(f"\nOpen this address in your browser and sign in:\n\n  {state['auth_url']}\n", bold=True)
+                hint = "the code the page shows, or " if state.get("accepts_code") else ""
+                _say(f"Then paste {hint}the http://localhost… address your browser ends on, and press Enter.")
+        if not (shown and reads_input):
+            time.sleep(0.5)
+            continue
+        # Wait a second for a pasted line, without blocking the status checks.
+        if select.select([sys.stdin], [], [], 1.0)[0]:
+            line = sys.stdin.readline()
+            if not line:  # end of input: keep waiting for the login to complete elsewhere
+                reads_input = False
+            elif line.strip():
+                pd.submit_code(sid, line.strip())
+                _say("code sent; waiting for the login to finish…")
+
+
+def run(provider: str = typer.Argument(..., help=PROVIDER_HELP),
+        prompt: str = typer.Argument(..., help="the prompt; - reads it from stdin"),
+        file: list[str] = typer.Option([], "--file", "-f", help="a local text file to put in the run's "
+                                       "working directory (repeatable)"),
+        timeout: int = typer.Option(None, "--timeout", help="stop the run after this many seconds"),
+        json_out: bool = typer.Option(False, "--json", help="print each event as a JSON line"),
+        url: str = _URL, token: str = _TOKEN) -> None:
+    """Run PROMPT with PROVIDER's CLI in a fresh VM and stream what it does. Exits 0 when the run succeeds."""
+    import json
+    from pathlib import Path
+
+    from polydev.client import PolydevClient, PolydevError
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    files = {}
+    for name in file:
+        path = Path(name)
+        try:
+            files[path.name] = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            _say(f"error: cannot read {name}: {exc}", fg="red")
+            raise typer.Exit(2) from None
+    started = _call(url, token, lambda pd: pd.start_run(provider, prompt, files=files or None, timeout=timeout))
+    rid = started["id"]
+    _say(f"run {rid}", dim=True)
+    try:
+        with PolydevClient(url, token) as pd:
+            for ev in pd.run_events(rid):
+                if json_out:
+                    print(json.dumps(ev), flush=True)
+                else:
+                    _show(ev)
+            final = pd.run(rid)
+    except PolydevError as exc:
+        _fail(exc)
+        return
+    except KeyboardInterrupt:
+        _call(url, token, lambda pd: pd.cancel_run(rid))
+        _say("\ncancelled", fg="yellow")
+        raise typer.Exit(130) from None
+    if final["status"] != "succeeded":
+        _say(f"run {final['status']}: {final.get('error_message') or ''}", fg="red")
+        raise typer.Exit(1)
+
+
+def _show(ev: dict[str, Any]) -> None:
+    kind = ev.get("type")
+    if kind == "text":
+        sys.stdout.write(ev.get("text", "") + "\n")
+        sys.stdout.flush()
+    elif kind == "tool_call":
+        _say(f"→ {ev.get('name')} {json_dumps(ev.get('input'))}", fg="cyan")
+    elif kind == "tool_result":
+        out = str(ev.get("output", ""))
+        _say("  " + (out[:500] + ("…" if len(out) > 500 else "")).replace("\n", "\n  "), dim=True)
+    elif kind == "status":
+        _say(f"· {ev.get('message', '')}", dim=True)
+    elif kind == "error":
+        _say(f"error: {ev.get('message', '')}", fg="red")
+    elif kind == "done":
+        usage = ev.get("usage") or {}
+        _say(f"done ({', '.join(f'{k} {v}' for k, v in usage.items() if isinstance(v, int | float))})", dim=True)
+
+
+def json_dumps(value: Any) -> str:
+    import json
+
+    text = json.dumps(value)
+    return text if len(text) <= 200 else text[:200] + "…"

@@ -1,0 +1,83 @@
+"""`polydev login` and `polydev run` against a live server whose claude_code CLI is the scripted stand-in
+(tests/flow_fakes.py), and the SDK's event stream resuming after a dropped connection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from polydev.client import PolydevClient
+from tests.e2e.conftest import LiveServer
+
+
+def cli_env(server: LiveServer, token: str) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "POLYDEV_URL": server.url, "POLYDEV_TOKEN": token, "NO_COLOR": "1",
+            "COLUMNS": "200"}
+
+
+def new_user_token(server: LiveServer) -> str:
+    with PolydevClient(server.url, server.admin_token) as pd:
+        user = pd.create_user(f"cli{time.time_ns()}")
+        return pd.issue_token(user["id"])["token"]
+
+
+def polydev_login(server: LiveServer, token: str, code: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "polydev", "login", "claude_code"], env=cli_env(server, token),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None
+    # The user reads the URL, signs in, and pastes the code (typed before the prompt shows: it waits in stdin).
+    proc.stdin.write(code + "\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_login_then_run_from_the_terminal(fake_flow_server: LiveServer, tmp_path: Path) -> None:
+    token = new_user_token(fake_flow_server)
+    done = polydev_login(fake_flow_server, token, "good-code")
+    assert done.returncode == 0, done.stderr
+    assert "https://auth.fake.test/authorize?" in done.stderr and "connected" in done.stderr
+    with PolydevClient(fake_flow_server.url, token) as pd:
+        assert [c["provider"] for c in pd.credentials()] == ["claude_code"]
+
+    note = tmp_path / "note.txt"
+    note.write_text("from the terminal")
+    ran = subprocess.run([sys.executable, "-m", "polydev", "run", "claude_code", "hello", "--file", str(note)],
+                         env=cli_env(fake_flow_server, token), capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip().splitlines()[-1] == "answer to: hello"  # the answer on stdout, the rest on stderr
+    assert "from the terminal" in ran.stderr and "done" in ran.stderr
+
+    as_json = subprocess.run([sys.executable, "-m", "polydev", "run", "claude_code", "crash", "--json"],
+                             env=cli_env(fake_flow_server, token), capture_output=True, text=True, timeout=120)
+    assert as_json.returncode == 1 and "run failed" in as_json.stderr
+    events = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert events[-1]["type"] == "error"
+
+
+def test_a_rejected_code_fails_the_login_command(fake_flow_server: LiveServer) -> None:
+    token = new_user_token(fake_flow_server)
+    done = polydev_login(fake_flow_server, token, "wrong-code")
+    assert done.returncode == 1 and "login failed" in done.stderr and "invalid code" in done.stderr
+
+
+def test_run_without_a_credential_says_what_to_do(fake_flow_server: LiveServer) -> None:
+    token = new_user_token(fake_flow_server)
+    ran = subprocess.run([sys.executable, "-m", "polydev", "run", "claude_code", "hi"],
+                         env=cli_env(fake_flow_server, token), capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 1 and "polydev login claude_code" in ran.stderr
+
+
+def test_sdk_event_stream_resumes_after_a_given_event(fake_flow_server: LiveServer) -> None:
+    token = new_user_token(fake_flow_server)
+    assert polydev_login(fake_flow_server, token, "good-code").returncode == 0
+    with PolydevClient(fake_flow_server.url, token) as pd:
+        run = pd.start_run("claude_code", "hello")
+        events = list(pd.run_events(run["id"]))
+        assert events[-1]["type"] == "done"
+        assert list(pd.run_events(run["id"], after=1)) == events[2:]
+        assert pd.run(run["id"])["status"] == "succeeded"
+        assert pd.runs()[0]["id"] == run["id"]
