@@ -84,6 +84,7 @@ def test_doctor_names_what_the_firecracker_backend_lacks(env: dict[str, str], tm
     assert code == 1 and checks["firecracker"]["status"] == "fail"
     assert str(tmp_path / "nope") in checks["firecracker"]["detail"]
     assert "FIRECRACKER_GOLDEN_ROOTFS" in checks["image"]["detail"]
+    assert checks["network"]["status"] == "fail" and "NETWORK_MODE=tap" in checks["network"]["detail"]
 
 
 def test_doctor_checks_the_tap_modes_needs(env: dict[str, str]) -> None:

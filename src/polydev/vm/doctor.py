@@ -61,11 +61,11 @@ def accel_check(settings: Settings) -> Check:
 def image_checks(settings: Settings) -> list[Check]:
     if settings.vm_backend == "firecracker":
         from polydev.vm.backends.firecracker import kernel_problem
+        from polydev.vm.backends.firecracker_backend import rootfs_for
 
-        rootfs, kernel = settings.firecracker_golden_rootfs, settings.firecracker_golden_kernel
-        checks = [_check("image", None if rootfs and rootfs.is_file() else
-                         f"FIRECRACKER_GOLDEN_ROOTFS is {'unset' if rootfs is None else f'missing: {rootfs}'}",
-                         f"rootfs {rootfs}")]
+        kernel = settings.firecracker_golden_kernel
+        rootfs = rootfs_for(settings)  # FIRECRACKER_GOLDEN_ROOTFS, else the built image, as the backend does
+        checks = [_check("image", rootfs if isinstance(rootfs, str) else None, f"rootfs {rootfs}")]
         if kernel is None or not kernel.is_file():
             checks.append(Check("kernel", "fail", f"FIRECRACKER_GOLDEN_KERNEL is "
                                 f"{'unset' if kernel is None else f'missing: {kernel}'}"))
@@ -85,6 +85,10 @@ def image_checks(settings: Settings) -> list[Check]:
 
 def network_checks(settings: Settings) -> list[Check]:
     mode = settings.network_mode
+    if mode == "user" and settings.vm_backend == "firecracker":
+        from polydev.vm.backends.firecracker_backend import NEEDS_TAP
+
+        return [Check("network", "fail", NEEDS_TAP)]
     if mode == "user":
         return [Check("network", "ok", "user mode (QEMU user networking, agent on a 127.0.0.1 port): no privileges needed")]
     from polydev.vm.network import NetworkError, pool_pairs

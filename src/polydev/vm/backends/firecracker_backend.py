@@ -134,7 +134,7 @@ class FirecrackerBackend:
                             "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y; see the README)")
         elif reason := kernel_problem(kernel):
             problems.append(reason)
-        rootfs = _rootfs(settings)
+        rootfs = rootfs_for(settings)
         if isinstance(rootfs, str):
             problems.append(rootfs)
         if settings.network_mode != "tap":
@@ -320,7 +320,7 @@ class FirecrackerBackend:
                 shutil.rmtree(jail, ignore_errors=True)
 
 
-def _rootfs(settings: Any) -> Path | str:
+def rootfs_for(settings: Any) -> Path | str:
     """FIRECRACKER_GOLDEN_ROOTFS, else the built image's root file system; a string says what is missing."""
     if settings.firecracker_golden_rootfs is not None:
         rootfs: Path = settings.firecracker_golden_rootfs
