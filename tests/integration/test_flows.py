@@ -317,6 +317,8 @@ async def test_a_crashing_cli_fails_the_run_with_the_reason(flows: Api) -> None:
     rid = await post_run(flows, h, "crash")
     run = await wait_run(flows, h, rid)
     assert run["status"] == "failed" and run["exit_code"] == 2 and "status 2" in run["error_message"]
+    metrics = (await flows.client.get("/metrics")).text
+    assert 'polydev_runs{status="failed"} 1.0' in metrics and 'polydev_runs{status="running"} 0.0' in metrics
     events = sse((await flows.client.get(f"/api/runs/{rid}/events", headers=h)).text)
     assert events[-1][1] == "error" and "done" not in [k for _, k, _ in events]
     await no_vms_left(flows)

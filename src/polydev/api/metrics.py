@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from polydev.store.models import AUTH_SESSION_STATUSES
+from polydev.store.models import AUTH_SESSION_STATUSES, RUN_STATUSES
 from polydev.store.vms import LIVE as LIVE_VM_STATUSES
 
 
@@ -20,6 +20,7 @@ class Metrics:
                               registry=self.registry)
         # Live VMs only: ended ones (destroyed, failed) are history, counted by the creations counter.
         self.vms = Gauge("polydev_vms", "VMs alive now, by status", ["status"], registry=self.registry)
+        self.runs = Gauge("polydev_runs", "Runs recorded, by status", ["status"], registry=self.registry)
         self.vm_creations = Counter("polydev_vm_creations", "VM creations by outcome (created, failed, unavailable)",
                                     ["outcome"], registry=self.registry)
 
@@ -30,6 +31,10 @@ class Metrics:
     def set_sessions(self, counts: dict[str, int]) -> None:
         for status in AUTH_SESSION_STATUSES:
             self.sessions.labels(status).set(counts.get(status, 0))
+
+    def set_runs(self, counts: dict[str, int]) -> None:
+        for status in RUN_STATUSES:
+            self.runs.labels(status).set(counts.get(status, 0))
 
     def set_vms(self, counts: dict[str, int]) -> None:
         for status in LIVE_VM_STATUSES:

@@ -74,6 +74,7 @@ async def health(services: ServicesDep, response: Response) -> Health:
 async def metrics(request: Request, services: ServicesDep) -> Response:
     registry = request.app.state.metrics
     registry.set_sessions(await services.auth_sessions.count_by_status())
+    registry.set_runs(await services.runs.count_by_status())
     if services.engine is not None:
         registry.set_vms(await services.engine.vms.count_by_status())
     return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
