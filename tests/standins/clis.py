@@ -2,7 +2,9 @@
 
 Installs go to ``~/.cache/polydev-test/npm/<sha256(spec)[:16]>`` (``POLYDEV_TEST_NPM_CACHE`` overrides the
 root) and are reused when present. The command and environment builders here are what the stand-in tests
-verified at the pinned versions (see ``src/polydev/providers/FACTS.md``); VM tests can reuse them.
+verified at the pinned versions (see ``src/polydev/providers/FACTS.md``); what the product needs of them
+(switches, provider entries, settings, paths) comes from the adapters in ``polydev.providers``, so these tests
+keep the adapters' knowledge true. ``tests.standins.adapters`` runs the adapters' own commands.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from polydev.providers import ADAPTERS, claude_code, codex, gemini_cli
 from tests.standins.api import ToolCall
 
 NODE_MIN_MAJOR = 20
@@ -139,8 +142,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- Claude Code
 
 def claude_env(home: Path, **extra: str) -> dict[str, str]:
-    env = base_env(home)
-    env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
+    env = {**base_env(home), **claude_code.background_off()}
     env.update(extra)
     return env
 
@@ -154,7 +156,7 @@ def claude_shell_tool(command: str) -> ToolCall:
 
 
 def claude_credentials(home: Path) -> Path:
-    return home / ".claude" / ".credentials.json"
+    return home / ADAPTERS["claude_code"].required_credential_files[0]
 
 
 # ---------------------------------------------------------------- Codex
@@ -162,7 +164,7 @@ def claude_credentials(home: Path) -> Path:
 #: Codex 0.171's default model (gpt-6.2-sol) sent no ``tools`` at all to a custom provider [observed];
 #: ``gpt-5.5`` is in its built-in catalog and offers ``exec_command``. A name outside the catalog works too but
 #: adds an ``error`` item ("Model metadata for ... not found") to the stream.
-CODEX_MODEL = "gpt-5.5"
+CODEX_MODEL = codex.CUSTOM_PROVIDER_MODEL
 
 
 def codex_env(home: Path, **extra: str) -> dict[str, str]:
@@ -173,8 +175,7 @@ def codex_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def codex_background_off() -> list[str]:
-    return ["-c", "analytics.enabled=false", "--disable", "plugins"]
+codex_background_off = codex.background_off
 
 
 def codex_provider_args(api_url: str, *, chatgpt_auth: bool = False) -> list[str]:
@@ -183,9 +184,7 @@ def codex_provider_args(api_url: str, *, chatgpt_auth: bool = False) -> list[str
     API-key mode sends ``CODEX_API_KEY``; ``chatgpt_auth`` sends the login's access token instead
     (``requires_openai_auth``), which is what makes Codex refresh it on a 401.
     """
-    auth = "requires_openai_auth=true" if chatgpt_auth else 'env_key="CODEX_API_KEY"'
-    provider = f'{{name="standin",base_url="{api_url}/v1",{auth},supports_websockets=false}}'
-    return ["-c", "model_provider=standin", "-c", f"model_providers.standin={provider}"]
+    return codex.provider_args(api_url, api_key_env=None if chatgpt_auth else ADAPTERS["codex"].api_key_env)
 
 
 def codex_run_args(exe: Path, prompt: str, api_url: str, *, chatgpt_auth: bool = False,
@@ -209,16 +208,15 @@ def codex_shell_tool(command: str) -> ToolCall:
 
 
 def codex_credentials(home: Path) -> Path:
-    return home / ".codex" / "auth.json"
+    return home / ADAPTERS["codex"].required_credential_files[0]
 
 
 # ---------------------------------------------------------------- Gemini CLI
 
 def gemini_settings(home: Path, auth_type: str) -> Path:
-    settings = home / ".gemini" / "settings.json"
+    settings = home / gemini_cli.SETTINGS_FILE
     settings.parent.mkdir(parents=True, exist_ok=True)
-    settings.write_text(json.dumps({"security": {"auth": {"selectedType": auth_type}},
-                                    "privacy": {"usageStatisticsEnabled": False}}))
+    settings.write_bytes(gemini_cli.settings(auth_type))
     return settings
 
 
@@ -238,4 +236,4 @@ def gemini_shell_tool(command: str) -> ToolCall:
 
 
 def gemini_credentials(home: Path) -> Path:
-    return home / ".gemini" / "oauth_creds.json"
+    return home / ADAPTERS["gemini_cli"].required_credential_files[0]
