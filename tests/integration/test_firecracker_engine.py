@@ -126,6 +126,21 @@ async def test_a_failed_restore_is_a_clean_failure_with_its_console_kept(
         await eng.close()
 
 
+async def test_a_failed_template_boot_keeps_the_templates_console(services: Services, slots: LoopbackSlots) -> None:
+    backend = make_backend(services.settings.data_dir / "fc-tpl", "--fault", "PUT /actions=400:Kernel loader: bad ELF")
+    eng = make_engine(services, backend, slots)
+    try:
+        with pytest.raises(VMCreateError, match="bad ELF") as caught:
+            await eng.create(None, "cli")
+        assert caught.value.console_log is not None
+        kept = caught.value.console_log.read_text()
+        assert "=== snapshot template boot ===" in kept and "fake firecracker" in kept
+        assert find_marked_processes(eng.tag) == {} and list(backend.snapshots_dir.iterdir()) == [
+            backend.snapshots_dir / f".lock-{backend.snapshot_dir(1, 256).name}"]  # no half-made snapshot
+    finally:
+        await eng.close()
+
+
 class EmulatedGuestSlots(SlotNetwork):
     """Real slots whose guest is a namespace (a veth named like the TAP leads to it), where the fake runs the
     agent: the whole tap-mode path (namespaces, nftables DNAT, handover from the host's namespace) but KVM."""

@@ -263,13 +263,17 @@ async def test_under_the_jailer_every_vm_names_its_disk_from_the_jail_root(
         short_dir: Path, specs: list[Spec], slots: LoopbackSlots) -> None:
     jailer_bin = write_fake_binary(short_dir / "jailer", sub_command="jailer")
     jail_base = short_dir / "j"
-    jailer = fc.JailerConfig(binary=jailer_bin, uid=os.getuid(), gid=os.getgid(), chroot_base_dir=jail_base,
-                             new_pid_ns=True)
+    # As root, a uid of its own, as in production (the fake jailer does not drop privileges, so it still works).
+    uid = 65534 if os.geteuid() == 0 else os.getuid()
+    jailer = fc.JailerConfig(binary=jailer_bin, uid=uid, gid=uid, chroot_base_dir=jail_base, new_pid_ns=True)
     backend = make_backend(short_dir, jailer=jailer)
     spec = spec_for(short_dir, slots.create(0))
     started = await backend.start(spec)
     assert (await health(started.agent_url, spec.token)).protocol == p.PROTOCOL_VERSION
     assert find_marked_processes(TAG)[spec.vm_id] == started.pid  # the VMM the jailer left running
+    jailed_disk = jail_base / "firecracker" / spec.marker / "root" / "rootfs.ext4"
+    assert jailed_disk.samefile(spec.workdir / "rootfs.ext4")  # a link, not a copy
+    assert jailed_disk.stat().st_uid == uid  # the restored VMM opens it as the jail's user
     await backend.stop(started.pid, spec.workdir)
     assert not alive(started.pid) and find_marked_processes(TAG) == {}
     assert list((jail_base / "firecracker").iterdir()) == []  # template's and VM's jails are gone

@@ -26,6 +26,7 @@ Decisions, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -157,7 +158,7 @@ class FirecrackerBackend:
         if spec.slot is None:
             raise BackendUnavailable(NEEDS_TAP)
         if self.use_snapshots:
-            snapshot = await self.ensure_snapshot(spec.vcpus, spec.memory_mb, spec.slot, spec.marker)
+            snapshot = await self.ensure_snapshot(spec, spec.slot)
             proc = await self._restore(spec, spec.slot, snapshot)
         else:
             proc = await self._cold_boot(spec, spec.slot)
@@ -183,6 +184,9 @@ class FirecrackerBackend:
         proc.chroot.mkdir(parents=True, exist_ok=True)
         inside = proc.chroot / DISK_NAME
         link_into_jail(disk, inside)
+        if self.jailer is not None and os.geteuid() == 0:
+            # The jailed VMM runs as uid:gid and writes its disk; a snapshot load opens it without asking us.
+            os.chown(inside, self.jailer.uid, self.jailer.gid)
         return inside
 
     async def _cold_boot(self, spec: VMSpec, slot: Slot) -> FirecrackerProcess:
@@ -253,9 +257,10 @@ class FirecrackerBackend:
                           self.jailer is not None])
         return self.snapshots_dir / hashlib.sha256(key.encode()).hexdigest()[:16]
 
-    async def ensure_snapshot(self, vcpus: int, memory_mb: int, slot: Slot, marker: str) -> Snapshot:
-        """The snapshot for this size, made once (one maker per process and, by a file lock, per machine)."""
-        directory = await asyncio.to_thread(self.snapshot_dir, vcpus, memory_mb)
+    async def ensure_snapshot(self, spec: VMSpec, slot: Slot) -> Snapshot:
+        """The snapshot for the size of `spec`, made once (one maker per process and, by a file lock, per
+        machine) by a template booted in `slot`, the slot of the VM that asked first."""
+        directory = await asyncio.to_thread(self.snapshot_dir, spec.vcpus, spec.memory_mb)
         if (directory / "meta.json").exists():
             return Snapshot(directory)
         async with self._snapshot_locks.setdefault(directory.name, asyncio.Lock()):
@@ -267,27 +272,31 @@ class FirecrackerBackend:
                 await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
                 if (directory / "meta.json").exists():
                     return Snapshot(directory)
-                return await self._make_snapshot(directory, vcpus, memory_mb, slot, marker)
+                return await self._make_snapshot(directory, spec, slot)
 
-    async def _make_snapshot(self, directory: Path, vcpus: int, memory_mb: int, slot: Slot,
-                             marker: str) -> Snapshot:
+    async def _make_snapshot(self, directory: Path, spec: VMSpec, slot: Slot) -> Snapshot:
+        vcpus, memory_mb = spec.vcpus, spec.memory_mb
         work = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(work, ignore_errors=True)
         (work / "boot").mkdir(parents=True, mode=0o700)
         # The engine's marker with another id: a crash mid-snapshot leaves nothing that reconcile misses.
-        template_id = marker.rsplit("-", 5)[0] + "-" + str(uuid.uuid4())
+        template_id = spec.marker.rsplit("-", 5)[0] + "-" + str(uuid.uuid4())
         token = secrets.token_urlsafe(32)  # the template's own; every restored VM replaces it at once
         disk = work / "boot" / DISK_NAME
         started = time.monotonic()
         try:
             await asyncio.to_thread(clone_disk, self.rootfs, disk)
             proc = self._process(work / "boot", template_id, slot, (token,))
+            frozen = False
             try:
                 await proc.boot(self._config(self._disk_for(proc, disk), vcpus, memory_mb, token))
                 await proc.wait_ready(self.ready_timeout)
                 await proc.snapshot(Snapshot(work).files, resume=False)
+                frozen = True
             finally:
                 await proc.stop()
+                if not frozen:  # the template's directory goes: its console goes where the engine keeps the VM's
+                    self._keep_template_console(proc.console_log, spec.workdir)
             os.replace(disk, Snapshot(work).disk)
             os.chmod(Snapshot(work).disk, 0o400)  # frozen: every restored VM's disk is a copy of it
             fd = os.open(work / "template.token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -304,6 +313,12 @@ class FirecrackerBackend:
         log.info("firecracker_snapshot_made", vcpus=vcpus, memory_mb=memory_mb, directory=str(directory),
                  seconds=round(time.monotonic() - started, 2))
         return Snapshot(directory)
+
+    def _keep_template_console(self, console: Path, workdir: Path) -> None:
+        with open(self.console_log(workdir), "ab") as out:
+            out.write(b"=== snapshot template boot ===\n")
+            with contextlib.suppress(OSError):
+                out.write(console.read_bytes())
 
     # -- stop -----------------------------------------------------------------------------------------
 
