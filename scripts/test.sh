@@ -9,6 +9,8 @@ apt_install postgresql redis-server nftables iproute2 procps
 # The VM image build and the VM tests: QEMU, debootstrap, mkfs.ext4 -d, the guest kernel; socat relays
 # VM_GUEST_FORWARDS connections.
 apt_install qemu-system-x86 qemu-utils debootstrap e2fsprogs kmod linux-image-cloud-amd64 socat
+# mkfs.xfs: the reflink clone test makes an XFS image to prove a clone's cost does not grow with the image.
+apt_install xfsprogs
 # npm fetches Node and the CLIs from the npm registry; a machine with its own Node already has it.
 command -v npm >/dev/null || apt_install npm
 ensure_venv test
