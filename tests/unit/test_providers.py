@@ -333,6 +333,8 @@ def test_retries_show_as_warnings_not_errors() -> None:
     for provider, name in (("claude_code", "claude_api_rejected"), ("codex", "codex_api_rejected")):
         warnings = [e for e in parse_recording(provider, name) if e.get("level") == "warning"]
         assert len(warnings) >= 5 and all(e["type"] == "status" for e in warnings)
+    claude = [e for e in parse_recording("claude_code", "claude_api_rejected") if e.get("level") == "warning"]
+    assert claude[0]["message"] == "API error 401 (authentication_failed), retry 1/10"
 
 
 @pytest.mark.parametrize(("provider", "name"), [(p, n) for p, n, _, _ in ROUND_TRIPS])
@@ -374,6 +376,22 @@ def test_crash_message_explains_with_the_last_output_line_but_no_secret(provider
     assert parser.feed(f"fatal: could not use key {KEY}") == []
     (err,) = parser.finish(1)
     assert err["type"] == "error" and "fatal: could not use key" in err["message"] and KEY not in err["message"]
+
+
+def test_gemini_without_a_usable_login_says_so() -> None:
+    # Observed with no oauth_creds.json: nothing on stdout, this on stderr (red), exit 41.
+    parser = ADAPTERS["gemini_cli"].new_parser()
+    assert parser.feed("\x1b[31mManual authorization is required but the current session is non-interactive."
+                       " Please run the Gemini CLI in an interactive terminal to log in\x1b[0m") == []
+    (err,) = parser.finish(41)
+    assert "log in again" in err["message"] and err["exit_code"] == 41
+
+
+def test_crash_detail_has_no_terminal_escapes() -> None:
+    parser = ADAPTERS["codex"].new_parser()
+    parser.feed("\x1b[31mError: model refused\x1b[0m")
+    (err,) = parser.finish(1)
+    assert err["message"] == "codex exited with code 1: Error: model refused"
 
 
 def test_non_json_lines_of_a_real_login_run_are_ignored() -> None:

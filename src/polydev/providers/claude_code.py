@@ -113,8 +113,11 @@ class ClaudeParser(StreamParser):
         if obj.get("subtype") == "init":
             return [event("status", message=f"session started (model {obj.get('model')})", model=obj.get("model"),
                           session_id=obj.get("session_id"), cli_version=obj.get("claude_code_version"))]
-        if obj.get("subtype") == "api_retry" or "error" in obj:
-            return self._warn(obj.get("error") or obj.get("subtype"))
+        if obj.get("subtype") == "api_retry":
+            return self._warn(f"API error {obj.get('error_status')} ({obj.get('error')}), "
+                              f"retry {obj.get('attempt')}/{obj.get('max_retries')}")
+        if "error" in obj:
+            return self._warn(obj["error"])
         return []
 
     def _assistant(self, obj: dict[str, Any]) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ import json
 import re
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from polydev.logging import (
     _scrub,  # the log redaction: a CLI's own error text may quote a token
@@ -66,7 +66,7 @@ def json_object(line: str) -> dict[str, Any] | None:
 
 def clean(text: object, limit: int = MAX_MESSAGE) -> str:
     """A message fit for an event a user sees: secrets redacted, bounded in length."""
-    out = str(_scrub(str(text))).strip()
+    out = str(_scrub(_ANSI.sub("", str(text)))).strip()
     return out if len(out) <= limit else out[: limit - 1] + "…"
 
 
@@ -79,6 +79,8 @@ class StreamParser:
     `_fail` when they see the CLI's final event."""
 
     cli = "cli"  # the name used in crash messages
+    # What an exit code means, for CLIs whose codes say it better than their last output line.
+    exit_reasons: ClassVar[Mapping[int, str]] = {}
 
     def __init__(self) -> None:
         self._terminal: dict[str, Any] | None = None  # the done / error decided by the stream
@@ -107,7 +109,7 @@ class StreamParser:
                           exit_code=exit_code)]
         if terminal is not None:
             return [terminal]
-        why = self._last_error or (self._tail[-1] if self._tail else None)
+        why = self.exit_reasons.get(exit_code) or self._last_error or (self._tail[-1] if self._tail else None)
         detail = f": {clean(why)}" if why else ""
         if exit_code == 0:
             return [event("error", message=f"{self.cli} exited without a final result{detail}", exit_code=0)]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from polydev.providers.base import (
     Command,
@@ -101,6 +102,11 @@ class GeminiParser(StreamParser):
     """`gemini -p … --output-format stream-json`: init, message, tool_use, tool_result, error, result."""
 
     cli = "gemini"
+    # Observed at 0.61.0. 41 comes with "Manual authorization is required but the current session is
+    # non-interactive" on stderr when the stored login is missing or no longer accepted.
+    exit_reasons: ClassVar[Mapping[int, str]] = {
+        41: "not logged in, or the stored login was refused: log in again (or use an API key)",
+        55: "the folder is not trusted (GEMINI_CLI_TRUST_WORKSPACE missing)"}
 
     def __init__(self) -> None:
         super().__init__()
