@@ -22,7 +22,12 @@ import pydantic
 import pytest
 
 from polydev.vm.backends import firecracker as fc
-from tests.firecracker_fake import CONSOLE_LINE, FakeFirecracker, Request, write_fake_binary
+from tests.firecracker_fake import (
+    CONSOLE_LINE,
+    FakeFirecracker,
+    Request,
+    write_fake_binary,
+)
 from tests.firecracker_spec import SPEC_FILES, Spec, load_specs
 
 ELF_KERNEL = b"\x7fELF" + b"\0" * 60
@@ -471,3 +476,27 @@ async def test_driver_under_the_jailer(short_dir: Path, specs: list[Spec], vm_fi
     assert paths["/snapshot/create"] == {"snapshot_path": "/snapshot.state", "mem_file_path": "/snapshot.mem",
                                          "snapshot_type": "Full"}
     assert_conforms(specs, requests)
+
+
+async def test_driver_deep_workdir_prefix_relative_paths_and_redaction(short_dir: Path, specs: list[Spec],
+                                                                       vm_files: fc.VMConfig) -> None:
+    binary, record = fake_binary(short_dir)
+    deep = short_dir / ("d" * 60) / ("e" * 60)  # too deep for a Unix socket address
+    deep.mkdir(parents=True)
+    disk = deep / "disk.ext4"
+    shutil.copyfile(vm_files.rootfs, disk)
+    vm = fc.FirecrackerProcess(deep, binary=binary, vm_id="vm-secret42", kvm_device=None, ready_marker=CONSOLE_LINE,
+                               command_prefix=["env", "POLYDEV_PREFIX_RAN=1"], redact=["secret42"])
+    async with vm:
+        await vm.boot(fc.VMConfig(kernel=vm_files.kernel, rootfs=disk))
+        await vm.wait_ready(timeout=30)
+        assert len(os.fsencode(vm.api_socket)) > fc.UNIX_PATH_MAX
+        assert vm.socket_path.is_symlink() and vm.socket_path.resolve() == vm.api_socket
+        assert len(os.fsencode(vm.socket_path)) <= fc.UNIX_PATH_MAX
+        assert vm.pid is not None and b"POLYDEV_PREFIX_RAN=1" in Path(f"/proc/{vm.pid}/environ").read_bytes()
+    assert not vm.socket_path.is_symlink() and not vm.api_socket.exists()
+    drive = next(r.body for r in recorded(record) if r.path == "/drives/rootfs")
+    assert drive["path_on_host"] == "disk.ext4"  # in its work directory (its cwd): named relative to it
+    console = vm.console_log.read_text()
+    assert "vm-[redacted]" in console and "secret42" not in console
+    assert_conforms(specs, recorded(record))
