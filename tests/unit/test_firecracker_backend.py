@@ -216,9 +216,12 @@ async def test_a_failed_restore_leaves_no_process(short_dir: Path, slots: Loopba
     backend.binary = write_fake_binary(short_dir / "firecracker-faulty", "--fault",
                                        "PUT /snapshot/load=400:Cannot restore: bad memory file")
     bad = spec_for(short_dir, slots.create(1))
+    snapshot = Snapshot(backend.snapshot_dir(1, 256))
+    assert snapshot.files.memory.exists()
     with pytest.raises(fc.FirecrackerAPIError, match="bad memory file"):
         await backend.start(bad)
     assert find_marked_processes(TAG) == {}
+    assert not snapshot.directory.exists()  # refused by Firecracker: made afresh by the next start
     await backend.stop(None, bad.workdir)  # what the engine does next: harmless
 
 

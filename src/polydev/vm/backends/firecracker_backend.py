@@ -48,6 +48,7 @@ from polydev.vm import handover, network
 from polydev.vm.backends import BackendUnavailable
 from polydev.vm.backends.firecracker import (
     DEFAULT_BOOT_ARGS,
+    FirecrackerAPIError,
     FirecrackerError,
     FirecrackerProcess,
     JailerConfig,
@@ -213,6 +214,12 @@ class FirecrackerBackend:
         except BaseException as exc:
             tail = proc.console_tail()
             await proc.stop()
+            if isinstance(exc, FirecrackerAPIError) and exc.path == "/snapshot/load":
+                # Refused by this Firecracker (another host CPU, a damaged file): made afresh next time,
+                # rather than failing every VM of this size from now on.
+                log.warning("firecracker_snapshot_discarded", directory=str(snapshot.directory),
+                            reason=exc.fault_message)
+                shutil.rmtree(snapshot.directory, ignore_errors=True)
             if isinstance(exc, FirecrackerError) or not isinstance(exc, Exception):
                 raise
             raise FirecrackerError(f"VM {spec.vm_id}: restore failed: {exc}\n" + "\n".join(tail)) from exc
@@ -248,13 +255,14 @@ class FirecrackerBackend:
 
     def snapshot_dir(self, vcpus: int, memory_mb: int) -> Path:
         """Keyed by everything a snapshot depends on: kernel, image, size, Firecracker release, jailed or not
-        (a jailed VM names its files from the jail's root)."""
+        (a jailed VM names its files from the jail's root), and the host's CPU and kernel (a snapshot only
+        loads where the vCPU state it saved can be restored)."""
         def identity(path: Path) -> list[object]:
             st = path.stat()
             return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
         key = json.dumps([identity(self.kernel), identity(self.rootfs), vcpus, memory_mb, self.version(),
-                          self.jailer is not None])
+                          self.jailer is not None, _cpu_model(), os.uname().release])
         return self.snapshots_dir / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     async def ensure_snapshot(self, spec: VMSpec, slot: Slot) -> Snapshot:
@@ -333,6 +341,14 @@ class FirecrackerBackend:
         if self.jailer is not None:  # a jail left by a crash (the driver removes its own on stop)
             for jail in (self.jailer.chroot_base_dir / self.binary.name).glob(f"*-{workdir.name}"):
                 shutil.rmtree(jail, ignore_errors=True)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        return "?"
 
 
 def rootfs_for(settings: Any) -> Path | str:
