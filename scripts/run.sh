@@ -9,9 +9,12 @@ set -euo pipefail
 profile=${POLYDEV_IMAGE_PROFILE:-full}
 if [ "${POLYDEV_SKIP_IMAGE:-0}" != 1 ]; then
   apt_install qemu-system-x86 qemu-utils debootstrap e2fsprogs kmod linux-image-cloud-amd64 socat
-  command -v npm >/dev/null || apt_install npm
 fi
+# npm fetches the CLIs for the image and the dashboard's noVNC.
+command -v npm >/dev/null || apt_install npm
 ensure_venv ""
+# The dashboard's noVNC, pinned and integrity-checked; the API runs without it (the login view says so).
+"$VENV/bin/polydev" web vendor || say "warning: noVNC not installed: the dashboard cannot show the login browser"
 if [ "${POLYDEV_SKIP_IMAGE:-0}" != 1 ]; then
   if [ "$(id -u)" -eq 0 ]; then
     "$VENV/bin/polydev" image build --profile "$profile"

@@ -9,11 +9,15 @@ apt_install postgresql redis-server nftables iproute2 procps
 # The VM image build and the VM tests: QEMU, debootstrap, mkfs.ext4 -d, the guest kernel; socat relays
 # VM_GUEST_FORWARDS connections.
 apt_install qemu-system-x86 qemu-utils debootstrap e2fsprogs kmod linux-image-cloud-amd64 socat
+# The dashboard test drives Debian's Chromium through Playwright (which downloads no browser of its own).
+apt_install chromium
 # mkfs.xfs: the reflink clone test makes an XFS image to prove a clone's cost does not grow with the image.
 apt_install xfsprogs
 # npm fetches Node and the CLIs from the npm registry; a machine with its own Node already has it.
 command -v npm >/dev/null || apt_install npm
 ensure_venv test
+# The dashboard's noVNC, from its npm package (pinned, integrity-checked), into the cache the server serves.
+"$VENV/bin/polydev" web vendor
 cd "$ROOT"
 # Server-backed tests fail instead of skipping when their server cannot start.
 export POLYDEV_REQUIRE_SERVERS=1

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
                                       "asking the database; bounds how late another replica sees a revocation")
     data_dir: Path = Field(default_factory=_default_data_dir, validation_alias="POLYDEV_DATA_DIR")
     cache_dir: Path = Field(default_factory=_default_cache_dir, validation_alias="POLYDEV_CACHE_DIR")
+    # Where `polydev web vendor` unpacks the dashboard's noVNC; unset means POLYDEV_CACHE_DIR/web.
+    web_vendor_dir: Path | None = Field(None, validation_alias="POLYDEV_WEB_VENDOR_DIR")
 
     # Database: unset means SQLite in the data directory.
     database_url: SecretStr | None = None
@@ -164,7 +166,8 @@ class Settings(BaseSettings):
                 value = str(value)
             elif name == "vm_guest_forwards":
                 value = ",".join(str(fwd) for fwd in value)
-            out[name.upper() if name not in ("data_dir", "cache_dir") else f"POLYDEV_{name.upper()}"] = value
+            prefixed = name in ("data_dir", "cache_dir", "web_vendor_dir")  # their variables start POLYDEV_
+            out[f"POLYDEV_{name.upper()}" if prefixed else name.upper()] = value
         out["DATABASE_URL"] = redact_url(self.effective_database_url)
         if self.redis_url is not None:
             out["REDIS_URL"] = redact_url(self.redis_url.get_secret_value())

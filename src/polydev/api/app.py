@@ -17,6 +17,7 @@ from polydev.api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
 from polydev.api.routes import auth_sessions, credentials, health, runs, users, vms
 from polydev.config import Settings, get_settings
 from polydev.services import BackendFactory, Services, open_services, start_vm_engine
+from polydev.web.routes import install_dashboard
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     for router in (health.router, users.router, credentials.router, auth_sessions.router, runs.router,
                    vms.router):
         app.include_router(router)
+    install_dashboard(app, settings)  # after the API: its /app catch-all must not shadow a route
     # Outermost first: observe everything (413s included), then enforce the size limit.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from polydev.cli import config_cmd, doctor, flows, keys, remote, serve, users
+from polydev.cli import config_cmd, doctor, flows, keys, remote, serve, users, web
 
 app = typer.Typer(help="Polydev: AI coding CLIs in disposable microVMs.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -17,6 +17,7 @@ app.command("run")(flows.run)
 app.add_typer(remote.credentials, name="credentials")
 app.add_typer(remote.vm, name="vm")
 app.command("doctor")(doctor.doctor)
+app.add_typer(web.app, name="web")
 
 try:  # the image commands arrive with the VM engine (issue 3); keep the CLI usable without them
     from polydev.cli import image

@@ -1,0 +1,66 @@
+// Admin: the VMs (status, age, backend, owner) kept current by polling the list, with a destroy button.
+
+import { api } from "./api.js";
+import { age, h, notice, replace, say, when } from "./dom.js";
+
+export function render(root, _params, { me, signal }) {
+  root.append(h("h1", {}, "Virtual machines"));
+  if (me.role !== "admin") {
+    root.append(h("p", { class: "notice error", role: "alert" }, "This page is for admins."));
+    return undefined;
+  }
+  const message = notice();
+  const all = h("input", { id: "show-ended", type: "checkbox", onchange: () => load() });
+  const body = h("tbody");
+  root.append(h("p", { class: "row" }, all, h("label", { for: "show-ended" }, "Show ended VMs")), message,
+    h("table", { class: "table" }, h("thead", {}, h("tr", {},
+      ["VM", "Owner", "Purpose", "Status", "Backend", "Age", ""].map((t) => h("th", { scope: "col" }, t)))), body));
+
+  let names = {};
+  let vms = [];
+  let poll = null;
+
+  function draw() {
+    const now = Date.now();
+    replace(body, vms.length ? vms.map((vm) => h("tr", { "data-vm": vm.id },
+      h("td", {}, h("code", { title: vm.id }, vm.id.slice(0, 8))),
+      h("td", {}, names[vm.user_id] || (vm.user_id ? vm.user_id.slice(0, 8) : "—")),
+      h("td", {}, vm.purpose),
+      h("td", {}, h("span", { class: `badge ${vm.status}`, "data-status": vm.status, title: vm.error || "" }, vm.status)),
+      h("td", {}, vm.backend),
+      h("td", { title: when(vm.created_at), "data-created": vm.created_at }, age(vm.created_at, now)),
+      h("td", {}, ["creating", "running"].includes(vm.status) && h("button", {
+        type: "button", class: "danger small", "aria-label": `Destroy VM ${vm.id.slice(0, 8)}`,
+        onclick: async (e) => {
+          if (!confirm(`Destroy VM ${vm.id}?`)) return;
+          e.target.disabled = true;
+          try { await api("DELETE", `/api/vms/${vm.id}`); say(message, `VM ${vm.id.slice(0, 8)} destroyed.`, "ok"); }
+          catch (err) { say(message, err.message, "error"); }
+          load();
+        } }, "Destroy"))))
+      : h("tr", {}, h("td", { colspan: "7" }, "No VMs.")));
+  }
+
+  async function load() {
+    clearTimeout(poll);
+    try {
+      const fresh = await api("GET", `/api/vms${all.checked ? "?all=true" : ""}`, undefined, { signal });
+      // Redraw only on a change, so a button is not swapped out from under the pointer.
+      if (JSON.stringify(fresh) !== JSON.stringify(vms) || !body.firstChild) { vms = fresh; draw(); }
+    } catch (e) {
+      if (e.name === "AbortError") return;
+      say(message, e.message, "error");
+    }
+    poll = setTimeout(load, 3000);  // status changes show up within seconds, without a reload
+  }
+
+  api("GET", "/api/users", undefined, { signal }).then((users) => {
+    names = Object.fromEntries(users.map((u) => [u.id, u.name]));
+    draw();
+  }).catch(() => {});
+  load();
+  const ticker = setInterval(() => {  // ages tick
+    for (const td of body.querySelectorAll("td[data-created]")) td.textContent = age(td.dataset.created);
+  }, 1000);
+  return () => { clearTimeout(poll); clearInterval(ticker); };
+}

@@ -1,0 +1,68 @@
+"""Playwright helpers for the dashboard tests and bench: Debian's Chromium (no browser download), headless,
+screenshots into an artifacts directory, signing in, and reading the noVNC canvas."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def artifacts_dir() -> Path:
+    path = Path(os.environ.get("POLYDEV_ARTIFACTS") or ROOT / "tests" / "artifacts") / "dashboard"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def missing_browser() -> str | None:
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install -e '.[test]')"
+    if not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None:
+        return "Debian's Chromium is not installed (apt-get install chromium; scripts/test.sh does)"
+    return None
+
+
+def launch() -> Iterator[object]:
+    """A headless Chromium under Playwright; skips (fails under POLYDEV_REQUIRE_SERVERS=1) without one."""
+    reason = missing_browser()
+    if reason:
+        if os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        # --no-sandbox: the tests run as root in CI, where Chromium's sandbox refuses to start.
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def sign_in(page, base_url: str, token: str) -> None:
+    page.goto(f"{base_url}/")
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{base_url}/app/providers")
+
+
+def canvas_colours(page, selector: str = ".vnc canvas") -> int:
+    """How many distinct colours the noVNC canvas shows (sampled): 1 means blank, or not drawn yet."""
+    return page.eval_on_selector(selector, """(c) => {
+        const ctx = c.getContext("2d");
+        if (!c.width || !c.height) return 0;
+        const data = ctx.getImageData(0, 0, c.width, c.height).data;
+        const seen = new Set();
+        const step = Math.max(4, Math.floor(data.length / 4 / 20000)) * 4;
+        for (let i = 0; i < data.length; i += step) seen.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
+        return seen.size;
+    }""")

@@ -1,0 +1,261 @@
+"""The dashboard in a real browser (Debian's Chromium under Playwright, headless) against a live server whose
+claude_code is the scripted CLI of tests/flow_fakes.py and whose "VMs" are the guest agent on the host: sign
+in, connect a provider by pasting its code, run a prompt and watch it stream, history, admin, and what another
+user cannot see. Each page's screenshot goes to $POLYDEV_ARTIFACTS/dashboard (default tests/artifacts/).
+
+The same flow with a real VM, the login page drawn in the noVNC canvas, is test_dashboard_vm.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from polydev.client import PolydevClient
+from polydev.config import Settings
+from polydev.web.vendor import novnc_installed, vendor_root
+from tests.e2e.conftest import LiveServer, start_server
+from tests.e2e.dashboard_browser import artifacts_dir, launch, sign_in
+
+pytest.importorskip("playwright")
+from playwright.sync_api import Browser, Page, expect
+
+ART = artifacts_dir()
+
+
+def vendor_installed() -> bool:
+    return novnc_installed(Settings())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    root = tmp_path_factory.mktemp("dashboard")
+    # The noVNC this machine vendored (the fake flow has no VNC, but the page may load it).
+    env = {"POLYDEV_TEST_FAKE_CLI": str(root / "guest"), "POLYDEV_WEB_VENDOR_DIR": str(vendor_root(Settings()))}
+    yield from start_server(root, "tests.e2e.fake_vm_server", env)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    yield from launch()  # type: ignore[misc]
+
+
+@pytest.fixture(scope="module")
+def admin(server: LiveServer) -> Iterator[PolydevClient]:
+    with PolydevClient(server.url, server.admin_token) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def other_token(admin: PolydevClient) -> str:
+    user = admin.create_user(f"other-{uuid.uuid4().hex[:6]}")
+    return admin.issue_token(user["id"])["token"]
+
+
+@pytest.fixture
+def page(browser: Browser, server: LiveServer) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1200, "height": 860})
+    page = context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())  # the confirm() before Disconnect / Destroy
+    yield page
+    context.close()
+
+
+def shot(page: Page, name: str) -> None:
+    path = ART / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 1000
+
+
+def provider_card(page: Page, provider: str):
+    return page.locator(f'section[data-provider="{provider}"]')
+
+
+def test_connect_run_and_history(page: Page, server: LiveServer) -> None:
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+
+    page.goto(f"{server.url}/")
+    expect(page).to_have_url(f"{server.url}/app/signin")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    shot(page, "01-signin")
+    page.get_by_label("API token").fill("pd_not-a-token")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_have_text("That token is not valid.")
+    sign_in(page, server.url, server.admin_token)
+
+    # Providers: three, none connected yet.
+    expect(page.locator("section[data-provider]")).to_have_count(3)
+    expect(provider_card(page, "claude_code").locator(".state")).to_have_text("Not connected")
+    expect(page.get_by_role("link", name="Admin")).to_be_visible()
+    shot(page, "02-providers")
+
+    # Connect: the live login view reaches "awaiting user" with the provider's address and a code box.
+    provider_card(page, "claude_code").get_by_role("button", name="Connect", exact=True).click()
+    page.wait_for_url(re.compile(r"/app/providers/claude_code/login/[0-9a-f-]{36}$"))
+    status = page.locator("p.status")
+    expect(status).to_have_attribute("data-status", "awaiting_user_auth")
+    expect(status).to_have_text("Waiting for you to sign in")
+    expect(page.get_by_role("link", name=re.compile(r"^https:\/\/auth\.fake\.test\/authorize"))).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel")).to_be_visible()
+    shot(page, "03-login-awaiting")
+
+    page.get_by_label("Paste the code the sign-in page shows").fill("not-the-code")
+    page.get_by_role("button", name="Send").click()
+    expect(status).to_have_attribute("data-status", "failed")  # the fake CLI exits on a wrong code
+    expect(page.get_by_role("button", name="Start a new session")).to_be_visible()
+    page.get_by_role("button", name="Start a new session").click()
+    expect(status).to_have_attribute("data-status", "awaiting_user_auth")
+    page.get_by_label("Paste the code the sign-in page shows").fill("good-code")
+    page.get_by_role("button", name="Send").click()
+    expect(status).to_have_attribute("data-status", "completed")
+    expect(page.get_by_text("Claude Code is connected.")).to_be_visible()
+    shot(page, "04-login-completed")
+
+    page.get_by_role("link", name="Providers", exact=True).click()
+    expect(provider_card(page, "claude_code").locator(".state")).to_have_text("Connected: connected via OAuth")
+
+    # Run: the answer streams in while the run is still going ("sleep 3" makes the fake CLI pause mid-way).
+    page.get_by_role("link", name="Run", exact=True).click()
+    expect(page.get_by_label("Provider")).to_have_value("claude_code")
+    page.get_by_label("Prompt").fill("sleep 3")
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_url(re.compile(r"/app/runs/[0-9a-f-]{36}$"))
+    run_url = page.url
+    output = page.get_by_role("log", name="Output")
+    expect(output).to_contain_text("working")
+    expect(page.locator(".run-status [data-status]")).to_have_attribute("data-status", "running")
+    expect(output).to_contain_text("answer to: sleep 3")
+    expect(page.locator(".run-status [data-status]")).to_have_attribute("data-status", "succeeded")
+    expect(output).to_contain_text("Done · 7 output tokens")
+    shot(page, "05-run")
+
+    # History lists it; opening it replays the stored events.
+    page.get_by_role("link", name="History").click()
+    row = page.locator(f'tr[data-run="{run_url.rsplit("/", 1)[1]}"]')
+    expect(row).to_contain_text("succeeded")
+    shot(page, "06-history")
+    row.get_by_role("link", name="sleep 3").click()
+    expect(page).to_have_url(run_url)
+    expect(page.get_by_role("log", name="Output")).to_contain_text("answer to: sleep 3")
+
+    # A run can be cancelled from its page.
+    page.get_by_role("link", name="Run another").click()
+    page.get_by_label("Prompt").fill("sleep 60")
+    page.get_by_role("button", name="Send").click()
+    expect(page.get_by_role("log", name="Output")).to_contain_text("working")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator(".run-status [data-status]")).to_have_attribute("data-status", "cancelled")
+
+    # The token went out in headers only: no address the page asked for carries it.
+    assert requested and not [u for u in requested if server.admin_token in u]
+    page.get_by_role("button", name="Sign out").click()
+    expect(page).to_have_url(f"{server.url}/app/signin")
+    assert page.evaluate("sessionStorage.getItem('polydev.token')") is None
+
+
+def test_expired_session_offers_a_new_one(page: Page, server: LiveServer) -> None:
+    sign_in(page, server.url, server.admin_token)
+    # The API's answer for a session whose state is gone (410 session_expired), on its event stream.
+    expired = {"error": {"code": "session_expired", "message": "this login session has expired; start a new "
+                         "session", "action": "start_new_session"}}
+    page.route("**/api/auth/sessions/*/events", lambda route: route.fulfill(status=410, json=expired))
+    page.goto(f"{server.url}/app/providers/claude_code/login/{uuid.uuid4()}")
+    expect(page.locator("p.status")).to_have_text("This login session has expired")
+    shot(page, "07-login-expired")
+    page.unroute("**/api/auth/sessions/*/events")
+
+    page.get_by_role("button", name="Start a new session").click()
+    status = page.locator("p.status")
+    expect(status).to_have_attribute("data-status", "awaiting_user_auth")
+    page.get_by_role("button", name="Cancel").click()
+    expect(status).to_have_attribute("data-status", "cancelled")
+    expect(page.get_by_role("button", name="Start a new session")).to_be_visible()
+
+
+def test_api_key_and_disconnect(page: Page, server: LiveServer) -> None:
+    sign_in(page, server.url, server.admin_token)
+    card = provider_card(page, "codex")
+    expect(card.locator(".state")).to_have_text("Not connected")
+    card.get_by_text("Use an API key instead").click()
+    card.get_by_label("Codex API key").fill("sk-test-0123456789")
+    card.get_by_role("button", name="Save key").click()
+    expect(card.locator(".state")).to_have_text("Connected: connected with an API key")
+    card.get_by_role("button", name="Disconnect").click()
+    expect(card.locator(".state")).to_have_text("Not connected")
+
+
+def test_admin_lists_and_destroys_vms(page: Page, server: LiveServer, admin: PolydevClient) -> None:
+    vm = admin.create_vm("cli")
+    sign_in(page, server.url, server.admin_token)
+    page.get_by_role("link", name="Admin").click()
+    row = page.locator(f'tr[data-vm="{vm["id"]}"]')
+    expect(row.locator("[data-status]")).to_have_attribute("data-status", "running")
+    expect(row).to_contain_text(vm["backend"])
+    expect(row).to_contain_text("admin")
+    expect(row.locator("td[data-created]")).to_have_text(re.compile(r"^\d+ (s|min)"))
+    shot(page, "08-admin")
+    row.get_by_role("button", name=re.compile("^Destroy")).click()
+    expect(row).to_have_count(0)
+    assert admin.vm(vm["id"])["status"] == "destroyed"
+
+
+def test_other_user_sees_neither_session_nor_vnc(page: Page, server: LiveServer, admin: PolydevClient,
+                                                  other_token: str) -> None:
+    session = admin.start_login("claude_code")
+    sid = session["session_id"]
+    try:
+        assert admin.wait_session(sid, timeout=60)["status"] == "awaiting_user_auth"
+        sign_in(page, server.url, other_token)
+        expect(page.get_by_role("link", name="Admin")).to_have_count(0)  # not an admin
+        page.goto(f"{server.url}/app/providers/claude_code/login/{sid}")
+        expect(page.locator("p.status")).to_have_attribute("data-status", "not_found")
+        expect(page.get_by_role("link", name=re.compile("auth.fake.test"))).to_have_count(0)
+        # From this user's page: no ticket for the VNC WebSocket, and the socket itself will not open.
+        answer = page.evaluate("""async (sid) => {
+            const token = sessionStorage.getItem("polydev.token");
+            const r = await fetch(`/api/auth/sessions/${sid}/vnc-ticket`, {method: "POST",
+                headers: {Authorization: `Bearer ${token}`}});
+            return r.status;
+        }""", sid)
+        assert answer == 404
+        for query in ("", "?ticket=forged-ticket"):
+            opened = page.evaluate("""(path) => new Promise((resolve) => {
+                const ws = new WebSocket(`ws://${location.host}${path}`);
+                ws.onopen = () => { ws.close(); resolve(true); };
+                ws.onclose = () => resolve(false);
+            })""", f"/api/auth/sessions/{sid}/vnc{query}")
+            assert opened is False
+        assert httpx.get(f"{server.url}/api/auth/sessions/{sid}",
+                         headers={"Authorization": f"Bearer {other_token}"}).status_code == 404
+        shot(page, "09-other-user")
+    finally:
+        admin.cancel_session(sid)
+
+
+def test_pages_load_only_local_files(server: LiveServer) -> None:
+    page = httpx.get(f"{server.url}/app/runs")
+    assert page.status_code == 200
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)  # no CDN, nothing remote
+    for path in Path(__file__).resolve().parents[2].glob("src/polydev/web/static/**/*.js"):
+        assert not re.search(r"""(import|from)\s*\(?\s*["'](https?:)?//""", path.read_text()), path
+
+
+def test_novnc_loads_as_es_modules_under_the_page_policy(page: Page, server: LiveServer) -> None:
+    if not vendor_installed():
+        reason = "noVNC is not vendored on this machine: run `polydev web vendor` (scripts/test.sh does)"
+        pytest.fail(reason) if os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1" else pytest.skip(reason)
+    sign_in(page, server.url, server.admin_token)
+    # The view imports it the same way: core/rfb.js and its relative imports, no bundler, under the CSP.
+    kind = page.evaluate("""async () => {
+        const mod = await import("/app/vendor/novnc/core/rfb.js");
+        return typeof mod.default;
+    }""")
+    assert kind == "function"
