@@ -86,6 +86,18 @@ def test_api_key_run_round_trips_a_tool_call_with_no_background_traffic(
     assert standins.proxy.log.connects == []  # the proxy was offered: nothing but the API was contacted
 
 
+def test_a_prompt_longer_than_one_argument_may_be_reaches_the_model(
+        provider: str, exe: Path, standins: Standins, genv: GuestEnv) -> None:
+    """Linux caps one argv string at 128 KiB; the adapters pass the prompt on stdin, whole."""
+    end = "end-" + secrets.token_hex(6)
+    prompt = "-" + "lorem ipsum " * 16_000 + end  # ~190 KB, starting like an option
+    run = adapters.run(standins, ADAPTERS[provider].run_command(prompt, genv, api_key=KEYS[provider]), exe)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _parse(provider, run)[-1]["type"] == "done"
+    sent = json.dumps([t.body for t in standins.api.model_turns()])
+    assert end in sent and "-lorem ipsum lorem" in sent
+
+
 def _write_stored_credentials(provider: str, si: Standins, genv: GuestEnv) -> str:
     """Credential files as a login leaves them (shapes from FACTS.md); returns the access token sent."""
     access, refresh = si.oauth.seed_tokens(OAUTH_NAME[provider])

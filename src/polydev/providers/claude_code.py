@@ -69,12 +69,13 @@ class ClaudeCodeAdapter:
     def run_command(self, prompt: str, env: GuestEnv, *, api_key: str | None = None) -> Command:
         # bypassPermissions: the VM is the sandbox, so every tool may run without asking (in `-p` mode a tool
         # needing approval is simply denied). As root it is refused unless IS_SANDBOX=1 says we are sandboxed.
-        # `--` ends the options so that a prompt starting with "-" stays the prompt.
+        # The prompt goes on stdin (read to its end by `-p` with no prompt argument): an argument is capped at
+        # 128 KiB by Linux, would show in process lists, and could be read as an option if it began with "-".
         argv = [EXECUTABLE, "-p", "--output-format", "stream-json", "--verbose",
-                "--permission-mode", "bypassPermissions", "--", prompt]
+                "--permission-mode", "bypassPermissions"]
         extra = {**self._cli_env(env), "ANTHROPIC_BASE_URL": env.api_base_url, "IS_SANDBOX": "1",
                  self.api_key_env: api_key}
-        return Command(argv, run_env(env, extra), env.workdir)
+        return Command(argv, run_env(env, extra), env.workdir, stdin=prompt.encode())
 
     def new_parser(self) -> RunParser:
         return ClaudeParser()

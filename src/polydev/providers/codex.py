@@ -96,16 +96,15 @@ class CodexAdapter:
         raise ValueError(f"{self.display_name} does not accept a pasted code (use the device login)")
 
     def run_command(self, prompt: str, env: GuestEnv, *, api_key: str | None = None) -> Command:
-        # `-s danger-full-access`: the VM is the sandbox. `--` so that a prompt starting with "-" stays one.
+        # `-s danger-full-access`: the VM is the sandbox. The prompt goes on stdin (`-` as the prompt): an
+        # argument is capped at 128 KiB by Linux, would show in process lists, and could look like an option.
         argv = [EXECUTABLE, "exec", "--json", "--skip-git-repo-check", *background_off(),
                 "-s", "danger-full-access"]
         if env.api_base_url:
             argv += provider_args(env.api_base_url, api_key_env=self.api_key_env if api_key else None)
             argv += ["-m", CUSTOM_PROVIDER_MODEL]
-        argv += ["--", prompt]
         extra = {**self._cli_env(env), self.api_key_env: api_key}
-        # stdin empty and closed: `exec` otherwise waits for more prompt on it.
-        return Command(argv, run_env(env, extra), env.workdir, stdin=b"")
+        return Command([*argv, "-"], run_env(env, extra), env.workdir, stdin=prompt.encode())
 
     def new_parser(self) -> RunParser:
         return CodexParser()

@@ -65,18 +65,15 @@ class GeminiCliAdapter:
             extra["GOOGLE_GEMINI_BASE_URL" if api_key_mode else "CODE_ASSIST_ENDPOINT"] = env.api_base_url
         return extra
 
-    def _prompt_argv(self, prompt: str) -> list[str]:
-        # `--prompt=…` in one argument, so that a prompt starting with "-" is not read as an option.
-        return [EXECUTABLE, f"--prompt={prompt}", "--output-format", "stream-json"]
-
     def login_plan(self, method: LoginMethod, env: GuestEnv) -> LoginPlan:
         if method != "browser":
             raise ValueError(f"{self.display_name} has no {method} login (it has: browser)")
         extra = present(self._cli_env(env, api_key_mode=False))
         # login_env sets DISPLAY: without a display Gemini does not call xdg-open (our hook) at all. It asks
         # "Do you want to continue? [Y/n]" on stdin first; stdin stays open as it did when this was verified.
-        command = Command(self._prompt_argv(LOGIN_PROMPT), login_env(env, extra), env.home, stdin=b"Y\n",
-                          keep_stdin_open=True,
+        # `--prompt=…` in one argument, so that it is never read as an option; stdin is for the question.
+        argv = [EXECUTABLE, f"--prompt={LOGIN_PROMPT}", "--output-format", "stream-json"]
+        command = Command(argv, login_env(env, extra), env.home, stdin=b"Y\n", keep_stdin_open=True,
                           files=(self._settings_file(env, OAUTH_AUTH_TYPE), *hook_files(env)))
         # After logging in it goes on to run the prompt: the flow stops it once the credentials are complete.
         return LoginPlan(command, "browser", ends="files", accepts_code=False, callback_port=None)
@@ -89,10 +86,13 @@ class GeminiCliAdapter:
 
     def run_command(self, prompt: str, env: GuestEnv, *, api_key: str | None = None) -> Command:
         # --yolo: the VM is the sandbox; without it run_shell_command is not even offered to the model.
-        argv = [*self._prompt_argv(prompt), "--yolo"]
+        # The prompt goes on stdin (with stdin not a terminal and no --prompt it runs non-interactively): an
+        # argument is capped at 128 KiB by Linux and would show in process lists.
+        argv = [EXECUTABLE, "--output-format", "stream-json", "--yolo"]
         extra = {**self._cli_env(env, api_key_mode=api_key is not None), self.api_key_env: api_key}
         auth_type = API_KEY_AUTH_TYPE if api_key is not None else OAUTH_AUTH_TYPE
-        return Command(argv, run_env(env, extra), env.workdir, files=(self._settings_file(env, auth_type),))
+        return Command(argv, run_env(env, extra), env.workdir, stdin=prompt.encode(),
+                       files=(self._settings_file(env, auth_type),))
 
     def new_parser(self) -> RunParser:
         return GeminiParser()
