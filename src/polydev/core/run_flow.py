@@ -230,9 +230,10 @@ class RunFlow:
             if proc.timed_out:
                 status, error = "timeout", f"the run did not finish within {timeout} s"
                 final = [event("error", message=error)]
-            for ev in final:
+            for ev in final:  # the parsers emit their `done` here, at the end, with the result
                 ended = ended or ev["type"] in ("done", "error")
                 usage = ev.get("usage", usage) if ev["type"] == "done" else usage
+                result = ev.get("result", result) if ev["type"] == "done" else result
                 await self._emit(live, ev)
             if status != "timeout":
                 errors = [ev for ev in final if ev["type"] == "error"]
@@ -291,7 +292,10 @@ class RunFlow:
                 fresh.files[rel] = (found[0], bundle.files.get(rel, (b"", 0o600))[1])
         if any(rel not in fresh.files for rel in adapter.required_credential_files):
             return False  # a CLI that deleted its login: keep what we had rather than store half of it
-        if {k: v[0] for k, v in fresh.files.items()} == {k: v[0] for k, v in bundle.files.items()}:
+        # Only the token files decide: the CLIs rewrite their other files (Claude's ~/.claude.json counts
+        # start-ups) on every run, which is no refresh and not worth a new sealed record.
+        if all(fresh.files[rel][0] == bundle.files.get(rel, (b"", 0))[0]
+               for rel in adapter.required_credential_files):
             return False
         await self.credentials.put(row.user_id, adapter.name, "oauth", fresh.to_bytes())
         log.info("credential_refreshed", run_id=str(row.id), provider=adapter.name)

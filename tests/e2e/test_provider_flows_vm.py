@@ -1,0 +1,368 @@
+"""The provider flows end to end: the real Claude Code, Codex and Gemini CLIs in real QEMU VMs (the `test`
+image), driven through the API, against the stand-ins (tests/standins) served on the host's loopback.
+
+The guests reach the stand-ins only through VM_GUEST_FORWARDS (QEMU user networking with restrict=on):
+10.0.2.100:3128 is the CONNECT proxy that terminates TLS with a test CA and hands the token endpoints to the
+OAuth stand-in, 10.0.2.101:80 the model API stand-in. The app is configured the way an operator would:
+GUEST_HTTPS_PROXY, GUEST_CA_CERT_FILE and PROVIDER_API_BASE_URLS.
+
+For each provider: a login played as the user (the URL the CLI's `$BROWSER` hook caught → a code the OAuth
+stand-in accepts, pasted or sent as the CLI's localhost callback address; Codex also by device code), a run
+with a tool-call round trip streamed over SSE, and a run in which the stand-in forces a token refresh that
+is written back. One logged-in user per provider is shared by its tests (a Gemini start costs about a minute
+under TCG), so the tests of a provider depend on its login test having passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlparse
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from polydev.api.app import create_app
+from polydev.providers import ADAPTERS
+from polydev.providers.base import CredentialBundle
+from polydev.services import Services
+from polydev.vm import images
+from polydev.vm.engine import find_marked_processes
+from tests.conftest import Api, make_settings
+from tests.integration.test_flows import no_vms_left, sse
+from tests.standins import api as standin_api
+from tests.standins import clis, oauth
+from tests.standins.proxy import ConnectProxy
+from tests.standins.server import StandinLoop
+from tests.standins.tls import TestCA
+
+pytest_plugins = ["tests.vm_fixtures"]
+pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
+
+PROVIDERS = ("claude_code", "codex", "gemini_cli")
+OAUTH_NAME = {"claude_code": oauth.CLAUDE, "codex": oauth.CODEX, "gemini_cli": oauth.GOOGLE}
+SHELL_TOOL = {"claude_code": clis.claude_shell_tool, "codex": clis.codex_shell_tool,
+              "gemini_cli": clis.gemini_shell_tool}
+PROXY_GUEST, API_GUEST = "10.0.2.100:3128", "10.0.2.101:80"
+# The hosts the CLIs may contact through the proxy: their token, profile and account endpoints. Anything
+# else (telemetry, update checks, plugin sync) means a background-traffic switch is not working.
+AUTH_HOSTS = {"platform.claude.com", "api.anthropic.com", "auth.openai.com", "chatgpt.com",
+              "oauth2.googleapis.com", "www.googleapis.com"}
+# Under TCG a Gemini start takes about a minute: these bound a hang, they do not measure anything.
+WAIT = 600.0
+
+
+def _vm_host_missing() -> str | None:
+    for tool in ("qemu-system-x86_64", "qemu-img", "socat"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (VM tests need QEMU, and socat for VM_GUEST_FORWARDS)"
+    return None
+
+
+@dataclass
+class Stand:
+    api: Api
+    app: Any
+    standin: standin_api.StandinState
+    oauth: oauth.OAuthState
+    proxy: ConnectProxy
+    users: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)  # provider -> (uid, headers)
+
+    @property
+    def services(self) -> Services:
+        return self.api.services
+
+    def user(self, provider: str) -> tuple[str, dict[str, str]]:
+        if provider not in self.users:
+            pytest.fail(f"no {provider} account connected: test_login[{provider}] must pass first")
+        return self.users[provider]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stand(tmp_path_factory: pytest.TempPathFactory, test_image: images.Image) -> AsyncIterator[Stand]:
+    missing = _vm_host_missing()
+    if missing:
+        if os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    tmp = tmp_path_factory.mktemp("provider-flows")
+    loop = StandinLoop(None)  # on the host's loopback: the guests reach it only through the forwards
+    try:
+        standin = standin_api.StandinState()
+        api_port = loop.serve_asgi(standin_api.create_app(standin), "127.0.0.1", 0)
+        oauth_state = oauth.OAuthState()
+        oauth_port = loop.serve_asgi(oauth.create_app(oauth_state), "127.0.0.1", 0)
+        ca = TestCA(tmp / "ca")
+        proxy = ConnectProxy(ca, "127.0.0.1", oauth_port)
+        proxy_port = loop.run(proxy.start("127.0.0.1", 0))
+        loop.add_closer(proxy.close)
+        api_url = f"http://{API_GUEST.removesuffix(':80')}"
+        settings = make_settings(
+            tmp, POLYDEV_CACHE_DIR=test_image.dir.parent.parent, vm_image_profile="test",
+            vm_cli_memory_mb=2048, vm_cli_vcpu=1, vm_warm_pool_size=0, login_timeout_seconds=900,
+            vm_guest_forwards=f"{PROXY_GUEST}=127.0.0.1:{proxy_port},{API_GUEST}=127.0.0.1:{api_port}",
+            guest_https_proxy=f"http://{PROXY_GUEST}", guest_ca_cert_file=ca.cert_path,
+            provider_api_base_urls={p: api_url for p in PROVIDERS})
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            services: Services = app.state.services
+            if services.engine is None:
+                pytest.fail(f"the VM engine did not start: {services.engine_unavailable}")
+            tag = services.engine.tag
+            token = (settings.data_dir / "admin.token").read_text().strip()
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://polydev.test",
+                                         timeout=WAIT) as client:
+                yield Stand(Api(services, client, token), app, standin, oauth_state, proxy)
+        assert find_marked_processes(tag) == {}
+    finally:
+        loop.close()
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+
+async def until(what: str, probe: Any, timeout: float = WAIT) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.5)
+
+
+async def session_in(st: Stand, h: dict[str, str], sid: str, *statuses: str) -> dict[str, Any]:
+    async def probe() -> dict[str, Any] | None:
+        body = (await st.api.client.get(f"/api/auth/sessions/{sid}", headers=h)).json()
+        if body["status"] in statuses:
+            return body
+        if body["status"] in ("completed", "failed", "timeout", "cancelled"):
+            pytest.fail(f"login session ended {body['status']}: {body.get('error_message')}")
+        return None
+
+    return await until(f"login session {sid} to be {'/'.join(statuses)}", probe)
+
+
+async def run_ended(st: Stand, h: dict[str, str], rid: str) -> dict[str, Any]:
+    async def probe() -> dict[str, Any] | None:
+        body = (await st.api.client.get(f"/api/runs/{rid}", headers=h)).json()
+        return body if body["status"] not in ("queued", "running") else None
+
+    return await until(f"run {rid} to end", probe)
+
+
+async def stored(st: Stand, uid: str, provider: str) -> CredentialBundle:
+    found = await st.services.credentials.reveal_with_kind(uuid.UUID(uid), provider)
+    assert found is not None, f"no {provider} credential stored"
+    return CredentialBundle.from_bytes(found[1], found[0])
+
+
+def creds_doc(bundle: CredentialBundle, provider: str) -> dict[str, Any]:
+    return json.loads(bundle.files[ADAPTERS[provider].required_credential_files[0]][0])
+
+
+def access_token(provider: str, doc: dict[str, Any]) -> str:
+    """The stand-in's name of the stored access token (Codex's is a JWT wrapping it)."""
+    if provider == "claude_code":
+        return doc["claudeAiOauth"]["accessToken"]
+    if provider == "codex":
+        return str(standin_api.token_label(doc["tokens"]["access_token"]))
+    return doc["access_token"]
+
+
+def refresh_token(provider: str, doc: dict[str, Any]) -> str:
+    if provider == "claude_code":
+        return doc["claudeAiOauth"]["refreshToken"]
+    if provider == "codex":
+        return doc["tokens"]["refresh_token"]
+    return doc["refresh_token"]
+
+
+async def login(st: Stand, provider: str, h: dict[str, str], method: str | None = None) -> dict[str, Any]:
+    """Start a login through the API and play the user; returns the awaiting_user_auth session."""
+    body: dict[str, Any] = {"provider": provider, **({"method": method} if method else {})}
+    r = await st.api.client.post("/api/auth/start", json=body, headers=h)
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "initializing"
+    sid = r.json()["session_id"]
+    waiting = await session_in(st, h, sid, "awaiting_user_auth")
+    if method == "device":
+        # The user types the code on the provider's page; the stand-in approves it, Codex's next poll wins.
+        assert waiting["device_code"] in {d["user_code"] for d in st.oauth.device.values()}
+        assert st.oauth.approve_device_codes() >= 1
+        return waiting
+    query = parse_qs(urlparse(waiting["auth_url"]).query)
+    state = query["state"][0]
+    code = st.oauth.new_code(OAUTH_NAME[provider])
+    if provider == "claude_code":
+        # The hosted code page shows `code#state`, which the user pastes at the CLI's prompt.
+        answer = f"{code}#{state}"
+    else:
+        # The browser ends up on the CLI's localhost callback; the user pastes that address.
+        answer = f"{query['redirect_uri'][0]}?{urlencode({'code': code, 'state': state})}"
+    r = await st.api.client.post(f"/api/auth/sessions/{sid}/code", json={"code": answer}, headers=h)
+    assert r.status_code == 202, r.text
+    return waiting
+
+
+# -- a: login ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_login(stand: Stand, provider: str) -> None:
+    uid, token = await stand.api.new_user()
+    h = stand.api.auth(token)
+    logins_before = len(stand.oauth.of_kind("login"))
+    waiting = await login(stand, provider, h)
+    url = urlparse(waiting["auth_url"])
+    expected_host = {"claude_code": "claude.com", "codex": "auth.openai.com",
+                     "gemini_cli": "accounts.google.com"}[provider]
+    assert url.scheme == "https" and url.hostname == expected_host, waiting["auth_url"]
+    assert waiting["accepts_code"] is (provider == "claude_code")
+    done = await session_in(stand, h, waiting["session_id"], "completed")
+    assert done["error_message"] is None
+    # The CLI itself exchanged the code at the (stand-in) token endpoint, through the proxy.
+    assert len(stand.oauth.of_kind("login")) == logins_before + 1
+    rows = await stand.services.credentials.list(uuid.UUID(uid))
+    assert [(r.provider, r.kind) for r in rows] == [(provider, "oauth")]
+    bundle = await stored(stand, uid, provider)
+    assert bundle.kind == "oauth"
+    doc = creds_doc(bundle, provider)
+    assert access_token(provider, doc) == f"{OAUTH_NAME[provider]}-access-{stand.oauth.generation(OAUTH_NAME[provider])}"
+    assert access_token(provider, doc).encode() not in rows[0].encrypted_credentials.encode()  # sealed
+    for rel in ADAPTERS[provider].required_credential_files:
+        assert bundle.files[rel][1] == 0o600
+    await no_vms_left(stand.api)
+    stand.users[provider] = (uid, h)
+
+
+async def test_codex_device_login(stand: Stand) -> None:
+    uid, token = await stand.api.new_user()
+    h = stand.api.auth(token)
+    waiting = await login(stand, "codex", h, method="device")
+    assert waiting["auth_url"] == "https://auth.openai.com/codex/device"
+    await session_in(stand, h, waiting["session_id"], "completed")
+    doc = creds_doc(await stored(stand, uid, "codex"), "codex")
+    assert doc["auth_mode"] == "chatgpt" and doc["tokens"]["refresh_token"].startswith("codex-refresh-")
+    assert any(r.body.get("redirect_uri") == "https://auth.openai.com/deviceauth/callback"
+               for r in stand.oauth.of_kind("login"))
+    await no_vms_left(stand.api)
+
+
+# -- b: a run with a tool call, streamed ---------------------------------------------------------------------
+
+async def start_run(st: Stand, provider: str, h: dict[str, str], prompt: str, **extra: Any) -> str:
+    r = await st.api.client.post("/api/runs", json={"provider": provider, "prompt": prompt, **extra}, headers=h)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_run_streams_a_tool_round_trip(stand: Stand, provider: str) -> None:
+    _, h = stand.user(provider)
+    nonce = "note-" + secrets.token_hex(6)
+    stand.standin.script = standin_api.Script(tool=SHELL_TOOL[provider]("cat note.txt"),
+                                              final_text="The note says {tool_output}")
+    rid = await start_run(stand, provider, h, "What does note.txt say?", files={"note.txt": nonce + "\n"})
+    r = await stand.api.client.get(f"/api/runs/{rid}/events", headers=h)  # the whole stream, to its end
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse(r.text)
+    ids = [i for i, _, _ in events]
+    assert ids == list(range(len(events)))
+    kinds = [data["type"] for _, _, data in events]
+    assert [name for _, name, _ in events] == kinds
+    assert kinds.count("done") == 1 and kinds[-1] == "done" and "error" not in kinds, kinds
+    call = kinds.index("tool_call")
+    result = kinds.index("tool_result", call)
+    final = max(i for i, k in enumerate(kinds) if k == "text")
+    assert call < result < final < len(kinds) - 1
+    assert events[result][2]["id"] == events[call][2]["id"]
+    assert nonce in events[result][2]["output"] and nonce in events[final][2]["text"]
+    body = await run_ended(stand, h, rid)
+    assert body["status"] == "succeeded" and body["exit_code"] == 0, body
+    assert nonce in body["result"]
+    assert body["credential_refreshed"] is False  # the tokens were still good: nothing to write back
+    assert any(nonce in out for out in stand.standin.tool_outputs)  # the file reached the CLI's tool
+    await no_vms_left(stand.api)
+
+
+# -- c: the stand-in forces a refresh; the new tokens are written back ----------------------------------------
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_refresh_is_written_back(stand: Stand, provider: str) -> None:
+    uid, h = stand.user(provider)
+    before = creds_doc(await stored(stand, uid, provider), provider)
+    old_access, old_refresh = access_token(provider, before), refresh_token(provider, before)
+    refreshes = len(stand.oauth.of_kind("refresh"))
+    stand.standin.script = standin_api.Script(text="fresh tokens work")
+    if provider == "gemini_cli":
+        # Gemini refreshes only when `expiry_date` has passed (a 401 does not make it refresh): the stored
+        # credential is made to have expired, as it would be hours after the login. Relative to the login's
+        # own expiry, which the guest computed with its own clock.
+        bundle = await stored(stand, uid, provider)
+        rel = ADAPTERS[provider].required_credential_files[0]
+        doc = {**before, "expiry_date": int(before["expiry_date"]) - 3 * 3_600_000}
+        bundle.files[rel] = (json.dumps(doc).encode(), bundle.files[rel][1])
+        await stand.services.credentials.put(uuid.UUID(uid), provider, "oauth", bundle.to_bytes())
+    else:
+        # Claude and Codex refresh when the API answers 401 for the access token.
+        stand.standin.script.reject_tokens = {old_access}
+    rid = await start_run(stand, provider, h, "Say something.")
+    body = await run_ended(stand, h, rid)
+    assert body["status"] == "succeeded", body
+    assert body["credential_refreshed"] is True
+    assert len(stand.oauth.of_kind("refresh")) == refreshes + 1
+    after = creds_doc(await stored(stand, uid, provider), provider)
+    new_access = access_token(provider, after)
+    assert new_access != old_access
+    assert new_access == f"{OAUTH_NAME[provider]}-access-{stand.oauth.generation(OAUTH_NAME[provider])}"
+    if provider == "gemini_cli":  # Google keeps the refresh token
+        assert refresh_token(provider, after) == old_refresh
+    else:  # rotated, and the old one is spent (single use)
+        assert refresh_token(provider, after) not in (old_refresh, "")
+    # The model saw the new token on its successful turn.
+    assert stand.standin.model_turns()[-1].credential == new_access
+    await no_vms_left(stand.api)
+
+
+# -- a fault in a real VM ------------------------------------------------------------------------------------
+
+async def test_a_vm_killed_mid_run_fails_the_run_and_leaves_nothing(stand: Stand) -> None:
+    _, h = stand.user("claude_code")
+    stand.standin.script = standin_api.Script(tool=SHELL_TOOL["claude_code"]("sleep 600"))
+    turns = len(stand.standin.model_turns())
+    rid = await start_run(stand, "claude_code", h, "Wait a long time.")
+    engine = stand.services.engine
+    assert engine is not None
+
+    async def tool_running() -> bool:  # the model asked for the tool: the CLI is mid-run in the VM
+        return any(t.answered == "tool_call" for t in stand.standin.model_turns()[turns:])
+
+    await until("the CLI to call the tool", tool_running)
+    row = await stand.services.runs.get(uuid.UUID(rid))
+    assert row is not None and row.vm_id is not None
+    pid = find_marked_processes(engine.tag)[row.vm_id]
+    os.kill(pid, signal.SIGKILL)
+    body = await run_ended(stand, h, rid)
+    assert body["status"] == "failed", body
+    assert "VM" in body["error_message"] or "agent" in body["error_message"], body["error_message"]
+    events = sse((await stand.api.client.get(f"/api/runs/{rid}/events", headers=h)).text)
+    assert [e[2]["type"] for e in events][-1] == "error" and "done" not in [e[2]["type"] for e in events]
+    await no_vms_left(stand.api)
+
+
+async def test_no_background_traffic_left_the_guests(stand: Stand) -> None:
+    """Everything the CLIs sent through the proxy in this module went to the auth hosts."""
+    hosts = set(stand.proxy.log.hosts())
+    assert hosts, "the logins went through the proxy"
+    assert hosts <= AUTH_HOSTS, sorted(hosts - AUTH_HOSTS)
+
