@@ -1,0 +1,75 @@
+"""The token handover's one request, against a loopback stand-in for the agent (no VM)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from polydev.vm import handover
+
+
+@pytest.fixture
+def agent() -> Iterator[tuple[int, list[bytes], list[bytes]]]:
+    """A one-request-per-connection server: answers with the next canned reply; records what it got."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    replies: list[bytes] = []
+    received: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < 10:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                received.append(data)
+                conn.sendall(replies.pop(0) if replies else b"")
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield server.getsockname()[1], replies, received
+    server.close()
+
+
+def test_the_new_token_is_posted_with_the_old_one(agent: tuple[int, list[bytes], list[bytes]]) -> None:
+    port, replies, received = agent
+    replies.append(b'HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 16\r\n\r\n{"rotated": true}')
+    handover.rotate_token("127.0.0.1", port, "old-token", "new-token")
+    head, body = received[0].split(b"\r\n\r\n", 1)
+    assert head.startswith(b"POST /token HTTP/1.1\r\n") and b"Authorization: Bearer old-token" in head
+    assert json.loads(body) == {"token": "new-token"}
+
+
+def test_a_refusal_is_final_and_names_no_token(agent: tuple[int, list[bytes], list[bytes]]) -> None:
+    port, replies, _ = agent
+    replies.append(b"HTTP/1.1 401 Unauthorized\r\nConnection: close\r\n\r\n")
+    with pytest.raises(handover.HandoverRefused, match="401") as caught:
+        handover.rotate_token("127.0.0.1", port, "old-token", "new-token")
+    assert "old-token" not in str(caught.value) and "new-token" not in str(caught.value)
+
+
+def test_a_connection_closed_without_an_answer_is_worth_retrying(agent: tuple[int, list[bytes], list[bytes]]) -> None:
+    port, _, _ = agent  # no reply queued: the server closes (as QEMU's port forward does before the guest is up)
+    with pytest.raises(ConnectionResetError):
+        handover.rotate_token("127.0.0.1", port, "old-token", "new-token")
+
+
+def test_a_socket_for_this_namespace_needs_no_setns() -> None:
+    with handover.socket_in_netns(None) as sock:
+        assert sock.family == socket.AF_INET
+
+
+def test_a_missing_namespace_is_an_error_not_a_socket_in_the_wrong_place() -> None:
+    with pytest.raises(OSError):
+        handover.socket_in_netns("polydev-no-such-namespace")
