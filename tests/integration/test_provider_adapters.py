@@ -161,7 +161,7 @@ def test_browser_login_plan_completes_the_real_login(
     adapter = ADAPTERS[provider]
     plan = adapter.login_plan("browser", genv)
     required = [Path(genv.home_path(p)) for p in adapter.required_credential_files]
-    with adapters.Running(standins, plan.command, exe) as login:
+    with adapters.start_login(standins, plan, genv, exe) as login:
         url = wait_for(lambda: read_urls(Path(genv.urls_file)), 120, "the hook to catch the login URL", login.proc)[0]
         if plan.callback_port:
             assert f"127.0.0.1%3A{plan.callback_port}" in url
@@ -179,7 +179,7 @@ def test_claude_login_plan_takes_the_pasted_code(claude_exe: Path, standins: Sta
     adapter = ADAPTERS["claude_code"]
     plan = adapter.login_plan("browser", genv)
     assert plan.accepts_code
-    with adapters.Running(standins, plan.command, claude_exe) as login:
+    with adapters.start_login(standins, plan, genv, claude_exe) as login:
         wait_for(lambda: "Paste code here" in login.output(), 120, "the paste prompt", login.proc)
         url = adapter.parse_login_output(login.output()).auth_url
         assert url and "platform.claude.com%2Foauth%2Fcode%2Fcallback" in url

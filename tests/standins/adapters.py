@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Self
 
-from polydev.providers.base import Command, GuestEnv
+from polydev.providers.base import Command, GuestEnv, GuestFile, LoginPlan, hook_files
 from tests.standins import clis
 from tests.standins.harness import Standins, kill_group
 
@@ -31,8 +32,8 @@ def guest_env(si: Standins, root: Path) -> GuestEnv:
     return env
 
 
-def write_files(cmd: Command) -> None:
-    for f in cmd.files:
+def write_files(files: Iterable[GuestFile]) -> None:
+    for f in files:
         path = Path(f.path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(f.data)
@@ -48,7 +49,7 @@ def host_argv_env(cmd: Command, exe: Path) -> tuple[list[str], dict[str, str]]:
 
 def run(si: Standins, cmd: Command, exe: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """Run an adapter command to completion in the namespace (files written first)."""
-    write_files(cmd)
+    write_files(cmd.files)
     argv, env = host_argv_env(cmd, exe)
     Path(cmd.cwd).mkdir(parents=True, exist_ok=True)
     stdin = cmd.stdin.decode() if cmd.stdin is not None else None
@@ -56,7 +57,7 @@ def run(si: Standins, cmd: Command, exe: Path, timeout: float = 240) -> subproce
 
 
 def popen(si: Standins, cmd: Command, exe: Path, **kwargs: object) -> subprocess.Popen[str]:
-    write_files(cmd)
+    write_files(cmd.files)
     argv, env = host_argv_env(cmd, exe)
     Path(cmd.cwd).mkdir(parents=True, exist_ok=True)
     return si.popen(argv, env, cwd=Path(cmd.cwd), **kwargs)  # type: ignore[arg-type]
@@ -121,3 +122,9 @@ class Running:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def start_login(si: Standins, plan: LoginPlan, env: GuestEnv, exe: Path) -> Running:
+    """A login as the login flow starts it: the platform's URL-recording hook first, then the plan."""
+    write_files(hook_files(env))
+    return Running(si, plan.command, exe)

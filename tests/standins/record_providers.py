@@ -77,7 +77,7 @@ def record_run(name: str, provider: str, script: Script, prompt: str, index: dic
 
 
 def record_codex_device_login(index: dict[str, object]) -> None:
-    with session("codex") as s, adapters.Running(s.si, s.adapter.login_plan("device", s.env).command, s.exe) as login:
+    with session("codex") as s, adapters.start_login(s.si, s.adapter.login_plan("device", s.env), s.env, s.exe) as login:
         wait_for(lambda: s.si.oauth.of_kind("device_code"), 120, "the device-code request", login.proc)
         s.si.oauth.approve_device_codes()
         code = login.wait(120)
@@ -90,7 +90,7 @@ def record_browser_login(name: str, provider: str, oauth_name: str, index: dict[
     """The adapter's browser login: the hook catches the URL, the callback plays the user's part."""
     from tests.standins import flows
 
-    with session(provider) as s, adapters.Running(s.si, s.adapter.login_plan("browser", s.env).command, s.exe) as login:
+    with session(provider) as s, adapters.start_login(s.si, s.adapter.login_plan("browser", s.env), s.env, s.exe) as login:
         url = wait_for(lambda: read_urls(Path(s.env.urls_file)), 120, "the login URL", login.proc)[0]
         flows._callback(s.si, url, oauth_name)
         code = login.wait(120)
@@ -102,7 +102,7 @@ def record_browser_login(name: str, provider: str, oauth_name: str, index: dict[
 def record_claude_paste_login(index: dict[str, object]) -> None:
     """`claude auth login` under its PTY, finished by pasting `code#state` at its prompt (no callback)."""
     with session("claude_code") as s, \
-            adapters.Running(s.si, s.adapter.login_plan("browser", s.env).command, s.exe) as login:
+            adapters.start_login(s.si, s.adapter.login_plan("browser", s.env), s.env, s.exe) as login:
         wait_for(lambda: "Paste code here" in login.output(), 120, "the paste prompt", login.proc)
         url = s.adapter.parse_login_output(login.output()).auth_url
         assert url, login.output()

@@ -14,7 +14,6 @@ from polydev.providers.base import (
     ProviderName,
     RunParser,
     event,
-    hook_files,
     login_env,
 )
 from polydev.providers.common import (
@@ -56,7 +55,7 @@ class ClaudeCodeAdapter:
             raise ValueError(f"{self.display_name} has no {method} login (it has: browser)")
         # A PTY: the paste-code prompt reads the terminal. The callback port is random (localhost:PORT).
         command = Command([EXECUTABLE, "auth", "login"], login_env(env, present(self._cli_env(env))), env.home,
-                          pty=True, keep_stdin_open=True, files=hook_files(env))
+                          pty=True, keep_stdin_open=True)
         return LoginPlan(command, "browser", ends="exit", accepts_code=True, callback_port=None)
 
     def parse_login_output(self, text: str) -> LoginPrompt:

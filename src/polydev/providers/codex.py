@@ -13,7 +13,6 @@ from polydev.providers.base import (
     ProviderName,
     RunParser,
     event,
-    hook_files,
     login_env,
 )
 from polydev.providers.common import (
@@ -77,8 +76,7 @@ class CodexAdapter:
         if method == "browser":
             # The login exits only after its /success page was loaded (the browser follows the callback's
             # redirect there; a flow calling the callback itself must fetch that page too).
-            command = Command([EXECUTABLE, "login", *background_off()], login_env(env, extra), env.home,
-                              files=hook_files(env))
+            command = Command([EXECUTABLE, "login", *background_off()], login_env(env, extra), env.home)
             return LoginPlan(command, "browser", callback_port=CALLBACK_PORT)
         if method == "device":
             command = Command([EXECUTABLE, "login", "--device-auth", *background_off()], login_env(env, extra),

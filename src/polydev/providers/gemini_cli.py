@@ -16,7 +16,6 @@ from polydev.providers.base import (
     ProviderName,
     RunParser,
     event,
-    hook_files,
     login_env,
 )
 from polydev.providers.common import (
@@ -74,7 +73,7 @@ class GeminiCliAdapter:
         # `--prompt=…` in one argument, so that it is never read as an option; stdin is for the question.
         argv = [EXECUTABLE, f"--prompt={LOGIN_PROMPT}", "--output-format", "stream-json"]
         command = Command(argv, login_env(env, extra), env.home, stdin=b"Y\n", keep_stdin_open=True,
-                          files=(self._settings_file(env, OAUTH_AUTH_TYPE), *hook_files(env)))
+                          files=(self._settings_file(env, OAUTH_AUTH_TYPE),))
         # After logging in it goes on to run the prompt: the flow stops it once the credentials are complete.
         return LoginPlan(command, "browser", ends="files", accepts_code=False, callback_port=None)
 
