@@ -26,6 +26,11 @@ class AgentBackend(FakeBackend):
 
     name = "agent"
 
+    def __init__(self, vnc_endpoint: tuple[str, int] | None = None) -> None:
+        super().__init__()
+        # Where a `browser` VM's VNC server is: a fake RFB server the test runs (no X server on the host).
+        self.vnc_endpoint = vnc_endpoint
+
     async def start(self, spec: VMSpec) -> Started:
         port = free_port()
         env = {**os.environ, "PYTHONPATH": str(SRC), "POLYDEV_AGENT_TOKEN": spec.token}
@@ -36,7 +41,9 @@ class AgentBackend(FakeBackend):
         self.started.append(spec)
         for _ in range(1000):  # the agent prints its READY line once it listens
             if p.READY_MARKER.encode() in self.console_log(spec.workdir).read_bytes():
-                return Started(pid=proc.pid, agent_url=f"http://127.0.0.1:{port}", agent_port=port)
+                vnc = self.vnc_endpoint if spec.purpose == "browser" else None
+                return Started(pid=proc.pid, agent_url=f"http://127.0.0.1:{port}", agent_port=port,
+                               vnc_address=vnc)
             if proc.poll() is not None:
                 break
             await asyncio.sleep(0.01)

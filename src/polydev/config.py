@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     # Provider flows (login and runs)
     login_timeout_seconds: int = Field(300, ge=10, le=3600, description="a login session not completed "
                                        "by then is ended as timeout and its VM destroyed")
+    # The login browser (Xtigervnc + Chromium in a `browser` VM, shown to the user over the VNC WebSocket).
+    # auto: on when the image the engine boots has Chromium (the full profile), off otherwise (the test image:
+    # logins then finish by the CLI's callback, a pasted code or a device code).
+    login_browser: Literal["auto", "on", "off"] = "auto"
+    vnc_ticket_seconds: int = Field(30, ge=1, le=60, description="lifetime of a single-use VNC WebSocket ticket")
     run_timeout_seconds: int = Field(900, ge=10, description="default time limit of a run")
     run_max_timeout_seconds: int = Field(3600, ge=10, description="largest `timeout` a run request may ask")
     max_prompt_bytes: int = Field(100_000, ge=1, description="longer prompts answer 413")

@@ -16,9 +16,11 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from polydev.config import Settings
+from polydev.core.login_browser import LoginBrowser
 from polydev.core.login_flow import LoginFlow
 from polydev.core.login_sessions import LoginSessions
 from polydev.core.run_flow import RunFlow
+from polydev.core.vnc_tickets import VncTickets
 from polydev.providers.base import GuestEnv
 from polydev.store import db
 from polydev.store.auth_sessions import AuthSessionRepo
@@ -57,10 +59,25 @@ class Services:
     # on the host point these at a temporary directory.
     guest_paths: GuestEnv = field(default_factory=GuestEnv)
     login_flow: LoginFlow = None  # type: ignore[assignment]  # wired right after construction
+    vnc_tickets: VncTickets = None  # type: ignore[assignment]
     run_flow: RunFlow = None  # type: ignore[assignment]
 
     def engine_or_reason(self) -> tuple[VMEngine | None, str | None]:
         return self.engine, self.engine_unavailable
+
+    def login_browser(self) -> LoginBrowser | None:
+        """The in-VM login browser when LOGIN_BROWSER (and, for auto, the engine's image) says there is one."""
+        mode = self.settings.login_browser
+        if mode == "off" or self.engine is None:
+            return None
+        if mode == "auto":
+            # Only an image whose manifest lists Chromium can run it; a backend without an image manifest
+            # (a stand-in) counts as without. LOGIN_BROWSER=on overrides.
+            image = getattr(self.engine.backend, "image", None)
+            packages = getattr(image, "manifest", {}).get("debian_packages", {}) if image is not None else {}
+            if "chromium" not in packages:
+                return None
+        return LoginBrowser()
 
     def guest_env(self, provider: str) -> GuestEnv:
         """How a VM for `provider` reaches the outside, per the settings."""
@@ -123,7 +140,9 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
     )
     ca_pem = settings.guest_ca_cert_file.read_bytes() if settings.guest_ca_cert_file else None
     svc.login_flow = LoginFlow(sessions=svc.login, credentials=svc.credentials, engine=svc.engine_or_reason,
-                               guest_env=svc.guest_env, ca_pem=ca_pem, timeout=settings.login_timeout_seconds)
+                               guest_env=svc.guest_env, ca_pem=ca_pem, timeout=settings.login_timeout_seconds,
+                               browser=svc.login_browser)
+    svc.vnc_tickets = VncTickets(store, settings.vnc_ticket_seconds)
     svc.run_flow = RunFlow(runs=svc.runs, credentials=svc.credentials, engine=svc.engine_or_reason,
                            guest_env=svc.guest_env, ca_pem=ca_pem, default_timeout=settings.run_timeout_seconds)
     return svc

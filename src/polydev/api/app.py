@@ -14,7 +14,7 @@ from polydev import __version__
 from polydev.api.errors import install_error_handlers
 from polydev.api.metrics import Metrics
 from polydev.api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
-from polydev.api.routes import auth_sessions, credentials, health, runs, users, vms
+from polydev.api.routes import auth_sessions, credentials, health, runs, users, vms, vnc
 from polydev.config import Settings, get_settings
 from polydev.services import BackendFactory, Services, open_services, start_vm_engine
 from polydev.web.routes import install_dashboard
@@ -78,8 +78,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     metrics = Metrics()
     app.state.metrics = metrics
     install_error_handlers(app)
-    for router in (health.router, users.router, credentials.router, auth_sessions.router, runs.router,
-                   vms.router):
+    for router in (health.router, users.router, credentials.router, auth_sessions.router, vnc.router,
+                   runs.router, vms.router):
         app.include_router(router)
     install_dashboard(app, settings)  # after the API: its /app catch-all must not shadow a route
     # Outermost first: observe everything (413s included), then enforce the size limit.

@@ -12,6 +12,10 @@ PTY where it takes a pasted code) → its URL caught by the `$BROWSER` hook (its
 (in a browser, by pasting a code or the final localhost URL here, or on the device page) → the agent sees
 the credential files complete → they are sealed in the vault → VM destroyed → `completed`. Whatever ends the
 session — success, failure, cancel, timeout — the VM is destroyed and `error_message` says why.
+
+With the login browser on (LOGIN_BROWSER, core/login_browser.py) the VM is a `browser` VM: Xtigervnc and an
+idle Chromium start next to the CLI, the hook also shows the URL in that Chromium, and once the VNC server
+answers the session gets `vnc_url`, the WebSocket the user's page opens (with a ticket) to see and use it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from urllib.parse import parse_qs, urlparse
 import structlog
 
 from polydev.core.guest import Guest, GuestProcess
+from polydev.core.login_browser import LoginBrowser, wait_for_vnc
 from polydev.core.login_sessions import LoginSessions, SessionNotFound
 from polydev.core.tasks import cancel_and_wait
 from polydev.providers import get_adapter
@@ -80,12 +85,16 @@ class _Login:
     awaiting: asyncio.Event = field(default_factory=asyncio.Event)
     output: str = ""
     cancelled_by_user: bool = False
+    browser: LoginBrowser | None = None
+    vnc: tuple[str, int] | None = None  # the VNC server as the control plane reaches it, once it answers
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set first thing when the session ends
 
 
 class LoginFlow:
     def __init__(self, *, sessions: LoginSessions, credentials: CredentialRepo,
                  engine: Callable[[], Any], guest_env: Callable[[str], GuestEnv], ca_pem: bytes | None = None,
-                 timeout: float = 300.0, vm_purpose: str = "cli") -> None:
+                 timeout: float = 300.0, vm_purpose: str = "cli",
+                 browser: Callable[[], LoginBrowser | None] = lambda: None) -> None:
         self.sessions = sessions
         self.credentials = credentials
         self._engine = engine  # () -> (VMEngine | None, reason when None)
@@ -93,6 +102,7 @@ class LoginFlow:
         self.ca_pem = ca_pem
         self.timeout = timeout
         self.vm_purpose = vm_purpose
+        self._browser = browser  # asked per login: whether the engine's image can run the login browser
         self._live: dict[uuid.UUID, _Login] = {}
 
     # -- API-facing ---------------------------------------------------------------------------------------
@@ -110,7 +120,7 @@ class LoginFlow:
         plan = adapter.login_plan(method, env)  # type: ignore[arg-type]
         live = await self.sessions.start(user_id, provider, method)
         live = await self.sessions.update(uuid.UUID(live["session_id"]), accepts_code=plan.accepts_code) or live
-        login = _Login(uuid.UUID(live["session_id"]), user_id, adapter, plan, env)
+        login = _Login(uuid.UUID(live["session_id"]), user_id, adapter, plan, env, browser=self._browser())
         self._live[login.session_id] = login
         login.task = asyncio.create_task(self._drive(login, engine), name=f"login-{login.session_id}")
         log.info("login_started", session_id=str(login.session_id), provider=provider, method=method)
@@ -167,13 +177,17 @@ class LoginFlow:
         sid = login.session_id
         vm_id: uuid.UUID | None = None
         status, error = "failed", "login failed"
+        helpers: list[asyncio.Task[None]] = []
         try:
             async with asyncio.timeout(self.timeout):
-                vm = await engine.create(login.user_id, self.vm_purpose, ttl=self._vm_ttl())
+                purpose = "browser" if login.browser is not None else self.vm_purpose
+                vm = await engine.create(login.user_id, purpose, ttl=self._vm_ttl())
                 vm_id = vm.id
                 await self.sessions.update(sid, status="vm_created", vm_id=str(vm.id))
                 login.guest = Guest(engine.agent(vm.id, timeout=self.timeout + 60))
                 await self._prepare(login)
+                if login.browser is not None:
+                    helpers = self._start_browser(login, engine, vm.id)
                 login.proc = login.guest.start(login.plan.command, timeout_s=self.timeout + 30)
                 await self.sessions.update(sid, status="ready")
                 await self._until_logged_in(login)
@@ -194,6 +208,8 @@ class LoginFlow:
             error = f"{type(exc).__name__}: {exc}"[:500]
             log.warning("login_failed", session_id=str(sid), error=error)
         finally:
+            login.ended.set()  # VNC bridges close before the VM goes
+            await cancel_and_wait(helpers)
             if login.proc is not None:
                 await login.proc.kill()
             if login.guest is not None:
@@ -212,11 +228,53 @@ class LoginFlow:
 
     async def _prepare(self, login: _Login) -> None:
         assert login.guest is not None
-        files: list[GuestFile] = [*hook_files(login.env), *login.plan.command.files,
+        browser = login.browser
+        opener = browser.hook_opener(login.env) if browser else None
+        files: list[GuestFile] = [*hook_files(login.env, opener), *login.plan.command.files,
+                                  *(browser.files(login.env) if browser else ()),
                                   GuestFile(f"{login.env.workdir}/.polydev", b"", 0o600)]
         if self.ca_pem and login.env.ca_cert_path:
             files.append(GuestFile(login.env.ca_cert_path, self.ca_pem, 0o644))
         await login.guest.put(*files)
+
+    def _start_browser(self, login: _Login, engine: Any, vm_id: uuid.UUID) -> list[asyncio.Task[None]]:
+        """Xtigervnc and an idle Chromium, started next to the CLI (Chromium is slow to start on an emulated
+        CPU: it must not wait for the URL). Returns the helper tasks; the processes die with the VM."""
+        assert login.guest is not None and login.browser is not None
+        procs = [login.guest.start(cmd, timeout_s=self.timeout + 30)
+                 for cmd in (login.browser.vnc_server(login.env), login.browser.idle_browser(login.env))]
+        return [*(asyncio.create_task(self._drain(p)) for p in procs),
+                asyncio.create_task(self._vnc_up(login, engine, vm_id))]
+
+    @staticmethod
+    async def _drain(proc: GuestProcess) -> None:
+        # Their output is noise (Chromium's D-Bus complaints); read it so it does not pile up in memory.
+        with contextlib.suppress(Exception):
+            async for _ in proc.events():
+                pass
+
+    async def _vnc_up(self, login: _Login, engine: Any, vm_id: uuid.UUID) -> None:
+        """Publish `vnc_url` once the VM's VNC server answers. A login browser that never comes up is not
+        fatal: the user can still finish by pasting a code or the callback URL."""
+        try:
+            address = engine.vnc_endpoint(vm_id)
+            started = asyncio.get_running_loop().time()
+            await wait_for_vnc(*address, deadline_s=min(120.0, self.timeout))
+        except (KeyError, TimeoutError) as exc:
+            log.warning("login_vnc_unavailable", session_id=str(login.session_id), reason=type(exc).__name__)
+            return
+        login.vnc = address
+        await self.sessions.update(login.session_id, vnc_url=f"/api/auth/sessions/{login.session_id}/vnc")
+        log.info("login_vnc_up", session_id=str(login.session_id),
+                 seconds=round(asyncio.get_running_loop().time() - started, 2))
+
+    async def vnc_target(self, user_id: uuid.UUID, session_id: uuid.UUID) -> tuple[tuple[str, int], asyncio.Event]:
+        """Where the session's VNC server is, and an event set when the session ends (the bridge closes
+        then). SessionNotLive when the session has no VNC server running in this process."""
+        login = await self._owned_live(user_id, session_id)
+        if login.vnc is None or login.ended.is_set():
+            raise SessionNotLive("this login session has no browser to show (yet); follow its vnc_url")
+        return login.vnc, login.ended
 
     async def _until_logged_in(self, login: _Login) -> None:
         """Publish the login URL as soon as it is known, then wait for the credential files (and for the

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -159,11 +160,19 @@ class ProviderAdapter(Protocol):
     def new_parser(self) -> RunParser: ...
 
 
-def hook_files(env: GuestEnv) -> tuple[GuestFile, ...]:
-    """The login helper script, as `$BROWSER` and as `xdg-open`. It only records URLs; it never opens one
-    itself (the login browser, where there is one, is started by the platform)."""
+def hook_files(env: GuestEnv, opener: Sequence[str] | None = None) -> tuple[GuestFile, ...]:
+    """The login helper script, as `$BROWSER` and as `xdg-open`. It records every URL. With `opener` (a login
+    with the in-VM browser; "{url}" in it stands for the URL) it then also runs that command, detached, for
+    each http(s) URL, so the CLI never waits for the browser; without, the script is the recorder alone."""
     script = (b"#!/bin/sh\n# Polydev login helper: record the URL the CLI wants opened.\n"
-              b"for u in \"$@\"; do printf '%s\\n' \"$u\" >> '" + env.urls_file.encode() + b"'; done\nexit 0\n")
+              b"for u in \"$@\"; do printf '%s\\n' \"$u\" >> '" + env.urls_file.encode() + b"'; done\n")
+    if opener:
+        command = " ".join('"$u"' if arg == "{url}" else shlex.quote(arg) for arg in opener)
+        log = shlex.quote(f"{env.login_dir}/open.log")
+        script += (b"# ...and show it in the login browser (only http/https: never file: or javascript:).\n"
+                   b"for u in \"$@\"; do case \"$u\" in http://*|https://*) setsid " + command.encode()
+                   + b" </dev/null >>" + log.encode() + b" 2>&1 & ;; esac; done\n")
+    script += b"exit 0\n"
     return (GuestFile(env.browser_hook, script, 0o755), GuestFile(f"{env.hook_bin}/xdg-open", script, 0o755))
 
 

@@ -31,7 +31,7 @@ import structlog
 from polydev.store.leases import LeaseRepo, PoolExhausted
 from polydev.store.models import Vm, utcnow
 from polydev.store.vms import CleanupTaskRepo, VmRepo
-from polydev.vm.network import Slot, SlotNetwork
+from polydev.vm.network import VNC_PORT, Slot, SlotNetwork
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +76,9 @@ class Started:
     agent_url: str
     agent_port: int | None = None
     socket_path: str | None = None
+    # A `browser` VM's VNC server as the control plane reaches it (host, port); None: the backend has none
+    # to report (the engine then uses the slot's address in tap mode).
+    vnc_address: tuple[str, int] | None = None
 
 
 class Backend(Protocol):
@@ -160,6 +163,7 @@ class VMEngine:
         self._find = process_finder
         self._tokens: dict[uuid.UUID, str] = {}
         self._urls: dict[uuid.UUID, str] = {}
+        self._vnc: dict[uuid.UUID, tuple[str, int]] = {}
         self._reaper: asyncio.Task[None] | None = None
         # Warm pool: running `cli` VMs owned by nobody, handed out by create() without waiting for a start.
         self.pool_size = pool_size
@@ -251,6 +255,9 @@ class VMEngine:
             raise
         self._tokens[vm_id] = token
         self._urls[vm_id] = started.agent_url
+        vnc = started.vnc_address or ((slot.ns_ip, VNC_PORT) if slot is not None else None)
+        if purpose == "browser" and vnc is not None:  # only login-browser VMs run a VNC server
+            self._vnc[vm_id] = vnc
         await self.vms.update(vm_id, status="running", backend_pid=started.pid, agent_port=started.agent_port,
                               socket_path=started.socket_path,
                               ip_address=slot.ns_ip if slot else "127.0.0.1",
@@ -279,6 +286,7 @@ class VMEngine:
         vm_id = row.vm_id
         self._tokens.pop(vm_id, None)
         self._urls.pop(vm_id, None)
+        self._vnc.pop(vm_id, None)
         workdir = Path(row.workdir) if row.workdir else self.workdir(vm_id)
         errors: list[str] = []
         pid = row.backend_pid or self._find(self.tag).get(vm_id)
@@ -323,6 +331,12 @@ class VMEngine:
     def agent_endpoint(self, vm_id: uuid.UUID) -> tuple[str, str]:
         """(agent URL, token) for a VM this engine runs; KeyError when it runs no such VM."""
         return self._urls[vm_id], self._tokens[vm_id]
+
+    def vnc_endpoint(self, vm_id: uuid.UUID) -> tuple[str, int]:
+        """(host, port) of a running `browser` VM's VNC server as this process reaches it: a 127.0.0.1 port
+        forwarded by QEMU (user networking) or the slot's address (tap mode, opened by the slot firewall to
+        the host end alone). KeyError when this engine runs no such VM."""
+        return self._vnc[vm_id]
 
     def agent(self, vm_id: uuid.UUID, timeout: float = 60.0):  # type: ignore[no-untyped-def]
         from polydev.vm.agent_client import AgentClient

@@ -37,7 +37,7 @@ from polydev.vm.agent_client import AgentClient
 from polydev.vm.engine import Started, VMSpec
 from polydev.vm.forwards import RELAY_MISSING, GuestForward, relay_path
 from polydev.vm.images import INIT_PATH, Image
-from polydev.vm.network import Slot
+from polydev.vm.network import VNC_PORT, Slot
 
 log = logging.getLogger(__name__)
 GUEST_ADDR, GUEST_GATEWAY = "10.0.2.15/24", "10.0.2.2"  # QEMU user networking's fixed layout
@@ -77,6 +77,10 @@ def kvm_available() -> bool:
 
 class QemuVM:
     """One VM: a qcow2 overlay on the image, a QEMU process, its console log and its QMP socket."""
+
+    # User networking: a host port (127.0.0.1 only) forwarded to the guest's VNC server, for login-browser
+    # VMs; 0 means none. Tap mode needs no forward: the control plane reaches the slot's address directly.
+    vnc_port = 0
 
     def __init__(self, image: Image, workdir: Path, *, token: str | None = None, vcpus: int = 2,
                  memory_mb: int = 2048, accel: str = "auto", keep_console: bool = True,
@@ -224,6 +228,8 @@ class QemuVM:
     def argv(self, accel: str) -> list[str]:
         cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg", "-cpu", self.tcg_cpu]
         netdev = f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:{p.AGENT_PORT}"
+        if self.vnc_port:
+            netdev += f",hostfwd=tcp:127.0.0.1:{self.vnc_port}-:{VNC_PORT}"
         if self.guest_forwards and self.slot is None:
             relay = relay_path()
             if relay is None:
@@ -554,24 +560,28 @@ class QemuBackend:
         return await asyncio.to_thread(self._start, spec)
 
     def _start(self, spec: VMSpec) -> Started:
+        # Only login-browser VMs run a VNC server; on the command line, not in the snapshot, so restores get it.
+        vnc_port = free_port() if spec.purpose == "browser" and spec.slot is None else 0
         snapshot = (self.ensure_snapshot(spec.vcpus, spec.memory_mb, spec.marker, spec.slot)
                     if self.use_snapshots else None)
         if snapshot is None:
             vm = QemuVM(self.image, spec.workdir, token=spec.token, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
                         accel=self.accel_wanted, name=spec.marker, slot=spec.slot,
                         guest_forwards=self.guest_forwards)
+            vm.vnc_port = vnc_port
             vm.start()
         else:
             vm = QemuVM(self.image, spec.workdir, token=snapshot.token, vcpus=spec.vcpus,
                         memory_mb=spec.memory_mb, accel=snapshot.accel, name=spec.marker, slot=spec.slot,
                         backing=(snapshot.disk, "qcow2"), guest_forwards=self.guest_forwards,
                         ram_file=(snapshot.ram, False), overlay_from=snapshot.empty_overlay)
+            vm.vnc_port = vnc_port
             vm.restore(snapshot.state, snapshot.accel, spec.token)
         assert vm._proc is not None
         with self._lock:
             self._vms[spec.workdir] = vm
         return Started(pid=vm._proc.pid, agent_url=vm.agent_url, agent_port=vm.port,
-                       socket_path=str(vm.qmp_socket))
+                       socket_path=str(vm.qmp_socket), vnc_address=("127.0.0.1", vnc_port) if vnc_port else None)
 
     def snapshot_dir(self, vcpus: int, memory_mb: int, network: str = "user") -> Path:
         """Where the snapshot of this size and network mode lives. The network mode is in the key because the

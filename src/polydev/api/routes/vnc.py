@@ -1,0 +1,149 @@
+"""The login browser over VNC: a ticket from an authenticated call, then a WebSocket bridged to the VM.
+
+    POST /api/auth/sessions/{id}/vnc-ticket   (API token; the session's owner)
+        → {"ticket", "expires_in", "url": "/api/auth/sessions/{id}/vnc?ticket=…"}
+    GET  /api/auth/sessions/{id}/vnc?ticket=…  (WebSocket, subprotocol `binary` as noVNC asks)
+        → RFB bytes both ways between the user's page and the VM's VNC server
+
+The ticket is the WebSocket's only credential (browsers cannot put an API token on a WebSocket): random,
+single use, bound to the user and the session, valid `VNC_TICKET_SECONDS` (≤ 60). A missing, expired,
+reused or foreign ticket is refused before the handshake completes (close 1008, which the server turns
+into HTTP 403): nothing is ever bridged for it. With a good ticket the socket is accepted and, when there
+is nothing to show, closed at once with a code that says why:
+
+    4410 session_expired   the session has expired or ended — show "Start a new session"
+    4409 vnc_unavailable   the session is live but its VNC server is not up (yet), or runs on another replica
+    1000 session_ended     the session ended while the bridge was open (completed, cancelled, timeout, failed)
+    1011 vnc_lost          the VM's VNC server closed the connection
+
+Tickets travel in the query string: neither our request log (ASGI websockets are not logged) nor uvicorn's
+access log (off, see polydev.logging) records it, and it is useless once redeemed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import structlog
+from fastapi import APIRouter, WebSocket
+from pydantic import BaseModel
+from starlette.responses import Response
+from starlette.websockets import WebSocketDisconnect
+
+from polydev.api.deps import CurrentUser, ServicesDep
+from polydev.api.errors import ApiError
+from polydev.api.routes.auth_sessions import _read
+from polydev.core.login_flow import SessionNotLive
+from polydev.core.login_sessions import SessionExpired, SessionNotFound
+from polydev.core.tasks import cancel_and_wait
+from polydev.services import Services
+from polydev.store.models import AUTH_SESSION_TERMINAL
+
+log = structlog.get_logger(__name__)
+router = APIRouter(prefix="/api/auth", tags=["auth"])
+CHUNK = 64 * 1024
+CLOSE_POLICY, CLOSE_ENDED, CLOSE_LOST = 1008, 1000, 1011
+CLOSE_EXPIRED, CLOSE_UNAVAILABLE = 4410, 4409
+
+
+class TicketOut(BaseModel):
+    ticket: str
+    expires_in: int
+    url: str
+
+
+def vnc_path(session_id: uuid.UUID) -> str:
+    return f"/api/auth/sessions/{session_id}/vnc"
+
+
+@router.post("/sessions/{session_id}/vnc-ticket", response_model=TicketOut, responses={404: {}, 409: {}, 410: {}})
+async def vnc_ticket(session_id: uuid.UUID, user: CurrentUser, services: ServicesDep,
+                     response: Response) -> TicketOut:
+    """A single-use ticket for the session's VNC WebSocket; ask for one right before connecting."""
+    state = await _read(services, user.id, session_id)  # 404 for others' sessions, 410 once expired
+    if state["status"] in AUTH_SESSION_TERMINAL:
+        raise ApiError(410, "session_expired", f"this login session has ended ({state['status']}); start a new "
+                       "session", action="start_new_session")
+    try:
+        await services.login_flow.vnc_target(user.id, session_id)
+    except SessionNotLive as exc:
+        raise ApiError(409, "vnc_unavailable", str(exc)) from None
+    ticket = await services.vnc_tickets.issue(user.id, session_id)
+    response.headers["Cache-Control"] = "no-store"
+    return TicketOut(ticket=ticket.secret, expires_in=ticket.expires_in,
+                     url=f"{vnc_path(session_id)}?ticket={ticket.secret}")
+
+
+@router.websocket("/sessions/{session_id}/vnc")
+async def vnc_socket(websocket: WebSocket, session_id: uuid.UUID, ticket: str = "") -> None:
+    services: Services = websocket.app.state.services
+    user_id = await services.vnc_tickets.redeem(ticket, session_id)
+    if user_id is None:
+        await websocket.close(CLOSE_POLICY, "invalid or used ticket")
+        return
+    subprotocol = "binary" if "binary" in websocket.scope.get("subprotocols", []) else None
+    try:
+        state = await services.login.read(user_id, session_id)
+        expired = state["status"] in AUTH_SESSION_TERMINAL
+    except (SessionExpired, SessionNotFound):
+        expired = True
+    if expired:
+        await websocket.accept(subprotocol)
+        await websocket.close(CLOSE_EXPIRED, "session_expired: start a new session")
+        return
+    try:
+        (host, port), ended = await services.login_flow.vnc_target(user_id, session_id)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+    except (SessionNotLive, OSError, TimeoutError):
+        await websocket.accept(subprotocol)
+        await websocket.close(CLOSE_UNAVAILABLE, "vnc_unavailable")
+        return
+    await websocket.accept(subprotocol)
+    log.info("vnc_bridge_open", session_id=str(session_id))
+    _, reason = await _bridge(websocket, reader, writer, ended)
+    log.info("vnc_bridge_closed", session_id=str(session_id), reason=reason)
+
+
+async def _bridge(websocket: WebSocket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                  ended: asyncio.Event) -> tuple[int, str]:
+    """Copy bytes both ways until one side closes or the session ends; then close both."""
+
+    async def to_vm() -> tuple[int, str]:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return CLOSE_ENDED, "client_left"
+            data = message.get("bytes") or (message.get("text") or "").encode()
+            writer.write(data)
+            await writer.drain()
+
+    async def to_user() -> tuple[int, str]:
+        while True:
+            data = await reader.read(CHUNK)
+            if not data:
+                return CLOSE_LOST, "vnc_lost"
+            await websocket.send_bytes(data)
+
+    async def session_end() -> tuple[int, str]:
+        await ended.wait()
+        return CLOSE_ENDED, "session_ended"
+
+    tasks = [asyncio.create_task(f()) for f in (to_vm, to_user, session_end)]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        first = next(iter(done))
+        try:
+            code, reason = first.result()
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            code, reason = CLOSE_LOST, "connection_error"
+    finally:
+        await cancel_and_wait(tasks)
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    if reason != "client_left":
+        with contextlib.suppress(Exception):
+            await websocket.close(code, reason)
+    return code, reason

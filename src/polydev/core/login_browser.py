@@ -1,0 +1,142 @@
+"""The login browser: Xtigervnc on display :1 and Chromium in kiosk mode inside a login VM.
+
+Only login sessions run it (a `browser` VM, full image). The flow starts both through the agent's exec right
+after the VM is up, in parallel with the CLI: Chromium takes many seconds to start on an emulated CPU, so it
+starts at once on a placeholder page, and the `$BROWSER` hook later points it at the login URL through
+Chromium's DevTools HTTP endpoint (guest loopback only). The control plane reaches the VNC server through
+the VM's forwarded VNC port (see `VMEngine.vnc_endpoint`) and bridges it to the user's WebSocket.
+
+No desktop environment and no window manager: Chromium's kiosk window fills the X screen by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from polydev.providers.base import LOGIN_DISPLAY, Command, GuestEnv, GuestFile
+
+VNC_PORT = 5901  # inside the guest: 5900 + display number
+GEOMETRY = (1280, 800)
+DEVTOOLS_PORT = 9222  # Chromium's DevTools, bound to the guest's 127.0.0.1 only (Chromium's default)
+PROFILE_DIR = "/tmp/polydev-chromium"  # /tmp is a tmpfs in the guest: nothing of the profile reaches disk
+RFB_BANNER_PREFIX = b"RFB 003."
+PLACEHOLDER = ("data:text/html,<title>Polydev</title><body style='font:28px sans-serif;margin:3em'>"
+               "Opening the sign-in page%E2%80%A6</body>")
+
+# The opener the hook runs (detached) for each URL: wait for the idle Chromium's DevTools, open the URL as a
+# new page, bring it to the front and close the others, so the kiosk window shows just the login page.
+# Python's standard library only: the guest has no curl. If no Chromium answers in time it starts one.
+OPENER = r'''import json, subprocess, sys, time, urllib.parse, urllib.request
+url, devtools, deadline = sys.argv[1], "http://127.0.0.1:%d" % int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+def call(path, method="GET"):
+    req = urllib.request.Request(devtools + path, method=method)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read() or b"null") if path.startswith("/json/new") or path == "/json/list" else None
+while True:
+    try:
+        old = [t["id"] for t in call("/json/list") if t.get("type") == "page"]
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            subprocess.Popen(sys.argv[4:] + [url], stdin=subprocess.DEVNULL, start_new_session=True)
+            sys.exit(0)
+        time.sleep(0.2)
+new = call("/json/new?" + urllib.parse.quote(url, safe=""), "PUT")
+call("/json/activate/" + new["id"])
+for target in old:
+    call("/json/close/" + target)
+'''
+
+
+@dataclass(frozen=True)
+class LoginBrowser:
+    """How the login browser runs in the guest. The commands are data so tests can swap in stand-ins."""
+
+    vnc_port: int = VNC_PORT
+    devtools_port: int = DEVTOOLS_PORT
+    open_wait_s: float = 240.0  # how long the opener waits for the idle Chromium before starting its own
+    # Stand-ins (tests, whose "guest" is the host): empty means Xtigervnc / Chromium / the opener below.
+    server_argv: tuple[str, ...] = ()
+    browser_argv: tuple[str, ...] = ()
+    opener_argv: tuple[str, ...] = ()
+
+    def opener_path(self, env: GuestEnv) -> str:
+        return f"{env.login_dir}/open-url.py"
+
+    def vnc_server(self, env: GuestEnv) -> Command:
+        width, height = GEOMETRY
+        argv = list(self.server_argv) or [
+            "Xtigervnc", LOGIN_DISPLAY, "-geometry", f"{width}x{height}", "-depth", "24",
+            "-rfbport", str(self.vnc_port),
+            # No VNC password, and listening on the guest's interface (not just its loopback) so QEMU's
+            # host forward reaches it: acceptable ONLY because nothing but the control plane can reach this
+            # port — user networking forwards it to 127.0.0.1 on the host, tap mode's slot firewall admits
+            # the host end of the slot's veth alone — and the control plane hands it out only behind a
+            # single-use ticket bound to the session's owner.
+            "-SecurityTypes", "None", "-localhost", "no",
+            "-nolisten", "tcp",  # no X11 over TCP: X clients connect through the Unix socket only
+            "-AlwaysShared", "-desktop", "Polydev sign-in"]
+        return Command(argv, {"HOME": env.home, "PATH": "/usr/bin:/bin"}, cwd=env.home)
+
+    def chromium_argv(self, env: GuestEnv) -> list[str]:
+        width, height = GEOMETRY
+        argv = ["chromium", "--kiosk", "--no-first-run", "--no-default-browser-check",
+                # The guest runs everything as root, which Chromium's sandbox refuses; the VM is disposable,
+                # holds nothing but this login and is itself the isolation boundary, so no sandbox in it.
+                "--no-sandbox",
+                "--disable-dev-shm-usage", "--disable-gpu", f"--user-data-dir={PROFILE_DIR}",
+                "--window-position=0,0", f"--window-size={width},{height}",
+                f"--remote-debugging-port={self.devtools_port}",
+                # Nothing but the login page goes out: no updates, sync, metrics or prefetching.
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-default-apps", "--disable-breakpad", "--disable-domain-reliability", "--no-pings",
+                "--password-store=basic", "--disable-features=Translate,MediaRouter,OptimizationHints"]
+        if env.https_proxy:
+            # The platform's proxy (the VM has no other way out); Chromium wants ';' between bypass entries.
+            bypass = ";".join(h for h in env.no_proxy.split(",") if h)
+            argv += [f"--proxy-server={env.https_proxy}", f"--proxy-bypass-list={bypass}"]
+        return argv
+
+    def idle_browser(self, env: GuestEnv) -> Command:
+        argv = list(self.browser_argv) or [*self.chromium_argv(env), PLACEHOLDER]
+        return Command(argv, {"HOME": env.home, "DISPLAY": LOGIN_DISPLAY, "PATH": "/usr/bin:/bin",
+                              "LANG": "C.UTF-8", **env.proxy_vars()}, cwd=env.home)
+
+    def files(self, env: GuestEnv) -> tuple[GuestFile, ...]:
+        return (GuestFile(self.opener_path(env), OPENER.encode(), 0o755),)
+
+    def hook_opener(self, env: GuestEnv) -> list[str]:
+        """The command the hook runs (detached, once per http(s) URL; "{url}" stands for it) to show a URL."""
+        if self.opener_argv:
+            return list(self.opener_argv)
+        return ["python3", self.opener_path(env), "{url}", str(self.devtools_port), str(self.open_wait_s),
+                *self.chromium_argv(env)]
+
+
+async def rfb_banner(host: str, port: int, timeout: float = 5.0) -> bytes:
+    """The first 12 bytes a VNC server sends (`RFB 003.008\\n`). Raises OSError if none arrives: nothing
+    listens yet (QEMU's forward accepts and then closes when the guest's port is shut)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        banner = await asyncio.wait_for(reader.readexactly(12), timeout)
+    except (asyncio.IncompleteReadError, TimeoutError) as exc:
+        raise ConnectionError("no RFB banner") from exc
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    if not banner.startswith(RFB_BANNER_PREFIX):
+        raise ConnectionError("not a VNC server")
+    return banner
+
+
+async def wait_for_vnc(host: str, port: int, deadline_s: float) -> bytes:
+    """Poll until the VNC server answers with its banner; TimeoutError after `deadline_s`."""
+    async with asyncio.timeout(deadline_s):
+        while True:
+            try:
+                return await rfb_banner(host, port)
+            except OSError:
+                await asyncio.sleep(0.1)
