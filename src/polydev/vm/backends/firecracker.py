@@ -549,10 +549,7 @@ class FirecrackerProcess:
     def socket_path(self) -> Path:
         """Where we connect: the socket itself, or a short symlink to it when its full path is longer than a
         Unix socket address may be (a deep data directory, or a jail id as long as the engine's markers)."""
-        if len(os.fsencode(self.api_socket)) <= UNIX_PATH_MAX:
-            return self.api_socket
-        digest = hashlib.sha256(str(self.api_socket.absolute()).encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / "polydev-fc" / f"{digest}.socket"
+        return socket_alias(self.api_socket) or self.api_socket
 
     @property
     def console_log(self) -> Path:
@@ -841,6 +838,14 @@ class FirecrackerProcess:
         for name, final in (("snapshot.state", dest.state), ("snapshot.mem", dest.memory)):
             final.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(self.chroot / name, final)
+
+
+def socket_alias(api_socket: Path) -> Path | None:
+    """The short symlink by which a socket too deep for a Unix socket address is reached, or None."""
+    if len(os.fsencode(api_socket)) <= UNIX_PATH_MAX:
+        return None
+    digest = hashlib.sha256(str(api_socket.absolute()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "polydev-fc" / f"{digest}.socket"
 
 
 def link_into_jail(host_path: Path, inside: Path) -> None:

@@ -57,6 +57,7 @@ from polydev.vm.backends.firecracker import (
     kernel_problem,
     link_into_jail,
     process_gone,
+    socket_alias,
     unavailable_reason,
 )
 from polydev.vm.disks import clone_disk
@@ -338,9 +339,16 @@ class FirecrackerBackend:
             # A VM of an earlier engine process: no driver of ours, just the process (found by its marker,
             # which holds the VM id, the work directory's name).
             await asyncio.to_thread(kill_vm_process, pid, workdir.name)
-        if self.jailer is not None:  # a jail left by a crash (the driver removes its own on stop)
+        # What a crash leaves that the engine does not know of (a driver removes its own on stop): the jail,
+        # and the short alias of a socket too deep to be reached by its path.
+        sockets = [workdir / FirecrackerProcess.SOCKET_NAME]
+        if self.jailer is not None:
             for jail in (self.jailer.chroot_base_dir / self.binary.name).glob(f"*-{workdir.name}"):
+                sockets.append(jail / "root" / FirecrackerProcess.SOCKET_NAME)
                 shutil.rmtree(jail, ignore_errors=True)
+        for socket in sockets:
+            if (alias := socket_alias(socket)) is not None:
+                alias.unlink(missing_ok=True)
 
 
 def _cpu_model() -> str:
