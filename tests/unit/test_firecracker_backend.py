@@ -26,6 +26,7 @@ from polydev.vm import network
 from polydev.vm.agent_client import AgentClient, AgentError
 from polydev.vm.backends import BackendUnavailable, create_backend
 from polydev.vm.backends import firecracker as fc
+from polydev.vm.backends import firecracker_backend as fcb
 from polydev.vm.backends.firecracker_backend import (
     NEEDS_TAP,
     FirecrackerBackend,
@@ -300,12 +301,14 @@ def settings(directory: Path, **kw: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-def test_create_backend_names_everything_missing(short_dir: Path) -> None:
+def test_create_backend_names_everything_missing(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fcb, "kvm_problem", lambda: "cannot open /dev/kvm: No such file or directory")
     with pytest.raises(BackendUnavailable) as caught:
         create_backend(settings(short_dir, firecracker_binary=short_dir / "nope", network_mode="user"))
     message = str(caught.value)
     assert "no firecracker binary at" in message and "FIRECRACKER_GOLDEN_KERNEL is not set" in message
     assert "no full image in" in message and NEEDS_TAP in message
+    assert "cannot open /dev/kvm" in message  # beside a missing binary, not hidden by it
 
     bzimage = short_dir / "vmlinuz"
     bzimage.write_bytes(b"MZ" + b"\0" * 62)

@@ -55,6 +55,7 @@ from polydev.vm.backends.firecracker import (
     SnapshotFiles,
     VMConfig,
     kernel_problem,
+    kvm_problem,
     link_into_jail,
     process_gone,
     socket_alias,
@@ -129,8 +130,10 @@ class FirecrackerBackend:
     def from_settings(cls, settings: Any) -> FirecrackerBackend:
         """The backend the settings describe, or BackendUnavailable naming everything that is missing."""
         problems: list[str] = []
-        if reason := unavailable_reason(settings.firecracker_binary):
+        if reason := unavailable_reason(settings.firecracker_binary, kvm_device=None):
             problems.append(reason)
+        if reason := kvm_problem():
+            problems.append(f"{reason} (Firecracker has no software emulation)")
         kernel: Path | None = settings.firecracker_golden_kernel
         if kernel is None:
             problems.append("FIRECRACKER_GOLDEN_KERNEL is not set (an uncompressed vmlinux built with "
