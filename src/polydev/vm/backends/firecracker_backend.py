@@ -259,14 +259,16 @@ class FirecrackerBackend:
 
     def snapshot_dir(self, vcpus: int, memory_mb: int) -> Path:
         """Keyed by everything a snapshot depends on: kernel, image, size, Firecracker release, jailed or not
-        (a jailed VM names its files from the jail's root), and the host's CPU and kernel (a snapshot only
-        loads where the vCPU state it saved can be restored)."""
+        (a jailed VM names its files from the jail's root), the guest's layout (its address, gateway and init
+        are fixed at the template's boot), and the host's CPU and kernel (a snapshot only loads where the
+        vCPU state it saved can be restored)."""
         def identity(path: Path) -> list[object]:
             st = path.stat()
             return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
         key = json.dumps([identity(self.kernel), identity(self.rootfs), vcpus, memory_mb, self.version(),
-                          self.jailer is not None, _cpu_model(), os.uname().release])
+                          self.jailer is not None, boot_args(""), network.GUEST_MAC, _cpu_model(),
+                          os.uname().release])
         return self.snapshots_dir / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     async def ensure_snapshot(self, spec: VMSpec, slot: Slot) -> Snapshot:
