@@ -98,21 +98,29 @@ def test_a_prompt_longer_than_one_argument_may_be_reaches_the_model(
     assert end in sent and "-lorem ipsum lorem" in sent
 
 
-def _write_stored_credentials(provider: str, si: Standins, genv: GuestEnv) -> str:
-    """Credential files as a login leaves them (shapes from FACTS.md); returns the access token sent."""
+def _write_stored_credentials(provider: str, si: Standins, genv: GuestEnv, *, expiring: bool = False) -> str:
+    """Credential files as a login leaves them (shapes from FACTS.md); returns the access token sent.
+
+    `expiring`: the access token is about to expire (Claude: within its 5-minute margin) or has expired, which
+    makes each CLI refresh it before its first API call."""
     access, refresh = si.oauth.seed_tokens(OAUTH_NAME[provider])
-    in_an_hour = int(time.time() * 1000) + 3_600_000
+    now_ms = int(time.time() * 1000)
+    if not expiring:
+        expiry_ms = now_ms + 3_600_000
+    else:
+        expiry_ms = now_ms + (60_000 if provider == "claude_code" else -60_000)
     if provider == "claude_code":
         doc: dict[str, Any] = {"claudeAiOauth": {
-            "accessToken": access, "refreshToken": refresh, "expiresAt": in_an_hour,
+            "accessToken": access, "refreshToken": refresh, "expiresAt": expiry_ms,
             "scopes": ["user:inference", "user:profile"], "subscriptionType": "max"}}
     elif provider == "codex":
+        token = oauth.codex_access_token(access, expires_in=(expiry_ms - now_ms) // 1000)
         doc = {"auth_mode": "chatgpt", "OPENAI_API_KEY": None, "last_refresh": "2026-11-27T00:00:00Z",
-               "tokens": {"id_token": oauth.codex_id_token(), "access_token": oauth.codex_access_token(access),
+               "tokens": {"id_token": oauth.codex_id_token(), "access_token": token,
                           "refresh_token": refresh, "account_id": "acc-standin"}}
     else:
         doc = {"access_token": access, "refresh_token": refresh, "token_type": "Bearer", "scope": "openid",
-               "expiry_date": in_an_hour}
+               "expiry_date": expiry_ms}
     path = Path(genv.home_path(ADAPTERS[provider].required_credential_files[0]))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc))
@@ -133,6 +141,29 @@ def test_oauth_run_with_restored_credential_files_round_trips_a_tool_call(
     # (the stand-in records Codex's JWT access token by the token name inside it)
     assert {t.credential for t in standins.api.model_turns()} == {access}
     assert standins.oauth.of_kind("refresh") == []
+
+
+REFRESHED = {  # what each credential file holds after the stand-in's first refresh
+    "claude_code": lambda d: (d["claudeAiOauth"]["accessToken"], d["claudeAiOauth"]["refreshToken"]),
+    "codex": lambda d: (d["tokens"]["refresh_token"],),
+    "gemini_cli": lambda d: (d["access_token"], d["refresh_token"]),
+}
+EXPECTED_AFTER_REFRESH = {"claude_code": ("claude-access-2", "claude-refresh-2"), "codex": ("codex-refresh-2",),
+                          "gemini_cli": ("google-access-2", "google-refresh-1")}  # Google keeps its refresh token
+
+
+def test_oauth_run_refreshes_an_expiring_token_and_writes_the_new_one_back(
+        provider: str, exe: Path, standins: Standins, genv: GuestEnv) -> None:
+    """What the run flow relies on: after the run the credential files hold the rotated tokens."""
+    _write_stored_credentials(provider, standins, genv, expiring=True)
+    run = adapters.run(standins, ADAPTERS[provider].run_command("hello", genv), exe)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _parse(provider, run)[-1]["type"] == "done"
+    assert len(standins.oauth.of_kind("refresh")) == 1
+    assert {t.credential for t in standins.api.model_turns()} == {f"{OAUTH_NAME[provider]}-access-2"}
+    path = Path(genv.home_path(ADAPTERS[provider].required_credential_files[0]))
+    assert REFRESHED[provider](json.loads(path.read_text())) == EXPECTED_AFTER_REFRESH[provider]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_crash_mid_run_ends_the_stream_in_one_error(
