@@ -125,6 +125,9 @@ def main(only: list[str]) -> None:
         short = adapters.CLI_OF_PROVIDER[provider].key
         tool = Script(tool=TOOLS[provider]("cat note.txt"), final_text="The note says {tool_output}")
         jobs[f"{short}_tool_round_trip"] = partial(record_run, f"{short}_tool_round_trip", provider, tool, ask, index)
+        failing = Script(tool=TOOLS[provider]("cat missing.txt"), final_text="The tool said {tool_output}")
+        jobs[f"{short}_tool_error"] = partial(record_run, f"{short}_tool_error", provider, failing,
+                                              "what does missing.txt say?", index)
         jobs[f"{short}_api_rejected"] = partial(record_run, f"{short}_api_rejected", provider,
                                                 Script(reject_all=True), "say something", index)
     jobs["codex_device_login"] = partial(record_codex_device_login, index)

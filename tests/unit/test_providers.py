@@ -318,6 +318,37 @@ def test_codex_and_gemini_usage_fields() -> None:
     assert gemini["total_tokens"] == 57 and gemini["tool_calls"] == 1
 
 
+@pytest.mark.parametrize(("provider", "name", "is_error"), [
+    ("claude_code", "claude_tool_error", True), ("codex", "codex_tool_error", True),
+    ("gemini_cli", "gemini_tool_error", False)])  # Gemini reports a command that exited 1 as "success"
+def test_a_failing_tool_is_reported_as_the_cli_sees_it(provider: str, name: str, is_error: bool) -> None:
+    events = parse_recording(provider, name)
+    (result,) = [e for e in events if e["type"] == "tool_result"]
+    assert "No such file or directory" in result["output"] and result["is_error"] is is_error
+    assert events[-1]["type"] == "done"  # a failed tool does not fail the run
+
+
+def test_codex_items_other_than_commands() -> None:
+    # Shapes from Codex's exec JSON schema (not produced by the stand-in): file changes and MCP tool calls.
+    parser = ADAPTERS["codex"].new_parser()
+    lines = [
+        {"type": "item.started", "item": {"id": "i1", "type": "mcp_tool_call", "server": "docs", "tool": "search",
+                                          "arguments": {"q": "x"}, "status": "in_progress"}},
+        {"type": "item.completed", "item": {"id": "i1", "type": "mcp_tool_call", "server": "docs", "tool": "search",
+                                            "arguments": {"q": "x"}, "error": {"message": "timed out"},
+                                            "status": "failed"}},
+        {"type": "item.completed", "item": {"id": "i2", "type": "file_change", "status": "completed",
+                                            "changes": [{"path": "a.py", "kind": "update"}]}},
+        {"type": "item.completed", "item": {"id": "i3", "type": "reasoning", "text": "thinking"}},
+    ]
+    events = [e for line in lines for e in parser.feed(json.dumps(line))]
+    assert [(e["type"], e["id"]) for e in events] == [("tool_call", "i1"), ("tool_result", "i1"),
+                                                      ("tool_call", "i2"), ("tool_result", "i2")]
+    assert events[0]["name"] == "docs.search" and events[0]["input"] == {"q": "x"}
+    assert events[1]["is_error"] is True and events[1]["output"] == "timed out"
+    assert events[2]["input"]["changes"][0]["path"] == "a.py" and events[3]["is_error"] is False
+
+
 @pytest.mark.parametrize(("provider", "name", "message"), [
     ("claude_code", "claude_api_rejected", "Failed to authenticate"),
     ("codex", "codex_api_rejected", "401 Unauthorized"),
