@@ -11,6 +11,7 @@ import secrets
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -143,7 +144,7 @@ def test_oauth_run_with_restored_credential_files_round_trips_a_tool_call(
     assert standins.oauth.of_kind("refresh") == []
 
 
-REFRESHED = {  # what each credential file holds after the stand-in's first refresh
+REFRESHED: dict[str, Callable[[dict[str, Any]], tuple[str, ...]]] = {  # what each credential file holds after the stand-in's first refresh
     "claude_code": lambda d: (d["claudeAiOauth"]["accessToken"], d["claudeAiOauth"]["refreshToken"]),
     "codex": lambda d: (d["tokens"]["refresh_token"],),
     "gemini_cli": lambda d: (d["access_token"], d["refresh_token"]),

@@ -60,7 +60,7 @@ def popen(si: Standins, cmd: Command, exe: Path, **kwargs: object) -> subprocess
     write_files(cmd.files)
     argv, env = host_argv_env(cmd, exe)
     Path(cmd.cwd).mkdir(parents=True, exist_ok=True)
-    return si.popen(argv, env, cwd=Path(cmd.cwd), **kwargs)  # type: ignore[arg-type]
+    return si.popen(argv, env, cwd=Path(cmd.cwd), **kwargs)
 
 
 class Running:

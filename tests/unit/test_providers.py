@@ -37,7 +37,8 @@ def settings_of(cmd: Command, env: GuestEnv) -> dict[str, Any]:
     files = {f.path: f for f in cmd.files}
     settings = files[env.home_path(".gemini/settings.json")]
     assert settings.mode == 0o600
-    return json.loads(settings.data)
+    doc: dict[str, Any] = json.loads(settings.data)
+    return doc
 
 
 def recorded(name: str, stream: str = "stdout") -> list[str]:

@@ -39,13 +39,13 @@ def background_off() -> dict[str, str]:
 
 class ClaudeCodeAdapter:
     name: ProviderName = "claude_code"
-    display_name = "Claude Code"
-    package = "@anthropic-ai/claude-code"
-    executable = EXECUTABLE
+    display_name: str = "Claude Code"
+    package: str = "@anthropic-ai/claude-code"
+    executable: str = EXECUTABLE
     login_methods: tuple[LoginMethod, ...] = ("browser",)
-    credential_files = (".claude/.credentials.json", ".claude.json")
-    required_credential_files = (".claude/.credentials.json",)
-    api_key_env = "ANTHROPIC_API_KEY"
+    credential_files: tuple[str, ...] = (".claude/.credentials.json", ".claude.json")
+    required_credential_files: tuple[str, ...] = (".claude/.credentials.json",)
+    api_key_env: str = "ANTHROPIC_API_KEY"
 
     def _cli_env(self, env: GuestEnv) -> dict[str, str | None]:
         return {**background_off(), "NODE_EXTRA_CA_CERTS": env.ca_cert_path}

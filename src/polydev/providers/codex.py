@@ -57,14 +57,14 @@ def provider_args(api_base_url: str, *, api_key_env: str | None) -> list[str]:
 
 class CodexAdapter:
     name: ProviderName = "codex"
-    display_name = "Codex CLI"
-    package = "@openai/codex"
-    executable = EXECUTABLE
+    display_name: str = "Codex CLI"
+    package: str = "@openai/codex"
+    executable: str = EXECUTABLE
     login_methods: tuple[LoginMethod, ...] = ("browser", "device")
-    credential_files = (".codex/auth.json",)
-    required_credential_files = (".codex/auth.json",)
+    credential_files: tuple[str, ...] = (".codex/auth.json",)
+    required_credential_files: tuple[str, ...] = (".codex/auth.json",)
     # `codex exec` reads this one; OPENAI_API_KEY alone sends no Authorization header.
-    api_key_env = "CODEX_API_KEY"
+    api_key_env: str = "CODEX_API_KEY"
 
     def _cli_env(self, env: GuestEnv) -> dict[str, str | None]:
         # No CODEX_HOME: its default is ~/.codex, which Codex creates when missing (an API-key run has no
@@ -150,7 +150,8 @@ class CodexParser(StreamParser):
 
     def _map(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         kind = obj.get("type")
-        item = obj.get("item") if isinstance(obj.get("item"), dict) else {}
+        raw = obj.get("item")
+        item: dict[str, Any] = raw if isinstance(raw, dict) else {}
         if kind == "thread.started":
             return [event("status", message="session started", session_id=obj.get("thread_id"))]
         if kind == "item.started":

@@ -45,13 +45,13 @@ def settings(auth_type: str) -> bytes:
 
 class GeminiCliAdapter:
     name: ProviderName = "gemini_cli"
-    display_name = "Gemini CLI"
-    package = "@google/gemini-cli"
-    executable = EXECUTABLE
+    display_name: str = "Gemini CLI"
+    package: str = "@google/gemini-cli"
+    executable: str = EXECUTABLE
     login_methods: tuple[LoginMethod, ...] = ("browser",)
-    credential_files = (".gemini/oauth_creds.json", ".gemini/google_accounts.json")
-    required_credential_files = (".gemini/oauth_creds.json",)
-    api_key_env = "GEMINI_API_KEY"
+    credential_files: tuple[str, ...] = (".gemini/oauth_creds.json", ".gemini/google_accounts.json")
+    required_credential_files: tuple[str, ...] = (".gemini/oauth_creds.json",)
+    api_key_env: str = "GEMINI_API_KEY"
 
     def _settings_file(self, env: GuestEnv, auth_type: str) -> GuestFile:
         return GuestFile(env.home_path(SETTINGS_FILE), settings(auth_type), 0o600)
