@@ -43,17 +43,14 @@ from tests.integration.test_flows import no_vms_left, sse
 from tests.standins import api as standin_api
 from tests.standins import clis, oauth
 from tests.standins.proxy import ConnectProxy
-from tests.standins.server import StandinLoop
-from tests.standins.tls import TestCA
+from tests.standins.vm import PROVIDERS, VmStandins
 
 pytest_plugins = ["tests.vm_fixtures"]
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
-PROVIDERS = ("claude_code", "codex", "gemini_cli")
 OAUTH_NAME = {"claude_code": oauth.CLAUDE, "codex": oauth.CODEX, "gemini_cli": oauth.GOOGLE}
 SHELL_TOOL = {"claude_code": clis.claude_shell_tool, "codex": clis.codex_shell_tool,
               "gemini_cli": clis.gemini_shell_tool}
-PROXY_GUEST, API_GUEST = "10.0.2.100:3128", "10.0.2.101:80"
 # The hosts the CLIs may contact through the proxy: their token, profile and account endpoints. Anything
 # else (telemetry, update checks, plugin sync) means a background-traffic switch is not working.
 AUTH_HOSTS = {"platform.claude.com", "api.anthropic.com", "auth.openai.com", "chatgpt.com",
@@ -89,30 +86,19 @@ class Stand:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stand(tmp_path_factory: pytest.TempPathFactory, test_image: images.Image) -> AsyncIterator[Stand]:
+async def stand(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stand]:
     missing = _vm_host_missing()
     if missing:
         if os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1":
             pytest.fail(missing)
         pytest.skip(missing)
+    test_image: images.Image = request.getfixturevalue("test_image")  # builds it when not cached
     tmp = tmp_path_factory.mktemp("provider-flows")
-    loop = StandinLoop(None)  # on the host's loopback: the guests reach it only through the forwards
-    try:
-        standin = standin_api.StandinState()
-        api_port = loop.serve_asgi(standin_api.create_app(standin), "127.0.0.1", 0)
-        oauth_state = oauth.OAuthState()
-        oauth_port = loop.serve_asgi(oauth.create_app(oauth_state), "127.0.0.1", 0)
-        ca = TestCA(tmp / "ca")
-        proxy = ConnectProxy(ca, "127.0.0.1", oauth_port)
-        proxy_port = loop.run(proxy.start("127.0.0.1", 0))
-        loop.add_closer(proxy.close)
-        api_url = f"http://{API_GUEST.removesuffix(':80')}"
+    with VmStandins(tmp / "standins") as si:  # on the host's loopback: guests reach it through the forwards
         settings = make_settings(
             tmp, POLYDEV_CACHE_DIR=test_image.dir.parent.parent, vm_image_profile="test",
             vm_cli_memory_mb=2048, vm_cli_vcpu=1, vm_warm_pool_size=0, login_timeout_seconds=900,
-            vm_guest_forwards=f"{PROXY_GUEST}=127.0.0.1:{proxy_port},{API_GUEST}=127.0.0.1:{api_port}",
-            guest_https_proxy=f"http://{PROXY_GUEST}", guest_ca_cert_file=ca.cert_path,
-            provider_api_base_urls={p: api_url for p in PROVIDERS})
+            login_browser="off", **si.settings())
         app = create_app(settings)
         async with app.router.lifespan_context(app):
             services: Services = app.state.services
@@ -122,10 +108,8 @@ async def stand(tmp_path_factory: pytest.TempPathFactory, test_image: images.Ima
             token = (settings.data_dir / "admin.token").read_text().strip()
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://polydev.test",
                                          timeout=WAIT) as client:
-                yield Stand(Api(services, client, token), app, standin, oauth_state, proxy)
+                yield Stand(Api(services, client, token), app, si.api, si.oauth, si.proxy)
         assert find_marked_processes(tag) == {}
-    finally:
-        loop.close()
 
 
 # -- helpers -------------------------------------------------------------------------------------------------

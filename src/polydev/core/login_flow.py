@@ -136,7 +136,14 @@ class LoginFlow:
         code = code.strip()
         if code.startswith(("http://localhost", "http://127.0.0.1")):
             url = self._check_callback_url(login, code)
-            status = await login.guest.run(["python3", "-c", _FETCH, url], timeout_s=60)
+            try:
+                status = await login.guest.run(["python3", "-c", _FETCH, url], timeout_s=60)
+            except Exception:
+                # The CLI can take the code, write its files and exit before this fetch has answered; the
+                # login then ends and closes the VM's agent connection under the fetch. That is a success.
+                if await self._ended_as(login, "completed"):
+                    return
+                raise
             if status != 0:
                 raise CodeRejected("the CLI's callback did not accept that URL; start a new session if the "
                                    "code has been used")
@@ -145,6 +152,15 @@ class LoginFlow:
             raise CodeRejected(f"{login.adapter.display_name} takes no pasted code: paste the full "
                                "http://localhost… address your browser was sent to after signing in")
         await login.proc.write(login.adapter.code_input(code))
+
+    async def _ended_as(self, login: _Login, status: str) -> bool:
+        """Whether the login's task ends (within a few seconds) with the session in `status`."""
+        if login.task is None:
+            return False
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(login.task), 30)
+        state = await self.sessions.read(login.user_id, login.session_id)
+        return bool(state["status"] == status)
 
     async def cancel(self, user_id: uuid.UUID, session_id: uuid.UUID) -> dict[str, Any]:
         state = await self.sessions.read(user_id, session_id)
