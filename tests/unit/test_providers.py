@@ -17,6 +17,7 @@ import pytest
 from polydev.providers import ADAPTERS, get_adapter
 from polydev.providers.base import EVENT_TYPES, Command, GuestEnv, ProviderAdapter
 from polydev.providers.codex import CALLBACK_PORT, DEVICE_URL
+from polydev.providers.common import MAX_TOOL_OUTPUT
 
 DATA = Path(__file__).parent / "data" / "providers"
 INDEX: dict[str, dict[str, Any]] = json.loads((DATA / "index.json").read_text())
@@ -327,6 +328,15 @@ def test_a_failing_tool_is_reported_as_the_cli_sees_it(provider: str, name: str,
     (result,) = [e for e in events if e["type"] == "tool_result"]
     assert "No such file or directory" in result["output"] and result["is_error"] is is_error
     assert events[-1]["type"] == "done"  # a failed tool does not fail the run
+
+
+def test_a_huge_tool_output_is_cut_and_marked() -> None:
+    line = json.loads(next(x for x in recorded("claude_tool_round_trip") if '"tool_result"' in x))
+    line["message"]["content"][0]["content"] = "y" * (MAX_TOOL_OUTPUT + 10)
+    (result,) = ADAPTERS["claude_code"].new_parser().feed(json.dumps(line))
+    assert len(result["output"]) == MAX_TOOL_OUTPUT and result["truncated"] is True
+    small = parse_recording("claude_code", "claude_tool_round_trip")[2]
+    assert small["type"] == "tool_result" and "truncated" not in small
 
 
 def test_codex_items_other_than_commands() -> None:

@@ -23,6 +23,7 @@ from polydev.providers.common import (
     last_complete,
     present,
     run_env,
+    tool_result,
 )
 
 EXECUTABLE = "claude"
@@ -139,8 +140,8 @@ class ClaudeParser(StreamParser):
         content = (obj.get("message") or {}).get("content")
         if not isinstance(content, list):
             return []  # the prompt echoed back, not a tool result
-        return [event("tool_result", id=b.get("tool_use_id"), output=_tool_output(b.get("content")),
-                      is_error=bool(b.get("is_error")))
+        return [tool_result(b.get("tool_use_id"), _tool_output(b.get("content")),
+                            is_error=bool(b.get("is_error")))
                 for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
 
     def _result(self, obj: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from polydev.providers.common import (
     last_complete,
     present,
     run_env,
+    tool_result,
 )
 
 EXECUTABLE = "codex"
@@ -127,15 +128,14 @@ def _tool_result(item: dict[str, Any]) -> dict[str, Any]:
     kind, status = item.get("type"), item.get("status")
     if kind == "command_execution":
         exit_code = item.get("exit_code")
-        return event("tool_result", id=item.get("id"), output=item.get("aggregated_output") or "",
-                     is_error=status == "failed" or (isinstance(exit_code, int) and exit_code != 0),
-                     exit_code=exit_code)
+        return tool_result(item.get("id"), item.get("aggregated_output") or "",
+                           is_error=status == "failed" or (isinstance(exit_code, int) and exit_code != 0),
+                           exit_code=exit_code)
     if kind == "mcp_tool_call":
         error = item.get("error")
         output = clean(error.get("message") if isinstance(error, dict) else error) if error else item.get("result")
-        return event("tool_result", id=item.get("id"), output=output if isinstance(output, str) else str(output),
-                     is_error=status == "failed" or bool(error))
-    return event("tool_result", id=item.get("id"), output=str(status or ""), is_error=status == "failed")
+        return tool_result(item.get("id"), output, is_error=status == "failed" or bool(error))
+    return tool_result(item.get("id"), str(status or ""), is_error=status == "failed")
 
 
 class CodexParser(StreamParser):

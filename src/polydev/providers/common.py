@@ -14,15 +14,16 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from polydev.logging import (
-    _scrub,  # the log redaction: a CLI's own error text may quote a token
-)
+# The logs' redaction, reused: a CLI's own error text may quote a token, and it ends up in a user's event.
+from polydev.logging import _scrub
 from polydev.providers.base import GuestEnv, event
 
 GUEST_PATH = "/usr/local/bin:/usr/bin:/bin"
 # How much of a CLI's non-JSON output is kept to explain a crash, and how long one message may be.
 TAIL_LINES = 5
 MAX_MESSAGE = 500
+# A tool's output goes into every event store and stream; the model saw (at most) the CLI's own cut anyway.
+MAX_TOOL_OUTPUT = 64 * 1024
 
 
 def run_env(env: GuestEnv, extra: Mapping[str, str | None]) -> dict[str, str]:
@@ -68,6 +69,15 @@ def clean(text: object, limit: int = MAX_MESSAGE) -> str:
     """A message fit for an event a user sees: secrets redacted, bounded in length."""
     out = str(_scrub(_ANSI.sub("", str(text)))).strip()
     return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
+def tool_result(call_id: object, output: object, *, is_error: bool, **extra: Any) -> dict[str, Any]:
+    """A `tool_result` event; the output is text, cut at MAX_TOOL_OUTPUT characters (`truncated` says so)."""
+    text = "" if output is None else output if isinstance(output, str) else json.dumps(output)
+    if len(text) > MAX_TOOL_OUTPUT:
+        extra["truncated"] = True
+        text = text[:MAX_TOOL_OUTPUT]
+    return event("tool_result", id=call_id, output=text, is_error=is_error, **extra)
 
 
 def int_fields(source: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, int]:

@@ -24,6 +24,7 @@ from polydev.providers.common import (
     last_complete,
     present,
     run_env,
+    tool_result,
 )
 
 EXECUTABLE = "gemini"
@@ -127,8 +128,7 @@ class GeminiParser(StreamParser):
             output = obj.get("output")
             if output is None and isinstance(error, dict):
                 output = error.get("message")
-            return [event("tool_result", id=obj.get("tool_id"), output="" if output is None else str(output),
-                          is_error=obj.get("status") != "success")]
+            return [tool_result(obj.get("tool_id"), output, is_error=obj.get("status") != "success")]
         if kind == "error":
             return self._warn(obj.get("message"))
         if kind == "result":
