@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -26,7 +25,7 @@ from polydev.store.sessions import MemorySessionStore
 from tests.agent_backend import AgentBackend
 from tests.conftest import Api, make_settings
 from tests.flow_fakes import FakeAdapter, host_guest_paths
-from tests.servers import free_port
+from tests.live_asgi import serving
 
 BANNER = b"RFB 003.008\n"
 # Stand-ins for Xtigervnc and Chromium in a "guest" that is the host: processes that just run until killed.
@@ -97,21 +96,14 @@ async def vnc_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIte
     svc.guest_paths = host_guest_paths(str(tmp_path / "guest"))
     opened = str(tmp_path / "guest" / "opened")
     svc.login_flow._browser = lambda: LoginBrowser(server_argv=IDLE, browser_argv=IDLE,
-                                                   opener_argv=(sys.executable, "-c", RECORD_URL, opened, "{url}"))
+                                                   opener_argv=(sys.executable, "-c", RECORD_URL, opened, "{url}"),
+                                                   policy_path=str(tmp_path / "guest" / "chromium-policy.json"))
     issued = await svc.users.bootstrap_admin()
     assert issued is not None
     svc.engine = build_vm_engine(svc, lambda _settings: AgentBackend(vnc_endpoint=address))
-    app = create_app(services=svc)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not serving.done(), "uvicorn did not start"
-        await asyncio.sleep(0.01)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        yield Stack(Api(svc, client, issued.secret), f"127.0.0.1:{port}", fake, tmp_path / "guest")
-    server.should_exit = True
-    await serving
+    async with serving(create_app(services=svc)) as base, \
+            httpx.AsyncClient(base_url=f"http://{base}", timeout=60) as client:
+        yield Stack(Api(svc, client, issued.secret), base, fake, tmp_path / "guest")
     await svc.close()
     assert fake.server is not None
     fake.server.close()

@@ -4,6 +4,8 @@ when the setting turns it on."""
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import sys
 import time
@@ -11,6 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from polydev.config import Settings
 from polydev.core.login_browser import VNC_PORT, LoginBrowser
@@ -64,6 +68,19 @@ def test_chromium_is_a_kiosk_with_its_profile_in_tmp_and_the_platform_proxy() ->
     assert "--proxy-server=http://10.0.2.100:3128" in cmd.argv
     assert "--proxy-bypass-list=127.0.0.1;localhost" in cmd.argv
     assert not any(a.startswith("--proxy") for a in LoginBrowser().chromium_argv(GuestEnv()))
+
+
+def test_chromium_policy_trusts_the_platform_ca_and_saves_no_passwords(tmp_path: Path) -> None:
+    from tests.standins.tls import TestCA
+
+    ca = TestCA(tmp_path / "ca")
+    opener, policy = LoginBrowser().files(GuestEnv(), ca.cert_path.read_bytes())
+    assert opener.path == "/run/polydev/login/open-url.py" and policy.path.startswith("/etc/chromium/policies/managed/")
+    doc = json.loads(policy.data)
+    assert doc["PasswordManagerEnabled"] is False
+    der = x509.load_pem_x509_certificate(ca.cert_path.read_bytes()).public_bytes(serialization.Encoding.DER)
+    assert doc["CACertificates"] == [base64.b64encode(der).decode()]
+    assert "CACertificates" not in json.loads(LoginBrowser().files(GuestEnv())[1].data)
 
 
 def _services(mode: str, packages: dict[str, object] | None) -> Services:

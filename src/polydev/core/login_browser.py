@@ -12,7 +12,10 @@ No desktop environment and no window manager: Chromium's kiosk window fills the 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
+import re
 from dataclasses import dataclass
 
 from polydev.providers.base import LOGIN_DISPLAY, Command, GuestEnv, GuestFile
@@ -20,6 +23,9 @@ from polydev.providers.base import LOGIN_DISPLAY, Command, GuestEnv, GuestFile
 VNC_PORT = 5901  # inside the guest: 5900 + display number
 GEOMETRY = (1280, 800)
 DEVTOOLS_PORT = 9222  # Chromium's DevTools, bound to the guest's 127.0.0.1 only (Chromium's default)
+# Chromium's managed policies: how it learns the platform's extra CA (Chromium reads its own trust settings,
+# not the CA file the CLIs use) and what it must not do in a disposable login VM.
+POLICY_PATH = "/etc/chromium/policies/managed/polydev.json"
 PROFILE_DIR = "/tmp/polydev-chromium"  # /tmp is a tmpfs in the guest: nothing of the profile reaches disk
 RFB_BANNER_PREFIX = b"RFB 003."
 PLACEHOLDER = ("data:text/html,<title>Polydev</title><body style='font:28px sans-serif;margin:3em'>"
@@ -57,6 +63,7 @@ class LoginBrowser:
     vnc_port: int = VNC_PORT
     devtools_port: int = DEVTOOLS_PORT
     open_wait_s: float = 240.0  # how long the opener waits for the idle Chromium before starting its own
+    policy_path: str = POLICY_PATH
     # Stand-ins (tests, whose "guest" is the host): empty means Xtigervnc / Chromium / the opener below.
     server_argv: tuple[str, ...] = ()
     browser_argv: tuple[str, ...] = ()
@@ -76,6 +83,10 @@ class LoginBrowser:
             # the host end of the slot's veth alone — and the control plane hands it out only behind a
             # single-use ticket bound to the session's owner.
             "-SecurityTypes", "None", "-localhost", "no",
+            # Every connection comes from one address (the host, through QEMU or the slot), so TigerVNC's
+            # blacklist (5 unauthenticated connections, e.g. readiness probes) would lock the user out. The
+            # single-use ticket is the gate; a blacklist timeout of 0 lets every connection through.
+            "-BlacklistTimeout", "0",
             "-nolisten", "tcp",  # no X11 over TCP: X clients connect through the Unix socket only
             "-AlwaysShared", "-desktop", "Polydev sign-in"]
         return Command(argv, {"HOME": env.home, "PATH": "/usr/bin:/bin"}, cwd=env.home)
@@ -104,8 +115,9 @@ class LoginBrowser:
         return Command(argv, {"HOME": env.home, "DISPLAY": LOGIN_DISPLAY, "PATH": "/usr/bin:/bin",
                               "LANG": "C.UTF-8", **env.proxy_vars()}, cwd=env.home)
 
-    def files(self, env: GuestEnv) -> tuple[GuestFile, ...]:
-        return (GuestFile(self.opener_path(env), OPENER.encode(), 0o755),)
+    def files(self, env: GuestEnv, ca_pem: bytes | None = None) -> tuple[GuestFile, ...]:
+        return (GuestFile(self.opener_path(env), OPENER.encode(), 0o755),
+                GuestFile(self.policy_path, json.dumps(chromium_policy(ca_pem)).encode(), 0o644))
 
     def hook_opener(self, env: GuestEnv) -> list[str]:
         """The command the hook runs (detached, once per http(s) URL; "{url}" stands for it) to show a URL."""
@@ -113,6 +125,20 @@ class LoginBrowser:
             return list(self.opener_argv)
         return ["python3", self.opener_path(env), "{url}", str(self.devtools_port), str(self.open_wait_s),
                 *self.chromium_argv(env)]
+
+
+def chromium_policy(ca_pem: bytes | None) -> dict[str, object]:
+    """Managed policy for the login Chromium: trust the platform's extra CA (the proxy's, GUEST_CA_CERT_FILE),
+    never offer to save the user's password, send nothing of its own (metrics, Safe Browsing lookups)."""
+    policy: dict[str, object] = {"PasswordManagerEnabled": False, "MetricsReportingEnabled": False,
+                                 "SafeBrowsingProtectionLevel": 0, "TranslateEnabled": False,
+                                 "DefaultBrowserSettingEnabled": False}
+    if ca_pem:
+        blocks = re.findall(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", ca_pem, re.S)
+        # Policy wants base64 DER: the PEM body without its line breaks.
+        policy["CACertificates"] = [base64.b64encode(base64.b64decode(b"".join(b.split()))).decode()
+                                    for b in blocks]
+    return policy
 
 
 async def rfb_banner(host: str, port: int, timeout: float = 5.0) -> bytes:

@@ -247,7 +247,7 @@ class LoginFlow:
         browser = login.browser
         opener = browser.hook_opener(login.env) if browser else None
         files: list[GuestFile] = [*hook_files(login.env, opener), *login.plan.command.files,
-                                  *(browser.files(login.env) if browser else ()),
+                                  *(browser.files(login.env, self.ca_pem) if browser else ()),
                                   GuestFile(f"{login.env.workdir}/.polydev", b"", 0o600)]
         if self.ca_pem and login.env.ca_cert_path:
             files.append(GuestFile(login.env.ca_cert_path, self.ca_pem, 0o644))
