@@ -70,18 +70,20 @@ class GuestProcess:
                 self.stderr_tail = (self.stderr_tail + item.bytes())[-4000:]
             yield item
 
-    async def lines(self, stream: str = "stdout") -> AsyncIterator[str]:
-        """Complete text lines of one stream (a PTY's output arrives as stdout)."""
-        buf = b""
+    async def lines(self, *streams: str) -> AsyncIterator[str]:
+        """Complete text lines of the given streams (default stdout; a PTY's output arrives as stdout),
+        each stream split on its own so lines of one never interleave with the other's."""
+        wanted = streams or ("stdout",)
+        bufs = {name: b"" for name in wanted}
         async for ev in self.events():
-            if ev.type != stream:
+            if ev.type not in bufs:
                 continue
-            buf += ev.bytes()
-            *complete, buf = buf.split(b"\n")
+            *complete, bufs[ev.type] = (bufs[ev.type] + ev.bytes()).split(b"\n")
             for line in complete:
                 yield line.decode("utf-8", "replace").rstrip("\r")
-        if buf:
-            yield buf.decode("utf-8", "replace")
+        for rest in bufs.values():
+            if rest:
+                yield rest.decode("utf-8", "replace")
 
     async def write(self, data: bytes, eof: bool = False) -> None:
         await self._started.wait()

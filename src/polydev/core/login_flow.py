@@ -52,6 +52,7 @@ log = structlog.get_logger(__name__)
 _FETCH = ("import sys, urllib.request\n"
           "r = urllib.request.urlopen(sys.argv[1], timeout=30)\n"
           "print(r.status)\n")
+HOOK_URL_GRACE = 3.0  # seconds the login output gets to print a URL the user can use from outside the VM
 OUTPUT_KEEP = 16_000  # chars of the login's output kept for URL parsing and for error messages
 
 
@@ -344,6 +345,10 @@ class LoginFlow:
             found = await login.guest.read(login.env.urls_file)
             urls = [u.strip() for u in (found[0].decode("utf-8", "replace") if found else "").splitlines()]
             urls = [u for u in urls if u.startswith("https://")]
+            if urls and login.plan.accepts_code and login.browser is None:
+                # The hook's URL sends the browser back to the CLI's localhost callback, which a user
+                # outside the VM cannot reach; the CLI prints a paste-code variant next: prefer that one.
+                await asyncio.sleep(HOOK_URL_GRACE)
             if urls and not login.awaiting.is_set():
                 await self._awaiting(login, urls[0])
                 return

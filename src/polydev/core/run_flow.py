@@ -219,7 +219,8 @@ class RunFlow:
             await self._emit(live, event("status", message=f"running {adapter.display_name}"))
             parser = adapter.new_parser()
             live.proc = proc = guest.start(command, timeout_s=timeout)
-            async for line in proc.lines():
+            # stderr too: the parsers ignore its noise but take crash reasons from it.
+            async for line in proc.lines("stdout", "stderr"):
                 for ev in parser.feed(line):
                     ended = ended or ev["type"] in ("done", "error")
                     usage = ev.get("usage", usage) if ev["type"] == "done" else usage
