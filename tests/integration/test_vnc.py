@@ -30,6 +30,8 @@ from tests.live_asgi import serving
 BANNER = b"RFB 003.008\n"
 # Stand-ins for Xtigervnc and Chromium in a "guest" that is the host: processes that just run until killed.
 IDLE = (sys.executable, "-c", "import time; time.sleep(600)")
+# Chromium's stand-in notes the display it was given, then idles.
+BROWSER = "import os, sys, time; open(sys.argv[1], 'w').write(os.environ['DISPLAY']); time.sleep(600)"
 RECORD_URL = "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')"
 
 
@@ -95,7 +97,8 @@ async def vnc_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIte
     svc = await open_services(settings)
     svc.guest_paths = host_guest_paths(str(tmp_path / "guest"))
     opened = str(tmp_path / "guest" / "opened")
-    svc.login_flow._browser = lambda: LoginBrowser(server_argv=IDLE, browser_argv=IDLE,
+    browser = (sys.executable, "-c", BROWSER, str(tmp_path / "guest" / "browser-display"))
+    svc.login_flow._browser = lambda: LoginBrowser(server_argv=IDLE, browser_argv=browser,
                                                    opener_argv=(sys.executable, "-c", RECORD_URL, opened, "{url}"),
                                                    policy_path=str(tmp_path / "guest" / "chromium-policy.json"))
     issued = await svc.users.bootstrap_admin()
@@ -139,6 +142,12 @@ async def test_login_browser_session_bridges_vnc_until_the_session_ends(vnc_stac
     assert body["vnc_url"] == f"/api/auth/sessions/{sid}/vnc"
     engine = vnc_stack.api.services.engine
     assert engine is not None and [vm.purpose for vm in await engine.list()] == ["browser"]
+    display = vnc_stack.guest_dir / "browser-display"  # Chromium was started on the VNC display
+    deadline = asyncio.get_running_loop().time() + 60
+    while not display.exists() or not display.read_text():
+        assert asyncio.get_running_loop().time() < deadline, "the browser was not started"
+        await asyncio.sleep(0.05)
+    assert display.read_text() == ":1"
     r = await vnc_stack.ticket(h, sid)
     assert r.status_code == 200, r.text
     assert r.headers["cache-control"] == "no-store"

@@ -89,7 +89,8 @@ class LoginBrowser:
             "-BlacklistTimeout", "0",
             "-nolisten", "tcp",  # no X11 over TCP: X clients connect through the Unix socket only
             "-AlwaysShared", "-desktop", "Polydev sign-in"]
-        return Command(argv, {"HOME": env.home, "PATH": "/usr/bin:/bin"}, cwd=env.home)
+        # cwd "/": it exists in any guest (the home may not yet); neither program reads relative paths.
+        return Command(argv, {"HOME": env.home, "PATH": "/usr/bin:/bin"}, cwd="/")
 
     def chromium_argv(self, env: GuestEnv) -> list[str]:
         width, height = GEOMETRY
@@ -113,7 +114,7 @@ class LoginBrowser:
     def idle_browser(self, env: GuestEnv) -> Command:
         argv = list(self.browser_argv) or [*self.chromium_argv(env), PLACEHOLDER]
         return Command(argv, {"HOME": env.home, "DISPLAY": LOGIN_DISPLAY, "PATH": "/usr/bin:/bin",
-                              "LANG": "C.UTF-8", **env.proxy_vars()}, cwd=env.home)
+                              "LANG": "C.UTF-8", **env.proxy_vars()}, cwd="/")
 
     def files(self, env: GuestEnv, ca_pem: bytes | None = None) -> tuple[GuestFile, ...]:
         return (GuestFile(self.opener_path(env), OPENER.encode(), 0o755),

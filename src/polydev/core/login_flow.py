@@ -255,13 +255,12 @@ class LoginFlow:
         await login.guest.put(*files)
 
     def _start_browser(self, login: _Login, engine: Any, vm_id: uuid.UUID) -> list[asyncio.Task[None]]:
-        """Xtigervnc and an idle Chromium, started next to the CLI (Chromium is slow to start on an emulated
-        CPU: it must not wait for the URL). Returns the helper tasks; the processes die with the VM."""
+        """Xtigervnc now, next to the CLI; Chromium as soon as its display answers (it exits at once without
+        an X server) and before the URL is known (it is slow to start on an emulated CPU). Returns the helper
+        tasks, cancelled when the session ends; the processes die with the VM."""
         assert login.guest is not None and login.browser is not None
-        procs = [login.guest.start(cmd, timeout_s=self.timeout + 30)
-                 for cmd in (login.browser.vnc_server(login.env), login.browser.idle_browser(login.env))]
-        return [*(asyncio.create_task(self._drain(p)) for p in procs),
-                asyncio.create_task(self._vnc_up(login, engine, vm_id))]
+        server = login.guest.start(login.browser.vnc_server(login.env), timeout_s=self.timeout + 30)
+        return [asyncio.create_task(self._drain(server)), asyncio.create_task(self._browser_up(login, engine, vm_id))]
 
     @staticmethod
     async def _drain(proc: GuestProcess) -> None:
@@ -270,9 +269,10 @@ class LoginFlow:
             async for _ in proc.events():
                 pass
 
-    async def _vnc_up(self, login: _Login, engine: Any, vm_id: uuid.UUID) -> None:
-        """Publish `vnc_url` once the VM's VNC server answers. A login browser that never comes up is not
-        fatal: the user can still finish by pasting a code or the callback URL."""
+    async def _browser_up(self, login: _Login, engine: Any, vm_id: uuid.UUID) -> None:
+        """Once the VM's VNC server answers: start Chromium on it and publish `vnc_url`. A login browser that
+        never comes up is not fatal: the user can still finish by pasting a code or the callback URL."""
+        assert login.guest is not None and login.browser is not None
         try:
             address = engine.vnc_endpoint(vm_id)
             started = asyncio.get_running_loop().time()
@@ -281,9 +281,11 @@ class LoginFlow:
             log.warning("login_vnc_unavailable", session_id=str(login.session_id), reason=type(exc).__name__)
             return
         login.vnc = address
+        chromium = login.guest.start(login.browser.idle_browser(login.env), timeout_s=self.timeout + 30)
         await self.sessions.update(login.session_id, vnc_url=f"/api/auth/sessions/{login.session_id}/vnc")
         log.info("login_vnc_up", session_id=str(login.session_id),
                  seconds=round(asyncio.get_running_loop().time() - started, 2))
+        await self._drain(chromium)
 
     async def vnc_target(self, user_id: uuid.UUID, session_id: uuid.UUID) -> tuple[tuple[str, int], asyncio.Event]:
         """Where the session's VNC server is, and an event set when the session ends (the bridge closes
