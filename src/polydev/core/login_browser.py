@@ -99,6 +99,9 @@ class LoginBrowser:
                 # holds nothing but this login and is itself the isolation boundary, so no sandbox in it.
                 "--no-sandbox",
                 "--disable-dev-shm-usage", "--disable-gpu", f"--user-data-dir={PROFILE_DIR}",
+                # Fewer processes to start on an emulated CPU: no zygote (it exists for the sandbox), the GPU
+                # (software) compositor inside the browser process, one renderer, no extensions.
+                "--no-zygote", "--in-process-gpu", "--renderer-process-limit=1", "--disable-extensions",
                 "--window-position=0,0", f"--window-size={width},{height}",
                 f"--remote-debugging-port={self.devtools_port}",
                 # Nothing but the login page goes out: no updates, sync, metrics or prefetching.
