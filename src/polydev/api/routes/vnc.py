@@ -16,14 +16,17 @@ is nothing to show, closed at once with a code that says why:
     1000 session_ended     the session ended while the bridge was open (completed, cancelled, timeout, failed)
     1011 vnc_lost          the VM's VNC server closed the connection
 
-Tickets travel in the query string: neither our request log (ASGI websockets are not logged) nor uvicorn's
-access log (off, see polydev.logging) records it, and it is useless once redeemed.
+Tickets travel in the query string. Our request log skips WebSockets, but uvicorn logs every handshake with
+its query string ("WebSocket /…/vnc?ticket=…" [accepted] / 403) on `uvicorn.error`: `RedactTickets` rewrites
+those lines. A ticket is useless once redeemed, but it must not sit in logs while it is not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import uuid
 
 import structlog
@@ -46,6 +49,21 @@ router = APIRouter(prefix="/api/auth", tags=["auth"])
 CHUNK = 64 * 1024
 CLOSE_POLICY, CLOSE_ENDED, CLOSE_LOST = 1008, 1000, 1011
 CLOSE_EXPIRED, CLOSE_UNAVAILABLE = 4410, 4409
+_TICKET = re.compile(r"(ticket=)[^&\s\"']+")
+
+
+class RedactTickets(logging.Filter):
+    """Blank out `ticket=…` in log records (uvicorn's handshake lines carry the full query string)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = _TICKET.sub(r"\1[redacted]", record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_TICKET.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+logging.getLogger("uvicorn.error").addFilter(RedactTickets())
 
 
 class TicketOut(BaseModel):
