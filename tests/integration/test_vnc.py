@@ -109,8 +109,25 @@ async def vnc_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIte
             httpx.AsyncClient(base_url=f"http://{base}", timeout=60) as client:
         yield Stack(Api(svc, client, issued.secret), base, fake, tmp_path / "guest")
     await svc.close()
+    # The flow killed its browser processes: none of this test's stand-ins outlives it.
+    mine = str(tmp_path / "guest" / "browser-display").encode()
+    deadline = asyncio.get_running_loop().time() + 30
+    while any(mine in cmdline for cmdline in _cmdlines()):
+        assert asyncio.get_running_loop().time() < deadline, "a login browser process was left running"
+        await asyncio.sleep(0.05)
     assert fake.server is not None
     fake.server.close()
+
+
+def _cmdlines() -> list[bytes]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out.append((entry / "cmdline").read_bytes())
+            except OSError:
+                pass
+    return out
 
 
 async def bridged(ws: ClientConnection) -> None:

@@ -13,9 +13,9 @@ PTY where it takes a pasted code) → its URL caught by the `$BROWSER` hook (its
 the credential files complete → they are sealed in the vault → VM destroyed → `completed`. Whatever ends the
 session — success, failure, cancel, timeout — the VM is destroyed and `error_message` says why.
 
-With the login browser on (LOGIN_BROWSER, core/login_browser.py) the VM is a `browser` VM: Xtigervnc and an
-idle Chromium start next to the CLI, the hook also shows the URL in that Chromium, and once the VNC server
-answers the session gets `vnc_url`, the WebSocket the user's page opens (with a ticket) to see and use it.
+With the login browser on (LOGIN_BROWSER, core/login_browser.py) the VM is a `browser` VM: Xtigervnc starts
+next to the CLI; once it answers, an idle Chromium starts on its display and the session gets `vnc_url`, the
+WebSocket the user's page opens (with a ticket) to see and use it; the hook also shows the URL in Chromium.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class _Login:
     browser: LoginBrowser | None = None
     vnc: tuple[str, int] | None = None  # the VNC server as the control plane reaches it, once it answers
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # set first thing when the session ends
+    browser_procs: list[GuestProcess] = field(default_factory=list)  # Xtigervnc, Chromium
 
 
 class LoginFlow:
@@ -227,6 +228,8 @@ class LoginFlow:
         finally:
             login.ended.set()  # VNC bridges close before the VM goes
             await cancel_and_wait(helpers)
+            for proc in login.browser_procs:  # (the VM takes them along; a stand-in guest would not)
+                await proc.kill()
             if login.proc is not None:
                 await login.proc.kill()
             if login.guest is not None:
@@ -260,6 +263,7 @@ class LoginFlow:
         tasks, cancelled when the session ends; the processes die with the VM."""
         assert login.guest is not None and login.browser is not None
         server = login.guest.start(login.browser.vnc_server(login.env), timeout_s=self.timeout + 30)
+        login.browser_procs.append(server)
         return [asyncio.create_task(self._drain(server)), asyncio.create_task(self._browser_up(login, engine, vm_id))]
 
     @staticmethod
@@ -282,6 +286,7 @@ class LoginFlow:
             return
         login.vnc = address
         chromium = login.guest.start(login.browser.idle_browser(login.env), timeout_s=self.timeout + 30)
+        login.browser_procs.append(chromium)
         await self.sessions.update(login.session_id, vnc_url=f"/api/auth/sessions/{login.session_id}/vnc")
         log.info("login_vnc_up", session_id=str(login.session_id),
                  seconds=round(asyncio.get_running_loop().time() - started, 2))
