@@ -199,6 +199,12 @@ async def login(st: Stand, provider: str, h: dict[str, str], method: str | None 
     return waiting
 
 
+def only_auth_hosts(st: Stand) -> None:
+    """Everything the CLIs sent through the proxy so far went to the auth hosts (no telemetry)."""
+    hosts = set(st.proxy.log.hosts())
+    assert hosts <= AUTH_HOSTS, sorted(hosts - AUTH_HOSTS)
+
+
 # -- a: login ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -225,6 +231,7 @@ async def test_login(stand: Stand, provider: str) -> None:
     assert access_token(provider, doc).encode() not in rows[0].encrypted_credentials.encode()  # sealed
     for rel in ADAPTERS[provider].required_credential_files:
         assert bundle.files[rel][1] == 0o600
+    only_auth_hosts(stand)
     await no_vms_left(stand.api)
     stand.users[provider] = (uid, h)
 
@@ -276,6 +283,7 @@ async def test_run_streams_a_tool_round_trip(stand: Stand, provider: str) -> Non
     assert nonce in body["result"]
     assert body["credential_refreshed"] is False  # the tokens were still good: nothing to write back
     assert any(nonce in out for out in stand.standin.tool_outputs)  # the file reached the CLI's tool
+    only_auth_hosts(stand)
     await no_vms_left(stand.api)
 
 
@@ -315,6 +323,7 @@ async def test_refresh_is_written_back(stand: Stand, provider: str) -> None:
         assert refresh_token(provider, after) not in (old_refresh, "")
     # The model saw the new token on its successful turn.
     assert stand.standin.model_turns()[-1].credential == new_access
+    only_auth_hosts(stand)
     await no_vms_left(stand.api)
 
 
@@ -345,8 +354,6 @@ async def test_a_vm_killed_mid_run_fails_the_run_and_leaves_nothing(stand: Stand
 
 
 async def test_no_background_traffic_left_the_guests(stand: Stand) -> None:
-    """Everything the CLIs sent through the proxy in this module went to the auth hosts."""
-    hosts = set(stand.proxy.log.hosts())
-    assert hosts, "the logins went through the proxy"
-    assert hosts <= AUTH_HOSTS, sorted(hosts - AUTH_HOSTS)
-
+    """Over the whole module: the logins went through the proxy, and nothing but them."""
+    assert stand.proxy.log.hosts(), "the logins went through the proxy"
+    only_auth_hosts(stand)
