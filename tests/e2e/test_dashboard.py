@@ -26,6 +26,9 @@ pytest.importorskip("playwright")
 from playwright.sync_api import Browser, Page, expect
 
 ART = artifacts_dir()
+# Waits, not time limits: long enough for a loaded 2-core machine (VM tests alongside) to get there.
+WAIT_MS = 60_000
+expect.set_options(timeout=WAIT_MS)
 
 
 def vendor_installed() -> bool:
@@ -60,6 +63,7 @@ def other_token(admin: PolydevClient) -> str:
 @pytest.fixture
 def page(browser: Browser, server: LiveServer) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1200, "height": 860})
+    context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     page.on("dialog", lambda dialog: dialog.accept())  # the confirm() before Disconnect / Destroy
     yield page

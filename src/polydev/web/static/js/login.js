@@ -31,7 +31,7 @@ export function render(root, { provider, session }, { navigate, signal }) {
   const status = h("p", { class: "status", role: "status", "aria-live": "polite", "data-status": "" });
   const message = notice();
   const signin = h("section", { class: "card", hidden: true, "aria-labelledby": "signin-h" });
-  const screen = h("div", { class: "vnc", "aria-label": "The sign-in page, running in your VM" });
+  const screen = h("div", { class: "vnc", role: "application", "aria-label": "The sign-in page, running in your VM" });
   const screenNote = h("p", { class: "help", role: "status" });
   const vncBox = h("section", { class: "card", hidden: true, "aria-labelledby": "vnc-h" },
     h("h2", { id: "vnc-h" }, "Browser in your VM"), screenNote, screen);
@@ -91,8 +91,11 @@ export function render(root, { provider, session }, { navigate, signal }) {
         h("p", { class: "device-code", "aria-label": "Device code" }, s.device_code));
     }
     if (s.auth_url) {
+      // The address comes from the CLI in the VM: a link only if it is http(s), never javascript: or data:.
+      const web = /^https?:\/\//i.test(s.auth_url);
       parts.push(h("p", {}, s.vnc_url ? "The page is open in the browser above. You can also open it yourself:" : "Open the provider's sign-in page:"),
-        h("p", { class: "url" }, h("a", { href: s.auth_url, target: "_blank", rel: "noopener noreferrer" }, s.auth_url)));
+        h("p", { class: "url" }, web ? h("a", { href: s.auth_url, target: "_blank", rel: "noopener noreferrer" }, s.auth_url)
+          : h("code", {}, s.auth_url)));
     }
     if (s.accepts_code || localhostRedirect(s.auth_url)) parts.push(codeForm(s));
     replace(signin, parts);

@@ -47,9 +47,11 @@ export async function showVnc(container, sessionId, { signal, onState }) {
       ticket = await api("POST", `/api/auth/sessions/${sessionId}/vnc-ticket`, undefined, { signal });
     } catch (e) {
       if (e.name === "AbortError") return;
-      const gone = e instanceof ApiError && [404, 405, 409, 410].includes(e.status);
-      onState("error", `The live browser view is not available: ${e.message}`);
-      if (gone) return;
+      // 409 vnc_unavailable: the VNC server is not up (yet): try again. 404/410: the session is gone (its
+      // event stream says so too); anything else will not get better by asking again.
+      const retry = e instanceof ApiError && (e.status === 409 || e.status === 0 || e.status >= 500);
+      onState(retry ? "connecting" : "error", `The live browser view is not available: ${e.message}`);
+      if (!retry) return;
       continue;
     }
     const rfb = new RFB(container, wsUrl(ticket.url), { shared: true });
