@@ -66,3 +66,36 @@ def canvas_colours(page, selector: str = ".vnc canvas") -> int:
         for (let i = 0; i < data.length; i += step) seen.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
         return seen.size;
     }""")
+
+
+# How many canvas pixels (sampled every 4th row and column) have this colour, give or take a little
+# (JPEG/Tight encodings blur edges).
+COLOUR_PIXELS = """([c, r, g, b]) => {
+    if (!c || !c.width || !c.height) return 0;
+    const data = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+    let n = 0;
+    for (let y = 0; y < c.height; y += 4) for (let x = 0; x < c.width; x += 4) {
+        const i = (y * c.width + x) * 4;
+        if (Math.abs(data[i] - r) + Math.abs(data[i + 1] - g) + Math.abs(data[i + 2] - b) < 40) n++;
+    }
+    return n;
+}"""
+
+
+def wait_for_colour(page, rgb: tuple[int, int, int], pixels: int, timeout_ms: float,
+                    selector: str = ".vnc canvas", *, at_most: bool = False) -> None:
+    """Until the noVNC canvas shows at least `pixels` (sampled) of colour `rgb` (at most, with `at_most`)."""
+    test = "<=" if at_most else ">="
+    page.wait_for_function(f"""([sel, r, g, b, n]) => ({COLOUR_PIXELS})([document.querySelector(sel), r, g, b]) {test} n""",
+                           arg=[selector, *rgb, pixels], timeout=timeout_ms, polling=100)
+
+
+def wait_for_drawn(page, timeout_ms: float, selector: str = ".vnc canvas") -> None:
+    """Until the noVNC canvas shows more than one colour (anything drawn at all)."""
+    page.wait_for_function("""(sel) => {
+        const c = document.querySelector(sel);
+        if (!c || !c.width) return false;
+        const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+        for (let i = 4; i < d.length; i += 4 * 97) if (d[i] !== d[0] || d[i + 1] !== d[1] || d[i + 2] !== d[2]) return true;
+        return false;
+    }""", arg=selector, timeout=timeout_ms, polling=100)

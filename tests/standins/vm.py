@@ -10,6 +10,7 @@ answered by the OAuth stand-in) and http://10.0.2.101 the model API stand-in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -24,13 +25,17 @@ PROVIDERS = ("claude_code", "codex", "gemini_cli")
 
 
 class VmStandins:
-    def __init__(self, workdir: Path, script: api.Script | None = None) -> None:
+    def __init__(self, workdir: Path, script: api.Script | None = None,
+                 oauth_app: Callable[[oauth.OAuthState], Any] = oauth.create_app) -> None:
+        """`oauth_app` builds the ASGI app the proxy hands everything to (e.g. tests/standins/signin.py's
+        provider sign-in pages in front of the OAuth stand-in)."""
         self.loop = StandinLoop(None)
         try:
             self.api = api.StandinState(script)
             self.api_port = self.loop.serve_asgi(api.create_app(self.api), "127.0.0.1", 0)
             self.oauth = oauth.OAuthState()
-            oauth_port = self.loop.serve_asgi(oauth.create_app(self.oauth), "127.0.0.1", 0)
+            self.oauth_app = oauth_app(self.oauth)
+            oauth_port = self.loop.serve_asgi(self.oauth_app, "127.0.0.1", 0)
             self.ca = TestCA(Path(workdir) / "ca")
             self.proxy = ConnectProxy(self.ca, "127.0.0.1", oauth_port)
             self.proxy_port = self.loop.run(self.proxy.start("127.0.0.1", 0))
