@@ -6,8 +6,9 @@ The guests reach the stand-ins only through VM_GUEST_FORWARDS (QEMU user network
 OAuth stand-in, 10.0.2.101:80 the model API stand-in. The app is configured the way an operator would:
 GUEST_HTTPS_PROXY, GUEST_CA_CERT_FILE and PROVIDER_API_BASE_URLS.
 
-For each provider: a login played as the user (the URL the CLI's `$BROWSER` hook caught → a code the OAuth
-stand-in accepts, pasted or sent as the CLI's localhost callback address; Codex also by device code), a run
+For each provider: a login played as the user (the URL the CLI asked to open — caught by the `$BROWSER` hook,
+or for Claude the paste-code variant it prints — → a code the OAuth stand-in accepts and the URL's `state`,
+pasted or sent as the CLI's localhost callback address; Codex also by device code), a run
 with a tool-call round trip streamed over SSE, and a run in which the stand-in forces a token refresh that
 is written back. One logged-in user per provider is shared by its tests (a Gemini start costs about a minute
 under TCG), so the tests of a provider depend on its login test having passed.
@@ -56,7 +57,7 @@ SHELL_TOOL = {"claude_code": clis.claude_shell_tool, "codex": clis.codex_shell_t
 AUTH_HOSTS = {"platform.claude.com", "api.anthropic.com", "auth.openai.com", "chatgpt.com",
               "oauth2.googleapis.com", "www.googleapis.com"}
 # Under TCG a Gemini start takes about a minute: these bound a hang, they do not measure anything.
-WAIT = 600.0
+WAIT = 1500.0
 
 
 def _vm_host_missing() -> str | None:
@@ -97,7 +98,7 @@ async def stand(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     with VmStandins(tmp / "standins") as si:  # on the host's loopback: guests reach it through the forwards
         settings = make_settings(
             tmp, POLYDEV_CACHE_DIR=test_image.dir.parent.parent, vm_image_profile="test",
-            vm_cli_memory_mb=2048, vm_cli_vcpu=1, vm_warm_pool_size=0, login_timeout_seconds=900,
+            vm_cli_memory_mb=2048, vm_cli_vcpu=1, vm_warm_pool_size=0, login_timeout_seconds=1800,
             login_browser="off", **si.settings())
         app = create_app(settings)
         async with app.router.lifespan_context(app):
