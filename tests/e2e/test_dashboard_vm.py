@@ -1,7 +1,8 @@
 """The issue's "Done when", in a real browser against real VMs: sign in, Connect Claude Code, see the login page
 from inside the VM drawn in the noVNC canvas, approve it by clicking in the canvas (the VM's Chromium, driven
-over VNC), paste the code the provider's page then shows, see the provider connected, run a prompt and see
-the streamed answer. Stand-ins play the provider (tests/e2e/vm_login_stand.py); the full image is needed."""
+over VNC), which sends the VM's browser to the CLI's localhost callback (or to Claude's code page, whose code
+the test pastes), see the provider connected, run a prompt and see the streamed answer. Stand-ins play the
+provider (tests/e2e/vm_login_stand.py); the full image is needed."""
 
 from __future__ import annotations
 
@@ -93,13 +94,15 @@ def test_login_in_the_canvas_then_a_run(stand: VmStand, browser: Browser) -> Non
             page.wait_for_timeout(150)
             page.mouse.up()
             page.wait_for_timeout(5000)
-        # The VM's browser followed the redirect: Claude's code page replaced the sign-in page.
+        # The VM's browser followed the redirect: the sign-in page is gone.
         wait_for_colour(page, BANNER_RGB, 0, WAIT_MS, at_most=True)
-        page.screenshot(path=str(ART / "vm-02-code-page.png"), full_page=True)
+        page.screenshot(path=str(ART / "vm-02-after-authorize.png"), full_page=True)
 
-        # The provider's page now shows `code#state`; the user pastes it.
-        page.get_by_label("Paste the code the sign-in page shows").fill(f"{approval.code}#{approval.state}")
-        page.get_by_role("button", name="Send").click()
+        if not approval.redirect_uri.startswith("http://localhost"):
+            # Claude's hosted page shows `code#state`; the user pastes it. (Sent to the CLI's own localhost
+            # callback instead, the browser in the VM finishes the login by itself.)
+            page.get_by_label("Paste the code the sign-in page shows").fill(f"{approval.code}#{approval.state}")
+            page.get_by_role("button", name="Send").click()
         expect(status).to_have_attribute("data-status", "completed", timeout=WAIT_MS)
         expect(page.locator(".vnc")).to_be_hidden()  # the bridge closed with the session
         page.get_by_role("link", name="Providers", exact=True).click()

@@ -43,6 +43,7 @@ class Approval:
     provider: str
     code: str
     state: str
+    redirect_uri: str  # where the browser was sent: the CLI's localhost callback, or Claude's code page
 
 
 @dataclass
@@ -72,7 +73,7 @@ class SignInPages:
         if provider and request.url.path == "/standin/approve" and "redirect_uri" in query:
             code = self.oauth_state.new_code(provider)
             with self.lock:
-                self.approvals.append(Approval(provider, code, query.get("state", "")))
+                self.approvals.append(Approval(provider, code, query.get("state", ""), query["redirect_uri"]))
             sep = "&" if "?" in query["redirect_uri"] else "?"
             target = query["redirect_uri"] + sep + urlencode({"code": code, "state": query.get("state", "")})
             return RedirectResponse(target, status_code=302)
