@@ -22,7 +22,8 @@ Wire summary (all JSON bodies are UTF-8 objects; process output is base64 becaus
 - `POST /watch` body `WatchRequest`  → `{"path": P, "size": n, "mode": "0600"}` as soon as one of the paths is a
                                         regular file of at least `min_size` bytes that has stopped changing
                                         (so a half-written file is not reported); `{"path": null}` at timeout.
-- `POST /token` body `TokenRequest`  replaces the token (after a snapshot restore the host hands each clone its own).
+- `POST /token` body `TokenRequest`  replaces the token (after a snapshot restore the host hands each clone its own)
+                                        and, with `now`, sets the guest's clock to the host's.
 Every call but `/livez` needs `Authorization: Bearer <token>`; errors answer `{"error": reason}` with a 4xx/5xx.
 """
 
@@ -274,15 +275,25 @@ class WatchRequest:
 @dataclass
 class TokenRequest:
     token: str
+    # The host's clock (Unix seconds). A guest restored from a snapshot resumes with the clock it had when the
+    # snapshot was taken, hours or days ago: TLS validity and token-expiry checks would go wrong. The
+    # handover after a restore carries the time, and the agent sets the guest's clock from it.
+    now: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_json(cls, raw: bytes | str | dict[str, Any]) -> TokenRequest:
         data = _obj(raw)
-        _check_keys(data, {"token"}, "token")
+        _check_keys(data, {"token", "now"}, "token")
         token = _opt(data.get("token"), str, "token")
         if not token or len(token) < 16 or any(c.isspace() for c in token):
             raise ProtocolError("token must be at least 16 characters without spaces")
-        return cls(token=token)
+        now = _opt(data.get("now"), (int, float), "now")
+        if now is not None and not 1e9 < now < 1e11:  # 2001..5138: a clock, not a mistake
+            raise ProtocolError("now must be the host's time in Unix seconds")
+        return cls(token=token, now=None if now is None else float(now))
 
 
 def signal_number(name: str) -> int | None:

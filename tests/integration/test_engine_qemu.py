@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +19,7 @@ from polydev.config import Settings
 from polydev.services import Services
 from polydev.store.leases import LeaseRepo
 from polydev.store.vms import CleanupTaskRepo, VmRepo
-from polydev.vm import images
+from polydev.vm import handover, images
 from polydev.vm.backends.qemu import QemuBackend
 from polydev.vm.engine import VMEngine, find_marked_processes
 
@@ -78,6 +79,15 @@ async def test_vms_restore_from_one_snapshot_each_with_its_own_token(engine: VME
     with engine.agent(second.id) as a, engine.agent(third.id) as b:
         a.put_file("/root/mine", b"second")
         assert b.exec(["test", "-e", "/root/mine"]).exit_code == 1
+    # A restored guest's clock is the snapshot's; the token handover sets it to the host's. Here the guest
+    # is given the clock of a years-old snapshot, then handed over again (its own token, unchanged).
+    with engine.agent(second.id) as agent:
+        assert agent.exec(["date", "-s", "@1000000000"]).exit_code == 0
+        url, token = engine.agent_endpoint(second.id)
+        where = httpx.URL(url)
+        handover.rotate_token(where.host, where.port or 80, token, token)
+        guest_now = int(agent.exec(["date", "+%s"]).stdout)
+    assert abs(guest_now - time.time()) < 120, guest_now
     for vm in (first, second, third):
         assert await engine.destroy(vm.id)
         assert not engine.workdir(vm.id).exists()
@@ -121,7 +131,7 @@ from polydev.config import Settings
 from polydev.services import open_services
 from polydev.store.leases import LeaseRepo
 from polydev.store.vms import CleanupTaskRepo, VmRepo
-from polydev.vm import images
+from polydev.vm import handover, images
 from polydev.vm.backends import qemu
 from polydev.vm.engine import VMEngine
 

@@ -56,9 +56,13 @@ def test_signal_names_and_modes() -> None:
 
 def test_token_request_needs_a_long_token() -> None:
     assert p.TokenRequest.from_json({"token": "x" * 16}).token == "x" * 16
-    for bad in ({"token": "short"}, {"token": "has space in it!!"}, {}):
+    for bad in ({"token": "short"}, {"token": "has space in it!!"}, {},
+                {"token": "x" * 16, "now": "yesterday"}, {"token": "x" * 16, "now": 12.5}):
         with pytest.raises(p.ProtocolError):
             p.TokenRequest.from_json(bad)
+    with_clock = p.TokenRequest.from_json({"token": "x" * 16, "now": 1_790_000_000.25})
+    assert with_clock.now == 1_790_000_000.25 and with_clock.to_json()["now"] == 1_790_000_000.25
+    assert "now" not in p.TokenRequest("x" * 16).to_json()
 
 
 def test_cmdline_parsing_keeps_only_polydev_keys() -> None:
