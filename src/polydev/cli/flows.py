@@ -5,7 +5,8 @@ from __future__ import annotations
 import select
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from polydev.client import PolydevClient
 
 PROVIDER_HELP = "claude_code, codex or gemini_cli"
+T = TypeVar("T")
 
 
 def _say(text: str, **style: Any) -> None:
@@ -26,27 +28,36 @@ def login(provider: str = typer.Argument(..., help=PROVIDER_HELP),
           url: str = _URL, token: str = _TOKEN) -> None:
     """Connect your PROVIDER account: prints the login URL (or device code), then waits. Paste the code the
     provider shows, or the http://localhost… address your browser ends on, and press Enter."""
-    from polydev.client import SESSION_TERMINAL, PolydevClient, PolydevError
+    from polydev.client import SESSION_TERMINAL
 
     session = _call(url, token, lambda pd: pd.start_login(provider, "device" if device else None))
     sid = session["session_id"]
     _say(f"login session {sid}: starting a VM for {provider}…")
-    try:
-        with PolydevClient(url, token) as pd:
-            state = _follow_login(pd, sid)
-    except PolydevError as exc:
-        _fail(exc)
-        return
-    except KeyboardInterrupt:
-        _call(url, token, lambda pd: pd.cancel_session(sid))
-        _say("cancelled", fg="yellow")
-        raise typer.Exit(130) from None
+    state = _follow(url, token, lambda pd: _follow_login(pd, sid), lambda pd: pd.cancel_session(sid))
     if state["status"] == "completed":
         _say(f"connected: your {provider} credential is stored (encrypted)", fg="green")
         return
     assert state["status"] in SESSION_TERMINAL
     _say(f"login {state['status']}: {state.get('error_message') or ''}", fg="red")
     raise typer.Exit(1)
+
+
+def _follow(url: str | None, token: str | None, follow: Callable[[PolydevClient], T],
+            cancel: Callable[[PolydevClient], object]) -> T:
+    """Follow a login or a run to its end; an API error ends the command with its message, and Ctrl-C
+    cancels it on the server (its VM goes) before exiting 130."""
+    from polydev.client import PolydevClient, PolydevError
+
+    try:
+        with PolydevClient(url, token) as pd:
+            return follow(pd)
+    except PolydevError as exc:
+        _fail(exc)
+        raise  # unreachable: _fail exits
+    except KeyboardInterrupt:
+        _call(url, token, cancel)
+        _say("\ncancelled", fg="yellow")
+        raise typer.Exit(130) from None
 
 
 def _follow_login(pd: PolydevClient, sid: str) -> dict[str, Any]:
@@ -90,8 +101,6 @@ def run(provider: str = typer.Argument(..., help=PROVIDER_HELP),
     import json
     from pathlib import Path
 
-    from polydev.client import PolydevClient, PolydevError
-
     if prompt == "-":
         prompt = sys.stdin.read()
     files = {}
@@ -105,21 +114,15 @@ def run(provider: str = typer.Argument(..., help=PROVIDER_HELP),
     started = _call(url, token, lambda pd: pd.start_run(provider, prompt, files=files or None, timeout=timeout))
     rid = started["id"]
     _say(f"run {rid}", dim=True)
-    try:
-        with PolydevClient(url, token) as pd:
-            for ev in pd.run_events(rid):
-                if json_out:
-                    print(json.dumps(ev), flush=True)
-                else:
-                    _show(ev)
-            final = pd.run(rid)
-    except PolydevError as exc:
-        _fail(exc)
-        return
-    except KeyboardInterrupt:
-        _call(url, token, lambda pd: pd.cancel_run(rid))
-        _say("\ncancelled", fg="yellow")
-        raise typer.Exit(130) from None
+    def stream(pd: PolydevClient) -> dict[str, Any]:
+        for ev in pd.run_events(rid):
+            if json_out:
+                print(json.dumps(ev), flush=True)
+            else:
+                _show(ev)
+        return pd.run(rid)
+
+    final = _follow(url, token, stream, lambda pd: pd.cancel_run(rid))
     if final["status"] != "succeeded":
         _say(f"run {final['status']}: {final.get('error_message') or ''}", fg="red")
         raise typer.Exit(1)

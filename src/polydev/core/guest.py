@@ -14,8 +14,17 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from polydev import protocol as p
-from polydev.providers.base import Command, GuestFile
+from polydev.providers.base import Command, GuestEnv, GuestFile
 from polydev.vm.agent_client import AgentClient, AgentError
+
+
+def base_files(env: GuestEnv, ca_pem: bytes | None) -> list[GuestFile]:
+    """What every login and run puts in its guest first: the working directory (the CLI's cwd must exist
+    before it starts) and the platform's extra CA, when there is one."""
+    files = [GuestFile(f"{env.workdir}/.polydev", b"", 0o600)]
+    if ca_pem and env.ca_cert_path:
+        files.append(GuestFile(env.ca_cert_path, ca_pem, 0o644))
+    return files
 
 
 class AgentSource(Protocol):

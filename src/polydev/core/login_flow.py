@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, urlparse
 
 import structlog
 
-from polydev.core.guest import Guest, GuestProcess
+from polydev.core.guest import Guest, GuestProcess, base_files
 from polydev.core.login_browser import LoginBrowser, wait_for_vnc
 from polydev.core.login_sessions import LoginSessions, SessionNotFound
 from polydev.core.tasks import cancel_and_wait
@@ -252,9 +252,7 @@ class LoginFlow:
         opener = browser.hook_opener(login.env) if browser else None
         files: list[GuestFile] = [*hook_files(login.env, opener), *login.plan.command.files,
                                   *(browser.files(login.env, self.ca_pem) if browser else ()),
-                                  GuestFile(f"{login.env.workdir}/.polydev", b"", 0o600)]
-        if self.ca_pem and login.env.ca_cert_path:
-            files.append(GuestFile(login.env.ca_cert_path, self.ca_pem, 0o644))
+                                  *base_files(login.env, self.ca_pem)]
         await login.guest.put(*files)
 
     def _start_browser(self, login: _Login, engine: Any, vm_id: uuid.UUID) -> list[asyncio.Task[None]]:

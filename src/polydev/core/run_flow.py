@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from polydev.core.guest import Guest, GuestProcess
+from polydev.core.guest import Guest, GuestProcess, base_files
 from polydev.core.tasks import cancel_and_wait
 from polydev.providers import get_adapter
 from polydev.providers.base import (
@@ -272,10 +272,7 @@ class RunFlow:
 
     def _files_for(self, env: GuestEnv, bundle: CredentialBundle, files: dict[str, bytes],
                    command_files: tuple[GuestFile, ...]) -> list[GuestFile]:
-        out = [GuestFile(f"{env.workdir}/.polydev", b"", 0o600)]
-        if self.ca_pem and env.ca_cert_path:
-            out.append(GuestFile(env.ca_cert_path, self.ca_pem, 0o644))
-        out += command_files
+        out = [*base_files(env, self.ca_pem), *command_files]
         for rel, (data, _mode) in bundle.files.items():
             out.append(GuestFile(env.home_path(rel), data, 0o600))  # the run's copy is private, whatever it was
         out += [GuestFile(f"{env.workdir}/{name}", data, 0o644) for name, data in files.items()]
