@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
-from polydev.cli.remote import _TOKEN, _URL, _call, _fail
+from polydev.cli.remote import _TOKEN, _URL, _call
 
 if TYPE_CHECKING:
     from polydev.client import PolydevClient
@@ -46,14 +46,8 @@ def _follow(url: str | None, token: str | None, follow: Callable[[PolydevClient]
             cancel: Callable[[PolydevClient], object]) -> T:
     """Follow a login or a run to its end; an API error ends the command with its message, and Ctrl-C
     cancels it on the server (its VM goes) before exiting 130."""
-    from polydev.client import PolydevClient, PolydevError
-
     try:
-        with PolydevClient(url, token) as pd:
-            return follow(pd)
-    except PolydevError as exc:
-        _fail(exc)
-        raise  # unreachable: _fail exits
+        return _call(url, token, follow)
     except KeyboardInterrupt:
         _call(url, token, cancel)
         _say("\ncancelled", fg="yellow")
