@@ -193,10 +193,15 @@ class VMEngine:
     async def _take_from_pool(self, user_id: uuid.UUID | None, ttl: timedelta) -> VM:
         vm_id = self._pool.pop(0)
         self._pool_wanted.set()
-        await self.vms.update(vm_id, user_id=user_id, expires_at=utcnow() + ttl)
         log.info("vm_from_pool", vm_id=str(vm_id), pooled=len(self._pool))
+        return await self.assign(vm_id, user_id, ttl)
+
+    async def assign(self, vm_id: uuid.UUID, user_id: uuid.UUID | None, ttl: timedelta) -> VM:
+        """Give a running VM that was started for nobody (a pooled one) to its user, with a new expiry."""
+        await self.vms.update(vm_id, user_id=user_id, expires_at=utcnow() + ttl)
         vm = await self.get(vm_id)
-        assert vm is not None
+        if vm is None:
+            raise KeyError(vm_id)
         return vm
 
     async def fill_pool(self) -> int:
