@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from polydev.core.login_pool import parse_login_pool
 from polydev.vm.forwards import GuestForward, parse_guest_forwards
 
 PROVIDERS: tuple[str, ...] = ("claude_code", "codex", "gemini_cli")
@@ -102,6 +103,13 @@ class Settings(BaseSettings):
     # auto: on when the image the engine boots has Chromium (the full profile), off otherwise (the test image:
     # logins then finish by the CLI's callback, a pasted code or a device code).
     login_browser: Literal["auto", "on", "off"] = "auto"
+    # Pre-started logins (core/login_pool.py): per provider and login method, logins kept driven up to their
+    # URL for the next user, e.g. "claude_code=1,codex:device=1" (no method: the provider's default one).
+    # Each holds a VM and a CLI. One nobody takes within the max age is replaced: keep that below what the
+    # CLI and the provider allow a login (Codex's device code lasts 15 minutes) minus the user's time.
+    login_pool: str = ""
+    login_pool_max_age_seconds: int = Field(300, ge=30, le=3600, description="a pre-started login nobody "
+                                            "took by then is ended and replaced")
     vnc_ticket_seconds: int = Field(30, ge=1, le=60, description="lifetime of a single-use VNC WebSocket ticket")
     run_timeout_seconds: int = Field(900, ge=10, description="default time limit of a run")
     run_max_timeout_seconds: int = Field(3600, ge=10, description="largest `timeout` a run request may ask")
@@ -138,6 +146,18 @@ class Settings(BaseSettings):
         unknown = sorted(set(value) - set(PROVIDERS))
         if unknown:
             raise ValueError(f"unknown provider(s) {', '.join(unknown)}; use {', '.join(PROVIDERS)}")
+        return value
+
+    @field_validator("login_pool")
+    @classmethod
+    def _check_login_pool(cls, value: str) -> str:
+        from polydev.providers import get_adapter
+
+        for (provider, method), _count in parse_login_pool(value).items():
+            if provider not in PROVIDERS:
+                raise ValueError(f"LOGIN_POOL: unknown provider {provider!r}; use {', '.join(PROVIDERS)}")
+            if method is not None and method not in get_adapter(provider).login_methods:
+                raise ValueError(f"LOGIN_POOL: {provider} has no login method {method!r}")
         return value
 
     @field_validator("vm_guest_forwards", mode="before")

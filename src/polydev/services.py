@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from polydev.config import Settings
 from polydev.core.login_browser import LoginBrowser
 from polydev.core.login_flow import LoginFlow
+from polydev.core.login_pool import parse_login_pool
 from polydev.core.login_sessions import LoginSessions
 from polydev.core.run_flow import RunFlow
 from polydev.core.vnc_tickets import VncTickets
@@ -141,7 +142,8 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
     ca_pem = settings.guest_ca_cert_file.read_bytes() if settings.guest_ca_cert_file else None
     svc.login_flow = LoginFlow(sessions=svc.login, credentials=svc.credentials, engine=svc.engine_or_reason,
                                guest_env=svc.guest_env, ca_pem=ca_pem, timeout=settings.login_timeout_seconds,
-                               browser=svc.login_browser)
+                               browser=svc.login_browser, pool=parse_login_pool(settings.login_pool),
+                               pool_max_age=settings.login_pool_max_age_seconds)
     svc.vnc_tickets = VncTickets(store, settings.vnc_ticket_seconds)
     svc.run_flow = RunFlow(runs=svc.runs, credentials=svc.credentials, engine=svc.engine_or_reason,
                            guest_env=svc.guest_env, ca_pem=ca_pem, default_timeout=settings.run_timeout_seconds)
@@ -210,6 +212,7 @@ async def start_vm_engine(services: Services, backend_factory: BackendFactory | 
         return
     engine.start_reaper()
     engine.start_pool()
+    services.login_flow.start_pool()
     services.engine = engine
     services.engine_unavailable = None
     log.info("vm_engine_started", backend=engine.backend.name, network_mode=services.settings.network_mode,

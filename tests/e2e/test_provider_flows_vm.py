@@ -173,12 +173,14 @@ def refresh_token(provider: str, doc: dict[str, Any]) -> str:
     return doc["refresh_token"]
 
 
-async def login(st: Stand, provider: str, h: dict[str, str], method: str | None = None) -> dict[str, Any]:
+async def login(st: Stand, provider: str, h: dict[str, str], method: str | None = None,
+                pre_started: bool = False) -> dict[str, Any]:
     """Start a login through the API and play the user; returns the awaiting_user_auth session."""
     body: dict[str, Any] = {"provider": provider, **({"method": method} if method else {})}
     r = await st.api.client.post("/api/auth/start", json=body, headers=h)
     assert r.status_code == 202, r.text
-    assert r.json()["status"] == "initializing"
+    # A pre-started login (LOGIN_POOL) answers with its sign-in URL already there.
+    assert r.json()["status"] == ("awaiting_user_auth" if pre_started else "initializing")
     sid = r.json()["session_id"]
     waiting = await session_in(st, h, sid, "awaiting_user_auth")
     if method == "device":
@@ -247,6 +249,30 @@ async def test_codex_device_login(stand: Stand) -> None:
     assert doc["auth_mode"] == "chatgpt" and doc["tokens"]["refresh_token"].startswith("codex-refresh-")
     assert any(r.body.get("redirect_uri") == "https://auth.openai.com/deviceauth/callback"
                for r in stand.oauth.of_kind("login"))
+    await no_vms_left(stand.api)
+
+
+async def test_a_pre_started_login_is_taken_and_completed(stand: Stand) -> None:
+    """LOGIN_POOL: the real Claude Code login driven up to its URL in a VM before anyone asks, then given to
+    a user, who finishes it as usual; its credential is theirs."""
+    flow = stand.services.login_flow
+    flow.set_pool({("claude_code", None): 1})
+    flow.start_pool()
+    try:
+        async def ready() -> bool:
+            return flow.pool.counts()["claude_code:browser"]["ready"] == 1
+        await until("a pre-started Claude login with its URL", ready)
+        uid, token = await stand.api.new_user()
+        h = stand.api.auth(token)
+        waiting = await login(stand, "claude_code", h, pre_started=True)
+        assert urlparse(waiting["auth_url"]).hostname == "claude.com"
+        await session_in(stand, h, waiting["session_id"], "completed")
+        doc = creds_doc(await stored(stand, uid, "claude_code"), "claude_code")
+        assert access_token("claude_code", doc) == \
+            f"{OAUTH_NAME['claude_code']}-access-{stand.oauth.generation(OAUTH_NAME['claude_code'])}"
+    finally:
+        await flow.stop_pool()  # the replacement it started
+    only_auth_hosts(stand)
     await no_vms_left(stand.api)
 
 

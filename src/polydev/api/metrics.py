@@ -21,6 +21,9 @@ class Metrics:
         # Live VMs only: ended ones (destroyed, failed) are history, counted by the creations counter.
         self.vms = Gauge("polydev_vms", "VMs alive now, by status", ["status"], registry=self.registry)
         self.runs = Gauge("polydev_runs", "Runs recorded, by status", ["status"], registry=self.registry)
+        self.login_pool = Gauge("polydev_login_pool", "Pre-started logins (LOGIN_POOL): held, ready (URL known) "
+                                "and wanted, by provider and method", ["provider", "method", "state"],
+                                registry=self.registry)
         self.vm_creations = Counter("polydev_vm_creations", "VM creations by outcome (created, failed, unavailable)",
                                     ["outcome"], registry=self.registry)
 
@@ -39,6 +42,12 @@ class Metrics:
     def set_vms(self, counts: dict[str, int]) -> None:
         for status in LIVE_VM_STATUSES:
             self.vms.labels(status).set(counts.get(status, 0))
+
+    def set_login_pool(self, counts: dict[str, dict[str, int]]) -> None:
+        for key, states in counts.items():
+            provider, _, method = key.partition(":")
+            for state, n in states.items():
+                self.login_pool.labels(provider, method, state).set(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -32,6 +32,7 @@ import structlog
 
 from polydev.core.guest import Guest, GuestProcess, base_files
 from polydev.core.login_browser import LoginBrowser, wait_for_vnc
+from polydev.core.login_pool import LoginPool
 from polydev.core.login_sessions import LoginSessions, SessionNotFound
 from polydev.core.tasks import cancel_and_wait
 from polydev.providers import get_adapter
@@ -72,10 +73,10 @@ class CodeRejected(ValueError):
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # identity: kept in sets while pre-started
 class _Login:
-    session_id: uuid.UUID
-    user_id: uuid.UUID
+    session_id: uuid.UUID | None  # None while it is a pre-started login nobody has taken (core/login_pool.py)
+    user_id: uuid.UUID | None
     adapter: ProviderAdapter
     plan: LoginPlan
     env: GuestEnv
@@ -90,13 +91,21 @@ class _Login:
     vnc: tuple[str, int] | None = None  # the VNC server as the control plane reaches it, once it answers
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # set first thing when the session ends
     browser_procs: list[GuestProcess] = field(default_factory=list)  # Xtigervnc, Chromium
+    vm_id: uuid.UUID | None = None
+    # Pre-started logins: what the session will show once a user takes it, the deadline moved then, and the
+    # lock that keeps the hand-out's publication and the login's own updates in order.
+    claimed: bool = False
+    unpublished: dict[str, Any] = field(default_factory=dict)
+    deadline: asyncio.Timeout | None = None
+    publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class LoginFlow:
     def __init__(self, *, sessions: LoginSessions, credentials: CredentialRepo,
                  engine: Callable[[], Any], guest_env: Callable[[str], GuestEnv], ca_pem: bytes | None = None,
                  timeout: float = 300.0, vm_purpose: str = "cli",
-                 browser: Callable[[], LoginBrowser | None] = lambda: None) -> None:
+                 browser: Callable[[], LoginBrowser | None] = lambda: None,
+                 pool: dict[tuple[str, str | None], int] | None = None, pool_max_age: float = 300.0) -> None:
         self.sessions = sessions
         self.credentials = credentials
         self._engine = engine  # () -> (VMEngine | None, reason when None)
@@ -106,6 +115,22 @@ class LoginFlow:
         self.vm_purpose = vm_purpose
         self._browser = browser  # asked per login: whether the engine's image can run the login browser
         self._live: dict[uuid.UUID, _Login] = {}
+        self.pool_max_age = pool_max_age
+        self.pool = LoginPool({}, self._prestart)
+        self.set_pool(pool or {})
+        self._pooled: set[_Login] = set()  # pre-started logins, taken or not, until their task ends
+
+    def set_pool(self, pool: dict[tuple[str, str | None], int]) -> None:
+        """How many pre-started logins to keep per (provider, method or None for its default); takes effect
+        at start_pool. Call it while no pool runs."""
+        sizes: dict[tuple[str, str], int] = {}
+        for (provider, method), n in pool.items():
+            adapter = get_adapter(provider)  # KeyError: unknown provider
+            method = method or adapter.login_methods[0]
+            if method not in adapter.login_methods:
+                raise ValueError(f"LOGIN_POOL: {provider} has no login method {method!r}")
+            sizes[(provider, method)] = n
+        self.pool = LoginPool(sizes, self._prestart)
 
     # -- API-facing ---------------------------------------------------------------------------------------
 
@@ -121,12 +146,69 @@ class LoginFlow:
         env = self._guest_env(provider)
         plan = adapter.login_plan(method, env)  # type: ignore[arg-type]
         live = await self.sessions.start(user_id, provider, method)
+        pooled = self.pool.take(provider, method)
+        if pooled is not None:
+            adopted = await self._adopt(pooled, uuid.UUID(live["session_id"]), user_id, engine)  # type: ignore[arg-type]
+            if adopted is not None:
+                return adopted
         live = await self.sessions.update(uuid.UUID(live["session_id"]), accepts_code=plan.accepts_code) or live
         login = _Login(uuid.UUID(live["session_id"]), user_id, adapter, plan, env, browser=self._browser())
         self._live[login.session_id] = login
         login.task = asyncio.create_task(self._drive(login, engine), name=f"login-{login.session_id}")
         log.info("login_started", session_id=str(login.session_id), provider=provider, method=method)
         return live
+
+    def start_pool(self) -> None:
+        """Keep LOGIN_POOL's pre-started logins (call once the engine runs)."""
+        self.pool.start()
+
+    def _prestart(self, provider: str, method: str) -> _Login | None:
+        """One login driven, for nobody, up to its URL; it waits there for a user (or its max age)."""
+        engine, _ = self._engine()
+        if engine is None:
+            return None
+        adapter = get_adapter(provider)
+        env = self._guest_env(provider)
+        login = _Login(None, None, adapter, adapter.login_plan(method, env), env,  # type: ignore[arg-type]
+                       browser=self._browser())
+        self._pooled.add(login)
+        login.task = asyncio.create_task(self._drive(login, engine), name=f"login-pool-{provider}-{method}")
+        login.task.add_done_callback(lambda _t: self._pooled.discard(login))
+        return login
+
+    async def _adopt(self, login: _Login, sid: uuid.UUID, user_id: uuid.UUID,
+                     engine: Any) -> dict[str, Any] | None:
+        """Give a pre-started login to this user's new session: it shows what the login has reached, the VM
+        is theirs, the full login timeout runs from now. None if the login ended in the meantime."""
+        async with login.publishing:
+            if login.ended.is_set():
+                return None
+            login.session_id, login.user_id = sid, user_id
+            self._live[sid] = login
+            if login.deadline is not None:
+                login.deadline.reschedule(asyncio.get_running_loop().time() + self.timeout)
+            if login.vm_id is not None:
+                with contextlib.suppress(KeyError):
+                    await engine.assign(login.vm_id, user_id, self._vm_ttl(self.timeout))
+            changes = {"accepts_code": login.plan.accepts_code, **login.unpublished}
+            if login.vnc is not None:
+                changes["vnc_url"] = self._vnc_url(sid)
+            live = await self.sessions.update(sid, **changes)
+        log.info("login_started", session_id=str(sid), provider=login.adapter.name, method=login.plan.method,
+                 pre_started=True)
+        return live
+
+    async def _publish(self, login: _Login, **changes: Any) -> None:
+        """Session progress; kept for the session a user will get while the login is pre-started."""
+        async with login.publishing:
+            if login.session_id is None:
+                login.unpublished.update(changes)
+            else:
+                await self.sessions.update(login.session_id, **changes)
+
+    @staticmethod
+    def _vnc_url(session_id: uuid.UUID) -> str:
+        return f"/api/auth/sessions/{session_id}/vnc"
 
     async def submit_code(self, user_id: uuid.UUID, session_id: uuid.UUID, code: str) -> None:
         """The user's part of the login: a code from the provider's page, or the localhost URL the provider
@@ -175,9 +257,15 @@ class LoginFlow:
             await self.sessions.finish(session_id, "cancelled", "cancelled by the user")
         return await self.sessions.read(user_id, session_id)
 
+    async def stop_pool(self) -> None:
+        """Stop keeping pre-started logins and end those nobody has taken (their VMs are destroyed)."""
+        await self.pool.close()
+        await cancel_and_wait([x.task for x in list(self._pooled) if x.session_id is None])
+
     async def close(self) -> None:
         """Server shutdown: end every login this process drives (their VMs go with the engine)."""
-        await cancel_and_wait([x.task for x in list(self._live.values())])
+        await self.stop_pool()
+        await cancel_and_wait([x.task for x in self._live.values()])
 
     async def reclaim(self) -> int:
         """At start-up: sessions a previous process was driving can never finish now."""
@@ -192,24 +280,33 @@ class LoginFlow:
     # -- the flow -----------------------------------------------------------------------------------------
 
     async def _drive(self, login: _Login, engine: Any) -> None:
-        sid = login.session_id
-        vm_id: uuid.UUID | None = None
+        """The whole login. A pre-started one (no session yet) runs the same way: it waits for its user at
+        `awaiting_user_auth`, or ends at its max age; _adopt moves its deadline when a user takes it."""
+        pre_started = login.session_id is None
         status, error = "failed", "login failed"
         helpers: list[asyncio.Task[None]] = []
+        limit = self.pool_max_age if pre_started else self.timeout
+        # The VM's expiry and the processes' own limits cover a pre-started login's wait plus its user's time.
+        budget = limit + (self.timeout if pre_started else 0)
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(limit) as login.deadline:
                 purpose = "browser" if login.browser is not None else self.vm_purpose
-                vm = await engine.create(login.user_id, purpose, ttl=self._vm_ttl())
-                vm_id = vm.id
-                await self.sessions.update(sid, status="vm_created", vm_id=str(vm.id))
-                login.guest = Guest(engine.agent(vm.id, timeout=self.timeout + 60))
+                vm = await engine.create(login.user_id, purpose, ttl=self._vm_ttl(budget))
+                async with login.publishing:
+                    login.vm_id = vm.id
+                    if login.user_id is not None and vm.user_id != login.user_id:  # taken while it started
+                        await engine.assign(vm.id, login.user_id, self._vm_ttl(self.timeout))
+                await self._publish(login, status="vm_created", vm_id=str(vm.id))
+                login.guest = Guest(engine.agent(vm.id, timeout=budget + 60))
                 await self._prepare(login)
                 if login.browser is not None:
-                    helpers = self._start_browser(login, engine, vm.id)
-                login.proc = login.guest.start(login.plan.command, timeout_s=self.timeout + 30)
-                await self.sessions.update(sid, status="ready")
+                    helpers = self._start_browser(login, engine, vm.id, budget)
+                login.proc = login.guest.start(login.plan.command, timeout_s=budget + 30)
+                await self._publish(login, status="ready")
                 await self._until_logged_in(login)
                 bundle = await self._capture(login)
+            if login.user_id is None:  # a pre-started login nobody took cannot have been completed
+                raise LoginError("the login finished before anyone took it")
             await self.credentials.put(login.user_id, login.adapter.name, "oauth", bundle.to_bytes())
             status, error = "completed", None
         except asyncio.CancelledError:
@@ -224,7 +321,7 @@ class LoginFlow:
             error = str(exc)
         except Exception as exc:  # the VM failed to start or died, the agent broke: say what, not how
             error = f"{type(exc).__name__}: {exc}"[:500]
-            log.warning("login_failed", session_id=str(sid), error=error)
+            log.warning("login_failed", session_id=str(login.session_id), error=error)
         finally:
             login.ended.set()  # VNC bridges close before the VM goes
             await cancel_and_wait(helpers)
@@ -234,17 +331,24 @@ class LoginFlow:
                 await login.proc.kill()
             if login.guest is not None:
                 login.guest.close()
-            if vm_id is not None:
+            if login.vm_id is not None:
                 with contextlib.suppress(Exception):
-                    await engine.destroy(vm_id)
-            await self.sessions.finish(sid, status, error)
-            self._live.pop(sid, None)
-            log.info("login_ended", session_id=str(sid), provider=login.adapter.name, status=status)
+                    await engine.destroy(login.vm_id)
+            async with login.publishing:  # a hand-out under way publishes first, then this ends it
+                sid = login.session_id  # (one that comes later sees `ended` and starts a login of its own)
+            if sid is None:
+                log.info("login_pool_entry_ended", provider=login.adapter.name, method=login.plan.method,
+                         reason=status if status != "timeout" else "max age", error=error)
+            else:
+                await self.sessions.finish(sid, status, error)
+                self._live.pop(sid, None)
+                log.info("login_ended", session_id=str(sid), provider=login.adapter.name, status=status)
 
-    def _vm_ttl(self) -> Any:
+    @staticmethod
+    def _vm_ttl(seconds: float) -> Any:
         from datetime import timedelta
 
-        return timedelta(seconds=self.timeout + 120)  # the reaper's backstop, should this task die
+        return timedelta(seconds=seconds + 120)  # the reaper's backstop, should this task die
 
     async def _prepare(self, login: _Login) -> None:
         assert login.guest is not None
@@ -255,14 +359,16 @@ class LoginFlow:
                                   *base_files(login.env, self.ca_pem)]
         await login.guest.put(*files)
 
-    def _start_browser(self, login: _Login, engine: Any, vm_id: uuid.UUID) -> list[asyncio.Task[None]]:
+    def _start_browser(self, login: _Login, engine: Any, vm_id: uuid.UUID,
+                       budget: float) -> list[asyncio.Task[None]]:
         """Xtigervnc now, next to the CLI; Chromium as soon as its display answers (it exits at once without
         an X server) and before the URL is known (it is slow to start on an emulated CPU). Returns the helper
         tasks, cancelled when the session ends; the processes die with the VM."""
         assert login.guest is not None and login.browser is not None
-        server = login.guest.start(login.browser.vnc_server(login.env), timeout_s=self.timeout + 30)
+        server = login.guest.start(login.browser.vnc_server(login.env), timeout_s=budget + 30)
         login.browser_procs.append(server)
-        return [asyncio.create_task(self._drain(server)), asyncio.create_task(self._browser_up(login, engine, vm_id))]
+        return [asyncio.create_task(self._drain(server)),
+                asyncio.create_task(self._browser_up(login, engine, vm_id, budget))]
 
     @staticmethod
     async def _drain(proc: GuestProcess) -> None:
@@ -271,7 +377,7 @@ class LoginFlow:
             async for _ in proc.events():
                 pass
 
-    async def _browser_up(self, login: _Login, engine: Any, vm_id: uuid.UUID) -> None:
+    async def _browser_up(self, login: _Login, engine: Any, vm_id: uuid.UUID, budget: float) -> None:
         """Once the VM's VNC server answers: start Chromium on it and publish `vnc_url`. A login browser that
         never comes up is not fatal: the user can still finish by pasting a code or the callback URL."""
         assert login.guest is not None and login.browser is not None
@@ -282,10 +388,12 @@ class LoginFlow:
         except (KeyError, TimeoutError) as exc:
             log.warning("login_vnc_unavailable", session_id=str(login.session_id), reason=type(exc).__name__)
             return
-        login.vnc = address
-        chromium = login.guest.start(login.browser.idle_browser(login.env), timeout_s=self.timeout + 30)
+        chromium = login.guest.start(login.browser.idle_browser(login.env), timeout_s=budget + 30)
         login.browser_procs.append(chromium)
-        await self.sessions.update(login.session_id, vnc_url=f"/api/auth/sessions/{login.session_id}/vnc")
+        async with login.publishing:  # a pre-started login's hand-out publishes vnc_url itself from here on
+            login.vnc = address
+            if login.session_id is not None:
+                await self.sessions.update(login.session_id, vnc_url=self._vnc_url(login.session_id))
         log.info("login_vnc_up", session_id=str(login.session_id),
                  seconds=round(asyncio.get_running_loop().time() - started, 2))
         await self._drain(chromium)
@@ -362,7 +470,7 @@ class LoginFlow:
     async def _awaiting(self, login: _Login, url: str | None, **extra: Any) -> None:
         login.auth_url = url
         login.awaiting.set()
-        await self.sessions.update(login.session_id, status="awaiting_user_auth", auth_url=url, **extra)
+        await self._publish(login, status="awaiting_user_auth", auth_url=url, **extra)
         log.info("login_awaiting_user", session_id=str(login.session_id))
 
     async def _wait_files(self, login: _Login) -> None:

@@ -26,6 +26,9 @@ class VmComponent(BaseModel):
     accel: str | None = Field(None, description="kvm or tcg (software emulation), as the backend reports it")
     network_mode: str
     live_vms: int | None = Field(None, description="VMs creating or running; null when it could not be read")
+    login_pool: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="pre-started logins (LOGIN_POOL) by `provider:method`: held, ready "
+        "(their URL known) and wanted")
 
 
 class Health(BaseModel):
@@ -49,7 +52,8 @@ async def vm_component(services: Services) -> VmComponent:
         live = None
     accel = getattr(engine.backend, "accel", None)  # QEMU knows; other backends may not say
     return VmComponent(backend=engine.backend.name, available=True, accel=str(accel) if accel else None,
-                       network_mode=settings.network_mode, live_vms=live)
+                       network_mode=settings.network_mode, live_vms=live,
+                       login_pool=services.login_flow.pool.counts())
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
@@ -77,4 +81,5 @@ async def metrics(request: Request, services: ServicesDep) -> Response:
     registry.set_runs(await services.runs.count_by_status())
     if services.engine is not None:
         registry.set_vms(await services.engine.vms.count_by_status())
+    registry.set_login_pool(services.login_flow.pool.counts())
     return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
