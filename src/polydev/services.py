@@ -143,7 +143,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
     svc.login_flow = LoginFlow(sessions=svc.login, credentials=svc.credentials, engine=svc.engine_or_reason,
                                guest_env=svc.guest_env, ca_pem=ca_pem, timeout=settings.login_timeout_seconds,
                                browser=svc.login_browser, pool=parse_login_pool(settings.login_pool),
-                               pool_max_age=settings.login_pool_max_age_seconds)
+                               pool_max_age=settings.login_pool_max_age_seconds, vault=vault)
     svc.vnc_tickets = VncTickets(store, settings.vnc_ticket_seconds)
     svc.run_flow = RunFlow(runs=svc.runs, credentials=svc.credentials, engine=svc.engine_or_reason,
                            guest_env=svc.guest_env, ca_pem=ca_pem, default_timeout=settings.run_timeout_seconds)

@@ -33,6 +33,7 @@ import structlog
 from polydev.core.guest import Guest, GuestProcess, base_files
 from polydev.core.login_browser import LoginBrowser, wait_for_vnc
 from polydev.core.login_pool import LoginPool
+from polydev.core.login_relay import LoginRelay
 from polydev.core.login_sessions import LoginSessions, SessionNotFound
 from polydev.core.tasks import cancel_and_wait
 from polydev.providers import get_adapter
@@ -45,6 +46,8 @@ from polydev.providers.base import (
     hook_files,
 )
 from polydev.store.credentials import CredentialRepo
+from polydev.store.models import AUTH_SESSION_TERMINAL
+from polydev.store.vault import Vault
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +56,8 @@ log = structlog.get_logger(__name__)
 _FETCH = ("import sys, urllib.request\n"
           "r = urllib.request.urlopen(sys.argv[1], timeout=30)\n"
           "print(r.status)\n")
+RELAY_CANCEL_WAIT_S = 10.0  # how long a cancel waits for the replica driving the login to end it
+_NOT_WAITING = "the login is not waiting for the user yet; try again when its status is awaiting_user_auth"
 HOOK_URL_GRACE = 3.0  # seconds the login output gets to print a URL the user can use from outside the VM
 OUTPUT_KEEP = 16_000  # chars of the login's output kept for URL parsing and for error messages
 
@@ -105,7 +110,8 @@ class LoginFlow:
                  engine: Callable[[], Any], guest_env: Callable[[str], GuestEnv], ca_pem: bytes | None = None,
                  timeout: float = 300.0, vm_purpose: str = "cli",
                  browser: Callable[[], LoginBrowser | None] = lambda: None,
-                 pool: dict[tuple[str, str | None], int] | None = None, pool_max_age: float = 300.0) -> None:
+                 pool: dict[tuple[str, str | None], int] | None = None, pool_max_age: float = 300.0,
+                 vault: Vault | None = None) -> None:
         self.sessions = sessions
         self.credentials = credentials
         self._engine = engine  # () -> (VMEngine | None, reason when None)
@@ -119,6 +125,7 @@ class LoginFlow:
         self.pool = LoginPool({}, self._prestart)
         self.set_pool(pool or {})
         self._pooled: set[_Login] = set()  # pre-started logins, taken or not, until their task ends
+        self.relay = LoginRelay(sessions.store, vault)  # input for logins driven by another replica
 
     def set_pool(self, pool: dict[tuple[str, str | None], int]) -> None:
         """How many pre-started logins to keep per (provider, method or None for its default); takes effect
@@ -154,6 +161,7 @@ class LoginFlow:
         live = await self.sessions.update(uuid.UUID(live["session_id"]), accepts_code=plan.accepts_code) or live
         login = _Login(uuid.UUID(live["session_id"]), user_id, adapter, plan, env, browser=self._browser())
         self._live[login.session_id] = login
+        self.relay.watch(self._relay_sessions, self._relayed_code, self._relayed_cancel)
         login.task = asyncio.create_task(self._drive(login, engine), name=f"login-{login.session_id}")
         log.info("login_started", session_id=str(login.session_id), provider=provider, method=method)
         return live
@@ -185,6 +193,7 @@ class LoginFlow:
                 return None
             login.session_id, login.user_id = sid, user_id
             self._live[sid] = login
+            self.relay.watch(self._relay_sessions, self._relayed_code, self._relayed_cancel)
             if login.deadline is not None:
                 login.deadline.reschedule(asyncio.get_running_loop().time() + self.timeout)
             if login.vm_id is not None:
@@ -212,16 +221,50 @@ class LoginFlow:
 
     async def submit_code(self, user_id: uuid.UUID, session_id: uuid.UUID, code: str) -> None:
         """The user's part of the login: a code from the provider's page, or the localhost URL the provider
-        redirected their browser to. Never logged: it is a one-time secret."""
-        login = await self._owned_live(user_id, session_id)
-        if not login.awaiting.is_set() or login.guest is None or login.proc is None:
-            raise SessionNotLive("the login is not waiting for the user yet; try again when its status is "
-                                 "awaiting_user_auth")
+        redirected their browser to. Never logged: it is a one-time secret. A login another replica drives
+        gets it through the shared session store (core/login_relay.py), checked here first."""
         code = code.strip()
-        if code.startswith(("http://localhost", "http://127.0.0.1")):
-            url = self._check_callback_url(login, code)
+        login = self._live.get(session_id)
+        if login is None or login.user_id != user_id:
+            state = await self.sessions.read(user_id, session_id)  # SessionNotFound for other users
+            if not self.relay.shared or state["status"] in AUTH_SESSION_TERMINAL:
+                raise SessionNotLive(f"the login session is {state['status']}; start a new session")
+            if state["status"] != "awaiting_user_auth":
+                raise SessionNotLive(_NOT_WAITING)
+            adapter = get_adapter(state["provider"])
+            plan = adapter.login_plan(state.get("method") or adapter.login_methods[0],  # type: ignore[arg-type]
+                                      self._guest_env(adapter.name))
+            _check_input(code, adapter, plan, state.get("auth_url"))
+            await self.relay.send_code(user_id, session_id, code)
+            return
+        if not login.awaiting.is_set() or login.guest is None or login.proc is None:
+            raise SessionNotLive(_NOT_WAITING)
+        await self._deliver(login, code)
+
+    async def _relayed_code(self, session_id: uuid.UUID, code: str) -> None:
+        login = self._live.get(session_id)
+        if login is None or login.guest is None or login.proc is None:
+            return
+        try:
+            await self._deliver(login, code)
+        except Exception as exc:  # nobody waits for an answer here: the session's status tells the user
+            log.warning("login_relayed_code_failed", session_id=str(session_id), reason=type(exc).__name__)
+
+    async def _relayed_cancel(self, session_id: uuid.UUID) -> None:
+        login = self._live.get(session_id)
+        if login is not None and login.task is not None and not login.task.done():
+            login.cancelled_by_user = True
+            await cancel_and_wait([login.task])
+
+    def _relay_sessions(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
+        return [(sid, x.user_id) for sid, x in self._live.items() if x.user_id is not None]
+
+    async def _deliver(self, login: _Login, code: str) -> None:
+        assert login.guest is not None and login.proc is not None
+        kind = _check_input(code, login.adapter, login.plan, login.auth_url)
+        if kind == "url":
             try:
-                status = await login.guest.run(["python3", "-c", _FETCH, url], timeout_s=60)
+                status = await login.guest.run(["python3", "-c", _FETCH, code], timeout_s=60)
             except Exception:
                 # The CLI can take the code, write its files and exit before this fetch has answered; the
                 # login then ends and closes the VM's agent connection under the fetch. That is a success.
@@ -232,9 +275,6 @@ class LoginFlow:
                 raise CodeRejected("the CLI's callback did not accept that URL; start a new session if the "
                                    "code has been used")
             return
-        if not login.plan.accepts_code:
-            raise CodeRejected(f"{login.adapter.display_name} takes no pasted code: paste the full "
-                               "http://localhost… address your browser was sent to after signing in")
         await login.proc.write(login.adapter.code_input(code))
 
     async def _ended_as(self, login: _Login, status: str) -> bool:
@@ -252,8 +292,16 @@ class LoginFlow:
         if login is not None and login.task is not None and not login.task.done():
             login.cancelled_by_user = True
             await cancel_and_wait([login.task])
-        elif state["status"] not in ("completed", "failed", "timeout", "cancelled"):
-            # Not driven by this process (it restarted): nothing runs for it any more.
+        elif state["status"] not in AUTH_SESSION_TERMINAL:
+            if self.relay.shared:  # driven by another replica, which ends it (VM and all) when it sees this
+                await self.relay.send_cancel(session_id)
+                deadline = asyncio.get_running_loop().time() + RELAY_CANCEL_WAIT_S
+                while asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.2)
+                    state = await self.sessions.read(user_id, session_id)
+                    if state["status"] in AUTH_SESSION_TERMINAL:
+                        return state
+            # Nobody drives it (the process that did has stopped): nothing runs for it any more.
             await self.sessions.finish(session_id, "cancelled", "cancelled by the user")
         return await self.sessions.read(user_id, session_id)
 
@@ -266,6 +314,7 @@ class LoginFlow:
         """Server shutdown: end every login this process drives (their VMs go with the engine)."""
         await self.stop_pool()
         await cancel_and_wait([x.task for x in self._live.values()])
+        await self.relay.close()
 
     async def reclaim(self) -> int:
         """At start-up: sessions a previous process was driving can never finish now."""
@@ -491,13 +540,25 @@ class LoginFlow:
             bundle.files[rel] = (found[0], found[1] & 0o777)
         return bundle
 
-    def _check_callback_url(self, login: _Login, url: str) -> str:
-        """Only the CLI's own callback may be fetched inside the VM: same port as the redirect_uri it asked
-        the provider for, http on localhost."""
-        parsed = urlparse(url)
-        expected: int | None = login.plan.callback_port
-        if login.auth_url:
-            redirect = parse_qs(urlparse(login.auth_url).query).get("redirect_uri", [""])[0]
+    async def _owned_live(self, user_id: uuid.UUID, session_id: uuid.UUID) -> _Login:
+        state = await self.sessions.read(user_id, session_id)  # SessionNotFound / SessionExpired for others
+        login = self._live.get(session_id)
+        if login is None or login.user_id != user_id:
+            if state["status"] not in AUTH_SESSION_TERMINAL:
+                raise SessionNotLive("this login runs on another server of this deployment; its browser view "
+                                     "is served only there (route a session's requests to one server)")
+            raise SessionNotLive(f"the login session is {state['status']}; start a new session")
+        return login
+
+
+def _check_input(code: str, adapter: ProviderAdapter, plan: LoginPlan, auth_url: str | None) -> str:
+    """What the user pasted, checked before it goes near the VM: "url" for the CLI's own localhost callback
+    (same port as the redirect_uri it asked the provider for, http), "code" for a code the CLI reads."""
+    if code.startswith(("http://localhost", "http://127.0.0.1")):
+        parsed = urlparse(code)
+        expected: int | None = plan.callback_port
+        if auth_url:
+            redirect = parse_qs(urlparse(auth_url).query).get("redirect_uri", [""])[0]
             rp = urlparse(redirect)
             if rp.hostname in ("localhost", "127.0.0.1") and rp.port:
                 expected = rp.port
@@ -505,14 +566,11 @@ class LoginFlow:
             raise CodeRejected("paste the full http://localhost:PORT/… address from your browser")
         if expected is not None and parsed.port != expected:
             raise CodeRejected(f"that address is not this login's callback (expected port {expected})")
-        return url
-
-    async def _owned_live(self, user_id: uuid.UUID, session_id: uuid.UUID) -> _Login:
-        state = await self.sessions.read(user_id, session_id)  # SessionNotFound / SessionExpired for others
-        login = self._live.get(session_id)
-        if login is None or login.user_id != user_id:
-            raise SessionNotLive(f"the login session is {state['status']}; start a new session")
-        return login
+        return "url"
+    if not plan.accepts_code:
+        raise CodeRejected(f"{adapter.display_name} takes no pasted code: paste the full "
+                           "http://localhost… address your browser was sent to after signing in")
+    return "code"
 
 
 __all__ = ["CodeRejected", "FlowUnavailable", "LoginError", "LoginFlow", "SessionNotFound", "SessionNotLive"]

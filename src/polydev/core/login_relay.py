@@ -1,0 +1,104 @@
+"""What a user sends to a login driven by another replica: the pasted code (or callback URL), and cancel.
+
+A login runs as a task in the one process that started it (its VM, its CLI's PTY); behind a load balancer
+the user's next request can reach any replica. With a shared session store (Redis), the replica that gets
+the request checks it, then leaves it in the session's live state: the code sealed by the vault (it is a
+one-time secret: never stored in the clear, never in an API answer — the session's public fields are an
+explicit list), a cancel as a flag. The driving replica looks at its live sessions' states a few times a
+second, takes what was left there (removing it first, so it is used once) and acts as if the request had
+reached it. With the in-process store there is only one replica and nothing to relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict
+from typing import Any
+
+import structlog
+
+from polydev.store.sessions import SessionStore
+from polydev.store.vault import SealedRecord, Vault, VaultError
+
+log = structlog.get_logger(__name__)
+
+CODE_KEY, CANCEL_KEY = "_relay_code", "_relay_cancel"
+POLL_S = 0.3
+
+
+def _purpose(session_id: uuid.UUID) -> str:
+    # Bound into the seal: a code relayed for one session cannot be replayed into another.
+    return f"login-code:{session_id}"
+
+
+class LoginRelay:
+    def __init__(self, store: SessionStore, vault: Vault | None) -> None:
+        self.store = store
+        self.vault = vault
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def shared(self) -> bool:
+        """Whether other replicas see this store (only then can a login be driven elsewhere)."""
+        return self.store.kind != "memory" and self.vault is not None
+
+    async def send_code(self, user_id: uuid.UUID, session_id: uuid.UUID, code: str) -> None:
+        assert self.vault is not None
+        sealed = self.vault.seal(user_id, _purpose(session_id), code.encode())
+        await self.store.update(str(session_id), {CODE_KEY: asdict(sealed)})
+
+    async def send_cancel(self, session_id: uuid.UUID) -> None:
+        await self.store.update(str(session_id), {CANCEL_KEY: True})
+
+    def watch(self, live: Callable[[], Iterable[tuple[uuid.UUID, uuid.UUID]]],
+              on_code: Callable[[uuid.UUID, str], Awaitable[None]],
+              on_cancel: Callable[[uuid.UUID], Awaitable[None]]) -> None:
+        """Keep taking relayed input for the (session id, user id) pairs `live` names, while there are any;
+        started again by the next call once it has stopped."""
+        if not self.shared or (self._watcher is not None and not self._watcher.done()):
+            return
+        self._watcher = asyncio.get_running_loop().create_task(self._loop(live, on_code, on_cancel),
+                                                               name="login-relay")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
+
+    async def _loop(self, live: Callable[[], Iterable[tuple[uuid.UUID, uuid.UUID]]],
+                    on_code: Callable[[uuid.UUID, str], Awaitable[None]],
+                    on_cancel: Callable[[uuid.UUID], Awaitable[None]]) -> None:
+        while sessions := list(live()):
+            for session_id, user_id in sessions:
+                try:
+                    await self._take(session_id, user_id, on_code, on_cancel)
+                except Exception:  # one session's trouble must not stop the others' relay
+                    log.exception("login_relay_failed", session_id=str(session_id))
+            await asyncio.sleep(POLL_S)
+
+    async def _take(self, session_id: uuid.UUID, user_id: uuid.UUID,
+                    on_code: Callable[[uuid.UUID, str], Awaitable[None]],
+                    on_cancel: Callable[[uuid.UUID], Awaitable[None]]) -> None:
+        state: dict[str, Any] | None = await self.store.get(str(session_id))
+        if not state:
+            return
+        if state.get(CANCEL_KEY):
+            await self.store.update(str(session_id), {CANCEL_KEY: None})
+            log.info("login_relay_cancel", session_id=str(session_id))
+            await on_cancel(session_id)
+            return
+        sealed = state.get(CODE_KEY)
+        if sealed:
+            await self.store.update(str(session_id), {CODE_KEY: None})  # used once, whatever happens next
+            assert self.vault is not None
+            try:
+                code = self.vault.open(user_id, _purpose(session_id), SealedRecord(**sealed)).decode()
+            except (VaultError, TypeError, UnicodeDecodeError):
+                log.warning("login_relay_bad_code_record", session_id=str(session_id))
+                return
+            log.info("login_relay_code", session_id=str(session_id))  # (never the code)
+            await on_code(session_id, code)
