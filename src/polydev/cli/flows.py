@@ -32,7 +32,8 @@ def login(provider: str = typer.Argument(..., help=PROVIDER_HELP),
 
     session = _call(url, token, lambda pd: pd.start_login(provider, "device" if device else None))
     sid = session["session_id"]
-    _say(f"login session {sid}: starting a VM for {provider}…")
+    pre_started = session["status"] == "awaiting_user_auth"  # the server had one ready (LOGIN_POOL)
+    _say(f"login session {sid}: " + ("ready" if pre_started else f"starting a VM for {provider}…"))
     state = _follow(url, token, lambda pd: _follow_login(pd, sid), lambda pd: pd.cancel_session(sid))
     if state["status"] == "completed":
         _say(f"connected: your {provider} credential is stored (encrypted)", fg="green")
