@@ -110,12 +110,12 @@ async def test_each_pre_started_login_goes_to_one_user(flows: Api) -> None:  # n
 
 
 async def test_a_taken_login_gets_the_full_login_timeout(flows: Api) -> None:  # noqa: F811
-    use_pool(flows, max_age=8)
+    use_pool(flows, max_age=15)
     await pooled_ready(flows)
     _, token = await flows.new_user()
     h = flows.auth(token)
     sid = (await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)).json()["session_id"]
-    await asyncio.sleep(9)  # past the pre-started login's max age: taken, it runs on the login's timeout (60 s)
+    await asyncio.sleep(16)  # past the pre-started login's max age: taken, it runs on the login's timeout (60 s)
     assert (await wait_status(flows, h, sid, "awaiting_user_auth", "timeout", "failed"))["status"] == \
         "awaiting_user_auth"
     await flows.client.post(f"/api/auth/sessions/{sid}/code", json={"code": "good-code"}, headers=h)
@@ -125,7 +125,7 @@ async def test_a_taken_login_gets_the_full_login_timeout(flows: Api) -> None:  #
 
 
 async def test_an_unclaimed_login_is_replaced_at_its_max_age(flows: Api) -> None:  # noqa: F811
-    use_pool(flows, max_age=8)
+    use_pool(flows, max_age=15)
     await pooled_ready(flows)
     [first] = await unowned_vms(flows)
 
