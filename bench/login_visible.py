@@ -1,12 +1,16 @@
 """Time from clicking Connect in the dashboard to the provider's login page visible in the noVNC canvas.
 
-    .venv/bin/python bench/login_visible.py [--rounds 3] [--provider claude_code]
+    .venv/bin/python bench/login_visible.py [--rounds 3] [--provider claude_code] [--pool [--settle 60]]
 
 A real `polydev serve` booting full-image VMs (QEMU, user networking), the dashboard in Debian's Chromium
 (headless, Playwright), the provider played by the stand-ins of tests/e2e/vm_login_stand.py. Each round: sign
 in, click Connect, and note when the session reaches awaiting_user_auth, when the canvas appears (VNC up,
 bridge connected), when it first shows anything (Xtigervnc + Chromium's placeholder page), and when it shows
 the login page itself (the stand-in sign-in page's banner colour). Then cancel, and the next round.
+
+With --pool the server keeps one pre-started login for the provider (LOGIN_POOL): each round starts once
+/health says the pool holds a login whose URL is known, plus --settle seconds (the steady state, when users
+do not arrive right after the previous one; 0 shows the worst case, the page maybe still loading).
 
 The seed's figure: ≥ 90 s before its noVNC showed the login page (a fixed 45 s sleep before the first health
 check, then Chromium and VNC started cold).
@@ -78,10 +82,27 @@ def one_round(page, url: str, provider: str) -> dict[str, float]:
     return {MARKS[k]: v for k, v in sorted(marks.items(), key=lambda kv: kv[1])}
 
 
+def wait_for_pool(url: str, key: str, settle: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        pool = httpx.get(f"{url}/health", timeout=30).json()["vm"]["login_pool"].get(key, {})
+        if pool.get("ready", 0) >= 1:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the login pool did not get a login ready: {pool}")
+        time.sleep(1)
+    time.sleep(settle)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--provider", default="claude_code", choices=("claude_code", "codex", "gemini_cli"))
+    parser.add_argument("--pool", action="store_true", help="with one pre-started login (LOGIN_POOL)")
+    parser.add_argument("--settle", type=float, default=60.0,
+                        help="with --pool: seconds to wait after the pool has a login ready")
     args = parser.parse_args()
     reason = full_image_missing() or missing_browser()
     if reason:
@@ -89,7 +110,7 @@ def main() -> int:
         return 2
     results: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="polydev-bench-login-") as tmp:
-        stand_gen = vm_stand(Path(tmp))
+        stand_gen = vm_stand(Path(tmp), **({"LOGIN_POOL": f"{args.provider}=1"} if args.pool else {}))
         stand = next(stand_gen)
         browser_gen = launch()
         try:
@@ -97,6 +118,8 @@ def main() -> int:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})  # type: ignore[attr-defined]
             sign_in(page, stand.server.url, stand.server.admin_token)
             for n in range(1, args.rounds + 1):
+                if args.pool:
+                    wait_for_pool(stand.server.url, f"{args.provider}:browser", args.settle)
                 marks = one_round(page, stand.server.url, args.provider)
                 results.append(marks)
                 print(f"round {n}: " + ", ".join(f"{k} {v:.1f} s" for k, v in marks.items()), flush=True)
@@ -105,7 +128,9 @@ def main() -> int:
         finally:
             browser_gen.close()
             stand_gen.close()
-    print(f"\nConnect → login page visible in the canvas ({args.provider}, {len(results)} rounds, QEMU, full image):")
+    mode = f", pre-started login ready {args.settle:.0f} s before" if args.pool else ""
+    print(f"\nConnect → login page visible in the canvas ({args.provider}, {len(results)} rounds, QEMU, "
+          f"full image{mode}):")
     for key in MARKS.values():
         values = [r[key] for r in results if key in r]
         print(f"  {key:<20} median {statistics.median(values):6.1f} s   min {min(values):6.1f} s   "

@@ -53,14 +53,14 @@ def _env(settings: dict[str, object]) -> dict[str, str]:
             for name, value in settings.items()}
 
 
-def vm_stand(root: Path) -> Iterator[VmStand]:
+def vm_stand(root: Path, **extra_env: str) -> Iterator[VmStand]:
     here = Settings()
     with VmStandins(root / "standins", oauth_app=SignInPages) as standins:
         env = {**_env(standins.settings()),
                "POLYDEV_CACHE_DIR": str(here.cache_dir),  # where the full image is
                "POLYDEV_WEB_VENDOR_DIR": str(vendor_root(here)),
                "VM_IMAGE_PROFILE": "full", "VM_WARM_POOL_SIZE": "0", "LOGIN_BROWSER": "on",
-               "LOGIN_TIMEOUT_SECONDS": "900"}
+               "LOGIN_TIMEOUT_SECONDS": "900", **extra_env}
         running = start_server(root, "polydev", env)
         try:
             yield VmStand(next(running), standins)
