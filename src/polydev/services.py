@@ -183,7 +183,8 @@ def build_vm_engine(services: Services, backend_factory: BackendFactory | None =
                     leases=LeaseRepo(services.factory), data_dir=s.data_dir, network=network,
                     vcpus={"cli": s.vm_cli_vcpu, "browser": s.vm_browser_vcpu},
                     memory_mb={"cli": s.vm_cli_memory_mb, "browser": s.vm_browser_memory_mb},
-                    keep_failed=s.debug_keep_failed_vms, pool_size=s.vm_warm_pool_size)
+                    keep_failed=s.debug_keep_failed_vms, pool_size=s.vm_warm_pool_size,
+                    pool_prepare=services.run_flow.prepare_vm)
 
 
 async def start_vm_engine(services: Services, backend_factory: BackendFactory | None = None) -> None:

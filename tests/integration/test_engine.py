@@ -18,7 +18,9 @@ import pytest
 from polydev.services import Services
 from polydev.store.leases import LeaseRepo
 from polydev.store.vms import CleanupTaskRepo, VmRepo
+from polydev.vm.agent_client import AgentClient
 from polydev.vm.engine import (
+    VM,
     VMCapacityError,
     VMCreateError,
     VMEngine,
@@ -234,3 +236,63 @@ async def test_warm_pool_hands_out_running_vms_and_refills(services: Services) -
     finally:
         await eng.close()
     assert find_marked_processes(eng.tag) == {}, "close() destroys pooled VMs too"
+
+
+async def test_pool_prepare_runs_before_a_vm_is_pooled_and_the_hand_out_says_so(services: Services) -> None:
+    seen: list[tuple[uuid.UUID, bool, str]] = []
+
+    async def prepare(vm: VM, client: AgentClient) -> None:
+        seen.append((vm.id, vm.id in eng._pool, client.base_url))
+
+    eng = make_engine(services, FakeBackend(), pool_size=1, pool_prepare=prepare)
+    try:
+        assert await eng.fill_pool() == 1
+        [(prepared_id, was_pooled, url)] = seen
+        assert not was_pooled, "prepared before it is counted as ready"
+        assert eng._pool == [prepared_id] and url == "http://127.0.0.1:9", "given a client of that VM's agent"
+        vm = await eng.create(None, "cli")
+        assert vm.id == prepared_id and vm.prepared
+        fresh = await eng.create(None, "cli")  # the pool is empty: a plain start, not prepared
+        assert fresh.id != prepared_id and not fresh.prepared and len(seen) == 1
+    finally:
+        await eng.close()
+    assert find_marked_processes(eng.tag) == {}
+
+
+async def test_a_vm_whose_preparation_fails_is_destroyed_not_pooled(services: Services) -> None:
+    fail = True
+
+    async def prepare(vm: VM, client: AgentClient) -> None:
+        if fail:
+            raise RuntimeError("the guest said no")
+
+    eng = make_engine(services, FakeBackend(), pool_size=1, pool_prepare=prepare)
+    try:
+        with pytest.raises(VMCreateError, match="pool preparation failed: the guest said no") as info:
+            await eng.fill_pool()
+        assert eng._pool == [] and await eng.list() == []
+        assert find_marked_processes(eng.tag) == {} and await eng.leases.held() == {}
+        assert not eng.workdir(info.value.vm_id).exists()
+        row = await eng.get(info.value.vm_id)
+        assert row is not None and row.status == "failed" and "the guest said no" in (row.error or "")
+        fail = False
+        assert await eng.fill_pool() == 1, "the next fill succeeds"
+    finally:
+        await eng.close()
+    assert find_marked_processes(eng.tag) == {}
+
+
+async def test_close_while_the_pool_prepares_a_vm_leaves_nothing(services: Services) -> None:
+    preparing = asyncio.Event()
+
+    async def prepare(vm: VM, client: AgentClient) -> None:
+        preparing.set()
+        await asyncio.Event().wait()  # never finishes on its own
+
+    eng = make_engine(services, FakeBackend(), pool_size=1, pool_prepare=prepare)
+    eng.start_pool()
+    await asyncio.wait_for(preparing.wait(), 30)
+    await eng.close()
+    assert find_marked_processes(eng.tag) == {}
+    assert await eng.list() == [] and eng._pool == []
+    assert not any(eng.vms_dir.iterdir())

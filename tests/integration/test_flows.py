@@ -10,6 +10,7 @@ import os
 import signal
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,12 @@ import pytest
 
 from polydev.api.app import create_app
 from polydev.config import Settings
+from polydev.core.guest import Guest
 from polydev.providers import ADAPTERS
-from polydev.providers.base import CredentialBundle
+from polydev.providers.base import CredentialBundle, GuestFile
 from polydev.services import build_vm_engine, open_services
-from polydev.vm.engine import find_marked_processes
+from polydev.store.runs import StoredEvent
+from polydev.vm.engine import VMCreateError, find_marked_processes
 from tests.agent_backend import AgentBackend
 from tests.conftest import Api
 from tests.flow_fakes import CREDS, FakeAdapter, host_guest_paths
@@ -413,3 +416,183 @@ async def test_another_user_cannot_see_or_cancel_a_run(flows: Api) -> None:
         assert r.status_code == 404, (path, r.text)
     assert (await flows.client.get("/api/runs", headers=hb)).json() == []
     assert (await wait_run(flows, ha, rid))["status"] == "succeeded"
+
+
+# -- runs on the warm pool's prepared VMs ------------------------------------------------------------------
+
+class PutLog:
+    """Every Guest.put, with the task that made it: the run's own task is named run-<id>."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[str, str, int]] = []
+        put = Guest.put
+
+        async def logged(guest: Guest, *files: GuestFile) -> None:
+            task = asyncio.current_task()
+            self.calls += [(task.get_name() if task else "", f.path, f.mode) for f in files]
+            await put(guest, *files)
+
+        monkeypatch.setattr(Guest, "put", logged)
+
+    def of_run(self, rid: str) -> dict[str, int]:
+        return {path: mode for task, path, mode in self.calls if task == f"run-{rid}"}
+
+
+def with_guest_ca(api: Api, root: Path) -> str:
+    """Configure an extra CA for the guests, at a path inside the host-side "guest" (the real one, under
+    /usr/local, is not the test's to write); returns that path."""
+    svc = api.services
+    path = f"{root}/ca/extra-ca.pem"
+    svc.run_flow.ca_pem = b"-----BEGIN CERTIFICATE-----\ntest CA\n-----END CERTIFICATE-----\n"
+    svc.run_flow._guest_env = lambda provider: replace(svc.guest_env(provider), ca_cert_path=path)
+    return path
+
+
+async def api_key_user(api: Api) -> dict[str, str]:
+    _, token = await api.new_user()
+    h = api.auth(token)
+    r = await api.client.put("/api/credentials/claude_code/api-key", json={"api_key": "sk-fake-1"}, headers=h)
+    assert r.status_code == 200, r.text
+    return h
+
+
+async def test_a_pooled_vm_is_prepared_and_its_run_puts_only_its_own_files(
+        flows: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = flows.services.engine
+    assert engine is not None and engine.pool_prepare is not None, "services wire the run flow's preparation"
+    env = flows.services.guest_env("claude_code")
+    ca_path = with_guest_ca(flows, tmp_path / "guest")
+    engine.pool_size = 1
+    assert await engine.fill_pool() == 1
+    [pooled] = await engine.list()
+    # Before any run: the pooled VM's agent already holds the base files (nothing else has used this guest).
+    with engine.agent(pooled.id) as agent:
+        assert agent.get_file(f"{env.workdir}/.polydev") == (b"", 0o600)
+        assert agent.get_file(ca_path) == (flows.services.run_flow.ca_pem, 0o644)
+    puts = PutLog(monkeypatch)
+    h = await api_key_user(flows)
+    rid = await post_run(flows, h, "hello", files={"note.txt": "the note"})
+    run = await wait_run(flows, h, rid)
+    assert run["status"] == "succeeded", run
+    row = await flows.services.runs.get(uuid.UUID(rid))
+    assert row is not None and row.vm_id == pooled.id, "the run got the pooled VM"
+    # Only its own files: the CLI's settings and the user's file; no base files, no credential (API key).
+    assert puts.of_run(rid) == {f"{env.home}/.fake/settings.json": 0o644, f"{env.workdir}/note.txt": 0o644}
+    events = sse((await flows.client.get(f"/api/runs/{rid}/events", headers=h)).text)
+    assert any(d.get("output") == "the note" for _, _, d in events) and events[-1][1] == "done"
+    assert [seq for seq, _, _ in events] == list(range(len(events)))
+    assert [d["message"] for _, _, d in events[:2]] == ["starting a VM", "running Fake CLI"]
+    await engine.close()  # the pool's VMs too
+    await no_vms_left(flows)
+
+
+async def test_an_oauth_run_on_a_prepared_vm_puts_its_credential_private(
+        flows: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, h = await logged_in(flows)  # the login, before the pool exists, takes a fresh VM
+    engine = flows.services.engine
+    assert engine is not None
+    engine.pool_size = 1
+    await engine.fill_pool()
+    [pooled] = engine._pool
+    puts = PutLog(monkeypatch)
+    rid = await post_run(flows, h, "hello")
+    assert (await wait_run(flows, h, rid))["status"] == "succeeded"
+    row = await flows.services.runs.get(uuid.UUID(rid))
+    assert row is not None and row.vm_id == pooled
+    env = flows.services.guest_env("claude_code")
+    assert puts.of_run(rid) == {f"{env.home}/.fake/settings.json": 0o644, env.home_path(CREDS): 0o600}
+    await engine.close()
+
+
+async def test_a_run_on_an_unprepared_vm_puts_the_base_files_itself(
+        flows: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert flows.services.engine is not None and flows.services.engine.pool_size == 0
+    puts = PutLog(monkeypatch)
+    h = await api_key_user(flows)
+    rid = await post_run(flows, h, "hello")
+    assert (await wait_run(flows, h, rid))["status"] == "succeeded"
+    env = flows.services.guest_env("claude_code")
+    assert puts.of_run(rid) == {f"{env.workdir}/.polydev": 0o600, f"{env.home}/.fake/settings.json": 0o644}
+    await no_vms_left(flows)
+
+
+async def test_a_failed_preparation_pools_nothing_leaves_nothing_and_the_pool_fills_later(
+        flows: Api, tmp_path: Path) -> None:
+    engine = flows.services.engine
+    assert engine is not None
+    env = flows.services.guest_env("claude_code")
+    blocker = Path(env.workdir)
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where the working directory goes: the staging PUT fails")
+    engine.pool_size = 1
+    with pytest.raises(VMCreateError, match="pool preparation failed"):
+        await engine.fill_pool()
+    assert engine._pool == [] and await engine.list() == []
+    assert find_marked_processes(engine.tag) == {} and await engine.leases.held() == {}
+    assert not any(engine.vms_dir.iterdir()), "the VM's disk is gone"
+    [row] = await engine.vms.list(live_only=False)
+    assert row.status == "failed" and "pool preparation failed" in (row.error_message or "")
+    # The background filler keeps trying; once the guest can be prepared, the pool fills.
+    engine.start_pool(retry_after=0.05)
+    for _ in range(200):
+        if len(await engine.vms.list(live_only=False)) >= 3:  # it has retried (and failed) at least once more
+            break
+        await asyncio.sleep(0.05)
+    blocker.unlink()
+    for _ in range(600):
+        if engine._pool:
+            break
+        await asyncio.sleep(0.05)
+    assert len(engine._pool) == 1
+    pooled = engine._pool[0]
+    vm = await engine.create(None, "cli")
+    assert vm.prepared and vm.id == pooled
+    await engine.close()
+    await no_vms_left(flows)
+
+
+async def test_a_reader_woken_with_events_that_do_not_follow_on_reads_them_from_the_table(flows: Api) -> None:
+    """The writer hands stored events to this process's readers; a reader that missed one (here: 0) must
+    not skip it by taking the handed-on 1."""
+    svc = flows.services
+    uid, _ = await flows.new_user()
+    row = await svc.runs.create(uuid.UUID(uid), "claude_code", "x", timeout_seconds=60, credential_kind="api_key")
+    got: list[int] = []
+
+    async def read() -> None:
+        async for ev in svc.run_flow.stream(row.id):
+            if ev is not None:
+                got.append(ev.seq)
+
+    reader = asyncio.create_task(read())
+    while row.id not in svc.run_flow.events._waiters:  # the reader is waiting
+        await asyncio.sleep(0.01)
+    first, second = StoredEvent(0, {"type": "text", "text": "a"}), StoredEvent(1, {"type": "text", "text": "b"})
+    await svc.runs.append_events(row.id, [first, second])
+    svc.run_flow.events.notify(row.id, [second])
+    for _ in range(500):
+        if len(got) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    await svc.runs.finish(row.id, "succeeded")
+    svc.run_flow.events.notify(row.id)
+    await asyncio.wait_for(reader, 30)
+    assert got == [0, 1]
+
+
+async def test_a_run_whose_vm_does_not_start_streams_its_first_status_then_the_reason(
+        flows: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first status is stored while the VM is being created; a creation that fails at once must still
+    leave the stream in order: that status, then the error."""
+    async def no_vm(*args: Any, **kw: Any) -> Any:
+        raise VMCreateError(uuid.uuid4(), "no capacity left")
+
+    assert flows.services.engine is not None
+    monkeypatch.setattr(flows.services.engine, "create", no_vm)
+    h = await api_key_user(flows)
+    rid = await post_run(flows, h, "hi")
+    run = await wait_run(flows, h, rid)
+    assert run["status"] == "failed" and "no capacity left" in run["error_message"]
+    events = sse((await flows.client.get(f"/api/runs/{rid}/events", headers=h)).text)
+    assert [(seq, kind) for seq, kind, _ in events] == [(0, "status"), (1, "error")]
+    assert events[0][2]["message"] == "starting a VM" and "no capacity left" in events[1][2]["message"]

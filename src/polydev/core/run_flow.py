@@ -7,6 +7,11 @@ normalized into Polydev events, stored and pushed to subscribers → on exit the
 and, when the CLI refreshed them, sealed again → VM destroyed → run `succeeded` / `failed` / `timeout` /
 `cancelled` with the reason.
 
+With the warm pool on, the engine hands out VMs that `prepare_vm` has already been through: the files every
+run puts first are there, and the agent has served each kind of request a run makes, so a run's first
+requests are not the guest's first since its snapshot restore (slow under TCG, where every code path is
+translated again after a restore). A run on such a VM puts only its own files.
+
 Events are stored in `run_events` as they arrive, so a client that connects late or reconnects with
 Last-Event-ID reads the whole run; `RunEvents` wakes the subscribers of this process at once and the others
 (other replicas) poll.
@@ -21,14 +26,15 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from polydev.core.guest import Guest, GuestProcess, base_files
 from polydev.core.tasks import cancel_and_wait
-from polydev.providers import get_adapter
+from polydev.providers import ADAPTERS, get_adapter
 from polydev.providers.base import (
+    Command,
     CredentialBundle,
     GuestEnv,
     GuestFile,
@@ -39,7 +45,12 @@ from polydev.store.credentials import CredentialRepo
 from polydev.store.models import Run
 from polydev.store.runs import RUN_TERMINAL, CredentialBusy, RunRepo, StoredEvent
 
+if TYPE_CHECKING:
+    from polydev.vm.agent_client import AgentClient
+    from polydev.vm.engine import VM
+
 log = structlog.get_logger(__name__)
+WARM_UP_INPUT = b"polydev warm-up\n"
 
 __all__ = ["BadRunFiles", "CredentialBusy", "NoCredential", "RunEvents", "RunFlow"]
 
@@ -52,22 +63,32 @@ class BadRunFiles(ValueError):
     pass
 
 
+class Wake(asyncio.Event):
+    """Set when a run's events are stored; `stored` holds those the writer passed along (already in the table)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored: list[StoredEvent] = []
+
+
 class RunEvents:
     """Wakes the readers of a run when new events are stored. In-process only: readers on another replica
     fall back to polling the table, so this is a latency shortcut, not the source of truth."""
 
     def __init__(self) -> None:
-        self._waiters: dict[uuid.UUID, asyncio.Event] = {}
+        self._waiters: dict[uuid.UUID, Wake] = {}
 
-    def waiter(self, run_id: uuid.UUID) -> asyncio.Event:
+    def waiter(self, run_id: uuid.UUID) -> Wake:
         ev = self._waiters.get(run_id)
         if ev is None or ev.is_set():
-            ev = self._waiters[run_id] = asyncio.Event()
+            ev = self._waiters[run_id] = Wake()
         return ev
 
-    def notify(self, run_id: uuid.UUID) -> None:
+    def notify(self, run_id: uuid.UUID, stored: list[StoredEvent] | None = None) -> None:
+        """Call after the events are committed: readers may hand `stored` on without reading it back."""
         ev = self._waiters.pop(run_id, None)
         if ev is not None:
+            ev.stored = stored or []
             ev.set()
 
 
@@ -94,6 +115,7 @@ class _Live:
         self.proc: GuestProcess | None = None
         self.cancelled_by_user = False
         self.seq = -1
+        self.pending: asyncio.Task[None] | None = None  # an event being stored in the background
 
 
 class RunFlow:
@@ -167,7 +189,15 @@ class RunFlow:
                     yield ev
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    await waiter.wait()
+            if waiter.stored and waiter.stored[0].seq == after + 1:
+                # What woke us follows on from what we sent: on without a read back (the next loop reads).
+                for ev in waiter.stored:
+                    after = ev.seq
+                    yield ev
+                idle_since = time.monotonic()
+                continue
             if time.monotonic() - idle_since > 15:
                 idle_since = time.monotonic()
                 yield None
@@ -185,15 +215,56 @@ class RunFlow:
                 n += await self.runs.finish(row.id, "failed", error=reason)
         return n
 
+    # -- the warm pool's preparation ---------------------------------------------------------------------
+
+    def staged_files(self) -> list[GuestFile]:
+        """What `prepare_vm` puts in every pooled VM: the base files that are the same whichever provider the
+        VM will run (the guest paths come per provider; today the working directory and the CA are common)."""
+        per_provider = [base_files(self._guest_env(name), self.ca_pem) for name in ADAPTERS]
+        return [f for f in per_provider[0] if all(f in other for other in per_provider[1:])]
+
+    async def prepare_vm(self, vm: VM, client: AgentClient) -> None:
+        """The engine's `pool_prepare` hook: stage the common files, then make one request of each kind a
+        run makes (file PUT above, a streamed exec with stdin, a file GET), so that the agent's code paths
+        are translated and warm before a run's requests arrive. Raises when the guest does not do them."""
+        guest = Guest(client)
+        staged = self.staged_files()
+        await guest.put(*staged)
+        workdirs = {self._guest_env(name).workdir for name in ADAPTERS}
+        cwd = workdirs.pop() if len(workdirs) == 1 else "/"
+        proc = guest.start(Command(["/bin/sh", "-c", "cat"], {}, cwd, stdin=WARM_UP_INPUT), timeout_s=60)
+        lines = [line async for line in proc.lines()]
+        if proc.exit_code != 0 or lines != [WARM_UP_INPUT.decode().strip()]:
+            raise RuntimeError(f"warm-up exec in VM {vm.id} exited {proc.exit_code} with {lines[:3]!r}")
+        if staged and await guest.read(staged[-1].path) != (staged[-1].data, staged[-1].mode):
+            raise RuntimeError(f"VM {vm.id} does not hold the staged {staged[-1].path}")
+
     # -- the flow -----------------------------------------------------------------------------------------
 
+    def _emit_soon(self, live: _Live, ev: dict[str, Any]) -> None:
+        """Store an event while the caller goes on; the next `_emit` waits for it, so the order holds."""
+        live.pending = asyncio.create_task(self._store(live, ev))
+
+    async def _settle(self, live: _Live) -> None:
+        """Wait until the event being stored in the background is; raises what storing it raised."""
+        pending = live.pending
+        if pending is not None:
+            await asyncio.wait([pending])  # not `await pending`: cancelling the run must not cancel the store
+            live.pending = None
+            pending.result()
+
     async def _emit(self, live: _Live, ev: dict[str, Any], seq_from_db: bool = False) -> None:
+        await self._settle(live)
+        await self._store(live, ev, seq_from_db)
+
+    async def _store(self, live: _Live, ev: dict[str, Any], seq_from_db: bool = False) -> None:
         if seq_from_db:
             last = await self.runs.events_after(live.run_id, -1, limit=100_000)
             live.seq = last[-1].seq if last else -1
         live.seq += 1
-        await self.runs.append_events(live.run_id, [StoredEvent(live.seq, ev)])
-        self.events.notify(live.run_id)
+        stored = [StoredEvent(live.seq, ev)]
+        await self.runs.append_events(live.run_id, stored)
+        self.events.notify(live.run_id, stored)
 
     async def _drive(self, live: _Live, row: Run, adapter: ProviderAdapter, bundle: CredentialBundle,
                      files: dict[str, bytes], engine: Any) -> None:
@@ -208,17 +279,24 @@ class RunFlow:
         refreshed = False
         ended = False  # a done or error event has been sent
         try:
-            await self._emit(live, event("status", message="starting a VM"))
+            # Stored while the VM is handed out and the CLI started: neither needs to wait for it.
+            self._emit_soon(live, event("status", message="starting a VM"))
             vm = await engine.create(row.user_id, "cli", ttl=timedelta(seconds=timeout + 180))
             vm_id = vm.id
-            await self.runs.mark_running(run_id, vm.id)
             guest = Guest(engine.agent(vm.id, timeout=timeout + 60))
             command = adapter.run_command(row.prompt, env, api_key=bundle.api_key if bundle.kind == "api_key"
                                           else None)
-            await guest.put(*self._files_for(env, bundle, files, command.files))
+            to_put = self._files_for(env, bundle, files, command.files)
+            if vm.prepared:  # the pool's preparation put these already
+                staged = self.staged_files()
+                to_put = [f for f in to_put if f not in staged]
+            await guest.put(*to_put)
+            live.proc = proc = guest.start(command, timeout_s=timeout)
+            # Stored while the guest starts the CLI (its output is read only after these): the row and the
+            # status are not on the way to the CLI's first line.
+            await self.runs.mark_running(run_id, vm.id)
             await self._emit(live, event("status", message=f"running {adapter.display_name}"))
             parser = adapter.new_parser()
-            live.proc = proc = guest.start(command, timeout_s=timeout)
             # stderr too: the parsers ignore its noise but take crash reasons from it.
             async for line in proc.lines("stdout", "stderr"):
                 for ev in parser.feed(line):
@@ -256,6 +334,8 @@ class RunFlow:
             error = _reason(exc, vm_id is not None)
             log.warning("run_failed", run_id=str(run_id), error=error)
         finally:
+            with contextlib.suppress(Exception):  # a failure to store it has failed the run already
+                await self._settle(live)
             if status != "succeeded" and (not ended or status == "cancelled"):
                 with contextlib.suppress(Exception):  # every stream ends in done or error
                     await self._emit(live, event("error", message=error or "the run failed"))

@@ -30,6 +30,11 @@ class VmRepo:
         async with session_scope(self._factory) as s:
             await s.execute(update(Vm).where(Vm.vm_id == vm_id).values(**fields))
 
+    async def update_returning(self, vm_id: uuid.UUID, **fields: Any) -> Vm | None:
+        """Update a row and return it as it now is, in one statement (a warm-pool hand-out waits on it)."""
+        async with session_scope(self._factory) as s:
+            return (await s.scalars(update(Vm).where(Vm.vm_id == vm_id).values(**fields).returning(Vm))).first()
+
     async def mark_failed(self, vm_id: uuid.UUID, error: str) -> None:
         await self.update(vm_id, status="failed", error_message=error, destroyed_at=utcnow())
 

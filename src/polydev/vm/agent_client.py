@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -31,10 +33,17 @@ class ExecResult:
     events: list[p.ExecEvent] = field(default_factory=list)
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx's default TLS context, made once: each client would otherwise load the CA bundle again (35-60 ms
+    measured, on the run's path to its first event), though agents speak plain HTTP."""
+    return httpx.create_ssl_context()
+
+
 class AgentClient:
     def __init__(self, base_url: str, token: str, timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout,
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, verify=_tls_context(),
                                   headers={"Authorization": f"Bearer {token}"})
 
     def close(self) -> None:

@@ -20,11 +20,11 @@ import hashlib
 import secrets
 import shutil
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import structlog
 
@@ -32,6 +32,9 @@ from polydev.store.leases import LeaseRepo, PoolExhausted
 from polydev.store.models import Vm, utcnow
 from polydev.store.vms import CleanupTaskRepo, VmRepo
 from polydev.vm.network import VNC_PORT, Slot, SlotNetwork
+
+if TYPE_CHECKING:
+    from polydev.vm.agent_client import AgentClient
 
 log = structlog.get_logger(__name__)
 
@@ -108,11 +111,20 @@ class VM:
     expires_at: datetime | None
     slot_index: int | None
     error: str | None
+    # Handed out by the warm pool after the engine's `pool_prepare` hook ran on it: whoever gets it may skip
+    # what that hook did.
+    prepared: bool = False
 
     @classmethod
     def of(cls, row: Vm, agent_url: str | None) -> VM:
         return cls(row.vm_id, row.user_id, row.type, row.status, row.backend or "?", agent_url, row.created_at,
                    row.expires_at, row.slot_index, row.error_message)
+
+
+# Called on each pooled VM after it starts and before it is counted as ready, with a client of its agent
+# (closed by the engine afterwards). Raising keeps the VM out of the pool: it is destroyed.
+PoolPrepare = Callable[[VM, "AgentClient"], Awaitable[None]]
+PREPARE_AGENT_TIMEOUT = 120.0  # s per agent call: a restored TCG guest's first requests are slow
 
 
 def engine_tag(data_dir: Path) -> str:
@@ -149,6 +161,7 @@ class VMEngine:
     def __init__(self, *, backend: Backend, vms: VmRepo, cleanup: CleanupTaskRepo, leases: LeaseRepo,
                  data_dir: Path, network: SlotNetwork | None = None, vcpus: dict[str, int] | None = None,
                  memory_mb: dict[str, int] | None = None, keep_failed: bool = False, pool_size: int = 0,
+                 pool_prepare: PoolPrepare | None = None,
                  process_finder: Callable[[str], dict[uuid.UUID, int]] = find_marked_processes) -> None:
         self.backend = backend
         self.vms = vms
@@ -167,7 +180,9 @@ class VMEngine:
         self._reaper: asyncio.Task[None] | None = None
         # Warm pool: running `cli` VMs owned by nobody, handed out by create() without waiting for a start.
         self.pool_size = pool_size
+        self.pool_prepare = pool_prepare
         self._pool: list[uuid.UUID] = []
+        self._prepared: set[uuid.UUID] = set()  # pooled VMs the hook ran on
         self._pool_filler: asyncio.Task[None] | None = None
         self._pool_wanted = asyncio.Event()
 
@@ -192,26 +207,51 @@ class VMEngine:
 
     async def _take_from_pool(self, user_id: uuid.UUID | None, ttl: timedelta) -> VM:
         vm_id = self._pool.pop(0)
-        self._pool_wanted.set()
-        log.info("vm_from_pool", vm_id=str(vm_id), pooled=len(self._pool))
-        return await self.assign(vm_id, user_id, ttl)
+        prepared = vm_id in self._prepared
+        self._prepared.discard(vm_id)
+        try:
+            vm = replace(await self.assign(vm_id, user_id, ttl), prepared=prepared)
+        finally:
+            # Refill once the hand-out's rows are written: the replacement's start (disk overlay, hypervisor
+            # process, its rows) would otherwise compete with them for the event loop and the database.
+            self._pool_wanted.set()
+        log.info("vm_from_pool", vm_id=str(vm_id), pooled=len(self._pool), prepared=prepared)
+        return vm
 
     async def assign(self, vm_id: uuid.UUID, user_id: uuid.UUID | None, ttl: timedelta) -> VM:
         """Give a running VM that was started for nobody (a pooled one) to its user, with a new expiry."""
-        await self.vms.update(vm_id, user_id=user_id, expires_at=utcnow() + ttl)
-        vm = await self.get(vm_id)
-        if vm is None:
+        row = await self.vms.update_returning(vm_id, user_id=user_id, expires_at=utcnow() + ttl)
+        if row is None:
             raise KeyError(vm_id)
-        return vm
+        return VM.of(row, self._urls.get(vm_id))
 
     async def fill_pool(self) -> int:
         """Start VMs until the pool holds `pool_size`; returns how many it started."""
         started = 0
         while len(self._pool) < self.pool_size:
             vm = await self._create(None, "cli", ttl=None)
+            if self.pool_prepare is not None:
+                await self._prepare(vm, self.pool_prepare)
+                self._prepared.add(vm.id)
             self._pool.append(vm.id)
             started += 1
         return started
+
+    async def _prepare(self, vm: VM, hook: PoolPrepare) -> None:
+        """Run the pool's hook on a VM not yet pooled; if it fails (or is cancelled), the VM is torn down and
+        its row marked failed with the reason, as a failed start is."""
+        try:
+            with self.agent(vm.id, timeout=PREPARE_AGENT_TIMEOUT) as client:
+                await hook(vm, client)
+        except BaseException as exc:
+            reason = "pool preparation failed: " + (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            row = await self.vms.get(vm.id)
+            kept = await self._teardown(row, failed=True) if row is not None else None
+            await self.vms.mark_failed(vm.id, reason + (f" (console log: {kept})" if kept else ""))
+            log.warning("vm_prepare_failed", vm_id=str(vm.id), reason=reason)
+            if isinstance(exc, Exception):
+                raise VMCreateError(vm.id, reason, kept) from exc
+            raise
 
     def start_pool(self, retry_after: float = 5.0) -> None:
         """Keep the pool full in the background (refilled after every hand-out)."""
@@ -232,11 +272,18 @@ class VMEngine:
     async def _create(self, user_id: uuid.UUID | None, purpose: Purpose, ttl: timedelta | None) -> VM:
         vm_id = uuid.uuid4()
         workdir = self.workdir(vm_id)
-        row = await self.vms.create(vm_id=vm_id, user_id=user_id, type=purpose, vm_type=purpose,
-                                    backend=self.backend.name, vcpu_count=self.vcpus[purpose],
-                                    memory_mb=self.memory_mb[purpose], workdir=str(workdir),
-                                    # pooled VMs do not expire until handed out
-                                    expires_at=utcnow() + ttl if ttl is not None else None)
+        try:
+            row = await self.vms.create(vm_id=vm_id, user_id=user_id, type=purpose, vm_type=purpose,
+                                        backend=self.backend.name, vcpu_count=self.vcpus[purpose],
+                                        memory_mb=self.memory_mb[purpose], workdir=str(workdir),
+                                        # pooled VMs do not expire until handed out
+                                        expires_at=utcnow() + ttl if ttl is not None else None)
+        except asyncio.CancelledError:
+            # The insert may have committed before the cancel (close() stopping the pool's filler) arrived:
+            # leave no row that says "creating" for a VM nothing will start.
+            with contextlib.suppress(Exception):
+                await self.vms.mark_failed(vm_id, "cancelled before it started")
+            raise
         token = secrets.token_urlsafe(32)
         slot: Slot | None = None
         try:
@@ -280,6 +327,7 @@ class VMEngine:
             return False
         if vm_id in self._pool:
             self._pool.remove(vm_id)
+            self._prepared.discard(vm_id)
             self._pool_wanted.set()
         await self._teardown(row, failed=False)
         await self.vms.mark_destroyed(vm_id)
