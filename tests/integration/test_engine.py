@@ -225,6 +225,9 @@ async def test_warm_pool_hands_out_running_vms_and_refills(services: Services) -
         vm = await eng.create(user, "cli", ttl=timedelta(minutes=5))
         assert vm.id in pooled and vm.user_id == user and vm.expires_at is not None
         assert len(backend.started) == starts_before, "handed out without starting anything"
+        await asyncio.gather(*eng._hand_outs)  # the row follows the hand-out
+        row = await eng.get(vm.id)
+        assert row is not None and row.user_id == user and row.expires_at == vm.expires_at
         browser = await eng.create(user, "browser")
         assert browser.id not in pooled, "the pool only holds cli VMs"
         eng.start_pool()

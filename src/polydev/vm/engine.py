@@ -183,6 +183,8 @@ class VMEngine:
         self.pool_prepare = pool_prepare
         self._pool: list[uuid.UUID] = []
         self._prepared: set[uuid.UUID] = set()  # pooled VMs the hook ran on
+        self._pooled_vms: dict[uuid.UUID, VM] = {}  # what create() returns for them, without a read
+        self._hand_outs: set[asyncio.Task[None]] = set()  # hand-out rows being written
         self._pool_filler: asyncio.Task[None] | None = None
         self._pool_wanted = asyncio.Event()
 
@@ -209,14 +211,26 @@ class VMEngine:
         vm_id = self._pool.pop(0)
         prepared = vm_id in self._prepared
         self._prepared.discard(vm_id)
-        try:
-            vm = replace(await self.assign(vm_id, user_id, ttl), prepared=prepared)
-        finally:
-            # Refill once the hand-out's rows are written: the replacement's start (disk overlay, hypervisor
-            # process, its rows) would otherwise compete with them for the event loop and the database.
-            self._pool_wanted.set()
+        expires = utcnow() + ttl
+        vm = replace(self._pooled_vms.pop(vm_id), user_id=user_id, expires_at=expires, prepared=prepared)
+        # The VM is the caller's from here; its row follows without holding up the caller's first request to
+        # the agent (~10 ms of database write under TCG load). Should the server stop before the row is
+        # written, its next start destroys every VM this process ran anyway.
+        task = asyncio.get_running_loop().create_task(self._record_hand_out(vm_id, user_id, expires))
+        self._hand_outs.add(task)
+        task.add_done_callback(self._hand_outs.discard)
         log.info("vm_from_pool", vm_id=str(vm_id), pooled=len(self._pool), prepared=prepared)
         return vm
+
+    async def _record_hand_out(self, vm_id: uuid.UUID, user_id: uuid.UUID | None, expires: datetime) -> None:
+        try:
+            await self.vms.update(vm_id, user_id=user_id, expires_at=expires)
+        except Exception:
+            log.exception("vm_hand_out_row_failed", vm_id=str(vm_id))
+        finally:
+            # Refill once the hand-out's row is written: the replacement's start (disk overlay, hypervisor
+            # process, its rows) would otherwise compete with it for the event loop and the database.
+            self._pool_wanted.set()
 
     async def assign(self, vm_id: uuid.UUID, user_id: uuid.UUID | None, ttl: timedelta) -> VM:
         """Give a running VM that was started for nobody (a pooled one) to its user, with a new expiry."""
@@ -234,6 +248,7 @@ class VMEngine:
                 await self._prepare(vm, self.pool_prepare)
                 self._prepared.add(vm.id)
             self._pool.append(vm.id)
+            self._pooled_vms[vm.id] = vm
             started += 1
         return started
 
@@ -328,6 +343,7 @@ class VMEngine:
         if vm_id in self._pool:
             self._pool.remove(vm_id)
             self._prepared.discard(vm_id)
+            self._pooled_vms.pop(vm_id, None)
             self._pool_wanted.set()
         await self._teardown(row, failed=False)
         await self.vms.mark_destroyed(vm_id)
@@ -481,6 +497,8 @@ class VMEngine:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
                 setattr(self, attr, None)
+        if self._hand_outs:
+            await asyncio.gather(*self._hand_outs, return_exceptions=True)
         if destroy_all:
             for vm_id in list(self._tokens):
                 await self.destroy(vm_id)
