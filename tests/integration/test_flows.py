@@ -596,3 +596,22 @@ async def test_a_run_whose_vm_does_not_start_streams_its_first_status_then_the_r
     events = sse((await flows.client.get(f"/api/runs/{rid}/events", headers=h)).text)
     assert [(seq, kind) for seq, kind, _ in events] == [(0, "status"), (1, "error")]
     assert events[0][2]["message"] == "starting a VM" and "no capacity left" in events[1][2]["message"]
+
+
+async def test_cancel_of_a_run_no_process_drives_ends_its_stream_after_what_was_stored(flows: Api) -> None:
+    """A run whose server stopped (not reclaimed yet): cancel ends it, its last event numbered after the
+    stored ones (it was numbered 0 before, colliding with the first)."""
+    from polydev.providers.base import event
+    from polydev.store.runs import StoredEvent
+
+    uid, h = await logged_in(flows)
+    runs = flows.services.runs
+    row = await runs.create(uuid.UUID(uid), "claude_code", "p", timeout_seconds=60, credential_kind="oauth")
+    await runs.append_events(row.id, [StoredEvent(0, event("status", message="starting a VM")),
+                                      StoredEvent(1, event("text", text="hi"))])
+    r = await flows.client.post(f"/api/runs/{row.id}/cancel", headers=h)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    stored_events = await runs.events_after(row.id)
+    assert [e.seq for e in stored_events] == [0, 1, 2]
+    assert stored_events[-1].data == {"type": "error", "message": "cancelled by the user"}
+    assert await runs.last_seq(row.id) == 2 and await runs.last_seq(uuid.uuid4()) == -1

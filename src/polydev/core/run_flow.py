@@ -166,7 +166,9 @@ class RunFlow:
             live.cancelled_by_user = True
             await cancel_and_wait([live.task])
         elif row.status not in RUN_TERMINAL:
-            await self._emit(live or _Live(run_id), event("error", message="cancelled by the user"))
+            # Not driven here (the process that drove it stopped): the stream's last event goes after what
+            # that process stored, so its number comes from the table.
+            await self._emit(_Live(run_id), event("error", message="cancelled by the user"), seq_from_db=True)
             await self.runs.finish(run_id, "cancelled", error="cancelled by the user")
         return await self.runs.get_owned(user_id, run_id)
 
@@ -259,8 +261,7 @@ class RunFlow:
 
     async def _store(self, live: _Live, ev: dict[str, Any], seq_from_db: bool = False) -> None:
         if seq_from_db:
-            last = await self.runs.events_after(live.run_id, -1, limit=100_000)
-            live.seq = last[-1].seq if last else -1
+            live.seq = await self.runs.last_seq(live.run_id)
         live.seq += 1
         stored = [StoredEvent(live.seq, ev)]
         await self.runs.append_events(live.run_id, stored)

@@ -100,6 +100,12 @@ class RunRepo:
                                    .order_by(RunEvent.seq).limit(limit))
             return [StoredEvent(r.seq, json.loads(r.data)) for r in rows]
 
+    async def last_seq(self, run_id: uuid.UUID) -> int:
+        """The number of the run's last stored event, -1 when it has none."""
+        async with self._factory() as s:
+            last = await s.scalar(select(func.max(RunEvent.seq)).where(RunEvent.run_id == run_id))
+            return -1 if last is None else int(last)
+
     async def count_by_status(self) -> dict[str, int]:
         async with self._factory() as s:
             rows = await s.execute(select(Run.status, func.count()).group_by(Run.status))
