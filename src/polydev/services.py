@@ -146,7 +146,8 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
                                pool_max_age=settings.login_pool_max_age_seconds, vault=vault)
     svc.vnc_tickets = VncTickets(store, settings.vnc_ticket_seconds)
     svc.run_flow = RunFlow(runs=svc.runs, credentials=svc.credentials, engine=svc.engine_or_reason,
-                           guest_env=svc.guest_env, ca_pem=ca_pem, default_timeout=settings.run_timeout_seconds)
+                           guest_env=svc.guest_env, ca_pem=ca_pem, default_timeout=settings.run_timeout_seconds,
+                           signals=store)
     return svc
 
 

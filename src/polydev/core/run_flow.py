@@ -44,6 +44,7 @@ from polydev.providers.base import (
 from polydev.store.credentials import CredentialRepo
 from polydev.store.models import Run
 from polydev.store.runs import RUN_TERMINAL, CredentialBusy, RunRepo, StoredEvent
+from polydev.store.sessions import SessionStore
 
 if TYPE_CHECKING:
     from polydev.vm.agent_client import AgentClient
@@ -51,6 +52,12 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 WARM_UP_INPUT = b"polydev warm-up\n"
+CANCEL_WAIT_S = 10.0  # how long a cancel waits for the replica driving the run to end it
+CANCEL_POLL_S = 0.5
+
+
+def _cancel_key(run_id: uuid.UUID) -> str:
+    return f"run-cancel:{run_id}"
 
 __all__ = ["BadRunFiles", "CredentialBusy", "NoCredential", "RunEvents", "RunFlow"]
 
@@ -116,13 +123,14 @@ class _Live:
         self.cancelled_by_user = False
         self.seq = -1
         self.pending: asyncio.Task[None] | None = None  # an event being stored in the background
+        self.ending = False  # its task is in its clean-up: a cancel now would cut that short
 
 
 class RunFlow:
     def __init__(self, *, runs: RunRepo, credentials: CredentialRepo, engine: Callable[[], Any],
                  guest_env: Callable[[str], GuestEnv], ca_pem: bytes | None = None,
                  default_timeout: int = 900, events: RunEvents | None = None,
-                 poll_interval: float = 0.5) -> None:
+                 poll_interval: float = 0.5, signals: SessionStore | None = None) -> None:
         self.runs = runs
         self.credentials = credentials
         self._engine = engine  # () -> (VMEngine | None, reason when None)
@@ -132,6 +140,10 @@ class RunFlow:
         self.events = events or RunEvents()
         self.poll_interval = poll_interval
         self._live: dict[uuid.UUID, _Live] = {}
+        # With a store other replicas share (Redis), a cancel that reaches a replica not driving the run is
+        # left there for the one that does; with the in-process store there is no other replica.
+        self._signals = signals if signals is not None and signals.kind != "memory" else None
+        self._cancel_watch: asyncio.Task[None] | None = None
 
     # -- API-facing ---------------------------------------------------------------------------------------
 
@@ -154,6 +166,7 @@ class RunFlow:
         self._live[row.id] = live
         live.task = asyncio.create_task(self._drive(live, row, adapter, bundle, files or {}, engine),
                                         name=f"run-{row.id}")
+        self._watch_cancels()
         log.info("run_started", run_id=str(row.id), provider=provider, credential_kind=kind)
         return row
 
@@ -163,14 +176,56 @@ class RunFlow:
             return None
         live = self._live.get(run_id)
         if live is not None and live.task is not None and not live.task.done():
-            live.cancelled_by_user = True
-            await cancel_and_wait([live.task])
-        elif row.status not in RUN_TERMINAL:
-            # Not driven here (the process that drove it stopped): the stream's last event goes after what
+            if live.ending:  # it is ending anyway: let it finish its clean-up
+                await asyncio.wait([live.task])
+            else:
+                live.cancelled_by_user = True
+                await cancel_and_wait([live.task])
+        elif row.status not in RUN_TERMINAL and not await self._driver_cancelled(run_id):
+            # Nobody drives it (the process that did has stopped): the stream's last event goes after what
             # that process stored, so its number comes from the table.
             await self._emit(_Live(run_id), event("error", message="cancelled by the user"), seq_from_db=True)
             await self.runs.finish(run_id, "cancelled", error="cancelled by the user")
         return await self.runs.get_owned(user_id, run_id)
+
+    async def _driver_cancelled(self, run_id: uuid.UUID) -> bool:
+        """Ask the replica driving the run, if any, to cancel it (it kills the CLI, writes back refreshed
+        tokens, destroys the VM and frees the credential); True once the run has ended."""
+        if self._signals is None:
+            return False
+        key = _cancel_key(run_id)
+        await self._signals.create(key, {"cancel": True}, ttl=int(CANCEL_WAIT_S) + 30)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CANCEL_WAIT_S
+        while loop.time() < deadline:
+            await asyncio.sleep(0.2)
+            row = await self.runs.get(run_id)
+            if row is None or row.status in RUN_TERMINAL:
+                return True
+        await self._signals.delete(key)
+        return False
+
+    def _watch_cancels(self) -> None:
+        """While this replica drives runs, look for cancels other replicas left for them."""
+        if self._signals is None or (self._cancel_watch is not None and not self._cancel_watch.done()):
+            return
+        self._cancel_watch = asyncio.get_running_loop().create_task(self._cancel_loop(), name="run-cancels")
+
+    async def _cancel_loop(self) -> None:
+        assert self._signals is not None
+        while self._live:
+            for run_id, live in list(self._live.items()):
+                try:
+                    if live.task is None or live.task.done() or live.ending or \
+                            not await self._signals.get(_cancel_key(run_id)):
+                        continue
+                    await self._signals.delete(_cancel_key(run_id))
+                    log.info("run_cancel_relayed", run_id=str(run_id))
+                    live.cancelled_by_user = True
+                    live.task.cancel()  # its own ending does the rest, as for a cancel received here
+                except Exception:  # one run's trouble must not stop the others' cancels
+                    log.exception("run_cancel_watch_failed", run_id=str(run_id))
+            await asyncio.sleep(CANCEL_POLL_S)
 
     async def stream(self, run_id: uuid.UUID, after: int = -1) -> AsyncIterator[StoredEvent | None]:
         """Every event after `after`, then the live ones as they come, until the run has ended. Yields None
@@ -206,6 +261,8 @@ class RunFlow:
 
     async def close(self) -> None:
         await cancel_and_wait([x.task for x in list(self._live.values())])
+        if self._cancel_watch is not None:
+            await cancel_and_wait([self._cancel_watch])
 
     async def reclaim(self) -> int:
         """At start-up: runs a previous process was driving can never finish now."""
@@ -335,6 +392,7 @@ class RunFlow:
             error = _reason(exc, vm_id is not None)
             log.warning("run_failed", run_id=str(run_id), error=error)
         finally:
+            live.ending = True
             with contextlib.suppress(Exception):  # a failure to store it has failed the run already
                 await self._settle(live)
             if status != "succeeded" and (not ended or status == "cancelled"):

@@ -1,5 +1,6 @@
 """Two replicas behind one load balancer (PostgreSQL + Redis shared): a login driven by replica A takes the
-user's code and cancel sent to replica B (core/login_relay.py). Same stand-in VMs as test_flows.py."""
+user's code and cancel sent to replica B (core/login_relay.py), and a run driven by A is cancelled through B.
+Same stand-in VMs as test_flows.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,17 @@ from polydev.store.sessions import MemorySessionStore
 from polydev.store.vault import SealedRecord, VaultError
 from tests.conftest import Api
 from tests.flow_fakes import host_guest_paths
-from tests.integration.test_flows import flows, no_vms_left, stored, wait_status  # noqa: F401  (flows: fixture)
+from tests.integration.test_flows import (  # noqa: F401  (flows: fixture)
+    _until_event,
+    flows,
+    logged_in,
+    no_vms_left,
+    post_run,
+    sse,
+    stored,
+    wait_run,
+    wait_status,
+)
 
 
 @pytest.fixture
@@ -95,3 +106,21 @@ async def test_a_relayed_code_is_sealed_and_bound_to_its_session(flows: Api) -> 
     assert flows.services.vault.open(user, f"login-code:{sid}", record) == b"one-time-code-123"
     with pytest.raises(VaultError):  # replayed into another session (or user) it does not open
         flows.services.vault.open(user, f"login-code:{other_sid}", record)
+
+
+async def test_a_run_cancelled_through_another_replica_ends_on_the_one_driving_it(flows: Api,  # noqa: F811
+                                                                                 replica_b: Api) -> None:
+    _, h = await logged_in(flows)
+    rid = await post_run(flows, h, "sleep 60")
+    await _until_event(flows, h, rid, "text")
+    r = await replica_b.client.post(f"/api/runs/{rid}/cancel", headers=h)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    assert r.json()["error_message"] == "cancelled by the user"
+    events = sse((await replica_b.client.get(f"/api/runs/{rid}/events", headers=h)).text)
+    assert [e[0] for e in events] == list(range(len(events)))  # one writer: no gap, no clash
+    assert [e[2]["message"] for e in events if e[1] == "error"] == ["cancelled by the user"]
+    await no_vms_left(flows)  # A killed the CLI and destroyed the VM
+    # The credential is free again.
+    r = await flows.client.post("/api/runs", json={"provider": "claude_code", "prompt": "next"}, headers=h)
+    assert r.status_code == 202, r.text
+    await wait_run(flows, h, r.json()["id"])
