@@ -223,7 +223,7 @@ async def test_health_reports_the_engine(vm_api: Api) -> None:
     await vm_api.client.post("/api/vms", json={}, headers=vm_api.auth(vm_api.admin_token))
     body = (await vm_api.client.get("/health")).json()
     assert body["vm"] == {"backend": "fake", "available": True, "reason": None, "accel": "tcg",
-                          "network_mode": "user", "live_vms": 1}
+                          "network_mode": "user", "live_vms": 1, "login_pool": {}}  # (LOGIN_POOL unset)
 
 
 # -- the app's own lifespan ------------------------------------------------------------------------------
