@@ -50,7 +50,11 @@ class GuestProcess:
         self._thread.start()
 
     def _pump(self, command: Command, timeout_s: float | None) -> None:
-        put = self._loop.call_soon_threadsafe
+        def put(*args: object) -> None:
+            # The loop may have closed under a stream still draining (server shut down): nobody reads it.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(*args)  # type: ignore[arg-type]
+
         try:
             for ev in self._client.exec_stream(command.argv, env=command.env, cwd=command.cwd,
                                                stdin=command.stdin, pty=command.pty, timeout_s=timeout_s,
