@@ -161,7 +161,7 @@ class LoginFlow:
         live = await self.sessions.update(uuid.UUID(live["session_id"]), accepts_code=plan.accepts_code) or live
         login = _Login(uuid.UUID(live["session_id"]), user_id, adapter, plan, env, browser=self._browser())
         self._live[login.session_id] = login
-        self.relay.watch(self._relay_sessions, self._relayed_code, self._relayed_cancel)
+        self.relay.watch(self._relay_sessions, self._relayed_code, self._cancel_here)
         login.task = asyncio.create_task(self._drive(login, engine), name=f"login-{login.session_id}")
         log.info("login_started", session_id=str(login.session_id), provider=provider, method=method)
         return live
@@ -193,7 +193,7 @@ class LoginFlow:
                 return None
             login.session_id, login.user_id = sid, user_id
             self._live[sid] = login
-            self.relay.watch(self._relay_sessions, self._relayed_code, self._relayed_cancel)
+            self.relay.watch(self._relay_sessions, self._relayed_code, self._cancel_here)
             if login.deadline is not None:
                 login.deadline.reschedule(asyncio.get_running_loop().time() + self.timeout)
             if login.vm_id is not None:
@@ -250,11 +250,14 @@ class LoginFlow:
         except Exception as exc:  # nobody waits for an answer here: the session's status tells the user
             log.warning("login_relayed_code_failed", session_id=str(session_id), reason=type(exc).__name__)
 
-    async def _relayed_cancel(self, session_id: uuid.UUID) -> None:
+    async def _cancel_here(self, session_id: uuid.UUID) -> bool:
+        """Cancel a login this process drives (asked here or relayed); False if it drives none by that id."""
         login = self._live.get(session_id)
-        if login is not None and login.task is not None and not login.task.done():
-            login.cancelled_by_user = True
-            await cancel_and_wait([login.task])
+        if login is None or login.task is None or login.task.done():
+            return False
+        login.cancelled_by_user = True
+        await cancel_and_wait([login.task])
+        return True
 
     def _relay_sessions(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
         return [(sid, x.user_id) for sid, x in self._live.items() if x.user_id is not None]
@@ -288,10 +291,8 @@ class LoginFlow:
 
     async def cancel(self, user_id: uuid.UUID, session_id: uuid.UUID) -> dict[str, Any]:
         state = await self.sessions.read(user_id, session_id)
-        login = self._live.get(session_id)
-        if login is not None and login.task is not None and not login.task.done():
-            login.cancelled_by_user = True
-            await cancel_and_wait([login.task])
+        if await self._cancel_here(session_id):
+            pass
         elif state["status"] not in AUTH_SESSION_TERMINAL:
             if self.relay.shared:  # driven by another replica, which ends it (VM and all) when it sees this
                 await self.relay.send_cancel(session_id)

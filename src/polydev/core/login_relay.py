@@ -55,7 +55,7 @@ class LoginRelay:
 
     def watch(self, live: Callable[[], Iterable[tuple[uuid.UUID, uuid.UUID]]],
               on_code: Callable[[uuid.UUID, str], Awaitable[None]],
-              on_cancel: Callable[[uuid.UUID], Awaitable[None]]) -> None:
+              on_cancel: Callable[[uuid.UUID], Awaitable[object]]) -> None:
         """Keep taking relayed input for the (session id, user id) pairs `live` names, while there are any;
         started again by the next call once it has stopped."""
         if not self.shared or (self._watcher is not None and not self._watcher.done()):
@@ -71,7 +71,7 @@ class LoginRelay:
 
     async def _loop(self, live: Callable[[], Iterable[tuple[uuid.UUID, uuid.UUID]]],
                     on_code: Callable[[uuid.UUID, str], Awaitable[None]],
-                    on_cancel: Callable[[uuid.UUID], Awaitable[None]]) -> None:
+                    on_cancel: Callable[[uuid.UUID], Awaitable[object]]) -> None:
         while sessions := list(live()):
             for session_id, user_id in sessions:
                 try:
@@ -82,7 +82,7 @@ class LoginRelay:
 
     async def _take(self, session_id: uuid.UUID, user_id: uuid.UUID,
                     on_code: Callable[[uuid.UUID, str], Awaitable[None]],
-                    on_cancel: Callable[[uuid.UUID], Awaitable[None]]) -> None:
+                    on_cancel: Callable[[uuid.UUID], Awaitable[object]]) -> None:
         state: dict[str, Any] | None = await self.store.get(str(session_id))
         if not state:
             return
