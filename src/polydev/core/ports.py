@@ -1,0 +1,45 @@
+"""What `core` needs of the layer below it, as Protocols: the flows and services are typed against these,
+not against the VM engine's class, so a test can hand them a stand-in and a reader sees the whole contract
+in one place.
+
+`VMEngine` (polydev.vm.engine) is the implementation; `VM` is its description of one machine.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Protocol
+
+from polydev.vm.agent_client import AgentClient
+from polydev.vm.engine import VM, Purpose
+
+
+class VmPort(Protocol):
+    """The VM engine as the flows and the admin VM service use it."""
+
+    async def create(self, user_id: uuid.UUID | None, purpose: Purpose = "cli",
+                     ttl: timedelta = timedelta(minutes=30)) -> VM:
+        """A running VM whose agent answers (from the warm pool when one is ready); VMCreateError, or its
+        subclass VMCapacityError, when none can be had."""
+        ...
+
+    async def assign(self, vm_id: uuid.UUID, user_id: uuid.UUID | None, ttl: timedelta) -> VM:
+        """Hand a VM started for nobody (a pre-started login's) to its user, with a new expiry."""
+        ...
+
+    async def destroy(self, vm_id: uuid.UUID) -> bool:
+        """Stop the VM and free what it held; False when it was already gone. Idempotent."""
+        ...
+
+    async def get(self, vm_id: uuid.UUID) -> VM | None: ...
+
+    async def list(self, *, user_id: uuid.UUID | None = None, live_only: bool = True) -> list[VM]: ...
+
+    def agent(self, vm_id: uuid.UUID, timeout: float = 60.0) -> AgentClient:
+        """A client of the VM's guest agent; KeyError when this engine runs no such VM."""
+        ...
+
+    def vnc_endpoint(self, vm_id: uuid.UUID) -> tuple[str, int]:
+        """(host, port) of a `browser` VM's VNC server as this process reaches it; KeyError when none."""
+        ...
