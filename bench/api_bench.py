@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.servers import free_port, start_redis, stop_process, wait_http_ok  # noqa: E402
+from tests.support.servers import free_port, start_redis, stop_process, wait_http_ok  # noqa: E402
 
 
 async def _serve(data_dir: str, port: int, sessions: int, info_file: str) -> None:
@@ -38,9 +38,8 @@ async def _serve(data_dir: str, port: int, sessions: int, info_file: str) -> Non
 
     from polydev.api.app import create_app
     from polydev.config import Settings
-    from polydev.services import open_services
-
     from polydev.logging import configure_logging
+    from polydev.services import open_services
 
     settings = Settings()  # everything from the environment the parent set
     configure_logging(settings.log_level)  # the production log path (JSON lines), as `polydev serve` has it

@@ -3,7 +3,7 @@
     .venv/bin/python bench/login_visible.py [--rounds 3] [--provider claude_code] [--pool [--settle 60]]
 
 A real `polydev serve` booting full-image VMs (QEMU, user networking), the dashboard in Debian's Chromium
-(headless, Playwright), the provider played by the stand-ins of tests/e2e/vm_login_stand.py. Each round: sign
+(headless, Playwright), the provider played by the stand-ins of tests/support/vm_login_stand.py. Each round: sign
 in, click Connect, and note when the session reaches awaiting_user_auth, when the canvas appears (VNC up,
 bridge connected), when it first shows anything (Xtigervnc + Chromium's placeholder page), and when it shows
 the login page itself (the stand-in sign-in page's banner colour). Then cancel, and the next round.
@@ -27,13 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.e2e.dashboard_browser import (
+from tests.standins.signin import BANNER_RGB, BUTTON_RGB
+from tests.support.dashboard_browser import (
     launch,
     missing_browser,
     sign_in,
 )
-from tests.e2e.vm_login_stand import full_image_missing, vm_stand
-from tests.standins.signin import BANNER_RGB, BUTTON_RGB
+from tests.support.vm_login_stand import full_image_missing, vm_stand
 
 SEED_S = 90.0
 WAIT_MS = 900_000  # a bound on a hang, not a measurement

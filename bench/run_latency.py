@@ -5,7 +5,7 @@
 
 Runs the real app (uvicorn on loopback, SQLite, the QEMU engine on the `test` image) with the stand-ins on
 the host's loopback, reached by the guests only through VM_GUEST_FORWARDS, as in
-tests/e2e/test_provider_flows_vm.py. Every VM is a restore of the engine's snapshot (made by the first
+tests/vm/test_provider_flows_vm.py. Every VM is a restore of the engine's snapshot (made by the first
 VM, not timed). Each platform measurement is interleaved with its baseline, so both see the same load:
 
 (i)  login: POST /api/auth/start → the flow publishes `auth_url` (the moment it stores it, observed in the
@@ -51,9 +51,9 @@ from polydev.providers import ADAPTERS
 from polydev.providers.base import CredentialBundle, GuestFile, hook_files
 from polydev.vm import images
 from polydev.vm.engine import VMEngine
-from tests.servers import free_port
 from tests.standins import api as standin_api
 from tests.standins.vm import VmStandins
+from tests.support.servers import free_port
 
 PLATFORM_STATUSES = ("starting a VM", "running ")  # the run flow's own status events, before the CLI's
 API_KEY = "sk-bench-" + uuid.uuid4().hex  # the stand-in takes any key

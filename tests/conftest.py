@@ -11,7 +11,8 @@ import pytest
 
 from polydev.config import Settings
 from polydev.services import Services, open_services
-from tests import servers
+from tests.support import servers
+from tests.support.app import Api, make_settings
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +37,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return servers.create_database(admin, f"t_{uuid.uuid4().hex[:16]}")
 
 
-def make_settings(tmp_path: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {"POLYDEV_DATA_DIR": tmp_path / "data", "POLYDEV_CACHE_DIR": tmp_path / "cache"}
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 async def services(database_url: str, tmp_path: Path) -> AsyncIterator[Services]:
     svc = await open_services(make_settings(tmp_path, database_url=database_url))
@@ -60,28 +55,6 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     return make_settings(tmp_path, database_url=pg, redis_url=redis_url)
 
 
-class Api:
-    """An in-process client for one app plus helpers to act as different users."""
-
-    def __init__(self, services: Services, client: httpx.AsyncClient, admin_token: str) -> None:
-        self.services = services
-        self.client = client
-        self.admin_token = admin_token
-
-    def auth(self, token: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {token}"}
-
-    async def new_user(self, name: str | None = None) -> tuple[str, str]:
-        """Create a user through the API; returns (user id, token)."""
-        name = name or f"u{uuid.uuid4().hex[:10]}"
-        r = await self.client.post("/api/users", json={"name": name}, headers=self.auth(self.admin_token))
-        assert r.status_code == 201, r.text
-        uid = r.json()["id"]
-        r = await self.client.post(f"/api/users/{uid}/tokens", json={"name": "t"}, headers=self.auth(self.admin_token))
-        assert r.status_code == 201, r.text
-        return uid, r.json()["token"]
-
-
 @pytest.fixture
 async def api(stack: Settings) -> AsyncIterator[Api]:
     from polydev.api.app import create_app
@@ -94,3 +67,17 @@ async def api(stack: Settings) -> AsyncIterator[Api]:
     async with httpx.AsyncClient(transport=transport, base_url="http://polydev.test") as client:
         yield Api(svc, client, issued.secret)
     await svc.close()
+
+
+VM_TESTS = Path(__file__).resolve().parent / "vm"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that boots a real VM lives in tests/vm/ and carries the `vm` marker, so `-m vm` and the
+    folder name the same set: the marker is given here, and a `vm` test elsewhere is an error."""
+    for item in items:
+        if VM_TESTS in item.path.parents:
+            item.add_marker(pytest.mark.vm)
+        elif item.get_closest_marker("vm") is not None:
+            raise pytest.UsageError(f"{item.nodeid} is marked vm (it boots a real VM): move it to tests/vm/")
+

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from polydev.store.vault import generate_master_key
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

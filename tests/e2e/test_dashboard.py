@@ -1,5 +1,5 @@
 """The dashboard in a real browser (Debian's Chromium under Playwright, headless) against a live server whose
-claude_code is the scripted CLI of tests/flow_fakes.py and whose "VMs" are the guest agent on the host: sign
+claude_code is the scripted CLI of tests/support/flow_fakes.py and whose "VMs" are the guest agent on the host: sign
 in, connect a provider by pasting its code, run a prompt and watch it stream, history, admin, and what another
 user cannot see. Each page's screenshot goes to $POLYDEV_ARTIFACTS/dashboard (default tests/artifacts/).
 
@@ -19,8 +19,8 @@ import pytest
 from polydev.client import PolydevClient
 from polydev.config import Settings
 from polydev.web.vendor import novnc_installed, vendor_root
-from tests.e2e.conftest import LiveServer, start_server
-from tests.e2e.dashboard_browser import artifacts_dir, launch, sign_in
+from tests.support.dashboard_browser import artifacts_dir, launch, sign_in
+from tests.support.live_server import LiveServer, start_server
 
 pytest.importorskip("playwright")
 from playwright.sync_api import Browser, Page, expect
@@ -40,7 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     root = tmp_path_factory.mktemp("dashboard")
     # The noVNC this machine vendored (the fake flow has no VNC, but the page may load it).
     env = {"POLYDEV_TEST_FAKE_CLI": str(root / "guest"), "POLYDEV_WEB_VENDOR_DIR": str(vendor_root(Settings()))}
-    yield from start_server(root, "tests.e2e.fake_vm_server", env)
+    yield from start_server(root, "tests.support.fake_vm_server", env)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """`polydev login` and `polydev run` against a live server whose claude_code CLI is the scripted stand-in
-(tests/flow_fakes.py), and the SDK's event stream resuming after a dropped connection."""
+(tests/support/flow_fakes.py), and the SDK's event stream resuming after a dropped connection."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from polydev.client import PolydevClient
-from tests.e2e.conftest import LiveServer
+from tests.support.live_server import LiveServer
 
 
 def cli_env(server: LiveServer, token: str) -> dict[str, str]:

@@ -6,7 +6,7 @@ import json
 
 import httpx
 
-from tests.e2e.conftest import LiveServer
+from tests.support.live_server import LiveServer
 
 KEY = "sk-live-SECRETSECRETSECRET0123456789"
 

@@ -19,7 +19,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from tests.e2e.conftest import LiveServer
+from tests.support.live_server import LiveServer
 
 EXAMPLES = 40
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from polydev.vm import images
-from tests.e2e.conftest import LiveServer
 from tests.e2e.test_cli import polydev
+from tests.support.live_server import LiveServer
 
 CHECK_NAMES = {"backend", "kvm", "image", "network", "firecracker", "data dir", "cache dir"}
 

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select
 
 from polydev.store.models import Credential, User
-from tests.conftest import Api
+from tests.support.app import Api
 
 KEY = "sk-test-ABCDEFGHIJKLMNOPQRSTUV0123456789"
 

@@ -27,7 +27,7 @@ from polydev.vm.engine import (
     find_marked_processes,
     marker_for,
 )
-from tests.engine_fakes import FakeBackend
+from tests.support.engine_fakes import FakeBackend
 
 
 def make_engine(services: Services, backend: FakeBackend, **kw: object) -> VMEngine:
@@ -130,7 +130,7 @@ CRASHER = textwrap.dedent('''
     from polydev.store.vms import CleanupTaskRepo, VmRepo
     from polydev.vm.engine import VMEngine
     sys.path.insert(0, sys.argv[2])
-    from tests.engine_fakes import FakeBackend
+    from tests.support.engine_fakes import FakeBackend
 
     async def main():
         s = await open_services(Settings(POLYDEV_DATA_DIR=Path(sys.argv[1]), DATABASE_URL=sys.argv[3]))
@@ -175,7 +175,7 @@ async def test_sigkill_while_running_and_mid_creation_then_reconcile(services: S
 
 async def test_tap_mode_slot_follows_the_vm_and_is_reclaimed(services: Services) -> None:
     from polydev.vm.network import SlotNetwork
-    from tests.netns import POOL, host_namespace, require_root_netns
+    from tests.support.netns import POOL, host_namespace, require_root_netns
 
     require_root_netns()
     # pyroute2's sync API runs an event loop of its own: from async code, call it in a thread (as the engine does).

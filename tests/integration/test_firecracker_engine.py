@@ -21,8 +21,8 @@ from polydev.vm.backends import firecracker as fc
 from polydev.vm.backends.firecracker_backend import FirecrackerBackend
 from polydev.vm.engine import VMCreateError, VMEngine, find_marked_processes
 from polydev.vm.network import EgressPolicy, Slot, SlotNetwork
-from tests.firecracker_fake import LoopbackSlots, write_fake_binary
-from tests.netns import POOL, agent_health, host_namespace, require_root_netns
+from tests.support.firecracker_fake import LoopbackSlots, write_fake_binary
+from tests.support.netns import POOL, agent_health, host_namespace, require_root_netns
 
 ELF_KERNEL = b"\x7fELF" + b"\0" * 60
 

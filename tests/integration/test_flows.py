@@ -1,5 +1,5 @@
 """The login and run flows through the API, with the real guest agent as the "VM" (on the host, in a temporary
-directory) and a scripted CLI (tests/flow_fakes.py): statuses, codes, credential capture and write-back, the
+directory) and a scripted CLI (tests/support/flow_fakes.py): statuses, codes, credential capture and write-back, the
 SSE stream, and every fault ending in the right status with nothing left behind."""
 
 from __future__ import annotations
@@ -9,111 +9,31 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from polydev.api.app import create_app
-from polydev.config import Settings
 from polydev.core.guest import Guest
 from polydev.providers import ADAPTERS
-from polydev.providers.base import CredentialBundle, GuestFile
-from polydev.services import build_vm_engine, open_services
+from polydev.providers.base import GuestFile
 from polydev.store.runs import StoredEvent
 from polydev.vm.engine import VMCreateError, find_marked_processes
-from tests.agent_backend import AgentBackend
-from tests.conftest import Api
-from tests.flow_fakes import CREDS, FakeAdapter, host_guest_paths
-from tests.servers import free_port
-
-
-@pytest.fixture
-async def flows(stack: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Api]:
-    monkeypatch.setitem(ADAPTERS, "claude_code", FakeAdapter())
-    stack = stack.model_copy(update={"login_timeout_seconds": 60})
-    svc = await open_services(stack)
-    svc.guest_paths = host_guest_paths(str(tmp_path / "guest"))
-    svc.login_flow.timeout = 60
-    issued = await svc.users.bootstrap_admin()
-    assert issued is not None
-    svc.engine = build_vm_engine(svc, lambda _settings: AgentBackend())
-    app = create_app(services=svc)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://polydev.test",
-                                 timeout=60) as client:
-        yield Api(svc, client, issued.secret)
-    tag = svc.engine.tag
-    await svc.close()
-    assert find_marked_processes(tag) == {}
-
-
-async def wait_status(api: Api, h: dict[str, str], sid: str, *statuses: str, timeout: float = 60) -> dict:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        body = (await api.client.get(f"/api/auth/sessions/{sid}", headers=h)).json()
-        if body["status"] in statuses:
-            return body
-        assert asyncio.get_running_loop().time() < deadline, f"session stuck in {body}"
-        await asyncio.sleep(0.05)
-
-
-async def wait_run(api: Api, h: dict[str, str], rid: str, timeout: float = 60) -> dict:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        body = (await api.client.get(f"/api/runs/{rid}", headers=h)).json()
-        if body["status"] not in ("queued", "running"):
-            return body
-        assert asyncio.get_running_loop().time() < deadline, f"run stuck in {body}"
-        await asyncio.sleep(0.05)
-
-
-async def no_vms_left(api: Api) -> None:
-    engine = api.services.engine
-    assert engine is not None
-    assert await engine.list() == []
-    assert find_marked_processes(engine.tag) == {}
-
-
-def sse(text: str) -> list[tuple[int, str, dict[str, Any]]]:
-    out = []
-    for block in text.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
-        if "data" in fields:
-            out.append((int(fields.get("id", -1)), fields.get("event", ""), json.loads(fields["data"])))
-    return out
-
-
-async def stored(api: Api, uid: str) -> CredentialBundle:
-    found = await api.services.credentials.reveal_with_kind(uuid.UUID(uid), "claude_code")
-    assert found is not None
-    return CredentialBundle.from_bytes(found[1], found[0])
-
-
-async def login(api: Api, h: dict[str, str]) -> str:
-    sid = (await api.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)).json()["session_id"]
-    await wait_status(api, h, sid, "awaiting_user_auth")
-    r = await api.client.post(f"/api/auth/sessions/{sid}/code", json={"code": "good-code"}, headers=h)
-    assert r.status_code == 202, r.text
-    assert (await wait_status(api, h, sid, "completed", "failed"))["status"] == "completed"
-    return sid
-
-
-async def logged_in(api: Api) -> tuple[str, dict[str, str]]:
-    """A new user whose fake account is connected: (user id, auth headers)."""
-    uid, token = await api.new_user()
-    h = api.auth(token)
-    await login(api, h)
-    return uid, h
-
-
-async def post_run(api: Api, h: dict[str, str], prompt: str, **extra: Any) -> str:
-    r = await api.client.post("/api/runs", json={"provider": "claude_code", "prompt": prompt, **extra}, headers=h)
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
-
+from tests.support.app import Api
+from tests.support.flow_api import (
+    logged_in,
+    login,
+    no_vms_left,
+    post_run,
+    sse,
+    stored,
+    until_event,
+    wait_run,
+    wait_status,
+)
+from tests.support.flow_fakes import CREDS, FakeAdapter
+from tests.support.servers import free_port
 
 # -- login ---------------------------------------------------------------------------------------------------
 
@@ -330,7 +250,7 @@ async def test_a_crashing_cli_fails_the_run_with_the_reason(flows: Api) -> None:
 async def test_cancel_mid_run_kills_the_cli_and_destroys_the_vm(flows: Api) -> None:
     _, h = await logged_in(flows)
     rid = await post_run(flows, h, "sleep 60")
-    await _until_event(flows, h, rid, "text")
+    await until_event(flows, h, rid, "text")
     r = await flows.client.post(f"/api/runs/{rid}/cancel", headers=h)
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     events = sse((await flows.client.get(f"/api/runs/{rid}/events", headers=h)).text)
@@ -345,7 +265,7 @@ async def test_cancel_mid_run_kills_the_cli_and_destroys_the_vm(flows: Api) -> N
 async def test_a_vm_that_dies_mid_run_fails_the_run(flows: Api) -> None:
     _, h = await logged_in(flows)
     rid = await post_run(flows, h, "sleep 60")
-    await _until_event(flows, h, rid, "text")
+    await until_event(flows, h, rid, "text")
     engine = flows.services.engine
     assert engine is not None
     [vm] = await engine.list()
@@ -371,15 +291,6 @@ async def test_one_live_run_per_credential(flows: Api) -> None:
     r = await flows.client.post("/api/runs", json={"provider": "claude_code", "prompt": "second"}, headers=h)
     assert r.status_code == 409 and r.json()["error"]["code"] == "credential_busy"
     await flows.client.post(f"/api/runs/{first}/cancel", headers=h)
-
-
-async def _until_event(api: Api, h: dict[str, str], rid: str, kind: str) -> None:
-    for _ in range(600):
-        stored_events = await api.services.runs.events_after(uuid.UUID(rid))
-        if any(e.data["type"] == kind for e in stored_events):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no {kind} event")
 
 
 async def test_bad_run_requests_are_4xx_that_say_what_to_do(flows: Api) -> None:

@@ -1,4 +1,5 @@
-"""The guest agent over HTTP: each test runs against a local agent process and against a real VM (mark vm)."""
+"""The guest agent over HTTP, against a local agent process; tests/vm/test_guest_agent_in_vm.py runs every test
+here that takes `agent` again against the agent inside a real VM."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 
 from polydev import protocol as p
 from polydev.vm.agent_client import AgentClient, AgentError
-pytest_plugins = ["tests.vm_fixtures"]  # fixtures: agent, local_agent, test_image, test_vm (one VM per session)
+
+pytest_plugins = ["tests.support.vm_fixtures"]  # fixtures: agent, local_agent
 
 GONE = 'test ! -e /proc/{pid} || [ "$(cut -d" " -f3 /proc/{pid}/stat)" = Z ]'  # exited (or only a zombie)
 

@@ -14,9 +14,9 @@ from pydantic import ValidationError
 from polydev.config import Settings
 from polydev.core.login_pool import parse_login_pool
 from polydev.providers import ADAPTERS
-from tests.conftest import Api
-from tests.flow_fakes import FakeAdapter
-from tests.integration.test_flows import flows, no_vms_left, stored, wait_status  # noqa: F401  (flows: fixture)
+from tests.support.app import Api
+from tests.support.flow_api import no_vms_left, stored, wait_status
+from tests.support.flow_fakes import FakeAdapter
 
 KEY = "claude_code:browser"
 CREDS_ACCESS = b'"access": "from-paste"'

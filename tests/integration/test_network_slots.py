@@ -13,7 +13,7 @@ from pyroute2 import NetNS, netns
 
 from polydev.vm import network as net
 from polydev.vm.network import EgressPolicy, EgressRule, NetworkError, SlotNetwork
-from tests.netns import (
+from tests.support.netns import (
     HOST_SERVICE_IP,
     POOL,
     Listener,

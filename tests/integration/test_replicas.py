@@ -18,19 +18,18 @@ from polydev.core.login_relay import CODE_KEY, LoginRelay
 from polydev.services import open_services
 from polydev.store.sessions import MemorySessionStore
 from polydev.store.vault import SealedRecord, VaultError
-from tests.conftest import Api
-from tests.flow_fakes import host_guest_paths
-from tests.integration.test_flows import (  # noqa: F401  (flows: fixture)
-    _until_event,
-    flows,
+from tests.support.app import Api
+from tests.support.flow_api import (
     logged_in,
     no_vms_left,
     post_run,
     sse,
     stored,
+    until_event,
     wait_run,
     wait_status,
 )
+from tests.support.flow_fakes import host_guest_paths
 
 
 @pytest.fixture
@@ -112,7 +111,7 @@ async def test_a_run_cancelled_through_another_replica_ends_on_the_one_driving_i
                                                                                  replica_b: Api) -> None:
     _, h = await logged_in(flows)
     rid = await post_run(flows, h, "sleep 60")
-    await _until_event(flows, h, rid, "text")
+    await until_event(flows, h, rid, "text")
     r = await replica_b.client.post(f"/api/runs/{rid}/cancel", headers=h)
     assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
     assert r.json()["error_message"] == "cancelled by the user"

@@ -111,7 +111,7 @@ async def test_ping(store: SessionStore) -> None:
 
 
 async def test_redis_store_reports_unreachable_server() -> None:
-    from tests.servers import free_port
+    from tests.support.servers import free_port
 
     dead = RedisSessionStore.from_url(f"redis://127.0.0.1:{free_port()}/0", default_ttl=600)
     try:

@@ -1,4 +1,4 @@
-"""The admin VM API over an engine on the stand-in hypervisor (tests/engine_fakes.py), on both deployments,
+"""The admin VM API over an engine on the stand-in hypervisor (tests/support/engine_fakes.py), on both deployments,
 and the app's lifespan wiring the engine itself: reconcile at start, destroy at shutdown, and no engine
 (with the reason) when the backend cannot run here."""
 
@@ -18,9 +18,10 @@ from polydev.services import build_vm_engine, open_services
 from polydev.vm.backends import BackendUnavailable
 from polydev.vm.engine import VMEngine, find_marked_processes
 from polydev.vm.network import SlotNetwork
-from tests.agent_backend import AgentBackend
-from tests.conftest import Api, make_settings
-from tests.engine_fakes import FakeBackend
+from tests.support.agent_backend import AgentBackend
+from tests.support.app import Api, make_settings
+from tests.support.engine_fakes import FakeBackend
+
 
 def pid_gone(pid: int) -> bool:
     stat = Path(f"/proc/{pid}/stat")

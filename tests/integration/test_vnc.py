@@ -23,10 +23,10 @@ from polydev.core.login_browser import LoginBrowser
 from polydev.providers import ADAPTERS
 from polydev.services import build_vm_engine, open_services
 from polydev.store.sessions import MemorySessionStore
-from tests.agent_backend import AgentBackend
-from tests.conftest import Api, make_settings
-from tests.flow_fakes import FakeAdapter, host_guest_paths
-from tests.live_asgi import serving
+from tests.support.agent_backend import AgentBackend
+from tests.support.app import Api, make_settings
+from tests.support.flow_fakes import FakeAdapter, host_guest_paths
+from tests.support.live_asgi import serving
 
 BANNER = b"RFB 003.008\n"
 # Stand-ins for Xtigervnc and Chromium in a "guest" that is the host: processes that just run until killed.

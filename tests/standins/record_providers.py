@@ -1,7 +1,7 @@
 """Record the real CLIs' output for the provider unit tests: `python -m tests.standins.record_providers`.
 
 Each recording is the adapter's own command run against the stand-ins in a loopback-only namespace
-(API-key mode, background traffic off). Written to tests/unit/data/providers/: runs as `<name>.stdout`
+(API-key mode, background traffic off). Written to tests/data/providers/: runs as `<name>.stdout`
 and `<name>.stderr`, logins as `<name>.out` (both streams, or the PTY) and `<name>.url` (what the browser hook
 caught), and one `index.json` with the exit codes and CLI versions. `python -m tests.standins.record_providers
 codex_tool claude_paste` re-records only the names starting so. Temporary paths become
@@ -27,7 +27,7 @@ from tests.standins import adapters, clis
 from tests.standins.api import Script
 from tests.standins.harness import Standins, read_urls, wait_for
 
-OUT = Path(__file__).resolve().parents[1] / "unit" / "data" / "providers"
+OUT = Path(__file__).resolve().parents[1] / "data" / "providers"
 API_KEYS = {"claude_code": "sk-ant-api03-recording-" + "k" * 8, "codex": "sk-proj-recording-" + "k" * 8,
             "gemini_cli": "AIza-recording-" + "k" * 8}
 NOTE = "note-recorded-4f2a"

@@ -35,13 +35,13 @@ from polydev.vm.backends.firecracker_backend import (
     boot_args,
 )
 from polydev.vm.engine import VMSpec, find_marked_processes, marker_for
-from tests.firecracker_fake import (
+from tests.support.firecracker_fake import (
     LoopbackSlot,
     LoopbackSlots,
     Request,
     write_fake_binary,
 )
-from tests.firecracker_spec import Spec, load_specs
+from tests.support.firecracker_spec import Spec, load_specs
 
 ELF_KERNEL = b"\x7fELF" + b"\0" * 60
 TAG = "fcunit00"

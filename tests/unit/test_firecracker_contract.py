@@ -1,10 +1,10 @@
 """Contract tests of the Firecracker backend: every request it sends must conform to BOTH published API
 specifications (v1.13.2, the seed's release, and v1.16.1, the newest stable one).
 
-The client talks to a fake Firecracker on a Unix socket (tests/firecracker_fake.py) that records each request
+The client talks to a fake Firecracker on a Unix socket (tests/support/firecracker_fake.py) that records each request
 and answers like Firecracker, including its 400s with a fault_message. The driver tests run the same fake as
 a `firecracker` binary (and a fake `jailer`), so spawning, the socket wait, cleanup and jail paths are real.
-No test here needs KVM or a real Firecracker; tests/integration/test_firecracker_boot.py does.
+No test here needs KVM or a real Firecracker; tests/vm/test_firecracker_boot.py does.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import pydantic
 import pytest
 
 from polydev.vm.backends import firecracker as fc
-from tests.firecracker_fake import (
+from tests.support.firecracker_fake import (
     CONSOLE_LINE,
     FakeFirecracker,
     Request,
     write_fake_binary,
 )
-from tests.firecracker_spec import SPEC_FILES, Spec, load_specs
+from tests.support.firecracker_spec import SPEC_FILES, Spec, load_specs
 
 ELF_KERNEL = b"\x7fELF" + b"\0" * 60
 

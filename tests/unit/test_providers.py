@@ -19,7 +19,7 @@ from polydev.providers.base import EVENT_TYPES, Command, GuestEnv, ProviderAdapt
 from polydev.providers.codex import CALLBACK_PORT, DEVICE_URL
 from polydev.providers.common import MAX_TOOL_OUTPUT
 
-DATA = Path(__file__).parent / "data" / "providers"
+DATA = Path(__file__).parents[1] / "data" / "providers"
 INDEX: dict[str, dict[str, Any]] = json.loads((DATA / "index.json").read_text())
 KEY = "sk-test-secret-" + "x" * 20
 ENV = GuestEnv(https_proxy="http://10.0.2.2:3128", ca_cert_path="/run/polydev/ca.pem",

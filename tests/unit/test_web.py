@@ -13,7 +13,7 @@ import pytest
 
 from polydev.api.app import create_app
 from polydev.web import vendor
-from tests.conftest import make_settings
+from tests.support.app import make_settings
 
 
 @pytest.fixture

@@ -132,6 +132,21 @@ class RunParser(Protocol):
     def finish(self, exit_code: int) -> list[dict[str, Any]]: ...
 
 
+@dataclass(frozen=True, eq=False)
+class ProviderFacts:
+    """What an adapter declares about its CLI, the fields of ProviderAdapter that are data, not behaviour.
+    The adapters inherit it and set the values in their `__init__`, one call each."""
+
+    name: ProviderName
+    display_name: str
+    package: str  # npm package, for FACTS and doctor
+    executable: str
+    login_methods: tuple[LoginMethod, ...]
+    credential_files: tuple[str, ...]
+    required_credential_files: tuple[str, ...]
+    api_key_env: str
+
+
 class ProviderAdapter(Protocol):
     name: ProviderName
     display_name: str

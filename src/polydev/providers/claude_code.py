@@ -5,26 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from polydev.providers.base import (
-    Command,
-    GuestEnv,
-    LoginMethod,
-    LoginPlan,
-    LoginPrompt,
-    ProviderName,
-    RunParser,
-    event,
-    login_env,
-)
-from polydev.providers.common import (
-    StreamParser,
-    clean,
-    int_fields,
-    last_complete,
-    present,
-    run_env,
-    tool_result,
-)
+from polydev.providers.base import (Command, GuestEnv, LoginMethod, LoginPlan, LoginPrompt, ProviderFacts,
+                                    RunParser, event, login_env)
+from polydev.providers.common import StreamParser, clean, int_fields, last_complete, present, run_env, tool_result
 
 EXECUTABLE = "claude"
 # The authorize URL `claude auth login` prints next to "Paste code here if prompted >" (its redirect is the
@@ -38,15 +21,12 @@ def background_off() -> dict[str, str]:
     return {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
 
 
-class ClaudeCodeAdapter:
-    name: ProviderName = "claude_code"
-    display_name: str = "Claude Code"
-    package: str = "@anthropic-ai/claude-code"
-    executable: str = EXECUTABLE
-    login_methods: tuple[LoginMethod, ...] = ("browser",)
-    credential_files: tuple[str, ...] = (".claude/.credentials.json", ".claude.json")
-    required_credential_files: tuple[str, ...] = (".claude/.credentials.json",)
-    api_key_env: str = "ANTHROPIC_API_KEY"
+class ClaudeCodeAdapter(ProviderFacts):
+    def __init__(self) -> None:
+        super().__init__(name="claude_code", display_name="Claude Code", package="@anthropic-ai/claude-code",
+                         executable=EXECUTABLE, login_methods=("browser",),
+                         credential_files=(".claude/.credentials.json", ".claude.json"),
+                         required_credential_files=(".claude/.credentials.json",), api_key_env="ANTHROPIC_API_KEY")
 
     def _cli_env(self, env: GuestEnv) -> dict[str, str | None]:
         return {**background_off(), "NODE_EXTRA_CA_CERTS": env.ca_cert_path}

@@ -4,26 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from polydev.providers.base import (
-    Command,
-    GuestEnv,
-    LoginMethod,
-    LoginPlan,
-    LoginPrompt,
-    ProviderName,
-    RunParser,
-    event,
-    login_env,
-)
-from polydev.providers.common import (
-    StreamParser,
-    clean,
-    int_fields,
-    last_complete,
-    present,
-    run_env,
-    tool_result,
-)
+from polydev.providers.base import (Command, GuestEnv, LoginMethod, LoginPlan, LoginPrompt, ProviderFacts,
+                                    RunParser, event, login_env)
+from polydev.providers.common import StreamParser, clean, int_fields, last_complete, present, run_env, tool_result
 
 EXECUTABLE = "codex"
 CALLBACK_PORT = 1455  # fixed: http://127.0.0.1:1455/auth/callback
@@ -56,16 +39,12 @@ def provider_args(api_base_url: str, *, api_key_env: str | None) -> list[str]:
     return ["-c", f"model_provider={CUSTOM_PROVIDER}", "-c", f"model_providers.{CUSTOM_PROVIDER}={entry}"]
 
 
-class CodexAdapter:
-    name: ProviderName = "codex"
-    display_name: str = "Codex CLI"
-    package: str = "@openai/codex"
-    executable: str = EXECUTABLE
-    login_methods: tuple[LoginMethod, ...] = ("browser", "device")
-    credential_files: tuple[str, ...] = (".codex/auth.json",)
-    required_credential_files: tuple[str, ...] = (".codex/auth.json",)
-    # `codex exec` reads this one; OPENAI_API_KEY alone sends no Authorization header.
-    api_key_env: str = "CODEX_API_KEY"
+class CodexAdapter(ProviderFacts):
+    def __init__(self) -> None:
+        # CODEX_API_KEY: `codex exec` reads this one; OPENAI_API_KEY alone sends no Authorization header.
+        super().__init__(name="codex", display_name="Codex CLI", package="@openai/codex", executable=EXECUTABLE,
+                         login_methods=("browser", "device"), credential_files=(".codex/auth.json",),
+                         required_credential_files=(".codex/auth.json",), api_key_env="CODEX_API_KEY")
 
     def _cli_env(self, env: GuestEnv) -> dict[str, str | None]:
         # No CODEX_HOME: its default is ~/.codex, which Codex creates when missing (an API-key run has no

@@ -6,26 +6,9 @@ import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from polydev.providers.base import (
-    Command,
-    GuestEnv,
-    GuestFile,
-    LoginMethod,
-    LoginPlan,
-    LoginPrompt,
-    ProviderName,
-    RunParser,
-    event,
-    login_env,
-)
-from polydev.providers.common import (
-    StreamParser,
-    int_fields,
-    last_complete,
-    present,
-    run_env,
-    tool_result,
-)
+from polydev.providers.base import (Command, GuestEnv, GuestFile, LoginMethod, LoginPlan, LoginPrompt, ProviderFacts,
+                                    RunParser, event, login_env)
+from polydev.providers.common import StreamParser, int_fields, last_complete, present, run_env, tool_result
 
 EXECUTABLE = "gemini"
 SETTINGS_FILE = ".gemini/settings.json"
@@ -44,15 +27,12 @@ def settings(auth_type: str) -> bytes:
     return json.dumps(doc, indent=2).encode()
 
 
-class GeminiCliAdapter:
-    name: ProviderName = "gemini_cli"
-    display_name: str = "Gemini CLI"
-    package: str = "@google/gemini-cli"
-    executable: str = EXECUTABLE
-    login_methods: tuple[LoginMethod, ...] = ("browser",)
-    credential_files: tuple[str, ...] = (".gemini/oauth_creds.json", ".gemini/google_accounts.json")
-    required_credential_files: tuple[str, ...] = (".gemini/oauth_creds.json",)
-    api_key_env: str = "GEMINI_API_KEY"
+class GeminiCliAdapter(ProviderFacts):
+    def __init__(self) -> None:
+        super().__init__(name="gemini_cli", display_name="Gemini CLI", package="@google/gemini-cli",
+                         executable=EXECUTABLE, login_methods=("browser",),
+                         credential_files=(".gemini/oauth_creds.json", ".gemini/google_accounts.json"),
+                         required_credential_files=(".gemini/oauth_creds.json",), api_key_env="GEMINI_API_KEY")
 
     def _settings_file(self, env: GuestEnv, auth_type: str) -> GuestFile:
         return GuestFile(env.home_path(SETTINGS_FILE), settings(auth_type), 0o600)

@@ -1,6 +1,6 @@
 """Fixtures for tests that need the golden image or a booted VM, and a local agent for fast runs.
 
-Use from a test module with `pytest_plugins = ["tests.vm_fixtures"]` (tests/conftest.py belongs to the control
+Use from a test module with `pytest_plugins = ["tests.support.vm_fixtures"]` (tests/conftest.py belongs to the control
 plane); registered once as a plugin, the session-scoped VM is shared by every module that uses it.
 
 `test_image` builds the test-profile image into the configured cache directory (POLYDEV_CACHE_DIR, default
@@ -78,14 +78,10 @@ def local_agent() -> Iterator[tuple[str, str]]:
         proc.stdout.close()  # type: ignore[union-attr]
 
 
-@pytest.fixture(params=["local", pytest.param("vm", marks=pytest.mark.vm)])
-def agent(request: pytest.FixtureRequest) -> Iterator[AgentClient]:
-    """An authenticated client, against the local agent and against the agent inside a real VM."""
-    if request.param == "local":
-        url, token = request.getfixturevalue("local_agent")
-    else:
-        vm: QemuVM = request.getfixturevalue("test_vm")
-        url, token = vm.agent_url, vm.token
-    client = AgentClient(url, token, timeout=60)
+@pytest.fixture
+def agent(local_agent: tuple[str, str]) -> Iterator[AgentClient]:
+    """An authenticated client of the local agent. tests/vm/test_guest_agent_in_vm.py runs the same tests
+    with this fixture overridden by the agent inside a real VM."""
+    client = AgentClient(*local_agent, timeout=60)
     yield client
     client.close()

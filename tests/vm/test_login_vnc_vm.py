@@ -29,15 +29,13 @@ from polydev.providers import ADAPTERS
 from polydev.providers.base import GuestEnv, LoginPlan
 from polydev.services import build_vm_engine, open_services
 from polydev.vm import images
-from tests.conftest import make_settings
-from tests.flow_fakes import FakeAdapter
-from tests.live_asgi import serving
-
-pytestmark = pytest.mark.vm
+from tests.support.app import make_settings
+from tests.support.flow_fakes import FakeAdapter
+from tests.support.live_asgi import serving
 
 
 class GuestFakeAdapter(FakeAdapter):
-    """The scripted login CLI of tests/flow_fakes.py, run by the guest's own python3."""
+    """The scripted login CLI of tests/support/flow_fakes.py, run by the guest's own python3."""
 
     def login_plan(self, method: str, env: GuestEnv) -> LoginPlan:
         plan = super().login_plan(method, env)

@@ -17,9 +17,9 @@ from polydev.cli.image import GEMINI_SETTINGS, QUIET_ENV, VERSION_CHECKS
 from polydev.config import Settings
 from polydev.vm import images
 from polydev.vm.backends.qemu import QemuVM, VMError
-pytest_plugins = ["tests.vm_fixtures"]  # fixtures: test_image, test_vm
 
-pytestmark = pytest.mark.vm
+pytest_plugins = ["tests.support.vm_fixtures"]  # fixtures: test_image, test_vm
+
 
 
 def test_manifest_lists_debian_packages_and_pinned_clis(test_image: images.Image) -> None:

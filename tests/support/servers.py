@@ -159,7 +159,6 @@ def create_database(admin_url: str, name: str) -> str:
     import asyncio
 
     import asyncpg
-
     from sqlalchemy.engine import make_url
 
     url = make_url(admin_url)

@@ -39,15 +39,15 @@ from polydev.providers.base import CredentialBundle
 from polydev.services import Services
 from polydev.vm import images
 from polydev.vm.engine import find_marked_processes
-from tests.conftest import Api, make_settings
-from tests.integration.test_flows import no_vms_left, sse
 from tests.standins import api as standin_api
 from tests.standins import clis, oauth
 from tests.standins.proxy import ConnectProxy
 from tests.standins.vm import PROVIDERS, VmStandins
+from tests.support.app import Api, make_settings
+from tests.support.flow_api import no_vms_left, sse
 
-pytest_plugins = ["tests.vm_fixtures"]
-pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
+pytest_plugins = ["tests.support.vm_fixtures"]
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 OAUTH_NAME = {"claude_code": oauth.CLAUDE, "codex": oauth.CODEX, "gemini_cli": oauth.GOOGLE}
 SHELL_TOOL = {"claude_code": clis.claude_shell_tool, "codex": clis.codex_shell_tool,

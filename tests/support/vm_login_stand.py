@@ -1,7 +1,7 @@
 """A `polydev serve` process booting real VMs on the `full` image (Xtigervnc + Chromium for logins), wired
 to the stand-ins the way an operator would wire a proxy (tests/standins/vm.py), with the providers' sign-in
 pages in front of the OAuth stand-in (tests/standins/signin.py) so the VM's Chromium has a page to show
-and a button to click. Shared by tests/e2e/test_dashboard_vm.py and bench/login_visible.py."""
+and a button to click. Shared by tests/vm/test_dashboard_vm.py and bench/login_visible.py."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 from polydev.config import Settings
 from polydev.vm import images
 from polydev.web.vendor import vendor_root
-from tests.e2e.conftest import LiveServer, start_server
 from tests.standins.signin import SignInPages
 from tests.standins.vm import VmStandins
+from tests.support.live_server import LiveServer, start_server
 
 
 @dataclass

@@ -6,15 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import pytest
 
 from polydev.api.app import create_app
 from polydev.vm import images
 from polydev.vm.engine import find_marked_processes
-from tests.conftest import make_settings
+from tests.support.app import make_settings
 
-pytest_plugins = ["tests.vm_fixtures"]
-pytestmark = pytest.mark.vm
+pytest_plugins = ["tests.support.vm_fixtures"]
 
 
 async def test_api_runs_a_command_in_a_real_vm(tmp_path: Path, test_image: images.Image) -> None:

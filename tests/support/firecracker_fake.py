@@ -15,7 +15,7 @@ part of a snapshot, and a restored fake runs the agent again with the token it h
 
 Two ways to run it:
 - in-process: `async with FakeFirecracker(sock, specs) as fake:` for client tests;
-- as a fake `firecracker` binary (`python -m tests.firecracker_fake --api-sock PATH ...`, see
+- as a fake `firecracker` binary (`python -m tests.support.firecracker_fake --api-sock PATH ...`, see
   `write_fake_binary`), and as a fake `jailer` (`jailer` sub-command) for driver tests.
 """
 
@@ -33,7 +33,7 @@ from typing import Any, Self
 
 from polydev import protocol as p
 from polydev.vm.network import Slot, SlotAddress
-from tests.firecracker_spec import REPO_ROOT, Spec, load_specs
+from tests.support.firecracker_spec import REPO_ROOT, Spec, load_specs
 
 PRE_BOOT_ONLY = "The requested operation is not supported after starting the microVM."
 CONSOLE_LINE = "fake-guest: booted"
@@ -267,7 +267,7 @@ def write_fake_binary(path: Path, *extra_args: str, sub_command: str = "firecrac
     path.write_text(f"#!{sys.executable}\n"
                     "import sys\n"
                     f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
-                    "from tests.firecracker_fake import main\n"
+                    "from tests.support.firecracker_fake import main\n"
                     f"sys.exit(main([{sub_command!r}, *{list(extra_args)!r}, *sys.argv[1:]]))\n")
     path.chmod(0o755)
     return path

@@ -33,7 +33,7 @@ from polydev.vm.backends import firecracker as fc
 from polydev.vm.backends.firecracker_backend import FirecrackerBackend
 from polydev.vm.engine import VMEngine, find_marked_processes
 from polydev.vm.network import SlotNetwork
-from tests.netns import POOL, agent_health, host_namespace, require_root_netns
+from tests.support.netns import POOL, agent_health, host_namespace, require_root_netns
 
 READY_TIMEOUT_S = 60.0  # generous: a KVM boot takes about a second, but CI machines can be slow
 

@@ -1,11 +1,11 @@
 """`polydev serve`, but with the engine's backend replaced by a stand-in whose guest is the real agent as a
-host process (tests/agent_backend.py).
+host process (tests/support/agent_backend.py).
 
-Run as `python -m tests.e2e.fake_vm_server` from the repository root, with the same environment as
+Run as `python -m tests.support.fake_vm_server` from the repository root, with the same environment as
 `polydev serve`. Everything else (settings, lifespan, reconcile, reaper, routes) is the real server's, so
 VM routes can be driven over real HTTP on a machine with no image, without booting anything.
 
-With POLYDEV_TEST_FAKE_CLI=DIR, the claude_code adapter is the scripted CLI of tests/flow_fakes.py and the
+With POLYDEV_TEST_FAKE_CLI=DIR, the claude_code adapter is the scripted CLI of tests/support/flow_fakes.py and the
 "guest" paths live under DIR, so the login and run flows (and `polydev login` / `polydev run`) can be driven
 end to end too.
 """
@@ -18,18 +18,17 @@ from typing import Any
 import uvicorn
 
 import polydev.api.app
-
 from polydev.api.app import create_app
 from polydev.config import get_settings
 from polydev.logging import configure_logging
-from tests.agent_backend import AgentBackend
+from tests.support.agent_backend import AgentBackend
 
 
 def _host_guest(root: str, fake_cli: bool) -> None:
     """The "guest" is the host here: keep everything the flows write into a guest under `root`, never in
     the real home directory; optionally swap claude_code for the scripted CLI."""
     from polydev.providers import ADAPTERS
-    from tests.flow_fakes import FakeAdapter, host_guest_paths
+    from tests.support.flow_fakes import FakeAdapter, host_guest_paths
 
     if fake_cli:
         ADAPTERS["claude_code"] = FakeAdapter()  # type: ignore[assignment]

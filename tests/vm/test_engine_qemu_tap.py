@@ -20,7 +20,7 @@ from polydev.vm import network as net
 from polydev.vm.backends.qemu import QemuBackend
 from polydev.vm.engine import VMEngine, find_marked_processes
 from polydev.vm.network import SlotNetwork
-from tests.netns import (
+from tests.support.netns import (
     HOST_SERVICE_IP,
     POOL,
     Listener,
@@ -29,8 +29,7 @@ from tests.netns import (
     require_root_netns,
 )
 
-pytest_plugins = ["tests.vm_fixtures"]
-pytestmark = pytest.mark.vm
+pytest_plugins = ["tests.support.vm_fixtures"]
 
 # Runs in the host namespace: one agent call (token from the environment, never on a command line).
 _CALL = r"""

@@ -1,7 +1,7 @@
 """A scripted stand-in CLI, as a provider adapter, for testing the login and run flows' mechanics (order of
 statuses, pasted codes, credential capture and write-back, cancel, crash, VM death, timeouts) quickly and
-without a VM: the "guest" is the real guest agent on the host (tests/agent_backend.py), and the CLI is a short
-Python script. The real CLIs in real VMs are tested in tests/e2e/test_provider_flows_vm.py."""
+without a VM: the "guest" is the real guest agent on the host (tests/support/agent_backend.py), and the CLI is a short
+Python script. The real CLIs in real VMs are tested in tests/vm/test_provider_flows_vm.py."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 from inside the VM drawn in the noVNC canvas, approve it by clicking in the canvas (the VM's Chromium, driven
 over VNC), which sends the VM's browser to the CLI's localhost callback (or to Claude's code page, whose code
 the test pastes), see the provider connected, run a prompt and see the streamed answer. Stand-ins play the
-provider (tests/e2e/vm_login_stand.py); the full image is needed."""
+provider (tests/support/vm_login_stand.py); the full image is needed."""
 
 from __future__ import annotations
 
@@ -17,22 +17,21 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from polydev.client import PolydevClient
-from tests.e2e.dashboard_browser import (
+from tests.standins import api as standin_api
+from tests.standins import oauth
+from tests.standins.signin import BANNER_RGB, BUTTON_RGB
+from tests.support.dashboard_browser import (
     artifacts_dir,
     canvas_colours,
     launch,
     sign_in,
     wait_for_colour,
 )
-from tests.e2e.vm_login_stand import VmStand, full_image_missing, vm_stand
-from tests.standins import api as standin_api
-from tests.standins import oauth
-from tests.standins.signin import BANNER_RGB, BUTTON_RGB
+from tests.support.vm_login_stand import VmStand, full_image_missing, vm_stand
 
 pytest.importorskip("playwright")
 from playwright.sync_api import Browser, expect
 
-pytestmark = pytest.mark.vm
 ART = artifacts_dir()
 # Bounds on hangs under software emulation, not measurements (bench/login_visible.py measures).
 WAIT_MS = 600_000

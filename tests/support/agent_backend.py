@@ -12,8 +12,8 @@ from pathlib import Path
 import polydev
 from polydev import protocol as p
 from polydev.vm.engine import Started, VMSpec
-from tests.engine_fakes import FakeBackend
-from tests.servers import free_port
+from tests.support.engine_fakes import FakeBackend
+from tests.support.servers import free_port
 
 SRC = Path(polydev.__file__).resolve().parents[1]
 # The guest agent as a host process; the VM's marker rides along as an argument reconcile can find.

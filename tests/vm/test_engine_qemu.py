@@ -23,8 +23,7 @@ from polydev.vm import handover, images
 from polydev.vm.backends.qemu import QemuBackend
 from polydev.vm.engine import VMEngine, find_marked_processes
 
-pytest_plugins = ["tests.vm_fixtures"]
-pytestmark = pytest.mark.vm
+pytest_plugins = ["tests.support.vm_fixtures"]
 
 
 @pytest.fixture(params=["sqlite"])  # the engine's SQL is covered on both databases by test_engine.py

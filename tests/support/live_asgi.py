@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from starlette.types import ASGIApp
 
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 
 @asynccontextmanager

@@ -1,4 +1,4 @@
-"""Firecracker's published API specifications (shared/firecracker/*.yaml) as request validators.
+"""Firecracker's published API specifications (tests/data/firecracker/*.yaml) as request validators.
 
 A request conforms when its method and path name an operation of the spec and its JSON body validates
 against that operation's body schema. Two tightenings over the bare Swagger 2.0 text, both matching what
@@ -20,17 +20,15 @@ import yaml
 from jsonschema import Draft4Validator
 
 SPEC_FILES = ("firecracker-api-v1.13.2.yaml", "firecracker-api-v1.16.1.yaml")
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SPEC_DIR = REPO_ROOT / "tests" / "data" / "firecracker"  # copies of the published files, unmodified
 
 
 def spec_dir() -> Path:
-    """shared/firecracker beside the repository (CI clones the repo next to a copy of shared/); the nearest
-    ancestor that has it wins, so a checkout nested one level deeper still finds it."""
-    for base in REPO_ROOT.parents:
-        candidate = base / "shared" / "firecracker"
-        if all((candidate / name).is_file() for name in SPEC_FILES):
-            return candidate
-    raise FileNotFoundError(f"no shared/firecracker/{{{','.join(SPEC_FILES)}}} beside {REPO_ROOT} or above it")
+    missing = [name for name in SPEC_FILES if not (SPEC_DIR / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing Firecracker API specifications in {SPEC_DIR}: {', '.join(missing)}")
+    return SPEC_DIR
 
 
 @dataclass(frozen=True)

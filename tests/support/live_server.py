@@ -1,0 +1,49 @@
+"""A real `polydev serve` (or a stand-in server module) as a process on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.servers import free_port, stop_process, wait_http_ok
+
+
+@dataclass
+class LiveServer:
+    url: str
+    admin_token: str
+    data_dir: Path
+    log: Path
+
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+
+
+def start_server(root: Path, module: str, extra_env: dict[str, str] | None = None) -> Iterator[LiveServer]:
+    port = free_port()
+    # An empty image cache: whatever images this machine has built, the server finds none, so its VM engine
+    # is unavailable (with the reason) and nothing here boots a real VM.
+    env = {**os.environ, "POLYDEV_DATA_DIR": str(root / "data"), "POLYDEV_CACHE_DIR": str(root / "cache"),
+           "PORT": str(port), "HOST": "127.0.0.1"}
+    for name in ("DATABASE_URL", "REDIS_URL", "CREDENTIAL_ENCRYPTION_KEY", "VM_BACKEND", "NETWORK_MODE"):
+        env.pop(name, None)  # the embedded default
+    env.update(extra_env or {})
+    log = root / "server.log"
+    out = root / "server.out"
+    with open(log, "wb") as err, open(out, "wb") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", module, *(["serve"] if module == "polydev" else [])],
+                                env=env, stdout=stdout, stderr=err, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_http_ok(f"{url}/health", proc, module)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{log.read_text()}") from None
+        token = (root / "data" / "admin.token").read_text().strip()
+        yield LiveServer(url, token, root / "data", log)
+    finally:
+        stop_process(proc)
