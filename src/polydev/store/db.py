@@ -6,16 +6,20 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any constant: serialises migrations when several replicas start against one PostgreSQL.
 _MIGRATION_LOCK_ID = 0x706F6C79
+
+R = TypeVar("R")
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -83,3 +87,16 @@ async def session_scope(factory: async_sessionmaker[AsyncSession]) -> AsyncItera
         except BaseException:
             await session.rollback()
             raise
+
+
+async def add_unique(factory: async_sessionmaker[AsyncSession], row: R, conflict: Exception) -> R:
+    """Insert `row` in its own unit of work; `conflict` is raised instead of the driver's IntegrityError when
+    a unique constraint refuses it (the database, not a read before the write, decides: no race)."""
+    try:
+        async with session_scope(factory) as s:
+            s.add(row)
+            await s.flush()
+            return row
+    except IntegrityError:
+        raise conflict from None
+

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from polydev.store.db import session_scope
+from polydev.store.db import add_unique, session_scope
 from polydev.store.models import Run, RunEvent, utcnow
 
 RUN_LIVE = ("queued", "running")
@@ -39,16 +38,10 @@ class RunRepo:
     async def create(self, user_id: uuid.UUID, provider: str, prompt: str, *, timeout_seconds: int,
                      credential_kind: str) -> Run:
         """A queued run holding the credential; CredentialBusy if a live run already holds it."""
-        try:
-            async with session_scope(self._factory) as s:
-                row = Run(user_id=user_id, provider=provider, prompt=prompt, status="queued",
-                          live_key=live_key(user_id, provider), timeout_seconds=timeout_seconds,
-                          credential_kind=credential_kind)
-                s.add(row)
-                await s.flush()
-                return row
-        except IntegrityError:
-            raise CredentialBusy(provider) from None
+        row = Run(user_id=user_id, provider=provider, prompt=prompt, status="queued",
+                  live_key=live_key(user_id, provider), timeout_seconds=timeout_seconds,
+                  credential_kind=credential_kind)
+        return await add_unique(self._factory, row, CredentialBusy(provider))
 
     async def get(self, run_id: uuid.UUID) -> Run | None:
         async with self._factory() as s:

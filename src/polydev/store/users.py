@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from polydev.store.db import session_scope
+from polydev.store.db import add_unique, session_scope
 from polydev.store.models import ApiToken, User, utcnow
 
 TOKEN_PREFIX = "pd_"
@@ -56,14 +55,7 @@ class UserRepo:
             return int(await s.scalar(select(func.count()).select_from(User)) or 0)
 
     async def create(self, name: str, role: str = "user") -> User:
-        try:
-            async with session_scope(self._factory) as s:
-                user = User(name=name, role=role)
-                s.add(user)
-                await s.flush()
-                return user
-        except IntegrityError:
-            raise NameTaken(name) from None
+        return await add_unique(self._factory, User(name=name, role=role), NameTaken(name))
 
     async def get(self, user_id: uuid.UUID) -> User | None:
         async with self._factory() as s:
