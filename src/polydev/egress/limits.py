@@ -1,0 +1,73 @@
+"""Per-user limits on tunnels: how many at once, how many new ones a minute, how many bytes a day.
+
+Checked when a CONNECT arrives: past a limit the tunnel is refused with the limit's name and value, for
+that user only (nobody else shares the counters, so nobody else is slowed). Bytes count both directions and
+are charged as they flow; the day is the UTC day. The counters live in this process: with several
+replicas each enforces its share (a user's VMs are driven by the replica that created them).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from polydev.egress.policy import Refused
+
+WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    concurrent: int = 64
+    per_minute: int = 600
+    bytes_per_day: int = 20 * 1024**3
+
+    def merged(self, overrides: dict[str, int] | None) -> Limits:
+        """These limits with a user's overrides (keys: concurrent, per_minute, bytes_per_day) applied."""
+        known = {k: int(v) for k, v in (overrides or {}).items() if k in ("concurrent", "per_minute", "bytes_per_day")}
+        return Limits(**{**self.__dict__, **known})
+
+
+def _today() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
+
+
+class LimitTracker:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, day: Callable[[], str] = _today) -> None:
+        self._clock = clock
+        self._day = day
+        self._open: dict[uuid.UUID | None, int] = defaultdict(int)
+        self._recent: dict[uuid.UUID | None, deque[float]] = defaultdict(deque)
+        self._bytes: dict[tuple[uuid.UUID | None, str], int] = defaultdict(int)
+
+    def admit(self, user: uuid.UUID | None, limits: Limits) -> None:
+        """Count a new tunnel for `user`, or Refused (kind limit) naming the limit it would pass."""
+        now = self._clock()
+        recent = self._recent[user]
+        while recent and recent[0] <= now - WINDOW_S:
+            recent.popleft()
+        if self._open[user] >= limits.concurrent:
+            raise Refused(f"limit: {limits.concurrent} concurrent connections reached", kind="limit")
+        if len(recent) >= limits.per_minute:
+            raise Refused(f"limit: {limits.per_minute} new connections per minute reached", kind="limit")
+        if self._bytes[(user, self._day())] >= limits.bytes_per_day:
+            raise Refused(f"limit: {limits.bytes_per_day} bytes per day reached", kind="limit")
+        recent.append(now)
+        self._open[user] += 1
+
+    def release(self, user: uuid.UUID | None) -> None:
+        self._open[user] = max(0, self._open[user] - 1)
+
+    def charge(self, user: uuid.UUID | None, nbytes: int) -> None:
+        self._bytes[(user, self._day())] += nbytes
+
+    def seed_bytes(self, user: uuid.UUID | None, nbytes: int) -> None:
+        """Today's bytes already used (read from the accounting at start-up, so a restart resets nothing)."""
+        self._bytes[(user, self._day())] = max(self._bytes[(user, self._day())], nbytes)
+
+    def open_count(self, user: uuid.UUID | None) -> int:
+        return self._open[user]
