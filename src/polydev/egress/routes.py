@@ -47,8 +47,10 @@ async def _dial(addresses: list[IPAddress], port: int, source: IPAddress | None,
         try:
             sock.setblocking(False)
             if source is not None:
-                v6 = family == socket.AF_INET6
-                sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, IPV6_FREEBIND if v6 else IP_FREEBIND, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
                 sock.bind((str(source), 0))
             await asyncio.wait_for(loop.sock_connect(sock, (str(ip), port)), timeout)
             return await asyncio.open_connection(sock=sock)
