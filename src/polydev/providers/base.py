@@ -145,6 +145,10 @@ class ProviderFacts:
     credential_files: tuple[str, ...]
     required_credential_files: tuple[str, ...]
     api_key_env: str
+    # The hosts the CLI reaches (providers/FACTS.md, "Hosts a run reaches"), per purpose: "run" (a prompt,
+    # including token refreshes) and "login" (the CLI's own sign-in and token calls; a login with the in-VM
+    # browser may reach any public host). The egress gateway's allow-list is built from these.
+    egress_hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class ProviderAdapter(Protocol):

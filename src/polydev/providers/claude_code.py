@@ -26,7 +26,10 @@ class ClaudeCodeAdapter(ProviderFacts):
         super().__init__(name="claude_code", display_name="Claude Code", package="@anthropic-ai/claude-code",
                          executable=EXECUTABLE, login_methods=("browser",),
                          credential_files=(".claude/.credentials.json", ".claude.json"),
-                         required_credential_files=(".claude/.credentials.json",), api_key_env="ANTHROPIC_API_KEY")
+                         required_credential_files=(".claude/.credentials.json",), api_key_env="ANTHROPIC_API_KEY",
+                         egress_hosts={"run": ("api.anthropic.com", "platform.claude.com"),
+                                       "login": ("claude.com", "claude.ai", "platform.claude.com",
+                                                 "api.anthropic.com")})
 
     def _cli_env(self, env: GuestEnv) -> dict[str, str | None]:
         return {**background_off(), "NODE_EXTRA_CA_CERTS": env.ca_cert_path}

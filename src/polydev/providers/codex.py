@@ -44,7 +44,9 @@ class CodexAdapter(ProviderFacts):
         # CODEX_API_KEY: `codex exec` reads this one; OPENAI_API_KEY alone sends no Authorization header.
         super().__init__(name="codex", display_name="Codex CLI", package="@openai/codex", executable=EXECUTABLE,
                          login_methods=("browser", "device"), credential_files=(".codex/auth.json",),
-                         required_credential_files=(".codex/auth.json",), api_key_env="CODEX_API_KEY")
+                         required_credential_files=(".codex/auth.json",), api_key_env="CODEX_API_KEY",
+                         egress_hosts={"run": ("api.openai.com", "chatgpt.com", "auth.openai.com"),
+                                       "login": ("auth.openai.com", "api.openai.com", "chatgpt.com")})
 
     def _cli_env(self, env: GuestEnv) -> dict[str, str | None]:
         # No CODEX_HOME: its default is ~/.codex, which Codex creates when missing (an API-key run has no

@@ -32,7 +32,11 @@ class GeminiCliAdapter(ProviderFacts):
         super().__init__(name="gemini_cli", display_name="Gemini CLI", package="@google/gemini-cli",
                          executable=EXECUTABLE, login_methods=("browser",),
                          credential_files=(".gemini/oauth_creds.json", ".gemini/google_accounts.json"),
-                         required_credential_files=(".gemini/oauth_creds.json",), api_key_env="GEMINI_API_KEY")
+                         required_credential_files=(".gemini/oauth_creds.json",), api_key_env="GEMINI_API_KEY",
+                         egress_hosts={"run": ("generativelanguage.googleapis.com", "cloudcode-pa.googleapis.com",
+                                               "oauth2.googleapis.com", "www.googleapis.com"),
+                                       "login": ("accounts.google.com", "oauth2.googleapis.com", "www.googleapis.com",
+                                                 "cloudcode-pa.googleapis.com")})
 
     def _settings_file(self, env: GuestEnv, auth_type: str) -> GuestFile:
         return GuestFile(env.home_path(SETTINGS_FILE), settings(auth_type), 0o600)
