@@ -179,7 +179,7 @@ async def test_bad_login_requests_are_4xx_and_start_nothing(flows: Api, body: di
     _, token = await flows.new_user()
     r = await flows.client.post("/api/auth/start", json=body, headers=flows.auth(token))
     assert r.status_code == code and "error" in r.json(), r.text
-    assert await flows.services.auth_sessions.live() == []
+    assert await flows.services.login_sessions.repo.live() == []
     await no_vms_left(flows)
 
 

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from polydev import protocol as p
+from polydev.config.forwards import GuestForward
 from polydev.vm import handover
 from polydev.vm.agent_client import AgentClient
 from polydev.vm.engine import Started, VMSpec
-from polydev.vm.forwards import RELAY_MISSING, GuestForward, relay_path
+from polydev.vm.forwards import RELAY_MISSING, netdev_rule, relay_path
 from polydev.vm.images import INIT_PATH, Image
 from polydev.vm.network import VNC_PORT, Slot
 
@@ -234,7 +235,7 @@ class QemuVM:
             relay = relay_path()
             if relay is None:
                 raise VMError(RELAY_MISSING)
-            netdev += "".join(f",{fwd.netdev_rule(relay)}" for fwd in self.guest_forwards)
+            netdev += "".join(f",{netdev_rule(fwd, relay)}" for fwd in self.guest_forwards)
         prefix: list[str] = []
         if self.slot is not None:
             from polydev.vm import network
