@@ -96,6 +96,9 @@ async def test_reconcile_after_an_engine_is_lost(services: Services, engine: VME
     stray_id = uuid.uuid4()
     stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1e6)", marker_for(engine.tag, stray_id)],
                              start_new_session=True)
+    # Popen returns once the exec began; the new command line shows in /proc a moment later.
+    while str(stray_id).encode() not in Path(f"/proc/{stray.pid}/cmdline").read_bytes():
+        await asyncio.sleep(0.001)
     (engine.vms_dir / str(uuid.uuid4())).mkdir()
     await engine.leases.acquire(uuid.uuid4(), 8, str)
 
