@@ -78,9 +78,7 @@ class Services:
         if mode == "auto":
             # Only an image whose manifest lists Chromium can run it; a backend without an image manifest
             # (a stand-in) counts as without. LOGIN_BROWSER=on overrides.
-            image = getattr(self.engine.backend, "image", None)
-            packages = getattr(image, "manifest", {}).get("debian_packages", {}) if image is not None else {}
-            if "chromium" not in packages:
+            if not self.engine.describe().has_login_browser:
                 return None
         return LoginBrowser()
 
@@ -221,4 +219,4 @@ async def start_vm_engine(services: Services, backend_factory: BackendFactory | 
     services.engine = engine
     services.engine_unavailable = None
     log.info("vm_engine_started", backend=engine.backend.name, network_mode=services.settings.network_mode,
-             accel=getattr(engine.backend, "accel", None), reclaimed=counts)
+             accel=engine.describe().accel, reclaimed=counts)

@@ -252,7 +252,7 @@ async def test_lifespan_reconciles_at_start_and_destroys_its_vms_at_shutdown(tmp
             vm = (await client.post("/api/vms", json={}, headers=h)).json()
             assert (await client.get("/health")).json()["vm"]["available"] is True
         pid = find_marked_processes(tag)[uuid.UUID(vm["id"])]
-        assert services.engine._reaper is not None  # the reaper runs while the app does
+        assert services.engine.reaper.running  # the reaper runs while the app does
     assert pid_gone(pid) and find_marked_processes(tag) == {}
 
 

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from polydev.config import Settings, parse_guest_forwards
-from polydev.vm.backends.qemu import QemuVM
+from polydev.vm.backends.qemu.machine import QemuVM
 from polydev.vm.forwards import netdev_rule
 from polydev.vm.images import Image
 

@@ -52,8 +52,8 @@ async def vm_component(services: Services) -> VmComponent:
         live: int | None = sum((await services.vm_admin.live_counts()).values())
     except Exception:  # the database check above already says what is wrong; keep /health answering
         live = None
-    accel = getattr(engine.backend, "accel", None)  # QEMU knows; other backends may not say
-    return VmComponent(backend=engine.backend.name, available=True, accel=str(accel) if accel else None,
+    info = engine.describe()
+    return VmComponent(backend=info.backend, available=True, accel=info.accel,
                        network_mode=settings.network_mode, live_vms=live,
                        login_pool=services.login_flow.pool.counts())
 
