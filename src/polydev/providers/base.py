@@ -11,10 +11,13 @@ base-URL override used by the test stand-ins) comes in through `GuestEnv`, decid
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import shlex
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 ProviderName = Literal["claude_code", "codex", "gemini_cli"]
@@ -134,8 +137,9 @@ class RunParser(Protocol):
 
 @dataclass(frozen=True, eq=False)
 class ProviderFacts:
-    """What an adapter declares about its CLI, the fields of ProviderAdapter that are data, not behaviour.
-    The adapters inherit it and set the values in their `__init__`, one call each."""
+    """What an adapter declares about its CLI: the fields of ProviderAdapter that are data, not behaviour.
+    The values live in catalog.toml beside this file; an adapter inherits this class and fills it from its
+    entry there (`catalog_entry`)."""
 
     name: ProviderName
     display_name: str
@@ -145,6 +149,20 @@ class ProviderFacts:
     credential_files: tuple[str, ...]
     required_credential_files: tuple[str, ...]
     api_key_env: str
+
+
+CATALOG_FILE = Path(__file__).with_name("catalog.toml")
+
+
+@functools.cache
+def _catalog() -> dict[str, dict[str, Any]]:
+    return tomllib.loads(CATALOG_FILE.read_text())
+
+
+def catalog_entry(name: str) -> dict[str, Any]:
+    """ProviderFacts' fields for provider `name`, from catalog.toml (lists as tuples)."""
+    entry = _catalog()[name]
+    return {"name": name, **{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}}
 
 
 class ProviderAdapter(Protocol):
