@@ -46,7 +46,7 @@ async def _serve(data_dir: str, port: int, sessions: int, info_file: str) -> Non
     services = await open_services(settings)
     user = await services.users.create("bench")
     token = (await services.users.issue_token(user.id, "bench")).secret
-    ids = [(await services.login.start(user.id, "claude_code"))["session_id"] for _ in range(sessions)]
+    ids = [(await services.login_sessions.start(user.id, "claude_code"))["session_id"] for _ in range(sessions)]
     Path(info_file).write_text(json.dumps({"token": token, "sessions": ids}))
     server = uvicorn.Server(uvicorn.Config(create_app(services=services), host="127.0.0.1", port=port,
                                            log_level="warning", access_log=False))

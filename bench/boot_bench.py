@@ -18,7 +18,7 @@ from pathlib import Path
 
 from polydev.config import Settings
 from polydev.vm import images
-from polydev.vm.backends.qemu import QemuVM
+from polydev.vm.backends.qemu.machine import QemuVM
 
 SEED_FIXED_DELAY_S = 45.0
 CLIS = {"claude": ["claude", "--version"], "codex": ["codex", "--version"], "gemini": ["gemini", "--version"]}

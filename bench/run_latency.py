@@ -302,7 +302,7 @@ class Bench:
             return took
 
     async def pool_full(self) -> None:
-        while len(self.engine._pool) < self.engine.pool_size:
+        while len(self.engine.pool.ready) < self.engine.pool.size:
             await asyncio.sleep(0.05)
 
 
@@ -353,7 +353,7 @@ async def main() -> None:
                 t0 = time.perf_counter()
                 await services.engine.destroy((await services.engine.create(None, "cli")).id)
                 print(f"snapshot for {args.memory} MiB made (first VM, cold boot): {time.perf_counter() - t0:.1f} s "
-                      f"[{services.engine.backend.accel}]", flush=True)
+                      f"[{services.engine.describe().accel}]", flush=True)
                 name = ADAPTERS[args.provider].display_name
                 if args.only != "run":
                     logins: list[dict[str, float]] = []
@@ -389,7 +389,7 @@ async def main() -> None:
                           f"{'met' if statistics.median([x['auth_url'] for x in pooled]) <= 3 else 'missed'}")
                 if args.only == "login":
                     return
-                services.engine.pool_size = 1
+                services.engine.pool.size = 1
                 services.engine.start_pool()
                 runs: list[dict[str, float]] = []
                 direct_runs: list[float] = []

@@ -31,7 +31,9 @@ from polydev.services import open_services  # noqa: E402
 from polydev.store.leases import LeaseRepo  # noqa: E402
 from polydev.store.vms import CleanupTaskRepo, VmRepo  # noqa: E402
 from polydev.vm import images  # noqa: E402
-from polydev.vm.backends.qemu import IGNORE_SHARED, QemuBackend, QemuVM, Snapshot  # noqa: E402
+from polydev.vm.backends.qemu.backend import QemuBackend  # noqa: E402
+from polydev.vm.backends.qemu.machine import IGNORE_SHARED, QemuVM  # noqa: E402
+from polydev.vm.backends.qemu.snapshot import Snapshot  # noqa: E402
 from polydev.vm.engine import VMEngine, find_marked_processes  # noqa: E402
 
 
@@ -87,7 +89,7 @@ def full_state_snapshot(image: images.Image, snap: Snapshot, memory: int, work: 
         vm.qmp("migrate", {"uri": f"exec:cat > {work / 'full-state.bin'}"})
         while vm.qmp("query-migrate").get("status") != "completed":
             time.sleep(0.02)
-        vm._kill()
+        vm.kill()
         os.replace(vm.overlay, work / "full-disk.qcow2")
     finally:
         vm.stop()
@@ -171,7 +173,7 @@ async def main() -> None:
                 t0 = time.perf_counter()
                 vms.append(await engine.create(None, "cli"))
                 restores.append(time.perf_counter() - t0)
-            engine.pool_size = 3
+            engine.pool.size = 3
             await engine.fill_pool()
             acquires: list[float] = []
             for _ in range(3):

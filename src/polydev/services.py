@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import structlog
@@ -18,9 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from polydev.config import Settings
 from polydev.core.login_browser import LoginBrowser
 from polydev.core.login_flow import LoginFlow
-from polydev.core.login_pool import parse_login_pool
 from polydev.core.login_sessions import LoginSessions
 from polydev.core.run_flow import RunFlow
+from polydev.core.vm_admin import VmAdmin
 from polydev.core.vnc_tickets import VncTickets
 from polydev.providers.base import GuestEnv
 from polydev.store import db
@@ -46,11 +47,13 @@ class Services:
     db_engine: AsyncEngine
     factory: async_sessionmaker[AsyncSession]
     vault: Vault
-    sessions: SessionStore
+    # Short-lived shared state (live logins, VNC tickets, run signals): in-process, or Redis across replicas.
+    session_store: SessionStore
     users: UserRepo
     credentials: CredentialRepo
-    auth_sessions: AuthSessionRepo
-    login: LoginSessions
+    # Login sessions: their state (live in the session store, recorded in the database; `.repo` holds the
+    # records); `login_flow` drives them.
+    login_sessions: LoginSessions
     runs: RunRepo
     # The VM engine when this process runs VMs; None otherwise, with the reason in `engine_unavailable`
     # when the server tried and could not (no image, no QEMU, tap mode without root, ...).
@@ -62,6 +65,7 @@ class Services:
     login_flow: LoginFlow = None  # type: ignore[assignment]  # wired right after construction
     vnc_tickets: VncTickets = None  # type: ignore[assignment]
     run_flow: RunFlow = None  # type: ignore[assignment]
+    vm_admin: VmAdmin = None  # type: ignore[assignment]  # the admin VM API's service
 
     def engine_or_reason(self) -> tuple[VMEngine | None, str | None]:
         return self.engine, self.engine_unavailable
@@ -74,9 +78,7 @@ class Services:
         if mode == "auto":
             # Only an image whose manifest lists Chromium can run it; a backend without an image manifest
             # (a stand-in) counts as without. LOGIN_BROWSER=on overrides.
-            image = getattr(self.engine.backend, "image", None)
-            packages = getattr(image, "manifest", {}).get("debian_packages", {}) if image is not None else {}
-            if "chromium" not in packages:
+            if not self.engine.describe().has_login_browser:
                 return None
         return LoginBrowser()
 
@@ -104,7 +106,7 @@ class Services:
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await engine.close()
-        await self.sessions.close()
+        await self.session_store.close()
         await self.db_engine.dispose()
 
 
@@ -132,22 +134,21 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
     factory = db.sessionmaker(engine)
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
     store = create_session_store(redis_url, settings.redis_session_ttl)
-    auth_sessions = AuthSessionRepo(factory)
     svc = Services(
-        settings=settings, db_engine=engine, factory=factory, vault=vault, sessions=store,
+        settings=settings, db_engine=engine, factory=factory, vault=vault, session_store=store,
         users=UserRepo(factory, settings.auth_cache_seconds), credentials=CredentialRepo(factory, vault),
-        auth_sessions=auth_sessions,
-        login=LoginSessions(store, auth_sessions), runs=RunRepo(factory),
+        login_sessions=LoginSessions(store, AuthSessionRepo(factory)), runs=RunRepo(factory),
     )
     ca_pem = settings.guest_ca_cert_file.read_bytes() if settings.guest_ca_cert_file else None
-    svc.login_flow = LoginFlow(sessions=svc.login, credentials=svc.credentials, engine=svc.engine_or_reason,
+    svc.login_flow = LoginFlow(sessions=svc.login_sessions, credentials=svc.credentials, engine=svc.engine_or_reason,
                                guest_env=svc.guest_env, ca_pem=ca_pem, timeout=settings.login_timeout_seconds,
-                               browser=svc.login_browser, pool=parse_login_pool(settings.login_pool),
+                               browser=svc.login_browser, pool=settings.login_pool,
                                pool_max_age=settings.login_pool_max_age_seconds, vault=vault)
     svc.vnc_tickets = VncTickets(store, settings.vnc_ticket_seconds)
     svc.run_flow = RunFlow(runs=svc.runs, credentials=svc.credentials, engine=svc.engine_or_reason,
                            guest_env=svc.guest_env, ca_pem=ca_pem, default_timeout=settings.run_timeout_seconds,
                            signals=store)
+    svc.vm_admin = VmAdmin(svc.engine_or_reason, default_ttl=timedelta(seconds=settings.vm_ttl_seconds))
     return svc
 
 
@@ -218,4 +219,4 @@ async def start_vm_engine(services: Services, backend_factory: BackendFactory | 
     services.engine = engine
     services.engine_unavailable = None
     log.info("vm_engine_started", backend=engine.backend.name, network_mode=services.settings.network_mode,
-             accel=getattr(engine.backend, "accel", None), reclaimed=counts)
+             accel=engine.describe().accel, reclaimed=counts)

@@ -24,14 +24,14 @@ async def test_health_reports_database_and_session_store(api: Api) -> None:
     body = r.json()
     assert body["status"] == "ok"
     assert body["database"]["ok"] is True and body["session_store"]["ok"] is True
-    assert body["session_store"]["kind"] == api.services.sessions.kind
+    assert body["session_store"]["kind"] == api.services.session_store.kind
 
 
 async def test_health_is_503_when_the_session_store_is_down(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     async def down() -> bool:
         return False
 
-    monkeypatch.setattr(api.services.sessions, "ping", down)
+    monkeypatch.setattr(api.services.session_store, "ping", down)
     r = await api.client.get("/health")
     assert r.status_code == 503 and r.json()["status"] == "degraded"
     assert r.json()["session_store"]["ok"] is False
@@ -85,7 +85,7 @@ async def test_user_b_gets_404_for_user_a_credential(api: Api) -> None:
 async def test_user_b_gets_404_for_user_a_session_and_tokens(api: Api) -> None:
     a_id, a_token = await api.new_user()
     b_id, b_token = await api.new_user()
-    session = await api.services.login.start(uuid.UUID(a_id), "claude_code")
+    session = await api.services.login_sessions.start(uuid.UUID(a_id), "claude_code")
     r = await api.client.get(f"/api/auth/sessions/{session['session_id']}", headers=api.auth(a_token))
     assert r.status_code == 200 and r.json()["status"] == "initializing"
     r = await api.client.get(f"/api/auth/sessions/{session['session_id']}", headers=api.auth(b_token))
@@ -101,23 +101,23 @@ async def test_user_b_gets_404_for_user_a_session_and_tokens(api: Api) -> None:
 
 async def test_expired_session_answers_410_start_a_new_session(api: Api) -> None:
     uid, token = await api.new_user()
-    session = await api.services.login.start(uuid.UUID(uid), "codex")
+    session = await api.services.login_sessions.start(uuid.UUID(uid), "codex")
     # Expire it the way the TTL would: the live state disappears from the store.
-    await api.services.sessions.delete(session["session_id"])
+    await api.services.session_store.delete(session["session_id"])
     for _ in range(2):  # and it stays expired on every later read
         r = await api.client.get(f"/api/auth/sessions/{session['session_id']}", headers=api.auth(token))
         assert r.status_code == 410
         assert r.json()["error"]["code"] == "session_expired"
         assert r.json()["error"]["action"] == "start_new_session"
-    row = await api.services.auth_sessions.get_owned(uuid.UUID(uid), uuid.UUID(session["session_id"]))
+    row = await api.services.login_sessions.repo.get_owned(uuid.UUID(uid), uuid.UUID(session["session_id"]))
     assert row is not None and row.status == "timeout" and row.completed_at is not None
 
 
 async def test_finished_session_reads_from_the_database_after_its_ttl(api: Api) -> None:
     uid, token = await api.new_user()
-    session = await api.services.login.start(uuid.UUID(uid), "codex")
-    await api.services.auth_sessions.finish(uuid.UUID(session["session_id"]), "completed")
-    await api.services.sessions.delete(session["session_id"])
+    session = await api.services.login_sessions.start(uuid.UUID(uid), "codex")
+    await api.services.login_sessions.repo.finish(uuid.UUID(session["session_id"]), "completed")
+    await api.services.session_store.delete(session["session_id"])
     r = await api.client.get(f"/api/auth/sessions/{session['session_id']}", headers=api.auth(token))
     assert r.status_code == 200 and r.json()["status"] == "completed"
 
@@ -168,8 +168,8 @@ async def test_streamed_oversized_body_is_413(api: Api) -> None:
 
 async def test_metrics_count_requests_by_route_and_sessions_by_status(api: Api) -> None:
     uid, token = await api.new_user()
-    await api.services.login.start(uuid.UUID(uid), "codex")
-    sid = (await api.services.login.start(uuid.UUID(uid), "codex"))["session_id"]
+    await api.services.login_sessions.start(uuid.UUID(uid), "codex")
+    sid = (await api.services.login_sessions.start(uuid.UUID(uid), "codex"))["session_id"]
     await api.client.get(f"/api/auth/sessions/{sid}", headers=api.auth(token))
     text = (await api.client.get("/metrics")).text
     assert 'polydev_http_requests_total{method="GET",route="/api/auth/sessions/{session_id}",status="200"} 1.0' in text

@@ -96,6 +96,9 @@ async def test_reconcile_after_an_engine_is_lost(services: Services, engine: VME
     stray_id = uuid.uuid4()
     stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1e6)", marker_for(engine.tag, stray_id)],
                              start_new_session=True)
+    # Popen returns once the exec began; the new command line shows in /proc a moment later.
+    while str(stray_id).encode() not in Path(f"/proc/{stray.pid}/cmdline").read_bytes():
+        await asyncio.sleep(0.001)
     (engine.vms_dir / str(uuid.uuid4())).mkdir()
     await engine.leases.acquire(uuid.uuid4(), 8, str)
 
@@ -225,17 +228,17 @@ async def test_warm_pool_hands_out_running_vms_and_refills(services: Services) -
         vm = await eng.create(user, "cli", ttl=timedelta(minutes=5))
         assert vm.id in pooled and vm.user_id == user and vm.expires_at is not None
         assert len(backend.started) == starts_before, "handed out without starting anything"
-        await asyncio.gather(*eng._hand_outs)  # the row follows the hand-out
+        await eng.pool.settled()  # the row follows the hand-out
         row = await eng.get(vm.id)
         assert row is not None and row.user_id == user and row.expires_at == vm.expires_at
         browser = await eng.create(user, "browser")
         assert browser.id not in pooled, "the pool only holds cli VMs"
         eng.start_pool()
         for _ in range(500):  # the background filler tops the pool up again
-            if len(eng._pool) == 2:
+            if len(eng.pool.ready) == 2:
                 break
             await asyncio.sleep(0.01)
-        assert len(eng._pool) == 2 and vm.id not in eng._pool
+        assert len(eng.pool.ready) == 2 and vm.id not in eng.pool.ready
     finally:
         await eng.close()
     assert find_marked_processes(eng.tag) == {}, "close() destroys pooled VMs too"
@@ -245,14 +248,14 @@ async def test_pool_prepare_runs_before_a_vm_is_pooled_and_the_hand_out_says_so(
     seen: list[tuple[uuid.UUID, bool, str]] = []
 
     async def prepare(vm: VM, client: AgentClient) -> None:
-        seen.append((vm.id, vm.id in eng._pool, client.base_url))
+        seen.append((vm.id, vm.id in eng.pool.ready, client.base_url))
 
     eng = make_engine(services, FakeBackend(), pool_size=1, pool_prepare=prepare)
     try:
         assert await eng.fill_pool() == 1
         [(prepared_id, was_pooled, url)] = seen
         assert not was_pooled, "prepared before it is counted as ready"
-        assert eng._pool == [prepared_id] and url == "http://127.0.0.1:9", "given a client of that VM's agent"
+        assert eng.pool.ready == (prepared_id,) and url == "http://127.0.0.1:9", "given a client of that VM's agent"
         vm = await eng.create(None, "cli")
         assert vm.id == prepared_id and vm.prepared
         fresh = await eng.create(None, "cli")  # the pool is empty: a plain start, not prepared
@@ -273,7 +276,7 @@ async def test_a_vm_whose_preparation_fails_is_destroyed_not_pooled(services: Se
     try:
         with pytest.raises(VMCreateError, match="pool preparation failed: the guest said no") as info:
             await eng.fill_pool()
-        assert eng._pool == [] and await eng.list() == []
+        assert eng.pool.ready == () and await eng.list() == []
         assert find_marked_processes(eng.tag) == {} and await eng.leases.held() == {}
         assert not eng.workdir(info.value.vm_id).exists()
         row = await eng.get(info.value.vm_id)
@@ -297,5 +300,5 @@ async def test_close_while_the_pool_prepares_a_vm_leaves_nothing(services: Servi
     await asyncio.wait_for(preparing.wait(), 30)
     await eng.close()
     assert find_marked_processes(eng.tag) == {}
-    assert await eng.list() == [] and eng._pool == []
+    assert await eng.list() == [] and eng.pool.ready == ()
     assert not any(eng.vms_dir.iterdir())

@@ -179,7 +179,7 @@ async def test_bad_login_requests_are_4xx_and_start_nothing(flows: Api, body: di
     _, token = await flows.new_user()
     r = await flows.client.post("/api/auth/start", json=body, headers=flows.auth(token))
     assert r.status_code == code and "error" in r.json(), r.text
-    assert await flows.services.auth_sessions.live() == []
+    assert await flows.services.login_sessions.repo.live() == []
     await no_vms_left(flows)
 
 
@@ -370,10 +370,10 @@ async def api_key_user(api: Api) -> dict[str, str]:
 async def test_a_pooled_vm_is_prepared_and_its_run_puts_only_its_own_files(
         flows: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = flows.services.engine
-    assert engine is not None and engine.pool_prepare is not None, "services wire the run flow's preparation"
+    assert engine is not None and engine.pool.prepare is not None, "services wire the run flow's preparation"
     env = flows.services.guest_env("claude_code")
     ca_path = with_guest_ca(flows, tmp_path / "guest")
-    engine.pool_size = 1
+    engine.pool.size = 1
     assert await engine.fill_pool() == 1
     [pooled] = await engine.list()
     # Before any run: the pooled VM's agent already holds the base files (nothing else has used this guest).
@@ -402,9 +402,9 @@ async def test_an_oauth_run_on_a_prepared_vm_puts_its_credential_private(
     _, h = await logged_in(flows)  # the login, before the pool exists, takes a fresh VM
     engine = flows.services.engine
     assert engine is not None
-    engine.pool_size = 1
+    engine.pool.size = 1
     await engine.fill_pool()
-    [pooled] = engine._pool
+    [pooled] = engine.pool.ready
     puts = PutLog(monkeypatch)
     rid = await post_run(flows, h, "hello")
     assert (await wait_run(flows, h, rid))["status"] == "succeeded"
@@ -417,7 +417,7 @@ async def test_an_oauth_run_on_a_prepared_vm_puts_its_credential_private(
 
 async def test_a_run_on_an_unprepared_vm_puts_the_base_files_itself(
         flows: Api, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert flows.services.engine is not None and flows.services.engine.pool_size == 0
+    assert flows.services.engine is not None and flows.services.engine.pool.size == 0
     puts = PutLog(monkeypatch)
     h = await api_key_user(flows)
     rid = await post_run(flows, h, "hello")
@@ -435,10 +435,10 @@ async def test_a_failed_preparation_pools_nothing_leaves_nothing_and_the_pool_fi
     blocker = Path(env.workdir)
     blocker.parent.mkdir(parents=True, exist_ok=True)
     blocker.write_text("a file where the working directory goes: the staging PUT fails")
-    engine.pool_size = 1
+    engine.pool.size = 1
     with pytest.raises(VMCreateError, match="pool preparation failed"):
         await engine.fill_pool()
-    assert engine._pool == [] and await engine.list() == []
+    assert engine.pool.ready == () and await engine.list() == []
     assert find_marked_processes(engine.tag) == {} and await engine.leases.held() == {}
     assert not any(engine.vms_dir.iterdir()), "the VM's disk is gone"
     [row] = await engine.vms.list(live_only=False)
@@ -451,11 +451,11 @@ async def test_a_failed_preparation_pools_nothing_leaves_nothing_and_the_pool_fi
         await asyncio.sleep(0.05)
     blocker.unlink()
     for _ in range(600):
-        if engine._pool:
+        if engine.pool.ready:
             break
         await asyncio.sleep(0.05)
-    assert len(engine._pool) == 1
-    pooled = engine._pool[0]
+    assert len(engine.pool.ready) == 1
+    pooled = engine.pool.ready[0]
     vm = await engine.create(None, "cli")
     assert vm.prepared and vm.id == pooled
     await engine.close()

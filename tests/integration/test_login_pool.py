@@ -11,8 +11,7 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from polydev.config import Settings
-from polydev.core.login_pool import parse_login_pool
+from polydev.config import Settings, parse_login_pool
 from polydev.providers import ADAPTERS
 from tests.support.app import Api
 from tests.support.flow_api import no_vms_left, stored, wait_status
@@ -138,7 +137,7 @@ async def test_an_unclaimed_login_is_replaced_at_its_max_age(flows: Api) -> None
     row = await engine.get(first)
     assert row is not None and row.status == "destroyed"
     # No session was ever made for it.
-    assert await flows.services.login.repo.live() == []
+    assert await flows.services.login_sessions.repo.live() == []
     await flows.services.login_flow.close()
     await no_vms_left(flows)
 

@@ -61,7 +61,7 @@ async def test_a_code_sent_to_another_replica_completes_the_login(flows: Api, re
     assert r.status_code == 202, r.text
     assert (await wait_status(replica_b, h, sid, "completed", "failed"))["status"] == "completed"
     assert json.loads((await stored(flows, uid)).files[".fake/creds.json"][0])["access"] == "from-paste"
-    live = await flows.services.sessions.get(sid)
+    live = await flows.services.session_store.get(sid)
     assert live is not None and not live.get(CODE_KEY)  # taken (and removed) by A
     await no_vms_left(flows)
 
@@ -72,7 +72,7 @@ async def test_bad_input_is_refused_by_the_replica_that_receives_it(flows: Api, 
     r = await replica_b.client.post(f"/api/auth/sessions/{sid}/code",
                                     json={"code": "http://localhost/callback?code=good-code"}, headers=h)
     assert r.status_code == 422 and "http://localhost:PORT" in r.json()["error"]["message"], r.text
-    live = await flows.services.sessions.get(sid)
+    live = await flows.services.session_store.get(sid)
     assert live is not None and not live.get(CODE_KEY)  # nothing was relayed
     # Another user learns nothing about the session on either replica.
     _, other = await flows.new_user()

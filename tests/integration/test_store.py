@@ -23,7 +23,7 @@ async def test_migrations_create_every_table_and_rerun_cleanly(services: Service
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
     assert {"users", "api_tokens", "vms", "auth_sessions", "credentials", "vm_cleanup_tasks", "runs",
             "network_leases"} <= tables
-    assert version == "0004"  # head: bump with every new revision
+    assert version == "0005"  # head: bump with every new revision
 
 
 async def test_seed_columns_hold_only_ciphertext(services: Services) -> None:
@@ -181,8 +181,10 @@ async def test_upgrade_from_the_first_schema_keeps_vm_rows(database_url: str) ->
                 {"id": vm_id.hex if engine.dialect.name == "sqlite" else vm_id})
         await db.migrate(engine)
         async with engine.connect() as conn:
-            pid = (await conn.execute(text("SELECT backend_pid FROM vms"))).scalar_one()
-        assert pid == 4242
+            pid, purpose = (await conn.execute(text("SELECT backend_pid, type FROM vms"))).one()
+            columns = {c["name"] for c in await conn.run_sync(lambda c: inspect(c).get_columns("vms"))}
+        assert pid == 4242 and purpose == "cli"
+        assert "vm_type" not in columns  # 0005: it only repeated `type`, the VM's purpose
     finally:
         await engine.dispose()
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from polydev.api.app import create_app
-from polydev.api.routes import vms as vm_routes
 from polydev.config import Settings
+from polydev.core import vm_admin
 from polydev.services import build_vm_engine, open_services
 from polydev.vm.backends import BackendUnavailable
 from polydev.vm.engine import VMEngine, find_marked_processes
@@ -168,7 +168,7 @@ async def test_exec_runs_the_command_through_the_agent(vm_api: Api, monkeypatch:
     assert (await run(args=["cat"], stdin="piped in"))["stdout"] == "piped in"
     slow = await run(args=["sleep", "30"], timeout_s=0.5)
     assert slow["timed_out"] is True and slow["duration_s"] < 10
-    monkeypatch.setattr(vm_routes, "MAX_OUTPUT_BYTES", 1000)
+    monkeypatch.setattr(vm_admin, "MAX_OUTPUT_BYTES", 1000)
     big = await run(args=["sh", "-c", "head -c 5000 /dev/zero | tr '\\0' x; echo done >&2"])
     assert big["stdout"] == "x" * 1000 and big["stdout_truncated"] is True
     assert big["stderr"] == "done\n" and big["exit_code"] == 0  # the command ran to its end regardless
@@ -252,7 +252,7 @@ async def test_lifespan_reconciles_at_start_and_destroys_its_vms_at_shutdown(tmp
             vm = (await client.post("/api/vms", json={}, headers=h)).json()
             assert (await client.get("/health")).json()["vm"]["available"] is True
         pid = find_marked_processes(tag)[uuid.UUID(vm["id"])]
-        assert services.engine._reaper is not None  # the reaper runs while the app does
+        assert services.engine.reaper.running  # the reaper runs while the app does
     assert pid_gone(pid) and find_marked_processes(tag) == {}
 
 

@@ -11,8 +11,8 @@ from polydev.store.vms import CleanupTaskRepo, VmRepo
 
 async def test_vm_row_lifecycle_and_expiry(services: Services) -> None:
     repo = VmRepo(services.factory)
-    soon = await repo.create(type="cli", backend="qemu", expires_at=utcnow() - timedelta(seconds=1))
-    later = await repo.create(type="browser", backend="qemu", expires_at=utcnow() + timedelta(hours=1))
+    soon = await repo.create(purpose="cli", backend="qemu", expires_at=utcnow() - timedelta(seconds=1))
+    later = await repo.create(purpose="browser", backend="qemu", expires_at=utcnow() + timedelta(hours=1))
     assert {v.vm_id for v in await repo.list()} == {soon.vm_id, later.vm_id}
     assert [v.vm_id for v in await repo.expired()] == [soon.vm_id]
     await repo.update(later.vm_id, status="running", backend_pid=1234, agent_port=40000)
@@ -42,9 +42,9 @@ async def test_cleanup_tasks_are_claimed_once_and_survive_a_crash(services: Serv
 
 async def test_count_by_status_counts_live_vms(services: Services) -> None:
     repo = VmRepo(services.factory)
-    a = await repo.create(type="cli", backend="qemu")
-    b = await repo.create(type="cli", backend="qemu")
-    await repo.create(type="cli", backend="qemu")
+    a = await repo.create(purpose="cli", backend="qemu")
+    b = await repo.create(purpose="cli", backend="qemu")
+    await repo.create(purpose="cli", backend="qemu")
     await repo.update(a.vm_id, status="running")
     await repo.mark_destroyed(b.vm_id)
     assert await repo.count_by_status() == {"creating": 1, "running": 1}

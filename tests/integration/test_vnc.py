@@ -259,7 +259,7 @@ async def test_expired_session_answers_start_a_new_session_everywhere(vnc_stack:
     sid = await vnc_stack.start_login(h)
     await vnc_stack.wait(h, sid, "vnc_url")
     url = (await vnc_stack.ticket(h, sid)).json()["url"]
-    await vnc_stack.api.services.sessions.delete(sid)  # what the store's TTL does to an idle session
+    await vnc_stack.api.services.session_store.delete(sid)  # what the store's TTL does to an idle session
     got = await vnc_stack.api.client.get(f"/api/auth/sessions/{sid}", headers=h)
     r = await vnc_stack.ticket(h, sid)
     assert got.status_code == r.status_code == 410

@@ -10,13 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from polydev.vm.engine import Started, VMSpec
+from polydev.vm.types import BackendInfo, Started, VMSpec
 
 _SLEEPER = "import sys, time\nprint('booted', sys.argv[1], flush=True)\ntime.sleep(1e6)\n"
 
 
 class FakeBackend:
     name = "fake"
+    accel: str | None = None  # what describe() reports (tests set it)
 
     def __init__(self) -> None:
         self.fail_next: str | None = None
@@ -25,6 +26,9 @@ class FakeBackend:
 
     def console_log(self, workdir: Path) -> Path:
         return workdir / "console.log"
+
+    def describe(self) -> BackendInfo:
+        return BackendInfo(accel=self.accel)  # no image manifest
 
     async def start(self, spec: VMSpec) -> Started:
         with open(self.console_log(spec.workdir), "wb") as log:

@@ -25,7 +25,7 @@ from polydev import protocol as p
 from polydev.config import Settings
 from polydev.vm import build_steps, images
 from polydev.vm.agent_client import AgentClient
-from polydev.vm.backends.qemu import QemuVM, free_port
+from polydev.vm.backends.qemu.machine import QemuVM, free_port
 
 SRC = Path(images.__file__).resolve().parents[2]
 

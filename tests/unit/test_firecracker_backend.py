@@ -26,14 +26,11 @@ from polydev.config import Settings
 from polydev.vm import network
 from polydev.vm.agent_client import AgentClient, AgentError
 from polydev.vm.backends import BackendUnavailable, create_backend
-from polydev.vm.backends import firecracker as fc
-from polydev.vm.backends import firecracker_backend as fcb
-from polydev.vm.backends.firecracker_backend import (
-    NEEDS_TAP,
-    FirecrackerBackend,
-    Snapshot,
-    boot_args,
-)
+from polydev.vm.backends.firecracker import backend as fcb
+from polydev.vm.backends.firecracker.backend import FirecrackerBackend, Snapshot, boot_args
+from polydev.vm.backends.firecracker.checks import NEEDS_TAP, kvm_problem
+from polydev.vm.backends.firecracker.errors import FirecrackerAPIError, FirecrackerError
+from polydev.vm.backends.firecracker.jailer import JailerConfig
 from polydev.vm.engine import VMSpec, find_marked_processes, marker_for
 from tests.support.firecracker_fake import (
     LoopbackSlot,
@@ -220,7 +217,7 @@ async def test_a_failed_restore_leaves_no_process(short_dir: Path, slots: Loopba
     bad = spec_for(short_dir, slots.create(1))
     snapshot = Snapshot(backend.snapshot_dir(1, 256))
     assert snapshot.files.memory.exists()
-    with pytest.raises(fc.FirecrackerAPIError, match="bad memory file"):
+    with pytest.raises(FirecrackerAPIError, match="bad memory file"):
         await backend.start(bad)
     assert find_marked_processes(TAG) == {}
     assert not snapshot.directory.exists()  # refused by Firecracker: made afresh by the next start
@@ -236,7 +233,7 @@ async def test_a_restored_agent_that_refuses_the_handover_fails_the_start(short_
     # A template token the frozen agent does not hold: the handover is refused (401), and that is final.
     (Snapshot(backend.snapshot_dir(1, 256)).directory / "template.token").write_text("wrong")
     spec = spec_for(short_dir, slots.create(1))
-    with pytest.raises(fc.FirecrackerError, match="refused its new token .*401"):
+    with pytest.raises(FirecrackerError, match="refused its new token .*401"):
         await backend.start(spec)
     assert find_marked_processes(TAG) == {}
 
@@ -270,7 +267,7 @@ async def test_under_the_jailer_every_vm_names_its_disk_from_the_jail_root(
     jail_base = short_dir / "j"
     # As root, a uid of its own, as in production (the fake jailer does not drop privileges, so it still works).
     uid = 65534 if os.geteuid() == 0 else os.getuid()
-    jailer = fc.JailerConfig(binary=jailer_bin, uid=uid, gid=uid, chroot_base_dir=jail_base, new_pid_ns=True)
+    jailer = JailerConfig(binary=jailer_bin, uid=uid, gid=uid, chroot_base_dir=jail_base, new_pid_ns=True)
     backend = make_backend(short_dir, jailer=jailer)
     spec = spec_for(short_dir, slots.create(0))
     started = await backend.start(spec)
@@ -321,7 +318,7 @@ def test_create_backend_selects_firecracker(short_dir: Path) -> None:
     binary, kernel, rootfs = files(short_dir)
     config = settings(short_dir, firecracker_binary=binary, firecracker_golden_kernel=kernel,
                       firecracker_golden_rootfs=rootfs, network_mode="tap")
-    kvm = fc.kvm_problem()
+    kvm = kvm_problem()
     if kvm is not None:  # a machine without KVM: that is then the one reason given
         with pytest.raises(BackendUnavailable, match=re.escape(kvm)):
             create_backend(config)

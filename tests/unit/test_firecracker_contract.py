@@ -21,7 +21,37 @@ import httpx
 import pydantic
 import pytest
 
-from polydev.vm.backends import firecracker as fc
+from polydev.vm.backends.firecracker.api import (
+    BootSource,
+    Drive,
+    DriveUpdate,
+    FirecrackerClient,
+    Logger,
+    MachineConfig,
+    MemoryBackend,
+    Metrics,
+    NetworkInterface,
+    NetworkOverride,
+    SnapshotCreate,
+    SnapshotLoad,
+    Vsock,
+)
+from polydev.vm.backends.firecracker.checks import check_available, kernel_problem, unavailable_reason
+from polydev.vm.backends.firecracker.errors import (
+    FirecrackerAPIError,
+    FirecrackerError,
+    FirecrackerProcessError,
+    FirecrackerUnavailable,
+)
+from polydev.vm.backends.firecracker.jailer import JailerConfig
+from polydev.vm.backends.firecracker.process import (
+    DEFAULT_BOOT_ARGS,
+    UNIX_PATH_MAX,
+    DriveSpec,
+    FirecrackerProcess,
+    SnapshotFiles,
+    VMConfig,
+)
 from tests.support.firecracker_fake import (
     CONSOLE_LINE,
     FakeFirecracker,
@@ -59,20 +89,20 @@ async def fake(specs: list[Spec], short_dir: Path) -> AsyncIterator[FakeFirecrac
 
 
 @pytest.fixture
-async def client(fake: FakeFirecracker) -> AsyncIterator[fc.FirecrackerClient]:
-    async with fc.FirecrackerClient(fake.socket_path) as c:
+async def client(fake: FakeFirecracker) -> AsyncIterator[FirecrackerClient]:
+    async with FirecrackerClient(fake.socket_path) as c:
         yield c
 
 
 @pytest.fixture
-def vm_files(tmp_path: Path) -> fc.VMConfig:
+def vm_files(tmp_path: Path) -> VMConfig:
     kernel, rootfs, data = tmp_path / "vmlinux", tmp_path / "rootfs.ext4", tmp_path / "data.ext4"
     kernel.write_bytes(ELF_KERNEL)
     rootfs.write_bytes(b"\0" * 1024)
     data.write_bytes(b"\0" * 1024)
-    return fc.VMConfig(kernel=kernel, rootfs=rootfs, rootfs_read_only=True, vcpus=2, mem_mib=1024,
-                       boot_args=fc.DEFAULT_BOOT_ARGS + " init=/sbin/polydev-init",
-                       extra_drives=(fc.DriveSpec("data", data, read_only=False),),
+    return VMConfig(kernel=kernel, rootfs=rootfs, rootfs_read_only=True, vcpus=2, mem_mib=1024,
+                       boot_args=DEFAULT_BOOT_ARGS + " init=/sbin/polydev-init",
+                       extra_drives=(DriveSpec("data", data, read_only=False),),
                        tap="tap-slot3", guest_mac="06:00:ac:10:00:02")
 
 
@@ -141,17 +171,17 @@ def test_fake_server_answers_a_spec_violation_like_firecracker(fake: FakeFirecra
 # -- the client ------------------------------------------------------------------------------------------
 
 
-async def test_full_boot_sequence_conforms(client: fc.FirecrackerClient, fake: FakeFirecracker,
-                                           specs: list[Spec], vm_files: fc.VMConfig, tmp_path: Path) -> None:
+async def test_full_boot_sequence_conforms(client: FirecrackerClient, fake: FakeFirecracker,
+                                           specs: list[Spec], vm_files: VMConfig, tmp_path: Path) -> None:
     log_file = tmp_path / "fc.log"
     log_file.touch()
-    await client.put_logger(fc.Logger(log_path=str(log_file), level="Info", show_level=True))
-    await client.put_machine_config(fc.MachineConfig(vcpu_count=2, mem_size_mib=1024, smt=False))
-    await client.put_boot_source(fc.BootSource(kernel_image_path=str(vm_files.kernel),
+    await client.put_logger(Logger(log_path=str(log_file), level="Info", show_level=True))
+    await client.put_machine_config(MachineConfig(vcpu_count=2, mem_size_mib=1024, smt=False))
+    await client.put_boot_source(BootSource(kernel_image_path=str(vm_files.kernel),
                                                boot_args=vm_files.boot_args))
-    await client.put_drive(fc.Drive(drive_id="rootfs", path_on_host=str(vm_files.rootfs), is_root_device=True,
+    await client.put_drive(Drive(drive_id="rootfs", path_on_host=str(vm_files.rootfs), is_root_device=True,
                                     is_read_only=True, cache_type="Unsafe", io_engine="Sync"))
-    await client.put_network_interface(fc.NetworkInterface(iface_id="eth0", host_dev_name="tap0",
+    await client.put_network_interface(NetworkInterface(iface_id="eth0", host_dev_name="tap0",
                                                            guest_mac="06:00:ac:10:00:02"))
     await client.instance_start()
 
@@ -166,25 +196,25 @@ async def test_full_boot_sequence_conforms(client: fc.FirecrackerClient, fake: F
     assert_conforms(specs, fake.requests)
 
 
-async def test_snapshot_create_then_load_in_a_fresh_process(client: fc.FirecrackerClient, fake: FakeFirecracker,
-                                                          specs: list[Spec], vm_files: fc.VMConfig,
+async def test_snapshot_create_then_load_in_a_fresh_process(client: FirecrackerClient, fake: FakeFirecracker,
+                                                          specs: list[Spec], vm_files: VMConfig,
                                                           short_dir: Path, tmp_path: Path) -> None:
-    await client.put_machine_config(fc.MachineConfig(vcpu_count=1, mem_size_mib=256, track_dirty_pages=True))
-    await client.put_boot_source(fc.BootSource(kernel_image_path=str(vm_files.kernel)))
+    await client.put_machine_config(MachineConfig(vcpu_count=1, mem_size_mib=256, track_dirty_pages=True))
+    await client.put_boot_source(BootSource(kernel_image_path=str(vm_files.kernel)))
     await client.instance_start()
     await client.pause()
     state, memory = tmp_path / "vm.state", tmp_path / "vm.mem"
-    await client.create_snapshot(fc.SnapshotCreate(snapshot_path=str(state), mem_file_path=str(memory),
+    await client.create_snapshot(SnapshotCreate(snapshot_path=str(state), mem_file_path=str(memory),
                                                    snapshot_type="Full"))
     await client.resume()
     assert state.exists() and memory.exists()
     assert calls(fake.requests)[-3:] == ["PATCH /vm", "PUT /snapshot/create", "PATCH /vm"]
 
     async with FakeFirecracker(short_dir / "api2.sock", specs) as fresh, \
-            fc.FirecrackerClient(fresh.socket_path) as restored:
-        await restored.load_snapshot(fc.SnapshotLoad(
-            snapshot_path=str(state), mem_backend=fc.MemoryBackend(backend_type="File", backend_path=str(memory)),
-            resume_vm=True, network_overrides=[fc.NetworkOverride(iface_id="eth0", host_dev_name="tap7")]))
+            FirecrackerClient(fresh.socket_path) as restored:
+        await restored.load_snapshot(SnapshotLoad(
+            snapshot_path=str(state), mem_backend=MemoryBackend(backend_type="File", backend_path=str(memory)),
+            resume_vm=True, network_overrides=[NetworkOverride(iface_id="eth0", host_dev_name="tap7")]))
         assert (await restored.describe_instance()).state == "Running"
         assert (await restored.get_machine_config()).mem_size_mib == 256  # the snapshot's, not the default
         assert fresh.requests[0].body["mem_backend"] == {"backend_type": "File", "backend_path": str(memory)}
@@ -194,8 +224,8 @@ async def test_snapshot_create_then_load_in_a_fresh_process(client: fc.Firecrack
     assert_conforms(specs, fake.requests)
 
 
-async def test_pause_and_resume(client: fc.FirecrackerClient, fake: FakeFirecracker, vm_files: fc.VMConfig) -> None:
-    await client.put_boot_source(fc.BootSource(kernel_image_path=str(vm_files.kernel)))
+async def test_pause_and_resume(client: FirecrackerClient, fake: FakeFirecracker, vm_files: VMConfig) -> None:
+    await client.put_boot_source(BootSource(kernel_image_path=str(vm_files.kernel)))
     await client.instance_start()
     await client.pause()
     assert (await client.describe_instance()).state == "Paused"
@@ -204,21 +234,21 @@ async def test_pause_and_resume(client: fc.FirecrackerClient, fake: FakeFirecrac
     assert [r.body for r in fake.requests if r.path == "/vm"] == [{"state": "Paused"}, {"state": "Resumed"}]
 
 
-async def test_every_client_method_conforms(client: fc.FirecrackerClient, fake: FakeFirecracker,
-                                            specs: list[Spec], vm_files: fc.VMConfig, tmp_path: Path) -> None:
+async def test_every_client_method_conforms(client: FirecrackerClient, fake: FakeFirecracker,
+                                            specs: list[Spec], vm_files: VMConfig, tmp_path: Path) -> None:
     """The methods the boot and snapshot tests do not use, so nothing the client can send goes unchecked."""
     metrics = tmp_path / "metrics.fifo"
     assert (await client.get_machine_config()).vcpu_count == 1
     assert await client.version() == "1.13.2"
-    await client.put_metrics(fc.Metrics(metrics_path=str(metrics)))
-    await client.patch_machine_config(fc.MachineConfig(vcpu_count=2, mem_size_mib=512, huge_pages="None"))
-    await client.put_vsock(fc.Vsock(guest_cid=3, uds_path=str(tmp_path / "v.sock")))
-    await client.put_boot_source(fc.BootSource(kernel_image_path=str(vm_files.kernel),
+    await client.put_metrics(Metrics(metrics_path=str(metrics)))
+    await client.patch_machine_config(MachineConfig(vcpu_count=2, mem_size_mib=512, huge_pages="None"))
+    await client.put_vsock(Vsock(guest_cid=3, uds_path=str(tmp_path / "v.sock")))
+    await client.put_boot_source(BootSource(kernel_image_path=str(vm_files.kernel),
                                                initrd_path=str(vm_files.rootfs)))
-    await client.put_drive(fc.Drive(drive_id="data", path_on_host=str(vm_files.rootfs), is_root_device=False,
+    await client.put_drive(Drive(drive_id="data", path_on_host=str(vm_files.rootfs), is_root_device=False,
                                     is_read_only=False, partuuid="0eaa91a0-01"))
     await client.instance_start()
-    await client.patch_drive(fc.DriveUpdate(drive_id="data", path_on_host=str(vm_files.kernel)))
+    await client.patch_drive(DriveUpdate(drive_id="data", path_on_host=str(vm_files.kernel)))
     await client.flush_metrics()
     await client.send_ctrl_alt_del()
     assert len(fake.requests) == 11
@@ -228,51 +258,51 @@ async def test_every_client_method_conforms(client: fc.FirecrackerClient, fake: 
 # -- error mapping ---------------------------------------------------------------------------------------
 
 
-async def test_a_400_carries_firecrackers_fault_message(client: fc.FirecrackerClient, fake: FakeFirecracker,
-                                                        vm_files: fc.VMConfig) -> None:
+async def test_a_400_carries_firecrackers_fault_message(client: FirecrackerClient, fake: FakeFirecracker,
+                                                        vm_files: VMConfig) -> None:
     fake.faults[("PUT", "/boot-source")] = (400, "Invalid kernel path: /nowhere")
-    with pytest.raises(fc.FirecrackerAPIError) as caught:
-        await client.put_boot_source(fc.BootSource(kernel_image_path=str(vm_files.kernel)))
+    with pytest.raises(FirecrackerAPIError) as caught:
+        await client.put_boot_source(BootSource(kernel_image_path=str(vm_files.kernel)))
     err = caught.value
     assert (err.status, err.method, err.path) == (400, "PUT", "/boot-source")
     assert err.fault_message == "Invalid kernel path: /nowhere"
     assert "Invalid kernel path: /nowhere" in str(err)
 
 
-async def test_firecrackers_own_refusals_surface(client: fc.FirecrackerClient, vm_files: fc.VMConfig,
+async def test_firecrackers_own_refusals_surface(client: FirecrackerClient, vm_files: VMConfig,
                                                 tmp_path: Path) -> None:
-    with pytest.raises(fc.FirecrackerAPIError, match="without kernel configuration"):
+    with pytest.raises(FirecrackerAPIError, match="without kernel configuration"):
         await client.instance_start()
-    await client.put_boot_source(fc.BootSource(kernel_image_path=str(vm_files.kernel)))
+    await client.put_boot_source(BootSource(kernel_image_path=str(vm_files.kernel)))
     await client.instance_start()
-    with pytest.raises(fc.FirecrackerAPIError, match="not paused") as caught:  # a snapshot needs a pause
-        await client.create_snapshot(fc.SnapshotCreate(snapshot_path=str(tmp_path / "s"),
+    with pytest.raises(FirecrackerAPIError, match="not paused") as caught:  # a snapshot needs a pause
+        await client.create_snapshot(SnapshotCreate(snapshot_path=str(tmp_path / "s"),
                                                        mem_file_path=str(tmp_path / "m")))
     assert caught.value.status == 400
-    with pytest.raises(fc.FirecrackerAPIError, match="after starting the microVM"):
-        await client.put_machine_config(fc.MachineConfig(vcpu_count=1, mem_size_mib=128))
+    with pytest.raises(FirecrackerAPIError, match="after starting the microVM"):
+        await client.put_machine_config(MachineConfig(vcpu_count=1, mem_size_mib=128))
 
 
 async def test_error_without_json_body_and_unreachable_socket(short_dir: Path) -> None:
     def answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(500, text="internal failure")
 
-    async with fc.FirecrackerClient(short_dir / "x.sock", transport=httpx.MockTransport(answer)) as c:
-        with pytest.raises(fc.FirecrackerAPIError, match="internal failure") as caught:
+    async with FirecrackerClient(short_dir / "x.sock", transport=httpx.MockTransport(answer)) as c:
+        with pytest.raises(FirecrackerAPIError, match="internal failure") as caught:
             await c.pause()
         assert caught.value.status == 500
-    async with fc.FirecrackerClient(short_dir / "nobody.sock") as c:
-        with pytest.raises(fc.FirecrackerError, match="did not answer GET /"):
+    async with FirecrackerClient(short_dir / "nobody.sock") as c:
+        with pytest.raises(FirecrackerError, match="did not answer GET /"):
             await c.describe_instance()
 
 
 @pytest.mark.parametrize("build", [
-    lambda: fc.Drive(drive_id="../vm", path_on_host="/x", is_root_device=True, is_read_only=False),
-    lambda: fc.NetworkInterface(iface_id="eth0", host_dev_name="tap0", guest_mac="not-a-mac"),
-    lambda: fc.NetworkInterface(iface_id="eth0", host_dev_name="a-name-longer-than-15"),
-    lambda: fc.MachineConfig(vcpu_count=0, mem_size_mib=128),
-    lambda: fc.Vsock(guest_cid=2, uds_path="/v"),
-    lambda: fc.BootSource(kernel_image_path="/k", kernel_args="x"),  # type: ignore[call-arg]
+    lambda: Drive(drive_id="../vm", path_on_host="/x", is_root_device=True, is_read_only=False),
+    lambda: NetworkInterface(iface_id="eth0", host_dev_name="tap0", guest_mac="not-a-mac"),
+    lambda: NetworkInterface(iface_id="eth0", host_dev_name="a-name-longer-than-15"),
+    lambda: MachineConfig(vcpu_count=0, mem_size_mib=128),
+    lambda: Vsock(guest_cid=2, uds_path="/v"),
+    lambda: BootSource(kernel_image_path="/k", kernel_args="x"),  # type: ignore[call-arg]
 ])
 def test_bodies_refuse_what_firecracker_would(build: object) -> None:
     with pytest.raises(pydantic.ValidationError):
@@ -284,15 +314,15 @@ def test_bodies_refuse_what_firecracker_would(build: object) -> None:
 
 def test_unavailable_reasons(tmp_path: Path) -> None:
     missing = tmp_path / "firecracker"
-    assert "no firecracker binary" in (fc.unavailable_reason(missing, kvm_device=None) or "")
+    assert "no firecracker binary" in (unavailable_reason(missing, kvm_device=None) or "")
     missing.write_text("#!/bin/sh\n")
     missing.chmod(0o644)
-    assert "not executable" in (fc.unavailable_reason(missing, kvm_device=None) or "")
+    assert "not executable" in (unavailable_reason(missing, kvm_device=None) or "")
     missing.chmod(0o755)
-    assert fc.unavailable_reason(missing, kvm_device=None) is None
-    assert "cannot open" in (fc.unavailable_reason(missing, kvm_device=tmp_path / "kvm") or "")
-    with pytest.raises(fc.FirecrackerUnavailable) as caught:
-        fc.check_available(tmp_path / "absent")
+    assert unavailable_reason(missing, kvm_device=None) is None
+    assert "cannot open" in (unavailable_reason(missing, kvm_device=tmp_path / "kvm") or "")
+    with pytest.raises(FirecrackerUnavailable) as caught:
+        check_available(tmp_path / "absent")
     assert "no firecracker binary" in caught.value.reason
 
 
@@ -300,10 +330,10 @@ def test_kernel_must_be_an_uncompressed_elf(tmp_path: Path) -> None:
     bzimage, vmlinux = tmp_path / "vmlinuz", tmp_path / "vmlinux"
     bzimage.write_bytes(b"MZ" + b"\0" * 62)
     vmlinux.write_bytes(ELF_KERNEL)
-    assert fc.kernel_problem(vmlinux) is None
+    assert kernel_problem(vmlinux) is None
     if os.uname().machine == "x86_64":
-        assert "not an uncompressed ELF" in (fc.kernel_problem(bzimage) or "")
-    assert "cannot read" in (fc.kernel_problem(tmp_path / "none") or "")
+        assert "not an uncompressed ELF" in (kernel_problem(bzimage) or "")
+    assert "cannot read" in (kernel_problem(tmp_path / "none") or "")
 
 
 # -- the process driver, with a fake firecracker binary ---------------------------------------------------
@@ -327,9 +357,9 @@ def alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
 
 
-async def test_driver_boots_a_vm_and_cleans_up(short_dir: Path, specs: list[Spec], vm_files: fc.VMConfig) -> None:
+async def test_driver_boots_a_vm_and_cleans_up(short_dir: Path, specs: list[Spec], vm_files: VMConfig) -> None:
     binary, record = fake_binary(short_dir)
-    vm = fc.FirecrackerProcess(short_dir / "vm", binary=binary, vm_id="vm-1", kvm_device=None,
+    vm = FirecrackerProcess(short_dir / "vm", binary=binary, vm_id="vm-1", kvm_device=None,
                                ready_marker=CONSOLE_LINE)
     async with vm:
         await vm.boot(vm_files)
@@ -352,15 +382,15 @@ async def test_driver_boots_a_vm_and_cleans_up(short_dir: Path, specs: list[Spec
     assert_conforms(specs, requests)
 
 
-async def test_driver_snapshots_and_restores(short_dir: Path, specs: list[Spec], vm_files: fc.VMConfig) -> None:
+async def test_driver_snapshots_and_restores(short_dir: Path, specs: list[Spec], vm_files: VMConfig) -> None:
     binary, record = fake_binary(short_dir)
-    snap = fc.SnapshotFiles(short_dir / "snap" / "vm.state", short_dir / "snap" / "vm.mem")
-    async with fc.FirecrackerProcess(short_dir / "a", binary=binary, kvm_device=None) as vm:
+    snap = SnapshotFiles(short_dir / "snap" / "vm.state", short_dir / "snap" / "vm.mem")
+    async with FirecrackerProcess(short_dir / "a", binary=binary, kvm_device=None) as vm:
         await vm.boot(vm_files)
         assert await vm.snapshot(snap) == snap
         assert (await vm.client.describe_instance()).state == "Running"  # resumed after the snapshot
     assert snap.state.exists() and snap.memory.exists()
-    async with fc.FirecrackerProcess(short_dir / "b", binary=binary, kvm_device=None) as clone:
+    async with FirecrackerProcess(short_dir / "b", binary=binary, kvm_device=None) as clone:
         await clone.restore(snap, network_overrides={"eth0": "tap-slot9"})
         assert (await clone.client.describe_instance()).state == "Running"
 
@@ -375,57 +405,57 @@ async def test_driver_snapshots_and_restores(short_dir: Path, specs: list[Spec],
     assert_conforms(specs, requests)
 
 
-async def test_driver_cleans_up_when_the_api_refuses(short_dir: Path, vm_files: fc.VMConfig) -> None:
+async def test_driver_cleans_up_when_the_api_refuses(short_dir: Path, vm_files: VMConfig) -> None:
     binary, _ = fake_binary(short_dir, "--fault", "PUT /boot-source=400:Kernel loader: invalid ELF magic number")
-    vm = fc.FirecrackerProcess(short_dir / "vm", binary=binary, kvm_device=None)
-    with pytest.raises(fc.FirecrackerAPIError) as caught:
+    vm = FirecrackerProcess(short_dir / "vm", binary=binary, kvm_device=None)
+    with pytest.raises(FirecrackerAPIError) as caught:
         await vm.boot(vm_files)
     assert caught.value.fault_message == "Kernel loader: invalid ELF magic number"
     assert vm.pid is not None and not alive(vm.pid)
     assert not vm.socket_path.exists() and not vm.running
     await vm.stop()  # a second stop is harmless
-    with pytest.raises(fc.FirecrackerError, match="already started"):
+    with pytest.raises(FirecrackerError, match="already started"):
         await vm.boot(vm_files)  # a driver is used once
 
 
-async def test_driver_reports_a_binary_that_exits_at_once(short_dir: Path, vm_files: fc.VMConfig) -> None:
+async def test_driver_reports_a_binary_that_exits_at_once(short_dir: Path, vm_files: VMConfig) -> None:
     binary = short_dir / "firecracker"
     binary.write_text("#!/bin/sh\necho 'Error: KVM: could not open /dev/kvm' >&2\nexit 1\n")
     binary.chmod(0o755)
-    vm = fc.FirecrackerProcess(short_dir / "vm", binary=binary, kvm_device=None)
-    with pytest.raises(fc.FirecrackerProcessError) as caught:
+    vm = FirecrackerProcess(short_dir / "vm", binary=binary, kvm_device=None)
+    with pytest.raises(FirecrackerProcessError) as caught:
         await vm.boot(vm_files)
     assert "exited with code 1 before its API socket" in str(caught.value)
     assert "could not open /dev/kvm" in "\n".join(caught.value.console_tail)
 
 
-async def test_driver_gives_up_on_a_socket_that_never_appears(short_dir: Path, vm_files: fc.VMConfig) -> None:
+async def test_driver_gives_up_on_a_socket_that_never_appears(short_dir: Path, vm_files: VMConfig) -> None:
     binary = short_dir / "firecracker"
     binary.write_text(f"#!{sys.executable}\nimport signal\nsignal.pause()\n")  # alive, never listening
     binary.chmod(0o755)
-    vm = fc.FirecrackerProcess(short_dir / "vm", binary=binary, kvm_device=None, socket_timeout=0.5)
-    with pytest.raises(fc.FirecrackerProcessError, match="did not appear within 0.5 s"):
+    vm = FirecrackerProcess(short_dir / "vm", binary=binary, kvm_device=None, socket_timeout=0.5)
+    with pytest.raises(FirecrackerProcessError, match="did not appear within 0.5 s"):
         await vm.boot(vm_files)
     assert vm.pid is not None and not alive(vm.pid)
 
 
-async def test_driver_refuses_when_firecracker_is_unavailable(tmp_path: Path, vm_files: fc.VMConfig) -> None:
-    vm = fc.FirecrackerProcess(tmp_path / "vm", binary=tmp_path / "no-firecracker")
-    with pytest.raises(fc.FirecrackerUnavailable, match="no firecracker binary"):
+async def test_driver_refuses_when_firecracker_is_unavailable(tmp_path: Path, vm_files: VMConfig) -> None:
+    vm = FirecrackerProcess(tmp_path / "vm", binary=tmp_path / "no-firecracker")
+    with pytest.raises(FirecrackerUnavailable, match="no firecracker binary"):
         await vm.boot(vm_files)
     assert vm.pid is None
     bad_kernel = tmp_path / "bzImage"
     bad_kernel.write_bytes(b"MZ" + b"\0" * 62)
     if os.uname().machine == "x86_64":
-        with pytest.raises(fc.FirecrackerUnavailable, match="not an uncompressed ELF"):
-            await vm.boot(fc.VMConfig(kernel=bad_kernel, rootfs=vm_files.rootfs))
+        with pytest.raises(FirecrackerUnavailable, match="not an uncompressed ELF"):
+            await vm.boot(VMConfig(kernel=bad_kernel, rootfs=vm_files.rootfs))
 
 
 # -- the jailer --------------------------------------------------------------------------------------------
 
 
 def test_jailer_argv(tmp_path: Path) -> None:
-    jailer = fc.JailerConfig(binary=Path("/usr/local/bin/jailer"), uid=123, gid=100,
+    jailer = JailerConfig(binary=Path("/usr/local/bin/jailer"), uid=123, gid=100,
                              chroot_base_dir=Path("/srv/jailer"), netns=Path("/var/run/netns/slot3"),
                              cgroup_version=2, cgroups=("cpuset.cpus=0-1",), parent_cgroup="polydev",
                              resource_limits=("no-file=1024",), new_pid_ns=True)
@@ -442,15 +472,15 @@ def test_jailer_argv(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("new_pid_ns", [False, True])
-async def test_driver_under_the_jailer(short_dir: Path, specs: list[Spec], vm_files: fc.VMConfig,
+async def test_driver_under_the_jailer(short_dir: Path, specs: list[Spec], vm_files: VMConfig,
                                        new_pid_ns: bool) -> None:
     binary, record = fake_binary(short_dir)
     argv_file = short_dir / "jailer-argv.json"
     jailer_bin = write_fake_binary(short_dir / "jailer", "--record-argv", str(argv_file), sub_command="jailer")
-    jailer = fc.JailerConfig(binary=jailer_bin, uid=os.getuid(), gid=os.getgid(), chroot_base_dir=short_dir / "j",
+    jailer = JailerConfig(binary=jailer_bin, uid=os.getuid(), gid=os.getgid(), chroot_base_dir=short_dir / "j",
                              new_pid_ns=new_pid_ns)
-    vm = fc.FirecrackerProcess(short_dir / "vm", binary=binary, vm_id="vm-7", jailer=jailer, kvm_device=None)
-    snap = fc.SnapshotFiles(short_dir / "snap.state", short_dir / "snap.mem")
+    vm = FirecrackerProcess(short_dir / "vm", binary=binary, vm_id="vm-7", jailer=jailer, kvm_device=None)
+    snap = SnapshotFiles(short_dir / "snap.state", short_dir / "snap.mem")
     async with vm:
         await vm.boot(vm_files)
         assert vm.socket_path == short_dir / "j" / "firecracker" / "vm-7" / "root" / "firecracker.socket"
@@ -479,20 +509,20 @@ async def test_driver_under_the_jailer(short_dir: Path, specs: list[Spec], vm_fi
 
 
 async def test_driver_deep_workdir_prefix_relative_paths_and_redaction(short_dir: Path, specs: list[Spec],
-                                                                       vm_files: fc.VMConfig) -> None:
+                                                                       vm_files: VMConfig) -> None:
     binary, record = fake_binary(short_dir)
     deep = short_dir / ("d" * 60) / ("e" * 60)  # too deep for a Unix socket address
     deep.mkdir(parents=True)
     disk = deep / "disk.ext4"
     shutil.copyfile(vm_files.rootfs, disk)
-    vm = fc.FirecrackerProcess(deep, binary=binary, vm_id="vm-secret42", kvm_device=None, ready_marker=CONSOLE_LINE,
+    vm = FirecrackerProcess(deep, binary=binary, vm_id="vm-secret42", kvm_device=None, ready_marker=CONSOLE_LINE,
                                command_prefix=["env", "POLYDEV_PREFIX_RAN=1"], redact=["secret42"])
     async with vm:
-        await vm.boot(fc.VMConfig(kernel=vm_files.kernel, rootfs=disk))
+        await vm.boot(VMConfig(kernel=vm_files.kernel, rootfs=disk))
         await vm.wait_ready(timeout=30)
-        assert len(os.fsencode(vm.api_socket)) > fc.UNIX_PATH_MAX
+        assert len(os.fsencode(vm.api_socket)) > UNIX_PATH_MAX
         assert vm.socket_path.is_symlink() and vm.socket_path.resolve() == vm.api_socket
-        assert len(os.fsencode(vm.socket_path)) <= fc.UNIX_PATH_MAX
+        assert len(os.fsencode(vm.socket_path)) <= UNIX_PATH_MAX
         assert vm.pid is not None and b"POLYDEV_PREFIX_RAN=1" in Path(f"/proc/{vm.pid}/environ").read_bytes()
     assert not vm.socket_path.is_symlink() and not vm.api_socket.exists()
     drive = next(r.body for r in recorded(record) if r.path == "/drives/rootfs")

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from polydev.config import Settings
-from polydev.vm.backends.qemu import QemuVM
-from polydev.vm.forwards import parse_guest_forwards
+from polydev.config import Settings, parse_guest_forwards
+from polydev.vm.backends.qemu.machine import QemuVM
+from polydev.vm.forwards import netdev_rule
 from polydev.vm.images import Image
 
 
@@ -17,7 +17,7 @@ def test_a_list_of_forwards_parses_and_renders_back() -> None:
     text = "10.0.2.100:3128=127.0.0.1:8888, 10.0.2.101:80=[::1]:9999"
     forwards = parse_guest_forwards(text)
     assert [str(f) for f in forwards] == ["10.0.2.100:3128=127.0.0.1:8888", "10.0.2.101:80=[::1]:9999"]
-    assert [f.netdev_rule("/usr/bin/socat") for f in forwards] == [
+    assert [netdev_rule(f, "/usr/bin/socat") for f in forwards] == [
         "guestfwd=tcp:10.0.2.100:3128-cmd:/usr/bin/socat - TCP4:127.0.0.1:8888",
         "guestfwd=tcp:10.0.2.101:80-cmd:/usr/bin/socat - TCP6:[::1]:9999",
     ]
@@ -58,7 +58,7 @@ def test_the_setting_is_read_from_the_environment_and_validated(monkeypatch: pyt
 def test_a_relay_path_that_could_smuggle_arguments_is_refused() -> None:
     (fwd,) = parse_guest_forwards("10.0.2.100:80=127.0.0.1:8888")
     with pytest.raises(ValueError, match="relay path"):
-        fwd.netdev_rule("/usr/bin/socat -v")
+        netdev_rule(fwd, "/usr/bin/socat -v")
 
 
 def test_every_forward_goes_on_the_user_netdev_with_restrict(tmp_path: Path) -> None:

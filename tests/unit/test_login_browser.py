@@ -21,6 +21,7 @@ from polydev.core.login_browser import VNC_PORT, LoginBrowser
 from polydev.providers.base import GuestEnv, hook_files
 from polydev.services import Services
 from polydev.vm import network
+from polydev.vm.types import EngineInfo
 
 # The hook as it was before the login browser: every login without one must keep getting exactly this.
 RECORDER = (b"#!/bin/sh\n# Polydev login helper: record the URL the CLI wants opened.\n"
@@ -84,10 +85,11 @@ def test_chromium_policy_trusts_the_platform_ca_and_saves_no_passwords(tmp_path:
 
 
 def _services(mode: str, packages: dict[str, object] | None) -> Services:
-    image = None if packages is None else SimpleNamespace(manifest={"debian_packages": packages})
+    # The engine as the services see it: its description, with the image's packages (none: no manifest).
+    info = EngineInfo(backend="fake", accel=None, network_mode="user", image_packages=frozenset(packages or ()))
     svc = Services.__new__(Services)
     svc.settings = Settings(login_browser=mode)  # type: ignore[call-arg]
-    svc.engine = SimpleNamespace(backend=SimpleNamespace(image=image))  # type: ignore[assignment]
+    svc.engine = SimpleNamespace(describe=lambda: info)  # type: ignore[assignment]
     return svc
 
 

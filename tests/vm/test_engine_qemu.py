@@ -20,7 +20,7 @@ from polydev.services import Services
 from polydev.store.leases import LeaseRepo
 from polydev.store.vms import CleanupTaskRepo, VmRepo
 from polydev.vm import handover, images
-from polydev.vm.backends.qemu import QemuBackend
+from polydev.vm.backends.qemu.backend import QemuBackend
 from polydev.vm.engine import VMEngine, find_marked_processes
 
 pytest_plugins = ["tests.support.vm_fixtures"]
@@ -131,12 +131,13 @@ from polydev.services import open_services
 from polydev.store.leases import LeaseRepo
 from polydev.store.vms import CleanupTaskRepo, VmRepo
 from polydev.vm import handover, images
-from polydev.vm.backends import qemu
+from polydev.vm.backends.qemu.backend import QemuBackend
+from polydev.vm.backends.qemu.machine import QemuVM
 from polydev.vm.engine import VMEngine
 
 data, url, image_dir = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 reached = threading.Event()
-original = qemu.QemuVM._hand_over_token
+original = QemuVM._hand_over_token
 calls = []
 
 def hand_over(self, token, deadline):
@@ -146,11 +147,11 @@ def hand_over(self, token, deadline):
         threading.Event().wait()
     return original(self, token, deadline)
 
-qemu.QemuVM._hand_over_token = hand_over
+QemuVM._hand_over_token = hand_over
 
 async def main():
     s = await open_services(Settings(POLYDEV_DATA_DIR=data, DATABASE_URL=url))
-    backend = qemu.QemuBackend(images.Image.load(image_dir), data / "snapshots")
+    backend = QemuBackend(images.Image.load(image_dir), data / "snapshots")
     e = VMEngine(backend=backend, vms=VmRepo(s.factory), cleanup=CleanupTaskRepo(s.factory),
                  leases=LeaseRepo(s.factory), data_dir=data, vcpus={"cli": 1, "browser": 1},
                  memory_mb={"cli": 1024, "browser": 1024})

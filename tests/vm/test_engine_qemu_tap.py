@@ -17,7 +17,7 @@ from polydev.store.leases import LeaseRepo
 from polydev.store.vms import CleanupTaskRepo, VmRepo
 from polydev.vm import images
 from polydev.vm import network as net
-from polydev.vm.backends.qemu import QemuBackend
+from polydev.vm.backends.qemu.backend import QemuBackend
 from polydev.vm.engine import VMEngine, find_marked_processes
 from polydev.vm.network import SlotNetwork
 from tests.support.netns import (

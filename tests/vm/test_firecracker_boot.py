@@ -29,8 +29,9 @@ from polydev.config import Settings
 from polydev.services import Services
 from polydev.store.leases import LeaseRepo
 from polydev.store.vms import CleanupTaskRepo, VmRepo
-from polydev.vm.backends import firecracker as fc
-from polydev.vm.backends.firecracker_backend import FirecrackerBackend
+from polydev.vm.backends.firecracker.backend import FirecrackerBackend
+from polydev.vm.backends.firecracker.checks import kernel_problem, unavailable_reason
+from polydev.vm.backends.firecracker.process import DEFAULT_BOOT_ARGS, FirecrackerProcess, SnapshotFiles, VMConfig
 from polydev.vm.engine import VMEngine, find_marked_processes
 from polydev.vm.network import SlotNetwork
 from tests.support.netns import POOL, agent_health, host_namespace, require_root_netns
@@ -40,13 +41,13 @@ READY_TIMEOUT_S = 60.0  # generous: a KVM boot takes about a second, but CI mach
 
 def _requirements() -> tuple[Path, Path, Path]:
     settings = Settings()
-    reason = fc.unavailable_reason(settings.firecracker_binary)
+    reason = unavailable_reason(settings.firecracker_binary)
     if reason:
         pytest.skip(f"no real Firecracker run here: {reason}")
     kernel, rootfs = settings.firecracker_golden_kernel, settings.firecracker_golden_rootfs
     if kernel is None:
         pytest.skip("FIRECRACKER_GOLDEN_KERNEL is not set (an uncompressed vmlinux with virtio-mmio cmdline devices)")
-    if (problem := fc.kernel_problem(kernel)) is not None:
+    if (problem := kernel_problem(kernel)) is not None:
         pytest.skip(problem)
     if rootfs is None or not rootfs.is_file():
         pytest.skip(f"FIRECRACKER_GOLDEN_ROOTFS is not set or missing ({rootfs})")
@@ -54,15 +55,15 @@ def _requirements() -> tuple[Path, Path, Path]:
 
 
 @pytest.fixture
-def real(tmp_path: Path) -> tuple[Path, fc.VMConfig]:
+def real(tmp_path: Path) -> tuple[Path, VMConfig]:
     binary, kernel, golden = _requirements()
     from polydev.vm.images import INIT_PATH  # only where a boot will happen
 
     rootfs = tmp_path / "rootfs.ext4"
     # A per-VM writable copy: a reflink where the file system has them, a sparse copy otherwise.
     subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(golden), str(rootfs)], check=True)
-    boot_args = " ".join([fc.DEFAULT_BOOT_ARGS, f"init={INIT_PATH}", f"{p.CMDLINE_TOKEN}={secrets.token_urlsafe(16)}"])
-    return binary, fc.VMConfig(kernel=kernel, rootfs=rootfs, vcpus=1, mem_mib=512, boot_args=boot_args)
+    boot_args = " ".join([DEFAULT_BOOT_ARGS, f"init={INIT_PATH}", f"{p.CMDLINE_TOKEN}={secrets.token_urlsafe(16)}"])
+    return binary, VMConfig(kernel=kernel, rootfs=rootfs, vcpus=1, mem_mib=512, boot_args=boot_args)
 
 
 def _alive(pid: int) -> bool:
@@ -73,9 +74,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-async def test_boot_pause_resume_and_stop(real: tuple[Path, fc.VMConfig], tmp_path: Path) -> None:
+async def test_boot_pause_resume_and_stop(real: tuple[Path, VMConfig], tmp_path: Path) -> None:
     binary, config = real
-    vm = fc.FirecrackerProcess(tmp_path / "vm", binary=binary)
+    vm = FirecrackerProcess(tmp_path / "vm", binary=binary)
     async with vm:
         await vm.boot(config)
         await vm.wait_ready(READY_TIMEOUT_S)
@@ -93,15 +94,15 @@ async def test_boot_pause_resume_and_stop(real: tuple[Path, fc.VMConfig], tmp_pa
     assert p.READY_MARKER in vm.console_log.read_text(errors="replace")
 
 
-async def test_snapshot_restores_in_a_fresh_process(real: tuple[Path, fc.VMConfig], tmp_path: Path) -> None:
+async def test_snapshot_restores_in_a_fresh_process(real: tuple[Path, VMConfig], tmp_path: Path) -> None:
     binary, config = real
-    snap = fc.SnapshotFiles(tmp_path / "snap" / "vm.state", tmp_path / "snap" / "vm.mem")
-    async with fc.FirecrackerProcess(tmp_path / "a", binary=binary) as vm:
+    snap = SnapshotFiles(tmp_path / "snap" / "vm.state", tmp_path / "snap" / "vm.mem")
+    async with FirecrackerProcess(tmp_path / "a", binary=binary) as vm:
         await vm.boot(config)
         await vm.wait_ready(READY_TIMEOUT_S)
         await vm.snapshot(snap, resume=False)
     assert snap.memory.stat().st_size >= 512 * 1024 * 1024  # the whole guest memory was written
-    async with fc.FirecrackerProcess(tmp_path / "b", binary=binary) as clone:
+    async with FirecrackerProcess(tmp_path / "b", binary=binary) as clone:
         await clone.restore(snap, resume=True)
         assert (await clone.client.describe_instance()).state == "Running"
         assert (await clone.client.get_machine_config()).mem_size_mib == 512

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from polydev.vm.agent_client import AgentClient
-from polydev.vm.backends.qemu import QemuVM
+from polydev.vm.backends.qemu.machine import QemuVM
 from tests.integration import test_guest_agent as shared
 from tests.integration.test_guest_agent import scratch  # noqa: F401  (fixture)
 

@@ -16,7 +16,7 @@ import pytest
 from polydev.cli.image import GEMINI_SETTINGS, QUIET_ENV, VERSION_CHECKS
 from polydev.config import Settings
 from polydev.vm import images
-from polydev.vm.backends.qemu import QemuVM, VMError
+from polydev.vm.backends.qemu.machine import QemuVM, VMError
 
 pytest_plugins = ["tests.support.vm_fixtures"]  # fixtures: test_image, test_vm
 
@@ -47,8 +47,8 @@ def test_the_three_clis_run_inside_the_vm(test_vm: QemuVM) -> None:
 def test_token_stays_off_command_lines(test_vm: QemuVM) -> None:
     # Handed over as a fw_cfg file: neither the host's process list nor the guest's /proc/cmdline shows it,
     # and the file on the host is gone once the guest is up.
-    assert test_vm._proc is not None
-    host_cmdline = Path(f"/proc/{test_vm._proc.pid}/cmdline").read_bytes()
+    assert test_vm.pid is not None
+    host_cmdline = Path(f"/proc/{test_vm.pid}/cmdline").read_bytes()
     assert b"qemu-system" in host_cmdline and test_vm.token.encode() not in host_cmdline
     assert not test_vm.token_file.exists()
     with test_vm.client() as agent:

@@ -11,10 +11,10 @@ import structlog
 from fastapi import FastAPI
 
 from polydev import __version__
-from polydev.api.errors import install_error_handlers
+from polydev.api.errors import error_response, install_error_handlers
 from polydev.api.metrics import Metrics
 from polydev.api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
-from polydev.api.routes import auth_sessions, credentials, health, runs, users, vms, vnc
+from polydev.api.routes import credentials, health, login_sessions, runs, users, vms, vnc
 from polydev.config import Settings, get_settings
 from polydev.services import BackendFactory, Services, open_services, start_vm_engine
 from polydev.web.routes import install_dashboard
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 ended = (await svc.login_flow.reclaim(), await svc.run_flow.reclaim())
                 if any(ended):
                     log.warning("flows_reclaimed", login_sessions=ended[0], runs=ended[1])
-            log.info("started", database=svc.db_engine.dialect.name, session_store=svc.sessions.kind,
+            log.info("started", database=svc.db_engine.dialect.name, session_store=svc.session_store.kind,
                      vm_engine=svc.engine is not None, port=settings.port)
             yield
         finally:
@@ -78,10 +78,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     metrics = Metrics()
     app.state.metrics = metrics
     install_error_handlers(app)
-    for router in (health.router, users.router, credentials.router, auth_sessions.router, vnc.router,
+    for router in (health.router, users.router, credentials.router, login_sessions.router, vnc.router,
                    runs.router, vms.router):
         app.include_router(router)
-    install_dashboard(app, settings)  # after the API: its /app catch-all must not shadow a route
+    install_dashboard(app, settings, error_response)  # after the API: its /app catch-all must not shadow a route
     # Outermost first: observe everything (413s included), then enforce the size limit.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)

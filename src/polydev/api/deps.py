@@ -1,14 +1,16 @@
-"""Request dependencies: the wired services and the authenticated user."""
+"""What the routes share: the wired services, the authenticated user, and helpers more than one route uses."""
 
 from __future__ import annotations
 
+import uuid
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from polydev.api.errors import ApiError
+from polydev.core.login_sessions import SessionExpired, SessionNotFound
 from polydev.services import Services
 from polydev.store.models import User
 
@@ -18,6 +20,9 @@ class Provider(str, Enum):
     codex = "codex"
     gemini_cli = "gemini_cli"
 
+
+# Server-sent event streams: never cached, never buffered by a proxy.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 _bearer = HTTPBearer(auto_error=False, description="An API token: `Authorization: Bearer pd_…`")
 
@@ -52,3 +57,14 @@ async def admin_user(user: CurrentUser) -> User:
 
 
 AdminUser = Annotated[User, Depends(admin_user)]
+
+
+async def read_login_session(services: Services, user_id: uuid.UUID, session_id: uuid.UUID) -> dict[str, Any]:
+    """The user's login session's state; 404 for no such session (or another user's), 410 once expired."""
+    try:
+        return await services.login_sessions.read(user_id, session_id)
+    except SessionNotFound:
+        raise ApiError(404, "not_found", "no such login session") from None
+    except SessionExpired:
+        raise ApiError(410, "session_expired", "this login session has expired; start a new session",
+                       action="start_new_session") from None

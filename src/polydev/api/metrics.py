@@ -5,7 +5,6 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from polydev.store.models import AUTH_SESSION_STATUSES, RUN_STATUSES
-from polydev.store.vms import LIVE as LIVE_VM_STATUSES
 
 
 class Metrics:
@@ -16,7 +15,7 @@ class Metrics:
         self.latency = Histogram("polydev_http_request_duration_seconds", "HTTP request latency by route",
                                  ["method", "route"], registry=self.registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.sessions = Gauge("polydev_auth_sessions", "Login sessions recorded, by status", ["status"],
+        self.login_sessions = Gauge("polydev_auth_sessions", "Login sessions recorded, by status", ["status"],
                               registry=self.registry)
         # Live VMs only: ended ones (destroyed, failed) are history, counted by the creations counter.
         self.vms = Gauge("polydev_vms", "VMs alive now, by status", ["status"], registry=self.registry)
@@ -31,17 +30,18 @@ class Metrics:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
 
-    def set_sessions(self, counts: dict[str, int]) -> None:
+    def set_login_sessions(self, counts: dict[str, int]) -> None:
         for status in AUTH_SESSION_STATUSES:
-            self.sessions.labels(status).set(counts.get(status, 0))
+            self.login_sessions.labels(status).set(counts.get(status, 0))
 
     def set_runs(self, counts: dict[str, int]) -> None:
         for status in RUN_STATUSES:
             self.runs.labels(status).set(counts.get(status, 0))
 
     def set_vms(self, counts: dict[str, int]) -> None:
-        for status in LIVE_VM_STATUSES:
-            self.vms.labels(status).set(counts.get(status, 0))
+        """`counts` by live status, every live status present (VmAdmin.live_counts)."""
+        for status, n in counts.items():
+            self.vms.labels(status).set(n)
 
     def set_login_pool(self, counts: dict[str, dict[str, int]]) -> None:
         for key, states in counts.items():

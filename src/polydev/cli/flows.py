@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
-from polydev.cli.remote import _TOKEN, _URL, _call
+from polydev.cli.remote import TOKEN_OPTION, URL_OPTION, call_api
 
 if TYPE_CHECKING:
     from polydev.client import PolydevClient
@@ -25,12 +25,12 @@ def _say(text: str, **style: Any) -> None:
 
 def login(provider: str = typer.Argument(..., help=PROVIDER_HELP),
           device: bool = typer.Option(False, "--device", help="use a device code (Codex) instead of a browser"),
-          url: str = _URL, token: str = _TOKEN) -> None:
+          url: str = URL_OPTION, token: str = TOKEN_OPTION) -> None:
     """Connect your PROVIDER account: prints the login URL (or device code), then waits. Paste the code the
     provider shows, or the http://localhost… address your browser ends on, and press Enter."""
     from polydev.client import SESSION_TERMINAL
 
-    session = _call(url, token, lambda pd: pd.start_login(provider, "device" if device else None))
+    session = call_api(url, token, lambda pd: pd.start_login(provider, "device" if device else None))
     sid = session["session_id"]
     pre_started = session["status"] == "awaiting_user_auth"  # the server had one ready (LOGIN_POOL)
     _say(f"login session {sid}: " + ("ready" if pre_started else f"starting a VM for {provider}…"))
@@ -48,9 +48,9 @@ def _follow(url: str | None, token: str | None, follow: Callable[[PolydevClient]
     """Follow a login or a run to its end; an API error ends the command with its message, and Ctrl-C
     cancels it on the server (its VM goes) before exiting 130."""
     try:
-        return _call(url, token, follow)
+        return call_api(url, token, follow)
     except KeyboardInterrupt:
-        _call(url, token, cancel)
+        call_api(url, token, cancel)
         _say("\ncancelled", fg="yellow")
         raise typer.Exit(130) from None
 
@@ -91,7 +91,7 @@ def run(provider: str = typer.Argument(..., help=PROVIDER_HELP),
                                        "working directory (repeatable)"),
         timeout: int = typer.Option(None, "--timeout", help="stop the run after this many seconds"),
         json_out: bool = typer.Option(False, "--json", help="print each event as a JSON line"),
-        url: str = _URL, token: str = _TOKEN) -> None:
+        url: str = URL_OPTION, token: str = TOKEN_OPTION) -> None:
     """Run PROMPT with PROVIDER's CLI in a fresh VM and stream what it does. Exits 0 when the run succeeds."""
     import json
     from pathlib import Path
@@ -106,7 +106,7 @@ def run(provider: str = typer.Argument(..., help=PROVIDER_HELP),
         except (OSError, UnicodeDecodeError) as exc:
             _say(f"error: cannot read {name}: {exc}", fg="red")
             raise typer.Exit(2) from None
-    started = _call(url, token, lambda pd: pd.start_run(provider, prompt, files=files or None, timeout=timeout))
+    started = call_api(url, token, lambda pd: pd.start_run(provider, prompt, files=files or None, timeout=timeout))
     rid = started["id"]
     _say(f"run {rid}", dim=True)
     def stream(pd: PolydevClient) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def ls(as_json: bool = typer.Option(False, "--json", help="machine-readable outp
 def test(profile: str = typer.Option("test", help="which cached image to boot (built first if missing)"),
          accel: str = typer.Option("auto", help="auto (KVM, else TCG), kvm or tcg")) -> None:
     """Boot the image once, wait for the agent, run the three CLIs' --version inside, print the timings."""
-    from polydev.vm.backends.qemu import QemuVM
+    from polydev.vm.backends.qemu.machine import QemuVM
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     image, _, _ = build_with_progress(profile)

@@ -16,8 +16,9 @@ T = TypeVar("T")
 credentials = typer.Typer(help="Your stored provider credentials (on the server named by POLYDEV_URL).",
                           no_args_is_help=True)
 
-_URL = typer.Option(None, "--url", envvar="POLYDEV_URL", help="Polydev API, default http://127.0.0.1:4000")
-_TOKEN = typer.Option(None, "--token", envvar="POLYDEV_TOKEN", help="your API token", show_default=False)
+# Shared by every command that talks to the API (these and flows.py's): its options and `call_api`.
+URL_OPTION = typer.Option(None, "--url", envvar="POLYDEV_URL", help="Polydev API, default http://127.0.0.1:4000")
+TOKEN_OPTION = typer.Option(None, "--token", envvar="POLYDEV_TOKEN", help="your API token", show_default=False)
 
 
 def _fail(exc: PolydevError) -> None:
@@ -25,7 +26,7 @@ def _fail(exc: PolydevError) -> None:
     raise typer.Exit(1)
 
 
-def _call(url: str | None, token: str | None, fn: Callable[[PolydevClient], T]) -> T:
+def call_api(url: str | None, token: str | None, fn: Callable[[PolydevClient], T]) -> T:
     """One API call with the client; an error answer ends the command with its message and status 1."""
     from polydev.client import PolydevClient, PolydevError
 
@@ -38,12 +39,12 @@ def _call(url: str | None, token: str | None, fn: Callable[[PolydevClient], T]) 
 
 
 @credentials.command("ls")
-def ls(url: str = _URL, token: str = _TOKEN) -> None:
+def ls(url: str = URL_OPTION, token: str = TOKEN_OPTION) -> None:
     """List your stored credentials (never their contents)."""
     from rich.console import Console
     from rich.table import Table
 
-    rows = _call(url, token, lambda pd: pd.credentials())
+    rows = call_api(url, token, lambda pd: pd.credentials())
     table = Table("provider", "kind", "valid", "created", "last validated")
     for c in rows:
         table.add_row(c["provider"], c["kind"], "yes" if c["is_valid"] else "no", c["created_at"][:19],
@@ -52,18 +53,18 @@ def ls(url: str = _URL, token: str = _TOKEN) -> None:
 
 
 @credentials.command("set-key")
-def set_key(provider: str, url: str = _URL, token: str = _TOKEN) -> None:
+def set_key(provider: str, url: str = URL_OPTION, token: str = TOKEN_OPTION) -> None:
     """Store your own API key for PROVIDER. The key is read from stdin (or asked for, hidden), never
     taken as an argument, so it stays out of shell history and process listings."""
     key = sys.stdin.readline().strip() if not sys.stdin.isatty() else typer.prompt("API key", hide_input=True)
-    _call(url, token, lambda pd: pd.set_api_key(provider, key))
+    call_api(url, token, lambda pd: pd.set_api_key(provider, key))
     typer.echo(f"stored an API key for {provider}")
 
 
 @credentials.command("rm")
-def rm(provider: str, url: str = _URL, token: str = _TOKEN) -> None:
+def rm(provider: str, url: str = URL_OPTION, token: str = TOKEN_OPTION) -> None:
     """Forget your credential for PROVIDER."""
-    _call(url, token, lambda pd: pd.delete_credential(provider))
+    call_api(url, token, lambda pd: pd.delete_credential(provider))
     typer.echo(f"removed the {provider} credential")
 
 
@@ -73,9 +74,9 @@ vm = typer.Typer(help="VMs on the server named by POLYDEV_URL (admin token).", n
 @vm.command("create")
 def vm_create(purpose: str = typer.Option("cli", "--purpose", help="cli, or browser (the login VM's size)"),
               ttl: int = typer.Option(None, "--ttl", help="seconds before the reaper destroys it (server default)"),
-              url: str = _URL, token: str = _TOKEN) -> None:
+              url: str = URL_OPTION, token: str = TOKEN_OPTION) -> None:
     """Create a VM and wait until its agent answers. Prints the VM's id (and nothing else) on stdout."""
-    created = _call(url, token, lambda pd: pd.create_vm(purpose, ttl))
+    created = call_api(url, token, lambda pd: pd.create_vm(purpose, ttl))
     typer.echo(created["id"])
     typer.echo(f"{created['purpose']} VM running on {created['backend']}, expires {created['expires_at'][:19]}",
                err=True)
@@ -83,12 +84,12 @@ def vm_create(purpose: str = typer.Option("cli", "--purpose", help="cli, or brow
 
 @vm.command("ls")
 def vm_ls(include_ended: bool = typer.Option(False, "--all", help="include destroyed and failed VMs"),
-          url: str = _URL, token: str = _TOKEN) -> None:
+          url: str = URL_OPTION, token: str = TOKEN_OPTION) -> None:
     """List VMs (live ones, or all with --all)."""
     from rich.console import Console
     from rich.table import Table
 
-    rows = _call(url, token, lambda pd: pd.vms(include_ended=include_ended))
+    rows = call_api(url, token, lambda pd: pd.vms(include_ended=include_ended))
     table = Table("id", "purpose", "status", "backend", "created", "expires", "error")
     for v in rows:
         table.add_row(v["id"], v["purpose"], v["status"], v["backend"], v["created_at"][:19],
@@ -103,7 +104,7 @@ def vm_exec(vm_id: str = typer.Argument(..., help="the VM's id"),
             cwd: str = typer.Option(None, "--cwd", help="working directory in the VM"),
             timeout: float = typer.Option(None, "--timeout", help="kill the command after this many seconds"),
             stdin: bool = typer.Option(False, "--stdin", help="send this terminal's standard input to the command"),
-            url: str = _URL, token: str = _TOKEN) -> None:
+            url: str = URL_OPTION, token: str = TOKEN_OPTION) -> None:
     """Run COMMAND in a VM: `polydev vm exec VM_ID -- CMD ARGS...`. Its output is printed as it ends, and
     this command exits with its status (128+N when killed by signal N, 124 when it timed out)."""
     pairs = dict(item.split("=", 1) for item in env if "=" in item)
@@ -111,8 +112,8 @@ def vm_exec(vm_id: str = typer.Argument(..., help="the VM's id"),
         typer.secho("error: --env takes NAME=VALUE", fg="red", err=True)
         raise typer.Exit(2)
     data = sys.stdin.read() if stdin else None
-    result = _call(url, token, lambda pd: pd.exec_vm(vm_id, command, env=pairs, cwd=cwd, timeout_s=timeout,
-                                                     stdin=data))
+    result = call_api(url, token, lambda pd: pd.exec_vm(vm_id, command, env=pairs, cwd=cwd, timeout_s=timeout,
+                                                        stdin=data))
     sys.stdout.write(result["stdout"])
     sys.stdout.flush()
     sys.stderr.write(result["stderr"])
@@ -127,7 +128,8 @@ def vm_exec(vm_id: str = typer.Argument(..., help="the VM's id"),
 
 
 @vm.command("rm")
-def vm_rm(vm_id: str = typer.Argument(..., help="the VM's id"), url: str = _URL, token: str = _TOKEN) -> None:
+def vm_rm(vm_id: str = typer.Argument(..., help="the VM's id"), url: str = URL_OPTION,
+          token: str = TOKEN_OPTION) -> None:
     """Destroy a VM: its process, disk, network slot and address."""
-    _call(url, token, lambda pd: pd.delete_vm(vm_id))
+    call_api(url, token, lambda pd: pd.delete_vm(vm_id))
     typer.echo(f"destroyed {vm_id}")

@@ -36,21 +36,6 @@ class PooledLogin(Protocol):
     claimed: bool  # handed to a session: the pool lets go of it
 
 
-def parse_login_pool(text: str) -> dict[tuple[str, str | None], int]:
-    """`claude_code=1,codex:device=1` → {("claude_code", None): 1, ("codex", "device"): 1}; no method means
-    the provider's default one. ValueError on anything else (checked against the adapters by the flow)."""
-    out: dict[tuple[str, str | None], int] = {}
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
-        key, sep, count = item.partition("=")
-        provider, _, method = key.strip().partition(":")
-        if not sep or not provider or not count.strip().isdigit():
-            raise ValueError(f"LOGIN_POOL entry {item!r}: use PROVIDER[:METHOD]=COUNT, e.g. claude_code=1")
-        out[(provider, method or None)] = int(count)
-    return out
-
-
 class LoginPool:
     def __init__(self, sizes: dict[tuple[str, str], int],
                  prestart: Callable[[str, str], PooledLogin | None]) -> None:

@@ -11,10 +11,13 @@ base-URL override used by the test stand-ins) comes in through `GuestEnv`, decid
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import shlex
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 ProviderName = Literal["claude_code", "codex", "gemini_cli"]
@@ -134,8 +137,9 @@ class RunParser(Protocol):
 
 @dataclass(frozen=True, eq=False)
 class ProviderFacts:
-    """What an adapter declares about its CLI, the fields of ProviderAdapter that are data, not behaviour.
-    The adapters inherit it and set the values in their `__init__`, one call each."""
+    """What an adapter declares about its CLI: the fields of ProviderAdapter that are data, not behaviour.
+    The values live in catalog.toml beside this file; an adapter inherits this class and fills it from its
+    entry there (`catalog_entry`)."""
 
     name: ProviderName
     display_name: str
@@ -149,6 +153,26 @@ class ProviderFacts:
     # including token refreshes) and "login" (the CLI's own sign-in and token calls; a login with the in-VM
     # browser may reach any public host). The egress gateway's allow-list is built from these.
     egress_hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+CATALOG_FILE = Path(__file__).with_name("catalog.toml")
+
+
+@functools.cache
+def _catalog() -> dict[str, dict[str, Any]]:
+    return tomllib.loads(CATALOG_FILE.read_text())
+
+
+def catalog_entry(name: str) -> dict[str, Any]:
+    """ProviderFacts' fields for provider `name`, from catalog.toml (lists as tuples)."""
+    def frozen(value: Any) -> Any:
+        if isinstance(value, list):
+            return tuple(value)
+        if isinstance(value, dict):
+            return {k: frozen(v) for k, v in value.items()}
+        return value
+
+    return {"name": name, **{k: frozen(v) for k, v in _catalog()[name].items()}}
 
 
 class ProviderAdapter(Protocol):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from polydev.providers.base import (Command, GuestEnv, LoginMethod, LoginPlan, LoginPrompt, ProviderFacts,
-                                    RunParser, event, login_env)
+from polydev.providers.base import (Command, GuestEnv, LoginMethod, LoginPlan, LoginPrompt, ProviderFacts, RunParser,
+                                    catalog_entry, event, login_env)
 from polydev.providers.common import StreamParser, clean, int_fields, last_complete, present, run_env, tool_result
 
-EXECUTABLE = "claude"
+EXECUTABLE = catalog_entry("claude_code")["executable"]
 # The authorize URL `claude auth login` prints next to "Paste code here if prompted >" (its redirect is the
 # hosted code page, for the paste flow); the one given to $BROWSER redirects to the localhost callback.
 _URL = r"https://\S+/oauth/authorize\?\S+"
@@ -23,13 +23,7 @@ def background_off() -> dict[str, str]:
 
 class ClaudeCodeAdapter(ProviderFacts):
     def __init__(self) -> None:
-        super().__init__(name="claude_code", display_name="Claude Code", package="@anthropic-ai/claude-code",
-                         executable=EXECUTABLE, login_methods=("browser",),
-                         credential_files=(".claude/.credentials.json", ".claude.json"),
-                         required_credential_files=(".claude/.credentials.json",), api_key_env="ANTHROPIC_API_KEY",
-                         egress_hosts={"run": ("api.anthropic.com", "platform.claude.com"),
-                                       "login": ("claude.com", "claude.ai", "platform.claude.com",
-                                                 "api.anthropic.com")})
+        super().__init__(**catalog_entry("claude_code"))
 
     def _cli_env(self, env: GuestEnv) -> dict[str, str | None]:
         return {**background_off(), "NODE_EXTRA_CA_CERTS": env.ca_cert_path}

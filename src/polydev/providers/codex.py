@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from polydev.providers.base import (Command, GuestEnv, LoginMethod, LoginPlan, LoginPrompt, ProviderFacts,
-                                    RunParser, event, login_env)
+from polydev.providers.base import (Command, GuestEnv, LoginMethod, LoginPlan, LoginPrompt, ProviderFacts, RunParser,
+                                    catalog_entry, event, login_env)
 from polydev.providers.common import StreamParser, clean, int_fields, last_complete, present, run_env, tool_result
 
-EXECUTABLE = "codex"
+EXECUTABLE = catalog_entry("codex")["executable"]
 CALLBACK_PORT = 1455  # fixed: http://127.0.0.1:1455/auth/callback
 DEVICE_URL = "https://auth.openai.com/codex/device"
 # The provider id used when the API is redirected (Codex ignores OPENAI_BASE_URL; only a custom
@@ -41,12 +41,7 @@ def provider_args(api_base_url: str, *, api_key_env: str | None) -> list[str]:
 
 class CodexAdapter(ProviderFacts):
     def __init__(self) -> None:
-        # CODEX_API_KEY: `codex exec` reads this one; OPENAI_API_KEY alone sends no Authorization header.
-        super().__init__(name="codex", display_name="Codex CLI", package="@openai/codex", executable=EXECUTABLE,
-                         login_methods=("browser", "device"), credential_files=(".codex/auth.json",),
-                         required_credential_files=(".codex/auth.json",), api_key_env="CODEX_API_KEY",
-                         egress_hosts={"run": ("api.openai.com", "chatgpt.com", "auth.openai.com"),
-                                       "login": ("auth.openai.com", "api.openai.com", "chatgpt.com")})
+        super().__init__(**catalog_entry("codex"))
 
     def _cli_env(self, env: GuestEnv) -> dict[str, str | None]:
         # No CODEX_HOME: its default is ~/.codex, which Codex creates when missing (an API-key run has no

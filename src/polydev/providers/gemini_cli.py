@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from polydev.providers.base import (Command, GuestEnv, GuestFile, LoginMethod, LoginPlan, LoginPrompt, ProviderFacts,
-                                    RunParser, event, login_env)
+                                    RunParser, catalog_entry, event, login_env)
 from polydev.providers.common import StreamParser, int_fields, last_complete, present, run_env, tool_result
 
-EXECUTABLE = "gemini"
+EXECUTABLE = catalog_entry("gemini_cli")["executable"]
 SETTINGS_FILE = ".gemini/settings.json"
 OAUTH_AUTH_TYPE = "oauth-personal"
 API_KEY_AUTH_TYPE = "gemini-api-key"
@@ -29,14 +29,7 @@ def settings(auth_type: str) -> bytes:
 
 class GeminiCliAdapter(ProviderFacts):
     def __init__(self) -> None:
-        super().__init__(name="gemini_cli", display_name="Gemini CLI", package="@google/gemini-cli",
-                         executable=EXECUTABLE, login_methods=("browser",),
-                         credential_files=(".gemini/oauth_creds.json", ".gemini/google_accounts.json"),
-                         required_credential_files=(".gemini/oauth_creds.json",), api_key_env="GEMINI_API_KEY",
-                         egress_hosts={"run": ("generativelanguage.googleapis.com", "cloudcode-pa.googleapis.com",
-                                               "oauth2.googleapis.com", "www.googleapis.com"),
-                                       "login": ("accounts.google.com", "oauth2.googleapis.com", "www.googleapis.com",
-                                                 "cloudcode-pa.googleapis.com")})
+        super().__init__(**catalog_entry("gemini_cli"))
 
     def _settings_file(self, env: GuestEnv, auth_type: str) -> GuestFile:
         return GuestFile(env.home_path(SETTINGS_FILE), settings(auth_type), 0o600)

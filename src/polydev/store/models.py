@@ -25,7 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 # Status vocabularies, kept as data so the API, the metrics and the tests share them.
 # The seed's three, plus the two an engine that can crash mid-way needs to say honestly.
 VM_STATUSES = ("creating", "running", "hibernated", "destroyed", "failed")
-VM_TYPES = ("cli", "browser")
+VM_PURPOSES = ("cli", "browser")
 AUTH_SESSION_STATUSES = (
     "initializing", "vm_created", "ready", "awaiting_user_auth", "completed", "failed", "timeout", "cancelled",
 )
@@ -97,14 +97,16 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
-class Vm(Base):
+class VmRecord(Base):
+    """A VM's row (the engine's durable state); `polydev.vm.types.VM` is the engine's description of it."""
+
     __tablename__ = "vms"
 
     vm_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("users.id", ondelete="SET NULL"),
                                                       nullable=True, index=True)
-    type: Mapped[str] = mapped_column(String(16))
-    vm_type: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # cli or browser (VM_PURPOSES). The column keeps the seed's name, `type`.
+    purpose: Mapped[str] = mapped_column("type", String(16))
     status: Mapped[str] = mapped_column(String(16), index=True)
     ip_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
     tap_device: Mapped[str | None] = mapped_column(String(32), nullable=True)

@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from polydev.store.db import session_scope
-from polydev.store.models import Vm, VmCleanupTask, utcnow
+from polydev.store.models import VmCleanupTask, VmRecord, utcnow
 
 LIVE = ("creating", "running")
 
@@ -19,21 +19,22 @@ class VmRepo:
     def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
         self._factory = factory
 
-    async def create(self, **fields: Any) -> Vm:
+    async def create(self, **fields: Any) -> VmRecord:
         async with session_scope(self._factory) as s:
-            vm = Vm(status="creating", **fields)
+            vm = VmRecord(status="creating", **fields)
             s.add(vm)
             await s.flush()
             return vm
 
     async def update(self, vm_id: uuid.UUID, **fields: Any) -> None:
         async with session_scope(self._factory) as s:
-            await s.execute(update(Vm).where(Vm.vm_id == vm_id).values(**fields))
+            await s.execute(update(VmRecord).where(VmRecord.vm_id == vm_id).values(**fields))
 
-    async def update_returning(self, vm_id: uuid.UUID, **fields: Any) -> Vm | None:
+    async def update_returning(self, vm_id: uuid.UUID, **fields: Any) -> VmRecord | None:
         """Update a row and return it as it now is, in one statement (a warm-pool hand-out waits on it)."""
         async with session_scope(self._factory) as s:
-            return (await s.scalars(update(Vm).where(Vm.vm_id == vm_id).values(**fields).returning(Vm))).first()
+            return (await s.scalars(update(VmRecord).where(VmRecord.vm_id == vm_id).values(**fields)
+                                    .returning(VmRecord))).first()
 
     async def mark_failed(self, vm_id: uuid.UUID, error: str) -> None:
         await self.update(vm_id, status="failed", error_message=error, destroyed_at=utcnow())
@@ -41,32 +42,32 @@ class VmRepo:
     async def mark_destroyed(self, vm_id: uuid.UUID) -> None:
         """Destroyed, unless it already ended as failed (keep that reason)."""
         async with session_scope(self._factory) as s:
-            await s.execute(update(Vm).where(Vm.vm_id == vm_id, Vm.status != "failed")
+            await s.execute(update(VmRecord).where(VmRecord.vm_id == vm_id, VmRecord.status != "failed")
                             .values(status="destroyed", destroyed_at=utcnow()))
 
-    async def get(self, vm_id: uuid.UUID) -> Vm | None:
+    async def get(self, vm_id: uuid.UUID) -> VmRecord | None:
         async with self._factory() as s:
-            return await s.get(Vm, vm_id)
+            return await s.get(VmRecord, vm_id)
 
-    async def list(self, *, live_only: bool = True, user_id: uuid.UUID | None = None) -> list[Vm]:
-        q = select(Vm).order_by(Vm.created_at)
+    async def list(self, *, live_only: bool = True, user_id: uuid.UUID | None = None) -> list[VmRecord]:
+        q = select(VmRecord).order_by(VmRecord.created_at)
         if live_only:
-            q = q.where(Vm.status.in_(LIVE))
+            q = q.where(VmRecord.status.in_(LIVE))
         if user_id is not None:
-            q = q.where(Vm.user_id == user_id)
+            q = q.where(VmRecord.user_id == user_id)
         async with self._factory() as s:
             return list(await s.scalars(q))
 
     async def count_by_status(self, statuses: tuple[str, ...] = LIVE) -> dict[str, int]:
         async with self._factory() as s:
-            rows = await s.execute(select(Vm.status, func.count()).where(Vm.status.in_(statuses))
-                                   .group_by(Vm.status))
+            rows = await s.execute(select(VmRecord.status, func.count()).where(VmRecord.status.in_(statuses))
+                                   .group_by(VmRecord.status))
             return {status: int(n) for status, n in rows}
 
-    async def expired(self, now: datetime | None = None) -> list[Vm]:
+    async def expired(self, now: datetime | None = None) -> list[VmRecord]:
         async with self._factory() as s:
-            return list(await s.scalars(select(Vm).where(
-                Vm.status.in_(LIVE), Vm.expires_at.is_not(None), Vm.expires_at <= (now or utcnow()))))
+            return list(await s.scalars(select(VmRecord).where(
+                VmRecord.status.in_(LIVE), VmRecord.expires_at.is_not(None), VmRecord.expires_at <= (now or utcnow()))))
 
 
 class CleanupTaskRepo:

@@ -46,7 +46,7 @@ def backend_check(settings: Settings) -> Check:
 
 
 def accel_check(settings: Settings) -> Check:
-    from polydev.vm.backends.firecracker import kvm_problem
+    from polydev.vm.backends.firecracker.checks import kvm_problem
 
     # Opening /dev/kvm and asking its API version proves more than file permissions do.
     problem = kvm_problem(Path("/dev/kvm"))
@@ -60,8 +60,7 @@ def accel_check(settings: Settings) -> Check:
 
 def image_checks(settings: Settings) -> list[Check]:
     if settings.vm_backend == "firecracker":
-        from polydev.vm.backends.firecracker import kernel_problem
-        from polydev.vm.backends.firecracker_backend import rootfs_for
+        from polydev.vm.backends.firecracker.checks import kernel_problem, rootfs_for
 
         kernel = settings.firecracker_golden_kernel
         rootfs = rootfs_for(settings)  # FIRECRACKER_GOLDEN_ROOTFS, else the built image, as the backend does
@@ -86,7 +85,7 @@ def image_checks(settings: Settings) -> list[Check]:
 def network_checks(settings: Settings) -> list[Check]:
     mode = settings.network_mode
     if mode == "user" and settings.vm_backend == "firecracker":
-        from polydev.vm.backends.firecracker_backend import NEEDS_TAP
+        from polydev.vm.backends.firecracker.checks import NEEDS_TAP
 
         return [Check("network", "fail", NEEDS_TAP)]
     if mode == "user":
@@ -111,7 +110,7 @@ def network_checks(settings: Settings) -> list[Check]:
 
 
 def firecracker_check(settings: Settings) -> Check:
-    from polydev.vm.backends.firecracker import unavailable_reason
+    from polydev.vm.backends.firecracker.checks import unavailable_reason
 
     reason = unavailable_reason(settings.firecracker_binary)
     return _check("firecracker", reason, f"{settings.firecracker_binary} and /dev/kvm are usable",

@@ -8,24 +8,41 @@ answers, which is what "the VM is ready" means. Two reasons this is a bare socke
   engine itself never leaves its own namespace;
 - it runs on every VM creation's critical path, where building an httpx client costs more than the request.
 The agent serves one request per connection (Connection: close), so reading to EOF gets the whole answer.
+
+`hand_over` (from a thread) and `hand_over_async` (from the event loop) retry until the restored guest's
+network answers: both backends' restores end with one of them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")  # where `ip netns` (and pyroute2) keep named namespaces
 
 
+RETRY_PAUSE_S = 0.01  # between attempts while the restored guest's network comes up
+
+
 class HandoverRefused(Exception):
     """The agent answered, but not with success (a wrong old token, say): retrying will not help."""
+
+
+class HandoverTimeout(Exception):
+    """The agent did not answer before the deadline, or its VM died while we waited. Reads "did not answer
+    (<the last error's type>)", to follow "the restored agent [at <url>]"."""
+
+    def __init__(self, last_error: OSError) -> None:
+        super().__init__(f"did not answer ({type(last_error).__name__})")
+        self.last_error = last_error
 
 
 def socket_in_netns(netns: str | None) -> socket.socket:
@@ -80,3 +97,36 @@ def rotate_token(host: str, port: int, old_token: str, new_token: str, *, netns:
         raise ConnectionResetError(f"not an HTTP answer: {status_line[:80]!r}")
     if parts[1] != "200":  # the reason is the agent's, never the tokens
         raise HandoverRefused(f"agent answered {status_line[:120]}")
+
+
+def _attempt(host: str, port: int, old_token: str, new_token: str, netns: str | None,
+             deadline: float) -> OSError | None:
+    """One rotate_token; None when it succeeded, the error when the guest did not answer (yet)."""
+    try:
+        rotate_token(host, port, old_token, new_token, netns=netns,
+                     timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+    except OSError as exc:
+        return exc
+    return None
+
+
+def hand_over(host: str, port: int, old_token: str, new_token: str, *, deadline: float,
+              alive: Callable[[], bool], netns: str | None = None) -> None:
+    """Give a restored guest's agent its own token, retrying while its network comes up (a moment after
+    the resume). `deadline` is on time.monotonic(); `alive` says whether the VM still runs. Raises
+    HandoverTimeout (no answer in time, or the VM died) or HandoverRefused (the agent said no: final)."""
+    while (error := _attempt(host, port, old_token, new_token, netns, deadline)) is not None:
+        if not alive() or time.monotonic() > deadline:
+            raise HandoverTimeout(error) from None
+        time.sleep(RETRY_PAUSE_S)
+
+
+async def hand_over_async(host: str, port: int, old_token: str, new_token: str, *, deadline: float,
+                          alive: Callable[[], bool], netns: str | None = None) -> None:
+    """hand_over from the event loop: each attempt in a thread, the pauses on the loop (so a cancel lands
+    between attempts)."""
+    while (error := await asyncio.to_thread(_attempt, host, port, old_token, new_token, netns,
+                                            deadline)) is not None:
+        if not alive() or time.monotonic() > deadline:
+            raise HandoverTimeout(error) from None
+        await asyncio.sleep(RETRY_PAUSE_S)

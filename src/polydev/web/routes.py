@@ -10,6 +10,7 @@ is that script running in the page could read the token, so the page allows only
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -17,7 +18,6 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from polydev.api.errors import error_response
 from polydev.config import Settings
 from polydev.web.vendor import NOVNC_VERSION, novnc_dir, novnc_installed
 
@@ -31,18 +31,22 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
 PAGE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
                 "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY"}
 
+# (status, code, message) → an error answer in the API's shape; the app that mounts the dashboard gives it.
+ErrorResponse = Callable[[int, str, str], Response]
+
 
 class NoVncFiles:
     """noVNC's files from the vendor directory, or a JSON 404 that says how to install them (the page shows
     that message). Checked per request, so a `polydev web vendor` after start-up is picked up."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, error_response: ErrorResponse) -> None:
         self.settings = settings
+        self.error_response = error_response
         self.files = StaticFiles(directory=novnc_dir(settings), check_dir=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not novnc_installed(self.settings):
-            response = error_response(404, "novnc_missing", f"noVNC {NOVNC_VERSION} is not installed on this "
+            response = self.error_response(404, "novnc_missing", f"noVNC {NOVNC_VERSION} is not installed on this "
                                       "server: run `polydev web vendor` (scripts/run.sh does)")
             await response(scope, receive, send)
             return
@@ -57,10 +61,10 @@ def _page(request: Request) -> Response:
                         headers={**PAGE_HEADERS, "Content-Security-Policy": CSP.format(ws=ws)})
 
 
-def install_dashboard(app: FastAPI, settings: Settings) -> None:
+def install_dashboard(app: FastAPI, settings: Settings, error_response: ErrorResponse) -> None:
     """Mount the dashboard; call after the API routers (the /app catch-all must not shadow anything)."""
     app.mount("/app/static", StaticFiles(directory=STATIC), name="web-static")
-    app.mount("/app/vendor/novnc", NoVncFiles(settings), name="web-novnc")
+    app.mount("/app/vendor/novnc", NoVncFiles(settings, error_response), name="web-novnc")
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

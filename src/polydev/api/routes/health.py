@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 from fastapi import APIRouter, Request, Response
@@ -8,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from polydev import __version__
 from polydev.api.deps import ServicesDep
+from polydev.core.vm_admin import VmUnavailable
 from polydev.services import Services
 from polydev.store import db
 
@@ -47,11 +49,11 @@ async def vm_component(services: Services) -> VmComponent:
                            reason=services.engine_unavailable or "this server runs no VM engine",
                            network_mode=settings.network_mode)
     try:
-        live: int | None = sum((await engine.vms.count_by_status()).values())
+        live: int | None = sum((await services.vm_admin.live_counts()).values())
     except Exception:  # the database check above already says what is wrong; keep /health answering
         live = None
-    accel = getattr(engine.backend, "accel", None)  # QEMU knows; other backends may not say
-    return VmComponent(backend=engine.backend.name, available=True, accel=str(accel) if accel else None,
+    info = engine.describe()
+    return VmComponent(backend=info.backend, available=True, accel=info.accel,
                        network_mode=settings.network_mode, live_vms=live,
                        login_pool=services.login_flow.pool.counts())
 
@@ -59,7 +61,7 @@ async def vm_component(services: Services) -> VmComponent:
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
 async def health(services: ServicesDep, response: Response) -> Health:
     db_ok = await db.ping(services.db_engine)
-    store_ok = await services.sessions.ping()
+    store_ok = await services.session_store.ping()
     # VMs do not count towards the status: without them the credential and account API still works, and a
     # load balancer must not take a replica out of service because this machine lacks an image or KVM.
     ok = db_ok and store_ok
@@ -69,7 +71,7 @@ async def health(services: ServicesDep, response: Response) -> Health:
         status="ok" if ok else "degraded",
         version=__version__,
         database=Component(ok=db_ok, kind=services.db_engine.dialect.name),
-        session_store=Component(ok=store_ok, kind=services.sessions.kind),
+        session_store=Component(ok=store_ok, kind=services.session_store.kind),
         vm=await vm_component(services),
     )
 
@@ -77,9 +79,9 @@ async def health(services: ServicesDep, response: Response) -> Health:
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request, services: ServicesDep) -> Response:
     registry = request.app.state.metrics
-    registry.set_sessions(await services.auth_sessions.count_by_status())
+    registry.set_login_sessions(await services.login_sessions.repo.count_by_status())
     registry.set_runs(await services.runs.count_by_status())
-    if services.engine is not None:
-        registry.set_vms(await services.engine.vms.count_by_status())
+    with contextlib.suppress(VmUnavailable):
+        registry.set_vms(await services.vm_admin.live_counts())
     registry.set_login_pool(services.login_flow.pool.counts())
     return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)

@@ -12,9 +12,8 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from polydev.api.deps import CurrentUser, Provider, ServicesDep
+from polydev.api.deps import SSE_HEADERS, CurrentUser, Provider, ServicesDep
 from polydev.api.errors import ApiError
-from polydev.api.routes.auth_sessions import SSE_HEADERS
 from polydev.core.login_flow import FlowUnavailable
 from polydev.core.run_flow import BadRunFiles, CredentialBusy, NoCredential, check_files
 from polydev.store.models import Run

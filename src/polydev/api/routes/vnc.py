@@ -35,9 +35,8 @@ from pydantic import BaseModel
 from starlette.responses import Response
 from starlette.websockets import WebSocketDisconnect
 
-from polydev.api.deps import CurrentUser, ServicesDep
+from polydev.api.deps import CurrentUser, ServicesDep, read_login_session
 from polydev.api.errors import ApiError
-from polydev.api.routes.auth_sessions import _read
 from polydev.core.login_flow import SessionNotLive
 from polydev.core.login_sessions import SessionExpired, SessionNotFound
 from polydev.core.tasks import cancel_and_wait
@@ -80,7 +79,7 @@ def vnc_path(session_id: uuid.UUID) -> str:
 async def vnc_ticket(session_id: uuid.UUID, user: CurrentUser, services: ServicesDep,
                      response: Response) -> TicketOut:
     """A single-use ticket for the session's VNC WebSocket; ask for one right before connecting."""
-    state = await _read(services, user.id, session_id)  # 404 for others' sessions, 410 once expired
+    state = await read_login_session(services, user.id, session_id)  # 404 for others' sessions, 410 once expired
     if state["status"] in AUTH_SESSION_TERMINAL:
         raise ApiError(410, "session_expired", f"this login session has ended ({state['status']}); start a new "
                        "session", action="start_new_session")
@@ -103,7 +102,7 @@ async def vnc_socket(websocket: WebSocket, session_id: uuid.UUID, ticket: str = 
         return
     subprotocol = "binary" if "binary" in websocket.scope.get("subprotocols", []) else None
     try:
-        state = await services.login.read(user_id, session_id)
+        state = await services.login_sessions.read(user_id, session_id)
         expired = state["status"] in AUTH_SESSION_TERMINAL
     except (SessionExpired, SessionNotFound):
         expired = True

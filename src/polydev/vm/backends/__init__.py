@@ -1,4 +1,5 @@
-"""Hypervisor backends behind the engine's `Backend` protocol (see polydev.vm.engine)."""
+"""Hypervisor backends behind the engine's `Backend` protocol (polydev.vm.types): `qemu` and `firecracker`,
+a package each. This module only picks one; it imports neither (nor the settings) until asked."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from polydev.config import Settings
-    from polydev.vm.engine import Backend
+    from polydev.vm.types import Backend
 
 
 class BackendUnavailable(Exception):
@@ -16,9 +17,9 @@ class BackendUnavailable(Exception):
 def create_backend(settings: Settings) -> Backend:
     """The backend VM_BACKEND names, ready to start VMs, or BackendUnavailable with the reason."""
     if settings.vm_backend == "qemu":
-        from polydev.vm.backends.qemu import QemuBackend
+        from polydev.vm.backends.qemu.backend import QemuBackend
 
         return QemuBackend.from_settings(settings)
-    from polydev.vm.backends.firecracker_backend import FirecrackerBackend
+    from polydev.vm.backends.firecracker.backend import FirecrackerBackend
 
     return FirecrackerBackend.from_settings(settings)

@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from polydev.core.login_pool import parse_login_pool
-from polydev.vm.forwards import GuestForward, parse_guest_forwards
+from polydev.config.forwards import GuestForward, format_guest_forwards, parse_guest_forwards
+from polydev.config.login_pool import LoginPoolSizes, check_login_pool, format_login_pool, parse_login_pool
 
 PROVIDERS: tuple[str, ...] = ("claude_code", "codex", "gemini_cli")
 
@@ -104,10 +104,11 @@ class Settings(BaseSettings):
     # logins then finish by the CLI's callback, a pasted code or a device code).
     login_browser: Literal["auto", "on", "off"] = "auto"
     # Pre-started logins (core/login_pool.py): per provider and login method, logins kept driven up to their
-    # URL for the next user, e.g. "claude_code=1,codex:device=1" (no method: the provider's default one).
-    # Each holds a VM and a CLI. One nobody takes within the max age is replaced: keep that below what the
-    # CLI and the provider allow a login (Codex's device code lasts 15 minutes) minus the user's time.
-    login_pool: str = ""
+    # URL for the next user, e.g. "claude_code=1,codex:device=1" (no method: the provider's default one;
+    # parsed by config/login_pool.py). Each holds a VM and a CLI. One nobody takes within the max age is
+    # replaced: keep that below what the CLI and the provider allow a login (Codex's device code lasts 15
+    # minutes) minus the user's time. (NoDecode: the environment value is this list syntax, not JSON.)
+    login_pool: Annotated[LoginPoolSizes, NoDecode] = Field(default_factory=dict)
     login_pool_max_age_seconds: int = Field(300, ge=30, le=3600, description="a pre-started login nobody "
                                             "took by then is ended and replaced")
     vnc_ticket_seconds: int = Field(30, ge=1, le=60, description="lifetime of a single-use VNC WebSocket ticket")
@@ -148,17 +149,15 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown provider(s) {', '.join(unknown)}; use {', '.join(PROVIDERS)}")
         return value
 
+    @field_validator("login_pool", mode="before")
+    @classmethod
+    def _parse_login_pool(cls, value: Any) -> Any:
+        return parse_login_pool(value) if isinstance(value, str) else value
+
     @field_validator("login_pool")
     @classmethod
-    def _check_login_pool(cls, value: str) -> str:
-        from polydev.providers import get_adapter
-
-        for (provider, method), _count in parse_login_pool(value).items():
-            if provider not in PROVIDERS:
-                raise ValueError(f"LOGIN_POOL: unknown provider {provider!r}; use {', '.join(PROVIDERS)}")
-            if method is not None and method not in get_adapter(provider).login_methods:
-                raise ValueError(f"LOGIN_POOL: {provider} has no login method {method!r}")
-        return value
+    def _check_login_pool(cls, value: LoginPoolSizes) -> LoginPoolSizes:
+        return check_login_pool(value, PROVIDERS)
 
     @field_validator("vm_guest_forwards", mode="before")
     @classmethod
@@ -190,7 +189,9 @@ class Settings(BaseSettings):
             elif isinstance(value, Path):
                 value = str(value)
             elif name == "vm_guest_forwards":
-                value = ",".join(str(fwd) for fwd in value)
+                value = format_guest_forwards(value)
+            elif name == "login_pool":
+                value = format_login_pool(value)
             prefixed = name in ("data_dir", "cache_dir", "web_vendor_dir")  # their variables start POLYDEV_
             out[f"POLYDEV_{name.upper()}" if prefixed else name.upper()] = value
         out["DATABASE_URL"] = redact_url(self.effective_database_url)

@@ -1,30 +1,17 @@
-"""Firecracker backend: an async client of Firecracker's REST API on its Unix socket, and a process driver.
+"""`FirecrackerProcess`: one Firecracker process and the VM inside it.
 
-Three layers, each usable alone:
-- request bodies: small pydantic models with `extra="forbid"`, shaped after the published Swagger 2.0
-  specification (tests validate every request against the v1.13.2 and v1.16.1 files in shared/firecracker).
-  Only fields present in BOTH versions are offered, so one client drives either release.
-- `FirecrackerClient`: one typed method per API call; any non-2xx answer raises `FirecrackerAPIError`
-  carrying Firecracker's own `fault_message`, because that text is the only useful diagnosis it gives.
-- `FirecrackerProcess`: spawns `firecracker` (optionally under the `jailer`) with argument lists only, waits
-  for the API socket with a bounded poll that also watches for the process dying, configures and starts a VM
-  or restores a snapshot, and on any failure kills the process group and removes the socket and jail.
-
-Firecracker needs /dev/kvm and an uncompressed ELF kernel built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y;
-`unavailable_reason()` says in one sentence why a machine cannot run it.
+Spawns `firecracker` (optionally under the `jailer`) with argument lists only, waits for the API socket with
+a bounded poll that also watches for the process dying, configures and starts a VM or restores a snapshot,
+and on any failure kills the process group and removes the socket and jail. Its stdout (the guest's serial
+console) is copied to a file, with secrets redacted, and watched for the agent's READY line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import hashlib
-import logging
 import os
-import platform
-import re
 import shutil
 import signal
 import tempfile
@@ -33,412 +20,36 @@ from collections import deque
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self
-
-import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any, Self
 
 from polydev import protocol as p
+from polydev.vm import proc
+from polydev.vm.backends.firecracker.api import (
+    BootSource,
+    Drive,
+    FirecrackerClient,
+    Logger,
+    LogLevel,
+    MachineConfig,
+    MemoryBackend,
+    NetworkInterface,
+    NetworkOverride,
+    SnapshotCreate,
+    SnapshotLoad,
+)
+from polydev.vm.backends.firecracker.checks import check_available, kernel_problem
+from polydev.vm.backends.firecracker.errors import (
+    FirecrackerAPIError,
+    FirecrackerError,
+    FirecrackerProcessError,
+    FirecrackerUnavailable,
+)
+from polydev.vm.backends.firecracker.jailer import JailerConfig, link_into_jail
 
-log = logging.getLogger(__name__)
-
-# Firecracker accepts device ids made of ASCII letters, digits and underscores (at most 64); we enforce the
-# same before the id becomes part of a URL path, so an id can never smuggle in another path.
-DEVICE_ID = r"^[A-Za-z0-9_]{1,64}$"
-# The jailer's --id: letters, digits and hyphens, at most 64 characters (docs/jailer.md).
-JAIL_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
-MAC = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
 # reboot=k + panic=1: a guest reboot or panic ends the Firecracker process instead of hanging; pci=off because
 # Firecracker has no PCI bus (devices are virtio-mmio, announced on the command line).
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
-KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00); the stable KVM API answers 12
-KVM_API_VERSION = 12
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
-
-
-# -- errors ----------------------------------------------------------------------------------------------
-
-
-class FirecrackerError(RuntimeError):
-    """Base class: anything that went wrong running Firecracker."""
-
-
-class FirecrackerUnavailable(FirecrackerError):
-    """This machine cannot run Firecracker; `reason` says why in one sentence."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"Firecracker is unavailable: {reason}")
-        self.reason = reason
-
-
-class FirecrackerAPIError(FirecrackerError):
-    """Firecracker answered a request with an error status."""
-
-    def __init__(self, method: str, path: str, status: int, fault_message: str) -> None:
-        super().__init__(f"Firecracker {method} {path} failed ({status}): {fault_message}")
-        self.method = method
-        self.path = path
-        self.status = status
-        self.fault_message = fault_message
-
-
-class FirecrackerProcessError(FirecrackerError):
-    """The Firecracker process failed to come up or died; carries the last console/log lines."""
-
-    def __init__(self, message: str, console_tail: Sequence[str] = ()) -> None:
-        tail = "\n".join(console_tail)
-        super().__init__(f"{message}\n--- firecracker output (last lines) ---\n{tail}" if tail else message)
-        self.console_tail = list(console_tail)
-
-
-# -- request and response bodies -------------------------------------------------------------------------
-
-
-class _Body(BaseModel):
-    # Firecracker rejects unknown fields (serde deny_unknown_fields); failing here first gives a clearer error.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    def payload(self) -> dict[str, Any]:
-        # Unset optional fields are left out rather than sent as null: the spec has no nullable fields.
-        return self.model_dump(mode="json", exclude_none=True)
-
-
-class MachineConfig(_Body):
-    vcpu_count: int = Field(ge=1, le=32)
-    mem_size_mib: int = Field(ge=1)
-    smt: bool | None = None
-    track_dirty_pages: bool | None = None  # needed for Diff snapshots
-    huge_pages: Literal["None", "2M"] | None = None
-
-
-class BootSource(_Body):
-    kernel_image_path: str
-    boot_args: str | None = None
-    initrd_path: str | None = None
-
-
-class Drive(_Body):
-    drive_id: str = Field(pattern=DEVICE_ID)
-    path_on_host: str
-    is_root_device: bool
-    is_read_only: bool
-    cache_type: Literal["Unsafe", "Writeback"] | None = None
-    io_engine: Literal["Sync", "Async"] | None = None
-    partuuid: str | None = None
-
-
-class DriveUpdate(_Body):
-    """PATCH /drives/{id} after boot or restore: point a drive at another backing file."""
-
-    drive_id: str = Field(pattern=DEVICE_ID)
-    path_on_host: str
-
-
-class NetworkInterface(_Body):
-    iface_id: str = Field(pattern=DEVICE_ID)
-    host_dev_name: str = Field(min_length=1, max_length=15)  # a Linux interface name (IFNAMSIZ - 1)
-    guest_mac: str | None = Field(default=None, pattern=MAC)
-
-
-LogLevel = Literal["Error", "Warning", "Info", "Debug", "Trace", "Off"]
-
-
-class Logger(_Body):
-    log_path: str
-    level: LogLevel | None = None
-    show_level: bool | None = None
-    show_log_origin: bool | None = None
-
-
-class Metrics(_Body):
-    metrics_path: str
-
-
-class Vsock(_Body):
-    guest_cid: int = Field(ge=3)  # 0-2 are reserved (hypervisor, local, host)
-    uds_path: str
-
-
-class SnapshotCreate(_Body):
-    snapshot_path: str
-    mem_file_path: str
-    snapshot_type: Literal["Full", "Diff"] | None = None
-
-
-class MemoryBackend(_Body):
-    backend_type: Literal["File", "Uffd"]
-    backend_path: str
-
-
-class NetworkOverride(_Body):
-    iface_id: str = Field(pattern=DEVICE_ID)
-    host_dev_name: str = Field(min_length=1, max_length=15)
-
-
-class SnapshotLoad(_Body):
-    # mem_backend rather than the deprecated mem_file_path: both releases accept it, newer ones drop the other.
-    snapshot_path: str
-    mem_backend: MemoryBackend
-    track_dirty_pages: bool | None = None
-    resume_vm: bool | None = None
-    network_overrides: list[NetworkOverride] | None = None
-
-
-class _Action(_Body):
-    action_type: Literal["InstanceStart", "SendCtrlAltDel", "FlushMetrics"]
-
-
-class _VmState(_Body):
-    state: Literal["Paused", "Resumed"]
-
-
-class InstanceInfo(BaseModel):
-    """GET / answer. Extra fields are ignored so a newer Firecracker does not break an older Polydev."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    id: str
-    state: Literal["Not started", "Running", "Paused"]
-    vmm_version: str
-    app_name: str
-
-
-class MachineConfigInfo(BaseModel):
-    """GET /machine-config answer; lenient for the same reason as InstanceInfo."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    vcpu_count: int
-    mem_size_mib: int
-    smt: bool = False
-    track_dirty_pages: bool = False
-    huge_pages: str | None = None
-
-
-# -- the API client --------------------------------------------------------------------------------------
-
-
-class FirecrackerClient:
-    """One Firecracker process's API. Every method is one request; errors raise FirecrackerAPIError."""
-
-    def __init__(self, socket_path: Path | str, *, timeout: float = 10.0, snapshot_timeout: float = 300.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.socket_path = Path(socket_path)
-        # Snapshot calls write or map the whole guest memory: seconds per GiB on slow disks.
-        self._snapshot_timeout = snapshot_timeout
-        self._http = httpx.AsyncClient(transport=transport or httpx.AsyncHTTPTransport(uds=str(socket_path)),
-                                       base_url="http://localhost", timeout=timeout)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def _call(self, method: str, path: str, body: _Body | None = None,
-                    timeout: float | None = None) -> httpx.Response:
-        kwargs: dict[str, Any] = {}
-        if body is not None:
-            kwargs["json"] = body.payload()
-        if timeout is not None:
-            kwargs["timeout"] = timeout
-        try:
-            response = await self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise FirecrackerError(f"Firecracker API at {self.socket_path} did not answer {method} {path}: "
-                                   f"{exc!r}") from exc
-        if response.is_success:
-            return response
-        raise FirecrackerAPIError(method, path, response.status_code, _fault_message(response))
-
-    async def _get_json(self, path: str) -> dict[str, Any]:
-        response = await self._call("GET", path)
-        data = response.json()
-        if not isinstance(data, dict):
-            raise FirecrackerError(f"Firecracker GET {path} answered {data!r}, not a JSON object")
-        return data
-
-    # Instance information
-    async def describe_instance(self) -> InstanceInfo:
-        return InstanceInfo.model_validate(await self._get_json("/"))
-
-    async def version(self) -> str:
-        return str((await self._get_json("/version"))["firecracker_version"])
-
-    # Pre-boot configuration
-    async def get_machine_config(self) -> MachineConfigInfo:
-        return MachineConfigInfo.model_validate(await self._get_json("/machine-config"))
-
-    async def put_machine_config(self, config: MachineConfig) -> None:
-        await self._call("PUT", "/machine-config", config)
-
-    async def patch_machine_config(self, config: MachineConfig) -> None:
-        # The published spec gives PATCH the same body schema as PUT, with vcpu_count and mem_size_mib
-        # required, so a strictly conforming partial update still names both.
-        await self._call("PATCH", "/machine-config", config)
-
-    async def put_boot_source(self, boot: BootSource) -> None:
-        await self._call("PUT", "/boot-source", boot)
-
-    async def put_drive(self, drive: Drive) -> None:
-        await self._call("PUT", f"/drives/{drive.drive_id}", drive)
-
-    async def patch_drive(self, update: DriveUpdate) -> None:
-        await self._call("PATCH", f"/drives/{update.drive_id}", update)
-
-    async def put_network_interface(self, iface: NetworkInterface) -> None:
-        await self._call("PUT", f"/network-interfaces/{iface.iface_id}", iface)
-
-    async def put_logger(self, logger: Logger) -> None:
-        await self._call("PUT", "/logger", logger)
-
-    async def put_metrics(self, metrics: Metrics) -> None:
-        await self._call("PUT", "/metrics", metrics)
-
-    async def put_vsock(self, vsock: Vsock) -> None:
-        await self._call("PUT", "/vsock", vsock)
-
-    # Actions and run state
-    async def instance_start(self) -> None:
-        await self._call("PUT", "/actions", _Action(action_type="InstanceStart"))
-
-    async def send_ctrl_alt_del(self) -> None:
-        await self._call("PUT", "/actions", _Action(action_type="SendCtrlAltDel"))
-
-    async def flush_metrics(self) -> None:
-        await self._call("PUT", "/actions", _Action(action_type="FlushMetrics"))
-
-    async def pause(self) -> None:
-        await self._call("PATCH", "/vm", _VmState(state="Paused"))
-
-    async def resume(self) -> None:
-        await self._call("PATCH", "/vm", _VmState(state="Resumed"))
-
-    # Snapshots
-    async def create_snapshot(self, params: SnapshotCreate) -> None:
-        await self._call("PUT", "/snapshot/create", params, timeout=self._snapshot_timeout)
-
-    async def load_snapshot(self, params: SnapshotLoad) -> None:
-        await self._call("PUT", "/snapshot/load", params, timeout=self._snapshot_timeout)
-
-
-def _fault_message(response: httpx.Response) -> str:
-    """Firecracker's error bodies are {"fault_message": "..."}; fall back to the raw text for anything else."""
-    try:
-        data = response.json()
-    except ValueError:
-        data = None
-    if isinstance(data, dict) and isinstance(data.get("fault_message"), str):
-        return data["fault_message"]
-    return response.text.strip() or response.reason_phrase
-
-
-# -- availability ----------------------------------------------------------------------------------------
-
-
-def kvm_problem(device: Path = Path("/dev/kvm")) -> str | None:
-    """Why KVM cannot be used through `device`, or None. Opens it and asks for the API version, which is what
-    Firecracker does first; file permissions alone do not prove the module answers."""
-    try:
-        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return f"cannot open {device}: {exc.strerror}"
-    try:
-        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
-    except OSError as exc:
-        return f"{device} does not answer KVM_GET_API_VERSION: {exc.strerror}"
-    finally:
-        os.close(fd)
-    if version != KVM_API_VERSION:
-        return f"{device} speaks KVM API {version}, Firecracker needs {KVM_API_VERSION}"
-    return None
-
-
-def unavailable_reason(binary: Path, *, kvm_device: Path | None = Path("/dev/kvm")) -> str | None:
-    """Why Firecracker cannot run here (missing or non-executable binary, unusable KVM), or None."""
-    if not binary.is_file():
-        return f"no firecracker binary at {binary} (set FIRECRACKER_BINARY)"
-    if not os.access(binary, os.X_OK):
-        return f"{binary} is not executable"
-    if kvm_device is not None:
-        return kvm_problem(kvm_device)
-    return None
-
-
-def check_available(binary: Path, *, kvm_device: Path | None = Path("/dev/kvm")) -> None:
-    reason = unavailable_reason(binary, kvm_device=kvm_device)
-    if reason:
-        raise FirecrackerUnavailable(reason)
-
-
-def kernel_problem(kernel: Path) -> str | None:
-    """Why `kernel` cannot boot under Firecracker on x86_64, as far as a cheap look can tell, or None.
-
-    Firecracker loads an uncompressed ELF vmlinux, not a bzImage; Debian's packaged kernels are bzImages
-    (and lack CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES), the mistake an operator is most likely to make.
-    """
-    try:
-        with open(kernel, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        return f"cannot read kernel {kernel}: {exc.strerror}"
-    if platform.machine() in ("x86_64", "AMD64") and magic != b"\x7fELF":
-        return f"{kernel} is not an uncompressed ELF vmlinux (a bzImage will not boot under Firecracker)"
-    return None
-
-
-# -- the jailer ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class JailerConfig:
-    """How to run Firecracker under the jailer (flags as in Firecracker's docs/jailer.md).
-
-    --daemonize is deliberately not offered: the driver must keep the process as its child to watch and kill
-    it, and the jailer refuses to daemonize as a process-group leader, which our children are.
-    """
-
-    binary: Path
-    uid: int
-    gid: int
-    chroot_base_dir: Path = Path("/srv/jailer")
-    netns: Path | None = None  # e.g. /var/run/netns/<slot>: the VM's network slot
-    cgroup_version: Literal[1, 2] | None = None
-    cgroups: tuple[str, ...] = ()  # "<file>=<value>", e.g. "cpuset.cpus=0-3"
-    parent_cgroup: str | None = None
-    resource_limits: tuple[str, ...] = ()  # "<resource>=<value>", e.g. "no-file=1024"
-    new_pid_ns: bool = False
-
-    def chroot_dir(self, firecracker_binary: Path, vm_id: str) -> Path:
-        """The jail's root, as the jailer builds it: <base>/<exec file name>/<id>/root."""
-        return self.chroot_base_dir / firecracker_binary.name / vm_id / "root"
-
-    def argv(self, vm_id: str, firecracker_binary: Path, firecracker_args: Sequence[str]) -> list[str]:
-        if not JAIL_ID.match(vm_id):
-            raise ValueError(f"jailer id {vm_id!r}: letters, digits and hyphens only, at most 64")
-        if "firecracker" not in firecracker_binary.name:
-            # The jailer itself refuses other names; say so before spawning anything.
-            raise ValueError(f"jailer --exec-file must be named *firecracker*, got {firecracker_binary.name!r}")
-        argv = [str(self.binary), "--id", vm_id, "--exec-file", str(firecracker_binary),
-                "--uid", str(self.uid), "--gid", str(self.gid), "--chroot-base-dir", str(self.chroot_base_dir)]
-        if self.netns is not None:
-            argv += ["--netns", str(self.netns)]
-        if self.cgroup_version is not None:
-            argv += ["--cgroup-version", str(self.cgroup_version)]
-        for cgroup in self.cgroups:
-            argv += ["--cgroup", cgroup]
-        if self.parent_cgroup is not None:
-            argv += ["--parent-cgroup", self.parent_cgroup]
-        for limit in self.resource_limits:
-            argv += ["--resource-limit", limit]
-        if self.new_pid_ns:
-            argv.append("--new-pid-ns")
-        # Everything after "--" goes to Firecracker; the jailer already passes --id itself.
-        return [*argv, "--", *firecracker_args]
-
-
-# -- the process driver ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -687,7 +298,7 @@ class FirecrackerProcess:
             self._pump = None
         if handed_off is not None:
             # Not our child, so not reaped by the wait above: its pipe closes a moment before it is gone.
-            await _gone(handed_off, timeout=5.0)
+            await proc.wait_gone(handed_off, timeout=5.0)
         self.socket_path.unlink(missing_ok=True)
         self.api_socket.unlink(missing_ok=True)
         if self.chroot is not None:
@@ -846,32 +457,6 @@ def socket_alias(api_socket: Path) -> Path | None:
         return None
     digest = hashlib.sha256(str(api_socket.absolute()).encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / "polydev-fc" / f"{digest}.socket"
-
-
-def link_into_jail(host_path: Path, inside: Path) -> None:
-    """Hard-link a file into a jail: a copy would cost what the per-VM disks exist to avoid."""
-    try:
-        os.link(host_path, inside)
-    except OSError as exc:
-        if exc.errno == errno.EXDEV:
-            raise FirecrackerError(f"{host_path} is on another file system than the jail {inside.parent}: put "
-                                   "the jailer's chroot base (FIRECRACKER_BASE) beside the VM files") from exc
-        raise
-
-
-def process_gone(pid: int) -> bool:
-    """True when `pid` has exited: no such process, or a zombie its parent has yet to reap."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state == "Z"
-
-
-async def _gone(pid: int, timeout: float) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not process_gone(pid) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.005)
 
 
 async def _accepts(path: Path) -> bool:

@@ -7,15 +7,15 @@ Network: QEMU user networking with `restrict=on` (the guest reaches nothing outs
 polydev.vm.forwards): the host loopback services the guest may reach, and nothing else.
 Readiness: a reader thread copies the serial console to `console.log` and wakes the starter the moment the
 agent's READY line appears, or the moment QEMU exits. No sleeps.
+
+This module is one VM (`QemuVM`): its overlay, its QEMU process, its console and QMP socket; cold boot or
+restore from a snapshot's state. The engine's backend (backend.py) and its snapshots (snapshot.py) build on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import functools
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -25,17 +25,15 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from polydev import protocol as p
+from polydev.config.forwards import GuestForward
 from polydev.vm import handover
 from polydev.vm.agent_client import AgentClient
-from polydev.vm.engine import Started, VMSpec
-from polydev.vm.forwards import RELAY_MISSING, GuestForward, relay_path
+from polydev.vm.forwards import RELAY_MISSING, netdev_rule, relay_path
 from polydev.vm.images import INIT_PATH, Image
 from polydev.vm.network import VNC_PORT, Slot
 
@@ -49,8 +47,6 @@ TCG_CPU = "max"
 _kvm_usable: bool | None = None  # learnt once per process: the answer does not change while it runs
 # Migration leaves out RAM that is a shared file mapping: the snapshot's RAM is its template's RAM file.
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
-# Bump when what a snapshot directory holds changes: older snapshots are then simply not found.
-SNAPSHOT_FORMAT = "ram-file-1"
 
 
 class VMError(RuntimeError):
@@ -73,6 +69,11 @@ def free_port() -> int:
 
 def kvm_available() -> bool:
     return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def kvm_usable() -> bool | None:
+    """Whether a KVM boot worked in this process: True, False (it fell back to TCG), None (none tried yet)."""
+    return _kvm_usable
 
 
 class QemuVM:
@@ -234,7 +235,7 @@ class QemuVM:
             relay = relay_path()
             if relay is None:
                 raise VMError(RELAY_MISSING)
-            netdev += "".join(f",{fwd.netdev_rule(relay)}" for fwd in self.guest_forwards)
+            netdev += "".join(f",{netdev_rule(fwd, relay)}" for fwd in self.guest_forwards)
         prefix: list[str] = []
         if self.slot is not None:
             from polydev.vm import network
@@ -271,7 +272,7 @@ class QemuVM:
         assert self._proc is not None
         if accel == "kvm" and not self._first_output.wait(KVM_FIRST_OUTPUT_S):
             self.token_file.unlink(missing_ok=True)
-            self._kill()
+            self.kill()
             raise VMError("no console output under KVM")
         self._ready.wait(max(0.0, ready_timeout - (time.monotonic() - started)))
         self.token_file.unlink(missing_ok=True)
@@ -280,7 +281,7 @@ class QemuVM:
                 self._proc.wait()
             exited = self._proc.poll() is not None
             err = (self.workdir / "qemu.stderr").read_text(errors="replace").strip().splitlines()[-3:]
-            self._kill()
+            self.kill()
             reason = f"QEMU exited ({'; '.join(err)})" if exited else f"agent not ready after {ready_timeout:.0f} s"
             raise VMError(f"{accel}: {reason}", list(self._tail))
         self.boot_seconds = time.monotonic() - started
@@ -373,18 +374,12 @@ class QemuVM:
     def _hand_over_token(self, new_token: str, deadline: float) -> None:
         """The restored agent still holds the snapshot's token: replace it with this VM's own."""
         host, port, netns = self._agent_address()
-        while True:
-            try:
-                handover.rotate_token(host, port, self.token, new_token, netns=netns,
-                                      timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                break
-            except OSError:
-                # The guest's network path through the new QEMU comes up a moment after `cont`.
-                if not self.alive() or time.monotonic() > deadline:
-                    raise VMError("the restored agent did not answer", list(self._tail)) from None
-                time.sleep(0.01)
-            except handover.HandoverRefused as exc:
-                raise VMError(f"the restored agent refused its new token ({exc})", list(self._tail)) from None
+        try:
+            handover.hand_over(host, port, self.token, new_token, netns=netns, deadline=deadline, alive=self.alive)
+        except handover.HandoverTimeout as exc:
+            raise VMError(f"the restored agent {exc}", list(self._tail)) from None
+        except handover.HandoverRefused as exc:
+            raise VMError(f"the restored agent refused its new token ({exc})", list(self._tail)) from None
         self.token = new_token
 
     def _read_console(self, proc: subprocess.Popen[bytes], started: float) -> None:
@@ -407,6 +402,11 @@ class QemuVM:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """QEMU's process id while it runs (the leader of its process group)."""
+        return self._proc.pid if self._proc is not None else None
+
     def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """One QMP command (qemu.qmp) on a fresh connection; usable from sync code and from worker threads."""
         from qemu.qmp import QMPClient
@@ -421,7 +421,8 @@ class QemuVM:
 
         return asyncio.run(call())
 
-    def _kill(self) -> None:
+    def kill(self) -> None:
+        """Kill QEMU at once (its process group), keeping its files: a snapshot template's disk is moved after."""
         proc = self._proc
         if proc is None:
             return
@@ -445,7 +446,7 @@ class QemuVM:
                 self._proc.wait(timeout=10)
             except Exception:  # QMP unreachable or QEMU stuck: the kill below still cleans up
                 pass
-        self._kill()
+        self.kill()
         self.qmp_socket.unlink(missing_ok=True)
         if self.keep_console and self.console_log.exists():
             for path in self.workdir.iterdir():
@@ -453,229 +454,3 @@ class QemuVM:
                     path.unlink(missing_ok=True)
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-# -- the engine's backend -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A booted guest frozen with its agent running: memory state plus the disk as it was at that moment."""
-
-    directory: Path
-    accel: str
-
-    @property
-    def state(self) -> Path:
-        return self.directory / "state.bin"
-
-    @property
-    def disk(self) -> Path:
-        return self.directory / "disk.qcow2"
-
-    @property
-    def ram(self) -> Path:
-        return self.directory / "ram.bin"
-
-    @property
-    def empty_overlay(self) -> Path:
-        """An empty overlay on `disk`, copied for each restored VM."""
-        return self.directory / "overlay.qcow2"
-
-    @property
-    def token(self) -> str:
-        return (self.directory / "template.token").read_text().strip()
-
-
-def _network_key(mode: str) -> list[str]:
-    """What a restored guest keeps from the network it was snapshotted on: its address and its gateway."""
-    if mode == "user":
-        return ["user", GUEST_ADDR, GUEST_GATEWAY]
-    from polydev.vm import network
-
-    return ["tap", f"{network.GUEST_IP}/{network.GUEST_PREFIX}", network.GATEWAY_IP]
-
-
-@functools.cache  # part of every snapshot key, so asked on every VM creation: one process (~50 ms) at most
-def qemu_version() -> str:
-    out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=True)
-    return out.stdout.splitlines()[0].strip()
-
-
-class QemuBackend:
-    """The engine's QEMU backend. The first VM of a size boots cold, and its boot is frozen into a snapshot
-    (QEMU migration to a file, taken with the agent running); every later VM of that size is a restore of
-    that snapshot onto a fresh overlay over the snapshot's disk, with its own token handed over after the
-    restore. Snapshots are kept per network mode: in tap mode every slot gives the guest the same address
-    (and gateway), so a template booted in the first VM's slot restores into any slot.
-
-    The template's RAM is a shared file mapping (`memory-backend-file,share=on`) and is migrated with
-    `x-ignore-shared`, so the state file holds only device state (~0.6 MB instead of ~130 MB); a restore maps
-    that RAM file privately (copy-on-write) and loads nothing: pages come from the page cache as the guest
-    touches them, and every restored VM shares the unmodified ones."""
-
-    name = "qemu"
-
-    def __init__(self, image: Image, snapshots_dir: Path, *, accel: str = "auto", snapshots: bool = True,
-                 guest_forwards: tuple[GuestForward, ...] = ()) -> None:
-        self.image = image
-        # Given to every VM, template included: a forward is on QEMU's command line, not in the snapshot, so
-        # restores get the forwards configured now whatever the template had.
-        self.guest_forwards = guest_forwards
-        self.snapshots_dir = snapshots_dir
-        self.accel_wanted = accel
-        self.use_snapshots = snapshots
-        self._vms: dict[Path, QemuVM] = {}
-        self._lock = threading.Lock()
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> QemuBackend:
-        from polydev.vm import images
-        from polydev.vm.backends import BackendUnavailable
-
-        if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
-            raise BackendUnavailable("QEMU is not installed (Debian: apt-get install qemu-system-x86 qemu-utils)")
-        image = images.find(settings.cache_dir, images.recipe_for(settings.vm_image_profile))
-        if image is None:
-            raise BackendUnavailable(f"no {settings.vm_image_profile} image in {settings.cache_dir}: run "
-                                     f"`polydev image build --profile {settings.vm_image_profile}`")
-        forwards = tuple(settings.vm_guest_forwards)
-        if forwards and relay_path() is None:
-            raise BackendUnavailable(RELAY_MISSING)
-        if forwards and settings.network_mode != "user":
-            log.warning("VM_GUEST_FORWARDS applies to user networking only; NETWORK_MODE=%s ignores it",
-                        settings.network_mode)
-        return cls(image, settings.data_dir / "snapshots", guest_forwards=forwards)
-
-    @property
-    def accel(self) -> str:
-        """kvm or tcg once a VM has booted here; until then what will be tried first."""
-        if _kvm_usable is False or not kvm_available():
-            return "tcg"
-        return "kvm" if _kvm_usable else "kvm (untested)"
-
-    def console_log(self, workdir: Path) -> Path:
-        return workdir / "console.log"
-
-    async def start(self, spec: VMSpec) -> Started:
-        return await asyncio.to_thread(self._start, spec)
-
-    def _start(self, spec: VMSpec) -> Started:
-        # Only login-browser VMs run a VNC server; on the command line, not in the snapshot, so restores get it.
-        vnc_port = free_port() if spec.purpose == "browser" and spec.slot is None else 0
-        snapshot = (self.ensure_snapshot(spec.vcpus, spec.memory_mb, spec.marker, spec.slot)
-                    if self.use_snapshots else None)
-        if snapshot is None:
-            vm = QemuVM(self.image, spec.workdir, token=spec.token, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
-                        accel=self.accel_wanted, name=spec.marker, slot=spec.slot,
-                        guest_forwards=self.guest_forwards)
-            vm.vnc_port = vnc_port
-            vm.start()
-        else:
-            vm = QemuVM(self.image, spec.workdir, token=snapshot.token, vcpus=spec.vcpus,
-                        memory_mb=spec.memory_mb, accel=snapshot.accel, name=spec.marker, slot=spec.slot,
-                        backing=(snapshot.disk, "qcow2"), guest_forwards=self.guest_forwards,
-                        ram_file=(snapshot.ram, False), overlay_from=snapshot.empty_overlay)
-            vm.vnc_port = vnc_port
-            vm.restore(snapshot.state, snapshot.accel, spec.token)
-        assert vm._proc is not None
-        with self._lock:
-            self._vms[spec.workdir] = vm
-        return Started(pid=vm._proc.pid, agent_url=vm.agent_url, agent_port=vm.port,
-                       socket_path=str(vm.qmp_socket), vnc_address=("127.0.0.1", vnc_port) if vnc_port else None)
-
-    def snapshot_dir(self, vcpus: int, memory_mb: int, network: str = "user") -> Path:
-        """Where the snapshot of this size and network mode lives. The network mode is in the key because the
-        guest's address and devices differ: user networking's 10.0.2.15, or the slot layout's address."""
-        key = hashlib.sha256(json.dumps([self.image.hash, vcpus, memory_mb, TCG_CPU, qemu_version(),
-                                         _network_key(network), SNAPSHOT_FORMAT]).encode())
-        return self.snapshots_dir / key.hexdigest()[:16]
-
-    def ensure_snapshot(self, vcpus: int, memory_mb: int, marker: str, slot: Slot | None = None) -> Snapshot:
-        """The snapshot for this size and network mode, made (once, under a file lock) by a cold boot if it does
-        not exist. In tap mode the template boots in `slot` (the slot of the VM being created, which waits for
-        it anyway): every slot looks the same to a guest."""
-        directory = self.snapshot_dir(vcpus, memory_mb, "tap" if slot else "user")
-        meta = directory / "meta.json"
-        if meta.exists():
-            return Snapshot(directory, json.loads(meta.read_text())["accel"])
-        self.snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.snapshots_dir / f".lock-{directory.name}", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if meta.exists():
-                return Snapshot(directory, json.loads(meta.read_text())["accel"])
-            return self._make_snapshot(directory, vcpus, memory_mb, marker, slot)
-
-    def _make_snapshot(self, directory: Path, vcpus: int, memory_mb: int, marker: str,
-                       slot: Slot | None) -> Snapshot:
-        work = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(mode=0o700)
-        # A marker of the engine's kind (another id), so a crash mid-snapshot leaves nothing reconcile misses.
-        template_name = marker.rsplit("-", 5)[0] + "-" + str(uuid.uuid4())
-        template = QemuVM(self.image, work / "boot", vcpus=vcpus, memory_mb=memory_mb, accel=self.accel_wanted,
-                          name=template_name, keep_console=False, guest_forwards=self.guest_forwards, slot=slot,
-                          ram_file=(work / "ram.bin", True))
-        try:
-            started = time.monotonic()
-            template.start()
-            template.qmp("stop")  # from here the RAM file holds the guest's memory as the state will describe it
-            template.qmp("migrate-set-capabilities", IGNORE_SHARED)
-            state = work / "state.bin"
-            template.qmp("migrate", {"uri": f"exec:cat > {state}"})
-            while True:
-                status = template.qmp("query-migrate").get("status")
-                if status == "completed":
-                    break
-                if status in ("failed", "cancelled"):
-                    raise VMError(f"snapshot migration {status}")
-                time.sleep(0.02)
-            accel = template.accel
-            template._kill()
-            os.replace(template.overlay, work / "disk.qcow2")
-            os.chmod(work / "disk.qcow2", 0o400)  # frozen: every restored VM's overlay builds on it
-            # Restored VMs map ram.bin privately; it must never change under them (a new snapshot is a new
-            # directory). Not read-only on disk: QEMU opens a memory-backend file for writing even when private.
-            # The empty overlay names the disk at its final place (`-u`: it is not there yet).
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(directory / "disk.qcow2"),
-                            "-F", "qcow2", str(work / "overlay.qcow2"), str(self.image.rootfs.stat().st_size)],
-                           check=True, capture_output=True)
-            fd = os.open(work / "template.token", os.O_WRONLY | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(template.token)
-            (work / "meta.json").write_text(json.dumps({"accel": accel, "image": self.image.hash, "vcpus": vcpus,
-                                                        "memory_mb": memory_mb, "qemu": qemu_version(),
-                                                        "network": "tap" if slot else "user",
-                                                        "seconds": round(time.monotonic() - started, 2)}))
-            shutil.rmtree(work / "boot", ignore_errors=True)
-            shutil.rmtree(directory, ignore_errors=True)
-            os.replace(work, directory)
-            log.info("snapshot made for %d vCPU / %d MiB in %s (%s)", vcpus, memory_mb, directory, accel)
-            return Snapshot(directory, accel)
-        finally:
-            template.stop()
-            shutil.rmtree(work, ignore_errors=True)
-
-    async def stop(self, pid: int | None, workdir: Path) -> None:
-        await asyncio.to_thread(self._stop, pid, workdir)
-
-    def _stop(self, pid: int | None, workdir: Path) -> None:
-        with self._lock:
-            vm = self._vms.pop(workdir, None)
-        if vm is not None:
-            vm.stop()
-            return
-        if pid is None:
-            return
-        # A VM of an earlier engine process: no QMP session or console reader of ours, just the process.
-        try:
-            os.killpg(pid, 9)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
-            except ChildProcessError:
-                pass
-            time.sleep(0.01)

@@ -1,9 +1,10 @@
-"""The engine's Firecracker backend: the process driver of firecracker.py behind the engine's `Backend`.
+"""The engine's Firecracker backend: the process driver (process.py) behind the engine's `Backend`.
 
 It behaves like QemuBackend. The first VM of a size boots the image cold in its network slot; that boot is
 frozen into a Full snapshot (pause, PUT /snapshot/create) and the template process is dropped. Every VM of
 that size is then a fresh Firecracker that loads the snapshot (PUT /snapshot/load) onto its own copy of the
-snapshot's disk, and gets its own agent token through the agent's POST /token.
+snapshot's disk, and gets its own agent token through the agent's POST /token. The snapshot cache is the
+one both backends keep (polydev.vm.snapshots).
 
 Decisions, and why:
 - Network: Firecracker has no user-mode networking, so this backend needs NETWORK_MODE=tap. Each VM's
@@ -27,16 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import hashlib
-import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,34 +40,34 @@ from typing import Any
 import structlog
 
 from polydev import protocol as p
-from polydev.vm import handover, network
+from polydev.vm import handover, network, proc
 from polydev.vm.backends import BackendUnavailable
-from polydev.vm.backends.firecracker import (
-    DEFAULT_BOOT_ARGS,
-    FirecrackerAPIError,
-    FirecrackerError,
-    FirecrackerProcess,
-    JailerConfig,
-    SnapshotFiles,
-    VMConfig,
+from polydev.vm.backends.firecracker.checks import (
+    NEEDS_TAP,
     kernel_problem,
     kvm_problem,
-    link_into_jail,
-    process_gone,
-    socket_alias,
+    rootfs_for,
     unavailable_reason,
 )
+from polydev.vm.backends.firecracker.errors import FirecrackerAPIError, FirecrackerError
+from polydev.vm.backends.firecracker.jailer import JailerConfig, link_into_jail
+from polydev.vm.backends.firecracker.process import (
+    DEFAULT_BOOT_ARGS,
+    FirecrackerProcess,
+    SnapshotFiles,
+    VMConfig,
+    socket_alias,
+)
 from polydev.vm.disks import clone_disk
-from polydev.vm.engine import Started, VMSpec
 from polydev.vm.network import Slot
+from polydev.vm.snapshots import TOKEN, SnapshotCache, Template, Workspace
+from polydev.vm.types import BackendInfo, Started, VMSpec
 
 log = structlog.get_logger(__name__)
 
 DISK_NAME = "rootfs.ext4"
 READY_TIMEOUT_S = 120.0  # cold boot to the agent's READY line (a KVM boot takes about a second)
 RESTORE_TIMEOUT_S = 30.0  # snapshot load to the agent taking its token
-NEEDS_TAP = ("Firecracker has no user-mode networking: set NETWORK_MODE=tap (needs root; each VM gets a TAP "
-             "in its own network slot)")
 
 
 def boot_args(token: str) -> str:
@@ -102,7 +98,7 @@ class Snapshot:
 
     @property
     def token(self) -> str:
-        return (self.directory / "template.token").read_text().strip()
+        return (self.directory / TOKEN).read_text().strip()
 
 
 class FirecrackerBackend:
@@ -116,14 +112,13 @@ class FirecrackerBackend:
         self.binary = binary
         self.kernel = kernel
         self.rootfs = rootfs
-        self.snapshots_dir = snapshots_dir
+        self.snapshots = SnapshotCache(snapshots_dir)
         self.jailer = jailer
         self.kvm_device = kvm_device  # None: not checked (tests drive a fake binary)
         self.use_snapshots = snapshots
         self.ready_timeout = ready_timeout
         self.restore_timeout = restore_timeout
         self._vms: dict[Path, FirecrackerProcess] = {}
-        self._snapshot_locks: dict[str, asyncio.Lock] = {}
         self._version: str | None = None
 
     @classmethod
@@ -154,6 +149,14 @@ class FirecrackerBackend:
         return cls(binary=settings.firecracker_binary, kernel=kernel, rootfs=rootfs,
                    snapshots_dir=settings.data_dir / "snapshots" / "firecracker", jailer=jailer)
 
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.snapshots.root
+
+    def describe(self) -> BackendInfo:
+        # A plain root file system, no image manifest: the guest's packages are not known here.
+        return BackendInfo(accel=self.accel)
+
     def console_log(self, workdir: Path) -> Path:
         return workdir / "console.log"
 
@@ -164,13 +167,13 @@ class FirecrackerBackend:
             raise BackendUnavailable(NEEDS_TAP)
         if self.use_snapshots:
             snapshot = await self.ensure_snapshot(spec, spec.slot)
-            proc = await self._restore(spec, spec.slot, snapshot)
+            vm = await self._restore(spec, spec.slot, snapshot)
         else:
-            proc = await self._cold_boot(spec, spec.slot)
-        self._vms[spec.workdir] = proc
-        pid = proc.vmm_pid or proc.pid
+            vm = await self._cold_boot(spec, spec.slot)
+        self._vms[spec.workdir] = vm
+        pid = vm.vmm_pid or vm.pid
         assert pid is not None
-        return Started(pid=pid, agent_url=agent_url(spec.slot), socket_path=str(proc.socket_path))
+        return Started(pid=pid, agent_url=agent_url(spec.slot), socket_path=str(vm.socket_path))
 
     def _process(self, workdir: Path, vm_id: str, slot: Slot, redact: tuple[str, ...]) -> FirecrackerProcess:
         # The jailer, when used, inherits the slot's namespace from the prefix like Firecracker would.
@@ -182,12 +185,12 @@ class FirecrackerBackend:
         return VMConfig(kernel=self.kernel, rootfs=disk, vcpus=vcpus, mem_mib=memory_mb, boot_args=boot_args(token),
                         tap=network.TAP, guest_mac=network.GUEST_MAC)
 
-    def _disk_for(self, proc: FirecrackerProcess, disk: Path) -> Path:
+    def _disk_for(self, vm: FirecrackerProcess, disk: Path) -> Path:
         """The VM's disk where Firecracker will open it: in the work directory, or linked into the jail."""
-        if proc.chroot is None:
+        if vm.chroot is None:
             return disk
-        proc.chroot.mkdir(parents=True, exist_ok=True)
-        inside = proc.chroot / DISK_NAME
+        vm.chroot.mkdir(parents=True, exist_ok=True)
+        inside = vm.chroot / DISK_NAME
         link_into_jail(disk, inside)
         if self.jailer is not None and os.geteuid() == 0:
             # The jailed VMM runs as uid:gid and writes its disk; a snapshot load opens it without asking us.
@@ -197,56 +200,49 @@ class FirecrackerBackend:
     async def _cold_boot(self, spec: VMSpec, slot: Slot) -> FirecrackerProcess:
         disk = spec.workdir / DISK_NAME
         await asyncio.to_thread(clone_disk, self.rootfs, disk)
-        proc = self._process(spec.workdir, spec.marker, slot, (spec.token,))
+        vm = self._process(spec.workdir, spec.marker, slot, (spec.token,))
         try:
-            await proc.boot(self._config(self._disk_for(proc, disk), spec.vcpus, spec.memory_mb, spec.token))
-            await proc.wait_ready(self.ready_timeout)
+            await vm.boot(self._config(self._disk_for(vm, disk), spec.vcpus, spec.memory_mb, spec.token))
+            await vm.wait_ready(self.ready_timeout)
         except BaseException:
-            await proc.stop()
+            await vm.stop()
             raise
-        return proc
+        return vm
 
     async def _restore(self, spec: VMSpec, slot: Slot, snapshot: Snapshot) -> FirecrackerProcess:
         disk = spec.workdir / DISK_NAME
         await asyncio.to_thread(clone_disk, snapshot.disk, disk)
         template_token = snapshot.token
-        proc = self._process(spec.workdir, spec.marker, slot, (spec.token, template_token))
+        vm = self._process(spec.workdir, spec.marker, slot, (spec.token, template_token))
         try:
-            self._disk_for(proc, disk)
-            await proc.restore(snapshot.files, resume=True)
-            await self._hand_over_token(slot, template_token, spec.token, proc)
+            self._disk_for(vm, disk)
+            await vm.restore(snapshot.files, resume=True)
+            await self._hand_over_token(slot, template_token, spec.token, vm)
         except BaseException as exc:
-            tail = proc.console_tail()
-            await proc.stop()
+            tail = vm.console_tail()
+            await vm.stop()
             if isinstance(exc, FirecrackerAPIError) and exc.path == "/snapshot/load":
                 # Refused by this Firecracker (another host CPU, a damaged file): made afresh next time,
                 # rather than failing every VM of this size from now on.
                 log.warning("firecracker_snapshot_discarded", directory=str(snapshot.directory),
                             reason=exc.fault_message)
-                shutil.rmtree(snapshot.directory, ignore_errors=True)
+                self.snapshots.discard(snapshot.directory)
             if isinstance(exc, FirecrackerError) or not isinstance(exc, Exception):
                 raise
             raise FirecrackerError(f"VM {spec.vm_id}: restore failed: {exc}\n" + "\n".join(tail)) from exc
-        return proc
+        return vm
 
-    async def _hand_over_token(self, slot: Slot, old: str, new: str, proc: FirecrackerProcess) -> None:
+    async def _hand_over_token(self, slot: Slot, old: str, new: str, vm: FirecrackerProcess) -> None:
         """The restored agent still holds the template's token: replace it with this VM's own, through the
         slot, from the namespace that plays the host (see polydev.vm.handover)."""
-        deadline = time.monotonic() + self.restore_timeout
-        while True:
-            try:
-                await asyncio.to_thread(handover.rotate_token, slot.ns_ip, p.AGENT_PORT, old, new,
-                                        netns=slot.host_netns,
-                                        timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                return
-            except OSError as exc:
-                # The guest's path through the slot comes up a moment after the resume.
-                if not proc.running or time.monotonic() > deadline:
-                    raise FirecrackerError(f"the restored agent at {agent_url(slot)} did not answer "
-                                           f"({type(exc).__name__})") from None
-                await asyncio.sleep(0.01)
-            except handover.HandoverRefused as exc:
-                raise FirecrackerError(f"the restored agent refused its new token ({exc})") from None
+        try:
+            await handover.hand_over_async(slot.ns_ip, p.AGENT_PORT, old, new, netns=slot.host_netns,
+                                           deadline=time.monotonic() + self.restore_timeout,
+                                           alive=lambda: vm.running)
+        except handover.HandoverTimeout as exc:
+            raise FirecrackerError(f"the restored agent at {agent_url(slot)} {exc}") from None
+        except handover.HandoverRefused as exc:
+            raise FirecrackerError(f"the restored agent refused its new token ({exc})") from None
 
     # -- snapshots ------------------------------------------------------------------------------------
 
@@ -266,67 +262,42 @@ class FirecrackerBackend:
             st = path.stat()
             return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
-        key = json.dumps([identity(self.kernel), identity(self.rootfs), vcpus, memory_mb, self.version(),
-                          self.jailer is not None, boot_args(""), network.GUEST_MAC, _cpu_model(),
-                          os.uname().release])
-        return self.snapshots_dir / hashlib.sha256(key.encode()).hexdigest()[:16]
+        return self.snapshots.directory(identity(self.kernel), identity(self.rootfs), vcpus, memory_mb,
+                                        self.version(), self.jailer is not None, boot_args(""), network.GUEST_MAC,
+                                        _cpu_model(), os.uname().release)
 
     async def ensure_snapshot(self, spec: VMSpec, slot: Slot) -> Snapshot:
-        """The snapshot for the size of `spec`, made once (one maker per process and, by a file lock, per
-        machine) by a template booted in `slot`, the slot of the VM that asked first."""
+        """The snapshot for the size of `spec`, made once (see polydev.vm.snapshots) by a template booted in
+        `slot`, the slot of the VM that asked first."""
         directory = await asyncio.to_thread(self.snapshot_dir, spec.vcpus, spec.memory_mb)
-        if (directory / "meta.json").exists():
-            return Snapshot(directory)
-        async with self._snapshot_locks.setdefault(directory.name, asyncio.Lock()):
-            if (directory / "meta.json").exists():
-                return Snapshot(directory)
-            self.snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # Opening a local lock file is instant; only the wait for the lock goes to a thread.
-            with open(self.snapshots_dir / f".lock-{directory.name}", "w") as lock:  # noqa: ASYNC230
-                await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
-                if (directory / "meta.json").exists():
-                    return Snapshot(directory)
-                return await self._make_snapshot(directory, spec, slot)
 
-    async def _make_snapshot(self, directory: Path, spec: VMSpec, slot: Slot) -> Snapshot:
+        async def make(space: Workspace) -> Template:
+            return await self._make_snapshot(space, spec, slot)
+
+        return Snapshot(await self.snapshots.ensure_async(directory, make))
+
+    async def _make_snapshot(self, space: Workspace, spec: VMSpec, slot: Slot) -> Template:
         vcpus, memory_mb = spec.vcpus, spec.memory_mb
-        work = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(work, ignore_errors=True)
-        (work / "boot").mkdir(parents=True, mode=0o700)
-        # The engine's marker with another id: a crash mid-snapshot leaves nothing that reconcile misses.
-        template_id = spec.marker.rsplit("-", 5)[0] + "-" + str(uuid.uuid4())
+        space.scratch.mkdir(mode=0o700)
         token = secrets.token_urlsafe(32)  # the template's own; every restored VM replaces it at once
-        disk = work / "boot" / DISK_NAME
-        started = time.monotonic()
+        disk = space.scratch / DISK_NAME
+        await asyncio.to_thread(clone_disk, self.rootfs, disk)
+        template = self._process(space.scratch, proc.template_marker(spec.marker), slot, (token,))
+        frozen = False
         try:
-            await asyncio.to_thread(clone_disk, self.rootfs, disk)
-            proc = self._process(work / "boot", template_id, slot, (token,))
-            frozen = False
-            try:
-                await proc.boot(self._config(self._disk_for(proc, disk), vcpus, memory_mb, token))
-                await proc.wait_ready(self.ready_timeout)
-                await proc.snapshot(Snapshot(work).files, resume=False)
-                frozen = True
-            finally:
-                await proc.stop()
-                if not frozen:  # the template's directory goes: its console goes where the engine keeps the VM's
-                    self._keep_template_console(proc.console_log, spec.workdir)
-            os.replace(disk, Snapshot(work).disk)
-            os.chmod(Snapshot(work).disk, 0o400)  # frozen: every restored VM's disk is a copy of it
-            fd = os.open(work / "template.token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token)
-            (work / "meta.json").write_text(json.dumps({
-                "vcpus": vcpus, "memory_mb": memory_mb, "firecracker": self.version(),
-                "kernel": str(self.kernel), "rootfs": str(self.rootfs), "seconds": round(time.monotonic() - started, 2)}))
-            shutil.rmtree(work / "boot", ignore_errors=True)
-            shutil.rmtree(directory, ignore_errors=True)
-            os.replace(work, directory)
+            await template.boot(self._config(self._disk_for(template, disk), vcpus, memory_mb, token))
+            await template.wait_ready(self.ready_timeout)
+            await template.snapshot(Snapshot(space.work).files, resume=False)
+            frozen = True
         finally:
-            shutil.rmtree(work, ignore_errors=True)
-        log.info("firecracker_snapshot_made", vcpus=vcpus, memory_mb=memory_mb, directory=str(directory),
-                 seconds=round(time.monotonic() - started, 2))
-        return Snapshot(directory)
+            await template.stop()
+            if not frozen:  # the template's directory goes: its console goes where the engine keeps the VM's
+                self._keep_template_console(template.console_log, spec.workdir)
+        made = Snapshot(space.work)
+        os.replace(disk, made.disk)
+        os.chmod(made.disk, 0o400)  # frozen: every restored VM's disk is a copy of it
+        return Template(token, {"vcpus": vcpus, "memory_mb": memory_mb, "firecracker": self.version(),
+                                "kernel": str(self.kernel), "rootfs": str(self.rootfs)})
 
     def _keep_template_console(self, console: Path, workdir: Path) -> None:
         with open(self.console_log(workdir), "ab") as out:
@@ -337,13 +308,12 @@ class FirecrackerBackend:
     # -- stop -----------------------------------------------------------------------------------------
 
     async def stop(self, pid: int | None, workdir: Path) -> None:
-        proc = self._vms.pop(workdir, None)
-        if proc is not None:
-            await proc.stop()
+        vm = self._vms.pop(workdir, None)
+        if vm is not None:
+            await vm.stop()
         elif pid is not None:
-            # A VM of an earlier engine process: no driver of ours, just the process (found by its marker,
-            # which holds the VM id, the work directory's name).
-            await asyncio.to_thread(kill_vm_process, pid, workdir.name)
+            # A VM of an earlier engine process: its marker holds the VM id, the work directory's name.
+            await asyncio.to_thread(proc.kill_vm_process, pid, workdir.name)
         # What a crash leaves that the engine does not know of (a driver removes its own on stop): the jail,
         # and the short alias of a socket too deep to be reached by its path.
         sockets = [workdir / FirecrackerProcess.SOCKET_NAME]
@@ -364,20 +334,6 @@ def _cpu_model() -> str:
         return "?"
 
 
-def rootfs_for(settings: Any) -> Path | str:
-    """FIRECRACKER_GOLDEN_ROOTFS, else the built image's root file system; a string says what is missing."""
-    if settings.firecracker_golden_rootfs is not None:
-        rootfs: Path = settings.firecracker_golden_rootfs
-        return rootfs if rootfs.is_file() else f"FIRECRACKER_GOLDEN_ROOTFS {rootfs} does not exist"
-    from polydev.vm import images
-
-    image = images.find(settings.cache_dir, images.recipe_for(settings.vm_image_profile))
-    if image is None:
-        return (f"no {settings.vm_image_profile} image in {settings.cache_dir} (run `polydev image build "
-                f"--profile {settings.vm_image_profile}` or set FIRECRACKER_GOLDEN_ROOTFS)")
-    return image.rootfs
-
-
 def _jailer(settings: Any) -> JailerConfig | str | None:
     binary: Path | None = settings.firecracker_jailer
     if binary is None:
@@ -389,32 +345,3 @@ def _jailer(settings: Any) -> JailerConfig | str | None:
         return "FIRECRACKER_JAILER needs FIRECRACKER_JAILER_UID and FIRECRACKER_JAILER_GID (not root)"
     # --new-pid-ns: the VMM cannot see or signal anything on the host but itself.
     return JailerConfig(binary=binary, uid=uid, gid=gid, chroot_base_dir=settings.firecracker_base, new_pid_ns=True)
-
-
-def kill_vm_process(pid: int, vm_key: str, wait_s: float = 10.0) -> None:
-    """SIGKILL the process group of `pid` if its command line names `vm_key` (a stale pid, reused by some
-    other process since, is left alone), and wait until it is gone."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return
-    if vm_key.encode() not in cmdline:
-        return
-    try:
-        group = os.getpgid(pid)
-        if group == os.getpgrp():  # never our own group; VM processes are started in a session of their own
-            os.kill(pid, signal.SIGKILL)
-        else:
-            os.killpg(group, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            if process_gone(pid):
-                return
-        time.sleep(0.01)
-

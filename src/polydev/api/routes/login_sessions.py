@@ -13,14 +13,13 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from polydev.api.deps import CurrentUser, Provider, ServicesDep
+from polydev.api.deps import SSE_HEADERS, CurrentUser, Provider, ServicesDep, read_login_session
 from polydev.api.errors import ApiError
 from polydev.core.login_flow import CodeRejected, FlowUnavailable, SessionNotLive
 from polydev.core.login_sessions import SessionExpired, SessionNotFound
 from polydev.store.models import AUTH_SESSION_TERMINAL
 
 router = APIRouter(prefix="/api/auth", tags=["auth"])
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class SessionOut(BaseModel):
@@ -51,16 +50,6 @@ class CodeIn(BaseModel):
                                   "address the browser was sent to after signing in")
 
 
-async def _read(services: ServicesDep, user_id: uuid.UUID, session_id: uuid.UUID) -> dict:
-    try:
-        return await services.login.read(user_id, session_id)
-    except SessionNotFound:
-        raise ApiError(404, "not_found", "no such login session") from None
-    except SessionExpired:
-        raise ApiError(410, "session_expired", "this login session has expired; start a new session",
-                       action="start_new_session") from None
-
-
 @router.post("/start", response_model=SessionOut, status_code=202, responses={422: {}, 503: {}})
 async def start_login(body: StartIn, user: CurrentUser, services: ServicesDep) -> SessionOut:
     """Start connecting a provider account. Answers at once; follow the session for its `auth_url`."""
@@ -75,13 +64,13 @@ async def start_login(body: StartIn, user: CurrentUser, services: ServicesDep) -
 
 @router.get("/sessions/{session_id}", response_model=SessionOut, responses={404: {}, 410: {}})
 async def get_session(session_id: uuid.UUID, user: CurrentUser, services: ServicesDep) -> SessionOut:
-    return SessionOut.model_validate(await _read(services, user.id, session_id))
+    return SessionOut.model_validate(await read_login_session(services, user.id, session_id))
 
 
 @router.get("/sessions/{session_id}/events", responses={404: {}, 410: {}})
 async def session_events(session_id: uuid.UUID, user: CurrentUser, services: ServicesDep) -> StreamingResponse:
     """The session's state as server-sent events (`event: session`), one per change, until it ends."""
-    first = await _read(services, user.id, session_id)
+    first = await read_login_session(services, user.id, session_id)
 
     async def gen() -> AsyncIterator[bytes]:
         state, last, idle = first, None, 0.0
@@ -98,7 +87,7 @@ async def session_events(session_id: uuid.UUID, user: CurrentUser, services: Ser
                 idle = 0.0
                 yield b": keep-alive\n\n"
             try:
-                state = await services.login.read(user.id, session_id)
+                state = await services.login_sessions.read(user.id, session_id)
             except (SessionNotFound, SessionExpired):
                 yield b'event: session\ndata: {"status": "timeout", "action": "start_new_session"}\n\n'
                 return
@@ -108,7 +97,7 @@ async def session_events(session_id: uuid.UUID, user: CurrentUser, services: Ser
 
 @router.post("/sessions/{session_id}/code", status_code=202, responses={404: {}, 409: {}, 410: {}, 422: {}})
 async def submit_code(session_id: uuid.UUID, body: CodeIn, user: CurrentUser, services: ServicesDep) -> dict:
-    await _read(services, user.id, session_id)
+    await read_login_session(services, user.id, session_id)
     try:
         await services.login_flow.submit_code(user.id, session_id, body.code)
     except SessionNotLive as exc:
@@ -120,7 +109,7 @@ async def submit_code(session_id: uuid.UUID, body: CodeIn, user: CurrentUser, se
 
 @router.post("/sessions/{session_id}/cancel", response_model=SessionOut, responses={404: {}, 410: {}})
 async def cancel_session(session_id: uuid.UUID, user: CurrentUser, services: ServicesDep) -> SessionOut:
-    await _read(services, user.id, session_id)
+    await read_login_session(services, user.id, session_id)
     try:
         state = await services.login_flow.cancel(user.id, session_id)
     except (SessionNotFound, SessionExpired):

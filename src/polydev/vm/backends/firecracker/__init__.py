@@ -1,0 +1,11 @@
+"""The Firecracker backend, one module per job:
+
+- `api`: the request bodies (pydantic, shaped after the published Swagger specification) and
+  `FirecrackerClient`, one typed method per call of Firecracker's REST API on its Unix socket;
+- `checks`: why a machine cannot run Firecracker (binary, KVM, kernel format), in one sentence;
+- `jailer`: running Firecracker under the jailer (its flags, files linked into the jail);
+- `process`: `FirecrackerProcess`, one Firecracker process and the VM in it (spawn, boot, snapshot, restore,
+  stop), its console copied and watched;
+- `backend`: `FirecrackerBackend`, the engine's `Backend` (snapshot once per size, restore per VM);
+- `errors`: what all of them raise.
+"""

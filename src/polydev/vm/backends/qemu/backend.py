@@ -1,0 +1,135 @@
+"""The engine's QEMU backend. The first VM of a size boots cold, and its boot is frozen into a snapshot
+(QEMU migration to a file, taken with the agent running); every later VM of that size is a restore of that
+snapshot onto a fresh overlay over the snapshot's disk, with its own token handed over after the restore.
+Snapshots are kept per network mode: in tap mode every slot gives the guest the same address (and gateway),
+so a template booted in the first VM's slot restores into any slot."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from polydev.vm import proc
+from polydev.vm.backends.qemu import snapshot
+from polydev.vm.backends.qemu.machine import QemuVM, free_port, kvm_available, kvm_usable
+from polydev.vm.backends.qemu.snapshot import Snapshot
+from polydev.vm.forwards import RELAY_MISSING, GuestForward, relay_path
+from polydev.vm.images import Image
+from polydev.vm.network import Slot
+from polydev.vm.snapshots import SnapshotCache, Template, Workspace
+from polydev.vm.types import BackendInfo, Started, VMSpec
+
+log = logging.getLogger(__name__)
+
+
+class QemuBackend:
+    name = "qemu"
+
+    def __init__(self, image: Image, snapshots_dir: Path, *, accel: str = "auto", snapshots: bool = True,
+                 guest_forwards: tuple[GuestForward, ...] = ()) -> None:
+        self.image = image
+        # Given to every VM, template included: a forward is on QEMU's command line, not in the snapshot, so
+        # restores get the forwards configured now whatever the template had.
+        self.guest_forwards = guest_forwards
+        self.snapshots = SnapshotCache(snapshots_dir)
+        self.accel_wanted = accel
+        self.use_snapshots = snapshots
+        self._vms: dict[Path, QemuVM] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> QemuBackend:
+        from polydev.vm import images
+        from polydev.vm.backends import BackendUnavailable
+
+        if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
+            raise BackendUnavailable("QEMU is not installed (Debian: apt-get install qemu-system-x86 qemu-utils)")
+        image = images.find(settings.cache_dir, images.recipe_for(settings.vm_image_profile))
+        if image is None:
+            raise BackendUnavailable(f"no {settings.vm_image_profile} image in {settings.cache_dir}: run "
+                                     f"`polydev image build --profile {settings.vm_image_profile}`")
+        forwards = tuple(settings.vm_guest_forwards)
+        if forwards and relay_path() is None:
+            raise BackendUnavailable(RELAY_MISSING)
+        if forwards and settings.network_mode != "user":
+            log.warning("VM_GUEST_FORWARDS applies to user networking only; NETWORK_MODE=%s ignores it",
+                        settings.network_mode)
+        return cls(image, settings.data_dir / "snapshots", guest_forwards=forwards)
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.snapshots.root
+
+    @property
+    def accel(self) -> str:
+        """kvm or tcg once a VM has booted here; until then what will be tried first."""
+        usable = kvm_usable()
+        if usable is False or not kvm_available():
+            return "tcg"
+        return "kvm" if usable else "kvm (untested)"
+
+    def describe(self) -> BackendInfo:
+        packages = self.image.manifest.get("debian_packages", {})
+        return BackendInfo(accel=self.accel, image_packages=frozenset(packages if isinstance(packages, dict) else ()))
+
+    def console_log(self, workdir: Path) -> Path:
+        return workdir / "console.log"
+
+    async def start(self, spec: VMSpec) -> Started:
+        return await asyncio.to_thread(self._start, spec)
+
+    def _start(self, spec: VMSpec) -> Started:
+        # Only login-browser VMs run a VNC server; on the command line, not in the snapshot, so restores get it.
+        vnc_port = free_port() if spec.purpose == "browser" and spec.slot is None else 0
+        made = (self.ensure_snapshot(spec.vcpus, spec.memory_mb, spec.marker, spec.slot)
+                if self.use_snapshots else None)
+        if made is None:
+            vm = QemuVM(self.image, spec.workdir, token=spec.token, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
+                        accel=self.accel_wanted, name=spec.marker, slot=spec.slot,
+                        guest_forwards=self.guest_forwards)
+            vm.vnc_port = vnc_port
+            vm.start()
+        else:
+            vm = QemuVM(self.image, spec.workdir, token=made.token, vcpus=spec.vcpus,
+                        memory_mb=spec.memory_mb, accel=made.accel, name=spec.marker, slot=spec.slot,
+                        backing=(made.disk, "qcow2"), guest_forwards=self.guest_forwards,
+                        ram_file=(made.ram, False), overlay_from=made.empty_overlay)
+            vm.vnc_port = vnc_port
+            vm.restore(made.state, made.accel, spec.token)
+        assert vm.pid is not None
+        with self._lock:
+            self._vms[spec.workdir] = vm
+        return Started(pid=vm.pid, agent_url=vm.agent_url, agent_port=vm.port,
+                       socket_path=str(vm.qmp_socket), vnc_address=("127.0.0.1", vnc_port) if vnc_port else None)
+
+    def snapshot_dir(self, vcpus: int, memory_mb: int, network: str = "user") -> Path:
+        """Where the snapshot of this size and network mode lives."""
+        return self.snapshots.directory(*snapshot.snapshot_key(self.image, vcpus, memory_mb, network))
+
+    def ensure_snapshot(self, vcpus: int, memory_mb: int, marker: str, slot: Slot | None = None) -> Snapshot:
+        """The snapshot for this size and network mode, made once (see polydev.vm.snapshots) by a cold boot if
+        it does not exist. In tap mode the template boots in `slot` (the slot of the VM being created, which
+        waits for it anyway): every slot looks the same to a guest. Blocking."""
+        def make(space: Workspace) -> Template:
+            return snapshot.make(space, self.image, vcpus=vcpus, memory_mb=memory_mb, accel=self.accel_wanted,
+                                 name=proc.template_marker(marker), slot=slot, guest_forwards=self.guest_forwards)
+
+        directory = self.snapshot_dir(vcpus, memory_mb, "tap" if slot else "user")
+        return Snapshot.load(self.snapshots.ensure(directory, make))
+
+    async def stop(self, pid: int | None, workdir: Path) -> None:
+        await asyncio.to_thread(self._stop, pid, workdir)
+
+    def _stop(self, pid: int | None, workdir: Path) -> None:
+        with self._lock:
+            vm = self._vms.pop(workdir, None)
+        if vm is not None:
+            vm.stop()
+        elif pid is not None:
+            # A VM of an earlier engine process: no QMP session or console reader of ours, just the process,
+            # whose marker holds the VM id (the work directory's name).
+            proc.kill_vm_process(pid, workdir.name)
