@@ -13,6 +13,10 @@ from polydev.store.db import session_scope
 from polydev.store.models import Credential, utcnow
 from polydev.store.vault import SealedRecord, Vault, VaultError
 
+# A user's upstream egress proxy URL (polydev.store.egress) is sealed here like a provider credential, under
+# this pseudo-provider, so key rotation covers it; it is never listed with the provider credentials.
+EGRESS_PROXY = "egress_proxy"
+
 
 def _sealed(row: Credential) -> SealedRecord:
     return SealedRecord(row.encrypted_credentials, row.encryption_iv, row.encryption_tag,
@@ -33,7 +37,8 @@ class CredentialRepo:
 
     async def list(self, user_id: uuid.UUID) -> list[Credential]:
         async with self._factory() as s:
-            q = select(Credential).where(Credential.user_id == user_id).order_by(Credential.provider)
+            q = (select(Credential).where(Credential.user_id == user_id, Credential.provider != EGRESS_PROXY)
+                 .order_by(Credential.provider))
             return list(await s.scalars(q))
 
     async def put(self, user_id: uuid.UUID, provider: str, kind: str, secret: bytes) -> Credential:

@@ -8,6 +8,7 @@ from typing import Any
 from datetime import datetime, timezone
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -229,3 +230,42 @@ class NetworkLease(Base):
     vm_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
     host_ip: Mapped[str] = mapped_column(String(64))
     leased_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+EGRESS_MODES = ("direct", "address", "proxy")
+
+
+class EgressIdentity(Base):
+    """How a user's VMs reach the outside (polydev.egress): the host's route, their own source address, or
+    their upstream proxy, whose URL is sealed in `credentials` under the pseudo-provider `egress_proxy`.
+    `address` is kept once assigned, whatever the mode later, so a user who comes back to `address` mode
+    gets the same one; unique, so no two users ever share one."""
+
+    __tablename__ = "egress_identities"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16), default="direct")
+    address: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    limits_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # the user's overrides of the defaults
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class EgressUsage(Base):
+    """Accounting per user, destination host and UTC day (the gateway's batches added up)."""
+
+    __tablename__ = "egress_usage"
+    __table_args__ = (UniqueConstraint("user_id", "host", "day", name="uq_egress_usage_user_host_day"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    # NULL: traffic of VMs that belong to nobody yet (pre-started logins before a user takes one).
+    user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"),
+                                                      nullable=True, index=True)
+    host: Mapped[str] = mapped_column(String(255))
+    day: Mapped[str] = mapped_column(String(10))  # YYYY-MM-DD, UTC
+    connections: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_up: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_down: Mapped[int] = mapped_column(BigInteger, default=0)
+    refusals: Mapped[int] = mapped_column(Integer, default=0)
+    last_refusal: Mapped[str | None] = mapped_column(Text, nullable=True)
+    first_seen: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
