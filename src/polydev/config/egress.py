@@ -16,6 +16,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 class AddressRange:
     first: IPAddress
     last: IPAddress
+    text: str = ""  # as the operator wrote it
 
     def __iter__(self) -> Iterator[IPAddress]:
         n = int(self.first)
@@ -36,13 +37,13 @@ def _range(item: str) -> AddressRange:
         a, b = (ipaddress.ip_address(x.strip()) for x in item.split("-", 1))
         if a.version != b.version or int(a) > int(b):
             raise ValueError(f"{item!r}: a range is FIRST-LAST of one family, first <= last")
-        return AddressRange(a, b)
+        return AddressRange(a, b, item)
     net = ipaddress.ip_network(item, strict=False)
     if net.num_addresses == 1:
-        return AddressRange(net.network_address, net.network_address)
+        return AddressRange(net.network_address, net.network_address, item)
     # Skip the network's own address (and IPv4's broadcast): they are not a host's source address.
     last = net.broadcast_address - 1 if net.version == 4 else net.broadcast_address
-    return AddressRange(net.network_address + 1, last)
+    return AddressRange(net.network_address + 1, last, item)
 
 
 @dataclass(frozen=True)
@@ -74,4 +75,4 @@ class AddressPool:
         return bool(self.ranges)
 
     def describe(self) -> str:
-        return ",".join(str(r.first) if r.first == r.last else f"{r.first}-{r.last}" for r in self.ranges)
+        return ",".join(r.text or f"{r.first}-{r.last}" for r in self.ranges)

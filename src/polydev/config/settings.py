@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from polydev.config.egress import AddressPool
 from polydev.config.forwards import GuestForward, format_guest_forwards, parse_guest_forwards
 from polydev.config.login_pool import LoginPoolSizes, check_login_pool, format_login_pool, parse_login_pool
 
@@ -122,6 +123,22 @@ class Settings(BaseSettings):
     guest_https_proxy: str | None = None
     guest_ca_cert_file: Path | None = None
     provider_api_base_urls: dict[str, str] = Field(default_factory=dict)
+    # The egress gateway (polydev.egress): every VM's outbound traffic as CONNECT tunnels through the host,
+    # checked against the allow-list and the user's limits, leaving by the user's own egress identity. The
+    # guests reach it at EGRESS_GUEST_ADDRESS (user networking; QEMU forwards it to the VM's own socket).
+    # off: the VMs reach only what GUEST_HTTPS_PROXY and VM_GUEST_FORWARDS give them.
+    egress_gateway: Literal["on", "off"] = "on"
+    egress_guest_address: str = Field("10.0.2.99:3128", description="the gateway as a guest reaches it")
+    egress_address_pool: Annotated[AddressPool, NoDecode] = Field(default_factory=AddressPool)
+    egress_allow: Annotated[tuple[str, ...], NoDecode] = Field((), description="host names (or *.suffix) "
+                                                               "every VM may reach, beside the providers' own")
+    egress_sandbox_open: bool = Field(False, description="sandbox VMs may reach any public host on 80/443")
+    # Names answered without DNS, JSON {"name": ["address", ...]}: trusted as given (the address checks do not
+    # apply), for an operator's own services and the tests' stand-ins.
+    egress_hosts: dict[str, list[str]] = Field(default_factory=dict)
+    egress_limit_concurrent: int = Field(64, ge=1, description="open tunnels per user")
+    egress_limit_per_minute: int = Field(600, ge=1, description="new tunnels per user per minute")
+    egress_limit_bytes_per_day: int = Field(20 * 1024**3, ge=0, description="bytes per user per UTC day")
 
     @field_validator("database_url", "redis_url", "credential_encryption_key",
                      "credential_encryption_previous_keys", "guest_https_proxy", "guest_ca_cert_file",
@@ -132,7 +149,17 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("provider_api_base_urls", mode="before")
+    @field_validator("egress_address_pool", mode="before")
+    @classmethod
+    def _parse_address_pool(cls, value: Any) -> Any:
+        return AddressPool.parse(value) if isinstance(value, str) else value
+
+    @field_validator("egress_allow", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return tuple(v.strip().lower() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+    @field_validator("provider_api_base_urls", "egress_hosts", mode="before")
     @classmethod
     def _json_object(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -192,6 +219,10 @@ class Settings(BaseSettings):
                 value = format_guest_forwards(value)
             elif name == "login_pool":
                 value = format_login_pool(value)
+            elif name == "egress_address_pool":
+                value = value.describe()
+            elif name == "egress_allow":
+                value = ",".join(value)
             prefixed = name in ("data_dir", "cache_dir", "web_vendor_dir")  # their variables start POLYDEV_
             out[f"POLYDEV_{name.upper()}" if prefixed else name.upper()] = value
         out["DATABASE_URL"] = redact_url(self.effective_database_url)
