@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from polydev.api.deps import CurrentUser, Provider, ServicesDep
 from polydev.api.errors import ApiError
-from polydev.core.login_flow import CodeRejected, FlowUnavailable, SessionNotLive
-from polydev.core.login_sessions import SessionExpired, SessionNotFound
+from polydev.core.errors import CodeRejected, FlowUnavailable, SessionExpired, SessionNotFound, SessionNotLive
 from polydev.store.models import AUTH_SESSION_TERMINAL
 
 router = APIRouter(prefix="/api/auth", tags=["auth"])

@@ -172,7 +172,7 @@ async def exec_in_vm(vm_id: uuid.UUID, body: ExecIn, _: AdminUser, services: Ser
 
 def _exec(agent: AgentClient, vm_id: uuid.UUID, body: ExecIn) -> ExecOut:
     from polydev.protocol import ProtocolError
-    from polydev.vm.agent_client import AgentError
+    from polydev.vm.agent_client import AgentError, AgentUnreachable
 
     out = {"stdout": bytearray(), "stderr": bytearray()}
     truncated = {"stdout": False, "stderr": False}
@@ -192,13 +192,16 @@ def _exec(agent: AgentClient, vm_id: uuid.UUID, body: ExecIn) -> ExecOut:
                     buf += data
                 elif event.type == "exit":
                     last = event
+    except AgentUnreachable as exc:  # (an AgentError: first)
+        if isinstance(exc.cause, httpx.TransportError):
+            raise ApiError(502, "agent_unreachable",
+                           f"cannot reach the VM's agent: {type(exc.cause).__name__}") from None
+        raise ApiError(502, "agent_error", f"bad answer from the VM's agent: {exc.cause}") from None
     except AgentError as exc:
         if exc.status in (400, 422):  # a bad request or a program that cannot start: the caller's to fix
             raise ApiError(422, "exec_rejected", f"the VM's agent refused the command: {exc.reason}") from None
         raise ApiError(502, "agent_error", f"the VM's agent answered {exc.status}: {exc.reason}") from None
-    except httpx.TransportError as exc:
-        raise ApiError(502, "agent_unreachable", f"cannot reach the VM's agent: {type(exc).__name__}") from None
-    except (ProtocolError, httpx.HTTPError) as exc:
+    except ProtocolError as exc:
         raise ApiError(502, "agent_error", f"bad answer from the VM's agent: {exc}") from None
     if last is None:
         raise ApiError(502, "agent_error", "the agent's stream ended without the command's exit")

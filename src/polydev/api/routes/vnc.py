@@ -38,8 +38,7 @@ from starlette.websockets import WebSocketDisconnect
 from polydev.api.deps import CurrentUser, ServicesDep
 from polydev.api.errors import ApiError
 from polydev.api.routes.auth_sessions import _read
-from polydev.core.login_flow import SessionNotLive
-from polydev.core.login_sessions import SessionExpired, SessionNotFound
+from polydev.core.errors import SessionExpired, SessionNotFound, SessionNotLive
 from polydev.core.tasks import cancel_and_wait
 from polydev.services import Services
 from polydev.store.models import AUTH_SESSION_TERMINAL
