@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from polydev.api.app import create_app
 from polydev.config import Settings
 from polydev.core import guest as guest_mod
+from polydev.core import run_events as run_events_mod
 from polydev.core import run_flow as run_flow_mod
 from polydev.core.login_sessions import LoginSessions
 from polydev.logging import configure_logging
@@ -88,7 +89,7 @@ class Marks:
 
     def install(self) -> None:
         marks = self
-        start, lines, emit = guest_mod.Guest.start, guest_mod.GuestProcess.lines, run_flow_mod.RunFlow._emit
+        start, lines, emit = guest_mod.Guest.start, guest_mod.GuestProcess.lines, run_events_mod.EventWriter.emit
         put, create = guest_mod.Guest.put, VMEngine.create
         update = LoginSessions.update
         run_start = run_flow_mod.RunFlow.start
@@ -129,8 +130,8 @@ class Marks:
                     marks.first_line = time.perf_counter()
                 yield line
 
-        async def timed_emit(self: Any, live: Any, ev: dict[str, Any], seq_from_db: bool = False) -> None:
-            await emit(self, live, ev, seq_from_db)
+        async def timed_emit(self: Any, ev: dict[str, Any], seq_from_db: bool = False) -> None:
+            await emit(self, ev, seq_from_db)
             if marks.active and marks.stored is None and not _platform_event(ev):
                 marks.stored = time.perf_counter()
 
@@ -139,7 +140,7 @@ class Marks:
         VMEngine.create = timed_create  # type: ignore[method-assign]
         LoginSessions.update = timed_update  # type: ignore[method-assign]
         guest_mod.GuestProcess.lines = timed_lines  # type: ignore[method-assign]
-        run_flow_mod.RunFlow._emit = timed_emit  # type: ignore[method-assign]
+        run_events_mod.EventWriter.emit = timed_emit  # type: ignore[method-assign]
         run_flow_mod.RunFlow.start = timed_run_start  # type: ignore[method-assign]
 
 

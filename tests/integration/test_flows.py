@@ -134,6 +134,35 @@ async def test_cancel_ends_the_session_and_its_vm(flows: Api) -> None:
     await no_vms_left(flows)
 
 
+async def test_a_cancel_while_the_login_cleans_up_waits_for_it(flows: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The login failed by itself and is destroying its VM when the user's cancel arrives: the cancel must
+    not cut that short (the VM left running, the session never ended); it answers once the login has ended,
+    with how it ended."""
+    engine = flows.services.engine
+    assert engine is not None
+    destroy, destroying, release = engine.destroy, asyncio.Event(), asyncio.Event()
+
+    async def slow_destroy(vm_id: uuid.UUID) -> bool:
+        destroying.set()
+        await release.wait()
+        return await destroy(vm_id)
+
+    monkeypatch.setattr(engine, "destroy", slow_destroy)
+    _, token = await flows.new_user()
+    h = flows.auth(token)
+    sid = (await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)).json()["session_id"]
+    await wait_status(flows, h, sid, "awaiting_user_auth")
+    await flows.client.post(f"/api/auth/sessions/{sid}/code", json={"code": "bad-code"}, headers=h)
+    await asyncio.wait_for(destroying.wait(), 30)
+    cancel = asyncio.create_task(flows.client.post(f"/api/auth/sessions/{sid}/cancel", headers=h))
+    await asyncio.sleep(0.3)
+    assert not cancel.done()  # waiting for the clean-up
+    release.set()
+    r = await asyncio.wait_for(cancel, 30)
+    assert r.status_code == 200 and r.json()["status"] == "failed" and "invalid code" in r.json()["error_message"]
+    await no_vms_left(flows)
+
+
 async def test_login_timeout_ends_the_session_with_the_reason(flows: Api) -> None:
     flows.services.login_flow.timeout = 3
     _, token = await flows.new_user()

@@ -1,6 +1,6 @@
 """Two replicas behind one load balancer (PostgreSQL + Redis shared): a login driven by replica A takes the
-user's code and cancel sent to replica B (core/login_relay.py), and a run driven by A is cancelled through B.
-Same stand-in VMs as test_flows.py."""
+user's code and cancel sent to replica B (core/relay.py, core/login_relay.py), and a run driven by A is
+cancelled through B. Same stand-in VMs as test_flows.py."""
 
 from __future__ import annotations
 

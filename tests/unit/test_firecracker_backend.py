@@ -27,7 +27,11 @@ from polydev.vm import network
 from polydev.vm.agent_client import AgentClient, AgentError
 from polydev.vm.backends import BackendUnavailable, create_backend
 from polydev.vm.backends.firecracker import backend as fcb
-from polydev.vm.backends.firecracker.backend import FirecrackerBackend, Snapshot, boot_args
+from polydev.vm.backends.firecracker.backend import (
+    FirecrackerBackend,
+    Snapshot,
+    boot_args,
+)
 from polydev.vm.backends.firecracker.checks import NEEDS_TAP, kvm_problem
 from polydev.vm.backends.firecracker.errors import FirecrackerAPIError, FirecrackerError
 from polydev.vm.backends.firecracker.jailer import JailerConfig

@@ -36,7 +36,11 @@ from polydev.vm.backends.firecracker.api import (
     SnapshotLoad,
     Vsock,
 )
-from polydev.vm.backends.firecracker.checks import check_available, kernel_problem, unavailable_reason
+from polydev.vm.backends.firecracker.checks import (
+    check_available,
+    kernel_problem,
+    unavailable_reason,
+)
 from polydev.vm.backends.firecracker.errors import (
     FirecrackerAPIError,
     FirecrackerError,

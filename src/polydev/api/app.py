@@ -14,7 +14,15 @@ from polydev import __version__
 from polydev.api.errors import error_response, install_error_handlers
 from polydev.api.metrics import Metrics
 from polydev.api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
-from polydev.api.routes import credentials, health, login_sessions, runs, users, vms, vnc
+from polydev.api.routes import (
+    credentials,
+    health,
+    login_sessions,
+    runs,
+    users,
+    vms,
+    vnc,
+)
 from polydev.config import Settings, get_settings
 from polydev.services import BackendFactory, Services, open_services, start_vm_engine
 from polydev.web.routes import install_dashboard

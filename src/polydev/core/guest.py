@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator
-from typing import Protocol
 
 from polydev import protocol as p
 from polydev.providers.base import Command, GuestEnv, GuestFile
@@ -25,12 +24,6 @@ def base_files(env: GuestEnv, ca_pem: bytes | None) -> list[GuestFile]:
     if ca_pem and env.ca_cert_path:
         files.append(GuestFile(env.ca_cert_path, ca_pem, 0o644))
     return files
-
-
-class AgentSource(Protocol):
-    """What the flows need of the VM engine to reach a VM's agent."""
-
-    def agent(self, vm_id, timeout: float = 60.0) -> AgentClient: ...  # type: ignore[no-untyped-def]
 
 
 class GuestProcess:

@@ -10,14 +10,16 @@ LOGIN_TIMEOUT_SECONDS.
 Each pre-started login is its own CLI process with its own PKCE verifier and state, handed to exactly one
 user and never reused. One that nobody took within LOGIN_POOL_MAX_AGE_SECONDS is ended (VM destroyed) and
 replaced, so a user never gets a login the CLI or the provider has already given up on. The pool only holds
-and replaces logins; starting, adopting and ending them is the login flow's (core/login_flow.py).
+and replaces logins: starting and ending them is the login flow's (core/login_flow.py), handing one to a
+user's session core/login_prestart.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
@@ -36,17 +38,19 @@ class PooledLogin(Protocol):
     claimed: bool  # handed to a session: the pool lets go of it
 
 
-class LoginPool:
-    def __init__(self, sizes: dict[tuple[str, str], int],
-                 prestart: Callable[[str, str], PooledLogin | None]) -> None:
+E = TypeVar("E", bound=PooledLogin)
+
+
+class LoginPool(Generic[E]):
+    def __init__(self, sizes: dict[tuple[str, str], int], prestart: Callable[[str, str], E | None]) -> None:
         self.sizes = {key: n for key, n in sizes.items() if n > 0}  # (provider, method) → logins kept
         self._prestart = prestart  # starts one login for nobody; None when no VM can run now
-        self._entries: dict[tuple[str, str], list[PooledLogin]] = {key: [] for key in self.sizes}
+        self._entries: dict[tuple[str, str], list[E]] = {key: [] for key in self.sizes}
         self._changed = asyncio.Event()
         self._backoff_until: dict[tuple[str, str], float] = {}
         self._filler: asyncio.Task[None] | None = None
 
-    def take(self, provider: str, method: str) -> PooledLogin | None:
+    def take(self, provider: str, method: str) -> E | None:
         """A pre-started login for this provider and method, the readiest first, or None. Synchronous on
         purpose: between the check and the hand-out nothing else runs, so no login goes to two users."""
         entries = [e for e in self._entries.get((provider, method), []) if _alive(e)]
@@ -93,7 +97,7 @@ class LoginPool:
                         wait = FAILURE_BACKOFF_S
                         break
                     assert entry.task is not None
-                    entry.task.add_done_callback(lambda task, key=key, entry=entry: self._ended(key, entry, task))
+                    entry.task.add_done_callback(functools.partial(self._ended, key, entry))
                     kept.append(entry)
             if wait is None:
                 await self._changed.wait()
@@ -103,7 +107,7 @@ class LoginPool:
                 except TimeoutError:
                     pass
 
-    def _ended(self, key: tuple[str, str], entry: PooledLogin, task: asyncio.Task[Any]) -> None:
+    def _ended(self, key: tuple[str, str], entry: E, task: asyncio.Task[Any]) -> None:
         if not entry.claimed and not entry.awaiting.is_set() and not task.cancelled():
             # It ended before its URL: retrying at once would likely fail the same way.
             self._backoff_until[key] = asyncio.get_running_loop().time() + FAILURE_BACKOFF_S

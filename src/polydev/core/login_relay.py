@@ -1,18 +1,13 @@
 """What a user sends to a login driven by another replica: the pasted code (or callback URL), and cancel.
 
-A login runs as a task in the one process that started it (its VM, its CLI's PTY); behind a load balancer
-the user's next request can reach any replica. With a shared session store (Redis), the replica that gets
-the request checks it, then leaves it in the session's live state: the code sealed by the vault (it is a
+How requests reach the replica driving a login is core/relay.py's. For a login, the replica that gets the
+request checks it, then leaves it in the session's live state: the code sealed by the vault (it is a
 one-time secret: never stored in the clear, never in an API answer — the session's public fields are an
-explicit list), a cancel as a flag. The driving replica looks at its live sessions' states a few times a
-second, takes what was left there (removing it first, so it is used once) and acts as if the request had
-reached it. With the in-process store there is only one replica and nothing to relay.
+explicit list), a cancel as a flag. The driving replica takes it from there.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict
@@ -20,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from polydev.core.relay import StoreRelay
 from polydev.store.sessions import SessionStore
 from polydev.store.vault import SealedRecord, Vault, VaultError
 
@@ -38,12 +34,13 @@ class LoginRelay:
     def __init__(self, store: SessionStore, vault: Vault | None) -> None:
         self.store = store
         self.vault = vault
-        self._watcher: asyncio.Task[None] | None = None
+        self._relay: StoreRelay[uuid.UUID] = StoreRelay(store, name="login_relay", id_key="session_id",
+                                                        poll_s=POLL_S)
 
     @property
     def shared(self) -> bool:
         """Whether other replicas see this store (only then can a login be driven elsewhere)."""
-        return self.store.kind != "memory" and self.vault is not None
+        return self._relay.shared and self.vault is not None
 
     async def send_code(self, user_id: uuid.UUID, session_id: uuid.UUID, code: str) -> None:
         assert self.vault is not None
@@ -58,27 +55,12 @@ class LoginRelay:
               on_cancel: Callable[[uuid.UUID], Awaitable[object]]) -> None:
         """Keep taking relayed input for the (session id, user id) pairs `live` names, while there are any;
         started again by the next call once it has stopped."""
-        if not self.shared or (self._watcher is not None and not self._watcher.done()):
-            return
-        self._watcher = asyncio.get_running_loop().create_task(self._loop(live, on_code, on_cancel),
-                                                               name="login-relay")
+        if self.shared:
+            self._relay.watch(live, lambda session_id, user_id: self._take(session_id, user_id, on_code,
+                                                                           on_cancel))
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watcher
-
-    async def _loop(self, live: Callable[[], Iterable[tuple[uuid.UUID, uuid.UUID]]],
-                    on_code: Callable[[uuid.UUID, str], Awaitable[None]],
-                    on_cancel: Callable[[uuid.UUID], Awaitable[object]]) -> None:
-        while sessions := list(live()):
-            for session_id, user_id in sessions:
-                try:
-                    await self._take(session_id, user_id, on_code, on_cancel)
-                except Exception:  # one session's trouble must not stop the others' relay
-                    log.exception("login_relay_failed", session_id=str(session_id))
-            await asyncio.sleep(POLL_S)
+        await self._relay.close()
 
     async def _take(self, session_id: uuid.UUID, user_id: uuid.UUID,
                     on_code: Callable[[uuid.UUID, str], Awaitable[None]],

@@ -10,21 +10,13 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from polydev.core.errors import SessionExpired, SessionNotFound
 from polydev.store.auth_sessions import AuthSessionRepo
 from polydev.store.models import AUTH_SESSION_TERMINAL, AuthSession, utcnow
 from polydev.store.sessions import SessionStore
 
 EXPIRED_MESSAGE = "session expired after {ttl} s without activity"
 _ROW_COLUMNS = ("status", "auth_url", "vnc_url", "vm_ip")
-
-
-class SessionNotFound(Exception):
-    pass
-
-
-class SessionExpired(Exception):
-    pass
-
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None

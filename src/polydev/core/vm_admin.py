@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-import httpx
 import structlog
 
 from polydev.protocol import ProtocolError
 from polydev.store.vms import LIVE
-from polydev.vm.agent_client import AgentError
+from polydev.vm.agent_client import AgentError, AgentUnreachable
 
 if TYPE_CHECKING:  # the engine module pulls in the network code: loaded only where VMs run
     from polydev.core.ports import VmPort
@@ -181,15 +180,15 @@ def _exec(agent: AgentClient, vm_id: uuid.UUID, command: ExecCommand) -> ExecOut
                     buf += data
                 elif event.type == "exit":
                     last = event
+    except AgentUnreachable as exc:  # an AgentError too: caught first
+        if exc.transport:
+            raise VmAgentUnreachable(f"cannot reach the VM's agent: {type(exc.cause).__name__}") from None
+        raise VmAgentFailed(f"bad answer from the VM's agent: {exc.cause}") from None
     except AgentError as exc:
         if exc.status in (400, 422):  # a bad request or a program that cannot start
             raise ExecRejected(f"the VM's agent refused the command: {exc.reason}") from None
         raise VmAgentFailed(f"the VM's agent answered {exc.status}: {exc.reason}") from None
     except ProtocolError as exc:
-        raise VmAgentFailed(f"bad answer from the VM's agent: {exc}") from None
-    except httpx.HTTPError as exc:  # TODO(merge): agent transport error type
-        if isinstance(exc, httpx.TransportError):
-            raise VmAgentUnreachable(f"cannot reach the VM's agent: {type(exc).__name__}") from None
         raise VmAgentFailed(f"bad answer from the VM's agent: {exc}") from None
     if last is None:
         raise VmAgentFailed("the agent's stream ended without the command's exit")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import ssl
@@ -15,12 +16,36 @@ from polydev import protocol as p
 
 
 class AgentError(Exception):
-    """The agent answered an error; `status` and `reason` are what it said."""
+    """A call to the agent failed. Raised as such: the agent answered an error, and `status` and `reason`
+    are what it said; raised as AgentUnreachable: no answer came."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(f"agent answered {status}: {reason}")
         self.status = status
         self.reason = reason
+
+
+class AgentUnreachable(AgentError):
+    """No usable answer from the agent: the connection was refused, broke off or timed out (httpx's
+    TransportError), or what came back could not be read as HTTP (httpx's other HTTPErrors). `cause` is
+    httpx's error; `status` is 0 (nothing was answered) and the text is the cause's name and text, e.g.
+    "ConnectError: [Errno 111] Connection refused"."""
+
+    def __init__(self, cause: httpx.HTTPError) -> None:
+        super().__init__(0, f"{type(cause).__name__}: {cause}")
+        self.args = (self.reason,)
+        self.cause = cause
+        # The connection itself failed (refused, reset, timed out), as opposed to an unreadable answer.
+        self.transport = isinstance(cause, httpx.TransportError)
+
+
+@contextlib.contextmanager
+def _answer() -> Iterator[None]:
+    """Around every request: httpx's failures leave this client as AgentUnreachable."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        raise AgentUnreachable(exc) from exc
 
 
 @dataclass
@@ -70,10 +95,12 @@ class AgentClient:
         return response
 
     def livez(self) -> bool:
-        return self._http.get("/livez").status_code == 200
+        with _answer():
+            return self._http.get("/livez").status_code == 200
 
     def health(self) -> p.Health:
-        return p.Health.from_json(self._check(self._http.get("/health")).content)
+        with _answer():
+            return p.Health.from_json(self._check(self._http.get("/health")).content)
 
     def exec_stream(self, args: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
                     stdin: bytes | None = None, pty: bool = False, timeout_s: float | None = None,
@@ -85,8 +112,8 @@ class AgentClient:
                             keep_stdin_open=keep_stdin_open)
         # The read timeout must outlast the command; the agent enforces timeout_s itself.
         read_timeout = None if timeout_s is None else timeout_s + 30
-        with self._http.stream("POST", "/exec", json=req.to_json(),
-                               timeout=httpx.Timeout(30.0, read=read_timeout)) as response:
+        with _answer(), self._http.stream("POST", "/exec", json=req.to_json(),
+                                          timeout=httpx.Timeout(30.0, read=read_timeout)) as response:
             self._check(response)
             for line in response.iter_lines():
                 if line:
@@ -103,32 +130,39 @@ class AgentClient:
                           timed_out=last.timed_out, duration_s=last.duration_s or 0.0, events=events)
 
     def put_file(self, path: str, data: bytes, mode: int = 0o644) -> dict[str, object]:
-        response = self._http.put("/files", params={"path": path, "mode": format(mode, "04o")}, content=data)
-        return json.loads(self._check(response).content)
+        with _answer():
+            response = self._http.put("/files", params={"path": path, "mode": format(mode, "04o")}, content=data)
+            return json.loads(self._check(response).content)
 
     def get_file(self, path: str) -> tuple[bytes, int]:
-        response = self._check(self._http.get("/files", params={"path": path}))
-        return response.content, int(response.headers[p.MODE_HEADER], 8)
+        with _answer():
+            response = self._check(self._http.get("/files", params={"path": path}))
+            return response.content, int(response.headers[p.MODE_HEADER], 8)
 
     def signal(self, exec_id: str, signal: str = "TERM") -> None:
-        self._check(self._http.post("/signal", json={"exec_id": exec_id, "signal": signal}))
+        with _answer():
+            self._check(self._http.post("/signal", json={"exec_id": exec_id, "signal": signal}))
 
     def write_input(self, exec_id: str, data: bytes, eof: bool = False) -> int:
         """Write to a running exec's terminal (pty) or kept-open stdin; eof closes the pipe / types Ctrl-D.
         Returns the bytes written: fewer than given when the process read nothing for p.INPUT_WAIT_S."""
         req = p.InputRequest(exec_id=exec_id, data=base64.b64encode(data).decode(), eof=eof)
-        response = self._http.post("/input", json=req.to_json(), timeout=httpx.Timeout(30.0, read=p.INPUT_WAIT_S + 30))
-        return int(json.loads(self._check(response).content)["written"])
+        with _answer():
+            response = self._http.post("/input", json=req.to_json(),
+                                       timeout=httpx.Timeout(30.0, read=p.INPUT_WAIT_S + 30))
+            return int(json.loads(self._check(response).content)["written"])
 
     def watch(self, paths: list[str], timeout: float, min_size: int = 1) -> str | None:
         """Block until one of `paths` (absolute, in the guest) is a completely written file of at least
         min_size bytes, and return it; None when `timeout` seconds pass first."""
         req = p.WatchRequest(paths=list(paths), timeout=timeout, min_size=min_size)
         # The read timeout must outlast the watch; the agent enforces `timeout` itself.
-        response = self._http.post("/watch", json=req.to_json(), timeout=httpx.Timeout(30.0, read=timeout + 30))
-        path = json.loads(self._check(response).content)["path"]
+        with _answer():
+            response = self._http.post("/watch", json=req.to_json(), timeout=httpx.Timeout(30.0, read=timeout + 30))
+            path = json.loads(self._check(response).content)["path"]
         return None if path is None else str(path)
 
     def rotate_token(self, new_token: str) -> None:
-        self._check(self._http.post("/token", json={"token": new_token}))
+        with _answer():
+            self._check(self._http.post("/token", json={"token": new_token}))
         self.set_token(new_token)

@@ -13,10 +13,21 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from polydev.api.deps import SSE_HEADERS, CurrentUser, Provider, ServicesDep, read_login_session
+from polydev.api.deps import (
+    SSE_HEADERS,
+    CurrentUser,
+    Provider,
+    ServicesDep,
+    read_login_session,
+)
 from polydev.api.errors import ApiError
-from polydev.core.login_flow import CodeRejected, FlowUnavailable, SessionNotLive
-from polydev.core.login_sessions import SessionExpired, SessionNotFound
+from polydev.core.errors import (
+    CodeRejected,
+    FlowUnavailable,
+    SessionExpired,
+    SessionNotFound,
+    SessionNotLive,
+)
 from polydev.store.models import AUTH_SESSION_TERMINAL
 
 router = APIRouter(prefix="/api/auth", tags=["auth"])

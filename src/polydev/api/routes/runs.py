@@ -14,8 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from polydev.api.deps import SSE_HEADERS, CurrentUser, Provider, ServicesDep
 from polydev.api.errors import ApiError
-from polydev.core.login_flow import FlowUnavailable
-from polydev.core.run_flow import BadRunFiles, CredentialBusy, NoCredential, check_files
+from polydev.core.errors import (
+    BadRunFiles,
+    CredentialBusy,
+    FlowUnavailable,
+    NoCredential,
+)
+from polydev.core.run_flow import check_files
 from polydev.store.models import Run
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])

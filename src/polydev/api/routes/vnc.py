@@ -37,8 +37,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from polydev.api.deps import CurrentUser, ServicesDep, read_login_session
 from polydev.api.errors import ApiError
-from polydev.core.login_flow import SessionNotLive
-from polydev.core.login_sessions import SessionExpired, SessionNotFound
+from polydev.core.errors import SessionExpired, SessionNotFound, SessionNotLive
 from polydev.core.tasks import cancel_and_wait
 from polydev.services import Services
 from polydev.store.models import AUTH_SESSION_TERMINAL

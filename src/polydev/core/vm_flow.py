@@ -1,0 +1,31 @@
+"""What the login and run flows have in common: each runs a provider's CLI in a VM of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from polydev.core.errors import FlowUnavailable
+from polydev.providers.base import GuestEnv
+from polydev.store.credentials import CredentialRepo
+
+if TYPE_CHECKING:
+    from polydev.core.ports import VmPort
+
+EngineSource = Callable[[], "tuple[VmPort | None, str | None]"]  # the VM engine, or None and why there is none
+
+
+class VmFlow:
+    def __init__(self, *, credentials: CredentialRepo, engine: EngineSource, guest_env: Callable[[str], GuestEnv],
+                 ca_pem: bytes | None) -> None:
+        self.credentials = credentials
+        self._engine = engine  # asked per login or run: the engine may start (or fail) after the flow is built
+        self._guest_env = guest_env  # provider -> GuestEnv (API base URLs differ per provider)
+        self.ca_pem = ca_pem  # the platform's extra CA, put in every guest (None: there is none)
+
+    def _running_engine(self) -> VmPort:
+        """The VM engine; FlowUnavailable, saying why, when this server runs none now."""
+        engine, reason = self._engine()
+        if engine is None:
+            raise FlowUnavailable(reason or "this server runs no VMs")
+        return engine
