@@ -1,0 +1,123 @@
+"""The egress gateway as the server runs it: built from the settings, each user's route read from the store
+(and re-read a few seconds later, so an admin's change applies to the next tunnel), the accounting flushed
+to the database in batches, today's bytes read back at start so a restart resets no daily limit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import structlog
+
+from polydev.config import Settings
+from polydev.egress.gateway import EgressGateway
+from polydev.egress.limits import Limits
+from polydev.egress.policy import Policy, Refused
+from polydev.egress.resolve import Resolver
+from polydev.egress.routes import DirectRoute, Route, route_for
+from polydev.egress.usage import UsageDelta
+from polydev.store.egress import Delta, EgressRepo
+
+log = structlog.get_logger(__name__)
+
+FLUSH_EVERY_S = 5.0
+ROUTE_CACHE_S = 5.0
+
+
+def build_policy(settings: Settings, provider_hosts: Mapping[str, Mapping[str, tuple[str, ...]]]) -> Policy:
+    """The allow-list: each provider's hosts per purpose (providers/catalog.toml), the operator's additions,
+    and the purposes that may reach any public host (the login browser; sandboxes when allowed)."""
+    allow = {(provider, purpose): tuple(hosts) for provider, by_purpose in provider_hosts.items()
+             for purpose, hosts in by_purpose.items()}
+    open_purposes = {"login_browser"} | ({"sandbox"} if settings.egress_sandbox_open else set())
+    return Policy(allow=allow, extra=settings.egress_allow, open_purposes=frozenset(open_purposes),
+                  refused_networks=tuple(settings.egress_address_pool.networks()))
+
+
+class UserRoutes:
+    """The gateway's RouteSource: a user's egress identity from the store, as a route, with their limits."""
+
+    def __init__(self, repo: EgressRepo, defaults: Limits, cache_s: float = ROUTE_CACHE_S) -> None:
+        self.repo = repo
+        self.defaults = defaults
+        self.cache_s = cache_s
+        self._cache: dict[uuid.UUID, tuple[float, Route, Limits]] = {}
+
+    async def route(self, user_id: uuid.UUID | None) -> tuple[Route, Limits]:
+        if user_id is None:  # a VM nobody owns yet (a pre-started login): the platform's own route
+            return DirectRoute(), self.defaults
+        hit = self._cache.get(user_id)
+        if hit is not None and time.monotonic() - hit[0] < self.cache_s:
+            return hit[1], hit[2]
+        egress = await self.repo.get(user_id)
+        limits = self.defaults.merged(egress.limits)
+        try:
+            if egress.mode == "proxy":
+                url = await self.repo.proxy_url(user_id)
+                route = route_for("proxy", proxy_url=url)
+            else:
+                route = route_for(egress.mode, address=egress.address)
+        except ValueError as exc:  # e.g. a proxy URL that no longer parses: this user's path fails, alone
+            raise Refused(f"this user's egress identity is unusable: {exc}", kind="upstream") from None
+        self._cache[user_id] = (time.monotonic(), route, limits)
+        return route, limits
+
+    def forget(self, user_id: uuid.UUID) -> None:
+        self._cache.pop(user_id, None)
+
+
+class EgressService:
+    def __init__(self, settings: Settings, repo: EgressRepo,
+                 provider_hosts: Mapping[str, Mapping[str, tuple[str, ...]]], run_dir: Path) -> None:
+        self.settings = settings
+        self.repo = repo
+        limits = Limits(settings.egress_limit_concurrent, settings.egress_limit_per_minute,
+                        settings.egress_limit_bytes_per_day)
+        self.routes = UserRoutes(repo, limits)
+        self.gateway = EgressGateway(policy=build_policy(settings, provider_hosts),
+                                     resolver=Resolver({k: tuple(v) for k, v in settings.egress_hosts.items()}),
+                                     routes=self.routes, run_dir=run_dir)
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        for user, nbytes in (await self.repo.bytes_today()).items():
+            self.gateway.limits.seed_bytes(user, nbytes)
+        self._flusher = asyncio.create_task(self._flush_loop(), name="egress-flush")
+
+    async def flush(self) -> None:
+        deltas = self.gateway.usage.drain()
+        if deltas:
+            await self.repo.record([_delta(d) for d in deltas])
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY_S)
+            try:
+                await self.flush()
+            except Exception as exc:  # the database away for a moment: the next batch carries on
+                log.warning("egress_flush_failed", error=str(exc))
+
+    def describe(self) -> dict[str, object]:
+        """For /health and `polydev doctor`."""
+        s = self.settings
+        return {"status": "on", "guest_address": s.egress_guest_address, "attached_vms": self.gateway.attached(),
+                "address_pool": s.egress_address_pool.describe() or None, "sandbox_open": s.egress_sandbox_open,
+                "allow_extra": list(s.egress_allow)}
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.gateway.close()
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+
+def _delta(d: UsageDelta) -> Delta:
+    return Delta(d.user_id, d.host, d.connections, d.bytes_up, d.bytes_down, d.refusals, d.last_refusal,
+                 d.first_seen, d.last_seen)
