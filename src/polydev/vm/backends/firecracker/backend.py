@@ -60,7 +60,13 @@ from polydev.vm.backends.firecracker.process import (
 )
 from polydev.vm.disks import clone_disk
 from polydev.vm.network import Slot
-from polydev.vm.snapshots import TOKEN, SnapshotCache, Template, Workspace
+from polydev.vm.snapshots import (
+    SnapshotCache,
+    SnapshotDir,
+    SnapshotFile,
+    Template,
+    Workspace,
+)
 from polydev.vm.types import BackendInfo, Started, VMSpec
 
 log = structlog.get_logger(__name__)
@@ -83,22 +89,14 @@ def agent_url(slot: Slot) -> str:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class Snapshot(SnapshotDir):
     """A booted guest frozen with its agent running: VM state, memory, and the disk as it was then."""
 
-    directory: Path
+    disk = SnapshotFile("disk.ext4")
 
     @property
     def files(self) -> SnapshotFiles:
         return SnapshotFiles(self.directory / "vm.state", self.directory / "vm.mem")
-
-    @property
-    def disk(self) -> Path:
-        return self.directory / "disk.ext4"
-
-    @property
-    def token(self) -> str:
-        return (self.directory / TOKEN).read_text().strip()
 
 
 class FirecrackerBackend:
