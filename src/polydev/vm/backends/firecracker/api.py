@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Generic, Literal, Self, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -147,6 +148,23 @@ class MachineConfigInfo(BaseModel):
 
 # -- the API client --------------------------------------------------------------------------------------
 
+B = TypeVar("B", bound=_Body)
+
+
+class _Send(Generic[B]):
+    """A client method that only sends its one argument, a request body, to a fixed path:
+    `put_logger = _Send[Logger]("PUT", "/logger")` makes `await client.put_logger(Logger(...))`."""
+
+    def __init__(self, method: str, path: str) -> None:
+        self.method = method
+        self.path = path
+
+    def __get__(self, client: FirecrackerClient, owner: object = None) -> Callable[[B], Awaitable[None]]:
+        async def send(body: B) -> None:
+            await client._call(self.method, self.path, body)
+
+        return send
+
 
 class FirecrackerClient:
     """One Firecracker process's API. Every method is one request; errors raise FirecrackerAPIError."""
@@ -202,17 +220,16 @@ class FirecrackerClient:
     async def get_machine_config(self) -> MachineConfigInfo:
         return MachineConfigInfo.model_validate(await self._get_json("/machine-config"))
 
-    async def put_machine_config(self, config: MachineConfig) -> None:
-        await self._call("PUT", "/machine-config", config)
+    put_machine_config = _Send[MachineConfig]("PUT", "/machine-config")
+    # The published spec gives PATCH the same body schema as PUT, with vcpu_count and mem_size_mib
+    # required, so a strictly conforming partial update still names both.
+    patch_machine_config = _Send[MachineConfig]("PATCH", "/machine-config")
+    put_boot_source = _Send[BootSource]("PUT", "/boot-source")
+    put_logger = _Send[Logger]("PUT", "/logger")
+    put_metrics = _Send[Metrics]("PUT", "/metrics")
+    put_vsock = _Send[Vsock]("PUT", "/vsock")
 
-    async def patch_machine_config(self, config: MachineConfig) -> None:
-        # The published spec gives PATCH the same body schema as PUT, with vcpu_count and mem_size_mib
-        # required, so a strictly conforming partial update still names both.
-        await self._call("PATCH", "/machine-config", config)
-
-    async def put_boot_source(self, boot: BootSource) -> None:
-        await self._call("PUT", "/boot-source", boot)
-
+    # Devices, each at a path named by its id
     async def put_drive(self, drive: Drive) -> None:
         await self._call("PUT", f"/drives/{drive.drive_id}", drive)
 
@@ -221,15 +238,6 @@ class FirecrackerClient:
 
     async def put_network_interface(self, iface: NetworkInterface) -> None:
         await self._call("PUT", f"/network-interfaces/{iface.iface_id}", iface)
-
-    async def put_logger(self, logger: Logger) -> None:
-        await self._call("PUT", "/logger", logger)
-
-    async def put_metrics(self, metrics: Metrics) -> None:
-        await self._call("PUT", "/metrics", metrics)
-
-    async def put_vsock(self, vsock: Vsock) -> None:
-        await self._call("PUT", "/vsock", vsock)
 
     # Actions and run state
     async def instance_start(self) -> None:
