@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from polydev.vm.backends.qemu.machine import GUEST_ADDR, GUEST_GATEWAY, IGNORE_SHARED, TCG_CPU, QemuVM, VMError
+from polydev.vm.backends.qemu.command import GUEST_ADDR, GUEST_GATEWAY, TCG_CPU
+from polydev.vm.backends.qemu.errors import VMError
+from polydev.vm.backends.qemu.machine import IGNORE_SHARED, QemuVM
 from polydev.vm.forwards import GuestForward
 from polydev.vm.images import Image
 from polydev.vm.network import Slot
