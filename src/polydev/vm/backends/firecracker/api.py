@@ -5,10 +5,17 @@
   Only fields present in BOTH versions are offered, so one client drives either release.
 - `FirecrackerClient`: one typed method per API call; any non-2xx answer raises `FirecrackerAPIError`
   carrying Firecracker's own `fault_message`, because that text is the only useful diagnosis it gives.
+- The socket itself: `socket_alias`, the short name by which a socket too deep for a Unix socket address is
+  reached, and `accepts`, whether anything listens on it yet.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import os
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Generic, Literal, Self, TypeVar
@@ -22,6 +29,7 @@ from polydev.vm.backends.firecracker.errors import FirecrackerAPIError, Firecrac
 # same before the id becomes part of a URL path, so an id can never smuggle in another path.
 DEVICE_ID = r"^[A-Za-z0-9_]{1,64}$"
 MAC = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
 
 # -- request and response bodies -------------------------------------------------------------------------
@@ -272,3 +280,26 @@ def _fault_message(response: httpx.Response) -> str:
     if isinstance(data, dict) and isinstance(data.get("fault_message"), str):
         return data["fault_message"]
     return response.text.strip() or response.reason_phrase
+
+
+# -- the API socket -------------------------------------------------------------------------------------
+
+
+def socket_alias(api_socket: Path) -> Path | None:
+    """The short symlink by which a socket too deep for a Unix socket address is reached, or None."""
+    if len(os.fsencode(api_socket)) <= UNIX_PATH_MAX:
+        return None
+    digest = hashlib.sha256(str(api_socket.absolute()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "polydev-fc" / f"{digest}.socket"
+
+
+async def accepts(path: Path) -> bool:
+    """True when a server listens on the Unix socket `path` (the file exists between bind() and listen())."""
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True

@@ -42,6 +42,7 @@ import structlog
 from polydev import protocol as p
 from polydev.vm import handover, network, proc
 from polydev.vm.backends import BackendUnavailable
+from polydev.vm.backends.firecracker.api import socket_alias
 from polydev.vm.backends.firecracker.checks import (
     NEEDS_TAP,
     kernel_problem,
@@ -49,15 +50,14 @@ from polydev.vm.backends.firecracker.checks import (
     rootfs_for,
     unavailable_reason,
 )
-from polydev.vm.backends.firecracker.errors import FirecrackerAPIError, FirecrackerError
-from polydev.vm.backends.firecracker.jailer import JailerConfig, link_into_jail
-from polydev.vm.backends.firecracker.process import (
+from polydev.vm.backends.firecracker.config import (
     DEFAULT_BOOT_ARGS,
-    FirecrackerProcess,
     SnapshotFiles,
     VMConfig,
-    socket_alias,
 )
+from polydev.vm.backends.firecracker.errors import FirecrackerAPIError, FirecrackerError
+from polydev.vm.backends.firecracker.jailer import JailerConfig, link_into_jail
+from polydev.vm.backends.firecracker.process import FirecrackerProcess
 from polydev.vm.disks import clone_disk
 from polydev.vm.network import Slot
 from polydev.vm.snapshots import (
