@@ -64,6 +64,7 @@ class QemuVM(QemuCommand):
     keep_console: bool = True
     accel_wanted: str = field(init=False)
     boot_seconds: float = field(default=0.0, init=False)
+    # The running QEMU, and what its console reader has seen of it.
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _reader: threading.Thread | None = field(default=None, init=False)
     _ready: threading.Event = field(default_factory=threading.Event, init=False)
