@@ -107,8 +107,15 @@ def _opt(value: Any, kind: type | tuple[type, ...], name: str) -> Any:
     return value
 
 
+class _Fields:
+    """A message whose JSON is its fields as they are: a mixin for the dataclasses below (only those)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass
-class ExecRequest:
+class ExecRequest(_Fields):
     args: list[str]
     env: dict[str, str] = field(default_factory=dict)  # merged over the agent's default environment
     cwd: str | None = None
@@ -116,9 +123,6 @@ class ExecRequest:
     pty: bool = False  # stdout carries the terminal's output; stderr is merged into it
     timeout_s: float | None = None  # the process group is killed when it runs longer
     keep_stdin_open: bool = False  # a pipe exec's stdin stays open for POST /input (a PTY's always does)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_json(cls, raw: bytes | str | dict[str, Any]) -> ExecRequest:
@@ -175,15 +179,12 @@ class ExecEvent:
 
 
 @dataclass
-class Health:
+class Health(_Fields):
     status: str
     protocol: int
     uptime_s: float
     agent_start_s: float  # guest uptime when the agent started listening
     running: int  # processes started by /exec still running
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_json(cls, raw: bytes | str | dict[str, Any]) -> Health:
@@ -195,13 +196,10 @@ class Health:
 
 
 @dataclass
-class FileInfo:
+class FileInfo(_Fields):
     path: str
     size: int
     mode: int
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -223,13 +221,10 @@ class SignalRequest:
 
 
 @dataclass
-class InputRequest:
+class InputRequest(_Fields):
     exec_id: str
     data: str = ""  # base64 of the bytes to write
     eof: bool = False  # after the data: close a pipe's stdin, or type Ctrl-D on a PTY
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
     def payload(self) -> bytes:
         return base64.b64decode(self.data)
@@ -246,13 +241,10 @@ class InputRequest:
 
 
 @dataclass
-class WatchRequest:
+class WatchRequest(_Fields):
     paths: list[str]  # absolute; the answer names the first that is ready, as spelled here
     timeout: float  # seconds; 0 checks once
     min_size: int = 1  # an empty file just created by open() is not yet the file being waited for
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_json(cls, raw: bytes | str | dict[str, Any]) -> WatchRequest:

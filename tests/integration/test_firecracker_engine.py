@@ -17,8 +17,9 @@ import pytest
 from polydev.services import Services
 from polydev.store.leases import LeaseRepo
 from polydev.store.vms import CleanupTaskRepo, VmRepo
+from polydev.vm.backends.firecracker.api import socket_alias
 from polydev.vm.backends.firecracker.backend import FirecrackerBackend
-from polydev.vm.backends.firecracker.process import FirecrackerProcess, socket_alias
+from polydev.vm.backends.firecracker.process import FirecrackerProcess
 from polydev.vm.engine import VMCreateError, VMEngine, find_marked_processes
 from polydev.vm.network import EgressPolicy, Slot, SlotNetwork
 from tests.support.firecracker_fake import LoopbackSlots, write_fake_binary

@@ -22,6 +22,7 @@ import pydantic
 import pytest
 
 from polydev.vm.backends.firecracker.api import (
+    UNIX_PATH_MAX,
     BootSource,
     Drive,
     DriveUpdate,
@@ -36,10 +37,12 @@ from polydev.vm.backends.firecracker.api import (
     SnapshotLoad,
     Vsock,
 )
-from polydev.vm.backends.firecracker.checks import (
-    check_available,
-    kernel_problem,
-    unavailable_reason,
+from polydev.vm.backends.firecracker.checks import check_available, kernel_problem, unavailable_reason
+from polydev.vm.backends.firecracker.config import (
+    DEFAULT_BOOT_ARGS,
+    DriveSpec,
+    SnapshotFiles,
+    VMConfig,
 )
 from polydev.vm.backends.firecracker.errors import (
     FirecrackerAPIError,
@@ -48,14 +51,7 @@ from polydev.vm.backends.firecracker.errors import (
     FirecrackerUnavailable,
 )
 from polydev.vm.backends.firecracker.jailer import JailerConfig
-from polydev.vm.backends.firecracker.process import (
-    DEFAULT_BOOT_ARGS,
-    UNIX_PATH_MAX,
-    DriveSpec,
-    FirecrackerProcess,
-    SnapshotFiles,
-    VMConfig,
-)
+from polydev.vm.backends.firecracker.process import FirecrackerProcess
 from tests.support.firecracker_fake import (
     CONSOLE_LINE,
     FakeFirecracker,

@@ -31,12 +31,12 @@ from polydev.store.leases import LeaseRepo
 from polydev.store.vms import CleanupTaskRepo, VmRepo
 from polydev.vm.backends.firecracker.backend import FirecrackerBackend
 from polydev.vm.backends.firecracker.checks import kernel_problem, unavailable_reason
-from polydev.vm.backends.firecracker.process import (
+from polydev.vm.backends.firecracker.config import (
     DEFAULT_BOOT_ARGS,
-    FirecrackerProcess,
     SnapshotFiles,
     VMConfig,
 )
+from polydev.vm.backends.firecracker.process import FirecrackerProcess
 from polydev.vm.engine import VMEngine, find_marked_processes
 from polydev.vm.network import SlotNetwork
 from tests.support.netns import POOL, agent_health, host_namespace, require_root_netns

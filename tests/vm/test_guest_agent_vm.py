@@ -16,7 +16,8 @@ import pytest
 from polydev.cli.image import GEMINI_SETTINGS, QUIET_ENV, VERSION_CHECKS
 from polydev.config import Settings
 from polydev.vm import images
-from polydev.vm.backends.qemu.machine import QemuVM, VMError
+from polydev.vm.backends.qemu.errors import VMError
+from polydev.vm.backends.qemu.machine import QemuVM
 
 pytest_plugins = ["tests.support.vm_fixtures"]  # fixtures: test_image, test_vm
 

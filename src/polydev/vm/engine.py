@@ -76,6 +76,8 @@ class VMEngine:
         self.leases = leases
         self.network = network
         self.data_dir = data_dir
+        self.vms_dir = data_dir / "vms"  # a work directory per VM (its disk, console, sockets)
+        self.logs_dir = data_dir / "logs"  # console logs kept after their VM is gone
         self.tag = engine_tag(data_dir)
         self.vcpus = vcpus or {"cli": 1, "browser": 2}
         self.memory_mb = memory_mb or {"cli": 2048, "browser": 4096}
@@ -91,14 +93,6 @@ class VMEngine:
         self.reaper = Reaper(self)
 
     # -- paths --------------------------------------------------------------------------------------------
-    @property
-    def vms_dir(self) -> Path:
-        return self.data_dir / "vms"
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.data_dir / "logs"
-
     def workdir(self, vm_id: uuid.UUID) -> Path:
         return self.vms_dir / str(vm_id)
 

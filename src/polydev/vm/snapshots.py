@@ -55,6 +55,30 @@ class Template:
     meta: dict[str, Any]  # recorded in meta.json, beside how long the making took
 
 
+@dataclass(frozen=True)
+class SnapshotDir:
+    """A made snapshot, by its directory. Each backend's `Snapshot` subclasses it and names the files it holds
+    with `SnapshotFile`."""
+
+    directory: Path
+
+    @property
+    def token(self) -> str:
+        """The token the frozen agent holds (each restored VM replaces it with its own)."""
+        return SnapshotCache.token(self.directory)
+
+
+class SnapshotFile:
+    """One file of a snapshot, as a read-only attribute of a `SnapshotDir`: `state = SnapshotFile("state.bin")`
+    reads as `snapshot.directory / "state.bin"`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, snapshot: SnapshotDir, owner: object = None) -> Path:
+        return snapshot.directory / self.name
+
+
 class SnapshotCache:
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -5,12 +5,20 @@
   Only fields present in BOTH versions are offered, so one client drives either release.
 - `FirecrackerClient`: one typed method per API call; any non-2xx answer raises `FirecrackerAPIError`
   carrying Firecracker's own `fault_message`, because that text is the only useful diagnosis it gives.
+- The socket itself: `socket_alias`, the short name by which a socket too deep for a Unix socket address is
+  reached, and `accepts`, whether anything listens on it yet.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Generic, Literal, Self, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +29,7 @@ from polydev.vm.backends.firecracker.errors import FirecrackerAPIError, Firecrac
 # same before the id becomes part of a URL path, so an id can never smuggle in another path.
 DEVICE_ID = r"^[A-Za-z0-9_]{1,64}$"
 MAC = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
 
 # -- request and response bodies -------------------------------------------------------------------------
@@ -147,6 +156,23 @@ class MachineConfigInfo(BaseModel):
 
 # -- the API client --------------------------------------------------------------------------------------
 
+B = TypeVar("B", bound=_Body)
+
+
+class _Send(Generic[B]):
+    """A client method that only sends its one argument, a request body, to a fixed path:
+    `put_logger = _Send[Logger]("PUT", "/logger")` makes `await client.put_logger(Logger(...))`."""
+
+    def __init__(self, method: str, path: str) -> None:
+        self.method = method
+        self.path = path
+
+    def __get__(self, client: FirecrackerClient, owner: object = None) -> Callable[[B], Awaitable[None]]:
+        async def send(body: B) -> None:
+            await client._call(self.method, self.path, body)
+
+        return send
+
 
 class FirecrackerClient:
     """One Firecracker process's API. Every method is one request; errors raise FirecrackerAPIError."""
@@ -202,17 +228,16 @@ class FirecrackerClient:
     async def get_machine_config(self) -> MachineConfigInfo:
         return MachineConfigInfo.model_validate(await self._get_json("/machine-config"))
 
-    async def put_machine_config(self, config: MachineConfig) -> None:
-        await self._call("PUT", "/machine-config", config)
+    put_machine_config = _Send[MachineConfig]("PUT", "/machine-config")
+    # The published spec gives PATCH the same body schema as PUT, with vcpu_count and mem_size_mib
+    # required, so a strictly conforming partial update still names both.
+    patch_machine_config = _Send[MachineConfig]("PATCH", "/machine-config")
+    put_boot_source = _Send[BootSource]("PUT", "/boot-source")
+    put_logger = _Send[Logger]("PUT", "/logger")
+    put_metrics = _Send[Metrics]("PUT", "/metrics")
+    put_vsock = _Send[Vsock]("PUT", "/vsock")
 
-    async def patch_machine_config(self, config: MachineConfig) -> None:
-        # The published spec gives PATCH the same body schema as PUT, with vcpu_count and mem_size_mib
-        # required, so a strictly conforming partial update still names both.
-        await self._call("PATCH", "/machine-config", config)
-
-    async def put_boot_source(self, boot: BootSource) -> None:
-        await self._call("PUT", "/boot-source", boot)
-
+    # Devices, each at a path named by its id
     async def put_drive(self, drive: Drive) -> None:
         await self._call("PUT", f"/drives/{drive.drive_id}", drive)
 
@@ -221,15 +246,6 @@ class FirecrackerClient:
 
     async def put_network_interface(self, iface: NetworkInterface) -> None:
         await self._call("PUT", f"/network-interfaces/{iface.iface_id}", iface)
-
-    async def put_logger(self, logger: Logger) -> None:
-        await self._call("PUT", "/logger", logger)
-
-    async def put_metrics(self, metrics: Metrics) -> None:
-        await self._call("PUT", "/metrics", metrics)
-
-    async def put_vsock(self, vsock: Vsock) -> None:
-        await self._call("PUT", "/vsock", vsock)
 
     # Actions and run state
     async def instance_start(self) -> None:
@@ -264,3 +280,26 @@ def _fault_message(response: httpx.Response) -> str:
     if isinstance(data, dict) and isinstance(data.get("fault_message"), str):
         return data["fault_message"]
     return response.text.strip() or response.reason_phrase
+
+
+# -- the API socket -------------------------------------------------------------------------------------
+
+
+def socket_alias(api_socket: Path) -> Path | None:
+    """The short symlink by which a socket too deep for a Unix socket address is reached, or None."""
+    if len(os.fsencode(api_socket)) <= UNIX_PATH_MAX:
+        return None
+    digest = hashlib.sha256(str(api_socket.absolute()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "polydev-fc" / f"{digest}.socket"
+
+
+async def accepts(path: Path) -> bool:
+    """True when a server listens on the Unix socket `path` (the file exists between bind() and listen())."""
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True

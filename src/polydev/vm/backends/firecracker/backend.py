@@ -42,6 +42,7 @@ import structlog
 from polydev import protocol as p
 from polydev.vm import handover, network, proc
 from polydev.vm.backends import BackendUnavailable
+from polydev.vm.backends.firecracker.api import socket_alias
 from polydev.vm.backends.firecracker.checks import (
     NEEDS_TAP,
     kernel_problem,
@@ -49,18 +50,23 @@ from polydev.vm.backends.firecracker.checks import (
     rootfs_for,
     unavailable_reason,
 )
-from polydev.vm.backends.firecracker.errors import FirecrackerAPIError, FirecrackerError
-from polydev.vm.backends.firecracker.jailer import JailerConfig, link_into_jail
-from polydev.vm.backends.firecracker.process import (
+from polydev.vm.backends.firecracker.config import (
     DEFAULT_BOOT_ARGS,
-    FirecrackerProcess,
     SnapshotFiles,
     VMConfig,
-    socket_alias,
 )
+from polydev.vm.backends.firecracker.errors import FirecrackerAPIError, FirecrackerError
+from polydev.vm.backends.firecracker.jailer import JailerConfig, link_into_jail
+from polydev.vm.backends.firecracker.process import FirecrackerProcess
 from polydev.vm.disks import clone_disk
 from polydev.vm.network import Slot
-from polydev.vm.snapshots import TOKEN, SnapshotCache, Template, Workspace
+from polydev.vm.snapshots import (
+    SnapshotCache,
+    SnapshotDir,
+    SnapshotFile,
+    Template,
+    Workspace,
+)
 from polydev.vm.types import BackendInfo, Started, VMSpec
 
 log = structlog.get_logger(__name__)
@@ -83,22 +89,14 @@ def agent_url(slot: Slot) -> str:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class Snapshot(SnapshotDir):
     """A booted guest frozen with its agent running: VM state, memory, and the disk as it was then."""
 
-    directory: Path
+    disk = SnapshotFile("disk.ext4")
 
     @property
     def files(self) -> SnapshotFiles:
         return SnapshotFiles(self.directory / "vm.state", self.directory / "vm.mem")
-
-    @property
-    def disk(self) -> Path:
-        return self.directory / "disk.ext4"
-
-    @property
-    def token(self) -> str:
-        return (self.directory / TOKEN).read_text().strip()
 
 
 class FirecrackerBackend:

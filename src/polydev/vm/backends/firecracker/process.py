@@ -3,22 +3,19 @@
 Spawns `firecracker` (optionally under the `jailer`) with argument lists only, waits for the API socket with
 a bounded poll that also watches for the process dying, configures and starts a VM or restores a snapshot,
 and on any failure kills the process group and removes the socket and jail. Its stdout (the guest's serial
-console) is copied to a file, with secrets redacted, and watched for the agent's READY line.
+console) is copied to a file, with secrets redacted, and watched for the agent's READY line (console.py).
+What it boots and where snapshots go are the specs in config.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
-import tempfile
 import uuid
-from collections import deque
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -36,8 +33,12 @@ from polydev.vm.backends.firecracker.api import (
     NetworkOverride,
     SnapshotCreate,
     SnapshotLoad,
+    accepts,
+    socket_alias,
 )
 from polydev.vm.backends.firecracker.checks import check_available, kernel_problem
+from polydev.vm.backends.firecracker.config import DriveSpec, SnapshotFiles, VMConfig
+from polydev.vm.backends.firecracker.console import Console
 from polydev.vm.backends.firecracker.errors import (
     FirecrackerAPIError,
     FirecrackerError,
@@ -45,72 +46,6 @@ from polydev.vm.backends.firecracker.errors import (
     FirecrackerUnavailable,
 )
 from polydev.vm.backends.firecracker.jailer import JailerConfig, link_into_jail
-
-# reboot=k + panic=1: a guest reboot or panic ends the Firecracker process instead of hanging; pci=off because
-# Firecracker has no PCI bus (devices are virtio-mmio, announced on the command line).
-DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
-UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
-
-
-@dataclass(frozen=True)
-class DriveSpec:
-    drive_id: str
-    path: Path
-    read_only: bool = False
-
-
-@dataclass(frozen=True)
-class VMConfig:
-    """What a VM boots from. Boot args are Firecracker's defaults plus whatever the engine appends."""
-
-    kernel: Path
-    rootfs: Path
-    rootfs_read_only: bool = False
-    vcpus: int = 1
-    mem_mib: int = 512
-    boot_args: str = DEFAULT_BOOT_ARGS
-    initrd: Path | None = None
-    extra_drives: tuple[DriveSpec, ...] = ()
-    tap: str | None = None  # host TAP device; None means no network interface
-    guest_mac: str | None = None
-    track_dirty_pages: bool = False
-
-
-@dataclass(frozen=True)
-class SnapshotFiles:
-    state: Path  # the microVM state (devices, vCPUs)
-    memory: Path  # the guest memory image
-
-
-@dataclass
-class _Console:
-    """Firecracker's stdout (guest serial console and, unless configured otherwise, its own log): copied to a
-    file kept for post-mortems, the tail kept in memory for error messages, the READY marker watched."""
-
-    path: Path
-    marker: str | None
-    # Secrets the guest may echo (a kernel prints its command line, which can carry the agent token):
-    # replaced before a line reaches the file or the tail, since both outlive the VM and end up in errors.
-    redact: tuple[bytes, ...] = ()
-    tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def pump(self, stream: asyncio.StreamReader) -> None:
-        try:
-            # Plain file writes: a line to a local file costs microseconds, less than a thread hop would.
-            with open(self.path, "ab") as out:  # noqa: ASYNC230
-                while raw := await stream.readline():
-                    for secret in self.redact:
-                        raw = raw.replace(secret, b"[redacted]")
-                    out.write(raw)
-                    out.flush()
-                    line = raw.decode("utf-8", "replace").rstrip()
-                    self.tail.append(line)
-                    if self.marker and self.marker in line:
-                        self.ready.set()
-        finally:
-            self.closed.set()
 
 
 class FirecrackerProcess:
@@ -135,7 +70,7 @@ class FirecrackerProcess:
         self.log_level = log_level  # None: Firecracker logs to stdout, i.e. into the console log
         # Runs before Firecracker, e.g. `ip netns exec <slot>` so it opens the TAP in the VM's network slot.
         self.command_prefix = list(command_prefix)
-        self._console = _Console(workdir / "console.log", ready_marker,
+        self._console = Console(workdir / "console.log", ready_marker,
                                  tuple(s.encode() for s in redact if s))
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
@@ -388,7 +323,7 @@ class FirecrackerProcess:
                 raise FirecrackerProcessError(
                     f"VM {self.vm_id}: {self.argv()[0]} exited with code {self._exited.result()} before its API "
                     f"socket {self.socket_path} appeared", self.console_tail())
-            if self.socket_path.exists() and await _accepts(self.socket_path):
+            if self.socket_path.exists() and await accepts(self.socket_path):
                 return
             if loop.time() >= deadline:
                 raise FirecrackerProcessError(
@@ -450,22 +385,3 @@ class FirecrackerProcess:
             final.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(self.chroot / name, final)
 
-
-def socket_alias(api_socket: Path) -> Path | None:
-    """The short symlink by which a socket too deep for a Unix socket address is reached, or None."""
-    if len(os.fsencode(api_socket)) <= UNIX_PATH_MAX:
-        return None
-    digest = hashlib.sha256(str(api_socket.absolute()).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "polydev-fc" / f"{digest}.socket"
-
-
-async def _accepts(path: Path) -> bool:
-    """True when a server listens on the Unix socket `path` (the file exists between bind() and listen())."""
-    try:
-        _, writer = await asyncio.open_unix_connection(str(path))
-    except OSError:
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True

@@ -1,64 +1,41 @@
-"""Boot an image under QEMU: KVM when it works, TCG otherwise; readiness from the serial console.
+"""Run a QEMU VM: KVM when it works, TCG otherwise; readiness from the serial console.
 
-Machine: `q35` with virtio-pci. QEMU's `microvm` machine (DESIGN §3) hangs Debian's cloud kernel under TCG at
-TSC calibration (no PIT/HPET reference), and the kernel lacks VIRTIO_MMIO_CMDLINE_DEVICES, so q35 it is.
-Network: QEMU user networking with `restrict=on` (the guest reaches nothing outside), one hostfwd from
-127.0.0.1:<free port> to the agent, and a `guestfwd` per configured guest forward (VM_GUEST_FORWARDS,
-polydev.vm.forwards): the host loopback services the guest may reach, and nothing else.
 Readiness: a reader thread copies the serial console to `console.log` and wakes the starter the moment the
 agent's READY line appears, or the moment QEMU exits. No sleeps.
 
 This module is one VM (`QemuVM`): its overlay, its QEMU process, its console and QMP socket; cold boot or
-restore from a snapshot's state. The engine's backend (backend.py) and its snapshots (snapshot.py) build on it.
+restore from a snapshot's state. What it is made of and its command line are `QemuCommand` (command.py); the
+engine's backend (backend.py) and its snapshots (snapshot.py) build on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import secrets
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from polydev import protocol as p
-from polydev.config.forwards import GuestForward
 from polydev.vm import handover
 from polydev.vm.agent_client import AgentClient
-from polydev.vm.forwards import RELAY_MISSING, netdev_rule, relay_path
-from polydev.vm.images import INIT_PATH, Image
-from polydev.vm.network import VNC_PORT, Slot
+from polydev.vm.backends.qemu.command import QemuCommand
+from polydev.vm.backends.qemu.errors import VMError
 
 log = logging.getLogger(__name__)
-GUEST_ADDR, GUEST_GATEWAY = "10.0.2.15/24", "10.0.2.2"  # QEMU user networking's fixed layout
 # A kernel under KVM writes its first console line well within this; silence means KVM is not usable here.
 KVM_FIRST_OUTPUT_S = 15.0
-# TCG CPU model. Measured here: with qemu64 Claude Code's native (Bun) binary dies of SIGILL; Nehalem and
-# max both run all three CLIs, `gemini --version` 71 s vs 61 s, so max.
-TCG_CPU = "max"
 _kvm_usable: bool | None = None  # learnt once per process: the answer does not change while it runs
 # Migration leaves out RAM that is a shared file mapping: the snapshot's RAM is its template's RAM file.
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
-
-
-class VMError(RuntimeError):
-    def __init__(self, message: str, console_tail: list[str] | None = None) -> None:
-        tail = "\n".join(console_tail or [])
-        super().__init__(f"{message}\n--- console (last lines) ---\n{tail}" if tail else message)
-        self.console_tail = console_tail or []
-
-
-def _qemu_opt(path: Path) -> str:
-    """A path as a value inside a QEMU option list (a comma would start the next option)."""
-    return str(path).replace(",", ",,")
 
 
 def free_port() -> int:
@@ -76,73 +53,28 @@ def kvm_usable() -> bool | None:
     return _kvm_usable
 
 
-class QemuVM:
+@dataclass(eq=False, repr=False, kw_only=True)
+class QemuVM(QemuCommand):
     """One VM: a qcow2 overlay on the image, a QEMU process, its console log and its QMP socket."""
 
-    # User networking: a host port (127.0.0.1 only) forwarded to the guest's VNC server, for login-browser
-    # VMs; 0 means none. Tap mode needs no forward: the control plane reaches the slot's address directly.
-    vnc_port = 0
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # Given as what to try (auto, kvm or tcg), kept as `accel_wanted`; from then on `accel` is what the VM
+    # booted under ("" until it has).
+    accel: str = "auto"
+    keep_console: bool = True
+    accel_wanted: str = field(init=False)
+    boot_seconds: float = field(default=0.0, init=False)
+    # The running QEMU, and what its console reader has seen of it.
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _reader: threading.Thread | None = field(default=None, init=False)
+    _ready: threading.Event = field(default_factory=threading.Event, init=False)
+    _first_output: threading.Event = field(default_factory=threading.Event, init=False)
+    _eof: threading.Event = field(default_factory=threading.Event, init=False)
+    _is_ready: bool = field(default=False, init=False)
+    _tail: deque[str] = field(default_factory=lambda: deque(maxlen=60), init=False)
 
-    def __init__(self, image: Image, workdir: Path, *, token: str | None = None, vcpus: int = 2,
-                 memory_mb: int = 2048, accel: str = "auto", keep_console: bool = True,
-                 tcg_cpu: str = TCG_CPU, name: str | None = None,
-                 backing: tuple[Path, str] | None = None, slot: Slot | None = None,
-                 guest_forwards: tuple[GuestForward, ...] = (), ram_file: tuple[Path, bool] | None = None,
-                 overlay_from: Path | None = None) -> None:
-        self.image = image
-        # Guest RAM in a file (path, shared): a snapshot template writes its RAM there (shared), a restore maps
-        # the snapshot's file copy-on-write (private), so nothing is loaded and every clone shares the page cache.
-        self.ram_file = ram_file
-        # A ready-made empty overlay to copy (a restore): 0.2 ms instead of ~50 ms for a qemu-img process.
-        self.overlay_from = overlay_from
-        # User networking only (a slot's egress is its firewall's business): host services the guest may reach.
-        self.guest_forwards = guest_forwards
-        # A network slot (tap mode): QEMU runs inside the slot's namespace on its TAP, the guest takes the
-        # slot layout's fixed address, and the agent is reached at the slot's own address.
-        self.slot = slot
-        # Shows in the host's process list: how the engine's reconcile recognises its VMs after a crash.
-        self.name = name
-        # The overlay's backing file and its format: the image (raw) for a cold boot, a snapshot's disk
-        # (qcow2, frozen at snapshot time) for a restore.
-        self.backing = backing or (image.rootfs.resolve(), "raw")
-        self.workdir = workdir
-        self.token = token or secrets.token_urlsafe(24)
-        self.vcpus = vcpus
-        self.memory_mb = memory_mb
-        self.accel_wanted = accel  # auto | kvm | tcg
-        self.accel = ""
-        self.keep_console = keep_console
-        self.tcg_cpu = tcg_cpu
-        self.port = 0
-        self.boot_seconds = 0.0
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._reader: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._first_output = threading.Event()
-        self._eof = threading.Event()
-        self._is_ready = False
-        self._tail: deque[str] = deque(maxlen=60)
-
-    # -- paths ------------------------------------------------------------------------------------------
-
-    @property
-    def overlay(self) -> Path:
-        return self.workdir / "disk.qcow2"
-
-    @property
-    def console_log(self) -> Path:
-        return self.workdir / "console.log"
-
-    @property
-    def qmp_socket(self) -> Path:
-        path = self.workdir / "qmp.sock"
-        if len(str(path)) < 100:
-            return path
-        # Unix socket paths are limited to 108 bytes: a deep work directory gets a short runtime path.
-        digest = hashlib.sha256(str(self.workdir).encode()).hexdigest()[:16]
-        short = Path(tempfile.gettempdir()) / "polydev-qmp"
-        short.mkdir(mode=0o700, exist_ok=True)
-        return short / f"{digest}.sock"
+    def __post_init__(self) -> None:
+        self.accel_wanted, self.accel = self.accel, ""
 
     @property
     def agent_url(self) -> str:
@@ -196,67 +128,13 @@ class QemuVM:
             shutil.copyfile(self.overlay_from, self.overlay)
             return
         # Copy-on-write on the read-only base: constant time whatever the image size.
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.backing[0]),
-                        "-F", self.backing[1], str(self.overlay)], check=True, capture_output=True)
+        backing, backing_format = self.backing or (self.image.rootfs.resolve(), "raw")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing),
+                        "-F", backing_format, str(self.overlay)], check=True, capture_output=True)
 
     def _reset_overlay(self) -> None:
         self.overlay.unlink(missing_ok=True)
         self._create_overlay()
-
-    @property
-    def token_file(self) -> Path:
-        return self.workdir / "token"
-
-    def cmdline(self) -> str:
-        # No token here: the command line shows in the host's process list and in the guest's /proc/cmdline.
-        return " ".join(["console=ttyS0", "quiet", "root=/dev/vda", "rw", "panic=-1", f"init={INIT_PATH}",
-                         f"{p.CMDLINE_ADDR}={self._guest_addr()}", f"{p.CMDLINE_GATEWAY}={self._gateway()}"])
-
-    def _guest_addr(self) -> str:
-        if self.slot is None:
-            return GUEST_ADDR
-        from polydev.vm import network
-
-        return f"{network.GUEST_IP}/{network.GUEST_PREFIX}"
-
-    def _gateway(self) -> str:
-        if self.slot is None:
-            return GUEST_GATEWAY
-        from polydev.vm import network
-
-        return network.GATEWAY_IP
-
-    def argv(self, accel: str) -> list[str]:
-        cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg", "-cpu", self.tcg_cpu]
-        netdev = f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:{p.AGENT_PORT}"
-        if self.vnc_port:
-            netdev += f",hostfwd=tcp:127.0.0.1:{self.vnc_port}-:{VNC_PORT}"
-        if self.guest_forwards and self.slot is None:
-            relay = relay_path()
-            if relay is None:
-                raise VMError(RELAY_MISSING)
-            netdev += "".join(f",{netdev_rule(fwd, relay)}" for fwd in self.guest_forwards)
-        prefix: list[str] = []
-        if self.slot is not None:
-            from polydev.vm import network
-
-            netdev = f"tap,id=net0,ifname={network.TAP},script=no,downscript=no"
-            prefix = self.slot.command_prefix()  # opening the TAP needs the slot's namespace
-        name = ["-name", self.name] if self.name else []
-        machine, memory = "q35", ["-m", str(self.memory_mb)]
-        if self.ram_file is not None:
-            path, shared = self.ram_file
-            machine += ",memory-backend=ram0"
-            memory += ["-object", f"memory-backend-file,id=ram0,size={self.memory_mb}M,"
-                                  f"mem-path={_qemu_opt(path)},share={'on' if shared else 'off'}"]
-        return [*prefix, "qemu-system-x86_64", *name, "-M", machine, *cpu, "-smp", str(self.vcpus), *memory,
-                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-                "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd), "-append", self.cmdline(),
-                "-drive", f"id=root,file={self.overlay},format=qcow2,if=none,discard=unmap",
-                "-device", "virtio-blk-pci,drive=root",
-                "-netdev", netdev, "-device", "virtio-net-pci,netdev=net0",
-                "-fw_cfg", f"name={p.FW_CFG_TOKEN},file={self.token_file}",
-                "-serial", "stdio", "-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
 
     def _boot(self, accel: str, ready_timeout: float) -> float:
         self.accel = accel

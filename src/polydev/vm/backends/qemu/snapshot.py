@@ -16,47 +16,31 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from polydev.vm.backends.qemu.machine import GUEST_ADDR, GUEST_GATEWAY, IGNORE_SHARED, TCG_CPU, QemuVM, VMError
+from polydev.vm.backends.qemu.command import GUEST_ADDR, GUEST_GATEWAY, TCG_CPU
+from polydev.vm.backends.qemu.errors import VMError
+from polydev.vm.backends.qemu.machine import IGNORE_SHARED, QemuVM
 from polydev.vm.forwards import GuestForward
 from polydev.vm.images import Image
 from polydev.vm.network import Slot
-from polydev.vm.snapshots import TOKEN, SnapshotCache, Template, Workspace
+from polydev.vm.snapshots import SnapshotCache, SnapshotDir, SnapshotFile, Template, Workspace
 
 # Bump when what a snapshot directory holds changes: older snapshots are then simply not found.
 SNAPSHOT_FORMAT = "ram-file-1"
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class Snapshot(SnapshotDir):
     """A booted guest frozen with its agent running: memory state plus the disk as it was at that moment."""
 
-    directory: Path
     accel: str
+    state = SnapshotFile("state.bin")
+    disk = SnapshotFile("disk.qcow2")
+    ram = SnapshotFile("ram.bin")
+    empty_overlay = SnapshotFile("overlay.qcow2")  # an empty overlay on `disk`, copied for each restored VM
 
     @classmethod
     def load(cls, directory: Path) -> Snapshot:
         return cls(directory, SnapshotCache.meta(directory)["accel"])
-
-    @property
-    def state(self) -> Path:
-        return self.directory / "state.bin"
-
-    @property
-    def disk(self) -> Path:
-        return self.directory / "disk.qcow2"
-
-    @property
-    def ram(self) -> Path:
-        return self.directory / "ram.bin"
-
-    @property
-    def empty_overlay(self) -> Path:
-        """An empty overlay on `disk`, copied for each restored VM."""
-        return self.directory / "overlay.qcow2"
-
-    @property
-    def token(self) -> str:
-        return (self.directory / TOKEN).read_text().strip()
 
 
 def network_key(mode: str) -> list[str]:
