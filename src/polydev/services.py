@@ -8,6 +8,7 @@ CLI commands that work on the store use `open_services` and never touch VMs.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -33,6 +34,7 @@ from polydev.store.users import UserRepo
 from polydev.store.vault import Vault, key_source_from_settings
 
 if TYPE_CHECKING:  # the engine pulls in pyroute2 and the backends: loaded only when the server wires VMs
+    from polydev.egress.service import EgressService
     from polydev.vm.engine import Backend, VMEngine
     from polydev.vm.network import SlotNetwork
 
@@ -66,6 +68,9 @@ class Services:
     vnc_tickets: VncTickets = None  # type: ignore[assignment]
     run_flow: RunFlow = None  # type: ignore[assignment]
     vm_admin: VmAdmin = None  # type: ignore[assignment]  # the admin VM API's service
+    # The egress gateway, when this process runs VMs that reach the outside through it (started with the
+    # engine: EGRESS_GATEWAY=on, user networking, a backend that forwards its guests to it).
+    egress: EgressService | None = None
 
     def engine_or_reason(self) -> tuple[VMEngine | None, str | None]:
         return self.engine, self.engine_unavailable
@@ -95,7 +100,10 @@ class Services:
         host = urlparse(base).hostname if base else None
         if host and host not in no_proxy.split(","):
             no_proxy += f",{host}"  # an overridden API is reached directly, not through the proxy
-        return replace(self.guest_paths, https_proxy=s.guest_https_proxy, no_proxy=no_proxy,
+        proxy = s.guest_https_proxy  # the operator's override wins over the gateway
+        if proxy is None and self.egress is not None:
+            proxy = f"http://{s.egress_guest_address}"
+        return replace(self.guest_paths, https_proxy=proxy, no_proxy=no_proxy,
                        ca_cert_path=GUEST_CA_PATH if s.guest_ca_cert_file else None, api_base_url=base)
 
     async def close(self) -> None:
@@ -106,6 +114,9 @@ class Services:
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await engine.close()
+        if self.egress is not None:  # after the VMs: their tunnels end with them
+            egress, self.egress = self.egress, None
+            await egress.close()
         await self.session_store.close()
         await self.db_engine.dispose()
 
@@ -181,12 +192,31 @@ def build_vm_engine(services: Services, backend_factory: BackendFactory | None =
     s = services.settings
     network = slot_network(s) if s.network_mode == "tap" else None
     backend = (backend_factory or create_backend)(s)
+    if s.egress_gateway == "on" and network is None and backend.describe().egress_guest_address:
+        services.egress = services.egress or build_egress(services)
     return VMEngine(backend=backend, vms=VmRepo(services.factory), cleanup=CleanupTaskRepo(services.factory),
                     leases=LeaseRepo(services.factory), data_dir=s.data_dir, network=network,
                     vcpus={"cli": s.vm_cli_vcpu, "browser": s.vm_browser_vcpu},
                     memory_mb={"cli": s.vm_cli_memory_mb, "browser": s.vm_browser_memory_mb},
                     keep_failed=s.debug_keep_failed_vms, pool_size=s.vm_warm_pool_size,
-                    pool_prepare=services.run_flow.prepare_vm)
+                    pool_prepare=services.run_flow.prepare_vm,
+                    egress=services.egress.hook if services.egress is not None else None)
+
+
+def build_egress(services: Services) -> EgressService:
+    """The egress gateway for this server's VMs; its sockets live in a short runtime directory (a Unix
+    socket path has 108 bytes at most), named for the data directory like the engine's processes."""
+    import tempfile
+
+    from polydev.egress.service import EgressService
+    from polydev.providers import ADAPTERS
+    from polydev.store.egress import EgressRepo
+    from polydev.vm.proc import engine_tag
+
+    s = services.settings
+    run_dir = Path(tempfile.gettempdir()) / f"polydev-egress-{engine_tag(s.data_dir)[:10]}"
+    return EgressService(s, EgressRepo(services.factory, services.credentials),
+                         {name: adapter.egress_hosts for name, adapter in ADAPTERS.items()}, run_dir)
 
 
 async def start_vm_engine(services: Services, backend_factory: BackendFactory | None = None) -> None:
@@ -206,12 +236,17 @@ async def start_vm_engine(services: Services, backend_factory: BackendFactory | 
         log.error("vm_engine_failed", reason=services.engine_unavailable, exc_info=exc)
         return
     try:
+        if services.egress is not None:
+            await services.egress.start()
         counts = await engine.reconcile()
     except Exception as exc:
         # Without a successful reconcile, orphans may still hold slots and addresses: refuse to create more.
         services.engine_unavailable = f"start-up reconcile failed: {exc}"
         log.error("vm_engine_failed", reason=services.engine_unavailable, exc_info=exc)
         await engine.close(destroy_all=False)
+        if services.egress is not None:
+            egress, services.egress = services.egress, None
+            await egress.close()
         return
     engine.start_reaper()
     engine.start_pool()

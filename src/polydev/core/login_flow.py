@@ -45,7 +45,7 @@ from polydev.core.login_state import Login, publish, vm_ttl
 from polydev.core.login_vnc import start_browser
 from polydev.core.relay import wait_for
 from polydev.core.tasks import cancel_and_wait, end_all
-from polydev.core.vm_flow import EngineSource, VmFlow
+from polydev.core.vm_flow import EngineSource, VmFlow, egress_error
 from polydev.providers import get_adapter
 from polydev.providers.base import GuestEnv, GuestFile, hook_files
 from polydev.store.credentials import CredentialRepo
@@ -254,6 +254,7 @@ class LoginFlow(VmFlow):
             async with asyncio.timeout(limit) as login.deadline:
                 purpose: Purpose = "browser" if login.browser is not None else self.vm_purpose
                 vm = await engine.create(login.user_id, purpose, ttl=vm_ttl(budget))
+                engine.label(vm.id, purpose="login", provider=login.adapter.name, browser=login.browser is not None)
                 async with login.publishing:
                     login.vm_id = vm.id
                     if login.user_id is not None and vm.user_id != login.user_id:  # taken while it started
@@ -286,6 +287,8 @@ class LoginFlow(VmFlow):
             error = describe(exc)[:500]
             log.warning("login_failed", session_id=str(login.session_id), error=error)
         finally:
+            if status in ("failed", "timeout"):
+                error = egress_error(engine, login.vm_id, error)
             login.ending.set()  # VNC bridges close before the VM goes; a cancel now waits for the rest
             await cancel_and_wait(helpers)
             for proc in login.browser_procs:  # (the VM takes them along; a stand-in guest would not)

@@ -43,3 +43,12 @@ class VmPort(Protocol):
     def vnc_endpoint(self, vm_id: uuid.UUID) -> tuple[str, int]:
         """(host, port) of a `browser` VM's VNC server as this process reaches it; KeyError when none."""
         ...
+
+    def label(self, vm_id: uuid.UUID, *, purpose: str, provider: str | None = None, browser: bool = False) -> None:
+        """What the VM is for (login, run, sandbox), so the egress gateway lets it reach what that needs."""
+        ...
+
+    def egress_refusal(self, vm_id: uuid.UUID) -> str | None:
+        """Why the egress gateway last refused or failed one of the VM's connections, if it did."""
+        ...
+

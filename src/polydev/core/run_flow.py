@@ -32,7 +32,7 @@ from polydev.core.guest import Guest, GuestProcess, base_files
 from polydev.core.relay import StoreRelay, wait_for
 from polydev.core.run_events import EventWriter, RunEvents, stream
 from polydev.core.tasks import LiveTask, end_all
-from polydev.core.vm_flow import EngineSource, VmFlow
+from polydev.core.vm_flow import EngineSource, VmFlow, egress_error
 from polydev.providers import get_adapter
 from polydev.providers.base import (
     CredentialBundle,
@@ -216,6 +216,7 @@ class RunFlow(VmFlow):
             live.writer.emit_soon(event("status", message="starting a VM"))
             vm = await engine.create(row.user_id, "cli", ttl=timedelta(seconds=timeout + 180))
             vm_id = vm.id
+            engine.label(vm.id, purpose="run", provider=adapter.name)
             guest = Guest(engine.agent(vm.id, timeout=timeout + 60))
             command = adapter.run_command(row.prompt, env, api_key=bundle.api_key if bundle.kind == "api_key"
                                           else None)
@@ -267,6 +268,8 @@ class RunFlow(VmFlow):
             error = _reason(exc, vm_id is not None)
             log.warning("run_failed", run_id=str(run_id), error=error)
         finally:
+            if status in ("failed", "timeout"):
+                error = egress_error(engine, vm_id, error)
             live.ending.set()
             with contextlib.suppress(Exception):  # a failure to store it has failed the run already
                 await live.writer.settle()

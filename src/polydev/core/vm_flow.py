@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+import structlog
 
 from polydev.core.errors import FlowUnavailable
 from polydev.providers.base import GuestEnv
@@ -11,6 +14,8 @@ from polydev.store.credentials import CredentialRepo
 
 if TYPE_CHECKING:
     from polydev.core.ports import VmPort
+
+log = structlog.get_logger(__name__)
 
 EngineSource = Callable[[], "tuple[VmPort | None, str | None]"]  # the VM engine, or None and why there is none
 
@@ -29,3 +34,14 @@ class VmFlow:
         if engine is None:
             raise FlowUnavailable(reason or "this server runs no VMs")
         return engine
+
+
+def egress_error(engine: VmPort, vm_id: uuid.UUID | None, error: str | None) -> str | None:
+    """A failed login's or run's reason: the egress gateway's, in words, when it refused or could not reach a
+    host for this VM (the CLI itself only says e.g. `getaddrinfo ETIMEOUT` or `403`); else `error`."""
+    refusal = engine.egress_refusal(vm_id) if vm_id is not None else None
+    if refusal is None:
+        return error
+    log.info("flow_failed_at_egress", vm_id=str(vm_id), cli_error=error, egress=refusal)
+    return f"egress: {refusal}"
+

@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from polydev.config import Settings
-from polydev.egress.gateway import EgressGateway
+from polydev.egress.gateway import EgressGateway, Identity
 from polydev.egress.limits import Limits
 from polydev.egress.policy import Policy, Refused
 from polydev.egress.resolve import Resolver
@@ -70,6 +70,26 @@ class UserRoutes:
         self._cache.pop(user_id, None)
 
 
+class EngineHook:
+    """The gateway as the VM engine's EgressHook: a VM is attached before it starts, owned by whoever the
+    engine says and for no purpose yet (so it reaches nothing until its flow labels it)."""
+
+    def __init__(self, gateway: EgressGateway) -> None:
+        self.gateway = gateway
+
+    async def attach(self, vm_id: uuid.UUID, user_id: uuid.UUID | None) -> Path:
+        return await self.gateway.attach(Identity(vm_id, user_id, "unassigned"))
+
+    def update(self, vm_id: uuid.UUID, **fields: object) -> None:
+        self.gateway.update(vm_id, **fields)
+
+    async def detach(self, vm_id: uuid.UUID) -> None:
+        await self.gateway.detach(vm_id)
+
+    def last_refusal(self, vm_id: uuid.UUID) -> str | None:
+        return self.gateway.last_refusal(vm_id)
+
+
 class EgressService:
     def __init__(self, settings: Settings, repo: EgressRepo,
                  provider_hosts: Mapping[str, Mapping[str, tuple[str, ...]]], run_dir: Path) -> None:
@@ -81,6 +101,7 @@ class EgressService:
         self.gateway = EgressGateway(policy=build_policy(settings, provider_hosts),
                                      resolver=Resolver({k: tuple(v) for k, v in settings.egress_hosts.items()}),
                                      routes=self.routes, run_dir=run_dir)
+        self.hook = EngineHook(self.gateway)
         self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

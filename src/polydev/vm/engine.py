@@ -39,6 +39,7 @@ from polydev.vm.reaper import Reaper
 from polydev.vm.types import (
     VM,
     Backend,
+    EgressHook,
     EngineInfo,
     PoolPrepare,
     Purpose,
@@ -68,7 +69,7 @@ class VMEngine:
     def __init__(self, *, backend: Backend, vms: VmRepo, cleanup: CleanupTaskRepo, leases: LeaseRepo,
                  data_dir: Path, network: SlotNetwork | None = None, vcpus: dict[str, int] | None = None,
                  memory_mb: dict[str, int] | None = None, keep_failed: bool = False, pool_size: int = 0,
-                 pool_prepare: PoolPrepare | None = None,
+                 pool_prepare: PoolPrepare | None = None, egress: EgressHook | None = None,
                  process_finder: Callable[[str], dict[uuid.UUID, int]] = find_marked_processes) -> None:
         self.backend = backend
         self.vms = vms
@@ -82,6 +83,7 @@ class VMEngine:
         self.vcpus = vcpus or {"cli": 1, "browser": 2}
         self.memory_mb = memory_mb or {"cli": 2048, "browser": 4096}
         self.keep_failed = keep_failed
+        self.egress = egress  # the egress gateway, when VMs reach the outside through it
         self._find = process_finder
         # What this process knows of the VMs it started (and has not destroyed): lost with the process.
         self._tokens: dict[uuid.UUID, str] = {}
@@ -107,6 +109,8 @@ class VMEngine:
     async def create(self, user_id: uuid.UUID | None, purpose: Purpose = "cli",
                      ttl: timedelta = timedelta(minutes=30)) -> VM:
         if purpose == "cli" and (pooled := self.pool.take(user_id, ttl)) is not None:
+            if self.egress is not None:
+                self.egress.update(pooled.id, user_id=user_id)
             return pooled
         return await self._create(user_id, purpose, ttl)
 
@@ -115,7 +119,19 @@ class VMEngine:
         row = await self.vms.update_returning(vm_id, user_id=user_id, expires_at=utcnow() + ttl)
         if row is None:
             raise KeyError(vm_id)
+        if self.egress is not None:
+            self.egress.update(vm_id, user_id=user_id)
         return VM.of(row, self._urls.get(vm_id))
+
+    def label(self, vm_id: uuid.UUID, *, purpose: str, provider: str | None = None, browser: bool = False) -> None:
+        """Say what a VM is for (login, run, sandbox; which provider; whether it shows the login browser): the
+        egress gateway lets its connections reach what that purpose needs. Unlabelled VMs reach nothing."""
+        if self.egress is not None:
+            self.egress.update(vm_id, purpose=purpose, provider=provider, browser=browser)
+
+    def egress_refusal(self, vm_id: uuid.UUID) -> str | None:
+        """Why the egress gateway last refused or failed a connection of this VM, if it did."""
+        return self.egress.last_refusal(vm_id) if self.egress is not None else None
 
     async def fill_pool(self) -> int:
         """Start VMs until the pool holds its size; returns how many it started."""
@@ -164,8 +180,11 @@ class VMEngine:
                                                   lambda i: self.network.address(i).host_ip)  # type: ignore[union-attr]
                 await self.vms.update(vm_id, slot_index=index)
                 slot = await asyncio.to_thread(self.network.create, index)
+            egress_socket = None
+            if self.egress is not None and self.network is None:  # user networking: QEMU forwards to it
+                egress_socket = await self.egress.attach(vm_id, user_id)
             spec = VMSpec(vm_id, purpose, self.vcpus[purpose], self.memory_mb[purpose], workdir, token,
-                          marker_for(self.tag, vm_id), slot)
+                          marker_for(self.tag, vm_id), slot, egress_socket)
             started = await self.backend.start(spec)
         except BaseException as exc:
             reason = _first_line(exc)
@@ -228,6 +247,9 @@ class VMEngine:
         self._tokens.pop(vm_id, None)
         self._urls.pop(vm_id, None)
         self._vnc.pop(vm_id, None)
+        if self.egress is not None:
+            with contextlib.suppress(Exception):
+                await self.egress.detach(vm_id)  # its tunnels end, its socket goes
         workdir = Path(row.workdir) if row.workdir else self.workdir(vm_id)
         errors: list[str] = []
         pid = row.backend_pid or self.processes().get(vm_id)

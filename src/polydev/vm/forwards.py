@@ -18,7 +18,8 @@ import shutil
 from polydev.config.forwards import GuestForward
 
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+-]+$")
-RELAY_MISSING = "VM_GUEST_FORWARDS needs socat on the host (Debian: apt-get install socat)"
+RELAY_MISSING = ("VM_GUEST_FORWARDS and the egress gateway need socat on the host (Debian: apt-get install socat); "
+                 "or EGRESS_GATEWAY=off")
 
 
 def relay_path() -> str | None:
@@ -32,3 +33,14 @@ def netdev_rule(fwd: GuestForward, relay: str) -> str:
         raise ValueError(f"relay path {relay!r} has characters that cannot go on QEMU's command line")
     family = "TCP6" if fwd.host_ip.version == 6 else "TCP4"
     return f"guestfwd=tcp:{fwd.guest_ip}:{fwd.guest_port}-cmd:{relay} - {family}:{fwd.host}"
+
+
+def egress_rule(guest_address: str, socket_path: str, relay: str) -> str:
+    """The `guestfwd=` part that carries the guest's proxy address (`IP:PORT`) to the egress gateway's socket
+    for this VM: each connection its own relay to the Unix socket, so the gateway knows the VM by the socket."""
+    for value in (relay, socket_path):
+        if not _SAFE_PATH.match(value):
+            raise ValueError(f"path {value!r} has characters that cannot go on QEMU's command line")
+    ip, _, port = guest_address.rpartition(":")
+    return f"guestfwd=tcp:{ip}:{port}-cmd:{relay} - UNIX-CONNECT:{socket_path}"
+

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from polydev.store.models import VmRecord
@@ -49,6 +49,8 @@ class VMSpec:
     token: str
     marker: str  # appears in the hypervisor's command line, so reconcile can find the process
     slot: Slot | None  # tap network mode; None means user-mode networking
+    # The egress gateway's socket for this VM (user networking): the guest's proxy address is forwarded there.
+    egress_socket: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class BackendInfo:
     accel: str | None = None
     # The Debian packages of the guest image (its manifest); empty when the backend has no image manifest.
     image_packages: frozenset[str] = frozenset()
+    # Where its guests reach the egress gateway (IP:PORT) when it forwards them there; None: it does not.
+    egress_guest_address: str | None = None
 
 
 class Backend(Protocol):
@@ -144,3 +148,17 @@ class EngineInfo:
         """Whether the guest image can run the in-VM login browser: its manifest lists Chromium. A backend
         without an image manifest (a stand-in, Firecracker's plain root file system) counts as without."""
         return "chromium" in self.image_packages
+
+
+class EgressHook(Protocol):
+    """The egress gateway as the engine sees it (polydev.egress wires one in): a VM's own socket before it
+    starts, its owner and purpose as they change, nothing once it is gone."""
+
+    async def attach(self, vm_id: uuid.UUID, user_id: uuid.UUID | None) -> Path: ...
+
+    def update(self, vm_id: uuid.UUID, **fields: Any) -> None: ...
+
+    async def detach(self, vm_id: uuid.UUID) -> None: ...
+
+    def last_refusal(self, vm_id: uuid.UUID) -> str | None: ...
+

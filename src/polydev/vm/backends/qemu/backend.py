@@ -30,8 +30,10 @@ class QemuBackend:
     name = "qemu"
 
     def __init__(self, image: Image, snapshots_dir: Path, *, accel: str = "auto", snapshots: bool = True,
-                 guest_forwards: tuple[GuestForward, ...] = ()) -> None:
+                 guest_forwards: tuple[GuestForward, ...] = (), egress_guest_address: str | None = None) -> None:
         self.image = image
+        # Where a guest reaches the egress gateway (IP:PORT), for VMs the engine gives a gateway socket.
+        self.egress_guest_address = egress_guest_address
         # Given to every VM, template included: a forward is on QEMU's command line, not in the snapshot, so
         # restores get the forwards configured now whatever the template had.
         self.guest_forwards = guest_forwards
@@ -53,12 +55,14 @@ class QemuBackend:
             raise BackendUnavailable(f"no {settings.vm_image_profile} image in {settings.cache_dir}: run "
                                      f"`polydev image build --profile {settings.vm_image_profile}`")
         forwards = tuple(settings.vm_guest_forwards)
-        if forwards and relay_path() is None:
+        egress = settings.egress_gateway == "on" and settings.network_mode == "user"
+        if (forwards or egress) and relay_path() is None:
             raise BackendUnavailable(RELAY_MISSING)
         if forwards and settings.network_mode != "user":
             log.warning("VM_GUEST_FORWARDS applies to user networking only; NETWORK_MODE=%s ignores it",
                         settings.network_mode)
-        return cls(image, settings.data_dir / "snapshots", guest_forwards=forwards)
+        return cls(image, settings.data_dir / "snapshots", guest_forwards=forwards,
+                   egress_guest_address=settings.egress_guest_address if egress else None)
 
     @property
     def snapshots_dir(self) -> Path:
@@ -74,7 +78,8 @@ class QemuBackend:
 
     def describe(self) -> BackendInfo:
         packages = self.image.manifest.get("debian_packages", {})
-        return BackendInfo(accel=self.accel, image_packages=frozenset(packages if isinstance(packages, dict) else ()))
+        return BackendInfo(accel=self.accel, image_packages=frozenset(packages if isinstance(packages, dict) else ()),
+                           egress_guest_address=self.egress_guest_address)
 
     def console_log(self, workdir: Path) -> Path:
         return workdir / "console.log"
@@ -85,18 +90,20 @@ class QemuBackend:
     def _start(self, spec: VMSpec) -> Started:
         # Only login-browser VMs run a VNC server; on the command line, not in the snapshot, so restores get it.
         vnc_port = free_port() if spec.purpose == "browser" and spec.slot is None else 0
+        egress = ((self.egress_guest_address, spec.egress_socket)
+                  if self.egress_guest_address and spec.egress_socket is not None else None)
         made = (self.ensure_snapshot(spec.vcpus, spec.memory_mb, spec.marker, spec.slot)
                 if self.use_snapshots else None)
         if made is None:
             vm = QemuVM(self.image, spec.workdir, token=spec.token, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
                         accel=self.accel_wanted, name=spec.marker, slot=spec.slot,
-                        guest_forwards=self.guest_forwards)
+                        guest_forwards=self.guest_forwards, egress=egress)
             vm.vnc_port = vnc_port
             vm.start()
         else:
             vm = QemuVM(self.image, spec.workdir, token=made.token, vcpus=spec.vcpus,
                         memory_mb=spec.memory_mb, accel=made.accel, name=spec.marker, slot=spec.slot,
-                        backing=(made.disk, "qcow2"), guest_forwards=self.guest_forwards,
+                        backing=(made.disk, "qcow2"), guest_forwards=self.guest_forwards, egress=egress,
                         ram_file=(made.ram, False), overlay_from=made.empty_overlay)
             vm.vnc_port = vnc_port
             vm.restore(made.state, made.accel, spec.token)

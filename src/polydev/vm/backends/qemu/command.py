@@ -20,7 +20,7 @@ from pathlib import Path
 from polydev import protocol as p
 from polydev.config.forwards import GuestForward
 from polydev.vm.backends.qemu.errors import VMError
-from polydev.vm.forwards import RELAY_MISSING, netdev_rule, relay_path
+from polydev.vm.forwards import RELAY_MISSING, egress_rule, netdev_rule, relay_path
 from polydev.vm.images import INIT_PATH, Image
 from polydev.vm.network import VNC_PORT, Slot
 
@@ -55,6 +55,8 @@ class QemuCommand:
     slot: Slot | None = None
     # User networking only (a slot's egress is its firewall's business): host services the guest may reach.
     guest_forwards: tuple[GuestForward, ...] = ()
+    # User networking with the egress gateway: (the guest's proxy address IP:PORT, this VM's gateway socket).
+    egress: tuple[str, Path] | None = None
     # Guest RAM in a file (path, shared): a snapshot template writes its RAM there (shared), a restore maps
     # the snapshot's file copy-on-write (private), so nothing is loaded and every clone shares the page cache.
     ram_file: tuple[Path, bool] | None = None
@@ -121,6 +123,11 @@ class QemuCommand:
             if relay is None:
                 raise VMError(RELAY_MISSING)
             netdev += "".join(f",{netdev_rule(fwd, relay)}" for fwd in self.guest_forwards)
+        if self.egress is not None and self.slot is None:
+            relay = relay_path()
+            if relay is None:
+                raise VMError(RELAY_MISSING)
+            netdev += f",{egress_rule(self.egress[0], str(self.egress[1]), relay)}"
         prefix: list[str] = []
         if self.slot is not None:
             from polydev.vm import network

@@ -1,0 +1,99 @@
+"""The egress gateway with a real VM: the guest's proxy address reaches the gateway through QEMU's guestfwd
+to that VM's own socket, an allowed name is tunnelled to its (pinned, loopback) stand-in, a name off the
+allow-list is refused with the reason, the tunnel is accounted to the VM's user, and the socket goes with
+the VM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from polydev.api.app import create_app
+from polydev.vm import images
+from tests.support.app import make_settings
+
+pytest_plugins = ["tests.support.vm_fixtures"]
+
+STAND_IN = ("127.0.0.57", 443)  # a loopback address of its own: port 443 is the one the gateway dials
+
+# Runs in the guest: CONNECT through the gateway's guest address, then a line through the tunnel.
+_GUEST = r"""
+import socket, sys
+s = socket.create_connection(("10.0.2.99", 3128), timeout=30)
+s.sendall(f"CONNECT {sys.argv[1]}:443 HTTP/1.1\r\nHost: {sys.argv[1]}:443\r\n\r\n".encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    head += chunk
+print(head.split(b"\r\n")[0].decode(), "|", head.decode("latin-1").split("X-Polydev-Egress: ")[-1].split("\r\n")[0])
+if head.startswith(b"HTTP/1.1 200"):
+    s.sendall(b"ping from the guest\n")
+    print(s.recv(100).decode().strip())
+"""
+
+
+@pytest.fixture
+def echo_stand_in() -> Iterator[None]:
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        server.bind(STAND_IN)
+    except PermissionError:
+        pytest.skip("binding port 443 on loopback needs root")
+    server.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                data = conn.recv(100)
+                conn.sendall(b"echo: " + data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield
+    server.close()
+
+
+async def test_a_guest_reaches_an_allowed_host_through_the_gateway_only(tmp_path: Path, test_image: images.Image,
+                                                                        echo_stand_in: None) -> None:
+    settings = make_settings(tmp_path, POLYDEV_CACHE_DIR=test_image.dir.parent.parent, vm_image_profile="test",
+                             vm_cli_memory_mb=1024, vm_cli_vcpu=1, egress_allow="api.stand.test",
+                             egress_hosts=json.dumps({"api.stand.test": [STAND_IN[0]]}))
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        services = app.state.services
+        assert services.engine is not None, services.engine_unavailable
+        assert services.egress is not None
+        user = (await services.users.create(f"u{uuid.uuid4().hex[:8]}")).id
+        engine = services.engine
+        vm = await engine.create(user, "cli")
+        socket_path = services.egress.gateway.socket_path(vm.id)
+        assert socket_path.exists()
+        engine.label(vm.id, purpose="run", provider="claude_code")
+        with engine.agent(vm.id, timeout=120) as agent:
+            allowed = agent.exec(["python3", "-c", _GUEST, "api.stand.test"])
+            refused = agent.exec(["python3", "-c", _GUEST, "evil.example"])
+        lines = allowed.stdout.decode().splitlines()
+        assert lines[0].startswith("HTTP/1.1 200") and lines[1] == "echo: ping from the guest", allowed
+        assert refused.stdout.decode().startswith("HTTP/1.1 403"), refused
+        assert "evil.example refused: not on the allow-list for claude_code runs" in refused.stdout.decode()
+        assert engine.egress_refusal(vm.id) == "evil.example refused: not on the allow-list for claude_code runs"
+        await asyncio.sleep(0.2)
+        usage = {(d.user_id, d.host): d for d in services.egress.gateway.usage.drain()}
+        assert usage[(user, "api.stand.test")].connections == 1
+        assert usage[(user, "api.stand.test")].bytes_up == len(b"ping from the guest\n")
+        assert usage[(user, "evil.example")].refusals == 1
+        await engine.destroy(vm.id)
+        assert not socket_path.exists()
