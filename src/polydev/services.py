@@ -17,22 +17,26 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from polydev.config import Settings
+from polydev.core.egress_admin import EgressAdmin
 from polydev.core.login_browser import LoginBrowser
 from polydev.core.login_flow import LoginFlow
 from polydev.core.login_sessions import LoginSessions
 from polydev.core.run_flow import RunFlow
 from polydev.core.vm_admin import VmAdmin
 from polydev.core.vnc_tickets import VncTickets
+from polydev.egress.limits import Limits
 from polydev.providers.base import GuestEnv
 from polydev.store import db
 from polydev.store.auth_sessions import AuthSessionRepo
 from polydev.store.credentials import CredentialRepo
+from polydev.store.egress import EgressRepo
 from polydev.store.runs import RunRepo
 from polydev.store.sessions import SessionStore, create_session_store
 from polydev.store.users import UserRepo
 from polydev.store.vault import Vault, key_source_from_settings
 
 if TYPE_CHECKING:  # the engine pulls in pyroute2 and the backends: loaded only when the server wires VMs
+    from polydev.egress.service import EgressService
     from polydev.vm.engine import Backend, VMEngine
     from polydev.vm.network import SlotNetwork
 
@@ -66,6 +70,9 @@ class Services:
     vnc_tickets: VncTickets = None  # type: ignore[assignment]
     run_flow: RunFlow = None  # type: ignore[assignment]
     vm_admin: VmAdmin = None  # type: ignore[assignment]  # the admin VM API's service
+    # The egress gateway when this process runs it; each user's egress identity and accounting (admin API).
+    egress: EgressService | None = None
+    egress_admin: EgressAdmin = None  # type: ignore[assignment]
 
     def engine_or_reason(self) -> tuple[VMEngine | None, str | None]:
         return self.engine, self.engine_unavailable
@@ -149,6 +156,11 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
                            guest_env=svc.guest_env, ca_pem=ca_pem, default_timeout=settings.run_timeout_seconds,
                            signals=store)
     svc.vm_admin = VmAdmin(svc.engine_or_reason, default_ttl=timedelta(seconds=settings.vm_ttl_seconds))
+    svc.egress_admin = EgressAdmin(
+        EgressRepo(factory, svc.credentials), svc.users, settings.egress_address_pool,
+        Limits(settings.egress_limit_concurrent, settings.egress_limit_per_minute, settings.egress_limit_bytes_per_day),
+        # A change applies to the gateway's next tunnel, not after its route cache expires.
+        on_change=lambda user_id: svc.egress.routes.forget(user_id) if svc.egress is not None else None)
     return svc
 
 
