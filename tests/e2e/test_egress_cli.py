@@ -12,7 +12,6 @@ import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -36,7 +35,7 @@ def env_for(server: LiveServer, token: str) -> dict[str, str]:
 
 def egress(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "polydev", "egress", *args], env=env, input=stdin,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def record_usage(server: LiveServer, rows: list[tuple[str | None, str, int, int, int, int]]) -> None:
