@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import pytest
@@ -55,7 +56,9 @@ def record_usage(server: LiveServer, rows: list[tuple[str | None, str, int, int,
         finally:
             await svc.close()
 
-    asyncio.run(write())
+    # In a thread of its own: a Playwright test's thread already runs an event loop.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, write()).result()
 
 
 @pytest.fixture(scope="module")
