@@ -197,6 +197,30 @@ class PolydevClient:
         wait = (timeout_s or 60.0) + 30.0
         return self._call("POST", f"/api/vms/{vm_id}/exec", json=body, timeout=wait)
 
+    # -- egress ----------------------------------------------------------------------------------------
+    def users(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/users")
+
+    def egress(self, user_id: str) -> dict[str, Any]:
+        """A user's egress identity (admin); the proxy only as scheme://host:port."""
+        return self._call("GET", f"/api/users/{user_id}/egress")
+
+    def egress_identities(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/egress/identities")
+
+    def set_egress(self, user_id: str, mode: str, *, proxy_url: str | None = None, family: int | None = None,
+                   limits: dict[str, int] | None = None) -> dict[str, Any]:
+        """Set a user's egress identity (admin): direct, address or proxy (with `proxy_url`)."""
+        body: dict[str, Any] = {"mode": mode}
+        for name, value in (("proxy_url", proxy_url), ("family", family), ("limits", limits)):
+            if value is not None:
+                body[name] = value
+        return self._call("PUT", f"/api/users/{user_id}/egress", json=body)
+
+    def egress_usage(self, *, all_users: bool = False) -> list[dict[str, Any]]:
+        """Your egress accounting per destination host, or everyone's (admin)."""
+        return self._call("GET", "/api/egress/usage", params={"all": "true"} if all_users else None)
+
 
 def _sse(lines: Iterator[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """(id, data) of each server-sent event; comments (keep-alives) are skipped."""

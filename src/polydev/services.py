@@ -18,16 +18,19 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from polydev.config import Settings
+from polydev.core.egress_admin import EgressAdmin
 from polydev.core.login_browser import LoginBrowser
 from polydev.core.login_flow import LoginFlow
 from polydev.core.login_sessions import LoginSessions
 from polydev.core.run_flow import RunFlow
 from polydev.core.vm_admin import VmAdmin
 from polydev.core.vnc_tickets import VncTickets
+from polydev.egress.limits import Limits
 from polydev.providers.base import GuestEnv
 from polydev.store import db
 from polydev.store.auth_sessions import AuthSessionRepo
 from polydev.store.credentials import CredentialRepo
+from polydev.store.egress import EgressRepo
 from polydev.store.runs import RunRepo
 from polydev.store.sessions import SessionStore, create_session_store
 from polydev.store.users import UserRepo
@@ -71,6 +74,7 @@ class Services:
     # The egress gateway, when this process runs VMs that reach the outside through it (started with the
     # engine: EGRESS_GATEWAY=on, user networking, a backend that forwards its guests to it).
     egress: EgressService | None = None
+    egress_admin: EgressAdmin = None  # type: ignore[assignment]  # each user's egress identity and accounting
 
     def engine_or_reason(self) -> tuple[VMEngine | None, str | None]:
         return self.engine, self.engine_unavailable
@@ -160,6 +164,11 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
                            guest_env=svc.guest_env, ca_pem=ca_pem, default_timeout=settings.run_timeout_seconds,
                            signals=store)
     svc.vm_admin = VmAdmin(svc.engine_or_reason, default_ttl=timedelta(seconds=settings.vm_ttl_seconds))
+    svc.egress_admin = EgressAdmin(
+        EgressRepo(factory, svc.credentials), svc.users, settings.egress_address_pool,
+        Limits(settings.egress_limit_concurrent, settings.egress_limit_per_minute, settings.egress_limit_bytes_per_day),
+        # A change applies to the gateway's next tunnel, not after its route cache expires.
+        on_change=lambda user_id: svc.egress.routes.forget(user_id) if svc.egress is not None else None)
     return svc
 
 
@@ -210,7 +219,6 @@ def build_egress(services: Services) -> EgressService:
 
     from polydev.egress.service import EgressService
     from polydev.providers import ADAPTERS
-    from polydev.store.egress import EgressRepo
     from polydev.vm.proc import engine_tag
 
     s = services.settings

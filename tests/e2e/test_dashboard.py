@@ -1,6 +1,6 @@
 """The dashboard in a real browser (Debian's Chromium under Playwright, headless) against a live server whose
 claude_code is the scripted CLI of tests/support/flow_fakes.py and whose "VMs" are the guest agent on the host: sign
-in, connect a provider by pasting its code, run a prompt and watch it stream, history, admin, and what another
+in, connect a provider by pasting its code, run a prompt and watch it stream, history, admin, egress, and what another
 user cannot see. Each page's screenshot goes to $POLYDEV_ARTIFACTS/dashboard (default tests/artifacts/).
 
 The same flow with a real VM, the login page drawn in the noVNC canvas, is test_dashboard_vm.py."""
@@ -19,6 +19,7 @@ import pytest
 from polydev.client import PolydevClient
 from polydev.config import Settings
 from polydev.web.vendor import novnc_installed, vendor_root
+from tests.e2e.test_egress_cli import record_usage
 from tests.support.dashboard_browser import artifacts_dir, launch, sign_in
 from tests.support.live_server import LiveServer, start_server
 
@@ -208,6 +209,53 @@ def test_admin_lists_and_destroys_vms(page: Page, server: LiveServer, admin: Pol
     expect(row).to_have_count(0)
     assert admin.vm(vm["id"])["status"] == "destroyed"
 
+
+def test_egress_usage_and_an_admin_switches_a_users_mode(page: Page, server: LiveServer, admin: PolydevClient,
+                                                         other_token: str) -> None:
+    user = admin.create_user(f"egress-{uuid.uuid4().hex[:6]}")
+    with PolydevClient(server.url, other_token) as other:
+        other_id = other.me()["id"]
+    record_usage(server, [(user["id"], "api.anthropic.com", 3, 1024, 2 * 1024 * 1024, 0),
+                          (other_id, "api.openai.com", 1, 10, 20, 1)])
+    password = "dash-Pr0xy-secret"
+    sign_in(page, server.url, server.admin_token)
+    page.get_by_role("link", name="Egress").click()
+    usage = page.locator('table[data-table="egress-usage"]')
+    row = usage.locator('tr[data-host="api.anthropic.com"]')
+    expect(row).to_contain_text(user["name"])
+    expect(row).to_contain_text("2.0 MB")
+    expect(usage.locator('tr[data-host="api.openai.com"]')).to_contain_text("1")
+
+    ident = page.locator(f'table[data-table="egress-identities"] tr[data-user="{user["id"]}"]')
+    expect(ident.locator("[data-mode]")).to_have_text("direct")
+    ident.get_by_role("button", name=f"Edit {user['name']}").click()
+    page.get_by_label("Mode", exact=True).select_option("proxy")
+    page.get_by_label("Proxy URL").fill(f"http://carol:{password}@proxy.example.test:3128")
+    page.get_by_label("Concurrent connections").fill("4")
+    page.get_by_role("button", name="Save egress").click()
+    expect(ident.locator("[data-mode]")).to_have_text("proxy")
+    expect(ident).to_contain_text("http://proxy.example.test:3128")
+    expect(ident).to_contain_text("concurrent=4")
+    expect(page.get_by_role("status")).to_contain_text(f"{user['name']}: proxy http://proxy.example.test:3128")
+    assert password not in page.content()
+    shot(page, "10-egress")
+    stored = admin.egress(user["id"])
+    assert (stored["mode"], stored["limits"]) == ("proxy", {"concurrent": 4})
+
+    ident.get_by_role("button", name=f"Edit {user['name']}").click()
+    page.get_by_label("Mode", exact=True).select_option("direct")
+    page.get_by_role("button", name="Save egress").click()
+    expect(ident.locator("[data-mode]")).to_have_text("direct")
+    assert admin.egress(user["id"])["mode"] == "direct"
+
+    # Another user: their own usage only, and no identities.
+    page.get_by_role("button", name="Sign out").click()
+    sign_in(page, server.url, other_token)
+    page.get_by_role("link", name="Egress").click()
+    expect(page.get_by_role("heading", name="Your usage")).to_be_visible()
+    expect(page.locator('table[data-table="egress-usage"] tr[data-host="api.openai.com"]')).to_be_visible()
+    expect(page.locator('tr[data-host="api.anthropic.com"]')).to_have_count(0)
+    expect(page.locator('table[data-table="egress-identities"]')).to_have_count(0)
 
 def test_other_user_sees_neither_session_nor_vnc(page: Page, server: LiveServer, admin: PolydevClient,
                                                   other_token: str) -> None:

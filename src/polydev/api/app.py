@@ -16,6 +16,7 @@ from polydev.api.metrics import Metrics
 from polydev.api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
 from polydev.api.routes import (
     credentials,
+    egress,
     health,
     login_sessions,
     runs,
@@ -87,7 +88,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.metrics = metrics
     install_error_handlers(app)
     for router in (health.router, users.router, credentials.router, login_sessions.router, vnc.router,
-                   runs.router, vms.router):
+                   runs.router, vms.router, egress.router):
         app.include_router(router)
     install_dashboard(app, settings, error_response)  # after the API: its /app catch-all must not shadow a route
     # Outermost first: observe everything (413s included), then enforce the size limit.

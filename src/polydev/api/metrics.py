@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -9,8 +11,21 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
+from polydev.egress import usage as egress_usage
 from polydev.store.models import AUTH_SESSION_STATUSES, RUN_STATUSES
+
+
+class EgressTotals(Collector):
+    """The egress gateway's counters (polydev/egress/usage.py: tunnels by purpose and result, bytes by
+    direction; no per-user label) live on the process's default registry, where this app's /metrics does
+    not look: this collector shows them in the app's own registry too."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield from egress_usage.TUNNELS.collect()
+        yield from egress_usage.BYTES.collect()
 
 
 class Metrics:
@@ -31,6 +46,7 @@ class Metrics:
                                 registry=self.registry)
         self.vm_creations = Counter("polydev_vm_creations", "VM creations by outcome (created, failed, unavailable)",
                                     ["outcome"], registry=self.registry)
+        self.registry.register(EgressTotals())
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()

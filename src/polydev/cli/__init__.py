@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from polydev.cli import config_cmd, doctor, flows, keys, remote, serve, users, web
+from polydev.cli import (
+    config_cmd,
+    doctor,
+    egress,
+    flows,
+    keys,
+    remote,
+    serve,
+    users,
+    web,
+)
 
 app = typer.Typer(help="Polydev: AI coding CLIs in disposable microVMs.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -16,6 +26,7 @@ app.command("login")(flows.login)
 app.command("run")(flows.run)
 app.add_typer(remote.credentials, name="credentials")
 app.add_typer(remote.vm, name="vm")
+app.add_typer(egress.app, name="egress")
 app.command("doctor")(doctor.doctor)
 app.add_typer(web.app, name="web")
 

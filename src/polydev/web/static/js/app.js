@@ -4,6 +4,7 @@
 import { api, ApiError, hooks, token } from "./api.js";
 import { h, notice, replace, say } from "./dom.js";
 import * as admin from "./admin.js";
+import * as egress from "./egress.js";
 import * as login from "./login.js";
 import * as providers from "./providers.js";
 import * as runs from "./runs.js";
@@ -17,8 +18,9 @@ const ROUTES = [
   [/^\/app\/runs$/, runs.renderHistory, "History"],
   [/^\/app\/runs\/(?<run>[0-9a-f-]+)$/, runs.renderRun, "Run"],
   [/^\/app\/admin$/, admin.render, "Admin"],
+  [/^\/app\/egress$/, egress.render, "Egress"],
 ];
-const NAV = [["/app/providers", "Providers"], ["/app/run", "Run"], ["/app/runs", "History"]];
+const NAV = [["/app/providers", "Providers"], ["/app/run", "Run"], ["/app/runs", "History"], ["/app/egress", "Egress"]];
 
 let me = null;          // GET /api/me, once per sign-in
 let cleanup = null;     // the current view's: aborts its streams and timers
