@@ -82,9 +82,9 @@ async def test_a_guest_reaches_an_allowed_host_through_the_gateway_only(tmp_path
         socket_path = services.egress.gateway.socket_path(vm.id)
         assert socket_path.exists()
         engine.label(vm.id, purpose="run", provider="claude_code")
-        with engine.agent(vm.id, timeout=120) as agent:
-            allowed = agent.exec(["python3", "-c", _GUEST, "api.stand.test"])
-            refused = agent.exec(["python3", "-c", _GUEST, "evil.example"])
+        with engine.agent(vm.id, timeout=120) as agent:  # (synchronous: in a thread, the gateway shares this loop)
+            allowed = await asyncio.to_thread(agent.exec, ["python3", "-c", _GUEST, "api.stand.test"])
+            refused = await asyncio.to_thread(agent.exec, ["python3", "-c", _GUEST, "evil.example"])
         lines = allowed.stdout.decode().splitlines()
         assert lines[0].startswith("HTTP/1.1 200") and lines[1] == "echo: ping from the guest", allowed
         assert refused.stdout.decode().startswith("HTTP/1.1 403"), refused
