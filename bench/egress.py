@@ -132,6 +132,12 @@ def bulk(sock: socket.socket, direction: str, nbytes: int) -> float:
     return time.perf_counter() - t0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(p * len(s)))]
@@ -181,14 +187,18 @@ def main() -> None:
         print(f"\nbulk, one connection, {args.gib:g} GiB each, {args.rounds} rounds interleaved (median):")
         for direction in ("down", "up"):
             rates: dict[str, list[float]] = {"direct": [], "gateway": []}
+            gw_cpu = 0.0
             for _ in range(args.rounds):
                 for kind in ("direct", "gateway"):
                     sock = open_tunnel(path, port) if kind == "gateway" else open_direct(port)
+                    cpu0 = cpu_seconds(gw.pid)
                     rates[kind].append(nbytes / bulk(sock, direction, nbytes) / 1e6)
+                    gw_cpu += cpu_seconds(gw.pid) - cpu0 if kind == "gateway" else 0.0
                     sock.close()
             d, g = statistics.median(rates["direct"]), statistics.median(rates["gateway"])
             print(f"  {direction:4}  direct {d:7.0f} MB/s   gateway {g:7.0f} MB/s   "
-                  f"ratio {g / d:.2f} (targets >= 0.50 and >= 200 MB/s)")
+                  f"ratio {g / d:.2f} (targets >= 0.50 and >= 200 MB/s); "
+                  f"gateway CPU {gw_cpu / (args.rounds * args.gib):.2f} s/GiB")
         print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     finally:
         for proc in procs:
