@@ -85,7 +85,7 @@ async def tunnel(sock: Path, port: int, behind: bytes = b"") -> tuple[asyncio.St
 
 
 async def test_bytes_behind_the_connect_and_a_half_close_pass_intact(stand) -> None:
-    gw, _, port, sock = stand
+    _, _, port, sock = stand
     payload = os.urandom(3 * 1024 * 1024 + 7)
     r, w = await tunnel(sock, port, behind=b"sum\n" + payload[:1000])
     assert await asyncio.wait_for(r.readexactly(3), 10) == b"hi:"
@@ -112,7 +112,7 @@ async def test_a_large_download_arrives_whole_and_is_counted_to_the_byte(stand) 
 
 
 async def test_an_upstream_that_breaks_off_ends_the_tunnel(stand) -> None:
-    gw, _, port, sock = stand
+    _, _, port, sock = stand
     r, w = await tunnel(sock, port, behind=b"reset\n")
     try:
         rest = await asyncio.wait_for(r.read(), 10)
@@ -123,7 +123,7 @@ async def test_an_upstream_that_breaks_off_ends_the_tunnel(stand) -> None:
 
 
 async def test_bytes_a_proxy_sends_behind_its_answer_are_not_lost(stand) -> None:
-    gw, source, port, sock = stand
+    _, source, port, sock = stand
 
     async def proxy(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await r.readuntil(b"\r\n\r\n")

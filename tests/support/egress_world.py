@@ -309,6 +309,9 @@ def egress_world(tmp: Path, gw_hosts: dict[str, str], px_hosts: dict[str, str]) 
                 proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
         for ns in made:  # deleting a namespace removes its veth ends, addresses and routes with it
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
