@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -152,12 +153,12 @@ def main() -> None:
     nbytes = int(args.gib * 1024**3)
 
     procs: list[subprocess.Popen[str]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="egress-bench-"))
     try:
         server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
         procs.append(server)
         assert server.stdout is not None
         port = int(server.stdout.readline())
-        tmp = Path(tempfile.mkdtemp(prefix="egress-bench-"))
         user, vm = str(uuid.uuid4()), str(uuid.uuid4())
         config = {"run_dir": str(tmp / "run"), "ports": [port], "hosts": {"bench.test": ["127.0.0.1"]},
                   "allow": {"claude_code run": ["bench.test"]},
@@ -204,6 +205,7 @@ def main() -> None:
         for proc in procs:
             proc.kill()
             proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -66,15 +67,16 @@ async def stand(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(relay, "_plain", lambda _writer: False)
     server, port = await upstream_server()
     source = Source()
+    run_dir = Path(f"/tmp/egress-relay-{uuid.uuid4().hex[:8]}")  # short: a Unix socket path has 108 bytes
     gw = EgressGateway(policy=Policy(extra=("up.test",), ports=frozenset({port})),
-                       resolver=Resolver({"up.test": ("127.0.0.1",)}), routes=source,
-                       run_dir=Path(f"/tmp/egress-relay-{uuid.uuid4().hex[:8]}"))
+                       resolver=Resolver({"up.test": ("127.0.0.1",)}), routes=source, run_dir=run_dir)
     ident = Identity(uuid.uuid4(), uuid.uuid4(), "run", "claude_code")
     sock = await gw.attach(ident)
     yield gw, source, port, sock
     await gw.close()
     server.close()
     await server.wait_closed()
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def tunnel(sock: Path, port: int, behind: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
