@@ -13,6 +13,8 @@ apt_install qemu-system-x86 qemu-utils debootstrap e2fsprogs kmod linux-image-cl
 apt_install chromium
 # mkfs.xfs: the reflink clone test makes an XFS image to prove a clone's cost does not grow with the image.
 apt_install xfsprogs
+# The egress namespace tests drive real upstream proxies: tinyproxy (HTTP CONNECT) and dante (SOCKS5).
+apt_install tinyproxy dante-server
 # npm fetches Node and the CLIs from the npm registry; a machine with its own Node already has it.
 command -v npm >/dev/null || apt_install npm
 ensure_venv test

@@ -23,13 +23,13 @@ import structlog
 from polydev.egress.connect import BadRequest, answer, read_connect
 from polydev.egress.limits import Limits, LimitTracker
 from polydev.egress.policy import Policy, Refused
+from polydev.egress.relay import relay
 from polydev.egress.resolve import Resolver
 from polydev.egress.routes import Route, Streams
 from polydev.egress.usage import UsageBook
 
 log = structlog.get_logger(__name__)
 
-CHUNK = 256 * 1024
 _STATUS = {"policy": 403, "identity": 403, "limit": 429, "dns": 502, "upstream": 502}
 
 
@@ -170,23 +170,13 @@ class EgressGateway:
                  reason=exc.reason)
 
     async def _pump(self, ident: Identity, host: str, guest: Streams, upstream: Streams) -> None:
-        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
-            try:
-                while data := await src.read(CHUNK):
-                    dst.write(data)
-                    n = len(data)
-                    self.usage.transferred(ident.user_id, host, n if up else 0, 0 if up else n)
-                    self.limits.charge(ident.user_id, n)
-                    await dst.drain()
-                if dst.can_write_eof():
-                    dst.write_eof()  # half-close: the other direction may still be sending
-            except (ConnectionError, OSError):
-                # One side broke off: end both, so the other direction's read returns instead of waiting on
-                # a peer that will never send again.
-                guest[1].close()
-                upstream[1].close()
+        user, usage, limits = ident.user_id, self.usage, self.limits
+
+        def count(n: int, up: bool) -> None:
+            usage.transferred(user, host, n if up else 0, 0 if up else n)
+            limits.charge(user, n)
 
         try:
-            await asyncio.gather(copy(guest[0], upstream[1], True), copy(upstream[0], guest[1], False))
+            await relay(guest, upstream, count)
         finally:
             upstream[1].close()

@@ -87,5 +87,5 @@ class Policy:
         usable = [ip for ip in addresses if address_refusal(ip, self.refused_networks) is None]
         if not usable:
             reason = address_refusal(addresses[0], self.refused_networks) if addresses else "no address"
-            raise Refused(f"{host} refused: it resolves to {reason}")
+            raise Refused(f"{host} refused: its address {reason}")
         return usable
