@@ -4,6 +4,7 @@ checks, the limits, accounting, a detached VM, and the routes through an upstrea
 from __future__ import annotations
 
 import asyncio
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from polydev.egress.gateway import EgressGateway, Identity
 from polydev.egress.limits import Limits
-from polydev.egress.policy import Policy, address_refusal
+from polydev.egress.policy import Policy, Refused, address_refusal
 from polydev.egress.resolve import Resolver
 from polydev.egress.routes import DirectRoute, Route, route_for
 
@@ -51,6 +52,7 @@ async def stand() -> AsyncIterator[tuple[EgressGateway, Routes, int, Path]]:
     await gw.close()
     server.close()
     await server.wait_closed()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def connect(sock: Path, target: str) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
@@ -203,3 +205,22 @@ async def test_an_unreachable_upstream_proxy_fails_without_falling_back(stand) -
     assert head.startswith(b"HTTP/1.1 502") and b"upstream proxy http://127.0.0.1:1 unreachable" in head
     assert b"pw" not in head
     w.close()
+
+
+async def test_a_proxy_user_reaches_a_name_the_host_cannot_resolve(stand, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's proxy resolves names on its side: a DNS failure on the host is no refusal for a proxy route
+    (the proxy here is down, so the tunnel fails there, not at DNS)."""
+    gw, routes, port, _ = stand
+
+    async def no_dns(host: str) -> list:
+        raise Refused(f"DNS lookup for {host} failed on the host: no such name", kind="dns")
+
+    monkeypatch.setattr(gw.resolver, "_lookup", no_dns)  # no query leaves this machine
+    ident = run_vm()
+    routes.by_user[ident.user_id] = route_for("proxy", proxy_url="http://127.0.0.1:1")
+    gw.policy = Policy(extra=("*.invalid",), ports=frozenset({port}))
+    sock = await gw.attach(ident)
+    head, _, w = await connect(sock, f"nowhere.invalid:{port}")
+    assert head.startswith(b"HTTP/1.1 502") and b"upstream proxy http://127.0.0.1:1 unreachable" in head, head
+    w.close()
+

@@ -153,8 +153,13 @@ class EgressGateway:
         self.policy.check_name(ident.provider, ident.policy_purpose, host, port)
         route, limits = await self.routes.route(ident.user_id)
         pinned = self.resolver.is_pinned(host)
-        addresses = await self.resolver.resolve(host, route.family)
-        if not pinned:  # names the operator pinned are trusted as given (the tests' stand-ins)
+        try:
+            addresses = await self.resolver.resolve(host, route.family)
+        except Refused as exc:
+            if exc.kind != "dns" or not route.names_onward:
+                raise
+            addresses = []  # the user's proxy resolves it, on their side of the world
+        if addresses and not pinned:  # names the operator pinned are trusted as given (the tests' stand-ins)
             addresses = self.policy.check_addresses(host, addresses)
         self.limits.admit(ident.user_id, limits)
         try:

@@ -32,6 +32,9 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 class Route(Protocol):
     family: int  # the address family this route's tunnels use: AF_INET, AF_INET6 or AF_UNSPEC
+    # The route hands the name on (an upstream proxy resolves it): a name the host cannot resolve may still
+    # be reached; one the host resolves is checked all the same.
+    names_onward: bool
 
     def describe(self) -> str: ...
 
@@ -65,6 +68,7 @@ async def _dial(addresses: list[IPAddress], port: int, source: IPAddress | None,
 class DirectRoute:
     source: IPAddress | None = None
     timeout: float = CONNECT_TIMEOUT_S
+    names_onward: bool = False
 
     @property
     def family(self) -> int:
@@ -121,6 +125,7 @@ class HttpProxyRoute:
     proxy: ProxyURL
     timeout: float = CONNECT_TIMEOUT_S
     family: int = socket.AF_UNSPEC
+    names_onward: bool = True
 
     def describe(self) -> str:
         return f"proxy {self.proxy.redacted()}"
@@ -155,6 +160,7 @@ class Socks5Route:
     proxy: ProxyURL
     timeout: float = CONNECT_TIMEOUT_S
     family: int = socket.AF_UNSPEC
+    names_onward: bool = True
 
     def describe(self) -> str:
         return f"proxy {self.proxy.redacted()}"
