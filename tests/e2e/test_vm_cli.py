@@ -93,6 +93,16 @@ def test_doctor_checks_the_tap_modes_needs(env: dict[str, str]) -> None:
     checks = by_name(report)
     assert code == 1 and {"root", "/dev/net/tun", "nft", "ip"} <= set(checks)
     assert checks["network"]["status"] == "fail" and "NETWORK_IP_POOL" in checks["network"]["detail"]
+    assert checks["egress"]["status"] == "warn" and "tap mode" in checks["egress"]["detail"]
+
+
+def test_doctor_reports_the_egress_gateway(env: dict[str, str]) -> None:
+    _, report = doctor(env | {"EGRESS_ADDRESS_POOL": "203.0.113.8/30,2001:db8:7::/64"})
+    egress = by_name(report)["egress"]
+    assert egress["status"] == "ok" and "10.0.2.99:3128" in egress["detail"]
+    assert "203.0.113.8/30,2001:db8:7::/64" in egress["detail"]
+    _, report = doctor(env | {"EGRESS_GATEWAY": "off"})
+    assert by_name(report)["egress"]["status"] == "warn"
 
 
 def test_vm_commands_when_the_server_cannot_run_vms(live_server: LiveServer, env: dict[str, str]) -> None:

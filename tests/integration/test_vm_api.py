@@ -225,6 +225,9 @@ async def test_health_reports_the_engine(vm_api: Api) -> None:
     body = (await vm_api.client.get("/health")).json()
     assert body["vm"] == {"backend": "fake", "available": True, "reason": None, "accel": "tcg",
                           "network_mode": "user", "live_vms": 1, "login_pool": {}}  # (LOGIN_POOL unset)
+    # The stand-in hypervisor forwards no guest anywhere: the gateway is off, and /health says why.
+    assert body["egress"]["status"] == "off"
+    assert body["egress"]["reason"] == "the VM backend does not forward its guests to the gateway"
 
 
 # -- the app's own lifespan ------------------------------------------------------------------------------

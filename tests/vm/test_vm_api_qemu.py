@@ -27,8 +27,11 @@ async def test_api_runs_a_command_in_a_real_vm(tmp_path: Path, test_image: image
         token = (settings.data_dir / "admin.token").read_text().strip()
         h = {"Authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=600) as c:
-            health = (await c.get("/health")).json()["vm"]
+            body = (await c.get("/health")).json()
+            health = body["vm"]
             assert health["available"] is True and health["backend"] == "qemu" and health["accel"]
+            # Out of the box the guests reach the outside through the egress gateway.
+            assert body["egress"]["status"] == "on" and body["egress"]["guest_address"] == "10.0.2.99:3128"
             r = await c.post("/api/vms", json={"purpose": "cli", "ttl_seconds": 600}, headers=h)
             assert r.status_code == 201, r.text
             vm = r.json()

@@ -139,9 +139,27 @@ def directory_checks(settings: Settings) -> list[Check]:
     ]
 
 
+def egress_check(settings: Settings) -> Check:
+    """The egress gateway: whether VMs will reach the outside through it, and with which address pool."""
+    from polydev.vm.forwards import RELAY_MISSING, relay_path
+
+    pool = settings.egress_address_pool.describe() or "none (address mode unavailable)"
+    if settings.egress_gateway == "off":
+        return Check("egress", "warn", "EGRESS_GATEWAY=off: VMs reach only what GUEST_HTTPS_PROXY and "
+                                       "VM_GUEST_FORWARDS give them")
+    if settings.network_mode != "user":
+        return Check("egress", "warn", "the egress gateway serves user networking only for now: in tap mode a "
+                                       "slot's egress is its firewall's")
+    if relay_path() is None:
+        return Check("egress", "fail", RELAY_MISSING)
+    override = f"; GUEST_HTTPS_PROXY={settings.guest_https_proxy} overrides it" if settings.guest_https_proxy else ""
+    return Check("egress", "ok", f"gateway on: guests reach it at {settings.egress_guest_address}; address pool "
+                                 f"{pool}{override}")
+
+
 def run_checks(settings: Settings) -> list[Check]:
     return [backend_check(settings), accel_check(settings), *image_checks(settings), *network_checks(settings),
-            firecracker_check(settings), *directory_checks(settings)]
+            egress_check(settings), firecracker_check(settings), *directory_checks(settings)]
 
 
 def can_run_vms(checks: list[Check]) -> bool:

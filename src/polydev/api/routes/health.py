@@ -33,12 +33,34 @@ class VmComponent(BaseModel):
         "(their URL known) and wanted")
 
 
+class EgressComponent(BaseModel):
+    status: Literal["on", "off"] = Field(description="whether VMs' traffic goes through the egress gateway")
+    reason: str | None = Field(None, description="why it is off")
+    guest_address: str | None = Field(None, description="the gateway as a guest reaches it")
+    attached_vms: int | None = None
+    address_pool: str | None = Field(None, description="EGRESS_ADDRESS_POOL, for users in address mode")
+    sandbox_open: bool | None = None
+    allow_extra: list[str] = Field(default_factory=list, description="EGRESS_ALLOW")
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     version: str
     database: Component
     session_store: Component
     vm: VmComponent
+    egress: EgressComponent
+
+
+def egress_component(services: Services) -> EgressComponent:
+    if services.egress is not None:
+        return EgressComponent.model_validate(services.egress.describe())
+    s = services.settings
+    reason = ("EGRESS_GATEWAY=off" if s.egress_gateway == "off"
+              else "tap network mode: a slot's egress is its firewall's" if s.network_mode != "user"
+              else "this server runs no VM engine" if services.engine is None
+              else "the VM backend does not forward its guests to the gateway")
+    return EgressComponent(status="off", reason=reason)
 
 
 async def vm_component(services: Services) -> VmComponent:
@@ -73,6 +95,7 @@ async def health(services: ServicesDep, response: Response) -> Health:
         database=Component(ok=db_ok, kind=services.db_engine.dialect.name),
         session_store=Component(ok=store_ok, kind=services.session_store.kind),
         vm=await vm_component(services),
+        egress=egress_component(services),
     )
 
 
