@@ -31,6 +31,13 @@ class ApiError(Exception):
         self.extra = extra
 
 
+def from_domain(table: dict[type[Exception], tuple[int, str]], exc: Exception, **extra: Any) -> ApiError:
+    """A service's error as the API's answer: `table` maps its class to (status, code); the message is the
+    error's own text."""
+    status, code = table[type(exc)]
+    return ApiError(status, code, str(exc), **extra)
+
+
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 

@@ -17,12 +17,11 @@ import ipaddress
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 
 from polydev.config.egress import AddressPool
 from polydev.egress.limits import Limits
 from polydev.egress.routes import ProxyURL
-from polydev.store.egress import Egress, EgressRepo, PoolExhausted
+from polydev.store.egress import Delta, Egress, EgressRepo, PoolExhausted
 from polydev.store.models import EGRESS_MODES, EgressUsage, User
 from polydev.store.users import UserRepo
 
@@ -77,20 +76,12 @@ class EgressView:
     effective_limits: dict[str, int]  # the settings' defaults with the overrides applied
 
 
-@dataclass(frozen=True)
-class UsageRow:
-    """One destination host's accounting for one user, all days added up."""
+@dataclass
+class UsageRow(Delta):
+    """One destination host's accounting for one user, all days added up, with the user's name (None: VMs
+    nobody owned yet, i.e. pre-started logins)."""
 
-    user_id: uuid.UUID | None
-    user_name: str | None
-    host: str
-    connections: int
-    bytes_up: int
-    bytes_down: int
-    refusals: int
-    last_refusal: str | None
-    first_seen: datetime
-    last_seen: datetime
+    user_name: str | None = None
 
 
 class EgressAdmin:
@@ -196,5 +187,5 @@ def _check_limits(limits: dict[str, int] | None) -> dict[str, int] | None:
 
 
 def _usage_row(r: EgressUsage, name: str | None) -> UsageRow:
-    return UsageRow(r.user_id, name, r.host, r.connections, r.bytes_up, r.bytes_down, r.refusals, r.last_refusal,
-                    r.first_seen, r.last_seen)
+    return UsageRow(r.user_id, r.host, r.connections, r.bytes_up, r.bytes_down, r.refusals, r.last_refusal,
+                    r.first_seen, r.last_seen, user_name=name)

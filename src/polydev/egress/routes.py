@@ -121,7 +121,9 @@ async def _connect_proxy(proxy: ProxyURL, timeout: float) -> Streams:
 
 
 @dataclass(frozen=True)
-class HttpProxyRoute:
+class _ProxyRoute:
+    """A user's upstream proxy: it is given the name and resolves it on its side."""
+
     proxy: ProxyURL
     timeout: float = CONNECT_TIMEOUT_S
     family: int = socket.AF_UNSPEC
@@ -130,6 +132,9 @@ class HttpProxyRoute:
     def describe(self) -> str:
         return f"proxy {self.proxy.redacted()}"
 
+
+@dataclass(frozen=True)
+class HttpProxyRoute(_ProxyRoute):
     async def open(self, host: str, port: int, addresses: list[IPAddress]) -> Streams:
         reader, writer = await _connect_proxy(self.proxy, self.timeout)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -156,15 +161,7 @@ _SOCKS_ERRORS = {1: "general failure", 2: "not allowed by its rules", 3: "networ
 
 
 @dataclass(frozen=True)
-class Socks5Route:
-    proxy: ProxyURL
-    timeout: float = CONNECT_TIMEOUT_S
-    family: int = socket.AF_UNSPEC
-    names_onward: bool = True
-
-    def describe(self) -> str:
-        return f"proxy {self.proxy.redacted()}"
-
+class Socks5Route(_ProxyRoute):
     async def open(self, host: str, port: int, addresses: list[IPAddress]) -> Streams:
         reader, writer = await _connect_proxy(self.proxy, self.timeout)
         try:

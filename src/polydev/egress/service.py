@@ -19,8 +19,7 @@ from polydev.egress.limits import Limits
 from polydev.egress.policy import Policy, Refused
 from polydev.egress.resolve import Resolver
 from polydev.egress.routes import DirectRoute, Route, route_for
-from polydev.egress.usage import UsageDelta
-from polydev.store.egress import Delta, EgressRepo
+from polydev.store.egress import EgressRepo
 
 log = structlog.get_logger(__name__)
 
@@ -112,7 +111,7 @@ class EgressService:
     async def flush(self) -> None:
         deltas = self.gateway.usage.drain()
         if deltas:
-            await self.repo.record([_delta(d) for d in deltas])
+            await self.repo.record(deltas)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -137,8 +136,3 @@ class EgressService:
         await self.gateway.close()
         with contextlib.suppress(Exception):
             await self.flush()
-
-
-def _delta(d: UsageDelta) -> Delta:
-    return Delta(d.user_id, d.host, d.connections, d.bytes_up, d.bytes_down, d.refusals, d.last_refusal,
-                 d.first_seen, d.last_seen)

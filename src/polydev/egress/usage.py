@@ -5,40 +5,26 @@ costs no database write; /metrics gets totals without a per-user label."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from prometheus_client import Counter
+
+from polydev.store.egress import Delta
 
 TUNNELS = Counter("polydev_egress_tunnels", "CONNECT requests through the egress gateway, by purpose and result",
                   ["purpose", "result"])
 BYTES = Counter("polydev_egress_bytes", "Bytes tunnelled through the egress gateway, by direction", ["direction"])
 
 
-@dataclass
-class UsageDelta:
-    """What happened for one (user, host) since the last drain."""
-
-    user_id: uuid.UUID | None
-    host: str
-    connections: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    refusals: int = 0
-    last_refusal: str | None = None
-    first_seen: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    last_seen: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-
-
 class UsageBook:
     def __init__(self) -> None:
-        self._pending: dict[tuple[uuid.UUID | None, str], UsageDelta] = {}
+        self._pending: dict[tuple[uuid.UUID | None, str], Delta] = {}
 
-    def _row(self, user: uuid.UUID | None, host: str) -> UsageDelta:
+    def _row(self, user: uuid.UUID | None, host: str) -> Delta:
         key = (user, host.lower())
         row = self._pending.get(key)
         if row is None:
-            row = self._pending[key] = UsageDelta(user, host.lower())
+            row = self._pending[key] = Delta(user, host.lower())
         row.last_seen = datetime.now(timezone.utc)
         return row
 
@@ -59,7 +45,7 @@ class UsageBook:
         row.last_refusal = reason
         TUNNELS.labels(purpose, f"refused_{kind}").inc()
 
-    def drain(self) -> list[UsageDelta]:
+    def drain(self) -> list[Delta]:
         """Everything counted since the last drain; the book starts empty again."""
         out, self._pending = list(self._pending.values()), {}
         return out

@@ -11,7 +11,7 @@ import ipaddress
 import json
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from sqlalchemy import func, select
@@ -39,19 +39,20 @@ class Egress:
     limits: dict[str, int]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Delta:
-    """What the gateway counted for one (user, host) since its last flush (polydev.egress.usage)."""
+    """Accounting for one (user, destination host): what the gateway counted since its last flush
+    (polydev.egress.usage), or, read back, all days added up."""
 
     user_id: uuid.UUID | None
     host: str
-    connections: int
-    bytes_up: int
-    bytes_down: int
-    refusals: int
-    last_refusal: str | None
-    first_seen: datetime
-    last_seen: datetime
+    connections: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    refusals: int = 0
+    last_refusal: str | None = None
+    first_seen: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    last_seen: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 def today() -> str:

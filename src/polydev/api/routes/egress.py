@@ -9,13 +9,12 @@ An upstream proxy's URL may hold credentials: it is accepted in a PUT body and n
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from polydev.api.deps import AdminUser, CurrentUser, ServicesDep
-from polydev.api.errors import ApiError
+from polydev.api.errors import ApiError, from_domain
 from polydev.core.egress_admin import (
     AddressPoolExhausted,
     BadEgressFamily,
@@ -31,21 +30,16 @@ from polydev.core.egress_admin import (
 
 router = APIRouter(prefix="/api", tags=["egress"])
 
-# The service's errors as answers: (status, code); the message is the error's own.
-_ERRORS: dict[type[EgressAdminError], tuple[int, str]] = {
-    EgressUserNotFound: (404, "not_found"),
-    BadEgressMode: (422, "bad_egress_mode"),
-    BadEgressFamily: (422, "bad_egress_family"),
-    BadProxyUrl: (422, "bad_proxy_url"),
-    BadEgressLimits: (422, "bad_egress_limits"),
-    NoAddressPool: (422, "no_address_pool"),
+_ERRORS: dict[type[Exception], tuple[int, str]] = {  # the service's errors as answers (api.errors.from_domain)
+    EgressUserNotFound: (404, "not_found"), BadEgressMode: (422, "bad_egress_mode"),
+    BadEgressFamily: (422, "bad_egress_family"), BadProxyUrl: (422, "bad_proxy_url"),
+    BadEgressLimits: (422, "bad_egress_limits"), NoAddressPool: (422, "no_address_pool"),
     AddressPoolExhausted: (409, "address_pool_exhausted"),
 }
 
 
 def api_error(exc: EgressAdminError) -> ApiError:
-    status, code = _ERRORS[type(exc)]
-    return ApiError(status, code, str(exc))
+    return from_domain(_ERRORS, exc)
 
 
 class EgressIn(BaseModel):
@@ -75,25 +69,6 @@ class EgressOut(BaseModel):
     def of(cls, v: EgressView) -> EgressOut:
         return cls(user_id=v.user_id, user_name=v.user_name, mode=v.mode, address=v.address, family=v.family,
                    has_proxy=v.has_proxy, proxy=v.proxy, limits=v.limits, effective_limits=v.effective_limits)
-
-
-class UsageOut(BaseModel):
-    user_id: uuid.UUID | None = Field(description="null: VMs nobody owned yet (pre-started logins)")
-    user_name: str | None
-    host: str
-    connections: int
-    bytes_up: int
-    bytes_down: int
-    refusals: int
-    last_refusal: str | None
-    first_seen: datetime
-    last_seen: datetime
-
-    @classmethod
-    def of(cls, r: UsageRow) -> UsageOut:
-        return cls(user_id=r.user_id, user_name=r.user_name, host=r.host, connections=r.connections,
-                   bytes_up=r.bytes_up, bytes_down=r.bytes_down, refusals=r.refusals, last_refusal=r.last_refusal,
-                   first_seen=r.first_seen, last_seen=r.last_seen)
 
 
 _NOT_FOUND = {404: {"description": "no such user (`not_found`)"}}
@@ -128,12 +103,12 @@ async def set_egress(user_id: uuid.UUID, body: EgressIn, _: AdminUser, services:
     return EgressOut.of(view)
 
 
-@router.get("/egress/usage", response_model=list[UsageOut])
+@router.get("/egress/usage", response_model=list[UsageRow])
 async def usage(user: CurrentUser, services: ServicesDep,
-                all_users: bool = Query(False, alias="all", description="everyone's (admins)")) -> list[UsageOut]:
+                all_users: bool = Query(False, alias="all", description="everyone's (admins)")) -> list[UsageRow]:
     """The gateway's accounting per destination host, most recent first: yours, or everyone's with
     `?all=true` (admins)."""
     if all_users and user.role != "admin":
         raise ApiError(403, "forbidden", "everyone's usage needs an admin token")
     rows = await services.egress_admin.usage(user.id, all_users=all_users)
-    return [UsageOut.of(r) for r in rows]
+    return rows

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from polydev.api.deps import AdminUser, ServicesDep
-from polydev.api.errors import ApiError
+from polydev.api.errors import ApiError, from_domain
 from polydev.core.vm_admin import (
     DEFAULT_EXEC_TIMEOUT_S,
     MAX_OUTPUT_BYTES,
@@ -41,7 +41,7 @@ _UNAVAILABLE = {"description": "this server cannot run VMs (`vm_unavailable`, wi
 _NOT_FOUND = {"description": "no such VM (`not_found`)"}
 
 # The service's errors as answers: (status, code); the message is the error's own.
-_ERRORS: dict[type[VmAdminError], tuple[int, str]] = {
+_ERRORS: dict[type[Exception], tuple[int, str]] = {
     VmUnavailable: (503, "vm_unavailable"),
     VmNoCapacity: (503, "vm_capacity"),
     # 502: the hypervisor, not the request, is what failed.
@@ -55,9 +55,8 @@ _ERRORS: dict[type[VmAdminError], tuple[int, str]] = {
 
 
 def api_error(exc: VmAdminError) -> ApiError:
-    status, code = _ERRORS[type(exc)]
     extra: dict[str, Any] = {"vm_id": str(exc.vm_id)} if exc.vm_id is not None else {}
-    return ApiError(status, code, str(exc), **extra)
+    return from_domain(_ERRORS, exc, **extra)
 
 
 @contextmanager
