@@ -116,6 +116,7 @@ class FakeAdapter:
     credential_files = (CREDS,)
     required_credential_files = (CREDS,)
     api_key_env = "FAKE_API_KEY"
+    egress_hosts = {"run": ("api.fake.test",), "login": ("auth.fake.test",)}
 
     def __init__(self, login_mode: str = "paste", callback_port: int = 0) -> None:
         self.login_mode = login_mode

@@ -185,6 +185,7 @@ class ProviderAdapter(Protocol):
     credential_files: tuple[str, ...]
     required_credential_files: tuple[str, ...]
     api_key_env: str
+    egress_hosts: Mapping[str, tuple[str, ...]]  # per purpose (run, login): the egress allow-list
 
     def login_plan(self, method: LoginMethod, env: GuestEnv) -> LoginPlan: ...
 
