@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,3 +173,19 @@ def create_database(admin_url: str, name: str) -> str:
 
     asyncio.run(create())
     return url.set(database=name).render_as_string(hide_password=False)
+
+
+def serve_connections(server: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+    """Accept on a listening socket in a daemon thread until the socket is closed, handing each connection to
+    `handle` in turn and closing it afterwards: a small scripted peer for a test."""
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                handle(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+

@@ -4,7 +4,6 @@ status; one that did not answer (usably) is an AgentUnreachable, named by what f
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 from polydev.core.errors import describe
 from polydev.core.run_flow import _reason
 from polydev.vm.agent_client import AgentClient, AgentError, AgentUnreachable
-from tests.support.servers import free_port
+from tests.support.servers import free_port, serve_connections
 
 
 @pytest.fixture
@@ -23,18 +22,12 @@ def broken_gzip_agent() -> Iterator[str]:
     server.bind(("127.0.0.1", 0))
     server.listen(4)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n"
-                             b"X-Polydev-Mode: 0644\r\nConnection: close\r\n\r\nnot gzip!")
+    def answer(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n"
+                     b"X-Polydev-Mode: 0644\r\nConnection: close\r\n\r\nnot gzip!")
 
-    threading.Thread(target=serve, daemon=True).start()
+    serve_connections(server, answer)
     yield f"http://127.0.0.1:{server.getsockname()[1]}"
     server.close()
 

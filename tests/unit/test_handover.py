@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from polydev.vm import handover
+from tests.support.servers import serve_connections
 
 
 @pytest.fixture
@@ -22,23 +22,17 @@ def agent() -> Iterator[tuple[int, list[bytes], list[bytes]]]:
     replies: list[bytes] = []
     received: list[bytes] = []
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < 10:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                received.append(data)
-                conn.sendall(replies.pop(0) if replies else b"")
+    def answer(conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < 10:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        received.append(data)
+        conn.sendall(replies.pop(0) if replies else b"")
 
-    threading.Thread(target=serve, daemon=True).start()
+    serve_connections(server, answer)
     yield server.getsockname()[1], replies, received
     server.close()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from polydev.api.app import create_app
 from polydev.vm import images
 from tests.support.app import make_settings
+from tests.support.servers import serve_connections
 
 pytest_plugins = ["tests.support.vm_fixtures"]
 
@@ -51,17 +51,11 @@ def echo_stand_in() -> Iterator[None]:
         pytest.skip("binding port 443 on loopback needs root")
     server.listen(8)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                data = conn.recv(100)
-                conn.sendall(b"echo: " + data)
+    def echo(conn: socket.socket) -> None:
+        data = conn.recv(100)
+        conn.sendall(b"echo: " + data)
 
-    threading.Thread(target=serve, daemon=True).start()
+    serve_connections(server, echo)
     yield
     server.close()
 
