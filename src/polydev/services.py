@@ -8,10 +8,10 @@ CLI commands that work on the store use `open_services` and never touch VMs.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -166,7 +166,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
     svc.vm_admin = VmAdmin(svc.engine_or_reason, default_ttl=timedelta(seconds=settings.vm_ttl_seconds))
     svc.egress_admin = EgressAdmin(
         EgressRepo(factory, svc.credentials), svc.users, settings.egress_address_pool,
-        Limits(settings.egress_limit_concurrent, settings.egress_limit_per_minute, settings.egress_limit_bytes_per_day),
+        Limits.from_settings(settings),
         # A change applies to the gateway's next tunnel, not after its route cache expires.
         on_change=lambda user_id: svc.egress.routes.forget(user_id) if svc.egress is not None else None)
     return svc

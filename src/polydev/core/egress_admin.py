@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from polydev.config.egress import AddressPool
-from polydev.egress.limits import Limits
+from polydev.egress.limits import NAMES, Limits
 from polydev.egress.routes import ProxyURL
 from polydev.store.egress import Delta, Egress, EgressRepo, PoolExhausted
 from polydev.store.models import EGRESS_MODES, EgressUsage, User
 from polydev.store.users import UserRepo
 
-LIMIT_NAMES = ("concurrent", "per_minute", "bytes_per_day")
+LIMIT_NAMES = NAMES
 _LIMIT_MIN = {"concurrent": 1, "per_minute": 1, "bytes_per_day": 0}
 
 

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from polydev.config import Settings
 from polydev.egress.policy import Refused
 
 WINDOW_S = 60.0
+NAMES = ("concurrent", "per_minute", "bytes_per_day")  # the limits, as settings and per-user overrides name them
 
 
 @dataclass(frozen=True)
@@ -26,9 +28,15 @@ class Limits:
     per_minute: int = 600
     bytes_per_day: int = 20 * 1024**3
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """The defaults every user has unless an admin overrides them (EGRESS_LIMIT_*)."""
+        return cls(settings.egress_limit_concurrent, settings.egress_limit_per_minute,
+                   settings.egress_limit_bytes_per_day)
+
     def merged(self, overrides: dict[str, int] | None) -> Limits:
         """These limits with a user's overrides (keys: concurrent, per_minute, bytes_per_day) applied."""
-        known = {k: int(v) for k, v in (overrides or {}).items() if k in ("concurrent", "per_minute", "bytes_per_day")}
+        known = {k: int(v) for k, v in (overrides or {}).items() if k in NAMES}
         return Limits(**{**self.__dict__, **known})
 
 

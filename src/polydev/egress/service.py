@@ -94,9 +94,7 @@ class EgressService:
                  provider_hosts: Mapping[str, Mapping[str, tuple[str, ...]]], run_dir: Path) -> None:
         self.settings = settings
         self.repo = repo
-        limits = Limits(settings.egress_limit_concurrent, settings.egress_limit_per_minute,
-                        settings.egress_limit_bytes_per_day)
-        self.routes = UserRoutes(repo, limits)
+        self.routes = UserRoutes(repo, Limits.from_settings(settings))
         self.gateway = EgressGateway(policy=build_policy(settings, provider_hosts),
                                      resolver=Resolver({k: tuple(v) for k, v in settings.egress_hosts.items()}),
                                      routes=self.routes, run_dir=run_dir)
