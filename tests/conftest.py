@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,6 +14,10 @@ from polydev.config import Settings
 from polydev.services import Services, open_services
 from tests.support import servers
 from tests.support.app import Api, make_settings
+
+# A closed world: every gateway a test starts (in process or as a server process, which inherits this) answers
+# only the names the test pinned in EGRESS_HOSTS and asks no DNS server anything.
+os.environ.setdefault("EGRESS_RESOLVE", "pinned")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ CLI commands that work on the store use `open_services` and never touch VMs.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -102,11 +102,14 @@ class Services:
         base = s.provider_api_base_urls.get(provider)
         no_proxy = self.guest_paths.no_proxy
         host = urlparse(base).hostname if base else None
-        if host and host not in no_proxy.split(","):
-            no_proxy += f",{host}"  # an overridden API is reached directly, not through the proxy
+        forwarded = {str(f.guest_ip) for f in s.vm_guest_forwards}
+        if host in forwarded and host not in no_proxy.split(","):
+            # An API overridden onto a guest forward is reached directly; any other override goes through
+            # the proxy (the gateway lets its host through for that provider: egress_hosts below).
+            no_proxy += f",{host}"
         proxy = s.guest_https_proxy  # the operator's override wins over the gateway
         if proxy is None and self.egress is not None:
-            proxy = f"http://{s.egress_guest_address}"
+            proxy = f"http://{self.egress.guest_address}"
         return replace(self.guest_paths, https_proxy=proxy, no_proxy=no_proxy,
                        ca_cert_path=GUEST_CA_PATH if s.guest_ca_cert_file else None, api_base_url=base)
 
@@ -177,7 +180,7 @@ def slot_network(settings: Settings) -> SlotNetwork:
     on the machine; slots are made per VM."""
     from polydev.vm.backends import BackendUnavailable
     from polydev.vm.engine import engine_tag
-    from polydev.vm.network import NetworkError, SlotNetwork
+    from polydev.vm.network import EGRESS_PORT, NetworkError, SlotNetwork
 
     if os.geteuid() != 0:
         raise BackendUnavailable("NETWORK_MODE=tap needs root (network namespaces, TAPs, nftables); "
@@ -186,7 +189,8 @@ def slot_network(settings: Settings) -> SlotNetwork:
         # The prefix carries the engine's tag, so a second Polydev on this machine (another data directory,
         # a test run) never reclaims this one's slots: reclaim removes every slot with its prefix.
         return SlotNetwork(settings.network_ip_pool_start, settings.network_ip_pool_end,
-                           prefix="p" + engine_tag(settings.data_dir)[:5])
+                           prefix="p" + engine_tag(settings.data_dir)[:5],
+                           egress_port=EGRESS_PORT if settings.egress_gateway == "on" else None)
     except (NetworkError, ValueError) as exc:
         raise BackendUnavailable(f"bad NETWORK_IP_POOL_START..END: {exc}") from None
 
@@ -201,8 +205,11 @@ def build_vm_engine(services: Services, backend_factory: BackendFactory | None =
     s = services.settings
     network = slot_network(s) if s.network_mode == "tap" else None
     backend = (backend_factory or create_backend)(s)
-    if s.egress_gateway == "on" and network is None and backend.describe().egress_guest_address:
-        services.egress = services.egress or build_egress(services)
+    # The gateway's address as the guests see it: the slots' (tap), or the one QEMU's user networking
+    # forwards to each VM's own socket; none (Firecracker without slots) means no gateway to reach.
+    guest_address = network.egress_guest_address if network is not None else backend.describe().egress_guest_address
+    if s.egress_gateway == "on" and guest_address:
+        services.egress = services.egress or build_egress(services, guest_address)
     return VMEngine(backend=backend, vms=VmRepo(services.factory), cleanup=CleanupTaskRepo(services.factory),
                     leases=LeaseRepo(services.factory), data_dir=s.data_dir, network=network,
                     vcpus={"cli": s.vm_cli_vcpu, "browser": s.vm_browser_vcpu},
@@ -212,7 +219,7 @@ def build_vm_engine(services: Services, backend_factory: BackendFactory | None =
                     egress=services.egress.hook if services.egress is not None else None)
 
 
-def build_egress(services: Services) -> EgressService:
+def build_egress(services: Services, guest_address: str | None = None) -> EgressService:
     """The egress gateway for this server's VMs; its sockets live in a short runtime directory (a Unix
     socket path has 108 bytes at most), named for the data directory like the engine's processes."""
     import tempfile
@@ -224,7 +231,20 @@ def build_egress(services: Services) -> EgressService:
     s = services.settings
     run_dir = Path(tempfile.gettempdir()) / f"polydev-egress-{engine_tag(s.data_dir)[:10]}"
     return EgressService(s, EgressRepo(services.factory, services.credentials),
-                         {name: adapter.egress_hosts for name, adapter in ADAPTERS.items()}, run_dir)
+                         {name: egress_hosts(adapter.egress_hosts, s.provider_api_base_urls.get(name))
+                          for name, adapter in ADAPTERS.items()}, run_dir,
+                         guest_address=guest_address or s.egress_guest_address)
+
+
+def egress_hosts(hosts: Mapping[str, tuple[str, ...]], api_base_url: str | None) -> dict[str, tuple[str, ...]]:
+    """A provider's allow-list per purpose, with the host of its API base-URL override (PROVIDER_API_BASE_URLS)
+    added to every purpose: the operator sent the CLI there."""
+    from urllib.parse import urlparse
+
+    extra = urlparse(api_base_url).hostname if api_base_url else None
+    if not extra:
+        return dict(hosts)
+    return {purpose: names if extra in names else (*names, extra) for purpose, names in hosts.items()}
 
 
 async def start_vm_engine(services: Services, backend_factory: BackendFactory | None = None) -> None:

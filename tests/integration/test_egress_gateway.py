@@ -224,3 +224,22 @@ async def test_a_proxy_user_reaches_a_name_the_host_cannot_resolve(stand, monkey
     assert head.startswith(b"HTTP/1.1 502") and b"upstream proxy http://127.0.0.1:1 unreachable" in head, head
     w.close()
 
+
+
+async def test_pinned_resolution_answers_only_the_pins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EGRESS_RESOLVE=pinned: the pinned names and their addresses, nothing else, and no DNS query asked."""
+    import ipaddress
+
+    resolver = Resolver({"api.stand.test": ("203.0.113.10",)}, only_pinned=True)
+
+    async def asked(host: str) -> list:
+        raise AssertionError(f"a DNS query for {host} was made")
+
+    monkeypatch.setattr(resolver, "_lookup", asked)
+    assert await resolver.resolve("API.stand.test.") == [ipaddress.ip_address("203.0.113.10")]
+    assert await resolver.resolve("203.0.113.10") == [ipaddress.ip_address("203.0.113.10")]
+    for host, said in (("example.com", "DNS lookup for example.com refused: EGRESS_RESOLVE=pinned"),
+                       ("93.184.216.34", "93.184.216.34 refused: EGRESS_RESOLVE=pinned")):
+        with pytest.raises(Refused) as caught:
+            await resolver.resolve(host)
+        assert str(caught.value).startswith(said) and caught.value.kind == "dns"

@@ -13,6 +13,7 @@ from pyroute2 import NetNS, netns
 
 from polydev.vm import network as net
 from polydev.vm.network import EgressPolicy, EgressRule, NetworkError, SlotNetwork
+from tests.support.egress_probe import CONNECT_PROBE
 from tests.support.netns import (
     HOST_SERVICE_IP,
     POOL,
@@ -134,3 +135,81 @@ def test_create_over_a_crash_leftover(slots: SlotNetwork) -> None:
 def test_slot_outside_the_pool_is_refused(slots: SlotNetwork) -> None:
     with pytest.raises(NetworkError, match="outside the pool"):
         slots.create(slots.capacity)
+
+
+
+
+async def test_the_gateway_knows_a_tap_vm_by_its_slots_listener(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Tap mode: each guest's proxy address (GATEWAY_IP:EGRESS_PORT, the same in every slot) reaches its own
+    slot's listener, so its tunnels are its own VM's; a guest cannot reach another slot's listener, a
+    connection from anywhere but the slot is refused, and a detached VM reaches nothing."""
+    import asyncio
+    import subprocess
+    import sys
+    import uuid
+
+    from polydev.egress.gateway import EgressGateway, Identity
+    from polydev.egress.limits import Limits
+    from polydev.egress.policy import Policy
+    from polydev.egress.resolve import Resolver
+    from polydev.egress.routes import DirectRoute
+
+    class Routes:
+        async def route(self, user_id: uuid.UUID | None) -> tuple[DirectRoute, Limits]:
+            return DirectRoute(), Limits()
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"echo " + await reader.readline())
+        await writer.drain()
+        writer.close()
+
+    def through(ns: str, ip: str, target: str) -> str:
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CONNECT_PROBE, ip,
+                              str(net.EGRESS_PORT), target], capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().replace("\n", " / ")
+
+    require_root_netns()
+    upstream = await asyncio.start_server(echo, "127.0.0.1", 0)  # where the gateway's tunnels go (its own netns)
+    port = upstream.sockets[0].getsockname()[1]
+    gw = EgressGateway(policy=Policy(extra=("api.stand.test",), ports=frozenset({port})),
+                       resolver=Resolver({"api.stand.test": ("127.0.0.1",)}), routes=Routes(), run_dir=tmp_path)
+    with host_namespace() as prefix:
+        slots = SlotNetwork(*POOL, prefix=prefix, host_netns=f"{prefix}-host", egress_port=net.EGRESS_PORT)
+        try:
+            a = await asyncio.to_thread(slots.create, 0, guest="emulated")
+            b = await asyncio.to_thread(slots.create, 1, guest="emulated")
+            assert a.guest_netns and b.guest_netns
+            users = {a.index: uuid.uuid4(), b.index: uuid.uuid4()}
+            vms = {a.index: uuid.uuid4(), b.index: uuid.uuid4()}
+            for slot in (a, b):
+                path = await gw.attach(Identity(vms[slot.index], users[slot.index], "run", "claude_code"),
+                                       listener=slots.listen(slot), peer=slot.ns_ip)
+                assert path is None
+            target = f"api.stand.test:{port}"
+            assert await asyncio.to_thread(through, a.guest_netns, net.GATEWAY_IP, target) == \
+                "HTTP/1.1 200 Connection Established / echo ping from the guest"
+            b_after = await asyncio.to_thread(through, b.guest_netns, net.GATEWAY_IP, target)
+            assert b_after.endswith("echo ping from the guest"), b_after
+            refused = await asyncio.to_thread(through, a.guest_netns, net.GATEWAY_IP, f"other.test:{port}")
+            assert refused.startswith("HTTP/1.1 403"), refused
+            # Each tunnel is its own VM's user's, and the refusal A's.
+            book = {(d.user_id, d.host): d for d in gw.usage.drain()}
+            assert book[(users[a.index], "api.stand.test")].connections == 1
+            assert book[(users[b.index], "api.stand.test")].connections == 1
+            assert book[(users[a.index], "other.test")].refusals == 1
+            assert gw.last_refusal(vms[a.index]) is not None and gw.last_refusal(vms[b.index]) is None
+            # A's guest cannot reach B's listener (nor its own host end) by address: only its proxy address.
+            assert await asyncio.to_thread(through, a.guest_netns, b.host_ip, target) == "fail TimeoutError"
+            # From the host side (not the slot's address), A's listener answers no tunnel.
+            from_host = await asyncio.to_thread(through, f"{prefix}-host", a.host_ip, target)
+            assert from_host == "HTTP/1.1 403 Forbidden | this listener belongs to another VM", from_host
+            # A detached VM reaches nothing.
+            await gw.detach(vms[a.index])
+            gone = await asyncio.to_thread(through, a.guest_netns, net.GATEWAY_IP, target)
+            assert gone.startswith("fail"), gone
+            b_after = await asyncio.to_thread(through, b.guest_netns, net.GATEWAY_IP, target)
+            assert b_after.endswith("echo ping from the guest"), b_after
+        finally:
+            await gw.close()
+            upstream.close()
+            await asyncio.to_thread(slots.reclaim, [])

@@ -37,7 +37,7 @@ class ProxyLog:
             return [c.rsplit(":", 1)[0] for c in self.connects]
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError):  # peer went away
             while True:
@@ -50,6 +50,10 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         with contextlib.suppress(OSError, RuntimeError):
             if writer.can_write_eof():
                 writer.write_eof()
+            else:
+                # TLS has no half-close: the client learns of the end (e.g. the upstream closing an idle
+                # keep-alive connection) only from the close, and must not send its next request into it.
+                writer.close()
 
 
 class ConnectProxy:
@@ -77,25 +81,7 @@ class ConnectProxy:
         assert task is not None
         self._conns.add(task)
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            method, target, _ = request_line.split(" ", 2)
-            if method.upper() == "CONNECT":
-                self.log.add(target)
-                host = target.rsplit(":", 1)[0].strip("[]")
-                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                await writer.drain()
-                await writer.start_tls(self.ca.server_context(host))
-                first = b""
-            else:
-                # absolute-form plain-HTTP proxy request: pass it on as it is (the app reads Host).
-                self.log.add(target)
-                first = head
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-            if first:
-                up_writer.write(first)
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-            up_writer.close()
+            await self._serve(reader, writer)
         except asyncio.CancelledError:
             # closing: end quietly (a cancelled handler task makes asyncio's stream callback log a traceback)
             self.log.error("cancelled")
@@ -105,3 +91,26 @@ class ConnectProxy:
             with contextlib.suppress(Exception):
                 writer.close()
             self._conns.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        method, target, _ = request_line.split(" ", 2)
+        self.log.add(target)
+        if method.upper() == "CONNECT":
+            host = target.rsplit(":", 1)[0].strip("[]")
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await writer.drain()
+            await writer.start_tls(self.ca.server_context(host))
+            await self._to_upstream(reader, writer)
+        else:
+            # absolute-form plain-HTTP proxy request: pass it on as it is (the app reads Host).
+            await self._to_upstream(reader, writer, head)
+
+    async def _to_upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           first: bytes = b"") -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        if first:
+            up_writer.write(first)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        up_writer.close()

@@ -1,11 +1,13 @@
-"""The stand-ins for real VMs: served on the host's loopback, reached by the guests only through
-VM_GUEST_FORWARDS (QEMU user networking with restrict=on + guestfwd), never through a route out.
+"""The stand-ins for real VMs, reached by the guests through the egress gateway and nothing else.
 
     with VmStandins(tmp / "standins") as si:
-        settings = Settings(**si.settings(), ...)   # forwards, proxy, CA, API base URLs for all three CLIs
+        settings = Settings(**si.settings(), ...)   # pins, CA, Codex's API base URL
 
-Inside a guest, 10.0.2.100:3128 is the CONNECT proxy (TLS terminated with the test CA, token endpoints
-answered by the OAuth stand-in) and http://10.0.2.101 the model API stand-in.
+The guests keep QEMU user networking with restrict=on and no forwards of the tests' making: their CLIs (and
+the login Chromium) use the gateway as their proxy, as on any server. The settings pin every provider host
+(EGRESS_HOSTS) to the TLS front (tests/standins/front.py) on a loopback address of its own, which presents a
+certificate from the test CA (GUEST_CA_CERT_FILE) and hands the model calls to the API stand-in and the rest
+to the OAuth stand-in. With EGRESS_RESOLVE=pinned nothing else resolves: no DNS query leaves the host.
 """
 
 from __future__ import annotations
@@ -14,42 +16,46 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
+from polydev.providers import ADAPTERS
 from tests.standins import api, oauth
-from tests.standins.proxy import ConnectProxy
+from tests.standins.front import FRONT_ADDRESS, TlsFront, front_app
 from tests.standins.server import StandinLoop
 from tests.standins.tls import TestCA
 
-PROXY_GUEST = "10.0.2.100:3128"
-API_GUEST = "10.0.2.101:80"
 PROVIDERS = ("claude_code", "codex", "gemini_cli")
+# Codex signed in with ChatGPT calls chatgpt.com's backend by default, which the API stand-in does not play:
+# its runs are sent to the Responses API under its real name (a host on Codex's allow-list).
+API_BASE_URLS = {"codex": "https://api.openai.com"}
+
+
+def provider_hosts() -> set[str]:
+    """Every host a provider's login or run may reach (providers/catalog.toml)."""
+    return {host for adapter in ADAPTERS.values() for hosts in adapter.egress_hosts.values() for host in hosts}
 
 
 class VmStandins:
     def __init__(self, workdir: Path, script: api.Script | None = None,
                  oauth_app: Callable[[oauth.OAuthState], Any] = oauth.create_app) -> None:
-        """`oauth_app` builds the ASGI app the proxy hands everything to (e.g. tests/standins/signin.py's
-        provider sign-in pages in front of the OAuth stand-in)."""
+        """`oauth_app` builds the ASGI app behind the front for everything but the model calls (e.g.
+        tests/standins/signin.py's provider sign-in pages in front of the OAuth stand-in)."""
         self.loop = StandinLoop(None)
         try:
             self.api = api.StandinState(script)
-            self.api_port = self.loop.serve_asgi(api.create_app(self.api), "127.0.0.1", 0)
             self.oauth = oauth.OAuthState()
             self.oauth_app = oauth_app(self.oauth)
-            oauth_port = self.loop.serve_asgi(self.oauth_app, "127.0.0.1", 0)
+            port = self.loop.serve_asgi(front_app(api.create_app(self.api), self.oauth_app), "127.0.0.1", 0)
             self.ca = TestCA(Path(workdir) / "ca")
-            self.proxy = ConnectProxy(self.ca, "127.0.0.1", oauth_port)
-            self.proxy_port = self.loop.run(self.proxy.start("127.0.0.1", 0))
-            self.loop.add_closer(self.proxy.close)
+            self.front = TlsFront(self.ca, "127.0.0.1", port)
+            self.loop.run(self.front.start())
+            self.loop.add_closer(self.front.close)
         except BaseException:
             self.loop.close()
             raise
 
     def settings(self) -> dict[str, Any]:
-        """The settings that wire every guest to these stand-ins and to nothing else."""
-        api_url = f"http://{API_GUEST.removesuffix(':80')}"
-        return {"vm_guest_forwards": f"{PROXY_GUEST}=127.0.0.1:{self.proxy_port},{API_GUEST}=127.0.0.1:{self.api_port}",
-                "guest_https_proxy": f"http://{PROXY_GUEST}", "guest_ca_cert_file": self.ca.cert_path,
-                "provider_api_base_urls": {p: api_url for p in PROVIDERS}}
+        """The settings that wire every guest, through the gateway, to these stand-ins and to nothing else."""
+        return {"egress_hosts": {host: [FRONT_ADDRESS] for host in sorted(provider_hosts())}, "egress_resolve": "pinned",
+                "guest_ca_cert_file": self.ca.cert_path, "provider_api_base_urls": dict(API_BASE_URLS)}
 
     def close(self) -> None:
         self.loop.close()

@@ -1,5 +1,5 @@
 """A `polydev serve` process booting real VMs on the `full` image (Xtigervnc + Chromium for logins), wired
-to the stand-ins the way an operator would wire a proxy (tests/standins/vm.py), with the providers' sign-in
+to the stand-ins through the egress gateway (tests/standins/vm.py), with the providers' sign-in
 pages in front of the OAuth stand-in (tests/standins/signin.py) so the VM's Chromium has a page to show
 and a button to click. Shared by tests/vm/test_dashboard_vm.py and bench/login_visible.py."""
 
@@ -38,7 +38,9 @@ def full_image_missing() -> str | None:
         return "POLYDEV_SKIP_VM_TESTS=1 or POLYDEV_SKIP_FULL_IMAGE=1"
     for tool in ("qemu-system-x86_64", "qemu-img", "socat"):
         if shutil.which(tool) is None:
-            return f"{tool} is not installed (VM tests need QEMU, and socat for VM_GUEST_FORWARDS)"
+            return f"{tool} is not installed (VM tests need QEMU, and socat for the egress gateway's forward)"
+    if os.geteuid() != 0:
+        return "the stand-ins' TLS front listens on port 443 of a loopback address, which needs root"
     try:
         images.ensure(Settings().cache_dir, "full",
                       lambda stage, line: print(f"[image {stage}] {line}", file=sys.stderr))

@@ -75,6 +75,8 @@ def test_login_in_the_canvas_then_a_run(stand: VmStand, browser: Browser) -> Non
         wait_for_colour(page, BUTTON_RGB, 10000, WAIT_MS)  # drawn down to its button
         expect(status).to_have_attribute("data-status", "awaiting_user_auth")
         assert canvas_colours(page) > 2
+        # The VM's Chromium got the page through the egress gateway (its only way out) from the sign-in host.
+        assert "claude.com" in stand.standins.front.log.hosts()
         # The canvas's own pixels, and the viewport as it is: a full-page or element screenshot resizes or
         # scrolls the page under noVNC, after which clicks in the canvas were seen not to reach the VM.
         png = page.evaluate("document.querySelector('.vnc canvas').toDataURL('image/png')")

@@ -17,28 +17,13 @@ import pytest
 from polydev.api.app import create_app
 from polydev.vm import images
 from tests.support.app import make_settings
+from tests.support.egress_probe import CONNECT_PROBE, PING
 from tests.support.servers import serve_connections
 
 pytest_plugins = ["tests.support.vm_fixtures"]
 
 STAND_IN = ("127.0.0.57", 443)  # a loopback address of its own: port 443 is the one the gateway dials
 
-# Runs in the guest: CONNECT through the gateway's guest address, then a line through the tunnel.
-_GUEST = r"""
-import socket, sys
-s = socket.create_connection(("10.0.2.99", 3128), timeout=30)
-s.sendall(f"CONNECT {sys.argv[1]}:443 HTTP/1.1\r\nHost: {sys.argv[1]}:443\r\n\r\n".encode())
-head = b""
-while b"\r\n\r\n" not in head:
-    chunk = s.recv(4096)
-    if not chunk:
-        break
-    head += chunk
-print(head.split(b"\r\n")[0].decode(), "|", head.decode("latin-1").split("X-Polydev-Egress: ")[-1].split("\r\n")[0])
-if head.startswith(b"HTTP/1.1 200"):
-    s.sendall(b"ping from the guest\n")
-    print(s.recv(100).decode().strip())
-"""
 
 
 @pytest.fixture
@@ -77,10 +62,11 @@ async def test_a_guest_reaches_an_allowed_host_through_the_gateway_only(tmp_path
         assert socket_path.exists()
         engine.label(vm.id, purpose="run", provider="claude_code")
         with engine.agent(vm.id, timeout=120) as agent:  # (synchronous: in a thread, the gateway shares this loop)
-            allowed = await asyncio.to_thread(agent.exec, ["python3", "-c", _GUEST, "api.stand.test"])
-            refused = await asyncio.to_thread(agent.exec, ["python3", "-c", _GUEST, "evil.example"])
+            allowed, refused = [await asyncio.to_thread(agent.exec, ["python3", "-c", CONNECT_PROBE, "10.0.2.99",
+                                                                     "3128", f"{name}:443"])
+                                for name in ("api.stand.test", "evil.example")]
         lines = allowed.stdout.decode().splitlines()
-        assert lines[0].startswith("HTTP/1.1 200") and lines[1] == "echo: ping from the guest", allowed
+        assert lines[0] == "HTTP/1.1 200 Connection Established" and lines[1] == "echo: ping from the guest", allowed
         assert refused.stdout.decode().startswith("HTTP/1.1 403"), refused
         assert "evil.example refused: not on the allow-list for claude_code runs" in refused.stdout.decode()
         assert engine.egress_refusal(vm.id) == "evil.example refused: not on the allow-list for claude_code runs"
@@ -88,7 +74,7 @@ async def test_a_guest_reaches_an_allowed_host_through_the_gateway_only(tmp_path
         await services.egress.flush()  # (the service flushes every few seconds by itself; now, for the test)
         usage = {u.host: u for u in await services.egress.repo.usage(user)}
         assert usage["api.stand.test"].connections == 1
-        assert usage["api.stand.test"].bytes_up == len(b"ping from the guest\n")
+        assert usage["api.stand.test"].bytes_up == len(PING)
         assert usage["evil.example"].refusals == 1
         await engine.destroy(vm.id)
         assert not socket_path.exists()

@@ -8,10 +8,17 @@ import asyncio
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
+from polydev.egress.gateway import EgressGateway
+from polydev.egress.limits import Limits
+from polydev.egress.policy import Policy
+from polydev.egress.resolve import Resolver
+from polydev.egress.routes import DirectRoute
+from polydev.egress.service import EngineHook
 from polydev.services import Services
 from polydev.store.leases import LeaseRepo
 from polydev.store.vms import CleanupTaskRepo, VmRepo
@@ -20,6 +27,7 @@ from polydev.vm import network as net
 from polydev.vm.backends.qemu.backend import QemuBackend
 from polydev.vm.engine import VMEngine, find_marked_processes
 from polydev.vm.network import SlotNetwork
+from tests.support.egress_probe import CONNECT_PROBE
 from tests.support.netns import (
     HOST_SERVICE_IP,
     POOL,
@@ -54,20 +62,46 @@ def database_url(tmp_path) -> str:  # type: ignore[no-untyped-def]
     return f"sqlite:///{tmp_path / 'polydev.db'}"
 
 
+class Routes:
+    async def route(self, user_id: uuid.UUID | None) -> tuple[DirectRoute, Limits]:
+        return DirectRoute(), Limits()
+
+
 @pytest.fixture
-async def tap_engine(services: Services, test_image: images.Image) -> AsyncIterator[tuple[VMEngine, str]]:
+async def echo_port() -> AsyncIterator[int]:
+    """Where the egress gateway's tunnels go: an echo server on the test process's own loopback."""
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"echo " + await reader.readline())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+@pytest.fixture
+async def tap_engine(services: Services, test_image: images.Image,
+                     echo_port: int) -> AsyncIterator[tuple[VMEngine, str]]:
     require_root_netns()
+    gateway = EgressGateway(policy=Policy(extra=("api.stand.test",), ports=frozenset({echo_port})),
+                            resolver=Resolver({"api.stand.test": ("127.0.0.1",)}), routes=Routes(),
+                            run_dir=services.settings.data_dir / "egress")
     with host_namespace() as prefix:
-        network = SlotNetwork(*POOL, prefix=prefix, host_netns=f"{prefix}-host")
+        network = SlotNetwork(*POOL, prefix=prefix, host_netns=f"{prefix}-host", egress_port=net.EGRESS_PORT)
         eng = VMEngine(backend=QemuBackend(test_image, services.settings.data_dir / "snapshots"),
                        vms=VmRepo(services.factory), cleanup=CleanupTaskRepo(services.factory),
                        leases=LeaseRepo(services.factory), data_dir=services.settings.data_dir, network=network,
-                       vcpus={"cli": 1, "browser": 1}, memory_mb={"cli": 1024, "browser": 1024})
+                       vcpus={"cli": 1, "browser": 1}, memory_mb={"cli": 1024, "browser": 1024},
+                       egress=EngineHook(gateway))
         try:
             yield eng, f"{prefix}-host"
         finally:
             await eng.close()
             await eng.reconcile()
+            await gateway.close()
+
+
 
 
 def call(host: str, url: str, token: str, args: object) -> dict:  # type: ignore[type-arg]
@@ -79,7 +113,7 @@ def call(host: str, url: str, token: str, args: object) -> dict:  # type: ignore
     return json.loads(result.stdout)
 
 
-async def test_tap_mode_vms_are_reachable_and_isolated(tap_engine: tuple[VMEngine, str]) -> None:
+async def test_tap_mode_vms_are_reachable_and_isolated(tap_engine: tuple[VMEngine, str], echo_port: int) -> None:
     engine, host = tap_engine
     a, b = await asyncio.gather(engine.create(None, "cli"), engine.create(None, "cli"))
     assert {a.slot_index, b.slot_index} == {0, 1}
@@ -120,6 +154,18 @@ async def test_tap_mode_vms_are_reachable_and_isolated(tap_engine: tuple[VMEngin
         # The probe itself works: inside VM A, its own agent port answers.
         out = call(host, url, token, ["python3", "-c", _TRY, net.GUEST_IP, str(net.AGENT_PORT)])
         assert out["exit"] == 0
+        # Each VM's proxy address (the same in every guest) reaches the egress gateway as that VM: its
+        # slot DNATs it to the listener at its own host end. (In a thread: the gateway serves on this loop.)
+        engine.label(a.id, purpose="run", provider="claude_code")
+        engine.label(b.id, purpose="run", provider="claude_code")
+        gateway = engine.egress.gateway  # type: ignore[union-attr]
+        for vm in (a, b):
+            url, token = ends[vm.id]
+            out = await asyncio.to_thread(call, host, url, token, [
+                "python3", "-c", CONNECT_PROBE, net.GATEWAY_IP, str(net.EGRESS_PORT), f"api.stand.test:{echo_port}"])
+            assert out["exit"] == 0 and out["out"].splitlines() == ["HTTP/1.1 200 Connection Established",
+                                                            "echo ping from the guest"], out
+        assert {d.host for d in gateway.usage.drain()} == {"api.stand.test"}
     finally:
         listener.close()
     for vm in (a, b):

@@ -1,10 +1,11 @@
 """The provider flows end to end: the real Claude Code, Codex and Gemini CLIs in real QEMU VMs (the `test`
 image), driven through the API, against the stand-ins (tests/standins) served on the host's loopback.
 
-The guests reach the stand-ins only through VM_GUEST_FORWARDS (QEMU user networking with restrict=on):
-10.0.2.100:3128 is the CONNECT proxy that terminates TLS with a test CA and hands the token endpoints to the
-OAuth stand-in, 10.0.2.101:80 the model API stand-in. The app is configured the way an operator would:
-GUEST_HTTPS_PROXY, GUEST_CA_CERT_FILE and PROVIDER_API_BASE_URLS.
+The guests reach the stand-ins only through the egress gateway, as on any server (QEMU user networking with
+restrict=on, the CLIs' proxy the gateway's guest address, no proxy or forward of the tests' making): every
+provider host is pinned (EGRESS_HOSTS) to a TLS front on the host's loopback that presents the test CA's
+certificate for the name asked and hands the model calls to the API stand-in, the rest to the OAuth stand-in
+(tests/standins/vm.py). Each user's tunnels are in the gateway's accounting; nothing may be refused.
 
 For each provider: a login played as the user (the URL the CLI asked to open — caught by the `$BROWSER` hook,
 or for Claude the paste-code variant it prints — → a code the OAuth stand-in accepts and the URL's `state`,
@@ -41,7 +42,7 @@ from polydev.vm import images
 from polydev.vm.engine import find_marked_processes
 from tests.standins import api as standin_api
 from tests.standins import clis, oauth
-from tests.standins.proxy import ConnectProxy
+from tests.standins.front import TlsFront
 from tests.standins.vm import PROVIDERS, VmStandins
 from tests.support.app import Api, make_settings
 from tests.support.flow_api import no_vms_left, sse
@@ -52,10 +53,13 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 OAUTH_NAME = {"claude_code": oauth.CLAUDE, "codex": oauth.CODEX, "gemini_cli": oauth.GOOGLE}
 SHELL_TOOL = {"claude_code": clis.claude_shell_tool, "codex": clis.codex_shell_tool,
               "gemini_cli": clis.gemini_shell_tool}
-# The hosts the CLIs may contact through the proxy: their token, profile and account endpoints. Anything
-# else (telemetry, update checks, plugin sync) means a background-traffic switch is not working.
-AUTH_HOSTS = {"platform.claude.com", "api.anthropic.com", "auth.openai.com", "chatgpt.com",
-              "oauth2.googleapis.com", "www.googleapis.com"}
+# The hosts the CLIs may contact: their token, profile and account endpoints and the model APIs. Anything
+# else (telemetry, update checks, plugin sync) means a background-traffic switch is not working; the gateway
+# refuses it (it is on no allow-list, and resolves nothing unpinned), which the accounting shows.
+EXPECTED_HOSTS = {"platform.claude.com", "api.anthropic.com", "auth.openai.com", "chatgpt.com", "api.openai.com",
+                  "oauth2.googleapis.com", "www.googleapis.com", "cloudcode-pa.googleapis.com"}
+TOKEN_HOST = {"claude_code": "platform.claude.com", "codex": "auth.openai.com", "gemini_cli": "oauth2.googleapis.com"}
+MODEL_HOST = {"claude_code": "api.anthropic.com", "codex": "api.openai.com", "gemini_cli": "cloudcode-pa.googleapis.com"}
 # Under TCG a Gemini start takes about a minute: these bound a hang, they do not measure anything.
 WAIT = 1500.0
 
@@ -63,7 +67,9 @@ WAIT = 1500.0
 def _vm_host_missing() -> str | None:
     for tool in ("qemu-system-x86_64", "qemu-img", "socat"):
         if shutil.which(tool) is None:
-            return f"{tool} is not installed (VM tests need QEMU, and socat for VM_GUEST_FORWARDS)"
+            return f"{tool} is not installed (VM tests need QEMU, and socat for the egress gateway's forward)"
+    if os.geteuid() != 0:
+        return "the stand-ins' TLS front listens on port 443 of a loopback address, which needs root"
     return None
 
 
@@ -73,7 +79,7 @@ class Stand:
     app: Any
     standin: standin_api.StandinState
     oauth: oauth.OAuthState
-    proxy: ConnectProxy
+    front: TlsFront
     users: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)  # provider -> (uid, headers)
 
     @property
@@ -95,7 +101,7 @@ async def stand(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
         pytest.skip(missing)
     test_image: images.Image = request.getfixturevalue("test_image")  # builds it when not cached
     tmp = tmp_path_factory.mktemp("provider-flows")
-    with VmStandins(tmp / "standins") as si:  # on the host's loopback: guests reach it through the forwards
+    with VmStandins(tmp / "standins") as si:  # on the host's loopback: guests reach it through the gateway
         settings = make_settings(
             tmp, POLYDEV_CACHE_DIR=test_image.dir.parent.parent, vm_image_profile="test",
             vm_cli_memory_mb=2048, vm_cli_vcpu=1, vm_warm_pool_size=0, login_timeout_seconds=1800,
@@ -105,11 +111,12 @@ async def stand(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
             services: Services = app.state.services
             if services.engine is None:
                 pytest.fail(f"the VM engine did not start: {services.engine_unavailable}")
+            assert services.egress is not None and settings.guest_https_proxy is None
             tag = services.engine.tag
             token = (settings.data_dir / "admin.token").read_text().strip()
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://polydev.test",
                                          timeout=WAIT) as client:
-                yield Stand(Api(services, client, token), app, si.api, si.oauth, si.proxy)
+                yield Stand(Api(services, client, token), app, si.api, si.oauth, si.front)
         assert find_marked_processes(tag) == {}
 
 
@@ -202,10 +209,24 @@ async def login(st: Stand, provider: str, h: dict[str, str], method: str | None 
     return waiting
 
 
-def only_auth_hosts(st: Stand) -> None:
-    """Everything the CLIs sent through the proxy so far went to the auth hosts (no telemetry)."""
-    hosts = set(st.proxy.log.hosts())
-    assert hosts <= AUTH_HOSTS, sorted(hosts - AUTH_HOSTS)
+async def only_expected_hosts(st: Stand) -> None:
+    """Everything the CLIs sent out so far went through the gateway to the expected hosts (no telemetry):
+    the front saw no other name, and the gateway refused nothing, for any user."""
+    hosts = set(st.front.log.hosts())
+    assert hosts <= EXPECTED_HOSTS, sorted(hosts - EXPECTED_HOSTS)
+    egress = st.services.egress
+    assert egress is not None
+    await egress.flush()
+    refused = {(u.host, u.last_refusal) for u in await egress.repo.usage(all_users=True) if u.refusals}
+    assert not refused, refused
+
+
+async def tunnelled(st: Stand, uid: str) -> set[str]:
+    """The hosts the gateway tunnelled for this user (its accounting)."""
+    egress = st.services.egress
+    assert egress is not None
+    await egress.flush()
+    return {u.host for u in await egress.repo.usage(uuid.UUID(uid)) if u.connections}
 
 
 # -- a: login ------------------------------------------------------------------------------------------------
@@ -223,7 +244,7 @@ async def test_login(stand: Stand, provider: str) -> None:
     assert waiting["accepts_code"] is (provider == "claude_code")
     done = await session_in(stand, h, waiting["session_id"], "completed")
     assert done["error_message"] is None
-    # The CLI itself exchanged the code at the (stand-in) token endpoint, through the proxy.
+    # The CLI itself exchanged the code at the (stand-in) token endpoint, through the gateway.
     assert len(stand.oauth.of_kind("login")) == logins_before + 1
     rows = await stand.services.credentials.list(uuid.UUID(uid))
     assert [(r.provider, r.kind) for r in rows] == [(provider, "oauth")]
@@ -234,7 +255,9 @@ async def test_login(stand: Stand, provider: str) -> None:
     assert access_token(provider, doc).encode() not in rows[0].encrypted_credentials.encode()  # sealed
     for rel in ADAPTERS[provider].required_credential_files:
         assert bundle.files[rel][1] == 0o600
-    only_auth_hosts(stand)
+    # The token request left through the gateway, accounted to this user.
+    assert TOKEN_HOST[provider] in await tunnelled(stand, uid)
+    await only_expected_hosts(stand)
     await no_vms_left(stand.api)
     stand.users[provider] = (uid, h)
 
@@ -272,7 +295,7 @@ async def test_a_pre_started_login_is_taken_and_completed(stand: Stand) -> None:
             f"{OAUTH_NAME['claude_code']}-access-{stand.oauth.generation(OAUTH_NAME['claude_code'])}"
     finally:
         await flow.stop_pool()  # the replacement it started
-    only_auth_hosts(stand)
+    await only_expected_hosts(stand)
     await no_vms_left(stand.api)
 
 
@@ -310,7 +333,8 @@ async def test_run_streams_a_tool_round_trip(stand: Stand, provider: str) -> Non
     assert nonce in body["result"]
     assert body["credential_refreshed"] is False  # the tokens were still good: nothing to write back
     assert any(nonce in out for out in stand.standin.tool_outputs)  # the file reached the CLI's tool
-    only_auth_hosts(stand)
+    assert MODEL_HOST[provider] in await tunnelled(stand, stand.user(provider)[0])
+    await only_expected_hosts(stand)
     await no_vms_left(stand.api)
 
 
@@ -350,7 +374,7 @@ async def test_refresh_is_written_back(stand: Stand, provider: str) -> None:
         assert refresh_token(provider, after) not in (old_refresh, "")
     # The model saw the new token on its successful turn.
     assert stand.standin.model_turns()[-1].credential == new_access
-    only_auth_hosts(stand)
+    await only_expected_hosts(stand)
     await no_vms_left(stand.api)
 
 
@@ -381,6 +405,6 @@ async def test_a_vm_killed_mid_run_fails_the_run_and_leaves_nothing(stand: Stand
 
 
 async def test_no_background_traffic_left_the_guests(stand: Stand) -> None:
-    """Over the whole module: the logins went through the proxy, and nothing but them."""
-    assert stand.proxy.log.hosts(), "the logins went through the proxy"
-    only_auth_hosts(stand)
+    """Over the whole module: the logins and runs went through the gateway, and nothing but them."""
+    assert stand.front.log.hosts(), "the logins and runs went through the gateway"
+    await only_expected_hosts(stand)

@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     # Names answered without DNS, JSON {"name": ["address", ...]}: trusted as given (the address checks do not
     # apply), for an operator's own services and the tests' stand-ins.
     egress_hosts: dict[str, list[str]] = Field(default_factory=dict)
+    # dns: other names are looked up on the host. pinned: only EGRESS_HOSTS is answered, every other name or
+    # address is refused without a DNS query (a closed world: the tests, an air-gapped host).
+    egress_resolve: Literal["dns", "pinned"] = "dns"
     egress_limit_concurrent: int = Field(64, ge=1, description="open tunnels per user")
     egress_limit_per_minute: int = Field(600, ge=1, description="new tunnels per user per minute")
     egress_limit_bytes_per_day: int = Field(20 * 1024**3, ge=0, description="bytes per user per UTC day")

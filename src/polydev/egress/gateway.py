@@ -3,7 +3,10 @@ from anything the guest says.
 
 In `user` network mode each VM's QEMU forwards the guest's proxy address (guestfwd) to that VM's own Unix
 socket here (`attach` returns its path before the VM starts; restored VMs take it from their command line).
-A connection on a socket whose VM was detached finds no listener: the VM is gone, nothing is reached. The
+In `tap` mode the VM's slot DNATs the proxy address to a TCP listener at the host end of the slot's veth,
+which the VM layer makes and hands over (`attach(..., listener=, peer=)`); the slot's firewall lets only its
+own guest reach it, and a connection from any address but the slot's (the guest masqueraded behind it) is
+refused. A connection on a socket whose VM was detached finds no listener: the VM is gone. The
 identity of a VM (its user, purpose, provider) can change while it lives — a pooled VM handed out — and is
 read per connection.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -72,16 +76,24 @@ class EgressGateway:
     def socket_path(self, vm_id: uuid.UUID) -> Path:
         return self.run_dir / f"{vm_id}.sock"
 
-    async def attach(self, identity: Identity) -> Path:
-        """Listen for `identity`'s VM; the returned socket is what its QEMU forwards the proxy address to."""
-        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self.socket_path(identity.vm_id)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # a socket file left by a process that died
+    async def attach(self, identity: Identity, *, listener: socket.socket | None = None,
+                     peer: str | None = None) -> Path | None:
+        """Listen for `identity`'s VM. Without `listener`: on a Unix socket of its own, whose path is returned
+        (what its QEMU forwards the proxy address to). With one (tap mode): on that listening TCP socket,
+        taking connections from `peer` only; returns None."""
         vm_id = identity.vm_id
-        server = await asyncio.start_unix_server(lambda r, w: self._accept(vm_id, r, w), path=str(path),
-                                                 limit=16384)
-        os.chmod(path, 0o600)
+        path: Path | None = None
+        if listener is not None:
+            server = await asyncio.start_server(lambda r, w: self._accept(vm_id, r, w, peer), sock=listener,
+                                                limit=16384)
+        else:
+            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = self.socket_path(vm_id)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # a socket file left by a process that died
+            server = await asyncio.start_unix_server(lambda r, w: self._accept(vm_id, r, w), path=str(path),
+                                                     limit=16384)
+            os.chmod(path, 0o600)
         self._vms[vm_id] = identity
         self._servers[vm_id] = server
         return path
@@ -114,11 +126,15 @@ class EgressGateway:
         for vm_id in list(self._servers):
             await self.detach(vm_id)
 
-    async def _accept(self, vm_id: uuid.UUID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, vm_id: uuid.UUID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      peer: str | None = None) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tunnels.setdefault(vm_id, set()).add(task)
         try:
+            if peer is not None and (writer.get_extra_info("peername") or ("",))[0] != peer:
+                writer.write(answer(403, "this listener belongs to another VM"))
+                return
             await self._serve(vm_id, reader, writer)
         except asyncio.CancelledError:
             pass

@@ -3,7 +3,8 @@
 The family follows the user's egress identity: a user whose source address is IPv6 gets the name's AAAA
 records, one with an IPv4 address its A records, and the host's route takes either (IPv4 first, the order
 getaddrinfo gives for most hosts). Names the operator pinned (`EGRESS_HOSTS`) are answered from that map
-without asking DNS.
+without asking DNS; with `only_pinned` (EGRESS_RESOLVE=pinned: a closed world, as the tests run) nothing
+else is answered and no DNS query leaves the host.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ DNS_TIMEOUT_S = 5.0
 
 
 class Resolver:
-    def __init__(self, pinned: Mapping[str, tuple[str, ...]] | None = None, timeout: float = DNS_TIMEOUT_S) -> None:
+    def __init__(self, pinned: Mapping[str, tuple[str, ...]] | None = None, timeout: float = DNS_TIMEOUT_S,
+                 only_pinned: bool = False) -> None:
         self.pinned = {name.lower().rstrip("."): tuple(ipaddress.ip_address(a) for a in addrs)
                        for name, addrs in (pinned or {}).items()}
         self.timeout = timeout
+        self.only_pinned = only_pinned
 
     def is_pinned(self, host: str) -> bool:
         return host.lower().rstrip(".") in self.pinned
@@ -35,9 +38,15 @@ class Resolver:
         except ValueError:
             literal = None
         if literal is not None:
+            if self.only_pinned and not any(literal in addrs for addrs in self.pinned.values()):
+                raise Refused(f"{host} refused: EGRESS_RESOLVE=pinned reaches only the addresses in EGRESS_HOSTS",
+                              kind="dns")
             found: list[IPAddress] = [literal]
         elif self.is_pinned(host):
             found = list(self.pinned[host.lower().rstrip(".")])
+        elif self.only_pinned:
+            raise Refused(f"DNS lookup for {host} refused: EGRESS_RESOLVE=pinned answers only the names in "
+                          "EGRESS_HOSTS", kind="dns")
         else:
             found = await self._lookup(host)
         wanted = {socket.AF_INET: 4, socket.AF_INET6: 6}.get(family)

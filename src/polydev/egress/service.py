@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 import uuid
 from collections.abc import Mapping
@@ -76,8 +77,9 @@ class EngineHook:
     def __init__(self, gateway: EgressGateway) -> None:
         self.gateway = gateway
 
-    async def attach(self, vm_id: uuid.UUID, user_id: uuid.UUID | None) -> Path:
-        return await self.gateway.attach(Identity(vm_id, user_id, "unassigned"))
+    async def attach(self, vm_id: uuid.UUID, user_id: uuid.UUID | None, *, listener: socket.socket | None = None,
+                     peer: str | None = None) -> Path | None:
+        return await self.gateway.attach(Identity(vm_id, user_id, "unassigned"), listener=listener, peer=peer)
 
     def update(self, vm_id: uuid.UUID, **fields: object) -> None:
         self.gateway.update(vm_id, **fields)
@@ -91,12 +93,15 @@ class EngineHook:
 
 class EgressService:
     def __init__(self, settings: Settings, repo: EgressRepo,
-                 provider_hosts: Mapping[str, Mapping[str, tuple[str, ...]]], run_dir: Path) -> None:
+                 provider_hosts: Mapping[str, Mapping[str, tuple[str, ...]]], run_dir: Path, *,
+                 guest_address: str | None = None) -> None:
         self.settings = settings
+        self.guest_address = guest_address or settings.egress_guest_address  # the guests' proxy address
         self.repo = repo
         self.routes = UserRoutes(repo, Limits.from_settings(settings))
         self.gateway = EgressGateway(policy=build_policy(settings, provider_hosts),
-                                     resolver=Resolver({k: tuple(v) for k, v in settings.egress_hosts.items()}),
+                                     resolver=Resolver({k: tuple(v) for k, v in settings.egress_hosts.items()},
+                                                       only_pinned=settings.egress_resolve == "pinned"),
                                      routes=self.routes, run_dir=run_dir)
         self.hook = EngineHook(self.gateway)
         self._flusher: asyncio.Task[None] | None = None
@@ -122,7 +127,7 @@ class EgressService:
     def describe(self) -> dict[str, object]:
         """For /health and `polydev doctor`."""
         s = self.settings
-        return {"status": "on", "guest_address": s.egress_guest_address, "attached_vms": self.gateway.attached(),
+        return {"status": "on", "guest_address": self.guest_address, "attached_vms": self.gateway.attached(),
                 "address_pool": s.egress_address_pool.describe() or None, "sandbox_open": s.egress_sandbox_open,
                 "allow_extra": list(s.egress_allow)}
 

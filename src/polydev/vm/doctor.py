@@ -142,19 +142,21 @@ def directory_checks(settings: Settings) -> list[Check]:
 def egress_check(settings: Settings) -> Check:
     """The egress gateway: whether VMs will reach the outside through it, and with which address pool."""
     from polydev.vm.forwards import RELAY_MISSING, relay_path
+    from polydev.vm.network import EGRESS_PORT, GATEWAY_IP
 
     pool = settings.egress_address_pool.describe() or "none (address mode unavailable)"
     if settings.egress_gateway == "off":
         return Check("egress", "warn", "EGRESS_GATEWAY=off: VMs reach only what GUEST_HTTPS_PROXY and "
                                        "VM_GUEST_FORWARDS give them")
-    if settings.network_mode != "user":
-        return Check("egress", "warn", "the egress gateway serves user networking only for now: in tap mode a "
-                                       "slot's egress is its firewall's")
-    if relay_path() is None:
+    if settings.network_mode == "tap":
+        # Each slot DNATs the guests' proxy address to a listener at its own host end: no relay needed.
+        where = f"{GATEWAY_IP}:{EGRESS_PORT} (each slot's own listener)"
+    elif relay_path() is None:
         return Check("egress", "fail", RELAY_MISSING)
+    else:
+        where = settings.egress_guest_address
     override = f"; GUEST_HTTPS_PROXY={settings.guest_https_proxy} overrides it" if settings.guest_https_proxy else ""
-    return Check("egress", "ok", f"gateway on: guests reach it at {settings.egress_guest_address}; address pool "
-                                 f"{pool}{override}")
+    return Check("egress", "ok", f"gateway on: guests reach it at {where}; address pool {pool}{override}")
 
 
 def run_checks(settings: Settings) -> list[Check]:

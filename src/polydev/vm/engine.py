@@ -183,6 +183,10 @@ class VMEngine:
             egress_socket = None
             if self.egress is not None and self.network is None:  # user networking: QEMU forwards to it
                 egress_socket = await self.egress.attach(vm_id, user_id)
+            elif self.egress is not None and slot is not None and self.network.egress_port:  # type: ignore[union-attr]
+                # tap: the slot DNATs the guest's proxy address to this listener at its host end
+                listener = await asyncio.to_thread(self.network.listen, slot)  # type: ignore[union-attr]
+                await self.egress.attach(vm_id, user_id, listener=listener, peer=slot.ns_ip)
             spec = VMSpec(vm_id, purpose, self.vcpus[purpose], self.memory_mb[purpose], workdir, token,
                           marker_for(self.tag, vm_id), slot, egress_socket)
             started = await self.backend.start(spec)

@@ -10,7 +10,11 @@ The slot's firewall (inside its namespace, never on the host):
 - only the host end of its own veth may open the agent (and VNC) ports, nothing else gets in;
 - the guest cannot talk to the namespace itself, nor to any address in the pool (other VMs, the host
   ends), nor to anything else unless the slot's egress policy lets it through;
-- egress that is allowed leaves masqueraded behind the slot's namespace address.
+- egress that is allowed leaves masqueraded behind the slot's namespace address;
+- with the egress gateway on (`egress_port`), the guest's proxy address GATEWAY_IP:EGRESS_PORT — the same in
+  every slot, like the guest's own — is DNATed to the host end of its own veth, where the gateway listens
+  for this VM alone (`listen`): a connection's VM is known from the listener it arrives on, and the pool
+  rule keeps a guest away from every other slot's listener.
 
 `host_netns` names the namespace that plays the host: None in production (the root namespace), a
 namespace of their own in tests, so nothing here ever touches the machine's real interfaces.
@@ -19,6 +23,7 @@ namespace of their own in tests, so nothing here ever touches the machine's real
 from __future__ import annotations
 
 import ipaddress
+import socket
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,6 +32,8 @@ from typing import Literal
 import structlog
 from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
+
+from polydev.vm.handover import socket_in_netns
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +45,7 @@ GUEST_MAC = "02:50:44:00:00:15"  # locally administered; the same in every slot,
 # another slot still has the gateway's MAC in its ARP cache, and a TAP drops frames addressed to another MAC.
 GATEWAY_MAC = "02:50:44:00:00:16"
 AGENT_PORT = 8080
+EGRESS_PORT = 3128  # the egress gateway, at GATEWAY_IP in the guest and at the slot's host end on the host
 VNC_PORT = 5901
 NS_VETH = "veth0"
 TAP = "tap0"
@@ -136,6 +144,7 @@ class SlotNetwork:
     pool_end: str
     prefix: str = "pd"
     host_netns: str | None = None
+    egress_port: int | None = None  # the egress gateway's port: set, each guest reaches its slot's listener
     _pairs: list[SlotAddress] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -210,8 +219,37 @@ class SlotNetwork:
         _run([*slot.command_prefix(), "sysctl", "-qw", "net.ipv4.ip_forward=1"])
         _run([*slot.command_prefix(), "nft", "-f", "-"], stdin=self.ruleset(slot, egress))
 
+    @property
+    def egress_guest_address(self) -> str | None:
+        """The gateway as every guest reaches it (its proxy address), when the gateway is on."""
+        return f"{GATEWAY_IP}:{self.egress_port}" if self.egress_port else None
+
+    def listen(self, slot: Slot) -> socket.socket:
+        """A listening socket for the gateway at the host end of `slot`'s veth, in the namespace that plays
+        the host (a socket stays in the namespace it was made in, whichever thread later serves it)."""
+        if self.egress_port is None:
+            raise NetworkError("the slots have no egress gateway port")
+        sock = socket_in_netns(self.host_netns)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((slot.host_ip, self.egress_port))
+            sock.listen(64)
+        except OSError as exc:
+            sock.close()
+            raise NetworkError(f"cannot listen for slot {slot.index} at {slot.host_ip}:{self.egress_port}: "
+                               f"{exc}") from exc
+        sock.setblocking(False)
+        return sock
+
     def ruleset(self, slot: Slot, egress: EgressPolicy) -> str:
         pool = _nft_set(pool_networks(self.pool_start, self.pool_end))
+        gateway_dnat = gateway_forward = ""
+        if self.egress_port:
+            # Before the pool rule: the one pool address a guest reaches is its own slot's gateway listener.
+            gateway_dnat = (f'\n        iifname "{TAP}" ip daddr {GATEWAY_IP} tcp dport {self.egress_port} '
+                            f"dnat ip to {slot.host_ip}:{self.egress_port}")
+            gateway_forward = (f'\n        iifname "{TAP}" oifname "{NS_VETH}" ip daddr {slot.host_ip} '
+                               f"tcp dport {self.egress_port} ct status dnat accept")
         lines = [f"        ip daddr {pool} drop"]
         if egress.internet:
             lines.append(f"        ip daddr {_nft_set(NON_PUBLIC)} drop")
@@ -225,7 +263,7 @@ class SlotNetwork:
 table inet polydev {{
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
-        iifname "{NS_VETH}" ip saddr {slot.host_ip} ip daddr {slot.ns_ip} tcp dport {{ {AGENT_PORT}, {VNC_PORT} }} dnat ip to {GUEST_IP}
+        iifname "{NS_VETH}" ip saddr {slot.host_ip} ip daddr {slot.ns_ip} tcp dport {{ {AGENT_PORT}, {VNC_PORT} }} dnat ip to {GUEST_IP}{gateway_dnat}
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
@@ -235,7 +273,7 @@ table inet polydev {{
         type filter hook forward priority filter; policy drop;
         ct state established,related accept
         ct state invalid drop
-        iifname "{NS_VETH}" oifname "{TAP}" ip saddr {slot.host_ip} ip daddr {GUEST_IP} tcp dport {{ {AGENT_PORT}, {VNC_PORT} }} ct status dnat accept
+        iifname "{NS_VETH}" oifname "{TAP}" ip saddr {slot.host_ip} ip daddr {GUEST_IP} tcp dport {{ {AGENT_PORT}, {VNC_PORT} }} ct status dnat accept{gateway_forward}
         iifname "{TAP}" oifname "{NS_VETH}" jump egress
     }}
     chain egress {{

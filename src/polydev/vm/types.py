@@ -7,6 +7,7 @@ A leaf of the vm package: backends, the warm pool and the reaper import it witho
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -154,7 +155,11 @@ class EgressHook(Protocol):
     """The egress gateway as the engine sees it (polydev.egress wires one in): a VM's own socket before it
     starts, its owner and purpose as they change, nothing once it is gone."""
 
-    async def attach(self, vm_id: uuid.UUID, user_id: uuid.UUID | None) -> Path: ...
+    async def attach(self, vm_id: uuid.UUID, user_id: uuid.UUID | None, *, listener: socket.socket | None = None,
+                     peer: str | None = None) -> Path | None:
+        """User networking: the VM's own Unix socket (its path). Tap mode: serve `listener`, the socket at its
+        slot's host end, for connections from `peer` (the slot's address) only; None."""
+        ...
 
     def update(self, vm_id: uuid.UUID, **fields: Any) -> None: ...
 
