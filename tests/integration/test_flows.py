@@ -183,6 +183,40 @@ async def test_a_login_cli_that_fails_fails_the_session(flows: Api, monkeypatch:
     await no_vms_left(flows)
 
 
+REFUSAL = "api.example.com refused: not on the allow-list for claude_code runs"
+
+
+async def test_a_failure_after_an_egress_refusal_says_the_gateway_s_reason(
+        flows: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = flows.services.engine
+    assert engine is not None
+    monkeypatch.setattr(engine, "egress_refusal", lambda vm_id: REFUSAL)
+    _, h = await logged_in(flows)
+    run = await wait_run(flows, h, await post_run(flows, h, "crash"))
+    assert run["status"] == "failed" and run["error_message"] == f"egress: {REFUSAL}"
+    monkeypatch.setitem(ADAPTERS, "claude_code", FakeAdapter("fail"))
+    sid = (await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)).json()["session_id"]
+    body = await wait_status(flows, h, sid, "failed", "completed")
+    assert body["error_message"] == f"egress: {REFUSAL}"
+    await no_vms_left(flows)
+
+
+async def test_a_login_left_unfinished_times_out_for_that_reason_whatever_was_refused(
+        flows: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page appeared: a refusal afterwards (the sign-in page pulling something) is not why it ended."""
+    engine = flows.services.engine
+    assert engine is not None
+    monkeypatch.setattr(engine, "egress_refusal", lambda vm_id: REFUSAL)
+    flows.services.login_flow.timeout = 15
+    _, token = await flows.new_user()
+    h = flows.auth(token)
+    sid = (await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)).json()["session_id"]
+    await wait_status(flows, h, sid, "awaiting_user_auth")
+    body = await wait_status(flows, h, sid, "timeout", "failed", "completed")
+    assert body["status"] == "timeout" and "was not completed within 15 s" in body["error_message"], body
+    await no_vms_left(flows)
+
+
 async def test_another_user_cannot_see_code_or_cancel_a_session(flows: Api) -> None:
     _, token_a = await flows.new_user()
     _, token_b = await flows.new_user()

@@ -287,7 +287,9 @@ class LoginFlow(VmFlow):
             error = describe(exc)[:500]
             log.warning("login_failed", session_id=str(login.session_id), error=error)
         finally:
-            if status in ("failed", "timeout"):
+            # A login whose page appeared and then was not finished in time did not fail at the egress: a
+            # refusal then (the sign-in page's browser pulling something) is incidental, not the reason.
+            if status == "failed" or (status == "timeout" and not login.awaiting.is_set()):
                 error = egress_error(engine, login.vm_id, error)
             login.ending.set()  # VNC bridges close before the VM goes; a cancel now waits for the rest
             await cancel_and_wait(helpers)
