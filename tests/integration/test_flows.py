@@ -190,7 +190,7 @@ async def test_a_failure_after_an_egress_refusal_says_the_gateway_s_reason(
         flows: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = flows.services.engine
     assert engine is not None
-    monkeypatch.setattr(engine, "egress_refusal", lambda vm_id: REFUSAL)
+    monkeypatch.setattr(engine, "egress_refusal", lambda vm_id, host=None: REFUSAL if host is None else None)
     _, h = await logged_in(flows)
     run = await wait_run(flows, h, await post_run(flows, h, "crash"))
     assert run["status"] == "failed" and run["error_message"] == f"egress: {REFUSAL}"
@@ -206,7 +206,8 @@ async def test_a_login_left_unfinished_times_out_for_that_reason_whatever_was_re
     """The page appeared: a refusal afterwards (the sign-in page pulling something) is not why it ended."""
     engine = flows.services.engine
     assert engine is not None
-    monkeypatch.setattr(engine, "egress_refusal", lambda vm_id: REFUSAL)
+    # Refused: some other host, never the sign-in page's.
+    monkeypatch.setattr(engine, "egress_refusal", lambda vm_id, host=None: REFUSAL if host is None else None)
     flows.services.login_flow.timeout = 15
     _, token = await flows.new_user()
     h = flows.auth(token)
@@ -214,6 +215,32 @@ async def test_a_login_left_unfinished_times_out_for_that_reason_whatever_was_re
     await wait_status(flows, h, sid, "awaiting_user_auth")
     body = await wait_status(flows, h, sid, "timeout", "failed", "completed")
     assert body["status"] == "timeout" and "was not completed within 15 s" in body["error_message"], body
+    await no_vms_left(flows)
+
+
+async def test_a_sign_in_page_the_gateway_cannot_reach_fails_the_login_at_once(
+        flows: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No route out: the VM's browser (or CLI) was refused the sign-in page's host. The session fails with
+    the gateway's reason for that host, long before its timeout, and leaves nothing."""
+    engine = flows.services.engine
+    assert engine is not None
+    asked: list[str | None] = []
+
+    def refusal(vm_id: uuid.UUID, host: str | None = None) -> str | None:
+        asked.append(host)
+        if host is None:
+            return "cdn.example refused: DNS lookup failed"  # a later, unrelated one: not the reason given
+        return f"DNS lookup for {host} failed on the host: Name or service not known"
+
+    monkeypatch.setattr(engine, "egress_refusal", refusal)
+    flows.services.login_flow.timeout = 600
+    _, token = await flows.new_user()
+    h = flows.auth(token)
+    sid = (await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h)).json()["session_id"]
+    body = await wait_status(flows, h, sid, "failed", "timeout", "completed", timeout=60)
+    [host] = {h for h in asked if h is not None}  # the sign-in page's host (the fake CLI's URL)
+    assert body["status"] == "failed" and host == "auth.fake.test"
+    assert body["error_message"] == f"egress: DNS lookup for {host} failed on the host: Name or service not known"
     await no_vms_left(flows)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlparse
 
 import structlog
 
@@ -19,11 +21,41 @@ log = structlog.get_logger(__name__)
 
 HOOK_URL_GRACE = 3.0  # seconds the login output gets to print a URL the user can use from outside the VM
 OUTPUT_KEEP = 16_000  # chars of the login's output kept for URL parsing and for error messages
+REFUSAL_POLL_S = 1.0
+
+Refused = Callable[[str], "str | None"]  # host → why the egress gateway refused it for this login's VM
 
 
-async def until_logged_in(login: Login, sessions: LoginSessions) -> None:
+async def until_logged_in(login: Login, sessions: LoginSessions, refused: Refused | None = None) -> None:
     """Publish the login URL as soon as it is known, then wait for the credential files (and for the CLI to
-    exit, for CLIs that exit by themselves)."""
+    exit, for CLIs that exit by themselves). LoginError with the egress gateway's reason as soon as it refused
+    the sign-in page's host for this VM: the machine cannot reach it, and the user would look at an error
+    page until the timeout."""
+    main = asyncio.ensure_future(_logged_in(login, sessions))
+    watch = asyncio.ensure_future(_sign_in_refused(login, refused))
+    try:
+        await asyncio.wait({main, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (main, watch):
+            task.cancel()
+        await asyncio.gather(main, watch, return_exceptions=True)
+    if main.done() and not main.cancelled():
+        return main.result()
+    raise LoginError(f"egress: {watch.result()}")
+
+
+async def _sign_in_refused(login: Login, refused: Refused | None) -> str:
+    """Once the URL is known: the gateway's reason for refusing its host, when it does; else never returns."""
+    await login.awaiting.wait()
+    host = urlparse(login.auth_url or "").hostname
+    if refused is None or not host:
+        await asyncio.Event().wait()
+    while not (reason := refused(host)):  # type: ignore[misc, arg-type]
+        await asyncio.sleep(REFUSAL_POLL_S)
+    return reason
+
+
+async def _logged_in(login: Login, sessions: LoginSessions) -> None:
     assert login.guest is not None and login.proc is not None
     output = asyncio.create_task(_read_output(login, sessions))
     hook = asyncio.create_task(_watch_hook(login, sessions))

@@ -267,7 +267,8 @@ class LoginFlow(VmFlow):
                                             vnc_wait_s=self.timeout)
                 login.proc = login.guest.start(login.plan.command, timeout_s=budget + 30)
                 await publish(self.sessions, login, status="ready")
-                await login_capture.until_logged_in(login, self.sessions)
+                await login_capture.until_logged_in(login, self.sessions,
+                                                    lambda host: engine.egress_refusal(vm.id, host))
                 bundle = await login_capture.capture(login)
             if login.user_id is None:  # a pre-started login nobody took cannot have been completed
                 raise LoginError("the login finished before anyone took it")

@@ -48,7 +48,7 @@ class VmPort(Protocol):
         """What the VM is for (login, run, sandbox), so the egress gateway lets it reach what that needs."""
         ...
 
-    def egress_refusal(self, vm_id: uuid.UUID) -> str | None:
-        """Why the egress gateway last refused or failed one of the VM's connections, if it did."""
+    def egress_refusal(self, vm_id: uuid.UUID, host: str | None = None) -> str | None:
+        """Why the egress gateway last refused or failed one of the VM's connections (to `host`), if it did."""
         ...
 

@@ -39,6 +39,8 @@ class VmFlow:
 def egress_error(engine: VmPort, vm_id: uuid.UUID | None, error: str | None) -> str | None:
     """A failed login's or run's reason: the egress gateway's, in words, when it refused or could not reach a
     host for this VM (the CLI itself only says e.g. `getaddrinfo ETIMEOUT` or `403`); else `error`."""
+    if error is not None and error.startswith("egress: "):  # the flow already knows which refusal it was
+        return error
     refusal = engine.egress_refusal(vm_id) if vm_id is not None else None
     if refusal is None:
         return error

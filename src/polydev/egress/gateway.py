@@ -34,6 +34,7 @@ from polydev.egress.usage import UsageBook
 
 log = structlog.get_logger(__name__)
 
+MAX_REFUSALS_KEPT = 64  # hosts per VM whose last refusal is kept (a browser may try many)
 _STATUS = {"policy": 403, "identity": 403, "limit": 429, "dns": 502, "upstream": 502}
 
 
@@ -71,7 +72,7 @@ class EgressGateway:
         self._vms: dict[uuid.UUID, Identity] = {}
         self._servers: dict[uuid.UUID, asyncio.AbstractServer] = {}
         self._tunnels: dict[uuid.UUID, set[asyncio.Task[Any]]] = {}
-        self._refusals: dict[uuid.UUID, str] = {}
+        self._refusals: dict[uuid.UUID, dict[str, str]] = {}  # per VM: host → last reason, latest last
 
     def socket_path(self, vm_id: uuid.UUID) -> Path:
         return self.run_dir / f"{vm_id}.sock"
@@ -115,9 +116,13 @@ class EgressGateway:
             self.socket_path(vm_id).unlink()
         self._refusals.pop(vm_id, None)
 
-    def last_refusal(self, vm_id: uuid.UUID) -> str | None:
-        """The last reason a tunnel of this VM was refused or failed, for the flow's error message."""
-        return self._refusals.get(vm_id)
+    def last_refusal(self, vm_id: uuid.UUID, host: str | None = None) -> str | None:
+        """The last reason a tunnel of this VM (to `host`, when given) was refused or failed, for the flow's
+        error message."""
+        by_host = self._refusals.get(vm_id) or {}
+        if host is not None:
+            return by_host.get(host.lower())
+        return next(reversed(by_host.values()), None)
 
     def attached(self) -> int:
         return len(self._vms)
@@ -185,7 +190,11 @@ class EgressGateway:
             raise
 
     def _refuse(self, ident: Identity, host: str, exc: Refused) -> None:
-        self._refusals[ident.vm_id] = exc.reason
+        by_host = self._refusals.setdefault(ident.vm_id, {})
+        by_host.pop(host.lower(), None)  # re-inserted: the latest is last
+        by_host[host.lower()] = exc.reason
+        while len(by_host) > MAX_REFUSALS_KEPT:
+            del by_host[next(iter(by_host))]
         self.usage.refused(ident.user_id, host, ident.purpose, exc.kind, exc.reason)
         log.info("egress_refused", vm_id=str(ident.vm_id), user_id=str(ident.user_id), host=host, kind=exc.kind,
                  reason=exc.reason)

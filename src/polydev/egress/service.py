@@ -87,8 +87,8 @@ class EngineHook:
     async def detach(self, vm_id: uuid.UUID) -> None:
         await self.gateway.detach(vm_id)
 
-    def last_refusal(self, vm_id: uuid.UUID) -> str | None:
-        return self.gateway.last_refusal(vm_id)
+    def last_refusal(self, vm_id: uuid.UUID, host: str | None = None) -> str | None:
+        return self.gateway.last_refusal(vm_id, host)
 
 
 class EgressService:

@@ -129,9 +129,9 @@ class VMEngine:
         if self.egress is not None:
             self.egress.update(vm_id, purpose=purpose, provider=provider, browser=browser)
 
-    def egress_refusal(self, vm_id: uuid.UUID) -> str | None:
-        """Why the egress gateway last refused or failed a connection of this VM, if it did."""
-        return self.egress.last_refusal(vm_id) if self.egress is not None else None
+    def egress_refusal(self, vm_id: uuid.UUID, host: str | None = None) -> str | None:
+        """Why the egress gateway last refused or failed a connection of this VM (to `host`), if it did."""
+        return self.egress.last_refusal(vm_id, host) if self.egress is not None else None
 
     async def fill_pool(self) -> int:
         """Start VMs until the pool holds its size; returns how many it started."""
