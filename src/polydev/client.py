@@ -221,6 +221,21 @@ class PolydevClient:
         """Your egress accounting per destination host, or everyone's (admin)."""
         return self._call("GET", "/api/egress/usage", params={"all": "true"} if all_users else None)
 
+    # -- quotas ----------------------------------------------------------------------------------------
+    def quotas(self, user_id: str | None = None) -> dict[str, Any]:
+        """A user's limits and use (admin), or (None) your own."""
+        return self._call("GET", f"/api/users/{user_id}/quotas" if user_id else "/api/me/quotas")
+
+    def all_quotas(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/quotas")
+
+    def set_quotas(self, user_id: str, limits: dict[str, int]) -> dict[str, Any]:
+        """Set a user's own limits (admin); {} drops them."""
+        return self._call("PUT", f"/api/users/{user_id}/quotas", json={"limits": limits})
+
+    def host_capacity(self) -> dict[str, Any]:
+        return self._call("GET", "/api/quotas/host")
+
 
 def _sse(lines: Iterator[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """(id, data) of each server-sent event; comments (keep-alives) are skipped."""

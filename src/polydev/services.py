@@ -8,6 +8,7 @@ CLI commands that work on the store use `open_services` and never touch VMs.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from polydev.config import Settings
 from polydev.core.egress_admin import EgressAdmin
+from polydev.core.quotas import Admission, HostCapacity, Kind, Quota
 from polydev.core.login_browser import LoginBrowser
 from polydev.core.login_flow import LoginFlow
 from polydev.core.login_sessions import LoginSessions
@@ -31,6 +33,7 @@ from polydev.store import db
 from polydev.store.auth_sessions import AuthSessionRepo
 from polydev.store.credentials import CredentialRepo
 from polydev.store.egress import EgressRepo
+from polydev.store.quotas import QuotaRepo
 from polydev.store.runs import RunRepo
 from polydev.store.sessions import SessionStore, create_session_store
 from polydev.store.users import UserRepo
@@ -75,6 +78,7 @@ class Services:
     # engine: EGRESS_GATEWAY=on, user networking, a backend that forwards its guests to it).
     egress: EgressService | None = None
     egress_admin: EgressAdmin = None  # type: ignore[assignment]  # each user's egress identity and accounting
+    admission: Admission = None  # type: ignore[assignment]  # quotas and the host's capacity
 
     def engine_or_reason(self) -> tuple[VMEngine | None, str | None]:
         return self.engine, self.engine_unavailable
@@ -90,6 +94,13 @@ class Services:
             if not self.engine.describe().has_login_browser:
                 return None
         return LoginBrowser()
+
+    async def admit(self, user_id: uuid.UUID, kind: Kind, purpose: str) -> None:
+        """Quotas and the host's capacity for one more login, run or VM of `purpose` (cli or browser)."""
+        s = self.settings
+        size = (s.vm_browser_vcpu, s.vm_browser_memory_mb) if purpose == "browser" else (s.vm_cli_vcpu,
+                                                                                         s.vm_cli_memory_mb)
+        await self.admission.check(user_id, kind, *size)
 
     def guest_env(self, provider: str) -> GuestEnv:
         """How a VM for `provider` reaches the outside, per the settings."""
@@ -158,15 +169,17 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
         login_sessions=LoginSessions(store, AuthSessionRepo(factory)), runs=RunRepo(factory),
     )
     ca_pem = settings.guest_ca_cert_file.read_bytes() if settings.guest_ca_cert_file else None
+    svc.admission = Admission(QuotaRepo(factory), Quota.from_settings(settings), HostCapacity.from_settings(settings))
     svc.login_flow = LoginFlow(sessions=svc.login_sessions, credentials=svc.credentials, engine=svc.engine_or_reason,
                                guest_env=svc.guest_env, ca_pem=ca_pem, timeout=settings.login_timeout_seconds,
                                browser=svc.login_browser, pool=settings.login_pool,
-                               pool_max_age=settings.login_pool_max_age_seconds, vault=vault)
+                               pool_max_age=settings.login_pool_max_age_seconds, vault=vault, admit=svc.admit)
     svc.vnc_tickets = VncTickets(store, settings.vnc_ticket_seconds)
     svc.run_flow = RunFlow(runs=svc.runs, credentials=svc.credentials, engine=svc.engine_or_reason,
                            guest_env=svc.guest_env, ca_pem=ca_pem, default_timeout=settings.run_timeout_seconds,
-                           signals=store)
-    svc.vm_admin = VmAdmin(svc.engine_or_reason, default_ttl=timedelta(seconds=settings.vm_ttl_seconds))
+                           signals=store, admit=svc.admit)
+    svc.vm_admin = VmAdmin(svc.engine_or_reason, default_ttl=timedelta(seconds=settings.vm_ttl_seconds),
+                           admit=svc.admit)
     svc.egress_admin = EgressAdmin(
         EgressRepo(factory, svc.credentials), svc.users, settings.egress_address_pool,
         Limits.from_settings(settings),

@@ -204,6 +204,13 @@ def test_admin_lists_and_destroys_vms(page: Page, server: LiveServer, admin: Pol
     expect(row).to_contain_text(vm["backend"])
     expect(row).to_contain_text("admin")
     expect(row.locator("td[data-created]")).to_have_text(re.compile(r"^\d+ (s|min)"))
+    # The quotas: the admin's live VM counts against their limits, and against the host's capacity.
+    me = admin.me()["id"]
+    expect(page.locator(f'tr[data-user="{me}"] td[data-limit="vms"]')).to_have_text(
+        f"1 / {admin.quotas(me)['limits']['vms']}")
+    cap = admin.host_capacity()["capacity"]["vcpus"]
+    assert cap["used"] >= 1
+    expect(page.locator("[data-host-capacity]")).to_contain_text(f"{cap['used']} of {cap['capacity']} vCPUs in use")
     shot(page, "08-admin")
     row.get_by_role("button", name=re.compile("^Destroy")).click()
     expect(row).to_have_count(0)

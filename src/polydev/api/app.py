@@ -19,6 +19,7 @@ from polydev.api.routes import (
     egress,
     health,
     login_sessions,
+    quotas,
     runs,
     users,
     vms,
@@ -88,7 +89,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.metrics = metrics
     install_error_handlers(app)
     for router in (health.router, users.router, credentials.router, login_sessions.router, vnc.router,
-                   runs.router, vms.router, egress.router):
+                   runs.router, vms.router, egress.router, quotas.router):
         app.include_router(router)
     install_dashboard(app, settings, error_response)  # after the API: its /app catch-all must not shadow a route
     # Outermost first: observe everything (413s included), then enforce the size limit.

@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from polydev.core.quotas import HostFull, QuotaExceeded
+
 log = structlog.get_logger(__name__)
 
 _CODES = {
@@ -84,6 +86,14 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "validation_error", summary or "invalid request", details=details)
 
 
+async def _not_admitted(_request: Request, exc: Exception) -> JSONResponse:
+    """A quota (429) or the host's capacity (503): which limit, the use against it, and when to retry."""
+    assert isinstance(exc, QuotaExceeded | HostFull)
+    status, code = (429, "quota_exceeded") if isinstance(exc, QuotaExceeded) else (503, "host_capacity")
+    return error_response(status, code, str(exc), headers={"Retry-After": str(exc.retry_after)},
+                          limit=exc.limit, used=exc.used, allowed=exc.allowed)
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled_error", path=request.url.path, error_type=type(exc).__name__, exc_info=exc)
     return error_response(500, "internal_error", "internal error; the server log has the details")
@@ -93,4 +103,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(QuotaExceeded, _not_admitted)
+    app.add_exception_handler(HostFull, _not_admitted)
     app.add_exception_handler(Exception, _unhandled)

@@ -46,6 +46,12 @@ class Metrics:
                                 registry=self.registry)
         self.vm_creations = Counter("polydev_vm_creations", "VM creations by outcome (created, failed, unavailable)",
                                     ["outcome"], registry=self.registry)
+        # The host's admission control (core/quotas.py): what live VMs hold against its capacity; no per-user
+        # label (GET /api/users/{id}/quotas has each user's use).
+        self.host_used = Gauge("polydev_host_used", "vCPUs and MiB of memory all live VMs hold", ["resource"],
+                               registry=self.registry)
+        self.host_capacity = Gauge("polydev_host_capacity", "vCPUs and MiB of memory live VMs may hold (HOST_*)",
+                                   ["resource"], registry=self.registry)
         self.registry.register(EgressTotals())
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -70,6 +76,11 @@ class Metrics:
             provider, _, method = key.partition(":")
             for state, n in states.items():
                 self.login_pool.labels(provider, method, state).set(n)
+
+    def set_host(self, report: dict[str, dict[str, int]]) -> None:
+        for resource, values in report.items():
+            self.host_used.labels(resource).set(values["used"])
+            self.host_capacity.labels(resource).set(values["capacity"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

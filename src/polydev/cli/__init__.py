@@ -10,6 +10,7 @@ from polydev.cli import (
     egress,
     flows,
     keys,
+    quota,
     remote,
     serve,
     users,
@@ -27,6 +28,7 @@ app.command("run")(flows.run)
 app.add_typer(remote.credentials, name="credentials")
 app.add_typer(remote.vm, name="vm")
 app.add_typer(egress.app, name="egress")
+app.add_typer(quota.app, name="quota")
 app.command("doctor")(doctor.doctor)
 app.add_typer(web.app, name="web")
 

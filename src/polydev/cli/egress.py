@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 
-from polydev.cli.remote import TOKEN_OPTION, URL_OPTION, call_api
-
-if TYPE_CHECKING:
-    from polydev.client import PolydevClient
+from polydev.cli.remote import TOKEN_OPTION, URL_OPTION, call_api, user_id_of
 
 app = typer.Typer(help="Egress: how each user's VMs reach the outside (admin), and the gateway's accounting.",
                   no_args_is_help=True)
@@ -26,19 +22,6 @@ app = typer.Typer(help="Egress: how each user's VMs reach the outside (admin), a
 LIMIT_NAMES = ("concurrent", "per_minute", "bytes_per_day")
 USER_ARG = typer.Argument(..., help="the user's name or id")
 JSON_OPTION = typer.Option(False, "--json", help="print the API's JSON")
-
-
-def _user_id(pd: PolydevClient, user: str) -> str:
-    """The id of USER (a name or an id); a name nobody has ends the command."""
-    try:
-        return str(uuid.UUID(user))
-    except ValueError:
-        pass
-    for u in pd.users():
-        if u["name"] == user:
-            return str(u["id"])
-    typer.secho(f"error: no user named {user!r}", fg="red", err=True)
-    raise typer.Exit(1)
 
 
 def _limits(items: list[str], clear: bool) -> dict[str, int] | None:
@@ -78,7 +61,7 @@ def _print(e: dict[str, Any], json_out: bool) -> None:
 def show(user: str = USER_ARG, json_out: bool = JSON_OPTION, url: str = URL_OPTION,
          token: str = TOKEN_OPTION) -> None:
     """A user's egress identity: mode, address, proxy (scheme://host:port only) and limits."""
-    e = call_api(url, token, lambda pd: pd.egress(_user_id(pd, user)))
+    e = call_api(url, token, lambda pd: pd.egress(user_id_of(pd, user)))
     _print(e, json_out)
 
 
@@ -110,7 +93,7 @@ def set_(user: str = USER_ARG,
     if proxy_url == "-":
         proxy_url = (sys.stdin.readline().strip() if not sys.stdin.isatty()
                      else typer.prompt("Proxy URL", hide_input=True))
-    e = call_api(url, token, lambda pd: pd.set_egress(_user_id(pd, user), mode, proxy_url=proxy_url, family=family,
+    e = call_api(url, token, lambda pd: pd.set_egress(user_id_of(pd, user), mode, proxy_url=proxy_url, family=family,
                                                       limits=limits))
     _print(e, json_out)
 

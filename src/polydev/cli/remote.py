@@ -133,3 +133,18 @@ def vm_rm(vm_id: str = typer.Argument(..., help="the VM's id"), url: str = URL_O
     """Destroy a VM: its process, disk, network slot and address."""
     call_api(url, token, lambda pd: pd.delete_vm(vm_id))
     typer.echo(f"destroyed {vm_id}")
+
+
+def user_id_of(pd: PolydevClient, user: str) -> str:
+    """The id of USER (a name or an id); a name nobody has ends the command."""
+    import uuid
+
+    try:
+        return str(uuid.UUID(user))
+    except ValueError:
+        pass
+    for u in pd.users():
+        if u["name"] == user:
+            return str(u["id"])
+    typer.secho(f"error: no user named {user!r}", fg="red", err=True)
+    raise typer.Exit(1)

@@ -143,6 +143,18 @@ class Settings(BaseSettings):
     egress_limit_per_minute: int = Field(600, ge=1, description="new tunnels per user per minute")
     egress_limit_bytes_per_day: int = Field(20 * 1024**3, ge=0, description="bytes per user per UTC day")
 
+    # Quotas per user (admins override them per user) and the host's admission control (polydev.core.quotas).
+    quota_vms: int = Field(4, ge=0, description="live VMs per user")
+    quota_logins: int = Field(2, ge=0, description="logins in progress per user")
+    quota_runs: int = Field(4, ge=0, description="runs in progress per user")
+    quota_vcpus: int = Field(8, ge=0, description="vCPUs of a user's live VMs")
+    quota_memory_mb: int = Field(16384, ge=0, description="MiB of memory of a user's live VMs")
+    # 0: read off the machine (its CPUs × HOST_VCPU_OVERCOMMIT; its memory less HOST_RESERVED_MEMORY_MB).
+    host_vcpus: int = Field(0, ge=0, description="vCPUs all live VMs may hold")
+    host_vcpu_overcommit: float = Field(4.0, gt=0)
+    host_memory_mb: int = Field(0, ge=0, description="MiB all live VMs may hold")
+    host_reserved_memory_mb: int = Field(2048, ge=0, description="MiB kept for the host itself")
+
     @field_validator("database_url", "redis_url", "credential_encryption_key",
                      "credential_encryption_previous_keys", "guest_https_proxy", "guest_ca_cert_file",
                      mode="before")

@@ -45,7 +45,7 @@ from polydev.core.login_state import Login, publish, vm_ttl
 from polydev.core.login_vnc import start_browser
 from polydev.core.relay import wait_for
 from polydev.core.tasks import cancel_and_wait, end_all
-from polydev.core.vm_flow import EngineSource, VmFlow, egress_error
+from polydev.core.vm_flow import Admit, EngineSource, VmFlow, admit_all, egress_error
 from polydev.providers import get_adapter
 from polydev.providers.base import GuestEnv, GuestFile, hook_files
 from polydev.store.credentials import CredentialRepo
@@ -66,8 +66,8 @@ class LoginFlow(VmFlow):
                  guest_env: Callable[[str], GuestEnv], ca_pem: bytes | None = None, timeout: float = 300.0,
                  vm_purpose: Purpose = "cli", browser: Callable[[], LoginBrowser | None] = lambda: None,
                  pool: dict[tuple[str, str | None], int] | None = None, pool_max_age: float = 300.0,
-                 vault: Vault | None = None) -> None:
-        super().__init__(credentials=credentials, engine=engine, guest_env=guest_env, ca_pem=ca_pem)
+                 vault: Vault | None = None, admit: Admit = admit_all) -> None:
+        super().__init__(credentials=credentials, engine=engine, guest_env=guest_env, ca_pem=ca_pem, admit=admit)
         self.sessions = sessions
         self.timeout = timeout
         self.vm_purpose: Purpose = vm_purpose
@@ -88,6 +88,7 @@ class LoginFlow(VmFlow):
             raise ValueError(f"{provider} supports login method(s) {', '.join(adapter.login_methods)}, "
                              f"not {method!r}")
         engine = self._running_engine()
+        await self.admit(user_id, "login", "browser" if self._browser() is not None else self.vm_purpose)
         env = self._guest_env(provider)
         plan = adapter.login_plan(method, env)  # type: ignore[arg-type]
         live = await self.sessions.start(user_id, provider, method)

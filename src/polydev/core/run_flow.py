@@ -32,7 +32,7 @@ from polydev.core.guest import Guest, GuestProcess, base_files
 from polydev.core.relay import StoreRelay, wait_for
 from polydev.core.run_events import EventWriter, RunEvents, stream
 from polydev.core.tasks import LiveTask, end_all
-from polydev.core.vm_flow import EngineSource, VmFlow, egress_error
+from polydev.core.vm_flow import Admit, EngineSource, VmFlow, admit_all, egress_error
 from polydev.providers import get_adapter
 from polydev.providers.base import (
     CredentialBundle,
@@ -90,8 +90,8 @@ class RunFlow(VmFlow):
     def __init__(self, *, runs: RunRepo, credentials: CredentialRepo, engine: EngineSource,
                  guest_env: Callable[[str], GuestEnv], ca_pem: bytes | None = None, default_timeout: int = 900,
                  events: RunEvents | None = None, poll_interval: float = 0.5,
-                 signals: SessionStore | None = None) -> None:
-        super().__init__(credentials=credentials, engine=engine, guest_env=guest_env, ca_pem=ca_pem)
+                 signals: SessionStore | None = None, admit: Admit = admit_all) -> None:
+        super().__init__(credentials=credentials, engine=engine, guest_env=guest_env, ca_pem=ca_pem, admit=admit)
         self.runs = runs
         self.default_timeout = default_timeout
         self.events = events or RunEvents()
@@ -112,6 +112,7 @@ class RunFlow(VmFlow):
         if found is None:
             raise NoCredential(provider)
         engine = self._running_engine()
+        await self.admit(user_id, "run", "cli")
         kind, secret = found
         bundle = CredentialBundle.from_bytes(secret, kind)
         timeout = timeout or self.default_timeout

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from polydev.core.vm_flow import Admit, admit_all
 from polydev.protocol import ProtocolError
 from polydev.store.vms import LIVE
 from polydev.vm.agent_client import AgentError, AgentUnreachable
@@ -102,9 +103,11 @@ class ExecOutcome:
 
 
 class VmAdmin:
-    def __init__(self, engine: Callable[[], tuple[VmPort | None, str | None]], default_ttl: timedelta) -> None:
+    def __init__(self, engine: Callable[[], tuple[VmPort | None, str | None]], default_ttl: timedelta,
+                 admit: Admit = admit_all) -> None:
         self._engine = engine  # () -> (engine, or None with the reason)
         self.default_ttl = default_ttl
+        self.admit = admit  # quotas and the host's capacity, checked before a VM is made
 
     def _port(self) -> VmPort:
         engine, reason = self._engine()
@@ -126,6 +129,7 @@ class VmAdmin:
         from polydev.vm.engine import VMCapacityError, VMCreateError
 
         ttl = timedelta(seconds=ttl_seconds) if ttl_seconds else self.default_ttl
+        await self.admit(user_id, "vm", purpose)
         try:
             return await engine.create(user_id, purpose, ttl=ttl)
         except VMCapacityError as exc:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Literal
 
 import structlog
 
@@ -18,12 +18,19 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 EngineSource = Callable[[], "tuple[VmPort | None, str | None]"]  # the VM engine, or None and why there is none
+# Admission (core/quotas.py): (user, what: login/run/vm, VM purpose: cli/browser) → raises when refused.
+Admit = Callable[[uuid.UUID, Literal["login", "run", "vm"], str], Awaitable[None]]
+
+
+async def admit_all(user_id: uuid.UUID, kind: Literal["login", "run", "vm"], purpose: str) -> None:
+    """No quotas (a flow built without admission control)."""
 
 
 class VmFlow:
     def __init__(self, *, credentials: CredentialRepo, engine: EngineSource, guest_env: Callable[[str], GuestEnv],
-                 ca_pem: bytes | None) -> None:
+                 ca_pem: bytes | None, admit: Admit = admit_all) -> None:
         self.credentials = credentials
+        self.admit = admit  # before anything starts: QuotaExceeded / HostFull refuse the request
         self._engine = engine  # asked per login or run: the engine may start (or fail) after the flow is built
         self._guest_env = guest_env  # provider -> GuestEnv (API base URLs differ per provider)
         self.ca_pem = ca_pem  # the platform's extra CA, put in every guest (None: there is none)

@@ -81,6 +81,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16), default="user")
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The user's own quota limits (JSON object, polydev.core.quotas.LIMITS), set by admins; null: the defaults.
+    quotas_json: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class ApiToken(Base):

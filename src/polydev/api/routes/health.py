@@ -107,4 +107,5 @@ async def metrics(request: Request, services: ServicesDep) -> Response:
     with contextlib.suppress(VmUnavailable):
         registry.set_vms(await services.vm_admin.live_counts())
     registry.set_login_pool(services.login_flow.pool.counts())
+    registry.set_host(await services.admission.host_report())
     return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,4 +1,5 @@
-// Admin: the VMs (status, age, backend, owner) kept current by polling the list, with a destroy button.
+// Admin: the VMs (status, age, backend, owner) kept current by polling the list, with a destroy button; and
+// the quotas: each user's use against their limits, and the host's capacity.
 
 import { api } from "./api.js";
 import { age, h, notice, replace, say, when } from "./dom.js";
@@ -59,8 +60,31 @@ export function render(root, _params, { me, signal }) {
     draw();
   }).catch(() => {});
   load();
+  quotas(root, signal);
   const ticker = setInterval(() => {  // ages tick
     for (const td of body.querySelectorAll("td[data-created]")) td.textContent = age(td.dataset.created);
   }, 1000);
   return () => { clearTimeout(poll); clearInterval(ticker); };
+}
+
+const LIMITS = [["vms", "VMs"], ["logins", "Logins"], ["runs", "Runs"], ["vcpus", "vCPUs"], ["memory_mb", "Memory (MiB)"]];
+
+function quotas(root, signal) {
+  const message = notice();
+  const host = h("p", { "data-host-capacity": "" });
+  const body = h("tbody");
+  root.append(h("h2", { id: "quotas-h" }, "Quotas"), message, host,
+    h("table", { class: "table", "aria-labelledby": "quotas-h", "data-table": "quotas" },
+      h("thead", {}, h("tr", {}, ["User", ...LIMITS.map(([, t]) => t)].map((t) => h("th", { scope: "col" }, t)))), body),
+    h("p", { class: "help" }, "In use / limit; * marks a user's own limit (set with `polydev quota set` or "
+      + "PUT /api/users/{id}/quotas)."));
+  Promise.all([api("GET", "/api/quotas", undefined, { signal }), api("GET", "/api/quotas/host", undefined, { signal })])
+    .then(([rows, cap]) => {
+      replace(host, "Host: " + Object.entries(cap.capacity)
+        .map(([k, v]) => `${v.used} of ${v.capacity} ${k === "vcpus" ? "vCPUs" : "MiB of memory"} in use`).join(", "));
+      replace(body, rows.map((q) => h("tr", { "data-user": q.user_id },
+        h("td", {}, q.user_name || q.user_id.slice(0, 8)),
+        ...LIMITS.map(([k]) => h("td", { "data-limit": k },
+          `${q.usage[k]} / ${q.limits[k]}${k in q.overrides ? " *" : ""}`)))));
+    }).catch((e) => { if (e.name !== "AbortError") say(message, e.message, "error"); });
 }

@@ -1,0 +1,82 @@
+"""Quotas: each user's limits and use (their own; admins anyone's and set overrides), and the host's capacity.
+
+A login, run or VM past a limit is refused by the flows themselves (core/quotas.py) with 429 `quota_exceeded`
+or 503 `host_capacity` (api/errors.py), naming the limit, the use and `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from polydev.api.deps import AdminUser, CurrentUser, ServicesDep
+from polydev.api.errors import ApiError
+from polydev.core.quotas import LIMITS, check_overrides
+
+router = APIRouter(prefix="/api", tags=["quotas"])
+
+
+class QuotasIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    limits: dict[str, StrictInt] = Field(description=f"overrides of the defaults, keys {', '.join(LIMITS)}; "
+                                                     "{} drops them")
+
+
+class QuotasOut(BaseModel):
+    user_id: uuid.UUID
+    user_name: str | None = None
+    limits: dict[str, int] = Field(description="what applies: the defaults with this user's overrides")
+    overrides: dict[str, int] = Field(description="this user's own limits")
+    usage: dict[str, int] = Field(description="what the user holds now, against each limit")
+
+
+class HostOut(BaseModel):
+    capacity: dict[str, dict[str, int]] = Field(description="per resource (vcpus, memory_mb): used and capacity")
+
+
+_NOT_FOUND = {404: {"description": "no such user (`not_found`)"}}
+
+
+async def _report(services: ServicesDep, user_id: uuid.UUID) -> QuotasOut:
+    if await services.admission.repo.overrides(user_id) is None:
+        raise ApiError(404, "not_found", "no such user")
+    return QuotasOut(user_id=user_id, **await services.admission.report(user_id))  # type: ignore[arg-type]
+
+
+@router.get("/me/quotas", response_model=QuotasOut)
+async def my_quotas(user: CurrentUser, services: ServicesDep) -> QuotasOut:
+    """Your limits and what you hold against each."""
+    return await _report(services, user.id)
+
+
+@router.get("/quotas", response_model=list[QuotasOut])
+async def all_quotas(_: AdminUser, services: ServicesDep) -> list[QuotasOut]:
+    """Every user's limits and use (admins)."""
+    return [QuotasOut(user_id=u.id, user_name=u.name, **await services.admission.report(u.id))  # type: ignore[arg-type]
+            for u in await services.users.list()]
+
+
+@router.get("/users/{user_id}/quotas", response_model=QuotasOut, responses=_NOT_FOUND)
+async def get_quotas(user_id: uuid.UUID, _: AdminUser, services: ServicesDep) -> QuotasOut:
+    return await _report(services, user_id)
+
+
+@router.put("/users/{user_id}/quotas", response_model=QuotasOut,
+            responses={**_NOT_FOUND, 422: {"description": "`bad_quotas`: an unknown name or a negative number"}})
+async def set_quotas(user_id: uuid.UUID, body: QuotasIn, _: AdminUser, services: ServicesDep) -> QuotasOut:
+    """Set a user's own limits (admins); a change applies to their next login, run or VM."""
+    try:
+        limits = check_overrides(dict(body.limits))
+    except ValueError as exc:
+        raise ApiError(422, "bad_quotas", str(exc)) from None
+    if not await services.admission.repo.set_overrides(user_id, limits):  # type: ignore[attr-defined]
+        raise ApiError(404, "not_found", "no such user")
+    return await _report(services, user_id)
+
+
+@router.get("/quotas/host", response_model=HostOut)
+async def host_capacity(_: AdminUser, services: ServicesDep) -> HostOut:
+    """The host's capacity and what all live VMs hold of it (admins)."""
+    return HostOut(capacity=await services.admission.host_report())

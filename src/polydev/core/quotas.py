@@ -1,0 +1,138 @@
+"""Per-user quotas and the host's admission control: a login, run or VM that cannot be served now is refused
+before anything starts (no session, run or VM row, no process), saying which limit was hit and when to
+retry.
+
+Each user has limits on live VMs, logins and runs not yet ended, and the vCPUs and memory their live VMs
+hold (QUOTA_* settings, overridden per user by admins). The host admits a VM only while the vCPUs and
+memory of all live VMs stay within its capacity: HOST_VCPUS and HOST_MEMORY_MB, by default read off the
+machine (its CPUs × HOST_VCPU_OVERCOMMIT, its memory less HOST_RESERVED_MEMORY_MB).
+
+Use is counted from the database, so the limits hold across restarts and replicas; two requests that
+arrive at the same instant may both pass (the engine's own slot pool still bounds tap-mode VMs).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal, Protocol
+
+from polydev.config import Settings
+from polydev.store.quotas import Usage
+
+LIMITS = ("vms", "logins", "runs", "vcpus", "memory_mb")
+WHAT = {"vms": "live VMs", "logins": "logins in progress", "runs": "runs in progress", "vcpus": "vCPUs",
+        "memory_mb": "MiB of VM memory"}
+# What a client should wait before trying again: a login or run usually ends within minutes.
+RETRY_AFTER_S = 60
+
+Kind = Literal["login", "run", "vm"]
+
+
+@dataclass(frozen=True)
+class Quota:
+    vms: int
+    logins: int
+    runs: int
+    vcpus: int
+    memory_mb: int
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Quota:
+        return cls(s.quota_vms, s.quota_logins, s.quota_runs, s.quota_vcpus, s.quota_memory_mb)
+
+    def merged(self, overrides: dict[str, int] | None) -> Quota:
+        return replace(self, **{k: int(v) for k, v in (overrides or {}).items() if k in LIMITS})
+
+
+@dataclass(frozen=True)
+class HostCapacity:
+    vcpus: int
+    memory_mb: int
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> HostCapacity:
+        vcpus = s.host_vcpus or int((os.cpu_count() or 1) * s.host_vcpu_overcommit)
+        memory = s.host_memory_mb or max(0, _machine_memory_mb() - s.host_reserved_memory_mb)
+        return cls(vcpus, memory)
+
+
+def _machine_memory_mb() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    except (ValueError, OSError):
+        return 0
+
+
+def check_overrides(limits: dict[str, object]) -> dict[str, int]:
+    """An admin's overrides, checked: known names, whole numbers ≥ 0. ValueError says what is wrong."""
+    out: dict[str, int] = {}
+    for name, value in limits.items():
+        if name not in LIMITS:
+            raise ValueError(f"unknown quota {name!r}; quotas are {', '.join(LIMITS)}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"quota {name} must be a whole number ≥ 0, not {value!r}")
+        out[name] = value
+    return out
+
+
+class QuotaExceeded(Exception):
+    """A user's own limit: answered 429 with Retry-After."""
+
+    def __init__(self, limit: str, used: int, allowed: int) -> None:
+        self.limit, self.used, self.allowed, self.retry_after = limit, used, allowed, RETRY_AFTER_S
+        super().__init__(f"quota {limit}: {used} of {allowed} {WHAT[limit]} in use; end one, or try again later "
+                         f"(an admin can raise your quota)")
+
+
+class HostFull(Exception):
+    """The host's capacity: answered 503 with Retry-After."""
+
+    def __init__(self, resource: str, used: int, needed: int, capacity: int) -> None:
+        self.limit, self.used, self.allowed, self.retry_after = resource, used, capacity, RETRY_AFTER_S
+        super().__init__(f"the host is full: {used} of {capacity} {WHAT[resource]} in use, {needed} more needed; "
+                         "try again later")
+
+
+class UsageSource(Protocol):
+    async def usage(self, user_id: uuid.UUID | None = None) -> Usage: ...
+
+    async def overrides(self, user_id: uuid.UUID) -> dict[str, int] | None: ...
+
+
+class Admission:
+    def __init__(self, repo: UsageSource, defaults: Quota, host: HostCapacity) -> None:
+        self.repo = repo
+        self.defaults = defaults
+        self.host = host
+
+    async def quota(self, user_id: uuid.UUID) -> Quota:
+        return self.defaults.merged(await self.repo.overrides(user_id))
+
+    async def check(self, user_id: uuid.UUID, kind: Kind, vcpus: int, memory_mb: int) -> None:
+        """QuotaExceeded or HostFull when a new `kind` with a VM of this size cannot be admitted now."""
+        quota, used = await self.quota(user_id), await self.repo.usage(user_id)
+        wanted = {"vms": 1, "logins": int(kind == "login"), "runs": int(kind == "run"), "vcpus": vcpus,
+                  "memory_mb": memory_mb}
+        for name in LIMITS:
+            have, limit = getattr(used, name), getattr(quota, name)
+            if wanted[name] and have + wanted[name] > limit:
+                raise QuotaExceeded(name, have, limit)
+        total = await self.repo.usage(None)
+        for name in ("vcpus", "memory_mb"):
+            have, cap = getattr(total, name), getattr(self.host, name)
+            if have + wanted[name] > cap:
+                raise HostFull(name, have, wanted[name], cap)
+
+    async def report(self, user_id: uuid.UUID) -> dict[str, object]:
+        """A user's limits (their own overrides marked), and their use against each."""
+        overrides = await self.repo.overrides(user_id) or {}
+        return {"limits": asdict(self.defaults.merged(overrides)), "overrides": overrides,
+                "usage": asdict(await self.repo.usage(user_id))}
+
+    async def host_report(self) -> dict[str, dict[str, int]]:
+        """The host's capacity and what all live VMs hold of it (for /metrics and the admin page)."""
+        total = await self.repo.usage(None)
+        return {f.name: {"used": getattr(total, f.name), "capacity": getattr(self.host, f.name)}
+                for f in fields(self.host)}
