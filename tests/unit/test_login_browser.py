@@ -79,6 +79,9 @@ def test_chromium_policy_trusts_the_platform_ca_and_saves_no_passwords(tmp_path:
     assert opener.path == "/run/polydev/login/open-url.py" and policy.path.startswith("/etc/chromium/policies/managed/")
     doc = json.loads(policy.data)
     assert doc["PasswordManagerEnabled"] is False
+    # Chromium's own calls home are off: no sign-in, sync, metrics, suggestions or Safe Browsing lookups.
+    assert doc["BrowserSignin"] == 0 and doc["SyncDisabled"] is True and doc["MetricsReportingEnabled"] is False
+    assert doc["SearchSuggestEnabled"] is False and doc["SafeBrowsingProtectionLevel"] == 0
     der = x509.load_pem_x509_certificate(ca.cert_path.read_bytes()).public_bytes(serialization.Encoding.DER)
     assert doc["CACertificates"] == [base64.b64encode(der).decode()]
     assert "CACertificates" not in json.loads(LoginBrowser().files(GuestEnv())[1].data)

@@ -133,10 +133,18 @@ class LoginBrowser:
 
 def chromium_policy(ca_pem: bytes | None) -> dict[str, object]:
     """Managed policy for the login Chromium: trust the platform's extra CA (the proxy's, GUEST_CA_CERT_FILE),
-    never offer to save the user's password, send nothing of its own (metrics, Safe Browsing lookups)."""
+    never offer to save the user's password, send nothing of its own (metrics, Safe Browsing lookups; no
+    browser sign-in or sync, whose account checks and push channel went to accounts.google.com,
+    android.clients.google.com and www.google.com through the egress gateway even with the flags' background
+    networking off)."""
     policy: dict[str, object] = {"PasswordManagerEnabled": False, "MetricsReportingEnabled": False,
                                  "SafeBrowsingProtectionLevel": 0, "TranslateEnabled": False,
-                                 "DefaultBrowserSettingEnabled": False}
+                                 "DefaultBrowserSettingEnabled": False, "BrowserSignin": 0, "SyncDisabled": True,
+                                 "SearchSuggestEnabled": False, "NetworkPredictionOptions": 2,
+                                 "AlternateErrorPagesEnabled": False, "SpellCheckServiceEnabled": False,
+                                 "UrlKeyedAnonymizedDataCollectionEnabled": False, "BackgroundModeEnabled": False,
+                                 "ComponentUpdatesEnabled": False, "PromotionalTabsEnabled": False,
+                                 "DefaultSearchProviderEnabled": False}
     if ca_pem:
         blocks = re.findall(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", ca_pem, re.S)
         # Policy wants base64 DER: the PEM body without its line breaks.
