@@ -152,7 +152,9 @@ class PolydevClient:
         connection is resumed where it stopped (Last-Event-ID), so no event is missed or repeated."""
         last, failures = after, 0
         while True:
-            headers = {"Accept": "text/event-stream", "Last-Event-ID": str(last)}
+            headers = {"Accept": "text/event-stream"}
+            if last >= 0:  # (an event id is never negative: from the start, the header is left out)
+                headers["Last-Event-ID"] = str(last)
             try:
                 with self._http.stream("GET", f"/api/runs/{run_id}/events", headers=headers,
                                        timeout=httpx.Timeout(30.0, read=None)) as response:

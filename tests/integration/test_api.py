@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
+from polydev.api.app import create_app
+from polydev.services import open_services
 from polydev.store.models import Credential, User
-from tests.support.app import Api
+from tests.support.app import Api, make_settings
+from tests.support.live_asgi import serving
 
 KEY = "sk-test-ABCDEFGHIJKLMNOPQRSTUV0123456789"
 
@@ -122,6 +128,35 @@ async def test_finished_session_reads_from_the_database_after_its_ttl(api: Api) 
     assert r.status_code == 200 and r.json()["status"] == "completed"
 
 
+@pytest.mark.parametrize("status", ["completed", "failed", "timeout", "cancelled"])
+async def test_a_code_for_an_ended_session_is_410_as_a_vnc_ticket_is(api: Api, status: str) -> None:
+    uid, token = await api.new_user()
+    h = api.auth(token)
+    sid = uuid.UUID((await api.services.login_sessions.start(uuid.UUID(uid), "claude_code"))["session_id"])
+    await api.services.login_sessions.finish(sid, status, "ended")
+    code = await api.client.post(f"/api/auth/sessions/{sid}/code", json={"code": "good-code"}, headers=h)
+    ticket = await api.client.post(f"/api/auth/sessions/{sid}/vnc-ticket", headers=h)
+    assert code.status_code == ticket.status_code == 410, (code.text, ticket.text)
+    assert code.json() == ticket.json()
+    assert code.json()["error"]["code"] == "session_expired" and code.json()["error"]["action"] == "start_new_session"
+    assert status in code.json()["error"]["message"]
+
+
+async def test_an_ended_session_has_no_vnc_url(api: Api) -> None:
+    uid, token = await api.new_user()
+    h = api.auth(token)
+    sid = uuid.UUID((await api.services.login_sessions.start(uuid.UUID(uid), "claude_code"))["session_id"])
+    view = f"/api/auth/sessions/{sid}/vnc"
+    await api.services.login_sessions.update(sid, status="awaiting_user_auth", vnc_url=view)
+    assert (await api.client.get(f"/api/auth/sessions/{sid}", headers=h)).json()["vnc_url"] == view
+    await api.services.login_sessions.finish(sid, "completed")
+    body = (await api.client.get(f"/api/auth/sessions/{sid}", headers=h)).json()
+    assert body["status"] == "completed" and body["vnc_url"] is None
+    await api.services.session_store.delete(str(sid))  # read from its row from now on
+    body = (await api.client.get(f"/api/auth/sessions/{sid}", headers=h)).json()
+    assert body["status"] == "completed" and body["vnc_url"] is None
+
+
 @pytest.mark.parametrize("method,path,kwargs,status,code", [
     ("put", "/api/credentials/codex/api-key", {"content": b'{"api_key": ', "headers": {"content-type": "application/json"}},
      400, "malformed_json"),
@@ -164,6 +199,29 @@ async def test_streamed_oversized_body_is_413(api: Api) -> None:
     r = await api.client.put("/api/credentials/codex/api-key", content=chunks(),
                              headers={**api.auth(api.admin_token), "content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_a_body_that_never_arrives_is_408_and_its_connection_closed(tmp_path: Path) -> None:
+    """Against a real server on loopback: a client announces 100 bytes, sends 7 and waits."""
+    svc = await open_services(make_settings(tmp_path, body_timeout_seconds=0.5))
+    try:
+        async with serving(create_app(services=svc)) as address:
+            host, port = address.split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                writer.write(b"POST /api/runs HTTP/1.1\r\nHost: polydev.test\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"prov"')
+                await writer.drain()
+                # All the server sends until it closes the connection (without the limit: nothing, ever).
+                answer = await asyncio.wait_for(reader.read(), 30)
+            finally:
+                writer.close()  # (else the server's shutdown would wait for this request's body forever)
+    finally:
+        await svc.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), head
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout" and "within 0.5 s" in error["message"]
 
 
 async def test_metrics_count_requests_by_route_and_sessions_by_status(api: Api) -> None:

@@ -302,3 +302,23 @@ async def test_close_while_the_pool_prepares_a_vm_leaves_nothing(services: Servi
     assert find_marked_processes(eng.tag) == {}
     assert await eng.list() == [] and eng.pool.ready == ()
     assert not any(eng.vms_dir.iterdir())
+
+
+async def test_a_start_cancelled_midway_leaves_nothing_and_says_so_in_words(engine: VMEngine) -> None:
+    backend = engine.backend
+    assert isinstance(backend, FakeBackend)
+    backend.block = asyncio.Event()  # the hypervisor is up, its agent not yet ready
+    task = asyncio.create_task(engine.create(None, "cli"))
+    for _ in range(3000):
+        if backend.started:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [spec] = backend.started
+    row = await engine.vms.get(spec.vm_id)
+    assert row is not None and row.status == "failed"
+    assert row.error_message == "cancelled before it started"  # was "CancelledError (console log: …)"
+    assert find_marked_processes(engine.tag) == {} and not spec.workdir.exists()
+    assert not (engine.logs_dir / f"{spec.vm_id}.console.log").exists()

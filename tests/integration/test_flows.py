@@ -130,7 +130,7 @@ async def test_cancel_ends_the_session_and_its_vm(flows: Api) -> None:
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     assert r.json()["error_message"] == "cancelled by the user"
     r = await flows.client.post(f"/api/auth/sessions/{sid}/code", json={"code": "good-code"}, headers=h)
-    assert r.status_code == 409
+    assert r.status_code == 410 and r.json()["error"]["code"] == "session_expired"
     await no_vms_left(flows)
 
 
@@ -375,6 +375,22 @@ async def test_run_timeout_stops_the_cli(flows: Api) -> None:
     await no_vms_left(flows)
 
 
+@pytest.mark.parametrize("prompt, why", [
+    ("stall", "Reading additional input from stdin... / fetch failed: connect ECONNREFUSED api.fake.test:443"),
+    ("stall retry", "connect ECONNREFUSED api.fake.test:443, retry 1/10"),  # a retry it reported, over stderr
+])
+async def test_a_timed_out_run_keeps_what_the_cli_last_complained_of(flows: Api, prompt: str, why: str) -> None:
+    h = await api_key_user(flows)
+    flows.services.run_flow.default_timeout = 4  # (a request may ask for 10 s at least)
+    rid = await post_run(flows, h, prompt)
+    run = await wait_run(flows, h, rid)
+    assert run["status"] == "timeout", run
+    assert run["error_message"] == f"the run did not finish within 4 s; Fake CLI's last error: {why}"
+    events = sse((await flows.client.get(f"/api/runs/{rid}/events", headers=h)).text)
+    assert events[-1][1] == "error" and events[-1][2]["message"] == run["error_message"]
+    await no_vms_left(flows)
+
+
 async def test_one_live_run_per_credential(flows: Api) -> None:
     _, h = await logged_in(flows)
     first = await post_run(flows, h, "sleep 60")
@@ -389,7 +405,7 @@ async def test_bad_run_requests_are_4xx_that_say_what_to_do(flows: Api) -> None:
     limit = flows.services.settings.max_prompt_bytes
     cases = [
         ({"provider": "nope", "prompt": "x"}, 422, None),
-        ({"provider": "claude_code", "prompt": ""}, 422, None),
+        ({"provider": "claude_code", "prompt": ""}, 422, "empty_prompt"),
         ({"provider": "claude_code", "prompt": "   "}, 422, "empty_prompt"),
         ({"provider": "claude_code", "prompt": "x" * (limit + 1)}, 413, "prompt_too_large"),
         ({"provider": "claude_code", "prompt": "x", "timeout": 10 ** 6}, 422, "timeout_too_long"),

@@ -70,6 +70,13 @@ if prompt == "crash":
 if prompt == "refresh":
     fd = os.open(home + "/.fake/creds.json", os.O_WRONLY | os.O_TRUNC)
     os.write(fd, json.dumps({"access": "refreshed", "refresh": "r-refreshed"}).encode()); os.close(fd)
+if prompt.startswith("stall"):  # waits for a network it lacks, saying so on stderr or as a retry
+    print("Reading additional input from stdin...", file=sys.stderr, flush=True)
+    if prompt == "stall retry":
+        out(t="retry", v="connect ECONNREFUSED api.fake.test:443, retry 1/10")
+    else:
+        print("fetch failed: connect ECONNREFUSED api.fake.test:443", file=sys.stderr, flush=True)
+    time.sleep(60)
 if prompt.startswith("sleep"):
     out(t="text", v="working"); time.sleep(float(prompt.split()[1]))
 if os.path.exists("note.txt"):
@@ -97,6 +104,8 @@ class FakeParser:
             return [event("tool_call", id=d["id"], name="bash", input={"command": d["cmd"]})]
         if t == "result":
             return [event("tool_result", id=d["id"], output=d["v"], is_error=False)]
+        if t == "retry":  # as the real parsers show an error the CLI carries on from
+            return [event("status", message=d["v"], level="warning")]
         if t == "done":
             self.done = True
             return [event("done", usage={"output_tokens": d["tokens"]})]

@@ -13,7 +13,11 @@ from fastapi import FastAPI
 from polydev import __version__
 from polydev.api.errors import error_response, install_error_handlers
 from polydev.api.metrics import Metrics
-from polydev.api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
+from polydev.api.middleware import (
+    BodyLimitMiddleware,
+    BodyTimeoutMiddleware,
+    ObservabilityMiddleware,
+)
 from polydev.api.routes import (
     credentials,
     egress,
@@ -92,7 +96,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                    runs.router, vms.router, egress.router, quotas.router):
         app.include_router(router)
     install_dashboard(app, settings, error_response)  # after the API: its /app catch-all must not shadow a route
-    # Outermost first: observe everything (413s included), then enforce the size limit.
+    # Outermost first: observe everything (413s and 408s included), then enforce the size and time limits.
+    app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_seconds)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     return app

@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from polydev.api.errors import ApiError
 from polydev.core.login_sessions import SessionExpired, SessionNotFound
 from polydev.services import Services
-from polydev.store.models import User
+from polydev.store.models import AUTH_SESSION_TERMINAL, User
 
 
 class Provider(str, Enum):
@@ -68,3 +68,13 @@ async def read_login_session(services: Services, user_id: uuid.UUID, session_id:
     except SessionExpired:
         raise ApiError(410, "session_expired", "this login session has expired; start a new session",
                        action="start_new_session") from None
+
+
+async def read_live_login_session(services: Services, user_id: uuid.UUID, session_id: uuid.UUID) -> dict[str, Any]:
+    """As read_login_session, and 410 once the session has ended: a code or a VNC ticket for it can do
+    nothing, whichever way it ended, and the answer says to start a new one, as for an expired session."""
+    state = await read_login_session(services, user_id, session_id)
+    if state["status"] in AUTH_SESSION_TERMINAL:
+        raise ApiError(410, "session_expired", f"this login session has ended ({state['status']}); start a new "
+                       "session", action="start_new_session")
+    return state

@@ -19,7 +19,7 @@ log = structlog.get_logger(__name__)
 
 _CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    406: "not_acceptable", 409: "conflict", 410: "gone", 413: "payload_too_large", 415: "unsupported_media_type",
+    406: "not_acceptable", 408: "request_timeout", 409: "conflict", 410: "gone", 413: "payload_too_large", 415: "unsupported_media_type",
     422: "validation_error", 429: "too_many_requests", 503: "unavailable",
 }
 

@@ -1,7 +1,9 @@
-"""ASGI middleware: request-size limit, and per-request logging and metrics keyed by route template."""
+"""ASGI middleware: request-size limit, request-body time limit, and per-request logging and metrics keyed by
+route template."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
@@ -68,6 +70,38 @@ class BodyLimitMiddleware(_HttpMiddleware):
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         await error_response(413, "payload_too_large", f"request body larger than {self.limit} bytes")(
             scope, receive, send)
+
+
+class BodyTimeoutMiddleware(_HttpMiddleware):
+    """Answer 408 and close the connection when a request's body has not arrived in full `seconds` after its
+    headers. The server itself waits for a body as long as its client keeps the connection open: a client
+    that announces 100 bytes and sends 7 would hold its connection, and the route waiting on it, for as long
+    as it likes. The limit is on the whole body, not on each chunk, so a body trickling in is cut off too."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        super().__init__(app)
+        self.seconds = seconds
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        deadline = asyncio.get_running_loop().time() + self.seconds
+        complete = False
+
+        async def timed() -> Message:
+            nonlocal complete
+            if complete:  # later calls wait for the client to leave (a streamed response): no limit on that
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                # Raised inside the route's body read, so the app's error handlers answer it; "Connection:
+                # close" makes the server drop the connection and the rest of the body that may still come.
+                raise HTTPException(408, f"the request body did not arrive within {self.seconds:g} s",
+                                    headers={"Connection": "close"}) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed, send)
 
 
 class ObservabilityMiddleware(_HttpMiddleware):

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     port: int = Field(4000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_request_bytes: int = Field(1024 * 1024, ge=1024, description="larger request bodies answer 413")
+    body_timeout_seconds: float = Field(15.0, gt=0, le=600, description="a request body not received in full "
+                                        "this long after its headers answers 408 and its connection is closed")
     auth_cache_seconds: float = Field(5.0, ge=0, description="how long a checked API token is trusted without "
                                       "asking the database; bounds how late another replica sees a revocation")
     data_dir: Path = Field(default_factory=_default_data_dir, validation_alias="POLYDEV_DATA_DIR")

@@ -36,7 +36,8 @@ class NoCredential(Exception):
 
 
 class BadRunFiles(ValueError):
-    """The files sent with a run are not relative paths inside its working directory, or too large."""
+    """The files sent with a run break core/run_files.py's rule for names, or are too large; the text says
+    which file and why."""
 
 
 def describe(exc: BaseException) -> str:

@@ -20,14 +20,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from polydev.core import run_warmup
 from polydev.core.credential_sync import write_back
-from polydev.core.errors import BadRunFiles, NoCredential, describe
+from polydev.core.errors import NoCredential, describe
 from polydev.core.guest import Guest, GuestProcess, base_files
 from polydev.core.relay import StoreRelay, wait_for
 from polydev.core.run_events import EventWriter, RunEvents, stream
@@ -41,6 +40,7 @@ from polydev.providers.base import (
     ProviderAdapter,
     event,
 )
+from polydev.providers.common import clean
 from polydev.store.credentials import CredentialRepo
 from polydev.store.models import Run
 from polydev.store.runs import RUN_TERMINAL, RunRepo, StoredEvent
@@ -55,28 +55,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 CANCEL_WAIT_S = 10.0  # how long a cancel waits for the replica driving the run to end it
 CANCEL_POLL_S = 0.5
+STDERR_LINES = 3  # of a CLI's stderr, kept in a timed-out run's reason
+MAX_REASON = 300  # characters of the CLI's own words in that reason
 
-__all__ = ["RunEvents", "RunFlow", "check_files"]
+__all__ = ["RunEvents", "RunFlow"]
 
 
 def _cancel_key(run_id: uuid.UUID) -> str:
     return f"run-cancel:{run_id}"
-
-
-def check_files(files: dict[str, str] | None, limit: int) -> dict[str, bytes]:
-    """Files the user sends with a run: relative paths inside the run's working directory."""
-    out: dict[str, bytes] = {}
-    total = 0
-    for name, content in (files or {}).items():
-        path = PurePosixPath(name)
-        if not name or path.is_absolute() or ".." in path.parts or "\0" in name or len(name) > 255:
-            raise BadRunFiles(f"file name {name[:80]!r} must be a relative path inside the working directory")
-        data = content.encode()
-        total += len(data)
-        out[str(path)] = data
-    if total > limit:
-        raise BadRunFiles(f"files total {total} bytes; the limit is {limit}")
-    return out
 
 
 @dataclass(eq=False)
@@ -232,17 +218,21 @@ class RunFlow(VmFlow):
             await self.runs.mark_running(run_id, vm.id)
             await live.writer.emit(event("status", message=f"running {adapter.display_name}"))
             parser = adapter.new_parser()
+            warning: str | None = None  # the last error the CLI reported and carried on from (a retry)
             # stderr too: the parsers ignore its noise but take crash reasons from it.
             async for line in proc.lines("stdout", "stderr"):
                 for ev in parser.feed(line):
                     ended = ended or ev["type"] in ("done", "error")
                     usage = ev.get("usage", usage) if ev["type"] == "done" else usage
                     result = ev.get("result", result) if ev["type"] == "done" else result
+                    if ev["type"] == "status" and ev.get("level") == "warning":
+                        warning = ev.get("message") or warning
                     await live.writer.emit(ev)
             exit_code = proc.exit_code
             final = parser.finish(exit_code if exit_code is not None else -1)
             if proc.timed_out:
-                status, error = "timeout", f"the run did not finish within {timeout} s"
+                status = "timeout"
+                error = _timed_out(timeout, adapter.display_name, warning, bytes(proc.stderr_tail))
                 final = [event("error", message=error)]
             for ev in final:  # the parsers emit their `done` here, at the end, with the result
                 ended = ended or ev["type"] in ("done", "error")
@@ -300,6 +290,16 @@ class RunFlow(VmFlow):
                           bundle: CredentialBundle, row: Run) -> bool:
         return await write_back(guest, env, adapter, bundle, credentials=self.credentials, user_id=row.user_id,
                                 run_id=row.id)
+
+
+def _timed_out(timeout: int, cli: str, warning: str | None, stderr: bytes) -> str:
+    """A run stopped at its time limit, with why the CLI may have been stuck in its own words: the last
+    error it reported and carried on from (a retry: no network, an overloaded API), else its last stderr
+    lines. "Did not finish" alone does not tell a slow task from a CLI waiting for a network it lacks."""
+    text = f"the run did not finish within {timeout} s"
+    lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines() if line.strip()]
+    why = warning or " / ".join(lines[-STDERR_LINES:])
+    return f"{text}; {cli}'s last error: {clean(why, MAX_REASON)}" if why else text
 
 
 def _reason(exc: BaseException, vm_started: bool) -> str:

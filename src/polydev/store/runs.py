@@ -15,6 +15,9 @@ from polydev.store.models import Run, RunEvent, utcnow
 
 RUN_LIVE = ("queued", "running")
 RUN_TERMINAL = ("succeeded", "failed", "cancelled", "timeout")
+# The largest event number: run_events.seq is a 32-bit INTEGER (on PostgreSQL), and a reader's "after" is
+# compared with it, so a larger one cannot even be asked for.
+MAX_EVENT_SEQ = 2**31 - 1
 
 
 class CredentialBusy(Exception):

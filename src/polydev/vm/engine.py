@@ -59,9 +59,14 @@ log = structlog.get_logger(__name__)
 
 RETRY_CLEANUP_AFTER = timedelta(seconds=30)
 PREPARE_AGENT_TIMEOUT = 120.0  # s per agent call: a restored TCG guest's first requests are slow
+CANCELLED = "cancelled before it started"  # the row's reason when its flow or the server stopped its start
 
 
 def _first_line(exc: BaseException) -> str:
+    """Why a VM did not come up, for its row: a cancel (its flow was cancelled, the server is stopping) in
+    words, anything else by its first line."""
+    if isinstance(exc, asyncio.CancelledError):
+        return CANCELLED
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
@@ -148,9 +153,11 @@ class VMEngine:
             with self.agent(vm.id, timeout=PREPARE_AGENT_TIMEOUT) as client:
                 await hook(vm, client)
         except BaseException as exc:
-            reason = "pool preparation failed: " + _first_line(exc)
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            reason = "cancelled while prepared for the pool" if cancelled else \
+                "pool preparation failed: " + _first_line(exc)
             row = await self.vms.get(vm.id)
-            kept = await self._fail(row, reason) if row is not None else None
+            kept = await self._fail(row, reason, keep_console=not cancelled) if row is not None else None
             log.warning("vm_prepare_failed", vm_id=str(vm.id), reason=reason)
             if isinstance(exc, Exception):
                 raise VMCreateError(vm.id, reason, kept) from exc
@@ -169,7 +176,7 @@ class VMEngine:
             # The insert may have committed before the cancel (close() stopping the pool's filler) arrived:
             # leave no row that says "creating" for a VM nothing will start.
             with contextlib.suppress(Exception):
-                await self.vms.mark_failed(vm_id, "cancelled before it started")
+                await self.vms.mark_failed(vm_id, CANCELLED)
             raise
         token = secrets.token_urlsafe(32)
         slot: Slot | None = None
@@ -192,7 +199,8 @@ class VMEngine:
             started = await self.backend.start(spec)
         except BaseException as exc:
             reason = _first_line(exc)
-            kept = await self._fail(row, reason)
+            # A cancelled start's console shows nothing wrong: it is not kept.
+            kept = await self._fail(row, reason, keep_console=not isinstance(exc, asyncio.CancelledError))
             log.warning("vm_create_failed", vm_id=str(vm_id), reason=reason, console_log=str(kept) if kept else None)
             if isinstance(exc, Exception):
                 error = VMCapacityError if isinstance(exc, PoolExhausted) else VMCreateError
@@ -228,10 +236,10 @@ class VMEngine:
         log.info("vm_destroyed", vm_id=str(vm_id))
         return True
 
-    async def _fail(self, row: VmRecord, reason: str) -> Path | None:
+    async def _fail(self, row: VmRecord, reason: str, *, keep_console: bool = True) -> Path | None:
         """Tear down a VM that did not make it and mark its row failed with the reason; returns the kept
         console log."""
-        kept = await self.teardown(row, failed=True)
+        kept = await self.teardown(row, failed=keep_console)
         await self.vms.mark_failed(row.vm_id, reason + (f" (console log: {kept})" if kept else ""))
         return kept
 

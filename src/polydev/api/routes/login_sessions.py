@@ -11,13 +11,14 @@ from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from polydev.api.deps import (
     SSE_HEADERS,
     CurrentUser,
     Provider,
     ServicesDep,
+    read_live_login_session,
     read_login_session,
 )
 from polydev.api.errors import ApiError
@@ -41,10 +42,19 @@ class SessionOut(BaseModel):
     auth_url: str | None = None
     device_code: str | None = Field(None, description="device login: the code to enter at auth_url")
     accepts_code: bool = Field(False, description="a code from the provider's page may be sent to /code")
-    vnc_url: str | None = None
+    vnc_url: str | None = Field(None, description="the login browser's view while the session is live; null "
+                                "once it has ended (its VM is gone)")
     error_message: str | None = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _no_view_once_ended(self) -> SessionOut:
+        # The state keeps the address it was given (rows and the live store alike); an ended session's VM is
+        # gone, so there is nothing there to show.
+        if self.status in AUTH_SESSION_TERMINAL:
+            self.vnc_url = None
+        return self
 
 
 class StartIn(BaseModel):
@@ -108,10 +118,11 @@ async def session_events(session_id: uuid.UUID, user: CurrentUser, services: Ser
 
 @router.post("/sessions/{session_id}/code", status_code=202, responses={404: {}, 409: {}, 410: {}, 422: {}})
 async def submit_code(session_id: uuid.UUID, body: CodeIn, user: CurrentUser, services: ServicesDep) -> dict:
-    await read_login_session(services, user.id, session_id)
+    await read_live_login_session(services, user.id, session_id)  # 410 once ended, as for a VNC ticket
     try:
         await services.login_flow.submit_code(user.id, session_id, body.code)
     except SessionNotLive as exc:
+        await read_live_login_session(services, user.id, session_id)  # it may have ended in the meantime
         raise ApiError(409, "session_not_waiting", str(exc)) from None
     except CodeRejected as exc:
         raise ApiError(422, "code_rejected", str(exc)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -20,8 +21,9 @@ from polydev.core.errors import (
     FlowUnavailable,
     NoCredential,
 )
-from polydev.core.run_flow import check_files
+from polydev.core.run_files import check_files
 from polydev.store.models import Run
+from polydev.store.runs import MAX_EVENT_SEQ
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 
@@ -29,9 +31,11 @@ router = APIRouter(prefix="/api/runs", tags=["runs"])
 class RunIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     provider: Provider
-    prompt: str = Field(min_length=1, description="what to ask the CLI; its size limit is MAX_PROMPT_BYTES")
+    # No min_length: an empty prompt answers empty_prompt, as a blank one does (start_run).
+    prompt: str = Field(description="what to ask the CLI; its size limit is MAX_PROMPT_BYTES")
     files: dict[str, str] | None = Field(None, description="text files to put in the run's working "
-                                         "directory, keyed by relative path")
+                                         "directory, keyed by relative path (segments separated by `/`, "
+                                         "none empty, `.` or `..`; no control or format characters)")
     timeout: int | None = Field(None, ge=10, description="seconds before the run is stopped")
 
 
@@ -63,7 +67,11 @@ async def start_run(body: RunIn, user: CurrentUser, services: ServicesDep) -> Ru
     s = services.settings
     if not body.prompt.strip():
         raise ApiError(422, "empty_prompt", "the prompt is empty")
-    if len(body.prompt.encode()) > s.max_prompt_bytes:
+    try:
+        size = len(body.prompt.encode())
+    except UnicodeEncodeError:  # JSON may carry a lone surrogate ("\ud800"), which no CLI can be given
+        raise ApiError(422, "validation_error", "prompt: not valid Unicode text (a lone surrogate)") from None
+    if size > s.max_prompt_bytes:
         raise ApiError(413, "prompt_too_large", f"the prompt is over the {s.max_prompt_bytes}-byte limit")
     if body.timeout is not None and body.timeout > s.run_max_timeout_seconds:
         raise ApiError(422, "timeout_too_long", f"timeout may be at most {s.run_max_timeout_seconds} s")
@@ -106,19 +114,28 @@ async def get_run(run_id: uuid.UUID, user: CurrentUser, services: ServicesDep) -
     return RunOut.of(await _owned(services, user.id, run_id))
 
 
-@router.get("/{run_id}/events", responses={404: {}})
+_EVENT_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: int() also takes "+1", "1_0", " 1" and "١"
+
+
+def _last_event_id(value: str) -> int:
+    """The Last-Event-ID header as the event number to resume after; 400 for anything that is not one."""
+    if _EVENT_ID.fullmatch(value) is None or int(value) > MAX_EVENT_SEQ:
+        raise ApiError(400, "bad_last_event_id",
+                       f"the Last-Event-ID header must be an event id: an integer from 0 to {MAX_EVENT_SEQ}")
+    return int(value)
+
+
+@router.get("/{run_id}/events", responses={400: {}, 404: {}})
 async def run_events(run_id: uuid.UUID, request: Request, user: CurrentUser, services: ServicesDep,
                      last_event_id: str | None = Header(None, description="resume after this event id"),
-                     after: int | None = Query(None, ge=-1, description="same as Last-Event-ID")) -> StreamingResponse:
+                     after: int | None = Query(None, ge=-1, le=MAX_EVENT_SEQ,
+                                               description="same as Last-Event-ID")) -> StreamingResponse:
     """The run's events as server-sent events: `id` is the event's sequence number, `event` its type, `data`
     the event as JSON. Everything from the start (or after Last-Event-ID), then live, until the run ends."""
+    # Checked before anything is read: a value the database cannot compare would break the stream once
+    # its 200 has been sent.
+    start = _last_event_id(last_event_id) if last_event_id is not None else after if after is not None else -1
     await _owned(services, user.id, run_id)
-    start = after if after is not None else -1
-    if last_event_id is not None:
-        try:
-            start = int(last_event_id)
-        except ValueError:
-            raise ApiError(400, "bad_last_event_id", "Last-Event-ID must be an event id (an integer)") from None
 
     async def gen() -> AsyncIterator[bytes]:
         async for ev in services.run_flow.stream(run_id, start):

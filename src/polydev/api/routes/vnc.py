@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 from starlette.websockets import WebSocketDisconnect
 
-from polydev.api.deps import CurrentUser, ServicesDep, read_login_session
+from polydev.api.deps import CurrentUser, ServicesDep, read_live_login_session
 from polydev.api.errors import ApiError
 from polydev.core.errors import SessionExpired, SessionNotFound, SessionNotLive
 from polydev.core.tasks import cancel_and_wait
@@ -78,10 +78,7 @@ def vnc_path(session_id: uuid.UUID) -> str:
 async def vnc_ticket(session_id: uuid.UUID, user: CurrentUser, services: ServicesDep,
                      response: Response) -> TicketOut:
     """A single-use ticket for the session's VNC WebSocket; ask for one right before connecting."""
-    state = await read_login_session(services, user.id, session_id)  # 404 for others' sessions, 410 once expired
-    if state["status"] in AUTH_SESSION_TERMINAL:
-        raise ApiError(410, "session_expired", f"this login session has ended ({state['status']}); start a new "
-                       "session", action="start_new_session")
+    await read_live_login_session(services, user.id, session_id)  # 404 for others' sessions, 410 once ended
     try:
         await services.login_flow.vnc_target(user.id, session_id)
     except SessionNotLive as exc:

@@ -11,6 +11,7 @@ engine's backend (backend.py) and its snapshots (snapshot.py) build on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -22,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from polydev import protocol as p
 from polydev.vm import handover
@@ -262,20 +263,38 @@ class QemuVM(QemuCommand):
 
     def _read_console(self, proc: subprocess.Popen[bytes], started: float) -> None:
         assert proc.stdout is not None
-        with open(self.console_log, "ab") as out:
-            out.write(f"=== boot ({self.accel}) ===\n".encode())
+        try:
+            out: BinaryIO | None = open(self.console_log, "ab")
+        except OSError:
+            # The work directory is gone: the VM's start was cancelled and its teardown removed it while
+            # QEMU was being started. The console is still read to its end: the starter waits on that.
+            out = None
+        try:
+            self._write_console(out, f"=== boot ({self.accel}) ===\n".encode())
             for raw in proc.stdout:
                 self._first_output.set()
-                out.write(raw)
-                out.flush()
+                self._write_console(out, raw)
                 line = raw.decode("utf-8", "replace").rstrip()
                 self._tail.append(line)
                 if not self._is_ready and p.READY_MARKER in line:
                     self._is_ready = True
                     self._ready.set()
-        self._eof.set()
-        self._first_output.set()
-        self._ready.set()  # QEMU is gone: wake the starter rather than let it wait out its timeout
+        except (ValueError, OSError):
+            pass  # kill() closed the pipe under a reader that had not reached its end: that is its end too
+        finally:
+            if out is not None:
+                out.close()
+            self._eof.set()
+            self._first_output.set()
+            self._ready.set()  # QEMU is gone: wake the starter rather than let it wait out its timeout
+
+    @staticmethod
+    def _write_console(out: BinaryIO | None, data: bytes) -> None:
+        if out is None:
+            return
+        with contextlib.suppress(OSError):  # a full disk loses console lines, never the readiness signal
+            out.write(data)
+            out.flush()
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

@@ -107,7 +107,7 @@ export async function followRun(runId, { signal, onEvent, after = -1 }) {
   for (let failures = 0; ; ) {
     try {
       await readEvents(`/api/runs/${runId}/events`, {
-        signal, lastEventId: last,
+        signal, lastEventId: last >= 0 ? last : null,  // an event id is never negative: -1 means from the start
         onEvent: (ev) => { last = Number(ev.id); failures = 0; onEvent(JSON.parse(ev.data)); },
       });
       return;
