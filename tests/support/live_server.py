@@ -18,6 +18,9 @@ class LiveServer:
     admin_token: str
     data_dir: Path
     log: Path
+    # The server process, for tests that stop it their own way (a SIGKILL, a SIGTERM mid-way); stopping it at
+    # the end copes with one already gone.
+    process: subprocess.Popen[bytes] | None = None
 
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
@@ -44,6 +47,6 @@ def start_server(root: Path, module: str, extra_env: dict[str, str] | None = Non
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}:\n{log.read_text()}") from None
         token = (root / "data" / "admin.token").read_text().strip()
-        yield LiveServer(url, token, root / "data", log)
+        yield LiveServer(url, token, root / "data", log, proc)
     finally:
         stop_process(proc)

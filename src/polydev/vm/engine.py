@@ -1,15 +1,22 @@
 """The VM engine: the only way the rest of Polydev creates, finds and destroys VMs.
 
 Every VM has a row in `vms` before anything is started, so a crash at any point leaves a record that
-`reconcile()` can act on. Creation goes: row (creating) → network slot (tap mode) → backend start, which
-returns once the guest agent answers → row (running). Destruction is one ordered cleanup that tolerates
-partial state: hypervisor process → network slot → address lease → disk → row. Anything that fails is
-retried through `vm_cleanup_tasks`, which survive restarts.
+`reconcile()` can act on. Creation goes: row (creating) → work directory with the VM's deadline file →
+network slot (tap mode) → backend start, which returns once the guest agent answers → row (running).
+Destruction is one ordered cleanup that tolerates partial state: hypervisor process → network slot →
+address lease → disk → row. Anything that fails is retried through `vm_cleanup_tasks`, which survive
+restarts.
 
 Each engine owns the VMs tagged with its `tag` (derived from the data directory), so two engines on one
 machine — a server and a test run — never reclaim each other's VMs. Per-VM agent tokens live only in this
-process's memory: VMs that outlive their engine (a crash, a restart) are unusable and are destroyed by
-`reconcile()` at the next start, their rows marked failed with the reason.
+process's memory, so a VM is unusable once its engine process is gone (a crash, a restart).
+
+No VM outlives its expiry, whether or not a server runs: every hypervisor runs beside a supervisor
+(polydev.vm.supervisor) that kills it when its deadline (`<work directory>/deadline`, holding the expiry
+the engine gives it and moves; polydev.vm.lifetime) passes or is withdrawn, when its work directory goes,
+and when the process that started it is gone. `reconcile()` at the next start marks the rows of VMs lost
+that way failed, with the reason, and reclaims whatever else is left. `close()` waits for the creations
+under way before it destroys this process's VMs, so a server that stops leaves none running.
 
 The warm pool is polydev.vm.pool (`engine.pool`), reconcile and the reaper polydev.vm.reaper
 (`engine.reaper`); the types the engine and its backends share are polydev.vm.types, re-exported here.
@@ -23,7 +30,7 @@ import secrets
 import shutil
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +39,7 @@ import structlog
 from polydev.store.leases import LeaseRepo, PoolExhausted
 from polydev.store.models import VmRecord, utcnow
 from polydev.store.vms import CleanupTaskRepo, VmRepo
+from polydev.vm import lifetime
 from polydev.vm.network import VNC_PORT, Slot, SlotNetwork
 from polydev.vm.pool import WarmPool
 from polydev.vm.proc import engine_tag, find_marked_processes, marker_for
@@ -94,6 +102,9 @@ class VMEngine:
         self._tokens: dict[uuid.UUID, str] = {}
         self._urls: dict[uuid.UUID, str] = {}
         self._vnc: dict[uuid.UUID, tuple[str, int]] = {}
+        # Creations under way (each event is set once its creation has ended), and whether close() has begun.
+        self._creating: dict[uuid.UUID, asyncio.Event] = {}
+        self._closing = False
         # Warm pool: running `cli` VMs owned by nobody, handed out by create() without waiting for a start.
         self.pool = WarmPool(vms=vms, size=pool_size, prepare=pool_prepare,
                              start=lambda: self._create(None, "cli", ttl=None), prepare_vm=self._prepare)
@@ -114,6 +125,7 @@ class VMEngine:
     async def create(self, user_id: uuid.UUID | None, purpose: Purpose = "cli",
                      ttl: timedelta = timedelta(minutes=30)) -> VM:
         if purpose == "cli" and (pooled := self.pool.take(user_id, ttl)) is not None:
+            self._extend(pooled.id, pooled.expires_at)
             if self.egress is not None:
                 self.egress.update(pooled.id, user_id=user_id)
             return pooled
@@ -121,12 +133,19 @@ class VMEngine:
 
     async def assign(self, vm_id: uuid.UUID, user_id: uuid.UUID | None, ttl: timedelta) -> VM:
         """Give a running VM that was started for nobody (a pooled one) to its user, with a new expiry."""
-        row = await self.vms.update_returning(vm_id, user_id=user_id, expires_at=utcnow() + ttl)
+        expires = utcnow() + ttl
+        row = await self.vms.update_returning(vm_id, user_id=user_id, expires_at=expires)
         if row is None:
             raise KeyError(vm_id)
+        self._extend(vm_id, expires)
         if self.egress is not None:
             self.egress.update(vm_id, user_id=user_id)
         return VM.of(row, self._urls.get(vm_id))
+
+    def _extend(self, vm_id: uuid.UUID, expires: datetime | None) -> None:
+        """Move a VM's deadline to its new expiry: its supervisor ends it then, whether or not this process runs."""
+        with contextlib.suppress(FileNotFoundError):  # its work directory is gone: it is being destroyed
+            lifetime.set_deadline(lifetime.deadline_file(self.workdir(vm_id)), expires)
 
     def label(self, vm_id: uuid.UUID, *, purpose: str, provider: str | None = None, browser: bool = False) -> None:
         """Say what a VM is for (login, run, sandbox; which provider; whether it shows the login browser): the
@@ -165,13 +184,23 @@ class VMEngine:
 
     async def _create(self, user_id: uuid.UUID | None, purpose: Purpose, ttl: timedelta | None) -> VM:
         vm_id = uuid.uuid4()
+        if self._closing:
+            raise VMCreateError(vm_id, "the VM engine is shutting down")
+        ended = self._creating[vm_id] = asyncio.Event()
+        try:
+            return await self._make(vm_id, user_id, purpose, ttl)
+        finally:
+            del self._creating[vm_id]
+            ended.set()
+
+    async def _make(self, vm_id: uuid.UUID, user_id: uuid.UUID | None, purpose: Purpose,
+                    ttl: timedelta | None) -> VM:
         workdir = self.workdir(vm_id)
+        expires = utcnow() + ttl if ttl is not None else None  # pooled VMs do not expire until handed out
         try:
             row = await self.vms.create(vm_id=vm_id, user_id=user_id, purpose=purpose, backend=self.backend.name,
                                         vcpu_count=self.vcpus[purpose], memory_mb=self.memory_mb[purpose],
-                                        workdir=str(workdir),
-                                        # pooled VMs do not expire until handed out
-                                        expires_at=utcnow() + ttl if ttl is not None else None)
+                                        workdir=str(workdir), expires_at=expires)
         except asyncio.CancelledError:
             # The insert may have committed before the cancel (close() stopping the pool's filler) arrived:
             # leave no row that says "creating" for a VM nothing will start.
@@ -182,6 +211,8 @@ class VMEngine:
         slot: Slot | None = None
         try:
             workdir.mkdir(parents=True, mode=0o700)
+            deadline = lifetime.deadline_file(workdir)
+            lifetime.set_deadline(deadline, expires)  # before anything starts: the hypervisor's supervisor reads it
             if self.network is not None:
                 index = await self.leases.acquire(vm_id, self.network.capacity,
                                                   lambda i: self.network.address(i).host_ip)  # type: ignore[union-attr]
@@ -194,11 +225,13 @@ class VMEngine:
                 # tap: the slot DNATs the guest's proxy address to this listener at its host end
                 listener = await asyncio.to_thread(self.network.listen, slot)  # type: ignore[union-attr]
                 await self.egress.attach(vm_id, user_id, listener=listener, peer=slot.ns_ip)
+            if self._closing:  # close() began while this waited: it must not start a VM it would not destroy
+                raise VMCreateError(vm_id, "the VM engine is shutting down")
             spec = VMSpec(vm_id, purpose, self.vcpus[purpose], self.memory_mb[purpose], workdir, token,
-                          marker_for(self.tag, vm_id), slot, egress_socket)
+                          marker_for(self.tag, vm_id), slot, egress_socket, deadline)
             started = await self.backend.start(spec)
         except BaseException as exc:
-            reason = _first_line(exc)
+            reason = exc.reason if isinstance(exc, VMCreateError) else _first_line(exc)
             # A cancelled start's console shows nothing wrong: it is not kept.
             kept = await self._fail(row, reason, keep_console=not isinstance(exc, asyncio.CancelledError))
             log.warning("vm_create_failed", vm_id=str(vm_id), reason=reason, console_log=str(kept) if kept else None)
@@ -333,8 +366,15 @@ class VMEngine:
         self.reaper.start(interval)
 
     async def close(self, destroy_all: bool = True) -> None:
+        """Stop the reaper and the pool, wait for the creations under way (no new one starts), then destroy
+        every VM this process runs (unless told not to)."""
         await self.reaper.stop()
         await self.pool.stop()
+        self._closing = True
+        # A creation still under way would start a VM after the ones below are destroyed, and nothing would
+        # stop it: its backend's start is waited for (a cancelled one waits for it too), then it is in
+        # `_tokens` or gone.
+        await asyncio.gather(*(ended.wait() for ended in list(self._creating.values())))
         if destroy_all:
             for vm_id in list(self._tokens):
                 await self.destroy(vm_id)

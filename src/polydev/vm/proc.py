@@ -4,7 +4,9 @@
   killed (with its process group) if the caller fails or is interrupted, so nothing is left behind.
 - Hypervisor processes: each carries its engine's marker (`polydev-<tag>-<vm id>`) in its command line, so
   an engine finds its VMs on the machine after a crash, and kills one only when its command line still names
-  that VM (a stale pid may have been reused by another process since).
+  that VM (a stale pid may have been reused by another process since). Each is started under a supervisor
+  (polydev.vm.supervisor) that execs it, so its pid and marker are its own; the supervisor, in its process
+  group and without a marker, goes with it.
 """
 
 from __future__ import annotations

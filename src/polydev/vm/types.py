@@ -52,6 +52,10 @@ class VMSpec:
     slot: Slot | None  # tap network mode; None means user-mode networking
     # The egress gateway's socket for this VM (user networking): the guest's proxy address is forwarded there.
     egress_socket: Path | None = None
+    # The VM's deadline file (polydev.vm.lifetime), which the engine writes and moves with the VM's expiry:
+    # the hypervisor's supervisor kills it when that passes. A backend whose start is cancelled withdraws it.
+    # None: the backend's process has one of its own, without expiry (a backend driven without an engine).
+    deadline: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,8 @@ class Backend(Protocol):
     name: str
 
     async def start(self, spec: VMSpec) -> Started:
-        """Start the VM and return once its agent answers. On failure: raise, with the process gone."""
+        """Start the VM and return once its agent answers. On failure: raise, with the process gone. Cancelled:
+        return only once nothing it started runs."""
         ...
 
     async def stop(self, pid: int | None, workdir: Path) -> None:

@@ -173,11 +173,12 @@ class FirecrackerBackend:
         assert pid is not None
         return Started(pid=pid, agent_url=agent_url(spec.slot), socket_path=str(vm.socket_path))
 
-    def _process(self, workdir: Path, vm_id: str, slot: Slot, redact: tuple[str, ...]) -> FirecrackerProcess:
+    def _process(self, workdir: Path, vm_id: str, slot: Slot, redact: tuple[str, ...],
+                 deadline: Path | None = None) -> FirecrackerProcess:
         # The jailer, when used, inherits the slot's namespace from the prefix like Firecracker would.
         return FirecrackerProcess(workdir, binary=self.binary, vm_id=vm_id, jailer=self.jailer,
                                   kvm_device=self.kvm_device, command_prefix=slot.command_prefix(),
-                                  redact=redact)
+                                  redact=redact, deadline=deadline)
 
     def _config(self, disk: Path, vcpus: int, memory_mb: int, token: str) -> VMConfig:
         return VMConfig(kernel=self.kernel, rootfs=disk, vcpus=vcpus, mem_mib=memory_mb, boot_args=boot_args(token),
@@ -198,7 +199,7 @@ class FirecrackerBackend:
     async def _cold_boot(self, spec: VMSpec, slot: Slot) -> FirecrackerProcess:
         disk = spec.workdir / DISK_NAME
         await asyncio.to_thread(clone_disk, self.rootfs, disk)
-        vm = self._process(spec.workdir, spec.marker, slot, (spec.token,))
+        vm = self._process(spec.workdir, spec.marker, slot, (spec.token,), spec.deadline)
         try:
             await vm.boot(self._config(self._disk_for(vm, disk), spec.vcpus, spec.memory_mb, spec.token))
             await vm.wait_ready(self.ready_timeout)
@@ -211,7 +212,7 @@ class FirecrackerBackend:
         disk = spec.workdir / DISK_NAME
         await asyncio.to_thread(clone_disk, snapshot.disk, disk)
         template_token = snapshot.token
-        vm = self._process(spec.workdir, spec.marker, slot, (spec.token, template_token))
+        vm = self._process(spec.workdir, spec.marker, slot, (spec.token, template_token), spec.deadline)
         try:
             self._disk_for(vm, disk)
             await vm.restore(snapshot.files, resume=True)

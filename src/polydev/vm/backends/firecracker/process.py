@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from polydev import protocol as p
-from polydev.vm import proc
+from polydev.vm import lifetime, proc
 from polydev.vm.backends.firecracker.api import (
     BootSource,
     Drive,
@@ -58,7 +58,7 @@ class FirecrackerProcess:
                  jailer: JailerConfig | None = None, kvm_device: Path | None = Path("/dev/kvm"),
                  socket_timeout: float = 10.0, api_timeout: float = 10.0,
                  ready_marker: str | None = p.READY_MARKER, log_level: LogLevel | None = "Warning",
-                 command_prefix: Sequence[str] = (), redact: Sequence[str] = ()) -> None:
+                 command_prefix: Sequence[str] = (), redact: Sequence[str] = (), deadline: Path | None = None) -> None:
         self.workdir = workdir
         self.binary = binary
         self.vm_id = vm_id or str(uuid.uuid4())
@@ -70,6 +70,9 @@ class FirecrackerProcess:
         self.log_level = log_level  # None: Firecracker logs to stdout, i.e. into the console log
         # Runs before Firecracker, e.g. `ip netns exec <slot>` so it opens the TAP in the VM's network slot.
         self.command_prefix = list(command_prefix)
+        # The deadline file its supervisor watches (polydev.vm.lifetime): the engine's; None: one of its own,
+        # without expiry.
+        self.deadline = deadline
         self._console = Console(workdir / "console.log", ready_marker,
                                  tuple(s.encode() for s in redact if s))
         self._proc: asyncio.subprocess.Process | None = None
@@ -296,9 +299,11 @@ class FirecrackerProcess:
             self.socket_path.parent.mkdir(mode=0o700, exist_ok=True)
             self.socket_path.unlink(missing_ok=True)
             self.socket_path.symlink_to(self.api_socket.absolute())  # dangles until Firecracker binds
+        # Under its supervisor, which execs it (the pid, stdio and marker are Firecracker's all the same).
+        argv, env = lifetime.supervised(self.argv(), self.workdir, self.deadline or lifetime.hold(self.workdir))
         # start_new_session: one process group to kill, so nothing outlives stop() even if the jailer forks.
         self._proc = await asyncio.create_subprocess_exec(
-            *self.argv(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True, cwd=self.workdir)
         assert self._proc.stdout is not None
         self._pump = asyncio.create_task(self._console.pump(self._proc.stdout))

@@ -7,13 +7,14 @@ so a template booted in the first VM's slot restores into any slot."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import threading
 from pathlib import Path
 from typing import Any
 
-from polydev.vm import proc
+from polydev.vm import lifetime, proc
 from polydev.vm.backends.qemu import snapshot
 from polydev.vm.backends.qemu.machine import QemuVM, free_port, kvm_available, kvm_usable
 from polydev.vm.backends.qemu.snapshot import Snapshot
@@ -85,7 +86,21 @@ class QemuBackend:
         return workdir / "console.log"
 
     async def start(self, spec: VMSpec) -> Started:
-        return await asyncio.to_thread(self._start, spec)
+        work = asyncio.ensure_future(asyncio.to_thread(self._start, spec))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # A thread cannot be stopped: left alone, it would go on to start a VM nobody will ever stop. So
+            # the VM's deadline is withdrawn (its supervisor then kills QEMU, or refuses to start it), the
+            # thread is waited for, and whatever it still managed to start is stopped before the cancel goes on.
+            if spec.deadline is not None:
+                lifetime.withdraw(spec.deadline)
+            while not work.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({work})
+            if not work.cancelled() and work.exception() is None:
+                await self.stop(work.result().pid, spec.workdir)
+            raise
 
     def _start(self, spec: VMSpec) -> Started:
         # Only login-browser VMs run a VNC server; on the command line, not in the snapshot, so restores get it.
@@ -97,14 +112,14 @@ class QemuBackend:
         if made is None:
             vm = QemuVM(self.image, spec.workdir, token=spec.token, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
                         accel=self.accel_wanted, name=spec.marker, slot=spec.slot,
-                        guest_forwards=self.guest_forwards, egress=egress)
+                        guest_forwards=self.guest_forwards, egress=egress, deadline=spec.deadline)
             vm.vnc_port = vnc_port
             vm.start()
         else:
             vm = QemuVM(self.image, spec.workdir, token=made.token, vcpus=spec.vcpus,
                         memory_mb=spec.memory_mb, accel=made.accel, name=spec.marker, slot=spec.slot,
                         backing=(made.disk, "qcow2"), guest_forwards=self.guest_forwards, egress=egress,
-                        ram_file=(made.ram, False), overlay_from=made.empty_overlay)
+                        ram_file=(made.ram, False), overlay_from=made.empty_overlay, deadline=spec.deadline)
             vm.vnc_port = vnc_port
             vm.restore(made.state, made.accel, spec.token)
         assert vm.pid is not None

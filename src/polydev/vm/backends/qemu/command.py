@@ -62,6 +62,9 @@ class QemuCommand:
     ram_file: tuple[Path, bool] | None = None
     # A ready-made empty overlay to copy (a restore): 0.2 ms instead of ~50 ms for a qemu-img process.
     overlay_from: Path | None = None
+    # The deadline file QEMU's supervisor watches (polydev.vm.lifetime): the engine's, which it moves with the
+    # VM's expiry; None: one of the VM's own, without expiry (a snapshot template, a test's VM).
+    deadline: Path | None = None
     port: int = field(default=0, init=False)  # user networking: the host port forwarded to the agent
     # User networking: a host port (127.0.0.1 only) forwarded to the guest's VNC server, for login-browser
     # VMs; 0 means none. Tap mode needs no forward: the control plane reaches the slot's address directly.

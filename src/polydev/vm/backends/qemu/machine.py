@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from polydev import protocol as p
-from polydev.vm import handover
+from polydev.vm import handover, lifetime
 from polydev.vm.agent_client import AgentClient
 from polydev.vm.backends.qemu.command import QemuCommand
 from polydev.vm.backends.qemu.errors import VMError
@@ -159,9 +159,9 @@ class QemuVM(QemuCommand):
             if self._eof.is_set():  # the console closed because QEMU is exiting: collect its status
                 self._proc.wait()
             exited = self._proc.poll() is not None
-            err = (self.workdir / "qemu.stderr").read_text(errors="replace").strip().splitlines()[-3:]
             self.kill()
-            reason = f"QEMU exited ({'; '.join(err)})" if exited else f"agent not ready after {ready_timeout:.0f} s"
+            reason = (f"QEMU exited ({self._stderr_tail()})" if exited
+                      else f"agent not ready after {ready_timeout:.0f} s")
             raise VMError(f"{accel}: {reason}", list(self._tail))
         self.boot_seconds = time.monotonic() - started
         return self.boot_seconds
@@ -173,12 +173,14 @@ class QemuVM(QemuCommand):
         fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.token)
+        # QEMU under its supervisor, which execs it: the pid, the stdio and the marker are QEMU's all the same.
+        argv, env = lifetime.supervised([*self.argv(accel), *(extra or [])], self.workdir,
+                                        self.deadline or lifetime.hold(self.workdir))
         started = time.monotonic()
         stderr = open(self.workdir / "qemu.stderr", "wb")
         try:
-            self._proc = subprocess.Popen([*self.argv(accel), *(extra or [])], stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
-                                          pass_fds=pass_fds)
+            self._proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=stderr, start_new_session=True, pass_fds=pass_fds)
         finally:
             stderr.close()
         self._reader = threading.Thread(target=self._read_console, args=(self._proc, started), daemon=True)
@@ -224,7 +226,9 @@ class QemuVM(QemuCommand):
                     await client.connect(str(self.qmp_socket))
                     break
                 except (ConnectError, FileNotFoundError):
-                    if not self.alive() or time.monotonic() > deadline:
+                    if not self.alive():  # e.g. its supervisor refused to start it: stderr says why
+                        raise VMError(f"QEMU exited ({self._stderr_tail()})", list(self._tail)) from None
+                    if time.monotonic() > deadline:
                         raise VMError("QEMU did not open its QMP socket", list(self._tail)) from None
                     await asyncio.sleep(0.002)
             try:
@@ -295,6 +299,13 @@ class QemuVM(QemuCommand):
         with contextlib.suppress(OSError):  # a full disk loses console lines, never the readiness signal
             out.write(data)
             out.flush()
+
+    def _stderr_tail(self) -> str:
+        """The last lines of QEMU's stderr, where its supervisor too says why it ended it."""
+        try:
+            return "; ".join((self.workdir / "qemu.stderr").read_text(errors="replace").strip().splitlines()[-3:])
+        except OSError:
+            return "its stderr is gone with its work directory"
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
