@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.servers import free_port, stop_process, wait_http_ok
@@ -18,6 +18,7 @@ class LiveServer:
     admin_token: str
     data_dir: Path
     log: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)  # to crash it (tests/e2e/test_restart.py)
 
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
@@ -44,6 +45,6 @@ def start_server(root: Path, module: str, extra_env: dict[str, str] | None = Non
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}:\n{log.read_text()}") from None
         token = (root / "data" / "admin.token").read_text().strip()
-        yield LiveServer(url, token, root / "data", log)
+        yield LiveServer(url, token, root / "data", log, proc)
     finally:
         stop_process(proc)
