@@ -7,6 +7,18 @@ VENV=${POLYDEV_VENV:-$ROOT/.venv}
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# CI must run every test: the developers' switches that skip some (POLYDEV_SKIP_VM_TESTS=1,
+# POLYDEV_SKIP_FULL_IMAGE=1, any POLYDEV_SKIP_*) are refused when CI=true, before anything is installed.
+refuse_skips_in_ci() {
+  case "${CI:-}" in true|1) ;; *) return 0 ;; esac
+  local name set=()
+  for name in $(compgen -v POLYDEV_SKIP_ || true); do
+    [ -n "${!name}" ] && set+=("$name=${!name}")
+  done
+  [ ${#set[@]} -eq 0 ] && return 0
+  die "CI=true: refusing ${set[*]}: CI runs every test, none may be skipped (unset them)"
+}
+
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
   elif command -v sudo >/dev/null; then sudo "$@"

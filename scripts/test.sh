@@ -5,6 +5,7 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh tests/unit -x
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
+refuse_skips_in_ci
 apt_install postgresql redis-server nftables iproute2 procps
 # The VM image build and the VM tests: QEMU, debootstrap, mkfs.ext4 -d, the guest kernel; socat relays
 # VM_GUEST_FORWARDS connections.

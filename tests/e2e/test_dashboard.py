@@ -7,7 +7,6 @@ The same flow with a real VM, the login page drawn in the noVNC canvas, is test_
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -22,8 +21,10 @@ from polydev.web.vendor import novnc_installed, vendor_root
 from tests.e2e.test_egress_cli import record_usage
 from tests.support.dashboard_browser import artifacts_dir, launch, sign_in
 from tests.support.live_server import LiveServer, start_server
+from tests.support.required import import_module, unmet
 
-pytest.importorskip("playwright")
+# Not pytest.importorskip: under POLYDEV_REQUIRE_SERVERS=1 a missing Playwright fails the run.
+import_module("playwright", "pip install -e '.[test]'")
 from playwright.sync_api import Browser, Page, expect
 
 ART = artifacts_dir()
@@ -310,7 +311,7 @@ def test_pages_load_only_local_files(server: LiveServer) -> None:
 def test_novnc_loads_as_es_modules_under_the_page_policy(page: Page, server: LiveServer) -> None:
     if not vendor_installed():
         reason = "noVNC is not vendored on this machine: run `polydev web vendor` (scripts/test.sh does)"
-        pytest.fail(reason) if os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1" else pytest.skip(reason)
+        unmet(reason)
     sign_in(page, server.url, server.admin_token)
     # The view imports it the same way: core/rfb.js and its relative imports, no bundler, under the CSP.
     kind = page.evaluate("""async () => {

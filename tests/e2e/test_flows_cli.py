@@ -1,5 +1,6 @@
 """`polydev login` and `polydev run` against a live server whose claude_code CLI is the scripted stand-in
-(tests/support/flow_fakes.py), and the SDK's event stream resuming after a dropped connection."""
+(tests/support/flow_fakes.py), and the SDK's event stream resuming after a given event and after a connection
+dropped mid-event (by a proxy that cuts it, tests/support/cutting_proxy.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
 
 from polydev.client import PolydevClient
+from tests.support.cutting_proxy import cutting_proxy
+from tests.support.flow_api import sse
 from tests.support.live_server import LiveServer
 
 
@@ -81,3 +87,26 @@ def test_sdk_event_stream_resumes_after_a_given_event(fake_flow_server: LiveServ
         assert list(pd.run_events(run["id"], after=1)) == events[2:]
         assert pd.run(run["id"])["status"] == "succeeded"
         assert pd.runs()[0]["id"] == run["id"]
+
+
+def test_sdk_event_stream_resumes_a_dropped_connection(fake_flow_server: LiveServer) -> None:
+    token = new_user_token(fake_flow_server)
+    assert polydev_login(fake_flow_server, token, "good-code").returncode == 0
+    server = urlparse(fake_flow_server.url)
+    assert server.hostname is not None and server.port is not None
+    with PolydevClient(fake_flow_server.url, token) as pd:
+        # It works for a while: the stream is live when the connection drops (the test does not rely on it).
+        run = pd.start_run("claude_code", "sleep 2", files={"note.txt": "from the file"})["id"]
+        with cutting_proxy(server.hostname, server.port, cut_at_event=3) as proxy, \
+                PolydevClient(proxy.url, token) as through_proxy:
+            resumed = list(through_proxy.run_events(run))
+        # The whole stream as stored, read afterwards in one piece, with the events' ids.
+        whole = sse(httpx.get(f"{fake_flow_server.url}/api/runs/{run}/events",
+                              headers={"Authorization": f"Bearer {token}"}, timeout=60).text)
+    assert proxy.cuts == 1 and len(proxy.requests) == 2, proxy.requests
+    # The client came back after the last event it had whole (the second; the third was cut in half) ...
+    assert proxy.header(0, "Last-Event-ID") == "-1"
+    assert proxy.header(1, "Last-Event-ID") == str(whole[1][0])
+    # ... and saw every event once, in order: none missed, none repeated, the half one not taken for whole.
+    assert resumed == [data for _, _, data in whole]
+    assert len(resumed) > 3 and resumed[-1]["type"] == "done"

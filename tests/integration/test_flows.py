@@ -22,6 +22,7 @@ from polydev.store.runs import StoredEvent
 from polydev.vm.engine import VMCreateError, find_marked_processes
 from tests.support.app import Api
 from tests.support.flow_api import (
+    api_key_user,
     logged_in,
     login,
     no_vms_left,
@@ -32,7 +33,7 @@ from tests.support.flow_api import (
     wait_run,
     wait_status,
 )
-from tests.support.flow_fakes import CREDS, FakeAdapter
+from tests.support.flow_fakes import CREDS, DEVICE_APPROVED, FakeAdapter
 from tests.support.servers import free_port
 
 # -- login ---------------------------------------------------------------------------------------------------
@@ -99,14 +100,20 @@ async def test_login_through_the_cli_callback_url(flows: Api, monkeypatch: pytes
 
 
 async def test_device_login_shows_the_code_and_completes(flows: Api) -> None:
-    _, token = await flows.new_user()
+    uid, token = await flows.new_user()
     h = flows.auth(token)
     r = await flows.client.post("/api/auth/start", json={"provider": "claude_code", "method": "device"}, headers=h)
     sid = r.json()["session_id"]
-    body = await wait_status(flows, h, sid, "awaiting_user_auth", "completed")
-    if body["status"] == "awaiting_user_auth":
-        assert body["device_code"] == "ABCD-1234" and body["auth_url"] == "https://auth.fake.test/device"
+    # The scripted CLI waits for the user's approval, which comes only after the code was read: the login
+    # cannot get past the code before this check.
+    body = await wait_status(flows, h, sid, "awaiting_user_auth", "completed", "failed")
+    assert body["status"] == "awaiting_user_auth", body
+    assert body["device_code"] == "ABCD-1234" and body["auth_url"] == "https://auth.fake.test/device"
+    approved = Path(flows.services.guest_paths.home) / DEVICE_APPROVED
+    approved.parent.mkdir(parents=True, exist_ok=True)
+    approved.touch()
     assert (await wait_status(flows, h, sid, "completed", "failed"))["status"] == "completed"
+    assert json.loads((await stored(flows, uid)).files[CREDS][0])["access"] == "from-device"
 
 
 async def test_a_wrong_code_fails_the_session_with_the_cli_s_words(flows: Api) -> None:
@@ -463,14 +470,6 @@ def with_guest_ca(api: Api, root: Path) -> str:
     svc.run_flow.ca_pem = b"-----BEGIN CERTIFICATE-----\ntest CA\n-----END CERTIFICATE-----\n"
     svc.run_flow._guest_env = lambda provider: replace(svc.guest_env(provider), ca_cert_path=path)
     return path
-
-
-async def api_key_user(api: Api) -> dict[str, str]:
-    _, token = await api.new_user()
-    h = api.auth(token)
-    r = await api.client.put("/api/credentials/claude_code/api-key", json={"api_key": "sk-fake-1"}, headers=h)
-    assert r.status_code == 200, r.text
-    return h
 
 
 async def test_a_pooled_vm_is_prepared_and_its_run_puts_only_its_own_files(

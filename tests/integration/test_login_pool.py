@@ -12,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from polydev.config import Settings, parse_login_pool
+from polydev.core import login_pool
 from polydev.providers import ADAPTERS
 from tests.support.app import Api
 from tests.support.flow_api import no_vms_left, stored, wait_status
@@ -123,8 +124,30 @@ async def test_a_taken_login_gets_the_full_login_timeout(flows: Api) -> None:  #
     await no_vms_left(flows)
 
 
+def counting_starts(api: Api) -> tuple[list[float], list[float]]:
+    """Wrap the pool's pre-start: (when each pre-start began, when each pre-started login's task ended), on
+    the event loop's clock, which is the one the pool's max age and back-off run on."""
+    flow = api.services.login_flow
+    loop = asyncio.get_running_loop()
+    started: list[float] = []
+    ended: list[float] = []
+    prestart = flow.pool._prestart
+
+    def counting(provider: str, method: str):  # type: ignore[no-untyped-def]
+        started.append(loop.time())
+        entry = prestart(provider, method)
+        if entry is not None:
+            # Registered before the pool's own callback: ends are recorded no later than the pool sees them.
+            entry.task.add_done_callback(lambda _t: ended.append(loop.time()))
+        return entry
+    flow.pool._prestart = counting
+    return started, ended
+
+
 async def test_an_unclaimed_login_is_replaced_at_its_max_age(flows: Api) -> None:  # noqa: F811
-    use_pool(flows, max_age=15)
+    max_age = 15.0  # above the seconds a loaded machine needs to the URL: one that times out before is a failure
+    use_pool(flows, max_age=max_age)
+    started, _ = counting_starts(flows)
     await pooled_ready(flows)
     [first] = await unowned_vms(flows)
 
@@ -132,6 +155,9 @@ async def test_an_unclaimed_login_is_replaced_at_its_max_age(flows: Api) -> None
         vms = await unowned_vms(flows)
         return bool(vms) and first not in vms
     await until(replaced, what="the replacement of an expired pre-started login")
+    # Not before its max age: the replacement began no sooner than max_age after the first began (a lower
+    # bound the code guarantees, whatever the machine's speed).
+    assert len(started) == 2 and started[1] - started[0] >= max_age, started
     engine = flows.services.engine
     assert engine is not None
     row = await engine.get(first)
@@ -145,22 +171,20 @@ async def test_an_unclaimed_login_is_replaced_at_its_max_age(flows: Api) -> None
 async def test_a_cli_failing_before_its_url_is_not_restarted_hot(flows: Api,  # noqa: F811
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(ADAPTERS, "claude_code", FakeAdapter("fail"))
+    assert login_pool.FAILURE_BACKOFF_S == 30.0  # the documented back-off; shortened below to see it end
+    backoff = 2.0
+    monkeypatch.setattr(login_pool, "FAILURE_BACKOFF_S", backoff)
     use_pool(flows)
     flow = flows.services.login_flow
-    starts = 0
-    prestart = flow._prestart
+    started, ended = counting_starts(flows)
 
-    def counting(provider: str, method: str):  # type: ignore[no-untyped-def]
-        nonlocal starts
-        starts += 1
-        return prestart(provider, method)
-    flow.pool._prestart = counting
-
-    async def failed_once() -> bool:
-        return starts >= 1 and flow.pool.counts()[KEY]["held"] == 0 and not await unowned_vms(flows)
-    await until(failed_once, what="the failed pre-start to end")
-    await asyncio.sleep(2)
-    assert starts == 1  # backed off (30 s), not restarted at once
+    # It tries again once the back-off is over, and not sooner: a lower bound on the loop's clock, which holds
+    # whatever the machine's speed (without the back-off the retry follows the failure at once).
+    async def retried() -> bool:
+        return len(started) >= 2 and len(ended) >= 1
+    await until(retried, what="the retry after the back-off")
+    assert started[1] >= ended[0] + backoff, (started, ended)
+    await flow.stop_pool()
     # A user still gets a login of their own, which says why it failed.
     _, token = await flows.new_user()
     h = flows.auth(token)
@@ -177,3 +201,12 @@ def test_login_pool_setting_is_checked() -> None:
     for bad in ("claude_code", "claude_code=x", "=1", "nope=1", "codex:paste=1"):
         with pytest.raises((ValueError, ValidationError)):
             Settings(login_pool=bad)
+
+
+def test_login_pool_max_age_has_a_lower_bound() -> None:
+    """A pre-started login younger than 30 s would be replaced about as fast as a CLI prints its URL under
+    emulation (10–70 s): the pool would churn VMs and hand out logins about to expire."""
+    assert Settings(login_pool_max_age_seconds=30).login_pool_max_age_seconds == 30
+    for bad in (29, 0, -1):
+        with pytest.raises(ValidationError, match="login_pool_max_age_seconds"):
+            Settings(login_pool_max_age_seconds=bad)

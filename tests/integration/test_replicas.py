@@ -31,12 +31,16 @@ from tests.support.flow_api import (
 )
 from tests.support.flow_fakes import host_guest_paths
 
+# Two replicas exist only on the shared deployment (the embedded one's in-process session store is not shared):
+# tests with replica_b run on PostgreSQL + Redis alone, rather than skipping on the other.
+SHARED = pytest.mark.parametrize("stack", [pytest.param("redis", marks=[pytest.mark.postgres, pytest.mark.redis])],
+                                 indirect=True)
+
 
 @pytest.fixture
 async def replica_b(flows: Api, stack: Settings, tmp_path: Path) -> AsyncIterator[Api]:  # noqa: F811
     """A second server on the same database and session store, running no VMs of its own."""
-    if stack.redis_url is None:
-        pytest.skip("one replica only: the embedded deployment's in-process session store is not shared")
+    assert stack.redis_url is not None, "a second replica needs a shared session store: mark the test SHARED"
     svc = await open_services(stack)
     svc.guest_paths = host_guest_paths(str(tmp_path / "guest"))
     app = create_app(services=svc)
@@ -54,6 +58,7 @@ async def start_on_a(a: Api) -> tuple[str, dict[str, str], str]:
     return uid, h, r.json()["session_id"]
 
 
+@SHARED
 async def test_a_code_sent_to_another_replica_completes_the_login(flows: Api, replica_b: Api) -> None:  # noqa: F811
     uid, h, sid = await start_on_a(flows)
     await wait_status(replica_b, h, sid, "awaiting_user_auth")  # B reads the shared state
@@ -66,6 +71,7 @@ async def test_a_code_sent_to_another_replica_completes_the_login(flows: Api, re
     await no_vms_left(flows)
 
 
+@SHARED
 async def test_bad_input_is_refused_by_the_replica_that_receives_it(flows: Api, replica_b: Api) -> None:  # noqa: F811
     _, h, sid = await start_on_a(flows)
     await wait_status(replica_b, h, sid, "awaiting_user_auth")
@@ -84,6 +90,7 @@ async def test_bad_input_is_refused_by_the_replica_that_receives_it(flows: Api, 
     await no_vms_left(flows)
 
 
+@SHARED
 async def test_cancel_sent_to_another_replica_ends_the_login_and_its_vm(flows: Api, replica_b: Api) -> None:  # noqa: F811
     _, h, sid = await start_on_a(flows)
     await wait_status(replica_b, h, sid, "awaiting_user_auth")
@@ -107,6 +114,7 @@ async def test_a_relayed_code_is_sealed_and_bound_to_its_session(flows: Api) -> 
         flows.services.vault.open(user, f"login-code:{other_sid}", record)
 
 
+@SHARED
 async def test_a_run_cancelled_through_another_replica_ends_on_the_one_driving_it(flows: Api,  # noqa: F811
                                                                                  replica_b: Api) -> None:
     _, h = await logged_in(flows)

@@ -18,6 +18,7 @@ import pytest
 
 from tests.standins import clis
 from tests.standins.harness import Standins
+from tests.support.required import unmet
 
 __all__ = ["claude_exe", "cli_home", "codex_exe", "gemini_exe", "require_host", "standins", "workdir"]
 
@@ -49,11 +50,8 @@ def _missing() -> str | None:
 
 def require_host() -> None:
     reason = _missing()
-    if reason is None:
-        return
-    if os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    if reason is not None:
+        unmet(reason)
 
 
 def _exe(cli: clis.CliSpec) -> Path:

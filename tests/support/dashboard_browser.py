@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from tests.support.required import unmet
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,9 +34,7 @@ def launch() -> Iterator[object]:
     """A headless Chromium under Playwright; skips (fails under POLYDEV_REQUIRE_SERVERS=1) without one."""
     reason = missing_browser()
     if reason:
-        if os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unmet(reason)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:

@@ -183,29 +183,27 @@ def whoami(world: World, sock_path: Path, host: str, tag: str, headers: str = ""
 
 
 def require_root() -> None:
-    """Skip (with the reason) unless root: namespaces and veth pairs need it."""
-    import os
+    """Skip (with the reason; fail under POLYDEV_REQUIRE_SERVERS=1) unless root: namespaces and veth pairs
+    need it."""
+    from tests.support import required
 
-    import pytest
-
-    if os.geteuid() != 0:
-        pytest.skip("egress namespace tests need root (network namespaces, veth pairs, /etc/netns)")
+    required.root("egress namespace tests make network namespaces, veth pairs, /etc/netns")
     require_tool("ip")
 
 
 def require_tool(name: str) -> str:
     """The path of a Debian tool the test drives (tinyproxy, danted); skips without it (fails under
     POLYDEV_REQUIRE_SERVERS=1: scripts/test.sh installs it)."""
-    import os
+    from tests.support import required
 
-    import pytest
-
-    found = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if Path(p).exists()), None)
+    found = find_tool(name)
     if found is None:
-        if os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1":
-            pytest.fail(f"{name} is not installed (scripts/test.sh installs it)")
-        pytest.skip(f"{name} is not installed")
+        required.unmet(f"{name} is not installed (scripts/test.sh installs it)")
     return found
+
+
+def find_tool(name: str) -> str | None:
+    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if Path(p).exists()), None)
 
 
 def tinyproxy(world: World, port: int, user: str, password: str) -> tuple[subprocess.Popen[str], Path]:

@@ -72,6 +72,15 @@ async def logged_in(api: Api) -> tuple[str, dict[str, str]]:
     return uid, h
 
 
+async def api_key_user(api: Api) -> dict[str, str]:
+    """A new user whose run would start at once (a stored API key): their auth headers."""
+    _, token = await api.new_user()
+    h = api.auth(token)
+    r = await api.client.put("/api/credentials/claude_code/api-key", json={"api_key": "sk-fake-1"}, headers=h)
+    assert r.status_code == 200, r.text
+    return h
+
+
 async def post_run(api: Api, h: dict[str, str], prompt: str, **extra: Any) -> str:
     r = await api.client.post("/api/runs", json={"provider": "claude_code", "prompt": prompt, **extra}, headers=h)
     assert r.status_code == 202, r.text

@@ -21,6 +21,7 @@ from polydev.providers.base import (
 )
 
 CREDS = ".fake/creds.json"
+DEVICE_APPROVED = ".fake/device-approved"  # under the login's HOME: the user entered the device code
 AUTH_URL = "https://auth.fake.test/authorize?redirect_uri=http%3A%2F%2Flocalhost%3A{port}%2Fcallback&state=s1"
 
 # The login: opens the "browser" (our hook), asks for a pasted code, or serves a localhost callback.
@@ -49,7 +50,14 @@ if mode == "callback":
     srv = http.server.HTTPServer(("127.0.0.1", port), H); srv.serve_forever()
     print("Login successful.", flush=True); sys.exit(0)
 if mode == "device":
-    import time; time.sleep(0.5); save("from-device"); print("Login successful.", flush=True); sys.exit(0)
+    # As a real device login polls its provider: done once the user has entered the code there, which the
+    # test says by creating DEVICE_APPROVED (after it has seen the code), so the code is always there to see.
+    import time
+    for _ in range(1200):
+        if os.path.exists(home + "/.fake/device-approved"):
+            save("from-device"); print("Login successful.", flush=True); sys.exit(0)
+        time.sleep(0.05)
+    print("the device code expired", flush=True); sys.exit(5)
 print("Paste code here if prompted > ", end="", flush=True)
 code = sys.stdin.readline().strip()
 if code != "good-code":

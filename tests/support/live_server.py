@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.servers import free_port, stop_process, wait_http_ok
@@ -20,7 +20,7 @@ class LiveServer:
     log: Path
     # The server process, for tests that stop it their own way (a SIGKILL, a SIGTERM mid-way); stopping it at
     # the end copes with one already gone.
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository

@@ -13,9 +13,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from polydev.vm import handover
+from tests.support import required
 
 _LISTENER = r"""
 import socket, sys
@@ -38,14 +37,9 @@ except OSError as e:
 
 
 def require_root_netns() -> None:
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("network slot tests need root (network namespaces, veth, TAP, nftables)")
+    required.root("network slot tests make network namespaces, veth pairs, TAP devices, nftables rules")
     if not Path("/usr/sbin/nft").exists() and not Path("/sbin/nft").exists():
-        if os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1":
-            pytest.fail("nft is not installed (scripts/test.sh installs nftables)")
-        pytest.skip("nft is not installed")
+        required.unmet("nft is not installed (scripts/test.sh installs nftables)")
 
 
 def in_ns(ns: str, *args: str) -> list[str]:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+from tests.support.required import unmet
 
 
 def free_port() -> int:
@@ -30,10 +30,7 @@ def free_port() -> int:
 
 
 def _missing(what: str) -> None:
-    message = f"{what} is not installed (scripts/test.sh installs it)"
-    if os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+    unmet(f"{what} is not installed (scripts/test.sh installs it)")
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
@@ -82,14 +79,17 @@ def wait_http_ok(url: str, proc: subprocess.Popen[bytes], what: str, timeout: fl
 class Server:
     url: str
     stop: list = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None  # a server this run started (None: one given by URL)
 
     def close(self) -> None:
         for fn in reversed(self.stop):
             fn()
 
 
-def start_redis() -> Server:
-    if url := os.environ.get("POLYDEV_TEST_REDIS_URL"):
+def start_redis(private: bool = False) -> Server:
+    """Redis for the tests: the one POLYDEV_TEST_REDIS_URL names, or (always, when `private`: a test that will
+    stop it) one of its own."""
+    if not private and (url := os.environ.get("POLYDEV_TEST_REDIS_URL")):
         return Server(url)
     binary = shutil.which("redis-server")
     if binary is None:
@@ -107,7 +107,7 @@ def start_redis() -> Server:
         stop_process(proc)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    return Server(f"redis://127.0.0.1:{port}/0", [stop])
+    return Server(f"redis://127.0.0.1:{port}/0", [stop], proc)
 
 
 def _pg_bindir() -> Path | None:
@@ -118,8 +118,10 @@ def _pg_bindir() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
-def start_postgres() -> Server:
-    if url := os.environ.get("POLYDEV_TEST_POSTGRES_URL"):
+def start_postgres(private: bool = False) -> Server:
+    """PostgreSQL for the tests: the one POLYDEV_TEST_POSTGRES_URL names, or (always, when `private`: a test that
+    will stop it) a cluster of its own."""
+    if not private and (url := os.environ.get("POLYDEV_TEST_POSTGRES_URL")):
         return Server(url)
     bindir = _pg_bindir()
     if bindir is None:
@@ -152,7 +154,7 @@ def start_postgres() -> Server:
         stop_process(proc)  # SIGTERM is PostgreSQL's smart shutdown; every client is gone by now
         shutil.rmtree(workdir, ignore_errors=True)
 
-    return Server(f"postgresql://polydev@127.0.0.1:{port}/postgres", [stop])
+    return Server(f"postgresql://polydev@127.0.0.1:{port}/postgres", [stop], proc)
 
 
 def create_database(admin_url: str, name: str) -> str:

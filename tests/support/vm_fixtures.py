@@ -6,7 +6,8 @@ plane); registered once as a plugin, the session-scoped VM is shared by every mo
 `test_image` builds the test-profile image into the configured cache directory (POLYDEV_CACHE_DIR, default
 /var/cache/polydev as root) or reuses it: CI on a machine that has built it once pays nothing; a new machine
 pays one build. It fails rather than skips when the build cannot be done, so a green run means the VM tests
-ran; POLYDEV_SKIP_VM_TESTS=1 skips them explicitly (developer machines without root).
+ran; POLYDEV_SKIP_VM_TESTS=1 skips them explicitly (developer machines without root; refused under
+POLYDEV_REQUIRE_SERVERS=1).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from polydev.config import Settings
 from polydev.vm import build_steps, images
 from polydev.vm.agent_client import AgentClient
 from polydev.vm.backends.qemu.machine import QemuVM, free_port
+from tests.support.required import skip_switches
 
 SRC = Path(images.__file__).resolve().parents[2]
 
 
 def _skip_if_asked() -> None:
-    if os.environ.get("POLYDEV_SKIP_VM_TESTS") == "1":
-        pytest.skip("POLYDEV_SKIP_VM_TESTS=1")
+    skip_switches("POLYDEV_SKIP_VM_TESTS")  # a failure under POLYDEV_REQUIRE_SERVERS=1: CI runs the VM tests
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from polydev.api.app import create_app
 from polydev.vm import images
 from tests.support.app import make_settings
 from tests.support.egress_probe import CONNECT_PROBE, PING
+from tests.support.required import unmet
 from tests.support.servers import serve_connections
 
 pytest_plugins = ["tests.support.vm_fixtures"]
@@ -33,7 +34,7 @@ def echo_stand_in() -> Iterator[None]:
     try:
         server.bind(STAND_IN)
     except PermissionError:
-        pytest.skip("binding port 443 on loopback needs root")
+        unmet("binding port 443 on loopback needs root")
     server.listen(8)
 
     def echo(conn: socket.socket) -> None:

@@ -4,7 +4,6 @@ and the full profile's Chromium."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import tempfile
@@ -18,6 +17,7 @@ from polydev.config import Settings
 from polydev.vm import images
 from polydev.vm.backends.qemu.errors import VMError
 from polydev.vm.backends.qemu.machine import QemuVM
+from tests.support.required import skip_switches
 
 pytest_plugins = ["tests.support.vm_fixtures"]  # fixtures: test_image, test_vm
 
@@ -121,8 +121,8 @@ def test_failed_boot_leaves_no_process_or_disk(tmp_path: Path) -> None:
     assert out == ""
 
 
-@pytest.mark.skipif(os.environ.get("POLYDEV_SKIP_FULL_IMAGE") == "1", reason="POLYDEV_SKIP_FULL_IMAGE=1")
 def test_full_profile_runs_chromium_headless() -> None:
+    skip_switches("POLYDEV_SKIP_VM_TESTS", "POLYDEV_SKIP_FULL_IMAGE")  # refused under POLYDEV_REQUIRE_SERVERS=1
     image, _ = images.ensure(Settings().cache_dir, "full")
     assert "chromium" in image.manifest["debian_packages"]  # type: ignore[operator]
     with tempfile.TemporaryDirectory(prefix="polydev-test-full-") as tmp:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import struct
 import sys
@@ -32,6 +31,7 @@ from polydev.vm import images
 from tests.support.app import make_settings
 from tests.support.flow_fakes import FakeAdapter
 from tests.support.live_asgi import serving
+from tests.support.required import required, skip_switches, unmet
 
 
 class GuestFakeAdapter(FakeAdapter):
@@ -43,17 +43,15 @@ class GuestFakeAdapter(FakeAdapter):
 
 
 def full_image() -> images.Image:
-    if os.environ.get("POLYDEV_SKIP_VM_TESTS") == "1":
-        pytest.skip("POLYDEV_SKIP_VM_TESTS=1")
-    required = os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1"
-    if shutil.which("qemu-system-x86_64") is None and not required:
-        pytest.skip("QEMU is not installed")
+    skip_switches("POLYDEV_SKIP_VM_TESTS")
+    if shutil.which("qemu-system-x86_64") is None:
+        unmet("QEMU is not installed (scripts/test.sh installs it)")
     cache = Settings().cache_dir
     image = images.find(cache, images.recipe_for("full"))
     if image is None:
-        if not required:
-            pytest.skip(f"the full image (Xtigervnc + Chromium) is not built in {cache}: run `polydev image build "
-                        "--profile full`, or set POLYDEV_REQUIRE_SERVERS=1 to build it here")
+        if not required():  # a developer skips the minutes of a build; CI builds it here
+            unmet(f"the full image (Xtigervnc + Chromium) is not built in {cache}: run `polydev image build "
+                  "--profile full`, or set POLYDEV_REQUIRE_SERVERS=1 to build it here")
         image, _ = images.ensure(cache, "full", lambda stage, line: print(f"[image {stage}] {line}", file=sys.stderr))
     return image
 

@@ -46,6 +46,7 @@ from tests.standins.front import TlsFront
 from tests.standins.vm import PROVIDERS, VmStandins
 from tests.support.app import Api, make_settings
 from tests.support.flow_api import no_vms_left, sse
+from tests.support.required import unmet
 
 pytest_plugins = ["tests.support.vm_fixtures"]
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -96,9 +97,7 @@ class Stand:
 async def stand(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stand]:
     missing = _vm_host_missing()
     if missing:
-        if os.environ.get("POLYDEV_REQUIRE_SERVERS") == "1":
-            pytest.fail(missing)
-        pytest.skip(missing)
+        unmet(missing)
     test_image: images.Image = request.getfixturevalue("test_image")  # builds it when not cached
     tmp = tmp_path_factory.mktemp("provider-flows")
     with VmStandins(tmp / "standins") as si:  # on the host's loopback: guests reach it through the gateway
