@@ -55,9 +55,9 @@ def test_the_next_start_fails_what_a_crashed_server_was_driving(deployment: dict
                     break  # mid-run: the CLI is sleeping
             assert pd.run(run)["status"] == "running"
         # A crash, not a shutdown: nothing gets to end the login or the run.
-        assert crashed.proc is not None
+        assert crashed.process is not None
         os.kill(crashed.process.pid, signal.SIGKILL)
-        crashed.proc.wait()
+        crashed.process.wait()
     finally:
         first.close()
 

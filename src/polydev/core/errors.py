@@ -40,6 +40,10 @@ class BadRunFiles(ValueError):
     which file and why."""
 
 
+class RunFilesTooLarge(BadRunFiles):
+    """The files sent with a run are more than MAX_RUN_FILES_BYTES in all (a 413, like a prompt too large)."""
+
+
 def describe(exc: BaseException) -> str:
     """An unexpected failure as a session or run reports it: the exception's type and text. A VM's agent
     that could not be reached is named by what failed (ConnectError, ReadTimeout), which is what
@@ -47,5 +51,5 @@ def describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, AgentUnreachable) else f"{type(exc).__name__}: {exc}"
 
 
-__all__ = ["BadRunFiles", "CodeRejected", "CredentialBusy", "FlowUnavailable", "LoginError", "NoCredential",
+__all__ = ["BadRunFiles", "RunFilesTooLarge", "CodeRejected", "CredentialBusy", "FlowUnavailable", "LoginError", "NoCredential",
            "SessionExpired", "SessionNotFound", "SessionNotLive", "describe"]

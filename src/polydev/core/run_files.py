@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from polydev.core.errors import BadRunFiles
+from polydev.core.errors import BadRunFiles, RunFilesTooLarge
 
 NAME_MAX = 255  # bytes in one segment: what Linux file systems allow
 PATH_MAX_BYTES = 1024  # bytes in a whole name: deep enough for a project tree, far below PATH_MAX
@@ -67,5 +67,5 @@ def check_files(files: dict[str, str] | None, limit: int) -> dict[str, bytes]:
             if parent in out:
                 raise BadRunFiles(f"file name {_shown(parent)} is also a directory, of {_shown(name)}")
     if total > limit:
-        raise BadRunFiles(f"files total {total} bytes; the limit is {limit}")
+        raise RunFilesTooLarge(f"files total {total} bytes; the limit is {limit}")
     return out

@@ -20,6 +20,7 @@ from polydev.core.errors import (
     CredentialBusy,
     FlowUnavailable,
     NoCredential,
+    RunFilesTooLarge,
 )
 from polydev.core.run_files import check_files
 from polydev.store.models import Run
@@ -77,6 +78,8 @@ async def start_run(body: RunIn, user: CurrentUser, services: ServicesDep) -> Ru
         raise ApiError(422, "timeout_too_long", f"timeout may be at most {s.run_max_timeout_seconds} s")
     try:
         files = check_files(body.files, s.max_run_files_bytes)
+    except RunFilesTooLarge as exc:
+        raise ApiError(413, "files_too_large", str(exc)) from None
     except BadRunFiles as exc:
         raise ApiError(422, "bad_files", str(exc)) from None
     provider = body.provider.value
