@@ -1,6 +1,8 @@
 """The login browser's VNC through the control plane, with the real guest agent as the "VM" (on the host) and a
-fake VNC server as the VM's VNC port: `vnc_url` once it answers, tickets (single use, expiry, owner only),
-the WebSocket bridge both ways, and every way a session ends closing it or refusing it.
+scripted VNC server as the VM's VNC port (VncAuth with the password file the flow put in the guest, as the
+login VM's Xtigervnc): `vnc_url` once it answers, tickets (single use, expiry, owner only), the bridge's RFB
+handshakes (VncAuth to the VM, None to the viewer), the WebSocket bridge both ways, and every way a session
+ends closing it or refusing it.
 
 The API runs under uvicorn on a loopback port in the test's event loop, so the WebSocket is a real one
 (subprotocol negotiation included) and the flows' tasks share the loop with it."""
@@ -10,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -27,8 +31,14 @@ from tests.support.agent_backend import AgentBackend
 from tests.support.app import Api, make_settings
 from tests.support.flow_fakes import FakeAdapter, host_guest_paths
 from tests.support.live_asgi import serving
+from tests.support.rfb_server import (
+    NONE,
+    VERSION,
+    VNC_AUTH,
+    ScriptedVnc,
+    password_from_file,
+)
 
-BANNER = b"RFB 003.008\n"
 # Stand-ins for Xtigervnc and Chromium in a "guest" that is the host: processes that just run until killed.
 IDLE = (sys.executable, "-c", "import time; time.sleep(600)")
 # Chromium's stand-in notes the display it was given, then idles.
@@ -36,32 +46,8 @@ BROWSER = "import os, sys, time; open(sys.argv[1], 'w').write(os.environ['DISPLA
 RECORD_URL = "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')"
 
 
-class FakeVnc:
-    """The VM side: sends the RFB banner, then echoes every byte back (so both directions are checked)."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> tuple[str, int]:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return "127.0.0.1", self.server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        writer.write(BANNER)
-        try:
-            while data := await reader.read(4096):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-
 class Stack:
-    def __init__(self, api: Api, base: str, vnc: FakeVnc, guest_dir: Path) -> None:
+    def __init__(self, api: Api, base: str, vnc: ScriptedVnc, guest_dir: Path) -> None:
         self.api, self.base, self.vnc, self.guest_dir = api, base, vnc, guest_dir
 
     async def user(self) -> dict[str, str]:
@@ -93,7 +79,8 @@ class Stack:
 async def vnc_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Stack]:
     monkeypatch.setitem(ADAPTERS, "claude_code", FakeAdapter())
     settings = make_settings(tmp_path, login_timeout_seconds=60, login_browser="on")
-    fake = FakeVnc()
+    # The VM's VNC server: VncAuth with the password file the flow put in the "guest", as Xtigervnc.
+    fake = ScriptedVnc(tmp_path / "guest" / "login" / "vnc-password")
     address = await fake.start()
     svc = await open_services(settings)
     svc.guest_paths = host_guest_paths(str(tmp_path / "guest"))
@@ -115,8 +102,7 @@ async def vnc_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIte
     while any(mine in cmdline for cmdline in _cmdlines()):
         assert asyncio.get_running_loop().time() < deadline, "a login browser process was left running"
         await asyncio.sleep(0.05)
-    assert fake.server is not None
-    fake.server.close()
+    fake.close()
 
 
 def _cmdlines() -> list[bytes]:
@@ -130,12 +116,28 @@ def _cmdlines() -> list[bytes]:
     return out
 
 
+async def received(ws: ClientConnection, n: int, buffer: bytearray) -> bytes:
+    while len(buffer) < n:
+        message = await asyncio.wait_for(ws.recv(), 30)
+        assert isinstance(message, bytes)
+        buffer += message
+    out = bytes(buffer[:n])
+    del buffer[:n]
+    return out
+
+
 async def bridged(ws: ClientConnection) -> None:
-    """The bridge carries the VM's banner to the user and the user's bytes to the VM (and, echoed, back)."""
+    """What noVNC sees: RFB 3.8 offering security type None alone (the bridge answered the VM's VncAuth),
+    then the VM itself: the user's bytes reach it and (echoed) come back."""
     assert ws.subprotocol == "binary"
-    assert await asyncio.wait_for(ws.recv(), 30) == BANNER
-    await ws.send(BANNER)  # what noVNC answers first
-    assert await asyncio.wait_for(ws.recv(), 30) == BANNER
+    buffer = bytearray()
+    assert await received(ws, 12, buffer) == VERSION
+    await ws.send(VERSION)
+    assert await received(ws, 2, buffer) == bytes([1, NONE])
+    await ws.send(bytes([NONE]))
+    assert await received(ws, 4, buffer) == b"\0\0\0\0"
+    await ws.send(b"\x01ClientInit and on")
+    assert await received(ws, 18, buffer) == b"\x01ClientInit and on"
 
 
 async def refused(stack: Stack, url: str) -> int:
@@ -279,3 +281,73 @@ async def test_no_ticket_before_the_vnc_server_answers(vnc_stack: Stack) -> None
     assert body["vnc_url"] is None
     r = await vnc_stack.ticket(h, sid)
     assert r.status_code == 409 and r.json()["error"]["code"] == "vnc_unavailable"
+
+
+async def test_the_bridge_answers_the_vms_password_which_goes_nowhere_else(
+        vnc_stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with capture_logs() as events:
+        h = await vnc_stack.user()
+        sid = await vnc_stack.start_login(h)
+        await vnc_stack.wait(h, sid, "vnc_url")
+        ticket = await vnc_stack.ticket(h, sid)
+        async with vnc_stack.ws(ticket.json()["url"]) as ws:
+            await bridged(ws)
+            session = await vnc_stack.api.client.get(f"/api/auth/sessions/{sid}", headers=h)
+    # The VM's server was asked for VncAuth and got the right answer; the viewer only ever saw None.
+    assert vnc_stack.vnc.chosen == [VNC_AUTH] and vnc_stack.vnc.results == ["ok"]
+    path = vnc_stack.guest_dir / "login" / "vnc-password"
+    assert path.stat().st_mode & 0o777 == 0o600
+    file = path.read_bytes()
+    password = password_from_file(file)
+    assert len(password) == 8
+    login = vnc_stack.api.services.login_flow._live[uuid.UUID(sid)]
+    assert login.vnc_password == password and repr(password) not in repr(login)
+    # Nowhere else: not in an API answer, a log line, or a process's command line.
+    shown = (ticket.text + session.text + caplog.text + repr(events)).encode()
+    for form in (password, password.hex().encode(), file.hex().encode(), repr(password).encode()):
+        assert form not in shown
+        assert not any(form in cmdline for cmdline in _cmdlines())
+
+
+async def test_a_vnc_server_that_lets_anyone_in_is_not_bridged(vnc_stack: Stack) -> None:
+    vnc_stack.vnc.offer = bytes([NONE, VNC_AUTH])  # what the login VM's Xtigervnc offered before issue 13
+    h = await vnc_stack.user()
+    sid = await vnc_stack.start_login(h)
+    await vnc_stack.wait(h, sid, "vnc_url")
+    async with vnc_stack.ws((await vnc_stack.ticket(h, sid)).json()["url"]) as ws:
+        assert await nothing_but_close(ws) == (4409, "vnc_unavailable")
+    assert vnc_stack.vnc.chosen == []
+
+
+async def test_a_vnc_server_that_refuses_the_password_is_not_bridged(vnc_stack: Stack) -> None:
+    h = await vnc_stack.user()
+    sid = await vnc_stack.start_login(h)
+    await vnc_stack.wait(h, sid, "vnc_url")
+    (vnc_stack.guest_dir / "login" / "vnc-password").write_bytes(bytes(8))  # the server now wants another
+    async with vnc_stack.ws((await vnc_stack.ticket(h, sid)).json()["url"]) as ws:
+        assert await nothing_but_close(ws) == (4409, "vnc_unavailable")
+    assert vnc_stack.vnc.results == ["failed"]
+
+
+async def test_a_viewer_that_asks_for_vnc_auth_is_refused(vnc_stack: Stack) -> None:
+    h = await vnc_stack.user()
+    sid = await vnc_stack.start_login(h)
+    await vnc_stack.wait(h, sid, "vnc_url")
+    async with vnc_stack.ws((await vnc_stack.ticket(h, sid)).json()["url"]) as ws:
+        buffer = bytearray()
+        assert await received(ws, 12, buffer) == VERSION
+        await ws.send(VERSION)
+        assert await received(ws, 2, buffer) == bytes([1, NONE])
+        await ws.send(bytes([VNC_AUTH]))  # as a viewer that wants to send a password of its own
+        assert (await received(ws, 4, buffer)) == b"\0\0\0\1"
+        assert await closed_with(ws) == (1002, "rfb_handshake_failed")
+
+
+async def nothing_but_close(ws: ClientConnection) -> tuple[int, str]:
+    """The close code and reason of a WebSocket that was closed without a byte of RFB."""
+    with pytest.raises(ConnectionClosed) as info:
+        message = await asyncio.wait_for(ws.recv(), 30)
+        raise AssertionError(f"the viewer was sent {message!r}")
+    assert info.value.rcvd is not None
+    return info.value.rcvd.code, info.value.rcvd.reason

@@ -1,5 +1,5 @@
 """The login browser's guest side as data: the hook (still records every URL exactly as before; shows http(s)
-URLs only when asked), the commands (no password only with the forward's protection, proxy passed on), and
+URLs only when asked), the commands (the VNC server wants the login's password, from a file; proxy passed on), and
 when the setting turns it on."""
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from polydev.config import Settings
+from polydev.core import rfb
 from polydev.core.login_browser import VNC_PORT, LoginBrowser
 from polydev.providers.base import GuestEnv, hook_files
 from polydev.services import Services
 from polydev.vm import network
 from polydev.vm.types import EngineInfo
+from tests.support.rfb_server import password_from_file
 
 # The hook as it was before the login browser: every login without one must keep getting exactly this.
 RECORDER = (b"#!/bin/sh\n# Polydev login helper: record the URL the CLI wants opened.\n"
@@ -54,11 +56,18 @@ def test_with_a_browser_the_hook_records_then_opens_http_urls_only(tmp_path: Pat
     assert opened.read_text() == url + "\n"  # the URL verbatim, and the file: URL never opened
 
 
-def test_vnc_server_has_no_password_but_listens_only_where_the_control_plane_forwards() -> None:
-    argv = LoginBrowser().vnc_server(GuestEnv()).argv
+def test_vnc_server_wants_the_logins_password_from_a_file_the_flow_puts() -> None:
+    browser, env, password = LoginBrowser(), GuestEnv(), rfb.new_password()
+    argv = browser.vnc_server(env).argv
     assert argv[:2] == ["Xtigervnc", ":1"]
     assert argv[argv.index("-rfbport") + 1] == "5901" and VNC_PORT == network.VNC_PORT
-    assert argv[argv.index("-SecurityTypes") + 1] == "None" and "-nolisten" in argv
+    # VncAuth alone (the port is reachable by any local user), with the password in a file, never in argv.
+    assert argv[argv.index("-SecurityTypes") + 1] == "VncAuth" and "-nolisten" in argv
+    path = argv[argv.index("-PasswordFile") + 1]
+    assert path == "/run/polydev/login/vnc-password"
+    (file,) = [f for f in browser.files(env, password) if f.path == path]
+    assert password_from_file(file.data) == password and file.mode == 0o600
+    assert not any(password.decode() in a or file.data.hex() in a for a in argv)
 
 
 def test_chromium_is_a_kiosk_with_its_profile_in_tmp_and_the_platform_proxy() -> None:
@@ -75,7 +84,7 @@ def test_chromium_policy_trusts_the_platform_ca_and_saves_no_passwords(tmp_path:
     from tests.standins.tls import TestCA
 
     ca = TestCA(tmp_path / "ca")
-    opener, policy = LoginBrowser().files(GuestEnv(), ca.cert_path.read_bytes())
+    opener, policy, _ = LoginBrowser().files(GuestEnv(), b"pw", ca.cert_path.read_bytes())
     assert opener.path == "/run/polydev/login/open-url.py" and policy.path.startswith("/etc/chromium/policies/managed/")
     doc = json.loads(policy.data)
     assert doc["PasswordManagerEnabled"] is False
@@ -84,7 +93,7 @@ def test_chromium_policy_trusts_the_platform_ca_and_saves_no_passwords(tmp_path:
     assert doc["SearchSuggestEnabled"] is False and doc["SafeBrowsingProtectionLevel"] == 0
     der = x509.load_pem_x509_certificate(ca.cert_path.read_bytes()).public_bytes(serialization.Encoding.DER)
     assert doc["CACertificates"] == [base64.b64encode(der).decode()]
-    assert "CACertificates" not in json.loads(LoginBrowser().files(GuestEnv())[1].data)
+    assert "CACertificates" not in json.loads(LoginBrowser().files(GuestEnv(), b"pw")[1].data)
 
 
 def _services(mode: str, packages: dict[str, object] | None) -> Services:

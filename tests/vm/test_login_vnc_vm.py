@@ -1,7 +1,10 @@
 """The login browser in a real VM on the `full` image, end to end through the API: a login whose "CLI" (a short
 script in the guest) opens its URL through the `$BROWSER` hook; the session gets `vnc_url`; a ticket opens the
-WebSocket; through the bridge we speak RFB to the guest's Xtigervnc (banner, no-auth security, ServerInit) and
-read framebuffers until Chromium has drawn something; the login completes and the bridge closes with it.
+WebSocket; through the bridge we speak RFB to the guest's Xtigervnc (banner, security None — the bridge
+answered the VM's VncAuth —, ServerInit) and read framebuffers until Chromium has drawn something. Meanwhile
+every TCP port the VM's QEMU listens on, tried as any local user could, lets nobody in (VncAuth only, a wrong
+password fails; the agent wants its token), and the bridge still shows the screen after those attempts. The
+login completes and the bridge closes with it.
 
 Prints the measured times (start → VNC up, start → first non-blank frame, start → login URL loaded in
 Chromium). Skips when the full image is not built, unless POLYDEV_REQUIRE_SERVERS=1 (then it is built)."""
@@ -14,6 +17,7 @@ import shutil
 import struct
 import sys
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,12 +28,15 @@ from websockets.exceptions import ConnectionClosed
 
 from polydev.api.app import create_app
 from polydev.config import Settings
+from polydev.core.rfb import SECURITY_VNC_AUTH, new_password
 from polydev.providers import ADAPTERS
 from polydev.providers.base import GuestEnv, LoginPlan
 from polydev.services import build_vm_engine, open_services
 from polydev.vm import images
+from polydev.vm.engine import VMEngine
 from tests.support.app import make_settings
 from tests.support.flow_fakes import FakeAdapter
+from tests.support.listeners import failed, probe, tcp_listeners
 from tests.support.live_asgi import serving
 from tests.support.required import required, skip_switches, unmet
 
@@ -76,7 +83,7 @@ class Rfb:
         assert await self.read(12) == b"RFB 003.008\n"
         await self.ws.send(b"RFB 003.008\n")
         types = await self.read((await self.read(1))[0])
-        assert 1 in types, types  # None: the bridge is the only way in, behind the ticket
+        assert types == b"\x01", types  # None alone: the bridge answered the VM's VncAuth, behind the ticket
         await self.ws.send(b"\x01")
         assert await self.read(4) == b"\0\0\0\0"  # SecurityResult OK
         await self.ws.send(b"\x01")  # ClientInit: shared
@@ -108,6 +115,24 @@ class Rfb:
         return len(seen)
 
 
+async def nobody_else_gets_in(engine: VMEngine, vm_id: uuid.UUID) -> None:
+    """Every TCP port the VM's QEMU process listens on, opened as any local user could: an RFB server offers
+    VncAuth alone and lets neither None nor a wrong password in; an HTTP server (the agent) answers 401
+    without its token. Nothing else listens. Three rounds: more failures than TigerVNC's blacklist allows."""
+    row = await engine.vms.get(vm_id)
+    assert row is not None and row.backend_pid is not None
+    listeners = tcp_listeners(row.backend_pid)
+    for _ in range(3):
+        probes = {address: await probe(*address, wrong_password=new_password()) for address in listeners}
+        assert sorted(p.kind for p in probes.values()) == ["http", "rfb"], probes  # the agent, the VNC server
+        for found in probes.values():
+            if found.kind == "rfb":
+                assert found.security_types == bytes([SECURITY_VNC_AUTH]), found
+                assert failed(found.none_result) and failed(found.wrong_password_result), found
+            else:
+                assert set(found.http_status.values()) == {401}, found
+
+
 async def test_login_browser_in_a_real_vm_through_the_vnc_bridge(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     full_image()
@@ -116,6 +141,10 @@ async def test_login_browser_in_a_real_vm_through_the_vnc_bridge(tmp_path: Path,
                              login_browser="auto", login_timeout_seconds=1200, vm_warm_pool_size=0)
     svc = await open_services(settings)
     svc.engine = build_vm_engine(svc)
+    # The fake sign-in host (auth.fake.test) exists nowhere, so the egress gateway refuses Chromium's request
+    # for it, and a login whose sign-in host was refused fails at once (core/login_capture.py). What is tested
+    # here is the browser and its VNC, not the way out: the flow is not told of that refusal.
+    monkeypatch.setattr(svc.engine, "egress_refusal", lambda vm_id, host=None: None)
     assert svc.login_browser() is not None  # auto: the full image has Chromium
     issued = await svc.users.bootstrap_admin()
     assert issued is not None
@@ -137,7 +166,7 @@ async def test_login_browser_in_a_real_vm_through_the_vnc_bridge(tmp_path: Path,
                     assert time.monotonic() < deadline, body
                     await asyncio.sleep(0.2)
 
-            body = await until("vnc_url")
+            await until("vnc_url")
             times["vnc_url"] = time.monotonic() - started
             engine = svc.engine
             assert engine is not None
@@ -150,10 +179,19 @@ async def test_login_browser_in_a_real_vm_through_the_vnc_bridge(tmp_path: Path,
                 width, height, bpp, name = await rfb.handshake()
                 assert (width, height, name) == (1280, 800, "Polydev sign-in")
                 deadline = time.monotonic() + 900
-                while (colours := await rfb.colours(width, height, bpp)) < 2:  # black until Chromium draws
+                while await rfb.colours(width, height, bpp) < 2:  # black until Chromium draws
                     assert time.monotonic() < deadline, "Chromium never drew anything"
                     await asyncio.sleep(1)
                 times["first_frame_drawn"] = time.monotonic() - started
+                await nobody_else_gets_in(engine, vm.id)
+                # Past the strangers' failed attempts (TigerVNC's blacklist would count them), the ticketed
+                # bridge still gets in and shows the screen.
+                again = (await client.post(f"/api/auth/sessions/{sid}/vnc-ticket", headers=h)).json()
+                async with connect(f"ws://{base}{again['url']}", subprotocols=["binary"],  # type: ignore[list-item]
+                                   open_timeout=60, max_size=None) as second:
+                    other = Rfb(second)
+                    assert (await other.handshake())[:2] == (width, height)
+                    assert await other.colours(width, height, bpp) >= 2
                 auth_url = (await until("awaiting_user_auth"))["auth_url"]
                 assert auth_url.startswith("https://auth.fake.test/")
                 # The hook handed the URL to Chromium: wait until it is the page Chromium shows.

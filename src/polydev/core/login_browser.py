@@ -4,7 +4,8 @@ Only login sessions run it (a `browser` VM, full image). The flow starts both th
 after the VM is up, in parallel with the CLI: Chromium takes many seconds to start on an emulated CPU, so it
 starts at once on a placeholder page, and the `$BROWSER` hook later points it at the login URL through
 Chromium's DevTools HTTP endpoint (guest loopback only). The control plane reaches the VNC server through
-the VM's forwarded VNC port (see `VMEngine.vnc_endpoint`) and bridges it to the user's WebSocket.
+the VM's forwarded VNC port (see `VMEngine.vnc_endpoint`) and bridges it to the user's WebSocket; the server
+asks for the login's own password (core/rfb.py), which only the control plane has.
 
 No desktop environment and no window manager: Chromium's kiosk window fills the X screen by itself.
 """
@@ -18,6 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from polydev.core.rfb import password_file
 from polydev.providers.base import LOGIN_DISPLAY, Command, GuestEnv, GuestFile
 
 VNC_PORT = 5901  # inside the guest: 5900 + display number
@@ -72,20 +74,24 @@ class LoginBrowser:
     def opener_path(self, env: GuestEnv) -> str:
         return f"{env.login_dir}/open-url.py"
 
+    def password_path(self, env: GuestEnv) -> str:
+        return f"{env.login_dir}/vnc-password"  # /run is a tmpfs in the guest
+
     def vnc_server(self, env: GuestEnv) -> Command:
         width, height = GEOMETRY
         argv = list(self.server_argv) or [
             "Xtigervnc", LOGIN_DISPLAY, "-geometry", f"{width}x{height}", "-depth", "24",
             "-rfbport", str(self.vnc_port),
-            # No VNC password, and listening on the guest's interface (not just its loopback) so QEMU's
-            # host forward reaches it: acceptable ONLY because nothing but the control plane can reach this
-            # port — user networking forwards it to 127.0.0.1 on the host, tap mode's slot firewall admits
-            # the host end of the slot's veth alone — and the control plane hands it out only behind a
-            # single-use ticket bound to the session's owner.
-            "-SecurityTypes", "None", "-localhost", "no",
+            # Listening on the guest's interface (not just its loopback) so QEMU's host forward reaches it;
+            # but that forward is a 127.0.0.1 port any local user can open (tap mode: the slot's address any
+            # local process can route to), so the server wants the login's password, which only the control
+            # plane holds: the bridge authenticates with it behind the user's ticket (core/rfb.py). The file
+            # is put by the agent before the server starts (files()); Xtigervnc reads it at each connection.
+            "-SecurityTypes", "VncAuth", "-PasswordFile", self.password_path(env), "-localhost", "no",
             # Every connection comes from one address (the host, through QEMU or the slot), so TigerVNC's
-            # blacklist (5 unauthenticated connections, e.g. readiness probes) would lock the user out. The
-            # single-use ticket is the gate; a blacklist timeout of 0 lets every connection through.
+            # blacklist (5 unauthenticated or failed connections: readiness probes, anyone guessing) would
+            # lock the bridge out. A blacklist timeout of 0 lets every connection try; a guess per connection
+            # does not get through VncAuth's 2^55 keys in a login's lifetime.
             "-BlacklistTimeout", "0",
             "-nolisten", "tcp",  # no X11 over TCP: X clients connect through the Unix socket only
             "-AlwaysShared", "-desktop", "Polydev sign-in"]
@@ -119,9 +125,10 @@ class LoginBrowser:
         return Command(argv, {"HOME": env.home, "DISPLAY": LOGIN_DISPLAY, "PATH": "/usr/bin:/bin",
                               "LANG": "C.UTF-8", **env.proxy_vars()}, cwd="/")
 
-    def files(self, env: GuestEnv, ca_pem: bytes | None = None) -> tuple[GuestFile, ...]:
+    def files(self, env: GuestEnv, vnc_password: bytes, ca_pem: bytes | None = None) -> tuple[GuestFile, ...]:
         return (GuestFile(self.opener_path(env), OPENER.encode(), 0o755),
-                GuestFile(self.policy_path, json.dumps(chromium_policy(ca_pem)).encode(), 0o644))
+                GuestFile(self.policy_path, json.dumps(chromium_policy(ca_pem)).encode(), 0o644),
+                GuestFile(self.password_path(env), password_file(vnc_password), 0o600))
 
     def hook_opener(self, env: GuestEnv) -> list[str]:
         """The command the hook runs (detached, once per http(s) URL; "{url}" stands for it) to show a URL."""

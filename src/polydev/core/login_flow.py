@@ -41,7 +41,7 @@ from polydev.core.login_pool import LoginPool
 from polydev.core.login_prestart import hand_over, pool_sizes
 from polydev.core.login_relay import LoginRelay
 from polydev.core.login_sessions import LoginSessions
-from polydev.core.login_state import Login, publish, vm_ttl
+from polydev.core.login_state import Login, VncTarget, publish, vm_ttl
 from polydev.core.login_vnc import start_browser
 from polydev.core.relay import wait_for
 from polydev.core.tasks import cancel_and_wait, end_all
@@ -146,13 +146,13 @@ class LoginFlow(VmFlow):
             await self.sessions.finish(session_id, "cancelled", "cancelled by the user")
         return await self.sessions.read(user_id, session_id)
 
-    async def vnc_target(self, user_id: uuid.UUID, session_id: uuid.UUID) -> tuple[tuple[str, int], asyncio.Event]:
-        """Where the session's VNC server is, and an event set when the session ends (the bridge closes
-        then). SessionNotLive when the session has no VNC server running in this process."""
+    async def vnc_target(self, user_id: uuid.UUID, session_id: uuid.UUID) -> VncTarget:
+        """Where the session's VNC server is, its password, and an event set when the session ends (the
+        bridge closes then). SessionNotLive when the session has no VNC server running in this process."""
         login = await self._owned_live(user_id, session_id)
         if login.vnc is None or login.ending.is_set():
             raise SessionNotLive("this login session has no browser to show (yet); follow its vnc_url")
-        return login.vnc, login.ending
+        return VncTarget(login.vnc, login.vnc_password, login.ending)
 
     async def close(self) -> None:
         """Server shutdown: end every login this process drives (their VMs go with the engine)."""
@@ -319,7 +319,7 @@ class LoginFlow(VmFlow):
         browser = login.browser
         opener = browser.hook_opener(login.env) if browser else None
         files: list[GuestFile] = [*hook_files(login.env, opener), *login.plan.command.files,
-                                  *(browser.files(login.env, self.ca_pem) if browser else ()),
+                                  *(browser.files(login.env, login.vnc_password, self.ca_pem) if browser else ()),
                                   *base_files(login.env, self.ca_pem)]
         await login.guest.put(*files)
 

@@ -12,6 +12,7 @@ from typing import Any
 from polydev.core.guest import Guest, GuestProcess
 from polydev.core.login_browser import LoginBrowser
 from polydev.core.login_sessions import LoginSessions
+from polydev.core.rfb import new_password
 from polydev.core.tasks import LiveTask
 from polydev.providers.base import GuestEnv, LoginPlan, ProviderAdapter
 
@@ -33,6 +34,8 @@ class Login(LiveTask):
     output: str = ""
     browser: LoginBrowser | None = None
     vnc: tuple[str, int] | None = None  # the VNC server as the control plane reaches it, once it answers
+    # The VM's VNC password (core/rfb.py): only this process holds it, so only its bridge gets in.
+    vnc_password: bytes = field(default_factory=new_password, repr=False)
     browser_procs: list[GuestProcess] = field(default_factory=list)  # Xtigervnc, Chromium
     vm_id: uuid.UUID | None = None
     # Pre-started logins: what the session will show once a user takes it, the deadline moved then, and the
@@ -41,6 +44,16 @@ class Login(LiveTask):
     unpublished: dict[str, Any] = field(default_factory=dict)
     deadline: asyncio.Timeout | None = None
     publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(frozen=True)
+class VncTarget:
+    """What the VNC bridge needs of a live login: where its VM's VNC server is, the password it asks for,
+    and an event set when the login ends (the bridge closes then)."""
+
+    address: tuple[str, int]
+    password: bytes = field(repr=False)
+    ended: asyncio.Event
 
 
 async def publish(sessions: LoginSessions, login: Login, **changes: Any) -> None:

@@ -5,6 +5,10 @@
     GET  /api/auth/sessions/{id}/vnc?ticket=…  (WebSocket, subprotocol `binary` as noVNC asks)
         → RFB bytes both ways between the user's page and the VM's VNC server
 
+The VM's VNC server wants a password that only this server holds (core/rfb.py): the bridge authenticates
+to it first, then offers the user's viewer the None security type and, after that handshake, passes the
+bytes through unchanged. So the ticket is the only way in, whoever else can reach the VM's VNC port.
+
 The ticket is the WebSocket's only credential (browsers cannot put an API token on a WebSocket): random,
 single use, bound to the user and the session, valid `VNC_TICKET_SECONDS` (≤ 60). A missing, expired,
 reused or foreign ticket is refused before the handshake completes (close 1008, which the server turns
@@ -12,7 +16,9 @@ into HTTP 403): nothing is ever bridged for it. With a good ticket the socket is
 is nothing to show, closed at once with a code that says why:
 
     4410 session_expired   the session has expired or ended — show "Start a new session"
-    4409 vnc_unavailable   the session is live but its VNC server is not up (yet), or runs on another replica
+    4409 vnc_unavailable   the session is live but its VNC server is not up (yet), runs on another replica,
+                           or did not take the login's password
+    1002 rfb_handshake_failed  the viewer did not complete the RFB security handshake (None, RFB 3.7/3.8)
     1000 session_ended     the session ended while the bridge was open (completed, cancelled, timeout, failed)
     1011 vnc_lost          the VM's VNC server closed the connection
 
@@ -37,6 +43,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from polydev.api.deps import CurrentUser, ServicesDep, read_live_login_session
 from polydev.api.errors import ApiError
+from polydev.core import rfb
 from polydev.core.errors import SessionExpired, SessionNotFound, SessionNotLive
 from polydev.core.tasks import cancel_and_wait
 from polydev.services import Services
@@ -45,8 +52,9 @@ from polydev.store.models import AUTH_SESSION_TERMINAL
 log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/api/auth", tags=["auth"])
 CHUNK = 64 * 1024
-CLOSE_POLICY, CLOSE_ENDED, CLOSE_LOST = 1008, 1000, 1011
+CLOSE_POLICY, CLOSE_ENDED, CLOSE_LOST, CLOSE_PROTOCOL = 1008, 1000, 1011, 1002
 CLOSE_EXPIRED, CLOSE_UNAVAILABLE = 4410, 4409
+HANDSHAKE_S = 30.0  # for either side's RFB security handshake: a few round trips, even to an emulated guest
 _TICKET = re.compile(r"(ticket=)[^&\s\"']+")
 
 
@@ -107,23 +115,81 @@ async def vnc_socket(websocket: WebSocket, session_id: uuid.UUID, ticket: str = 
         await websocket.close(CLOSE_EXPIRED, "session_expired: start a new session")
         return
     try:
-        (host, port), ended = await services.login_flow.vnc_target(user_id, session_id)
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        target = await services.login_flow.vnc_target(user_id, session_id)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*target.address), 10)
     except (SessionNotLive, OSError, TimeoutError):
         await websocket.accept(subprotocol)
         await websocket.close(CLOSE_UNAVAILABLE, "vnc_unavailable")
         return
+    try:  # into the VM first: the user's viewer is let in only to a VNC session we already hold
+        await asyncio.wait_for(rfb.authenticate(reader.readexactly, _sender(writer), target.password), HANDSHAKE_S)
+    except (rfb.RfbError, asyncio.IncompleteReadError, OSError, TimeoutError) as exc:
+        log.warning("vnc_auth_failed", session_id=str(session_id), error=str(exc) or type(exc).__name__)
+        await _close(writer)
+        await websocket.accept(subprotocol)
+        await websocket.close(CLOSE_UNAVAILABLE, "vnc_unavailable")
+        return
     await websocket.accept(subprotocol)
+    viewer = _Viewer(websocket)
+    try:
+        await asyncio.wait_for(rfb.serve_none(viewer.read, websocket.send_bytes), HANDSHAKE_S)
+    except (rfb.RfbError, WebSocketDisconnect, RuntimeError, TimeoutError) as exc:
+        log.info("vnc_bridge_refused", session_id=str(session_id), reason=str(exc) or type(exc).__name__)
+        await _close(writer)
+        if not isinstance(exc, WebSocketDisconnect):
+            with contextlib.suppress(Exception):
+                await websocket.close(CLOSE_PROTOCOL, "rfb_handshake_failed")
+        return
     log.info("vnc_bridge_open", session_id=str(session_id))
-    _, reason = await _bridge(websocket, reader, writer, ended)
+    _, reason = await _bridge(websocket, reader, writer, target.ended, viewer.take())
     log.info("vnc_bridge_closed", session_id=str(session_id), reason=reason)
 
 
+class _Viewer:
+    """The viewer's side of the security handshake: exact byte counts out of WebSocket messages of any size."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self.buffer = b""
+
+    async def read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(message.get("code", 1000))
+            self.buffer += message.get("bytes") or (message.get("text") or "").encode()
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    def take(self) -> bytes:
+        """What the viewer sent past the handshake (its ClientInit, if it came in the same message)."""
+        rest, self.buffer = self.buffer, b""
+        return rest
+
+
+def _sender(writer: asyncio.StreamWriter) -> rfb.Write:
+    async def send(data: bytes) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    return send
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+
+
 async def _bridge(websocket: WebSocket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                  ended: asyncio.Event) -> tuple[int, str]:
-    """Copy bytes both ways until one side closes or the session ends; then close both."""
+                  ended: asyncio.Event, first: bytes = b"") -> tuple[int, str]:
+    """Copy bytes both ways until one side closes or the session ends; then close both. `first`: the
+    viewer's bytes already read, which go to the VM before anything else."""
 
     async def to_vm() -> tuple[int, str]:
+        if first:
+            writer.write(first)
+            await writer.drain()
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
@@ -153,9 +219,7 @@ async def _bridge(websocket: WebSocket, reader: asyncio.StreamReader, writer: as
             code, reason = CLOSE_LOST, "connection_error"
     finally:
         await cancel_and_wait(tasks)
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+        await _close(writer)
     if reason != "client_left":
         with contextlib.suppress(Exception):
             await websocket.close(code, reason)
