@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import struct
 import sys
 import time
@@ -39,6 +40,9 @@ from tests.support.flow_fakes import FakeAdapter
 from tests.support.listeners import failed, probe, tcp_listeners
 from tests.support.live_asgi import serving
 from tests.support.required import required, skip_switches, unmet
+from tests.support.servers import serve_connections
+
+SIGN_IN_ADDRESS = "127.0.0.60"  # the fake sign-in host's, pinned for the egress gateway (port 443)
 
 
 class GuestFakeAdapter(FakeAdapter):
@@ -137,14 +141,19 @@ async def test_login_browser_in_a_real_vm_through_the_vnc_bridge(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     full_image()
     monkeypatch.setitem(ADAPTERS, "claude_code", GuestFakeAdapter())
+    # The fake sign-in host is pinned to a listener of the test's own (a refused sign-in host would end the
+    # login at once): the gateway tunnels Chromium to it, which closes the connection, so Chromium shows its
+    # error page for the login URL. What is tested here is the browser and its VNC, not the page.
+    sign_in = socket.socket()
+    sign_in.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sign_in.bind((SIGN_IN_ADDRESS, 443))
+    sign_in.listen(16)
+    serve_connections(sign_in, lambda conn: None)
     settings = make_settings(tmp_path, POLYDEV_CACHE_DIR=Settings().cache_dir, vm_image_profile="full",
-                             login_browser="auto", login_timeout_seconds=1200, vm_warm_pool_size=0)
+                             login_browser="auto", login_timeout_seconds=1200, vm_warm_pool_size=0,
+                             egress_hosts=json.dumps({"auth.fake.test": [SIGN_IN_ADDRESS]}))
     svc = await open_services(settings)
     svc.engine = build_vm_engine(svc)
-    # The fake sign-in host (auth.fake.test) exists nowhere, so the egress gateway refuses Chromium's request
-    # for it, and a login whose sign-in host was refused fails at once (core/login_capture.py). What is tested
-    # here is the browser and its VNC, not the way out: the flow is not told of that refusal.
-    monkeypatch.setattr(svc.engine, "egress_refusal", lambda vm_id, host=None: None)
     assert svc.login_browser() is not None  # auto: the full image has Chromium
     issued = await svc.users.bootstrap_admin()
     assert issued is not None
@@ -221,5 +230,6 @@ async def test_login_browser_in_a_real_vm_through_the_vnc_bridge(tmp_path: Path,
             assert await engine.list() == []
     finally:
         await svc.close()
+        sign_in.close()
         print("\nlogin browser timings (s, from POST /api/auth/start):",
               {k: round(v, 1) for k, v in times.items()}, file=sys.stderr)
