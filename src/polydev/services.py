@@ -20,10 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from polydev.config import Settings
 from polydev.core.egress_admin import EgressAdmin
-from polydev.core.quotas import Admission, HostCapacity, Kind, Quota
 from polydev.core.login_browser import LoginBrowser
 from polydev.core.login_flow import LoginFlow
 from polydev.core.login_sessions import LoginSessions
+from polydev.core.quotas import Admission, HostCapacity, Kind, Quota
 from polydev.core.run_flow import RunFlow
 from polydev.core.vm_admin import VmAdmin
 from polydev.core.vnc_tickets import VncTickets
@@ -97,10 +97,7 @@ class Services:
 
     async def admit(self, user_id: uuid.UUID, kind: Kind, purpose: str) -> None:
         """Quotas and the host's capacity for one more login, run or VM of `purpose` (cli or browser)."""
-        s = self.settings
-        size = (s.vm_browser_vcpu, s.vm_browser_memory_mb) if purpose == "browser" else (s.vm_cli_vcpu,
-                                                                                         s.vm_cli_memory_mb)
-        await self.admission.check(user_id, kind, *size)
+        await self.admission.check(user_id, kind, *self.settings.vm_size(purpose))
 
     def guest_env(self, provider: str) -> GuestEnv:
         """How a VM for `provider` reaches the outside, per the settings."""
@@ -225,8 +222,8 @@ def build_vm_engine(services: Services, backend_factory: BackendFactory | None =
         services.egress = services.egress or build_egress(services, guest_address)
     return VMEngine(backend=backend, vms=VmRepo(services.factory), cleanup=CleanupTaskRepo(services.factory),
                     leases=LeaseRepo(services.factory), data_dir=s.data_dir, network=network,
-                    vcpus={"cli": s.vm_cli_vcpu, "browser": s.vm_browser_vcpu},
-                    memory_mb={"cli": s.vm_cli_memory_mb, "browser": s.vm_browser_memory_mb},
+                    vcpus={p: s.vm_size(p)[0] for p in ("cli", "browser")},
+                    memory_mb={p: s.vm_size(p)[1] for p in ("cli", "browser")},
                     keep_failed=s.debug_keep_failed_vms, pool_size=s.vm_warm_pool_size,
                     pool_prepare=services.run_flow.prepare_vm,
                     egress=services.egress.hook if services.egress is not None else None)
@@ -246,7 +243,7 @@ def build_egress(services: Services, guest_address: str | None = None) -> Egress
     return EgressService(s, EgressRepo(services.factory, services.credentials),
                          {name: egress_hosts(adapter.egress_hosts, s.provider_api_base_urls.get(name))
                           for name, adapter in ADAPTERS.items()}, run_dir,
-                         guest_address=guest_address or s.egress_guest_address)
+                         guest_address=guest_address)
 
 
 def egress_hosts(hosts: Mapping[str, tuple[str, ...]], api_base_url: str | None) -> dict[str, tuple[str, ...]]:

@@ -99,6 +99,12 @@ class Settings(BaseSettings):
 
     debug_keep_failed_vms: bool = False
 
+    def vm_size(self, purpose: str) -> tuple[int, int]:
+        """(vCPUs, MiB of memory) of a VM of `purpose`: browser (the login browser's) or cli."""
+        if purpose == "browser":
+            return self.vm_browser_vcpu, self.vm_browser_memory_mb
+        return self.vm_cli_vcpu, self.vm_cli_memory_mb
+
     # Provider flows (login and runs)
     login_timeout_seconds: int = Field(300, ge=10, le=3600, description="a login session not completed "
                                        "by then is ended as timeout and its VM destroyed")

@@ -100,6 +100,8 @@ class UsageSource(Protocol):
 
     async def overrides(self, user_id: uuid.UUID) -> dict[str, int] | None: ...
 
+    async def set_overrides(self, user_id: uuid.UUID, limits: dict[str, int]) -> bool: ...
+
 
 class Admission:
     def __init__(self, repo: UsageSource, defaults: Quota, host: HostCapacity) -> None:
@@ -125,11 +127,17 @@ class Admission:
             if have + wanted[name] > cap:
                 raise HostFull(name, have, wanted[name], cap)
 
-    async def report(self, user_id: uuid.UUID) -> dict[str, object]:
-        """A user's limits (their own overrides marked), and their use against each."""
-        overrides = await self.repo.overrides(user_id) or {}
+    async def report(self, user_id: uuid.UUID) -> dict[str, object] | None:
+        """A user's limits (their own overrides marked), and their use against each; None for no such user."""
+        overrides = await self.repo.overrides(user_id)
+        if overrides is None:
+            return None
         return {"limits": asdict(self.defaults.merged(overrides)), "overrides": overrides,
                 "usage": asdict(await self.repo.usage(user_id))}
+
+    async def set_overrides(self, user_id: uuid.UUID, limits: dict[str, int]) -> bool:
+        """Replace a user's own limits (checked with `check_overrides`); False for no such user."""
+        return await self.repo.set_overrides(user_id, limits)
 
     async def host_report(self) -> dict[str, dict[str, int]]:
         """The host's capacity and what all live VMs hold of it (for /metrics and the admin page)."""

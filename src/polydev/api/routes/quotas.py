@@ -39,10 +39,11 @@ class HostOut(BaseModel):
 _NOT_FOUND = {404: {"description": "no such user (`not_found`)"}}
 
 
-async def _report(services: ServicesDep, user_id: uuid.UUID) -> QuotasOut:
-    if await services.admission.repo.overrides(user_id) is None:
+async def _report(services: ServicesDep, user_id: uuid.UUID, user_name: str | None = None) -> QuotasOut:
+    report = await services.admission.report(user_id)
+    if report is None:
         raise ApiError(404, "not_found", "no such user")
-    return QuotasOut(user_id=user_id, **await services.admission.report(user_id))  # type: ignore[arg-type]
+    return QuotasOut(user_id=user_id, user_name=user_name, **report)  # type: ignore[arg-type]
 
 
 @router.get("/me/quotas", response_model=QuotasOut)
@@ -54,8 +55,7 @@ async def my_quotas(user: CurrentUser, services: ServicesDep) -> QuotasOut:
 @router.get("/quotas", response_model=list[QuotasOut])
 async def all_quotas(_: AdminUser, services: ServicesDep) -> list[QuotasOut]:
     """Every user's limits and use (admins)."""
-    return [QuotasOut(user_id=u.id, user_name=u.name, **await services.admission.report(u.id))  # type: ignore[arg-type]
-            for u in await services.users.list()]
+    return [await _report(services, u.id, u.name) for u in await services.users.list()]
 
 
 @router.get("/users/{user_id}/quotas", response_model=QuotasOut, responses=_NOT_FOUND)
@@ -71,7 +71,7 @@ async def set_quotas(user_id: uuid.UUID, body: QuotasIn, _: AdminUser, services:
         limits = check_overrides(dict(body.limits))
     except ValueError as exc:
         raise ApiError(422, "bad_quotas", str(exc)) from None
-    if not await services.admission.repo.set_overrides(user_id, limits):  # type: ignore[attr-defined]
+    if not await services.admission.set_overrides(user_id, limits):
         raise ApiError(404, "not_found", "no such user")
     return await _report(services, user_id)
 
