@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from polydev.vm.forwards import RELAY_SNDBUF  # noqa: E402
+
 SERVER = r"""
 import socket, sys, threading
 BUF = memoryview(bytes(4 * 1024 * 1024))
@@ -84,6 +86,7 @@ def open_direct(port: int) -> socket.socket:
 
 def open_tunnel(path: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RELAY_SNDBUF)  # as the VM's relay (socat) sets it
     sock.connect(path)
     sock.sendall(f"CONNECT bench.test:{port} HTTP/1.1\r\nHost: bench.test:{port}\r\n\r\n".encode())
     head = b""
