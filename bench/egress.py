@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from polydev.vm.forwards import RELAY_SNDBUF  # noqa: E402
+from polydev.vm.forwards import RELAY_SNDBUF
 
 SERVER = r"""
 import socket, sys, threading

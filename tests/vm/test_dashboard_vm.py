@@ -20,6 +20,7 @@ import pytest
 from polydev.client import PolydevClient
 from tests.standins import api as standin_api
 from tests.standins import oauth
+from tests.standins.vm import provider_hosts
 from tests.standins.signin import BANNER_RGB, BUTTON_RGB
 from tests.support.dashboard_browser import (
     artifacts_dir,
@@ -145,6 +146,25 @@ def test_login_by_clicking_in_the_canvas_then_a_run(stand: VmStand, browser: Bro
         page.screenshot(path=str(ART / "vm-04-run.png"), full_page=True)
     finally:
         context.close()
+    _only_provider_hosts(stand)
+
+
+def _only_provider_hosts(stand: VmStand) -> None:
+    """The login's Chromium and the run's CLI went out only to the provider's hosts: no browser sign-in,
+    sync, update or metrics call (accounts.google.com and the like) reached the gateway, allowed or refused.
+    The gateway writes its accounting every few seconds, so the last of it is waited for."""
+    pinned = set(provider_hosts())
+    deadline = time.monotonic() + 30
+    with PolydevClient(stand.server.url, stand.server.admin_token) as pd:
+        while True:
+            rows = pd.egress_usage(all_users=True)
+            if any(r["host"] == "claude.com" for r in rows) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    hosts = {r["host"]: r for r in rows}
+    assert "claude.com" in hosts
+    assert set(hosts) <= pinned, f"the VMs called hosts that are not the provider's: {set(hosts) - pinned}"
+    assert not [r for r in rows if r["refusals"]], rows
 
 
 def test_login_by_pasting_the_code(stand: VmStand, browser: Browser) -> None:
