@@ -181,7 +181,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
         EgressRepo(factory, svc.credentials), svc.users, settings.egress_address_pool,
         Limits.from_settings(settings),
         # A change applies to the gateway's next tunnel, not after its route cache expires.
-        on_change=lambda user_id: svc.egress.routes.forget(user_id) if svc.egress is not None else None)
+        on_change=lambda user_id: svc.egress.forget(user_id) if svc.egress is not None else None)
     return svc
 
 

@@ -29,6 +29,7 @@ DEVTOOLS_PORT = 9222  # Chromium's DevTools, bound to the guest's 127.0.0.1 only
 # not the CA file the CLIs use) and what it must not do in a disposable login VM.
 POLICY_PATH = "/etc/chromium/policies/managed/polydev.json"
 PROFILE_DIR = "/tmp/polydev-chromium"  # /tmp is a tmpfs in the guest: nothing of the profile reaches disk
+_NOWHERE = "http://127.0.0.1:9"  # the discard port on the guest's loopback: nothing listens there
 RFB_BANNER_PREFIX = b"RFB 003."
 PLACEHOLDER = ("data:text/html,<title>Polydev</title><body style='font:28px sans-serif;margin:3em'>"
                "Opening the sign-in page%E2%80%A6</body>")
@@ -113,7 +114,14 @@ class LoginBrowser:
                 # Nothing but the login page goes out: no updates, sync, metrics or prefetching.
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-default-apps", "--disable-breakpad", "--disable-domain-reliability", "--no-pings",
-                "--password-store=basic", "--disable-features=Translate,MediaRouter,OptimizationHints"]
+                "--password-store=basic", "--disable-features=Translate,MediaRouter,OptimizationHints",
+                # Chromium's push channel (GCM check-in at android.clients.google.com, then a connection to
+                # port 5228) and its own Google-account listing (ListAccounts at accounts.google.com) run
+                # even with the policies and flags above: their endpoints point at a closed port on the
+                # guest's loopback, which no proxy is asked for. Google's sign-in page itself still loads
+                # (it is a page like any other to Chromium then).
+                f"--gcm-checkin-url={_NOWHERE}/checkin", f"--gcm-registration-url={_NOWHERE}/register",
+                f"--gcm-mcs-endpoint={_NOWHERE}", f"--gaia-url={_NOWHERE}"]
         if env.https_proxy:
             # The platform's proxy (the VM has no other way out); Chromium wants ';' between bypass entries.
             bypass = ";".join(h for h in env.no_proxy.split(",") if h)
@@ -153,7 +161,7 @@ def chromium_policy(ca_pem: bytes | None) -> dict[str, object]:
                                  "ComponentUpdatesEnabled": False, "PromotionalTabsEnabled": False,
                                  "DefaultSearchProviderEnabled": False}
     if ca_pem:
-        blocks = re.findall(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", ca_pem, re.S)
+        blocks = re.findall(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", ca_pem, re.DOTALL)
         # Policy wants base64 DER: the PEM body without its line breaks.
         policy["CACertificates"] = [base64.b64encode(base64.b64decode(b"".join(b.split()))).decode()
                                     for b in blocks]

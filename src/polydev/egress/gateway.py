@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import structlog
 
 from polydev.egress.connect import BadRequest, answer, read_connect
-from polydev.egress.limits import Limits, LimitTracker
+from polydev.egress.limits import LimitBook, Limits, LimitTracker
 from polydev.egress.policy import Policy, Refused
 from polydev.egress.relay import relay
 from polydev.egress.resolve import Resolver
@@ -62,12 +62,12 @@ class RouteSource(Protocol):
 
 class EgressGateway:
     def __init__(self, *, policy: Policy, resolver: Resolver, routes: RouteSource, run_dir: Path,
-                 limits: LimitTracker | None = None, usage: UsageBook | None = None) -> None:
+                 limits: LimitBook | None = None, usage: UsageBook | None = None) -> None:
         self.policy = policy
         self.resolver = resolver
         self.routes = routes
         self.run_dir = run_dir
-        self.limits = limits or LimitTracker()
+        self.limits: LimitBook = limits or LimitTracker()
         self.usage = usage or UsageBook()
         self._vms: dict[uuid.UUID, Identity] = {}
         self._servers: dict[uuid.UUID, asyncio.AbstractServer] = {}
@@ -168,7 +168,7 @@ class EgressGateway:
         try:
             await self._pump(ident, host, (reader, writer), upstream)
         finally:
-            self.limits.release(ident.user_id)
+            await self.limits.release(ident.user_id)
 
     async def _open(self, ident: Identity, host: str, port: int) -> tuple[Streams, Limits]:
         self.policy.check_name(ident.provider, ident.policy_purpose, host, port)
@@ -182,11 +182,11 @@ class EgressGateway:
             addresses = []  # the user's proxy resolves it, on their side of the world
         if addresses and not pinned:  # names the operator pinned are trusted as given (the tests' stand-ins)
             addresses = self.policy.check_addresses(host, addresses)
-        self.limits.admit(ident.user_id, limits)
+        await self.limits.admit(ident.user_id, limits)
         try:
             return await route.open(host, port, addresses), limits
         except BaseException:
-            self.limits.release(ident.user_id)
+            await self.limits.release(ident.user_id)
             raise
 
     def _refuse(self, ident: Identity, host: str, exc: Refused) -> None:

@@ -1,6 +1,7 @@
 """The egress gateway as the server runs it: built from the settings, each user's route read from the store
-(and re-read a few seconds later, so an admin's change applies to the next tunnel), the accounting flushed
-to the database in batches, today's bytes read back at start so a restart resets no daily limit."""
+(kept a few seconds, forgotten at once when an admin changes it: on every server, with Redis), the
+accounting flushed to the database in batches, today's bytes read back at start so a restart resets no daily
+limit, and with Redis the users' limits counted for all servers together."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+import redis.asyncio as aioredis
 import structlog
 
 from polydev.config import Settings
@@ -19,7 +21,9 @@ from polydev.egress.gateway import EgressGateway, Identity
 from polydev.egress.limits import Limits
 from polydev.egress.policy import Policy, Refused
 from polydev.egress.resolve import Resolver
+from polydev.egress.route_changes import RouteChanges
 from polydev.egress.routes import DirectRoute, Route, route_for
+from polydev.egress.shared_limits import SharedLimitTracker
 from polydev.store.egress import EgressRepo
 
 log = structlog.get_logger(__name__)
@@ -105,10 +109,30 @@ class EgressService:
                                      routes=self.routes, run_dir=run_dir)
         self.hook = EngineHook(self.gateway)
         self._flusher: asyncio.Task[None] | None = None
+        # Several servers (Redis shared): a user's limits count on all of them at once, and an admin's change
+        # to a user's identity reaches every server's route cache.
+        self._redis: aioredis.Redis | None = None
+        self.shared: SharedLimitTracker | None = None
+        self.changes: RouteChanges | None = None
+        if settings.redis_url is not None:
+            self._redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
+                                                  socket_timeout=5, socket_connect_timeout=5)
+            self.shared = self.gateway.limits = SharedLimitTracker(self._redis)
+            self.changes = RouteChanges(self._redis, self.routes.forget)
+
+    def forget(self, user_id: uuid.UUID) -> None:
+        """`user_id`'s egress identity changed: their next tunnel, on any server, reads it again."""
+        self.routes.forget(user_id)
+        if self.changes is not None:
+            self.changes.announce(user_id)
 
     async def start(self) -> None:
         for user, nbytes in (await self.repo.bytes_today()).items():
-            self.gateway.limits.seed_bytes(user, nbytes)
+            await self.gateway.limits.seed_bytes(user, nbytes)
+        if self.shared is not None:
+            self.shared.start()
+        if self.changes is not None:
+            self.changes.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="egress-flush")
 
     async def flush(self) -> None:
@@ -139,3 +163,10 @@ class EgressService:
         await self.gateway.close()
         with contextlib.suppress(Exception):
             await self.flush()
+        if self.changes is not None:
+            await self.changes.close()
+        if self.shared is not None:
+            await self.shared.close()
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
