@@ -69,11 +69,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 issued = await svc.users.bootstrap_admin()
                 if issued is not None:
                     announce_admin_token(svc, issued.secret)
-                await start_vm_engine(svc, backend_factory)
-                # Logins and runs an earlier process was driving lost their VMs with it: say so.
-                ended = (await svc.login_flow.reclaim(), await svc.run_flow.reclaim())
-                if any(ended):
-                    log.warning("flows_reclaimed", login_sessions=ended[0], runs=ended[1])
+                # The VM rows of the other live servers are theirs: the engine's reconcile leaves them alone.
+                await start_vm_engine(svc, backend_factory, keep=await svc.cluster.live_peers())
+                # Logins and runs an earlier start of this server, or a server now gone, was driving lost their
+                # VMs with it: say so (core/cluster.py).
+                ended = await svc.cluster.start(runs_vms=svc.engine is not None)
+                if ended["logins"] or ended["runs"]:
+                    log.warning("flows_reclaimed", login_sessions=ended["logins"], runs=ended["runs"])
             log.info("started", database=svc.db_engine.dialect.name, session_store=svc.session_store.kind,
                      vm_engine=svc.engine is not None, port=settings.port)
             yield

@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from polydev.store.db import session_scope
+from polydev.store.db import hosted_by, session_scope
 from polydev.store.models import VmCleanupTask, VmRecord, utcnow
 
 LIVE = ("creating", "running")
 
 
 class VmRepo:
-    def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, factory: async_sessionmaker[AsyncSession], server_id: uuid.UUID | None = None) -> None:
         self._factory = factory
+        self.server_id = server_id  # stamped on the VMs this process creates (and so hosts)
 
     async def create(self, **fields: Any) -> VmRecord:
         async with session_scope(self._factory) as s:
-            vm = VmRecord(status="creating", **fields)
+            vm = VmRecord(status="creating", server_id=self.server_id, **fields)
             s.add(vm)
             await s.flush()
             return vm
@@ -49,12 +51,17 @@ class VmRepo:
         async with self._factory() as s:
             return await s.get(VmRecord, vm_id)
 
-    async def list(self, *, live_only: bool = True, user_id: uuid.UUID | None = None) -> list[VmRecord]:
+    async def list(self, *, live_only: bool = True, user_id: uuid.UUID | None = None,
+                   servers: Collection[uuid.UUID | None] | None = None) -> list[VmRecord]:
+        """VMs (live ones by default); given `servers`, only those hosted by one of them (None: rows that
+        name no server)."""
         q = select(VmRecord).order_by(VmRecord.created_at)
         if live_only:
             q = q.where(VmRecord.status.in_(LIVE))
         if user_id is not None:
             q = q.where(VmRecord.user_id == user_id)
+        if servers is not None:
+            q = q.where(hosted_by(VmRecord.server_id, servers))
         async with self._factory() as s:
             return list(await s.scalars(q))
 

@@ -29,7 +29,7 @@ import contextlib
 import secrets
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -354,9 +354,10 @@ class VMEngine:
         return AgentClient(url, token, timeout=timeout)
 
     # -- reconcile and reaping (polydev.vm.reaper) ---------------------------------------------------------
-    async def reconcile(self) -> dict[str, int]:
-        """Make the machine match the database (at start-up); see Reaper.reconcile."""
-        return await self.reaper.reconcile()
+    async def reconcile(self, keep: Collection[uuid.UUID] = ()) -> dict[str, int]:
+        """Make the machine match the database (at start-up), leaving the VM rows of the live servers in
+        `keep` alone; see Reaper.reconcile."""
+        return await self.reaper.reconcile(keep)
 
     async def reap_once(self) -> int:
         """Destroy expired VMs and run due cleanup tasks. Returns how many VMs it destroyed."""
