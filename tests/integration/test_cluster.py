@@ -105,7 +105,7 @@ async def test_a_start_ends_its_earlier_starts_work_and_leaves_live_peers_alone(
     first = await servers("same")
     await first.cluster.start(runs_vms=True)
     peer_login, peer_run, peer_vm = await hosted_work(peer, peer.server_id)
-    old_login, old_run, old_vm = await hosted_work(peer, first.server_id)
+    old_login, old_run, _ = await hosted_work(peer, first.server_id)
     # The first start crashed (its heartbeat is still fresh); the next one on the same data directory:
     again = await servers("same")
     assert await again.cluster.live_peers() == {peer.server_id}, "its earlier start is not a live peer"

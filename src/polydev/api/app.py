@@ -18,6 +18,7 @@ from polydev.api.middleware import (
     BodyTimeoutMiddleware,
     ObservabilityMiddleware,
 )
+from polydev.api.peers import PeerRouting
 from polydev.api.routes import (
     credentials,
     egress,
@@ -98,7 +99,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                    runs.router, vms.router, egress.router, quotas.router):
         app.include_router(router)
     install_dashboard(app, settings, error_response)  # after the API: its /app catch-all must not shadow a route
-    # Outermost first: observe everything (413s and 408s included), then enforce the size and time limits.
+    # Outermost first: observe everything (413s and 408s included), then enforce the size and time limits, then
+    # pass what needs another server's VM on to it (api/peers.py).
+    app.add_middleware(PeerRouting)
     app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_seconds)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)

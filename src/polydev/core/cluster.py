@@ -86,6 +86,11 @@ class Cluster:
         self._registered = False
 
     @property
+    def registered(self) -> bool:
+        """Whether this server is in the registry (started, not stopped): only then are there peers to ask."""
+        return self._registered and self._task is not None
+
+    @property
     def stale_after(self) -> timedelta:
         return timedelta(seconds=self.interval * DEAD_AFTER)
 
@@ -144,9 +149,8 @@ class Cluster:
         return {"logins": logins, "runs": runs, "vms": vms}
 
     async def place(self, vcpus: int, memory_mb: int) -> Load | None:
-        """The server a new VM of this size should go to, when it is another one (None: here)."""
-        if not self.runs_vms:
-            return None
+        """The server a new VM of this size should go to, when it is another one (None: here). A server
+        without a VM engine sends all such work to one that has one."""
         loads = await self.servers.live_loads(self.stale_after)
         best = choose(loads, self.server_id, vcpus, memory_mb)
         return None if best is None or best.server_id == self.server_id else best
