@@ -130,9 +130,9 @@ async def _pump(upstream: ClientConnection, receive: Receive, send: Send) -> Non
                     await send({"type": "websocket.send", "text": data})
         except ConnectionClosed:
             pass
-        close = upstream.close_rcvd
-        # 1005 (no code given) and 1006 (no close frame) may not be sent in a close: they become 1000 and 1011.
-        code, reason = (close.code, close.reason) if close is not None else (1006, "peer_lost")
+        # The host's close, as it sent it; 1005 (no code given) and 1006 (no close frame) may not be sent in a
+        # close: they become 1000 and 1011.
+        code, reason = upstream.close_code or 1006, upstream.close_reason or ""
         code = {1005: 1000, 1006: 1011}.get(code, code)
         with contextlib.suppress(Exception):
             await send({"type": "websocket.close", "code": code, "reason": reason})
