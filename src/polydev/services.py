@@ -204,13 +204,20 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
 
 
 def instance_of(settings: Settings) -> str:
-    """This machine and data directory: a server that starts with the same one knows its earlier starts are
-    gone (their VMs die with the engine's start-up reconcile)."""
-    import socket
+    """This server's data directory, by an id kept in it: a server that starts on the same one knows its
+    earlier starts are gone (their VMs die with the engine's start-up reconcile). An id of its own rather than
+    the host name and path, which two hosts may share."""
+    path = settings.data_dir / "server.instance"
+    try:
+        return path.read_text().strip() or _new_instance(path)
+    except FileNotFoundError:
+        return _new_instance(path)
 
-    from polydev.vm.proc import engine_tag
 
-    return f"{socket.gethostname()}:{engine_tag(settings.data_dir)}"
+def _new_instance(path: Path) -> str:
+    value = str(uuid.uuid4())
+    path.write_text(value + "\n")
+    return value
 
 
 def slot_network(settings: Settings) -> SlotNetwork:

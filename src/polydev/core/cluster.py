@@ -2,10 +2,10 @@
 servers that are gone.
 
 Every start registers a new server id (`servers` row) with its internal URL, its host's capacity and its
-machine and data directory (`instance`), then renews its heartbeat every SERVER_HEARTBEAT_SECONDS. The VMs,
+data directory's id (`instance`), then renews its heartbeat every SERVER_HEARTBEAT_SECONDS. The VMs,
 logins and runs it creates carry that id. A server is gone when it stopped, when its heartbeat is older than
-`DEAD_AFTER` intervals, or — for a new start — when it is an earlier start on the same machine and data
-directory (whose VMs the engine's reconcile has just killed). What a gone server hosted can never finish:
+`DEAD_AFTER` intervals, or — for a new start — when it is an earlier start on the same data directory
+(whose VMs the engine's reconcile has just killed). What a gone server hosted can never finish:
 its logins and runs end failed with the reason in words, its VM rows are marked failed and their network
 leases released. Exactly one live server does that for each gone one (`ServerRepo.claim_gone`); every live
 server looks at each heartbeat, so a server killed outright is noticed within about `DEAD_AFTER + 1`
@@ -99,8 +99,8 @@ class Cluster:
         return bool(token) and hmac.compare_digest(token.encode(), self.peer_token.encode())  # type: ignore[union-attr]
 
     async def live_peers(self) -> set[uuid.UUID]:
-        """Other servers alive now (fresh heartbeat, another machine or data directory): the VM rows the
-        engine's start-up reconcile must leave alone."""
+        """Other servers alive now (fresh heartbeat, another data directory): the VM rows the engine's
+        start-up reconcile must leave alone."""
         return {s.id for s in await self.servers.alive(self.stale_after)
                 if s.id != self.server_id and s.instance != self.instance}
 

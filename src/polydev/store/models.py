@@ -248,7 +248,7 @@ class Server(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     url: Mapped[str] = mapped_column(String(255))  # internal: peers only, never shown to users
-    # The machine and data directory it runs on: a start with the same one knows its predecessors are dead.
+    # Its data directory's id: a start on the same one knows its predecessors are dead.
     instance: Mapped[str] = mapped_column(String(128), index=True)
     vcpus: Mapped[int] = mapped_column(Integer)
     memory_mb: Mapped[int] = mapped_column(Integer)

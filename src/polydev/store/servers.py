@@ -70,7 +70,7 @@ class ServerRepo:
     async def gone(self, stale_after: timedelta, *, instance: str | None = None,
                    now: datetime | None = None) -> list[Server]:
         """Servers not yet reaped that stopped or whose heartbeat is older than `stale_after`, plus (given
-        `instance`) every unreaped earlier start on that machine and data directory, whatever its heartbeat."""
+        `instance`) every unreaped earlier start on that data directory, whatever its heartbeat."""
         cutoff = (now or utcnow()) - stale_after
         dead = or_(Server.stopped_at.is_not(None), Server.heartbeat_at < cutoff)
         if instance is not None:
