@@ -152,3 +152,18 @@ async def test_each_hosts_capacity_counts_only_its_own_vms(servers: Opener) -> N
     with pytest.raises(HostFull):
         await a.admission.check(user.id, "vm", 1, 2048)
     await b.admission.check(user.id, "vm", 1, 2048)  # B's host is empty: admitted
+
+
+async def test_a_live_server_is_never_claimed_and_one_wrongly_taken_for_dead_rejoins(servers: Opener) -> None:
+    a = await servers("a")
+    b = await servers("b")
+    await a.cluster.start(runs_vms=True)
+    await b.cluster.start(runs_vms=True)
+    repo = ServerRepo(b.factory)
+    assert not await repo.claim_gone(a.server_id, b.server_id, b.cluster.stale_after), "its heartbeat is fresh"
+    await age(b, a.server_id)
+    assert await repo.claim_gone(a.server_id, b.server_id, b.cluster.stale_after)
+    # A was only slow: its next heartbeat finds itself reaped, and it joins again.
+    assert not await repo.heartbeat(a.server_id)
+    assert await repo.rejoin(a.server_id)
+    assert a.server_id in {s.id for s in await repo.alive(b.cluster.stale_after)}

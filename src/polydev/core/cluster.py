@@ -130,7 +130,8 @@ class Cluster:
         """End the work of every gone server this one is first to claim."""
         ended = {"logins": 0, "runs": 0, "vms": 0}
         for server in await self.servers.gone(self.stale_after, instance=self.instance):
-            if server.id == self.server_id or not await self.servers.claim_gone(server.id, self.server_id):
+            if server.id == self.server_id or not await self.servers.claim_gone(
+                    server.id, self.server_id, self.stale_after, instance=self.instance):
                 continue
             counts = await self._end([server.id], Reasons.of(server, me_before=server.instance == self.instance))
             log.warning("server_gone", gone=str(server.id), url=server.url, **counts)
@@ -156,12 +157,26 @@ class Cluster:
         return None if best is None or best.server_id == self.server_id else best
 
     async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                if not await self.servers.heartbeat(self.server_id):
-                    # A peer took this server for dead (a pause longer than the bound) and ended its work.
-                    log.error("server_reaped_by_peer", server_id=str(self.server_id))
-                await self.sweep()
-            except Exception:  # the database may be away for a moment: try again next beat
-                log.exception("server_heartbeat_failed")
+        """Heartbeats, and a sweep after each. The sweep runs on its own, so a long one (ending a gone
+        server's many sessions) never holds back this server's next heartbeat."""
+        sweeping: asyncio.Task[object] | None = None
+        try:
+            while True:
+                await asyncio.sleep(self.interval)
+                try:
+                    if not await self.servers.heartbeat(self.server_id) and await self.servers.rejoin(self.server_id):
+                        # A peer took this server for dead (it missed heartbeats: a pause, the database away)
+                        # and ended its work; what ended stays ended, new work may come here again.
+                        log.error("server_taken_for_dead", server_id=str(self.server_id))
+                except Exception:  # the database may be away for a moment: try again next beat
+                    log.exception("server_heartbeat_failed")
+                if sweeping is None or sweeping.done():
+                    sweeping = asyncio.get_running_loop().create_task(self._sweep_logged(), name="server-sweep")
+        finally:
+            await cancel_and_wait([sweeping])
+
+    async def _sweep_logged(self) -> None:
+        try:
+            await self.sweep()
+        except Exception:
+            log.exception("server_sweep_failed")
