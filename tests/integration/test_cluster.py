@@ -5,6 +5,8 @@ capacity counts only its own VMs. The sweeps are called directly: nothing here w
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -21,8 +23,10 @@ from polydev.store.models import Server, utcnow
 from polydev.store.runs import RunRepo
 from polydev.store.servers import ServerRepo
 from polydev.store.vault import generate_master_key
-from polydev.store.vms import VmRepo
+from polydev.store.vms import CleanupTaskRepo, VmRepo
+from polydev.vm.engine import VMEngine
 from tests.support.app import make_settings
+from tests.support.engine_fakes import FakeBackend
 
 Opener = Callable[..., Awaitable[Services]]
 
@@ -167,3 +171,30 @@ async def test_a_live_server_is_never_claimed_and_one_wrongly_taken_for_dead_rej
     assert not await repo.heartbeat(a.server_id)
     assert await repo.rejoin(a.server_id)
     assert a.server_id in {s.id for s in await repo.alive(b.cluster.stale_after)}
+
+
+async def test_an_engine_reaps_and_destroys_only_the_vms_its_server_hosts(servers: Opener) -> None:
+    a = await servers("a")
+    engine = VMEngine(backend=FakeBackend(), vms=VmRepo(a.factory, a.server_id), cleanup=CleanupTaskRepo(a.factory),
+                      leases=LeaseRepo(a.factory), data_dir=a.settings.data_dir)
+    # Another server's VM, expired and with a cleanup task due: its process id means nothing on this machine
+    # (here it is a bystander's, which must survive).
+    bystander = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(120)")
+    try:
+        past = utcnow() - timedelta(minutes=1)
+        other = await VmRepo(a.factory, uuid.uuid4()).create(purpose="cli", backend="fake", expires_at=past,
+                                                             backend_pid=bystander.pid)
+        await engine.cleanup.schedule(other.vm_id, past)
+        mine = await engine.create(None, "cli", ttl=timedelta(minutes=5))
+        await engine.vms.update(mine.id, expires_at=past)
+
+        assert await engine.reaper.reap_once() == 1, "its own expired VM only"
+        assert await engine.destroy(other.vm_id) is False
+        assert bystander.returncode is None and Path(f"/proc/{bystander.pid}").exists()
+        assert (await engine.vms.get(other.vm_id)).status == "creating"  # type: ignore[union-attr]
+        assert (await engine.vms.get(mine.id)).status == "destroyed"  # type: ignore[union-attr]
+        assert len(await engine.cleanup.pending_for(other.vm_id)) == 1, "left for its own server"
+    finally:
+        bystander.kill()
+        await bystander.wait()
+        await engine.close()

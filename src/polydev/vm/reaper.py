@@ -42,7 +42,7 @@ class Reaper:
         undo, by kind."""
         engine = self.engine
         counts = {"processes": 0, "rows": 0, "slots": 0, "leases": 0, "disks": 0, "tasks": 0}
-        counts["tasks"] = await engine.cleanup.requeue_interrupted()
+        counts["tasks"] = await engine.cleanup.requeue_interrupted(keep)
         mine = engine.running_here()
         # 1. processes
         for vm_id, pid in engine.processes().items():
@@ -83,13 +83,14 @@ class Reaper:
         return counts
 
     async def reap_once(self) -> int:
-        """Destroy expired VMs and run due cleanup tasks. Returns how many VMs it destroyed."""
+        """Destroy this server's expired VMs and run the due cleanup tasks of its VMs (another server's VM is
+        on another machine: that server reaps it). Returns how many VMs it destroyed."""
         engine = self.engine
         done = 0
         for row in await engine.vms.expired():
             if await engine.destroy(row.vm_id):
                 done += 1
-        for task in await engine.cleanup.claim_due():
+        for task in await engine.cleanup.claim_due(server_id=engine.vms.server_id):
             try:
                 row = await engine.vms.get(task.vm_id)
                 if row is not None:
