@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +19,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from polydev.config import Settings
+from polydev.core.cluster import Cluster
 from polydev.core.egress_admin import EgressAdmin
 from polydev.core.login_browser import LoginBrowser
 from polydev.core.login_flow import LoginFlow
@@ -33,11 +34,14 @@ from polydev.store import db
 from polydev.store.auth_sessions import AuthSessionRepo
 from polydev.store.credentials import CredentialRepo
 from polydev.store.egress import EgressRepo
+from polydev.store.leases import LeaseRepo
 from polydev.store.quotas import QuotaRepo
 from polydev.store.runs import RunRepo
+from polydev.store.servers import ServerRepo
 from polydev.store.sessions import SessionStore, create_session_store
 from polydev.store.users import UserRepo
 from polydev.store.vault import Vault, key_source_from_settings
+from polydev.store.vms import VmRepo
 
 if TYPE_CHECKING:  # the engine pulls in pyroute2 and the backends: loaded only when the server wires VMs
     from polydev.egress.service import EgressService
@@ -79,6 +83,12 @@ class Services:
     egress: EgressService | None = None
     egress_admin: EgressAdmin = None  # type: ignore[assignment]  # each user's egress identity and accounting
     admission: Admission = None  # type: ignore[assignment]  # quotas and the host's capacity
+    # This server among the others on the database: its id (new each start), registry entry and heartbeat.
+    cluster: Cluster = None  # type: ignore[assignment]
+
+    @property
+    def server_id(self) -> uuid.UUID:
+        return self.cluster.server_id
 
     def engine_or_reason(self) -> tuple[VMEngine | None, str | None]:
         return self.engine, self.engine_unavailable
@@ -132,6 +142,7 @@ class Services:
         if self.egress is not None:  # after the VMs: their tunnels end with them
             egress, self.egress = self.egress, None
             await egress.close()
+        await self.cluster.stop()  # after the work it hosted has ended: then no peer has any to end
         await self.session_store.close()
         await self.db_engine.dispose()
 
@@ -160,13 +171,15 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
     factory = db.sessionmaker(engine)
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
     store = create_session_store(redis_url, settings.redis_session_ttl)
+    server_id = uuid.uuid4()  # stamped on every VM, login and run this process creates
     svc = Services(
         settings=settings, db_engine=engine, factory=factory, vault=vault, session_store=store,
         users=UserRepo(factory, settings.auth_cache_seconds), credentials=CredentialRepo(factory, vault),
-        login_sessions=LoginSessions(store, AuthSessionRepo(factory)), runs=RunRepo(factory),
+        login_sessions=LoginSessions(store, AuthSessionRepo(factory, server_id)), runs=RunRepo(factory, server_id),
     )
     ca_pem = settings.guest_ca_cert_file.read_bytes() if settings.guest_ca_cert_file else None
-    svc.admission = Admission(QuotaRepo(factory), Quota.from_settings(settings), HostCapacity.from_settings(settings))
+    capacity = HostCapacity.from_settings(settings)
+    svc.admission = Admission(QuotaRepo(factory), Quota.from_settings(settings), capacity, server_id)
     svc.login_flow = LoginFlow(sessions=svc.login_sessions, credentials=svc.credentials, engine=svc.engine_or_reason,
                                guest_env=svc.guest_env, ca_pem=ca_pem, timeout=settings.login_timeout_seconds,
                                browser=svc.login_browser, pool=settings.login_pool,
@@ -177,12 +190,34 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
                            signals=store, admit=svc.admit)
     svc.vm_admin = VmAdmin(svc.engine_or_reason, default_ttl=timedelta(seconds=settings.vm_ttl_seconds),
                            admit=svc.admit)
+    svc.cluster = Cluster(ServerRepo(factory), server_id=server_id, url=settings.internal_url,
+                          instance=instance_of(settings), capacity=capacity,
+                          interval=settings.server_heartbeat_seconds, peer_secret=vault.derive("peer hop"),
+                          login_flow=svc.login_flow, run_flow=svc.run_flow, vms=VmRepo(factory, server_id),
+                          leases=LeaseRepo(factory))
     svc.egress_admin = EgressAdmin(
         EgressRepo(factory, svc.credentials), svc.users, settings.egress_address_pool,
         Limits.from_settings(settings),
         # A change applies to the gateway's next tunnel, not after its route cache expires.
         on_change=lambda user_id: svc.egress.forget(user_id) if svc.egress is not None else None)
     return svc
+
+
+def instance_of(settings: Settings) -> str:
+    """This server's data directory, by an id kept in it: a server that starts on the same one knows its
+    earlier starts are gone (their VMs die with the engine's start-up reconcile). An id of its own rather than
+    the host name and path, which two hosts may share."""
+    path = settings.data_dir / "server.instance"
+    try:
+        return path.read_text().strip() or _new_instance(path)
+    except FileNotFoundError:
+        return _new_instance(path)
+
+
+def _new_instance(path: Path) -> str:
+    value = str(uuid.uuid4())
+    path.write_text(value + "\n")
+    return value
 
 
 def slot_network(settings: Settings) -> SlotNetwork:
@@ -207,8 +242,7 @@ def slot_network(settings: Settings) -> SlotNetwork:
 
 def build_vm_engine(services: Services, backend_factory: BackendFactory | None = None) -> VMEngine:
     """A VM engine from the settings; BackendUnavailable (with the reason) when this machine cannot run one."""
-    from polydev.store.leases import LeaseRepo
-    from polydev.store.vms import CleanupTaskRepo, VmRepo
+    from polydev.store.vms import CleanupTaskRepo
     from polydev.vm.backends import create_backend
     from polydev.vm.engine import VMEngine
 
@@ -220,7 +254,7 @@ def build_vm_engine(services: Services, backend_factory: BackendFactory | None =
     guest_address = network.egress_guest_address if network is not None else backend.describe().egress_guest_address
     if s.egress_gateway == "on" and guest_address:
         services.egress = services.egress or build_egress(services, guest_address)
-    return VMEngine(backend=backend, vms=VmRepo(services.factory), cleanup=CleanupTaskRepo(services.factory),
+    return VMEngine(backend=backend, vms=VmRepo(services.factory, services.server_id), cleanup=CleanupTaskRepo(services.factory),
                     leases=LeaseRepo(services.factory), data_dir=s.data_dir, network=network,
                     vcpus={p: s.vm_size(p)[0] for p in ("cli", "browser")},
                     memory_mb={p: s.vm_size(p)[1] for p in ("cli", "browser")},
@@ -257,10 +291,12 @@ def egress_hosts(hosts: Mapping[str, tuple[str, ...]], api_base_url: str | None)
     return {purpose: names if extra in names else (*names, extra) for purpose, names in hosts.items()}
 
 
-async def start_vm_engine(services: Services, backend_factory: BackendFactory | None = None) -> None:
-    """Build the engine, reclaim what an earlier run left behind, start the reaper. Never raises for a
-    machine that cannot run VMs: the API must keep serving credentials, so the engine is then None and the
-    reason is kept for /health and for the VM routes' 503s."""
+async def start_vm_engine(services: Services, backend_factory: BackendFactory | None = None,
+                          keep: Collection[uuid.UUID] = ()) -> None:
+    """Build the engine, reclaim what an earlier run left behind (leaving the VM rows of the live servers
+    in `keep` alone), start the reaper. Never raises for a machine that cannot run VMs: the API must keep
+    serving credentials, so the engine is then None and the reason is kept for /health and for the VM
+    routes' 503s."""
     from polydev.vm.backends import BackendUnavailable
 
     try:
@@ -276,7 +312,7 @@ async def start_vm_engine(services: Services, backend_factory: BackendFactory | 
     try:
         if services.egress is not None:
             await services.egress.start()
-        counts = await engine.reconcile()
+        counts = await engine.reconcile(keep)
     except Exception as exc:
         # Without a successful reconcile, orphans may still hold slots and addresses: refuse to create more.
         services.engine_unavailable = f"start-up reconcile failed: {exc}"

@@ -26,7 +26,9 @@ class LiveServer:
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
-def start_server(root: Path, module: str, extra_env: dict[str, str] | None = None) -> Iterator[LiveServer]:
+def start_server(root: Path, module: str, extra_env: dict[str, str] | None = None,
+                 admin_token: str | None = None) -> Iterator[LiveServer]:
+    """`admin_token`: the admin's token when the database is another server's (which bootstrapped the admin)."""
     port = free_port()
     # An empty image cache: whatever images this machine has built, the server finds none, so its VM engine
     # is unavailable (with the reason) and nothing here boots a real VM.
@@ -46,7 +48,7 @@ def start_server(root: Path, module: str, extra_env: dict[str, str] | None = Non
             wait_http_ok(f"{url}/health", proc, module)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}:\n{log.read_text()}") from None
-        token = (root / "data" / "admin.token").read_text().strip()
+        token = admin_token or (root / "data" / "admin.token").read_text().strip()
         yield LiveServer(url, token, root / "data", log, proc)
     finally:
         stop_process(proc)

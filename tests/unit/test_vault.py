@@ -126,3 +126,12 @@ def test_vault_picks_up_a_rotated_key_file(tmp_path: Path) -> None:
     assert new_record.key_id != old_record.key_id
     assert vault.open(user, "codex", old_record) == SECRET
     assert Vault(FileKeySource(path)).open(user, "codex", new_record) == SECRET
+
+
+def test_a_derived_secret_is_the_same_for_one_key_and_label_and_differs_otherwise() -> None:
+    key = generate_master_key()
+    one, two = Vault(StaticKeySource(key)), Vault(StaticKeySource(key))  # two servers, one configured key
+    assert one.derive("peer hop") == two.derive("peer hop") and len(one.derive("peer hop")) == 32
+    assert one.derive("peer hop") != one.derive("something else")
+    assert Vault(StaticKeySource(generate_master_key())).derive("peer hop") != one.derive("peer hop")
+    assert base64.b64decode(key) not in one.derive("peer hop")

@@ -18,6 +18,7 @@ from polydev.api.middleware import (
     BodyTimeoutMiddleware,
     ObservabilityMiddleware,
 )
+from polydev.api.peers import PeerRouting
 from polydev.api.routes import (
     credentials,
     egress,
@@ -69,11 +70,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 issued = await svc.users.bootstrap_admin()
                 if issued is not None:
                     announce_admin_token(svc, issued.secret)
-                await start_vm_engine(svc, backend_factory)
-                # Logins and runs an earlier process was driving lost their VMs with it: say so.
-                ended = (await svc.login_flow.reclaim(), await svc.run_flow.reclaim())
-                if any(ended):
-                    log.warning("flows_reclaimed", login_sessions=ended[0], runs=ended[1])
+                # The VM rows of the other live servers are theirs: the engine's reconcile leaves them alone.
+                await start_vm_engine(svc, backend_factory, keep=await svc.cluster.live_peers())
+                # Logins and runs an earlier start of this server, or a server now gone, was driving lost their
+                # VMs with it: say so (core/cluster.py).
+                ended = await svc.cluster.start(runs_vms=svc.engine is not None)
+                if ended["logins"] or ended["runs"]:
+                    log.warning("flows_reclaimed", login_sessions=ended["logins"], runs=ended["runs"])
             log.info("started", database=svc.db_engine.dialect.name, session_store=svc.session_store.kind,
                      vm_engine=svc.engine is not None, port=settings.port)
             yield
@@ -96,7 +99,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                    runs.router, vms.router, egress.router, quotas.router):
         app.include_router(router)
     install_dashboard(app, settings, error_response)  # after the API: its /app catch-all must not shadow a route
-    # Outermost first: observe everything (413s and 408s included), then enforce the size and time limits.
+    # Outermost first: observe everything (413s and 408s included), then enforce the size and time limits, then
+    # pass what needs another server's VM on to it (api/peers.py).
+    app.add_middleware(PeerRouting)
     app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_seconds)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
                                         "this long after its headers answers 408 and its connection is closed")
     auth_cache_seconds: float = Field(5.0, ge=0, description="how long a checked API token is trusted without "
                                       "asking the database; bounds how late another replica sees a revocation")
+    # More than one server on one database (polydev.core.cluster): where peers reach this one, and how often
+    # it says it is alive (one silent for 3 intervals is taken for dead and its work ended on the others).
+    server_url: str | None = Field(None, description="this server's internal URL for its peers; default "
+                                   "http://HOST:PORT (0.0.0.0 and :: as loopback)")
+    server_heartbeat_seconds: float = Field(5.0, gt=0, le=300, description="how often a server renews its "
+                                            "entry in the registry")
     data_dir: Path = Field(default_factory=_default_data_dir, validation_alias="POLYDEV_DATA_DIR")
     cache_dir: Path = Field(default_factory=_default_cache_dir, validation_alias="POLYDEV_CACHE_DIR")
     # Where `polydev web vendor` unpacks the dashboard's noVNC; unset means POLYDEV_CACHE_DIR/web.
@@ -163,7 +169,7 @@ class Settings(BaseSettings):
     host_memory_mb: int = Field(0, ge=0, description="MiB all live VMs may hold")
     host_reserved_memory_mb: int = Field(2048, ge=0, description="MiB kept for the host itself")
 
-    @field_validator("database_url", "redis_url", "credential_encryption_key",
+    @field_validator("database_url", "redis_url", "credential_encryption_key", "server_url",
                      "credential_encryption_previous_keys", "guest_https_proxy", "guest_ca_cert_file",
                      mode="before")
     @classmethod
@@ -220,6 +226,14 @@ class Settings(BaseSettings):
         if self.database_url is None:
             return f"sqlite+aiosqlite:///{self.data_dir / 'polydev.db'}"
         return normalize_database_url(self.database_url.get_secret_value())
+
+    @property
+    def internal_url(self) -> str:
+        """Where the other servers of the deployment reach this one (SERVER_URL, or HOST:PORT)."""
+        if self.server_url:
+            return self.server_url.rstrip("/")
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     @property
     def session_store_kind(self) -> str:

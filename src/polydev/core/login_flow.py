@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 RELAY_CANCEL_WAIT_S = 10.0  # how long a cancel waits for the replica driving the login to end it
+RESTARTED = "the server restarted before the login finished; start a new session"
 
 
 class LoginFlow(VmFlow):
@@ -160,14 +161,14 @@ class LoginFlow(VmFlow):
         await end_all(list(self._live.values()))
         await self.relay.close()
 
-    async def reclaim(self) -> int:
-        """At start-up: sessions a previous process was driving can never finish now."""
+    async def reclaim(self, servers: Collection[uuid.UUID | None] | None = None, reason: str = RESTARTED) -> int:
+        """Sessions a gone server was driving can never finish now: end them failed with `reason`. Given
+        `servers`, only theirs (None standing for sessions that name no server); else every one not driven
+        here (one server alone on its database, at start-up)."""
         n = 0
-        for row in await self.sessions.repo.live():
+        for row in await self.sessions.repo.live(servers):
             if row.session_id not in self._live:
-                n += await self.sessions.finish(row.session_id, "failed",
-                                                "the server restarted before the login finished; start a "
-                                                "new session")
+                n += await self.sessions.finish(row.session_id, "failed", reason)
         return n
 
     # -- pre-started logins (core/login_prestart.py, core/login_pool.py) ----------------------------------

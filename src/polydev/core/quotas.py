@@ -5,7 +5,8 @@ retry.
 Each user has limits on live VMs, logins and runs not yet ended, and the vCPUs and memory their live VMs
 hold (QUOTA_* settings, overridden per user by admins). The host admits a VM only while the vCPUs and
 memory of all live VMs stay within its capacity: HOST_VCPUS and HOST_MEMORY_MB, by default read off the
-machine (its CPUs × HOST_VCPU_OVERCOMMIT, its memory less HOST_RESERVED_MEMORY_MB).
+machine (its CPUs × HOST_VCPU_OVERCOMMIT, its memory less HOST_RESERVED_MEMORY_MB). With several servers on
+one database each host's capacity is its own: only the VMs its server hosts count against it.
 
 Use is counted from the database, so the limits hold across restarts and replicas; two requests that
 arrive at the same instant may both pass (the engine's own slot pool still bounds tap-mode VMs).
@@ -96,7 +97,7 @@ class HostFull(Exception):
 
 
 class UsageSource(Protocol):
-    async def usage(self, user_id: uuid.UUID | None = None) -> Usage: ...
+    async def usage(self, user_id: uuid.UUID | None = None, server_id: uuid.UUID | None = None) -> Usage: ...
 
     async def overrides(self, user_id: uuid.UUID) -> dict[str, int] | None: ...
 
@@ -104,10 +105,12 @@ class UsageSource(Protocol):
 
 
 class Admission:
-    def __init__(self, repo: UsageSource, defaults: Quota, host: HostCapacity) -> None:
+    def __init__(self, repo: UsageSource, defaults: Quota, host: HostCapacity,
+                 server_id: uuid.UUID | None = None) -> None:
         self.repo = repo
         self.defaults = defaults
         self.host = host
+        self.server_id = server_id  # the host's use is this server's VMs (None: every VM, one server alone)
 
     async def quota(self, user_id: uuid.UUID) -> Quota:
         return self.defaults.merged(await self.repo.overrides(user_id))
@@ -121,7 +124,7 @@ class Admission:
             have, limit = getattr(used, name), getattr(quota, name)
             if wanted[name] and have + wanted[name] > limit:
                 raise QuotaExceeded(name, have, limit)
-        total = await self.repo.usage(None)
+        total = await self.repo.usage(None, self.server_id)
         for name in ("vcpus", "memory_mb"):
             have, cap = getattr(total, name), getattr(self.host, name)
             if have + wanted[name] > cap:
@@ -140,7 +143,7 @@ class Admission:
         return await self.repo.set_overrides(user_id, limits)
 
     async def host_report(self) -> dict[str, dict[str, int]]:
-        """The host's capacity and what all live VMs hold of it (for /metrics and the admin page)."""
-        total = await self.repo.usage(None)
+        """The host's capacity and what the live VMs it hosts hold of it (for /metrics and the admin page)."""
+        total = await self.repo.usage(None, self.server_id)
         return {f.name: {"used": getattr(total, f.name), "capacity": getattr(self.host, f.name)}
                 for f in fields(self.host)}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 CANCEL_WAIT_S = 10.0  # how long a cancel waits for the replica driving the run to end it
 CANCEL_POLL_S = 0.5
+RESTARTED = "the server restarted before the run finished"
 STDERR_LINES = 3  # of a CLI's stderr, kept in a timed-out run's reason
 MAX_REASON = 300  # characters of the CLI's own words in that reason
 
@@ -162,12 +163,13 @@ class RunFlow(VmFlow):
         if self._cancels is not None:
             await self._cancels.close()
 
-    async def reclaim(self) -> int:
-        """At start-up: runs a previous process was driving can never finish now."""
+    async def reclaim(self, servers: Collection[uuid.UUID | None] | None = None, reason: str = RESTARTED) -> int:
+        """Runs a gone server was driving can never finish now: end them failed with `reason`, as the last
+        event of their stream too. Given `servers`, only theirs (None standing for runs that name no
+        server); else every one not driven here (one server alone on its database, at start-up)."""
         n = 0
-        for row in await self.runs.live():
+        for row in await self.runs.live(servers):
             if row.id not in self._live:
-                reason = "the server restarted before the run finished"
                 await self._writer(row.id).emit(event("error", message=reason), seq_from_db=True)
                 n += await self.runs.finish(row.id, "failed", error=reason)
         return n

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from polydev.store.db import session_scope
+from polydev.store.db import hosted_by, session_scope
 from polydev.store.models import AUTH_SESSION_TERMINAL, AuthSession, utcnow
 
 
 class AuthSessionRepo:
-    def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, factory: async_sessionmaker[AsyncSession], server_id: uuid.UUID | None = None) -> None:
         self._factory = factory
+        self.server_id = server_id  # stamped on the sessions this process creates (and so drives)
 
     async def create(self, user_id: uuid.UUID, provider: str, status: str = "initializing",
                      method: str | None = None) -> AuthSession:
         async with session_scope(self._factory) as s:
-            row = AuthSession(user_id=user_id, provider=provider, status=status, method=method)
+            row = AuthSession(user_id=user_id, provider=provider, status=status, method=method,
+                              server_id=self.server_id)
             s.add(row)
             await s.flush()
             return row
@@ -45,10 +48,13 @@ class AuthSessionRepo:
         async with self._factory() as s:
             return await s.get(AuthSession, session_id)
 
-    async def live(self) -> list[AuthSession]:
+    async def live(self, servers: Collection[uuid.UUID | None] | None = None) -> list[AuthSession]:
+        """Sessions not ended; given `servers`, only those driven by one of them (None: rows that name none)."""
+        q = select(AuthSession).where(AuthSession.status.not_in(AUTH_SESSION_TERMINAL))
+        if servers is not None:
+            q = q.where(hosted_by(AuthSession.server_id, servers))
         async with self._factory() as s:
-            return list(await s.scalars(select(AuthSession).where(
-                AuthSession.status.not_in(AUTH_SESSION_TERMINAL))))
+            return list(await s.scalars(q))
 
     async def finish(self, session_id: uuid.UUID, status: str, error: str | None = None) -> bool:
         """Move a non-terminal session to a terminal status; False if it had already ended."""

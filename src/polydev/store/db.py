@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, text
+from sqlalchemy import ColumnElement, event, false, or_, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -100,3 +101,12 @@ async def add_unique(factory: async_sessionmaker[AsyncSession], row: R, conflict
     except IntegrityError:
         raise conflict from None
 
+
+
+def hosted_by(column: ColumnElement[uuid.UUID | None], servers: Collection[uuid.UUID | None]) -> ColumnElement[bool]:
+    """A `server_id` column's filter: rows of one of `servers`, None standing for rows that name no server."""
+    ids = [s for s in servers if s is not None]
+    terms = [column.in_(ids)] if ids else []
+    if None in servers:
+        terms.append(column.is_(None))
+    return or_(*terms) if terms else false()

@@ -129,6 +129,8 @@ class VmRecord(Base):
     last_heartbeat: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     destroyed_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    # The server process hosting it (`servers.id`); NULL for rows written before there was a registry.
+    server_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)
 
 
 class AuthSession(Base):
@@ -147,6 +149,7 @@ class AuthSession(Base):
     last_heartbeat: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     started_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    server_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)  # the one driving it
 
 
 class Credential(Base):
@@ -207,6 +210,7 @@ class Run(Base):
     credential_refreshed: Mapped[bool] = mapped_column(Boolean, default=False)
     usage_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     result_text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    server_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)  # the one driving it
 
 
 class RunEvent(Base):
@@ -232,6 +236,28 @@ class NetworkLease(Base):
     vm_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
     host_ip: Mapped[str] = mapped_column(String(64))
     leased_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class Server(Base):
+    """One server process of the deployment, from its start (a new id each time) to its stop or death.
+
+    Its heartbeat says it is alive; its URL is where peers reach it (polydev.core.cluster); its capacity is
+    what its host admits. `reaped_by` is set once, by the live server that ended what a dead one hosted."""
+
+    __tablename__ = "servers"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    url: Mapped[str] = mapped_column(String(255))  # internal: peers only, never shown to users
+    # Its data directory's id: a start on the same one knows its predecessors are dead.
+    instance: Mapped[str] = mapped_column(String(128), index=True)
+    vcpus: Mapped[int] = mapped_column(Integer)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    runs_vms: Mapped[bool] = mapped_column(Boolean)  # whether its VM engine started
+    started_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    reaped_by: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    reaped_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
 EGRESS_MODES = ("direct", "address", "proxy")

@@ -32,8 +32,9 @@ class QuotaRepo:
     def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
         self._factory = factory
 
-    async def usage(self, user_id: uuid.UUID | None = None) -> Usage:
-        """One user's use, or (None) the whole deployment's."""
+    async def usage(self, user_id: uuid.UUID | None = None, server_id: uuid.UUID | None = None) -> Usage:
+        """One user's use, or (None) the whole deployment's; given `server_id`, only the VMs that server hosts
+        (its host's capacity is its own)."""
         vms = select(func.count(), func.coalesce(func.sum(VmRecord.vcpu_count), 0),
                      func.coalesce(func.sum(VmRecord.memory_mb), 0)).where(VmRecord.status.in_(LIVE))
         logins = select(func.count()).select_from(AuthSession).where(
@@ -43,6 +44,8 @@ class QuotaRepo:
             vms = vms.where(VmRecord.user_id == user_id)
             logins = logins.where(AuthSession.user_id == user_id)
             runs = runs.where(Run.user_id == user_id)
+        if server_id is not None:
+            vms = vms.where(VmRecord.server_id == server_id)
         async with self._factory() as s:
             n_vms, vcpus, memory = (await s.execute(vms)).one()
             return Usage(int(n_vms), int(await s.scalar(logins) or 0), int(await s.scalar(runs) or 0),

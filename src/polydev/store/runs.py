@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from polydev.store.db import add_unique, session_scope
+from polydev.store.db import add_unique, hosted_by, session_scope
 from polydev.store.models import Run, RunEvent, utcnow
 
 RUN_LIVE = ("queued", "running")
@@ -35,15 +36,16 @@ class StoredEvent:
 
 
 class RunRepo:
-    def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, factory: async_sessionmaker[AsyncSession], server_id: uuid.UUID | None = None) -> None:
         self._factory = factory
+        self.server_id = server_id  # stamped on the runs this process creates (and so drives)
 
     async def create(self, user_id: uuid.UUID, provider: str, prompt: str, *, timeout_seconds: int,
                      credential_kind: str) -> Run:
         """A queued run holding the credential; CredentialBusy if a live run already holds it."""
         row = Run(user_id=user_id, provider=provider, prompt=prompt, status="queued",
                   live_key=live_key(user_id, provider), timeout_seconds=timeout_seconds,
-                  credential_kind=credential_kind)
+                  credential_kind=credential_kind, server_id=self.server_id)
         return await add_unique(self._factory, row, CredentialBusy(provider))
 
     async def get(self, run_id: uuid.UUID) -> Run | None:
@@ -60,9 +62,13 @@ class RunRepo:
             return list(await s.scalars(select(Run).where(Run.user_id == user_id)
                                         .order_by(Run.created_at.desc()).limit(limit)))
 
-    async def live(self) -> list[Run]:
+    async def live(self, servers: Collection[uuid.UUID | None] | None = None) -> list[Run]:
+        """Runs not ended; given `servers`, only those driven by one of them (None: rows that name none)."""
+        q = select(Run).where(Run.status.in_(RUN_LIVE))
+        if servers is not None:
+            q = q.where(hosted_by(Run.server_id, servers))
         async with self._factory() as s:
-            return list(await s.scalars(select(Run).where(Run.status.in_(RUN_LIVE))))
+            return list(await s.scalars(q))
 
     async def mark_running(self, run_id: uuid.UUID, vm_id: uuid.UUID) -> None:
         async with session_scope(self._factory) as s:

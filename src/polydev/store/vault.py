@@ -197,6 +197,12 @@ class Vault:
     def primary_key_id(self) -> str:
         return self.keyring.primary_id
 
+    def derive(self, label: str) -> bytes:
+        """A 32-byte secret for `label`, HKDF-SHA256 of the primary master key: every server configured with
+        the same key derives the same one (the peers' hop between servers, polydev.core.cluster)."""
+        return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                    info=b"polydev derived secret v1: " + label.encode()).derive(self.keyring.primary)
+
     def seal(self, user_id: uuid.UUID | str, provider: str, plaintext: bytes) -> SealedRecord:
         ring = self.keyring
         salt = secrets.token_bytes(SALT_BYTES)

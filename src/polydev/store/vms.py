@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from polydev.store.db import session_scope
+from polydev.store.db import hosted_by, session_scope
 from polydev.store.models import VmCleanupTask, VmRecord, utcnow
 
 LIVE = ("creating", "running")
 
 
 class VmRepo:
-    def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, factory: async_sessionmaker[AsyncSession], server_id: uuid.UUID | None = None) -> None:
         self._factory = factory
+        self.server_id = server_id  # stamped on the VMs this process creates (and so hosts)
 
     async def create(self, **fields: Any) -> VmRecord:
         async with session_scope(self._factory) as s:
-            vm = VmRecord(status="creating", **fields)
+            vm = VmRecord(status="creating", server_id=self.server_id, **fields)
             s.add(vm)
             await s.flush()
             return vm
@@ -49,12 +51,17 @@ class VmRepo:
         async with self._factory() as s:
             return await s.get(VmRecord, vm_id)
 
-    async def list(self, *, live_only: bool = True, user_id: uuid.UUID | None = None) -> list[VmRecord]:
+    async def list(self, *, live_only: bool = True, user_id: uuid.UUID | None = None,
+                   servers: Collection[uuid.UUID | None] | None = None) -> list[VmRecord]:
+        """VMs (live ones by default); given `servers`, only those hosted by one of them (None: rows that
+        name no server)."""
         q = select(VmRecord).order_by(VmRecord.created_at)
         if live_only:
             q = q.where(VmRecord.status.in_(LIVE))
         if user_id is not None:
             q = q.where(VmRecord.user_id == user_id)
+        if servers is not None:
+            q = q.where(hosted_by(VmRecord.server_id, servers))
         async with self._factory() as s:
             return list(await s.scalars(q))
 
@@ -65,9 +72,13 @@ class VmRepo:
             return {status: int(n) for status, n in rows}
 
     async def expired(self, now: datetime | None = None) -> list[VmRecord]:
+        """Live VMs past their expiry, of this server (when the repository has one: it reaps only its own)."""
+        q = select(VmRecord).where(VmRecord.status.in_(LIVE), VmRecord.expires_at.is_not(None),
+                                   VmRecord.expires_at <= (now or utcnow()))
+        if self.server_id is not None:
+            q = q.where(VmRecord.server_id == self.server_id)
         async with self._factory() as s:
-            return list(await s.scalars(select(VmRecord).where(
-                VmRecord.status.in_(LIVE), VmRecord.expires_at.is_not(None), VmRecord.expires_at <= (now or utcnow()))))
+            return list(await s.scalars(q))
 
 
 class CleanupTaskRepo:
@@ -83,12 +94,16 @@ class CleanupTaskRepo:
             await s.flush()
             return task.id
 
-    async def claim_due(self, now: datetime | None = None, limit: int = 20) -> list[VmCleanupTask]:
-        """Move due tasks from pending to processing; each task is claimed by exactly one caller."""
+    async def claim_due(self, now: datetime | None = None, limit: int = 20,
+                        server_id: uuid.UUID | None = None) -> list[VmCleanupTask]:
+        """Move due tasks from pending to processing; each task is claimed by exactly one caller. Given
+        `server_id`, only tasks of the VMs that server hosts (a VM is torn down on its own machine)."""
+        q = select(VmCleanupTask.id).where(VmCleanupTask.status == "pending",
+                                           VmCleanupTask.cleanup_at <= (now or utcnow()))
+        if server_id is not None:
+            q = q.where(VmCleanupTask.vm_id.in_(select(VmRecord.vm_id).where(VmRecord.server_id == server_id)))
         async with self._factory() as s:
-            ids = list(await s.scalars(select(VmCleanupTask.id).where(
-                VmCleanupTask.status == "pending", VmCleanupTask.cleanup_at <= (now or utcnow()))
-                .order_by(VmCleanupTask.cleanup_at).limit(limit)))
+            ids = list(await s.scalars(q.order_by(VmCleanupTask.cleanup_at).limit(limit)))
         claimed: list[VmCleanupTask] = []
         for task_id in ids:
             async with session_scope(self._factory) as s:
@@ -103,11 +118,14 @@ class CleanupTaskRepo:
             await s.execute(update(VmCleanupTask).where(VmCleanupTask.id == task_id).values(
                 status="failed" if error else "completed", error_message=error, completed_at=utcnow()))
 
-    async def requeue_interrupted(self) -> int:
-        """At start-up: tasks a crashed process had claimed go back to pending."""
+    async def requeue_interrupted(self, keep: Collection[uuid.UUID] = ()) -> int:
+        """At start-up: tasks a crashed process had claimed go back to pending, except those of the VMs of
+        the live servers in `keep` (which may be working on them)."""
+        q = update(VmCleanupTask).where(VmCleanupTask.status == "processing")
+        if keep:
+            q = q.where(VmCleanupTask.vm_id.not_in(select(VmRecord.vm_id).where(VmRecord.server_id.in_(keep))))
         async with session_scope(self._factory) as s:
-            result = await s.execute(update(VmCleanupTask).where(VmCleanupTask.status == "processing")
-                                     .values(status="pending"))
+            result = await s.execute(q.values(status="pending"))
             return result.rowcount
 
     async def pending_for(self, vm_id: uuid.UUID) -> list[VmCleanupTask]:

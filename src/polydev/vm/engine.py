@@ -29,7 +29,7 @@ import contextlib
 import secrets
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -261,7 +261,7 @@ class VMEngine:
     async def destroy(self, vm_id: uuid.UUID) -> bool:
         """Destroy a VM; False if there was no live VM by that id. Safe to call more than once."""
         row = await self.vms.get(vm_id)
-        if row is None or row.status in ("destroyed", "failed"):
+        if row is None or row.status in ("destroyed", "failed") or not self.hosts(row):
             return False
         self.pool.discard(vm_id)
         await self.teardown(row, failed=False)
@@ -277,6 +277,12 @@ class VMEngine:
         return kept
 
     # -- the engine's own bookkeeping, for the reaper ------------------------------------------------------
+    def hosts(self, row: VmRecord) -> bool:
+        """Whether the VM is this server's: another server's VM lives on another machine, where its process
+        id means nothing here (tearing it down here could kill an unrelated process)."""
+        mine = self.vms.server_id
+        return mine is None or row.server_id in (None, mine)
+
     def processes(self) -> dict[uuid.UUID, int]:
         """This engine's hypervisor processes on the machine (by their marker): VM id → pid."""
         return self._find(self.tag)
@@ -354,9 +360,10 @@ class VMEngine:
         return AgentClient(url, token, timeout=timeout)
 
     # -- reconcile and reaping (polydev.vm.reaper) ---------------------------------------------------------
-    async def reconcile(self) -> dict[str, int]:
-        """Make the machine match the database (at start-up); see Reaper.reconcile."""
-        return await self.reaper.reconcile()
+    async def reconcile(self, keep: Collection[uuid.UUID] = ()) -> dict[str, int]:
+        """Make the machine match the database (at start-up), leaving the VM rows of the live servers in
+        `keep` alone; see Reaper.reconcile."""
+        return await self.reaper.reconcile(keep)
 
     async def reap_once(self) -> int:
         """Destroy expired VMs and run due cleanup tasks. Returns how many VMs it destroyed."""

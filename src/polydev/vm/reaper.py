@@ -2,7 +2,8 @@
 
 `reconcile()` runs at start-up, before the engine creates anything: every VM process of this engine's tag
 that the engine did not start in this process is killed (its token died with the previous process) and its
-row marked failed; then address leases, network slots and disks that no live VM holds are reclaimed, in
+row marked failed — except the rows of the live servers it is told to `keep` (with several servers on one
+database, their VMs live on their own machines); then address leases, network slots and disks that no live VM holds are reclaimed, in
 that order. The reaper, in the background, destroys VMs past their expiry and retries the cleanups that
 failed (`vm_cleanup_tasks`, which survive restarts).
 """
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import shutil
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,12 +36,13 @@ class Reaper:
         """Whether the background reaper runs (start() was called, stop() not yet)."""
         return self._task is not None
 
-    async def reconcile(self) -> dict[str, int]:
+    async def reconcile(self, keep: Collection[uuid.UUID] = ()) -> dict[str, int]:
         """Make the machine match the database, in a fixed order: processes, then network, then disks.
-        Returns what it found to undo, by kind."""
+        `keep`: live servers whose VM rows are theirs, not this start's to judge. Returns what it found to
+        undo, by kind."""
         engine = self.engine
         counts = {"processes": 0, "rows": 0, "slots": 0, "leases": 0, "disks": 0, "tasks": 0}
-        counts["tasks"] = await engine.cleanup.requeue_interrupted()
+        counts["tasks"] = await engine.cleanup.requeue_interrupted(keep)
         mine = engine.running_here()
         # 1. processes
         for vm_id, pid in engine.processes().items():
@@ -49,7 +52,7 @@ class Reaper:
             counts["processes"] += 1
         # rows that claim to live but have no process in this engine
         for row in await engine.vms.list():
-            if row.vm_id in mine:
+            if row.vm_id in mine or (row.server_id is not None and row.server_id in keep):
                 continue
             kept = engine.keep_console(Path(row.workdir) if row.workdir else engine.workdir(row.vm_id), row.vm_id)
             reason = "lost when the control plane stopped" + (f" (console log: {kept})" if kept else "")
@@ -80,13 +83,14 @@ class Reaper:
         return counts
 
     async def reap_once(self) -> int:
-        """Destroy expired VMs and run due cleanup tasks. Returns how many VMs it destroyed."""
+        """Destroy this server's expired VMs and run the due cleanup tasks of its VMs (another server's VM is
+        on another machine: that server reaps it). Returns how many VMs it destroyed."""
         engine = self.engine
         done = 0
         for row in await engine.vms.expired():
             if await engine.destroy(row.vm_id):
                 done += 1
-        for task in await engine.cleanup.claim_due():
+        for task in await engine.cleanup.claim_due(server_id=engine.vms.server_id):
             try:
                 row = await engine.vms.get(task.vm_id)
                 if row is not None:

@@ -16,8 +16,10 @@ into HTTP 403): nothing is ever bridged for it. With a good ticket the socket is
 is nothing to show, closed at once with a code that says why:
 
     4410 session_expired   the session has expired or ended — show "Start a new session"
-    4409 vnc_unavailable   the session is live but its VNC server is not up (yet), runs on another replica,
-                           or did not take the login's password
+    4409 vnc_unavailable   the session is live but its VNC server is not up (yet), or did not take the
+                           login's password
+    4502 peer_unreachable  the server driving the login could not be reached (api/peers.py passes the ticket
+                           request and the WebSocket of a login another server drives on to that server)
     1002 rfb_handshake_failed  the viewer did not complete the RFB security handshake (None, RFB 3.7/3.8)
     1000 session_ended     the session ended while the bridge was open (completed, cancelled, timeout, failed)
     1011 vnc_lost          the VM's VNC server closed the connection
