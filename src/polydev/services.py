@@ -25,6 +25,8 @@ from polydev.core.login_flow import LoginFlow
 from polydev.core.login_sessions import LoginSessions
 from polydev.core.quotas import Admission, HostCapacity, Kind, Quota
 from polydev.core.run_flow import RunFlow
+from polydev.core.sandbox_procs import ProcessTable
+from polydev.core.sandboxes import Sandboxes
 from polydev.core.vm_admin import VmAdmin
 from polydev.core.vnc_tickets import VncTickets
 from polydev.egress.limits import Limits
@@ -35,6 +37,7 @@ from polydev.store.credentials import CredentialRepo
 from polydev.store.egress import EgressRepo
 from polydev.store.quotas import QuotaRepo
 from polydev.store.runs import RunRepo
+from polydev.store.sandboxes import SandboxRepo
 from polydev.store.sessions import SessionStore, create_session_store
 from polydev.store.users import UserRepo
 from polydev.store.vault import Vault, key_source_from_settings
@@ -79,6 +82,9 @@ class Services:
     egress: EgressService | None = None
     egress_admin: EgressAdmin = None  # type: ignore[assignment]  # each user's egress identity and accounting
     admission: Admission = None  # type: ignore[assignment]  # quotas and the host's capacity
+    # E2B-compatible sandboxes (api/e2b/): their rows and VMs, and the processes envd clients started in them.
+    sandboxes: Sandboxes = None  # type: ignore[assignment]
+    sandbox_procs: ProcessTable = field(default_factory=ProcessTable)
 
     def engine_or_reason(self) -> tuple[VMEngine | None, str | None]:
         return self.engine, self.engine_unavailable
@@ -177,6 +183,8 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
                            signals=store, admit=svc.admit)
     svc.vm_admin = VmAdmin(svc.engine_or_reason, default_ttl=timedelta(seconds=settings.vm_ttl_seconds),
                            admit=svc.admit)
+    svc.sandboxes = Sandboxes(SandboxRepo(factory), vault, svc.engine_or_reason, admit=svc.admit,
+                              sizes=settings.vm_size)
     svc.egress_admin = EgressAdmin(
         EgressRepo(factory, svc.credentials), svc.users, settings.egress_address_pool,
         Limits.from_settings(settings),

@@ -104,12 +104,12 @@ class AgentClient:
 
     def exec_stream(self, args: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
                     stdin: bytes | None = None, pty: bool = False, timeout_s: float | None = None,
-                    keep_stdin_open: bool = False) -> Iterator[p.ExecEvent]:
+                    keep_stdin_open: bool = False, pty_size: tuple[int, int] | None = None) -> Iterator[p.ExecEvent]:
         """Yield events as the agent sends them. Leaving the loop early closes the connection, which kills
         the process in the guest. With keep_stdin_open (or pty), `write_input` feeds it more input later."""
         req = p.ExecRequest(args=args, env=env or {}, cwd=cwd, pty=pty, timeout_s=timeout_s,
                             stdin=None if stdin is None else base64.b64encode(stdin).decode(),
-                            keep_stdin_open=keep_stdin_open)
+                            keep_stdin_open=keep_stdin_open, pty_size=list(pty_size) if pty_size else None)
         # The read timeout must outlast the command; the agent enforces timeout_s itself.
         read_timeout = None if timeout_s is None else timeout_s + 30
         with _answer(), self._http.stream("POST", "/exec", json=req.to_json(),
@@ -161,6 +161,17 @@ class AgentClient:
             response = self._http.post("/watch", json=req.to_json(), timeout=httpx.Timeout(30.0, read=timeout + 30))
             path = json.loads(self._check(response).content)["path"]
         return None if path is None else str(path)
+
+    def fs(self, op: str, path: str, *, depth: int = 1, destination: str | None = None) -> list[p.FsEntry]:
+        """A file-system operation in the guest (protocol.FsRequest); AgentError 404/409 as the agent says."""
+        req = p.FsRequest(op=op, path=path, depth=depth, destination=destination)
+        with _answer():
+            body = json.loads(self._check(self._http.post("/fs", json=req.to_json())).content)
+        return [p.FsEntry(**e) for e in body["entries"]]
+
+    def resize(self, exec_id: str, rows: int, cols: int) -> None:
+        with _answer():
+            self._check(self._http.post("/resize", json={"exec_id": exec_id, "rows": rows, "cols": cols}))
 
     def rotate_token(self, new_token: str) -> None:
         with _answer():

@@ -1,0 +1,206 @@
+"""The unmodified e2b SDK against Polydev, with the real guest agent on the host as each sandbox's "VM"
+(tests/support/agent_backend.py): the control plane, envd's process and filesystem services and /files,
+end to end over real HTTP, in seconds. tests/vm/test_e2b_sdk.py runs the SDK against real VMs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from e2b import (
+    AuthenticationException,
+    CommandExitException,
+    FileNotFoundException,
+    InvalidArgumentException,
+    NotFoundException,
+    PtySize,
+    Sandbox,
+    SandboxException,
+    SandboxNotFoundException,
+    SandboxQuery,
+)
+
+from tests.support.app import make_settings
+from tests.support.threaded_server import ThreadedServer, threaded_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
+    tmp = tmp_path_factory.mktemp("e2b")
+    with threaded_server(make_settings(tmp, VM_WARM_POOL_SIZE=0)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def conn(server: ThreadedServer) -> dict[str, str]:
+    return {"api_url": server.url, "sandbox_url": server.url, "api_key": server.new_user("alice")}
+
+
+@pytest.fixture(scope="module")
+def sandbox(conn: dict[str, str]) -> Iterator[Sandbox]:
+    sbx = Sandbox.create(metadata={"purpose": "test"}, envs={"GREETING": "hello"}, timeout=600, **conn)
+    yield sbx
+    sbx.kill()
+
+
+def test_a_command_runs_with_the_sandboxs_env_and_its_exit_code(sandbox: Sandbox) -> None:
+    result = sandbox.commands.run("echo $GREETING; echo err >&2")
+    assert (result.stdout, result.stderr, result.exit_code) == ("hello\n", "err\n", 0)
+    with pytest.raises(CommandExitException) as failed:
+        sandbox.commands.run("exit 3")
+    assert failed.value.exit_code == 3
+
+
+def test_output_streams_to_callbacks_and_cwd_and_envs_apply(sandbox: Sandbox, tmp_path: Path) -> None:
+    seen: list[str] = []
+    result = sandbox.commands.run("pwd; echo $X", cwd=str(tmp_path), envs={"X": "y"}, on_stdout=seen.append)
+    assert result.stdout == f"{tmp_path}\ny\n" and "".join(seen) == result.stdout
+
+
+def test_a_background_process_survives_its_client_and_connect_follows_it(sandbox: Sandbox, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    handle = sandbox.commands.run(f"echo started; while [ ! -e {go} ]; do sleep 0.05; done; "
+                                  "for i in 1 2 3; do echo $i; done", background=True)
+    pid = handle.pid
+    for stdout, _, _ in handle:  # the SDK's handle yields output as it comes
+        if stdout and "started" in stdout:
+            break
+    handle.disconnect()
+    assert pid in [p.pid for p in sandbox.commands.list()]  # it runs with nobody following it
+    again = sandbox.commands.connect(pid)
+    sandbox.files.write(str(go), "")
+    result = again.wait()
+    assert result.stdout == "1\n2\n3\n"  # from the connect on: not what was printed before
+    assert pid not in [p.pid for p in sandbox.commands.list()]
+
+
+def test_stdin_and_kill(sandbox: Sandbox) -> None:
+    handle = sandbox.commands.run("cat", background=True, stdin=True)
+    sandbox.commands.send_stdin(handle.pid, "typed\n")
+    sandbox.commands.close_stdin(handle.pid)
+    assert handle.wait().stdout == "typed\n"
+    sleeper = sandbox.commands.run("sleep 600", background=True)
+    assert sandbox.commands.kill(sleeper.pid) is True
+    with pytest.raises(CommandExitException):
+        sleeper.wait()
+    assert sandbox.commands.kill(sleeper.pid) is False  # gone: not found
+
+
+def test_a_pty_session(sandbox: Sandbox) -> None:
+    out = bytearray()
+    terminal = sandbox.pty.create(PtySize(rows=30, cols=100))
+    sandbox.pty.send_stdin(terminal.pid, b"stty size\n")
+    for _, _, pty in terminal:  # the terminal's output as it comes, until the first answer
+        out += pty or b""
+        if b"30 100" in out:
+            break
+    sandbox.pty.resize(terminal.pid, PtySize(rows=40, cols=120))
+    sandbox.pty.send_stdin(terminal.pid, b"stty size; exit\n")
+    terminal.wait(on_pty=out.extend)
+    assert b"40 120" in out.split(b"30 100", 1)[1]
+
+
+def test_files(sandbox: Sandbox, tmp_path: Path) -> None:
+    base = str(tmp_path / "files")
+    info = sandbox.files.write(f"{base}/a.txt", "alpha")
+    assert info.path == f"{base}/a.txt"
+    assert sandbox.files.read(f"{base}/a.txt") == "alpha"
+    payload = bytes(range(256)) * 4096
+    sandbox.files.write(f"{base}/b.bin", payload)
+    assert sandbox.files.read(f"{base}/b.bin", format="bytes") == payload
+    import io
+
+    sandbox.files.write(f"{base}/c.txt", io.BytesIO(b"streamed"))  # octet-stream
+    sandbox.files.write_files([{"path": f"{base}/d.txt", "data": "d"}, {"path": f"{base}/e.txt", "data": "e"}])
+    assert sorted(e.name for e in sandbox.files.list(base)) == ["a.txt", "b.bin", "c.txt", "d.txt", "e.txt"]
+    assert sandbox.files.exists(f"{base}/a.txt") and not sandbox.files.exists(f"{base}/zz")
+    assert sandbox.files.make_dir(f"{base}/sub/deeper") is True
+    assert sandbox.files.make_dir(f"{base}/sub/deeper") is False
+    deep = sandbox.files.list(base, depth=3)
+    assert f"{base}/sub/deeper" in [e.path for e in deep]
+    moved = sandbox.files.rename(f"{base}/a.txt", f"{base}/sub/a2.txt")
+    assert moved.path == f"{base}/sub/a2.txt" and sandbox.files.read(moved.path) == "alpha"
+    info = sandbox.files.get_info(moved.path)
+    assert info.size == 5 and info.type.value == "file"
+    sandbox.files.remove(f"{base}/sub")
+    assert not sandbox.files.exists(f"{base}/sub")
+    with pytest.raises(FileNotFoundException):
+        sandbox.files.read(f"{base}/nothing")
+    with pytest.raises(NotFoundException):
+        sandbox.files.list(f"{base}/nothing")
+
+
+def test_control_plane_list_info_timeout_and_kill(conn: dict[str, str], sandbox: Sandbox) -> None:
+    info = sandbox.get_info()
+    assert info.sandbox_id == sandbox.sandbox_id and info.metadata == {"purpose": "test"}
+    assert info.template_id == "base" and info.state.value == "running"
+    listed = Sandbox.list(query=None, **conn).next_items()
+    assert sandbox.sandbox_id in [s.sandbox_id for s in listed]
+    assert Sandbox.list(query=SandboxQuery(metadata={"purpose": "other"}), **conn).next_items() == []
+    sandbox.set_timeout(1200)
+    assert sandbox.get_info().end_at > info.end_at
+    again = Sandbox.connect(sandbox.sandbox_id, **conn)
+    assert again.commands.run("echo same").stdout == "same\n"  # the same access token works
+    other = Sandbox.create(timeout=60, **conn)
+    assert other.is_running()
+    assert Sandbox.kill(other.sandbox_id, **conn) is True
+    assert Sandbox.kill(other.sandbox_id, **conn) is False
+    assert not other.is_running()
+    with pytest.raises(SandboxException):
+        other.commands.run("echo no")
+
+
+def test_paging(conn: dict[str, str], sandbox: Sandbox) -> None:
+    extra = [Sandbox.create(timeout=60, metadata={"page": "yes"}, **conn) for _ in range(2)]
+    try:
+        pager = Sandbox.list(query=SandboxQuery(metadata={"page": "yes"}), limit=1, **conn)
+        seen = [s.sandbox_id for s in pager.next_items()]
+        assert pager.has_next
+        seen += [s.sandbox_id for s in pager.next_items()]
+        assert sorted(seen) == sorted(s.sandbox_id for s in extra)
+        assert not pager.has_next or pager.next_items() == []
+    finally:
+        for sbx in extra:
+            sbx.kill()
+
+
+def test_another_user_sees_nothing(server: ThreadedServer, conn: dict[str, str], sandbox: Sandbox) -> None:
+    bob = {**conn, "api_key": server.new_user("bob")}
+    assert Sandbox.list(**bob).next_items() == []
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info(sandbox.sandbox_id, **bob)
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.connect(sandbox.sandbox_id, **bob)
+    assert Sandbox.kill(sandbox.sandbox_id, **bob) is False
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.set_timeout(sandbox.sandbox_id, 30, **bob)
+    assert sandbox.is_running()  # untouched
+
+
+def test_bad_inputs_get_the_sdks_errors(conn: dict[str, str], sandbox: Sandbox) -> None:
+    with pytest.raises(AuthenticationException):
+        Sandbox.create(**{**conn, "api_key": "pd_wrong"})
+    with pytest.raises(SandboxException) as missing:  # what the SDK makes of a 404 on create
+        Sandbox.create(template="nope", **conn)
+    assert "404" in str(missing.value) and "base" in str(missing.value)
+    with pytest.raises(SandboxException):
+        Sandbox.create(timeout=10 ** 9, **conn)
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info("i" + uuid.uuid4().hex[:19], **conn)
+    with pytest.raises(InvalidArgumentException):
+        sandbox.files.list("/", depth=0)
+    with pytest.raises(SandboxException):
+        sandbox.commands.run("echo", cwd="/no/such/dir")
+
+
+def test_envd_checks_the_access_token_on_every_call(conn: dict[str, str], sandbox: Sandbox) -> None:
+    # A wrong or missing token gets what a missing sandbox gets: the id alone opens nothing.
+    for token in ("wrong", None):
+        h = {"E2b-Sandbox-Id": sandbox.sandbox_id, **({"X-Access-Token": token} if token else {})}
+        r = httpx.get(f"{conn['sandbox_url']}/files", params={"path": "/etc/hostname"}, headers=h)
+        assert r.status_code == 502 and "was not found" in r.json()["message"]
+        r = httpx.post(f"{conn['sandbox_url']}/process.Process/List", json={}, headers=h)
+        assert r.status_code == 502 and r.json()["code"] == "unavailable"
