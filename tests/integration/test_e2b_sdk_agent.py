@@ -16,14 +16,15 @@ from e2b import (
     FileNotFoundException,
     InvalidArgumentException,
     NotFoundException,
-    PtySize,
     Sandbox,
     SandboxException,
     SandboxNotFoundException,
     SandboxQuery,
 )
 
+from polydev.api.e2b.connect import frame
 from tests.support.app import make_settings
+from tests.support.e2b_checks import invisible_to, pty_sizes, stdin_and_kill
 from tests.support.threaded_server import ThreadedServer, threaded_server
 
 
@@ -78,29 +79,11 @@ def test_a_background_process_survives_its_client_and_connect_follows_it(sandbox
 
 
 def test_stdin_and_kill(sandbox: Sandbox) -> None:
-    handle = sandbox.commands.run("cat", background=True, stdin=True)
-    sandbox.commands.send_stdin(handle.pid, "typed\n")
-    sandbox.commands.close_stdin(handle.pid)
-    assert handle.wait().stdout == "typed\n"
-    sleeper = sandbox.commands.run("sleep 600", background=True)
-    assert sandbox.commands.kill(sleeper.pid) is True
-    with pytest.raises(CommandExitException):
-        sleeper.wait()
-    assert sandbox.commands.kill(sleeper.pid) is False  # gone: not found
+    stdin_and_kill(sandbox)
 
 
 def test_a_pty_session(sandbox: Sandbox) -> None:
-    out = bytearray()
-    terminal = sandbox.pty.create(PtySize(rows=30, cols=100))
-    sandbox.pty.send_stdin(terminal.pid, b"stty size\n")
-    for _, _, pty in terminal:  # the terminal's output as it comes, until the first answer
-        out += pty or b""
-        if b"30 100" in out:
-            break
-    sandbox.pty.resize(terminal.pid, PtySize(rows=40, cols=120))
-    sandbox.pty.send_stdin(terminal.pid, b"stty size; exit\n")
-    terminal.wait(on_pty=out.extend)
-    assert b"40 120" in out.split(b"30 100", 1)[1]
+    assert b"40 120" in pty_sizes(sandbox, (30, 100), (40, 120))
 
 
 def test_files(sandbox: Sandbox, tmp_path: Path) -> None:
@@ -170,14 +153,7 @@ def test_paging(conn: dict[str, str], sandbox: Sandbox) -> None:
 def test_another_user_sees_nothing(server: ThreadedServer, conn: dict[str, str], sandbox: Sandbox) -> None:
     bob = {**conn, "api_key": server.new_user("bob")}
     assert Sandbox.list(**bob).next_items() == []
-    with pytest.raises(SandboxNotFoundException):
-        Sandbox.get_info(sandbox.sandbox_id, **bob)
-    with pytest.raises(SandboxNotFoundException):
-        Sandbox.connect(sandbox.sandbox_id, **bob)
-    assert Sandbox.kill(sandbox.sandbox_id, **bob) is False
-    with pytest.raises(SandboxNotFoundException):
-        Sandbox.set_timeout(sandbox.sandbox_id, 30, **bob)
-    assert sandbox.is_running()  # untouched
+    invisible_to(sandbox, bob)
 
 
 def test_bad_inputs_get_the_sdks_errors(conn: dict[str, str], sandbox: Sandbox) -> None:
@@ -204,3 +180,39 @@ def test_envd_checks_the_access_token_on_every_call(conn: dict[str, str], sandbo
         assert r.status_code == 502 and "was not found" in r.json()["message"]
         r = httpx.post(f"{conn['sandbox_url']}/process.Process/List", json={}, headers=h)
         assert r.status_code == 502 and r.json()["code"] == "unavailable"
+
+
+def test_bad_requests_answer_in_the_sdks_error_shapes(conn: dict[str, str], sandbox: Sandbox) -> None:
+    api = httpx.Client(base_url=conn["api_url"], headers={"X-API-KEY": conn["api_key"]}, timeout=30)
+    for method, path, kw in (("POST", "/v2/sandboxes", {"content": b"{not json"}),
+                             ("POST", "/v2/sandboxes", {"json": {"templateID": 5}}),
+                             ("POST", "/v2/sandboxes", {"json": {"templateID": "base", "timeout": -1}}),
+                             ("POST", "/v2/sandboxes", {"json": {"templateID": "base", "envVars": {"A": 1}}}),
+                             ("GET", "/v2/sandboxes?limit=0", {}),
+                             ("GET", "/v2/sandboxes?nextToken=%%%", {}),
+                             ("GET", "/v2/sandboxes?state=gone", {}),
+                             ("POST", f"/sandboxes/{sandbox.sandbox_id}/timeout", {"json": {"timeout": "x"}})):
+        r = api.request(method, path, **kw)
+        assert r.status_code == 400, (path, r.text)
+        assert isinstance(r.json()["code"], int) and isinstance(r.json()["message"], str)
+    r = httpx.get(f"{conn['api_url']}/v2/sandboxes", timeout=30)
+    assert r.status_code == 401 and r.json()["code"] == 401
+    r = api.get("/sandboxes/" + "x" * 300)
+    assert r.status_code == 404 and r.json()["code"] == 404
+
+    envd = httpx.Client(base_url=conn["sandbox_url"], timeout=30, headers={
+        "E2b-Sandbox-Id": sandbox.sandbox_id, "X-Access-Token": sandbox._envd_access_token or ""})
+    stream = {"Content-Type": "application/connect+json"}
+    r = envd.post("/process.Process/Start", content=b"\x00\x00\x00\x00\x07garbage", headers=stream)
+    assert r.status_code == 200 and r.content[0] == 2 and b'"invalid_argument"' in r.content
+    r = envd.post("/process.Process/Start", content=frame({"process": {"args": ["x"]}}), headers=stream)
+    assert r.content[0] == 2 and b'"invalid_argument"' in r.content
+    r = envd.post("/process.Process/Nope", json={})
+    assert r.status_code == 501 and r.json()["code"] == "unimplemented"
+    r = envd.post("/process.Process/SendSignal", json={"process": {"pid": 1}, "signal": "SIGNAL_SIGKILL"})
+    assert r.status_code == 404 and r.json()["code"] == "not_found"  # only processes started through envd
+    r = envd.post("/filesystem.Filesystem/Stat", json={"path": 5})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
+    r = envd.post("/files", params={"path": "/tmp/x"}, content=b"x",
+                  headers={"Content-Type": "application/octet-stream", "Content-Encoding": "gzip"})
+    assert r.status_code == 400 and isinstance(r.json()["code"], int)

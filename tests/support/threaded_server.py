@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import httpx
 import uvicorn
 
 from polydev.api.app import create_app
@@ -18,6 +17,7 @@ from polydev.config import Settings
 from polydev.services import build_vm_engine, open_services
 from polydev.vm.engine import find_marked_processes
 from tests.support.agent_backend import AgentBackend
+from tests.support.e2b_checks import new_user
 from tests.support.servers import free_port
 
 
@@ -28,13 +28,7 @@ class ThreadedServer:
 
     def new_user(self, name: str) -> str:
         """A user and their API token, made through the API."""
-        h = {"Authorization": f"Bearer {self.admin_token}"}
-        with httpx.Client(base_url=self.url, headers=h, timeout=30) as c:
-            r = c.post("/api/users", json={"name": name})
-            assert r.status_code == 201, r.text
-            r = c.post(f"/api/users/{r.json()['id']}/tokens", json={"name": "e2b"})
-            assert r.status_code == 201, r.text
-            return str(r.json()["token"])
+        return new_user(self.url, self.admin_token, name)
 
 
 @contextmanager

@@ -184,18 +184,25 @@ async def list_sandboxes(user: E2bUser, services: ServicesDep, metadata: str | N
         views = [v for v in views if all(v.metadata.get(k) == value for k, value in wanted.items())]
     views.sort(key=lambda v: (v.started_at, v.id))
     if nextToken:
-        try:
-            after = base64.urlsafe_b64decode(nextToken.encode()).decode()
-        except ValueError:
-            raise E2bError(400, "nextToken is not one this server gave") from None
-        views = [v for v in views if (_iso(v.started_at), v.id) > tuple(json.loads(after))] \
-            if after.startswith("[") else []
+        after = _cursor(nextToken)
+        views = [v for v in views if (_iso(v.started_at), v.id) > after]
     page, more = views[:limit], len(views) > limit
     headers = {}
     if more:
         last = page[-1]
         headers["x-next-token"] = base64.urlsafe_b64encode(json.dumps([_iso(last.started_at), last.id]).encode()).decode()
     return JSONResponse([_listed(v) for v in page], headers=headers)
+
+
+def _cursor(token: str) -> tuple[str, str]:
+    """(startedAt, id) of the last sandbox of the previous page, as `x-next-token` gave it."""
+    try:
+        value = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except ValueError:
+        value = None
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+        raise E2bError(400, "nextToken is not one this server gave")
+    return value[0], value[1]
 
 
 @router.get("/sandboxes/{sandbox_id}")
