@@ -184,7 +184,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
     svc.vm_admin = VmAdmin(svc.engine_or_reason, default_ttl=timedelta(seconds=settings.vm_ttl_seconds),
                            admit=svc.admit)
     svc.sandboxes = Sandboxes(SandboxRepo(factory), vault, svc.engine_or_reason, admit=svc.admit,
-                              sizes=settings.vm_size)
+                              sizes=settings.vm_size, proxy=lambda: svc.guest_env("sandbox").https_proxy)
     svc.egress_admin = EgressAdmin(
         EgressRepo(factory, svc.credentials), svc.users, settings.egress_address_pool,
         Limits.from_settings(settings),

@@ -32,8 +32,9 @@ def test_the_end_frame_carries_the_error() -> None:
 
 
 def test_the_sdks_decoder_reads_our_frames() -> None:
-    e2b_pb = pytest.importorskip("e2b.envd.process.process_pb")
-    message = e2b_pb.StartResponse.from_json(frame({"event": {"data": {"stdout": "aGkK"}}})[5:].decode())
+    from e2b.envd.process import process_pb  # the SDK is a test dependency: a failure, not a skip, without it
+
+    message = process_pb.StartResponse.from_json(frame({"event": {"data": {"stdout": "aGkK"}}})[5:].decode())
     assert message.event.event.field == "data" and message.event.event.value.output.value == b"hi\n"
 
 

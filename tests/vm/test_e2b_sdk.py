@@ -5,6 +5,8 @@ cannot see or touch each other's sandboxes."""
 from __future__ import annotations
 
 import io
+import json
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,15 +24,28 @@ from polydev.vm import images
 from polydev.vm.engine import engine_tag, find_marked_processes
 from tests.support.e2b_checks import invisible_to, pty_sizes, stdin_and_kill
 from tests.support.e2b_checks import new_user as make_user
+from tests.support.echo_stand_in import echo_stand_in as echo_stand_in_at
+from tests.support.egress_probe import CONNECT_PROBE
 from tests.support.live_server import LiveServer, start_server
 
 pytest_plugins = ["tests.support.vm_fixtures"]
 
 
+STAND_IN = ("127.0.0.58", 443)  # a loopback address of its own (test_egress_vm.py has .57): the gateway dials 443
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, test_image: images.Image) -> Iterator[LiveServer]:
+def echo_stand_in() -> Iterator[None]:
+    with echo_stand_in_at(STAND_IN):
+        yield
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, test_image: images.Image, echo_stand_in: None
+           ) -> Iterator[LiveServer]:
     env = {"POLYDEV_CACHE_DIR": str(test_image.dir.parent.parent), "VM_IMAGE_PROFILE": "test",
-           "VM_CLI_MEMORY_MB": "1024", "VM_CLI_VCPU": "1", "VM_WARM_POOL_SIZE": "0"}
+           "VM_CLI_MEMORY_MB": "1024", "VM_CLI_VCPU": "1", "VM_WARM_POOL_SIZE": "0",
+           "EGRESS_ALLOW": "api.stand.test", "EGRESS_HOSTS": json.dumps({"api.stand.test": [STAND_IN[0]]})}
     running = start_server(tmp_path_factory.mktemp("e2b-vm"), "polydev", env)
     live = next(running)
     try:
@@ -139,3 +154,17 @@ def test_the_guest_agent_is_not_reachable_from_the_sandbox_url(server: LiveServe
                   headers={"E2b-Sandbox-Id": sandbox.sandbox_id})
     assert r.status_code == 502 and "was not found" in r.json()["message"]
     assert Path("/etc/hostname").exists()  # (the host file the request named is not what answered)
+
+
+def test_internet_goes_through_the_egress_gateway_and_can_be_off(alice: dict[str, str], sandbox: Sandbox) -> None:
+    probe = f"python3 -c {shlex.quote(CONNECT_PROBE)} 10.0.2.99 3128 api.stand.test:443"
+    assert sandbox.commands.run("echo $HTTPS_PROXY").stdout == "http://10.0.2.99:3128\n"
+    lines = sandbox.commands.run(probe).stdout.splitlines()
+    assert lines == ["HTTP/1.1 200 Connection Established", "echo: ping from the guest"]
+    offline = Sandbox.create(allow_internet_access=False, timeout=300, request_timeout=900, **alice)
+    try:
+        assert offline.commands.run("echo $HTTPS_PROXY").stdout == "\n"
+        refused = offline.commands.run(probe).stdout
+        assert refused.startswith("HTTP/1.1 403") and "without internet access" in refused
+    finally:
+        offline.kill()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from polydev.core.vm_flow import Admit
+from polydev.egress.policy import OFFLINE_PURPOSE
 from polydev.store.models import Sandbox, utcnow
 from polydev.store.sandboxes import SandboxRepo
 from polydev.store.vault import SealedRecord, Vault
@@ -109,12 +110,14 @@ def hash_token(token: str) -> str:
 
 class Sandboxes:
     def __init__(self, repo: SandboxRepo, vault: Vault, engine: Callable[[], tuple[VmPort | None, str | None]],
-                 admit: Admit, sizes: Callable[[str], tuple[int, int]]) -> None:
+                 admit: Admit, sizes: Callable[[str], tuple[int, int]],
+                 proxy: Callable[[], str | None] = lambda: None) -> None:
         self._repo = repo
         self._vault = vault
         self._engine = engine  # () -> (engine, or None with the reason)
         self._admit = admit
         self._sizes = sizes  # purpose -> (vcpus, memory MiB)
+        self._proxy = proxy  # () -> the guest's proxy URL (the egress gateway's address), if there is one
 
     def _port(self) -> VmPort:
         engine, reason = self._engine()
@@ -137,9 +140,9 @@ class Sandboxes:
             vm = await engine.create(user_id, purpose, ttl=ttl)  # type: ignore[arg-type]
         except VMCreateError as exc:
             raise SandboxUnavailable(f"the sandbox's VM failed to start: {exc.reason}") from None
-        # Without internet access the VM reaches nothing: an unlabelled VM is refused every destination.
-        if spec.internet:
-            engine.label(vm.id, purpose="sandbox")
+        # The egress gateway's purpose: "sandbox" reaches what EGRESS_SANDBOX_OPEN and EGRESS_ALLOW allow;
+        # without internet access, nothing (not even the operator's EGRESS_ALLOW hosts).
+        engine.label(vm.id, purpose="sandbox" if spec.internet else OFFLINE_PURPOSE)
         sandbox_id = new_id()
         token = secrets.token_urlsafe(32)
         vcpus, memory = self._sizes(purpose)
@@ -200,7 +203,16 @@ class Sandboxes:
             raise SandboxNotFound(f"The sandbox {sandbox_id} was not found")
         if await self._ended(row) or row.state != "running" or row.vm_id is None:
             raise SandboxNotFound(f"The sandbox {sandbox_id} was not found")
-        return row, self._open(row)[1]
+        return row, {**self._proxy_env(row), **self._open(row)[1]}
+
+    def _proxy_env(self, row: Sandbox) -> dict[str, str]:
+        """A sandbox's way out is the egress gateway: its processes get the proxy settings tools read."""
+        proxy = self._proxy() if row.internet else None
+        if proxy is None:
+            return {}
+        local = "localhost,127.0.0.1,::1"
+        return {"HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy,
+                "NO_PROXY": local, "no_proxy": local}
 
     def agent(self, row: Sandbox, timeout: float = 60.0) -> AgentClient:
         """A client of the sandbox VM's agent; SandboxNotFound when this server does not run that VM."""
