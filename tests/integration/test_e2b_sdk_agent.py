@@ -216,3 +216,21 @@ def test_bad_requests_answer_in_the_sdks_error_shapes(conn: dict[str, str], sand
     r = envd.post("/files", params={"path": "/tmp/x"}, content=b"x",
                   headers={"Content-Type": "application/octet-stream", "Content-Encoding": "gzip"})
     assert r.status_code == 400 and isinstance(r.json()["code"], int)
+
+
+def test_a_sandbox_whose_vm_is_gone_has_ended(server: ThreadedServer, conn: dict[str, str]) -> None:
+    admin = {"Authorization": f"Bearer {server.admin_token}"}
+
+    def running_vms() -> set[str]:
+        vms = httpx.get(f"{server.url}/api/vms", headers=admin, timeout=30).json()
+        return {vm["id"] for vm in vms if vm["status"] == "running"}
+
+    before = running_vms()
+    sbx = Sandbox.create(timeout=60, metadata={"doomed": "yes"}, **conn)
+    [vm_id] = running_vms() - before  # the sandbox's VM, among the VMs
+    assert 'polydev_sandboxes{state="running"}' in httpx.get(f"{server.url}/metrics", timeout=30).text
+    # The VM goes (as with a server restart or a crash): the sandbox goes with it.
+    assert httpx.delete(f"{server.url}/api/vms/{vm_id}", headers=admin, timeout=30).status_code == 204
+    assert Sandbox.list(query=SandboxQuery(metadata={"doomed": "yes"}), **conn).next_items() == []
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info(sbx.sandbox_id, **conn)

@@ -28,7 +28,7 @@ import structlog
 from polydev.core.vm_flow import Admit
 from polydev.egress.policy import OFFLINE_PURPOSE
 from polydev.store.models import Sandbox, utcnow
-from polydev.store.sandboxes import SandboxRepo
+from polydev.store.sandboxes import LIVE_STATES, SandboxRepo
 from polydev.store.vault import SealedRecord, Vault
 
 if TYPE_CHECKING:
@@ -164,6 +164,13 @@ class Sandboxes:
         rows = await self._repo.live(user_id=user_id)
         return [_view(row) for row in rows if not await self._ended(row)]
 
+    async def live_counts(self) -> dict[str, int]:
+        """Live sandboxes by state, every live state present (for /metrics)."""
+        counts = {state: 0 for state in LIVE_STATES}
+        for row in await self._repo.live():
+            counts[row.state] += 1
+        return counts
+
     async def get(self, user_id: uuid.UUID, sandbox_id: str) -> SandboxView:
         return _view(await self._row(user_id, sandbox_id))
 
@@ -230,13 +237,20 @@ class Sandboxes:
         return row
 
     async def _ended(self, row: Sandbox) -> bool:
-        """Killed, or past its end (then marked killed now; the engine's reaper takes the VM)."""
+        """Killed, past its end, or its VM gone (a server restart, a crash): then marked killed now."""
         if row.state == "killed":
             return True
-        if row.state == "running" and row.end_at <= utcnow():
+        if row.state == "running" and (row.end_at <= utcnow() or not await self._vm_alive(row)):
             await self._end(row)
             return True
         return False
+
+    async def _vm_alive(self, row: Sandbox) -> bool:
+        engine, _ = self._engine()
+        if engine is None or row.vm_id is None:
+            return engine is None  # no engine here: the VM's state is not this server's to judge
+        vm = await engine.get(row.vm_id)
+        return vm is not None and vm.status in ("creating", "running")
 
     async def _end(self, row: Sandbox) -> None:
         if await self._repo.end(row.id) and row.vm_id is not None:
