@@ -25,6 +25,8 @@ Wire summary (all JSON bodies are UTF-8 objects; process output is base64 becaus
 - `POST /fs` body `FsRequest`        → `{"entries": [FsEntry…]}`: stat, list (to `depth`), mkdir (with parents), move,
                                         remove (recursive). 404 no such path, 409 mkdir of an existing path.
 - `POST /resize` body `ResizeRequest` sets a PTY exec's window size → `{"resized": true}`.
+- `GET /tcp?port=N`                  → `200`, then the connection is a raw byte pipe to the guest's 127.0.0.1:N
+                                        (503 when nothing listens there).
 - `POST /token` body `TokenRequest`  replaces the token (after a snapshot restore the host hands each clone its own)
                                         and, with `now`, sets the guest's clock to the host's.
 Every call but `/livez` needs `Authorization: Bearer <token>`; errors answer `{"error": reason}` with a 4xx/5xx.

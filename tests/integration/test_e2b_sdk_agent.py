@@ -4,6 +4,7 @@ end to end over real HTTP, in seconds. tests/vm/test_e2b_sdk.py runs the SDK aga
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,13 +26,16 @@ from e2b import (
 from polydev.api.e2b.connect import frame
 from tests.support.app import make_settings
 from tests.support.e2b_checks import invisible_to, pty_sizes, stdin_and_kill
+from tests.support.servers import free_port
 from tests.support.threaded_server import ThreadedServer, threaded_server
+
+SANDBOX_DOMAIN = "sbx.polydev.test"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
     tmp = tmp_path_factory.mktemp("e2b")
-    with threaded_server(make_settings(tmp, VM_WARM_POOL_SIZE=0)) as running:
+    with threaded_server(make_settings(tmp, VM_WARM_POOL_SIZE=0, SANDBOX_DOMAIN=SANDBOX_DOMAIN)) as running:
         yield running
 
 
@@ -234,3 +238,28 @@ def test_a_sandbox_whose_vm_is_gone_has_ended(server: ThreadedServer, conn: dict
     assert Sandbox.list(query=SandboxQuery(metadata={"doomed": "yes"}), **conn).next_items() == []
     with pytest.raises(SandboxNotFoundException):
         Sandbox.get_info(sbx.sandbox_id, **conn)
+
+
+def test_get_host_reaches_a_server_in_the_sandbox(conn: dict[str, str], sandbox: Sandbox, tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "index.html").write_text("served from the sandbox")
+    server = sandbox.commands.run(f"cd {tmp_path} && exec python3 -m http.server {port} --bind 127.0.0.1",
+                                  background=True)
+    try:
+        host = sandbox.get_host(port)
+        assert host == f"{port}-{sandbox.sandbox_id}.{SANDBOX_DOMAIN}"
+        with httpx.Client(base_url=conn["api_url"], headers={"Host": host}, timeout=30) as c:
+            for _ in range(600):  # until the server in the sandbox listens (a closed port answers 502 until then)
+                r = c.get("/index.html")
+                if r.status_code != 502:
+                    break
+                assert "port is not open" in r.json()["message"]
+                time.sleep(0.05)
+            assert r.status_code == 200 and r.text == "served from the sandbox"
+            assert c.get("/missing").status_code == 404  # the sandbox's server's own answer
+            posted = c.post("/index.html", content=b"x" * 1000)
+            assert posted.status_code == 501  # http.server has no POST: its answer, passed through
+            gone = c.get("/", headers={"Host": f"{port}-inosuchsandbox.{SANDBOX_DOMAIN}"})
+            assert gone.status_code == 502 and "was not found" in gone.json()["message"]
+    finally:
+        sandbox.commands.kill(server.pid)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import struct
 
 import pytest
+from e2b.envd.process import (
+    process_pb,  # the SDK is a test dependency: a failure, not a skip, without it
+)
 
 from polydev.api.e2b.connect import (
     END_STREAM,
@@ -32,8 +35,6 @@ def test_the_end_frame_carries_the_error() -> None:
 
 
 def test_the_sdks_decoder_reads_our_frames() -> None:
-    from e2b.envd.process import process_pb  # the SDK is a test dependency: a failure, not a skip, without it
-
     message = process_pb.StartResponse.from_json(frame({"event": {"data": {"stdout": "aGkK"}}})[5:].decode())
     assert message.event.event.field == "data" and message.event.event.value.output.value == b"hi\n"
 
@@ -59,10 +60,13 @@ def scope(**headers: str) -> dict[str, object]:
     return {"type": "http", "headers": [(k.lower().replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}
 
 
-def test_routing_by_host_name_or_header() -> None:
-    assert sandbox_of(scope(host="49983-iabc123.sbx.example:8000")) == (ENVD_PORT, "iabc123")
-    assert sandbox_of(scope(host="8080-iabc123.sbx.example")) == (8080, "iabc123")
-    assert sandbox_of(scope(host="127.0.0.1:8000", E2b_Sandbox_Id="iabc123", E2b_Sandbox_Port="49983")) == \
+def test_routing_by_host_name_under_the_sandbox_domain_or_by_header() -> None:
+    domain = "sbx.example"
+    assert sandbox_of(scope(host="49983-iabc123.sbx.example:8000"), domain) == (ENVD_PORT, "iabc123")
+    assert sandbox_of(scope(host="8080-iabc123.sbx.example"), domain) == (8080, "iabc123")
+    assert sandbox_of(scope(host="8080-iabc123.other.example"), domain) is None
+    assert sandbox_of(scope(host="8080-iabc123.sbx.example"), None) is None  # no SANDBOX_DOMAIN: no host names
+    assert sandbox_of(scope(host="127.0.0.1:8000", E2b_Sandbox_Id="iabc123", E2b_Sandbox_Port="49983"), None) == \
         (ENVD_PORT, "iabc123")
-    assert sandbox_of(scope(host="127.0.0.1:8000", E2b_Sandbox_Id="../etc")) == (ENVD_PORT, "-")
-    assert sandbox_of(scope(host="polydev.example")) is None
+    assert sandbox_of(scope(host="127.0.0.1:8000", E2b_Sandbox_Id="../etc"), domain) == (ENVD_PORT, "-")
+    assert sandbox_of(scope(host="polydev.example"), domain) is None

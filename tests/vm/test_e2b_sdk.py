@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import shlex
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +32,10 @@ from tests.support.live_server import LiveServer, start_server
 pytest_plugins = ["tests.support.vm_fixtures"]
 
 
-STAND_IN = ("127.0.0.58", 443)  # a loopback address of its own (test_egress_vm.py has .57): the gateway dials 443
+# A loopback address of its own (test_egress_vm.py has .57, the stand-ins .58, the VNC login .60): the gateway
+# dials port 443.
+STAND_IN = ("127.0.0.61", 443)
+SANDBOX_DOMAIN = "sbx.polydev.test"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, test_image: images.Image, e
            ) -> Iterator[LiveServer]:
     env = {"POLYDEV_CACHE_DIR": str(test_image.dir.parent.parent), "VM_IMAGE_PROFILE": "test",
            "VM_CLI_MEMORY_MB": "1024", "VM_CLI_VCPU": "1", "VM_WARM_POOL_SIZE": "0",
-           "EGRESS_ALLOW": "api.stand.test", "EGRESS_HOSTS": json.dumps({"api.stand.test": [STAND_IN[0]]})}
+           "SANDBOX_DOMAIN": SANDBOX_DOMAIN, "EGRESS_ALLOW": "api.stand.test", "EGRESS_HOSTS": json.dumps({"api.stand.test": [STAND_IN[0]]})}
     running = start_server(tmp_path_factory.mktemp("e2b-vm"), "polydev", env)
     live = next(running)
     try:
@@ -168,3 +172,22 @@ def test_internet_goes_through_the_egress_gateway_and_can_be_off(alice: dict[str
         assert refused.startswith("HTTP/1.1 403") and "without internet access" in refused
     finally:
         offline.kill()
+
+
+def test_get_host_reaches_an_http_server_in_the_vm(server: LiveServer, sandbox: Sandbox) -> None:
+    sandbox.files.write("/root/www/index.html", "hello from the VM")
+    web = sandbox.commands.run("cd /root/www && exec python3 -m http.server 8000 --bind 127.0.0.1", background=True)
+    host = sandbox.get_host(8000)
+    assert host == f"8000-{sandbox.sandbox_id}.{SANDBOX_DOMAIN}"
+    try:
+        with httpx.Client(base_url=server.url, headers={"Host": host}, timeout=60) as c:
+            for _ in range(1200):  # until the server listens: a closed port answers 502 until then
+                r = c.get("/index.html")
+                if r.status_code != 502:
+                    break
+                assert "port is not open" in r.json()["message"]
+                time.sleep(0.1)
+            assert (r.status_code, r.text) == (200, "hello from the VM")
+            assert c.get("/", headers={"Host": f"8001-{sandbox.sandbox_id}.{SANDBOX_DOMAIN}"}).status_code == 502
+    finally:
+        sandbox.commands.kill(web.pid)

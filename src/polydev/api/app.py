@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from fastapi import FastAPI
 from polydev import __version__
 from polydev.api.e2b import control as e2b_control
 from polydev.api.e2b import envd_app
+from polydev.api.e2b.ports import serve_port
 from polydev.api.e2b.routing import SCOPE_KEY, SandboxRouter
 from polydev.api.errors import error_response, install_error_handlers
 from polydev.api.metrics import Metrics
@@ -104,6 +106,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     # envd's requests (file uploads included) have limits of their own: routed before the API's body limit.
     envd = envd_app.build(lambda: app.state.services, lambda request: request.scope.get(SCOPE_KEY))
-    app.add_middleware(SandboxRouter, envd=envd)
+    app.add_middleware(SandboxRouter, envd=envd, ports=functools.partial(serve_port, lambda: app.state.services),
+                       domain=settings.sandbox_domain)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     return app

@@ -202,13 +202,18 @@ class Sandboxes:
         raise SandboxNotImplemented("pausing a sandbox is not implemented on this server yet")
 
     # -- envd ---------------------------------------------------------------------------------------------
+    async def running(self, sandbox_id: str) -> Sandbox:
+        """A running sandbox by id alone, for its ports (`get_host`: public, as on E2B); SandboxNotFound else."""
+        row = await self._repo.get(sandbox_id) if len(sandbox_id) <= 32 else None
+        if row is None or await self._ended(row) or row.state != "running" or row.vm_id is None:
+            raise SandboxNotFound(f"The sandbox {sandbox_id} was not found")
+        return row
+
     async def authorize(self, sandbox_id: str, token: str | None) -> tuple[Sandbox, dict[str, str]]:
         """The running sandbox that `token` opens, with its env vars; SandboxNotFound for a missing, ended or
         paused sandbox and for a wrong token alike, so an id alone tells a caller nothing."""
-        row = await self._repo.get(sandbox_id) if len(sandbox_id) <= 32 else None
-        if row is None or token is None or not hmac.compare_digest(row.token_hash, hash_token(token)):
-            raise SandboxNotFound(f"The sandbox {sandbox_id} was not found")
-        if await self._ended(row) or row.state != "running" or row.vm_id is None:
+        row = await self.running(sandbox_id)
+        if token is None or not hmac.compare_digest(row.token_hash, hash_token(token)):
             raise SandboxNotFound(f"The sandbox {sandbox_id} was not found")
         return row, {**self._proxy_env(row), **self._open(row)[1]}
 

@@ -19,6 +19,7 @@ from typing import Callable
 from polydev import protocol as p
 from polydev.guest import execute, fs
 from polydev.guest.http import HTTPError, Request, serve
+from polydev.guest.tunnel import open_tunnel
 from polydev.guest.watch import wait_for_file
 
 MAX_UPLOAD = 4 * 1024 * 1024 * 1024
@@ -171,6 +172,9 @@ class Agent:
             raise HTTPError(404, f"no running PTY exec {spec.exec_id}")
         req.send_json(200, {"resized": True})
 
+    def tcp(self, req: Request) -> None:
+        open_tunnel(req)
+
     def watch(self, req: Request) -> None:
         spec = p.WatchRequest.from_json(req.read_body())
         found = wait_for_file(spec.paths, spec.timeout, spec.min_size, req.conn)
@@ -206,6 +210,7 @@ ROUTES = {
     ("POST", "/watch"): Agent.watch,
     ("POST", "/fs"): Agent.fs,
     ("POST", "/resize"): Agent.resize,
+    ("GET", "/tcp"): Agent.tcp,
     ("POST", "/token"): Agent.token,
 }
 

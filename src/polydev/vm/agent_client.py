@@ -6,6 +6,7 @@ import base64
 import contextlib
 import functools
 import json
+import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -172,6 +173,31 @@ class AgentClient:
     def resize(self, exec_id: str, rows: int, cols: int) -> None:
         with _answer():
             self._check(self._http.post("/resize", json={"exec_id": exec_id, "rows": rows, "cols": cols}))
+
+    def tunnel(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """A connection to the guest's 127.0.0.1:`port` through the agent (GET /tcp): raw bytes both ways.
+        AgentError(503) when nothing listens there."""
+        url = httpx.URL(self.base_url)
+        sock = socket.create_connection((url.host, url.port or 80), timeout=timeout)
+        try:
+            auth = self._http.headers["Authorization"]
+            sock.sendall(f"GET /tcp?port={port} HTTP/1.1\r\nHost: agent\r\nAuthorization: {auth}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(1)  # byte by byte: nothing past the head may be consumed here
+                if not chunk:
+                    raise AgentError(502, "the agent closed the tunnel before answering")
+                head += chunk
+                if len(head) > 65536:
+                    raise AgentError(502, "the agent's answer has no end of head")
+            status = int(head.split(b" ", 2)[1])
+            if status != 200:
+                raise AgentError(status, head.decode("latin-1").split("\r\n", 1)[0])
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return sock
 
     def rotate_token(self, new_token: str) -> None:
         with _answer():
