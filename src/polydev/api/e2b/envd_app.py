@@ -20,6 +20,7 @@ from polydev.api.e2b import envd_files, envd_fs, envd_process
 from polydev.api.e2b.connect import RpcError, stream_error, unary_error
 from polydev.core.sandboxes import SandboxNotFound
 from polydev.services import Services
+from polydev.store.models import Sandbox
 
 SANDBOX_HEADER = "e2b-sandbox-id"
 TOKEN_HEADER = "x-access-token"
@@ -28,7 +29,7 @@ TOKEN_HEADER = "x-access-token"
 def build(services: Callable[[], Services], sandbox_id: Callable[[Request], str | None]) -> Starlette:
     """The envd app; `sandbox_id` says which sandbox a request is for (set by the router)."""
 
-    async def authorized(request: Request):  # type: ignore[no-untyped-def]
+    async def authorized(request: Request) -> tuple[Sandbox, dict[str, str]]:
         svc = services()
         sid = sandbox_id(request) or ""
         return await svc.sandboxes.authorize(sid, request.headers.get(TOKEN_HEADER))

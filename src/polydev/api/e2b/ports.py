@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Callable
 
 import h11
@@ -60,7 +61,7 @@ async def serve_port(services: Callable[[], Services], sandbox_id: str, port: in
         await _answer(send, 413, {"code": 413, "message": f"request bodies are limited to {MAX_BODY} bytes"})
         return
 
-    def open_tunnel():  # type: ignore[no-untyped-def]
+    def open_tunnel() -> socket.socket:
         with svc.sandboxes.agent(sandbox) as agent:
             return agent.tunnel(port)
     try:
