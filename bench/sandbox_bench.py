@@ -6,6 +6,7 @@ Starts `polydev serve` on a free loopback port with a data directory of its own,
 untimed VM, then times each operation through the unmodified e2b SDK (E2B_API_URL / E2B_SANDBOX_URL) and the
 same operation through `/api/vms` (create + exec) as the baseline, alternating the two:
 - create → first output of `echo hi`   (SDK: Sandbox.create + commands.run; baseline: POST /api/vms + exec)
+  (every baseline exec runs `/bin/bash -l -c CMD`, the process the SDK asks envd for)
 - a command's round trip in a live sandbox (SDK: commands.run("true"); baseline: POST /api/vms/{id}/exec)
 - 1 MiB written and read back (SDK: files.write + files.read; baseline: exec `cat > f` with stdin, exec `cat f`)
 - pause and resume: printed as not implemented while the server answers 501.
@@ -74,7 +75,8 @@ def main() -> None:
         env = {**os.environ, "POLYDEV_DATA_DIR": f"{tmp}/data", "POLYDEV_CACHE_DIR": str(cache), "PORT": str(port),
                "HOST": "127.0.0.1", "VM_IMAGE_PROFILE": args.profile, "VM_CLI_MEMORY_MB": "1024",
                "VM_CLI_VCPU": "1", "VM_WARM_POOL_SIZE": "0", "QUOTA_VMS": "50", "QUOTA_VCPUS": "50",
-               "QUOTA_MEMORY_MB": "100000", "PYTHONPATH": str(ROOT / "src")}
+               "QUOTA_MEMORY_MB": "100000", "MAX_REQUEST_BYTES": str(8 * 1024 * 1024),  # the baseline's 1 MiB body
+               "PYTHONPATH": str(ROOT / "src")}
         with open(f"{tmp}/server.log", "wb") as log:
             server = subprocess.Popen([sys.executable, "-m", "polydev", "serve"], env=env, stdout=log, stderr=log)
         try:
@@ -101,8 +103,10 @@ def run(url: str, token: str, args: argparse.Namespace) -> None:
         r.raise_for_status()
         return str(r.json()["id"])
 
-    def api_exec(vm_id: str, argv: list[str], stdin: str | None = None) -> dict[str, object]:
-        r = api.post(f"/api/vms/{vm_id}/exec", json={"args": argv, **({"stdin": stdin} if stdin else {})})
+    def api_exec(vm_id: str, command: str, stdin: str | None = None) -> dict[str, object]:
+        # The shell the SDK asks envd for (`/bin/bash -l -c CMD`), so both sides run the same process.
+        r = api.post(f"/api/vms/{vm_id}/exec", json={"args": ["/bin/bash", "-l", "-c", command],
+                                                     **({"stdin": stdin} if stdin else {})})
         r.raise_for_status()
         return dict(r.json())
 
@@ -120,7 +124,7 @@ def run(url: str, token: str, args: argparse.Namespace) -> None:
         sbx.kill()
         t0 = time.perf_counter()
         vm_id = api_vm()
-        assert api_exec(vm_id, ["echo", "hi"])["stdout"] == "hi\n"
+        assert api_exec(vm_id, "echo hi")["stdout"] == "hi\n"
         base.append(time.perf_counter() - t0)
         api.delete(f"/api/vms/{vm_id}")
     print(line("create -> first output of echo hi", ours, base), flush=True)
@@ -131,7 +135,7 @@ def run(url: str, token: str, args: argparse.Namespace) -> None:
         ours, base = [], []
         for _ in range(args.round_trips):
             ours.append(timed(lambda: sbx.commands.run("true")))
-            base.append(timed(lambda: api_exec(vm_id, ["true"])))
+            base.append(timed(lambda: api_exec(vm_id, "true")))
         print(line("command round trip (live sandbox)", ours, base), flush=True)
 
         blob = secrets.token_hex(512 * 1024)  # 1 MiB of text: the baseline's exec takes text stdin
@@ -142,8 +146,8 @@ def run(url: str, token: str, args: argparse.Namespace) -> None:
                 assert sbx.files.read("/root/blob") == blob
 
             def api_io() -> None:
-                api_exec(vm_id, ["sh", "-c", "cat > /root/blob"], stdin=blob)
-                assert api_exec(vm_id, ["cat", "/root/blob"])["stdout"] == blob
+                api_exec(vm_id, "cat > /root/blob", stdin=blob)
+                assert api_exec(vm_id, "cat /root/blob")["stdout"] == blob
             ours.append(timed(sdk_io))
             base.append(timed(api_io))
         print(line("1 MiB write + read", ours, base), flush=True)

@@ -17,6 +17,7 @@ from e2b import (
     FileNotFoundException,
     InvalidArgumentException,
     NotFoundException,
+    RateLimitException,
     Sandbox,
     SandboxException,
     SandboxNotFoundException,
@@ -263,3 +264,15 @@ def test_get_host_reaches_a_server_in_the_sandbox(conn: dict[str, str], sandbox:
             assert gone.status_code == 502 and "was not found" in gone.json()["message"]
     finally:
         sandbox.commands.kill(server.pid)
+
+
+def test_a_user_past_their_quota_gets_the_sdks_rate_limit_error(server: ThreadedServer, conn: dict[str, str]) -> None:
+    carol = server.new_user("carol")
+    admin = {"Authorization": f"Bearer {server.admin_token}"}
+    users = httpx.get(f"{server.url}/api/users", headers=admin, timeout=30).json()
+    [carol_id] = [u["id"] for u in users if u["name"] == "carol"]
+    r = httpx.put(f"{server.url}/api/users/{carol_id}/quotas", json={"limits": {"vms": 0}}, headers=admin, timeout=30)
+    assert r.status_code == 200, r.text
+    with pytest.raises(RateLimitException) as refused:  # at once: Should-Retry: false, no minutes of retries
+        Sandbox.create(**{**conn, "api_key": carol})
+    assert "quota vms" in str(refused.value)
