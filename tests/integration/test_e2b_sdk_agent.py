@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from e2b import (
+    AsyncSandbox,
     AuthenticationException,
     CommandExitException,
     FileNotFoundException,
@@ -276,3 +277,15 @@ def test_a_user_past_their_quota_gets_the_sdks_rate_limit_error(server: Threaded
     with pytest.raises(RateLimitException) as refused:  # at once: Should-Retry: false, no minutes of retries
         Sandbox.create(**{**conn, "api_key": carol})
     assert "quota vms" in str(refused.value)
+
+
+async def test_the_async_sdk_works_too(conn: dict[str, str], tmp_path: Path) -> None:
+    sbx = await AsyncSandbox.create(timeout=60, **conn)
+    try:
+        out: list[str] = []
+        result = await sbx.commands.run("echo async", on_stdout=out.append)
+        assert result.stdout == "async\n" and out == ["async\n"]
+        await sbx.files.write(str(tmp_path / "a.txt"), "from async")
+        assert await sbx.files.read(str(tmp_path / "a.txt")) == "from async"
+    finally:
+        await sbx.kill()
