@@ -289,3 +289,17 @@ async def test_the_async_sdk_works_too(conn: dict[str, str], tmp_path: Path) -> 
         assert await sbx.files.read(str(tmp_path / "a.txt")) == "from async"
     finally:
         await sbx.kill()
+
+
+def test_polydevs_own_api_lists_sandboxes_by_owner(server: ThreadedServer, conn: dict[str, str],
+                                                   sandbox: Sandbox) -> None:
+    def listed(token: str, everyone: bool = False) -> httpx.Response:
+        return httpx.get(f"{server.url}/api/sandboxes", params={"all": "true"} if everyone else {},
+                         headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    mine = listed(conn["api_key"])
+    assert mine.status_code == 200 and sandbox.sandbox_id in [s["id"] for s in mine.json()]
+    assert "access" not in mine.text.lower() and (sandbox._envd_access_token or "") not in mine.text
+    assert sandbox.sandbox_id in [s["id"] for s in listed(server.admin_token, everyone=True).json()]
+    assert sandbox.sandbox_id not in [s["id"] for s in listed(server.admin_token).json()]  # the admin's own
+    assert listed(conn["api_key"], everyone=True).status_code == 403

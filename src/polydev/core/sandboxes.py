@@ -74,7 +74,7 @@ class SandboxNotImplemented(SandboxError):
 
 @dataclass(frozen=True)
 class SandboxView:
-    """A sandbox as the API reports it (the access token only where the SDK needs it: create, connect)."""
+    """A sandbox as the APIs report it; never its access token (`Opened` carries that, for create and connect)."""
 
     id: str
     user_id: uuid.UUID
@@ -86,7 +86,14 @@ class SandboxView:
     memory_mb: int
     started_at: datetime
     end_at: datetime
-    access_token: str | None = None
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A created or connected sandbox and its envd access token, which the SDK gets only then."""
+
+    sandbox: SandboxView
+    access_token: str
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,7 @@ class Sandboxes:
         return engine
 
     # -- control plane ----------------------------------------------------------------------------------
-    async def create(self, user_id: uuid.UUID, spec: CreateSpec) -> SandboxView:
+    async def create(self, user_id: uuid.UUID, spec: CreateSpec) -> Opened:
         purpose = TEMPLATES.get(spec.template)
         if purpose is None:
             raise TemplateNotFound(f"template '{spec.template}' not found; the templates are: "
@@ -158,9 +165,10 @@ class Sandboxes:
             await engine.destroy(vm.id)
             raise
         log.info("sandbox_created", sandbox_id=sandbox_id, vm_id=str(vm.id), template=spec.template)
-        return _view(row, token)
+        return Opened(_view(row), token)
 
-    async def list(self, user_id: uuid.UUID) -> list[SandboxView]:
+    async def list(self, user_id: uuid.UUID | None) -> list[SandboxView]:
+        """A user's live sandboxes; everyone's with None (admins, through Polydev's own API)."""
         rows = await self._repo.live(user_id=user_id)
         return [_view(row) for row in rows if not await self._ended(row)]
 
@@ -187,7 +195,7 @@ class Sandboxes:
         vm = await engine.assign(row.vm_id, user_id, timedelta(seconds=timeout_s))
         await self._repo.update(row.id, end_at=vm.expires_at)
 
-    async def connect(self, user_id: uuid.UUID, sandbox_id: str, timeout_s: int | None) -> SandboxView:
+    async def connect(self, user_id: uuid.UUID, sandbox_id: str, timeout_s: int | None) -> Opened:
         """A running sandbox again, with its access token. A paused one would be resumed here."""
         row = await self._row(user_id, sandbox_id)
         if row.state == "paused":
@@ -195,7 +203,7 @@ class Sandboxes:
         if timeout_s is not None:
             await self.set_timeout(user_id, sandbox_id, timeout_s)
             row = await self._row(user_id, sandbox_id)
-        return _view(row, self._open(row)[0])
+        return Opened(_view(row), self._open(row)[0])
 
     async def pause(self, user_id: uuid.UUID, sandbox_id: str) -> None:
         await self._row(user_id, sandbox_id)  # not found first, as E2B answers
@@ -273,7 +281,7 @@ class Sandboxes:
         return plain["token"], plain["envs"]
 
 
-def _view(row: Sandbox, token: str | None = None) -> SandboxView:
+def _view(row: Sandbox) -> SandboxView:
     return SandboxView(id=row.id, user_id=row.user_id, vm_id=row.vm_id, template=row.template, state=row.state,
                        metadata=json.loads(row.metadata_json), cpu_count=row.cpu_count, memory_mb=row.memory_mb,
-                       started_at=row.started_at, end_at=row.end_at, access_token=token)
+                       started_at=row.started_at, end_at=row.end_at)

@@ -28,6 +28,7 @@ from polydev.core.sandboxes import (
     MAX_TIMEOUT_S,
     MIN_TIMEOUT_S,
     CreateSpec,
+    Opened,
     SandboxConflict,
     SandboxError,
     SandboxNotFound,
@@ -131,9 +132,10 @@ def _iso(at: datetime) -> str:
     return at.isoformat().replace("+00:00", "Z")
 
 
-def _created(view: SandboxView, domain: str | None) -> dict[str, Any]:
+def _created(opened: Opened, domain: str | None) -> dict[str, Any]:
+    view = opened.sandbox
     return {"sandboxID": view.id, "templateID": view.template, "clientID": CLIENT_ID, "envdVersion": ENVD_VERSION,
-            "envdAccessToken": view.access_token, "domain": domain}
+            "envdAccessToken": opened.access_token, "domain": domain}
 
 
 def _listed(view: SandboxView) -> dict[str, Any]:
@@ -164,8 +166,8 @@ async def create_sandbox(request: Request, user: E2bUser, services: ServicesDep)
     spec = CreateSpec(template=body.templateID, timeout_s=body.timeout, metadata=body.metadata,
                       env_vars=body.envVars, auto_pause=body.autoPause,
                       internet=body.allow_internet_access is not False)
-    view = await services.sandboxes.create(user.id, spec)
-    return JSONResponse(_created(view, services.settings.sandbox_domain), status_code=201)
+    opened = await services.sandboxes.create(user.id, spec)
+    return JSONResponse(_created(opened, services.settings.sandbox_domain), status_code=201)
 
 
 @router.get("/v2/sandboxes")
@@ -228,8 +230,8 @@ async def set_timeout(sandbox_id: str, request: Request, user: E2bUser, services
 @router.post("/v2/sandboxes/{sandbox_id}/connect")
 async def connect_sandbox(sandbox_id: str, request: Request, user: E2bUser, services: ServicesDep) -> JSONResponse:
     body: Reconnect = await _json_body(request, Reconnect)
-    view = await services.sandboxes.connect(user.id, sandbox_id, body.timeout)
-    return JSONResponse(_created(view, services.settings.sandbox_domain))
+    opened = await services.sandboxes.connect(user.id, sandbox_id, body.timeout)
+    return JSONResponse(_created(opened, services.settings.sandbox_domain))
 
 
 @router.post("/sandboxes/{sandbox_id}/pause", status_code=204)
