@@ -303,3 +303,12 @@ def test_polydevs_own_api_lists_sandboxes_by_owner(server: ThreadedServer, conn:
     assert sandbox.sandbox_id in [s["id"] for s in listed(server.admin_token, everyone=True).json()]
     assert sandbox.sandbox_id not in [s["id"] for s in listed(server.admin_token).json()]  # the admin's own
     assert listed(conn["api_key"], everyone=True).status_code == 403
+
+
+def test_acting_as_root_works_and_another_user_is_refused(sandbox: Sandbox, tmp_path: Path) -> None:
+    assert sandbox.commands.run("id -un", user="root").stdout == "root\n"
+    with pytest.raises(InvalidArgumentException) as refused:
+        sandbox.commands.run("id -un", user="user")
+    assert "run as 'root'" in str(refused.value)
+    with pytest.raises(SandboxException):
+        sandbox.files.write(str(tmp_path / "x"), "x", user="user")

@@ -9,6 +9,7 @@ tells a caller nothing.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 
 from starlette.applications import Starlette
@@ -24,6 +25,26 @@ from polydev.store.models import Sandbox
 
 SANDBOX_HEADER = "e2b-sandbox-id"
 TOKEN_HEADER = "x-access-token"
+GUEST_USER = "root"  # the guest's one user: everything runs as root
+
+
+def requested_user(request: Request) -> str | None:
+    """The user the SDK asks to act as (`user=`): Basic auth `user:` on RPCs, `?username=` on /files."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value, validate=True).decode().partition(":")[0]
+        except ValueError:
+            return ""
+    return request.query_params.get("username")
+
+
+def _other_user(request: Request) -> str | None:
+    """Why the request cannot be served as asked: a user other than the guest's (None when it can)."""
+    user = requested_user(request)
+    if user is None or user == GUEST_USER:
+        return None
+    return f"user {user!r} does not exist in this sandbox: commands and files run as {GUEST_USER!r}"
 
 
 def build(services: Callable[[], Services], sandbox_id: Callable[[Request], str | None]) -> Starlette:
@@ -43,6 +64,10 @@ def build(services: Callable[[], Services], sandbox_id: Callable[[Request], str 
             error = RpcError("unavailable", str(exc))
             return stream_error(error) if streaming else Response(
                 unary_error(error).body, status_code=502, media_type="application/json")
+        refusal = _other_user(request)
+        if refusal is not None:
+            error = RpcError("invalid_argument", refusal)
+            return stream_error(error) if streaming else unary_error(error)
         svc = services()
         if service == "process.Process":
             return await envd_process.handle(method, request, svc.sandboxes, svc.sandbox_procs, sandbox, envs)
@@ -56,6 +81,9 @@ def build(services: Callable[[], Services], sandbox_id: Callable[[Request], str 
             sandbox, _ = await authorized(request)
         except SandboxNotFound as exc:
             return envd_files.error(502, str(exc))
+        refusal = _other_user(request)
+        if refusal is not None:
+            return envd_files.error(400, refusal)
         if request.method == "GET":
             return await envd_files.download(request, services().sandboxes, sandbox)
         return await envd_files.upload(request, services().sandboxes, sandbox)
