@@ -261,6 +261,8 @@ def test_get_host_reaches_a_server_in_the_sandbox(conn: dict[str, str], sandbox:
             assert c.get("/missing").status_code == 404  # the sandbox's server's own answer
             posted = c.post("/index.html", content=b"x" * 1000)
             assert posted.status_code == 501  # http.server has no POST: its answer, passed through
+            agent = c.get("/livez", headers={"Host": f"8080-{sandbox.sandbox_id}.{SANDBOX_DOMAIN}"})
+            assert agent.status_code == 403  # the guest agent's port is never forwarded
             gone = c.get("/", headers={"Host": f"{port}-inosuchsandbox.{SANDBOX_DOMAIN}"})
             assert gone.status_code == 502 and "was not found" in gone.json()["message"]
     finally:

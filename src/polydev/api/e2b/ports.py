@@ -18,6 +18,7 @@ import h11
 from starlette.types import Receive, Scope, Send
 
 from polydev.core.sandboxes import SandboxNotFound
+from polydev.protocol import AGENT_PORT
 from polydev.services import Services
 from polydev.vm.agent_client import AgentError
 
@@ -55,6 +56,10 @@ async def serve_port(services: Callable[[], Services], sandbox_id: str, port: in
         sandbox = await svc.sandboxes.running(sandbox_id)
     except SandboxNotFound as exc:
         await _answer(send, 502, {"code": 502, "message": str(exc), "sandboxId": sandbox_id})
+        return
+    if port == AGENT_PORT:  # the guest agent's own port: never handed to whoever knows the sandbox's id
+        await _answer(send, 403, {"code": 403, "message": f"port {AGENT_PORT} is Polydev's guest agent's, not the "
+                                                          "sandbox's", "sandboxId": sandbox_id, "port": port})
         return
     body = await _body(receive)
     if body is None:
