@@ -22,6 +22,11 @@ Wire summary (all JSON bodies are UTF-8 objects; process output is base64 becaus
 - `POST /watch` body `WatchRequest`  → `{"path": P, "size": n, "mode": "0600"}` as soon as one of the paths is a
                                         regular file of at least `min_size` bytes that has stopped changing
                                         (so a half-written file is not reported); `{"path": null}` at timeout.
+- `POST /fs` body `FsRequest`        → `{"entries": [FsEntry…]}`: stat, list (to `depth`), mkdir (with parents), move,
+                                        remove (recursive). 404 no such path, 409 mkdir of an existing path.
+- `POST /resize` body `ResizeRequest` sets a PTY exec's window size → `{"resized": true}`.
+- `GET /tcp?port=N`                  → `200`, then the connection is a raw byte pipe to the guest's 127.0.0.1:N
+                                        (503 when nothing listens there).
 - `POST /token` body `TokenRequest`  replaces the token (after a snapshot restore the host hands each clone its own)
                                         and, with `now`, sets the guest's clock to the host's.
 Every call but `/livez` needs `Authorization: Bearer <token>`; errors answer `{"error": reason}` with a 4xx/5xx.
@@ -123,11 +128,12 @@ class ExecRequest(_Fields):
     pty: bool = False  # stdout carries the terminal's output; stderr is merged into it
     timeout_s: float | None = None  # the process group is killed when it runs longer
     keep_stdin_open: bool = False  # a pipe exec's stdin stays open for POST /input (a PTY's always does)
+    pty_size: list[int] | None = None  # [rows, cols] of a PTY's window
 
     @classmethod
     def from_json(cls, raw: bytes | str | dict[str, Any]) -> ExecRequest:
         data = _obj(raw)
-        _check_keys(data, {"args", "env", "cwd", "stdin", "pty", "timeout_s", "keep_stdin_open"}, "exec")
+        _check_keys(data, {"args", "env", "cwd", "stdin", "pty", "timeout_s", "keep_stdin_open", "pty_size"}, "exec")
         if "args" not in data:
             raise ProtocolError("exec: args is required")
         args = _str_list(data["args"], "args")
@@ -144,7 +150,11 @@ class ExecRequest(_Fields):
         if timeout is not None and timeout <= 0:
             raise ProtocolError("timeout_s must be positive")
         stdin = data.get("stdin")
-        return cls(args=args, env=env, cwd=_opt(data.get("cwd"), str, "cwd"),
+        size = data.get("pty_size")
+        if size is not None and (not isinstance(size, list) or len(size) != 2
+                                 or not all(type(n) is int and 0 < n < 65536 for n in size)):
+            raise ProtocolError("pty_size must be [rows, cols], each from 1 to 65535")
+        return cls(args=args, pty_size=size, env=env, cwd=_opt(data.get("cwd"), str, "cwd"),
                    stdin=None if stdin is None else _b64(stdin, "stdin"),
                    pty=bool(_opt(data.get("pty"), bool, "pty")),
                    timeout_s=None if timeout is None else float(timeout),
@@ -286,6 +296,68 @@ class TokenRequest:
         if now is not None and not 1e9 < now < 1e11:  # 2001..5138: a clock, not a mistake
             raise ProtocolError("now must be the host's time in Unix seconds")
         return cls(token=token, now=None if now is None else float(now))
+
+
+FS_OPS = ("stat", "list", "mkdir", "move", "remove")
+MAX_LIST_DEPTH = 16
+MAX_LIST_ENTRIES = 100_000
+
+
+@dataclass
+class FsRequest(_Fields):
+    op: str  # one of FS_OPS
+    path: str  # absolute
+    depth: int = 1  # list: 1 lists the directory's own entries, 2 their children too, ...
+    destination: str | None = None  # move: absolute
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> FsRequest:
+        data = _obj(raw)
+        _check_keys(data, {"op", "path", "depth", "destination"}, "fs")
+        op = _opt(data.get("op"), str, "op")
+        if op not in FS_OPS:
+            raise ProtocolError(f"op must be one of {', '.join(FS_OPS)}")
+        paths = [_opt(data.get("path"), str, "path")]
+        destination = _opt(data.get("destination"), str, "destination")
+        if op == "move":
+            paths.append(destination)
+        if any(not path or not path.startswith("/") or "\0" in path for path in paths):
+            raise ProtocolError("paths must be absolute, without NUL")
+        depth = _opt(data.get("depth", 1), int, "depth")
+        if depth is None or not 1 <= depth <= MAX_LIST_DEPTH:
+            raise ProtocolError(f"depth must be from 1 to {MAX_LIST_DEPTH}")
+        return cls(op=op, path=paths[0], depth=depth, destination=destination)
+
+
+@dataclass
+class FsEntry(_Fields):
+    name: str
+    path: str
+    type: str  # file, dir, symlink or other (a symlink is described as itself, not its target)
+    size: int
+    mode: int  # permission bits
+    permissions: str  # as ls shows them: -rw-r--r--
+    owner: str
+    group: str
+    mtime: float  # Unix seconds
+    symlink_target: str | None = None
+
+
+@dataclass
+class ResizeRequest(_Fields):
+    exec_id: str
+    rows: int
+    cols: int
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> ResizeRequest:
+        data = _obj(raw)
+        _check_keys(data, {"exec_id", "rows", "cols"}, "resize")
+        exec_id = _opt(data.get("exec_id"), str, "exec_id")
+        rows, cols = _opt(data.get("rows"), int, "rows"), _opt(data.get("cols"), int, "cols")
+        if not exec_id or rows is None or cols is None or not (0 < rows < 65536 and 0 < cols < 65536):
+            raise ProtocolError("resize: exec_id, and rows and cols from 1 to 65535, are required")
+        return cls(exec_id=exec_id, rows=rows, cols=cols)
 
 
 def signal_number(name: str) -> int | None:

@@ -26,6 +26,8 @@ from polydev.core.login_flow import LoginFlow
 from polydev.core.login_sessions import LoginSessions
 from polydev.core.quotas import Admission, HostCapacity, Kind, Quota
 from polydev.core.run_flow import RunFlow
+from polydev.core.sandbox_procs import ProcessTable
+from polydev.core.sandboxes import Sandboxes
 from polydev.core.vm_admin import VmAdmin
 from polydev.core.vnc_tickets import VncTickets
 from polydev.egress.limits import Limits
@@ -37,6 +39,7 @@ from polydev.store.egress import EgressRepo
 from polydev.store.leases import LeaseRepo
 from polydev.store.quotas import QuotaRepo
 from polydev.store.runs import RunRepo
+from polydev.store.sandboxes import SandboxRepo
 from polydev.store.servers import ServerRepo
 from polydev.store.sessions import SessionStore, create_session_store
 from polydev.store.users import UserRepo
@@ -89,6 +92,10 @@ class Services:
     @property
     def server_id(self) -> uuid.UUID:
         return self.cluster.server_id
+
+    # E2B-compatible sandboxes (api/e2b/): their rows and VMs, and the processes envd clients started in them.
+    sandboxes: Sandboxes = None  # type: ignore[assignment]
+    sandbox_procs: ProcessTable = field(default_factory=ProcessTable)
 
     def engine_or_reason(self) -> tuple[VMEngine | None, str | None]:
         return self.engine, self.engine_unavailable
@@ -195,6 +202,8 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
                           interval=settings.server_heartbeat_seconds, peer_secret=vault.derive("peer hop"),
                           login_flow=svc.login_flow, run_flow=svc.run_flow, vms=VmRepo(factory, server_id),
                           leases=LeaseRepo(factory))
+    svc.sandboxes = Sandboxes(SandboxRepo(factory), vault, svc.engine_or_reason, admit=svc.admit,
+                              sizes=settings.vm_size, proxy=lambda: svc.guest_env("sandbox").https_proxy)
     svc.egress_admin = EgressAdmin(
         EgressRepo(factory, svc.credentials), svc.users, settings.egress_address_pool,
         Limits.from_settings(settings),

@@ -22,8 +22,8 @@ async def test_migrations_create_every_table_and_rerun_cleanly(services: Service
         tables = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
     assert {"users", "api_tokens", "vms", "auth_sessions", "credentials", "vm_cleanup_tasks", "runs",
-            "network_leases", "servers"} <= tables
-    assert version == "0008"  # head: bump with every new revision
+            "network_leases", "servers", "sandboxes"} <= tables
+    assert version == "0009"  # head: bump with every new revision
 
 
 async def test_seed_columns_hold_only_ciphertext(services: Services) -> None:

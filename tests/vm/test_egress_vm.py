@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +16,8 @@ import pytest
 from polydev.api.app import create_app
 from polydev.vm import images
 from tests.support.app import make_settings
+from tests.support.echo_stand_in import echo_stand_in as echo_stand_in_at
 from tests.support.egress_probe import CONNECT_PROBE, PING
-from tests.support.required import unmet
-from tests.support.servers import serve_connections
 
 pytest_plugins = ["tests.support.vm_fixtures"]
 
@@ -29,21 +27,8 @@ STAND_IN = ("127.0.0.57", 443)  # a loopback address of its own: port 443 is the
 
 @pytest.fixture
 def echo_stand_in() -> Iterator[None]:
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        server.bind(STAND_IN)
-    except PermissionError:
-        unmet("binding port 443 on loopback needs root")
-    server.listen(8)
-
-    def echo(conn: socket.socket) -> None:
-        data = conn.recv(100)
-        conn.sendall(b"echo: " + data)
-
-    serve_connections(server, echo)
-    yield
-    server.close()
+    with echo_stand_in_at(STAND_IN):
+        yield
 
 
 async def test_a_guest_reaches_an_allowed_host_through_the_gateway_only(tmp_path: Path, test_image: images.Image,

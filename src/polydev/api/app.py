@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -11,6 +12,10 @@ import structlog
 from fastapi import FastAPI
 
 from polydev import __version__
+from polydev.api.e2b import control as e2b_control
+from polydev.api.e2b import envd_app
+from polydev.api.e2b.ports import serve_port
+from polydev.api.e2b.routing import SCOPE_KEY, SandboxRouter
 from polydev.api.errors import error_response, install_error_handlers
 from polydev.api.metrics import Metrics
 from polydev.api.middleware import (
@@ -26,6 +31,7 @@ from polydev.api.routes import (
     login_sessions,
     quotas,
     runs,
+    sandboxes,
     users,
     vms,
     vnc,
@@ -96,7 +102,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.metrics = metrics
     install_error_handlers(app)
     for router in (health.router, users.router, credentials.router, login_sessions.router, vnc.router,
-                   runs.router, vms.router, egress.router, quotas.router):
+                   runs.router, vms.router, egress.router, quotas.router, sandboxes.router,
+                   e2b_control.router):
         app.include_router(router)
     install_dashboard(app, settings, error_response)  # after the API: its /app catch-all must not shadow a route
     # Outermost first: observe everything (413s and 408s included), then enforce the size and time limits, then
@@ -104,5 +111,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.add_middleware(PeerRouting)
     app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_seconds)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    # envd's requests (file uploads included) have limits of their own: routed before the API's body limit.
+    envd = envd_app.build(lambda: app.state.services, lambda request: request.scope.get(SCOPE_KEY))
+    app.add_middleware(SandboxRouter, envd=envd, ports=functools.partial(serve_port, lambda: app.state.services),
+                       domain=settings.sandbox_domain)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     return app

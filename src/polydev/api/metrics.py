@@ -41,6 +41,8 @@ class Metrics:
         # Live VMs only: ended ones (destroyed, failed) are history, counted by the creations counter.
         self.vms = Gauge("polydev_vms", "VMs alive now, by status", ["status"], registry=self.registry)
         self.runs = Gauge("polydev_runs", "Runs recorded, by status", ["status"], registry=self.registry)
+        self.sandboxes = Gauge("polydev_sandboxes", "E2B-compatible sandboxes alive now, by state", ["state"],
+                               registry=self.registry)
         self.login_pool = Gauge("polydev_login_pool", "Pre-started logins (LOGIN_POOL): held, ready (URL known) "
                                 "and wanted, by provider and method", ["provider", "method", "state"],
                                 registry=self.registry)
@@ -65,6 +67,10 @@ class Metrics:
     def set_runs(self, counts: dict[str, int]) -> None:
         for status in RUN_STATUSES:
             self.runs.labels(status).set(counts.get(status, 0))
+
+    def set_sandboxes(self, counts: dict[str, int]) -> None:
+        for state, n in counts.items():
+            self.sandboxes.labels(state).set(n)
 
     def set_vms(self, counts: dict[str, int]) -> None:
         """`counts` by live status, every live status present (VmAdmin.live_counts)."""

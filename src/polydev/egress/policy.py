@@ -58,6 +58,10 @@ def address_refusal(ip: IPAddress, refused: Iterable[IPNetwork] = ()) -> str | N
     return None
 
 
+# A VM that may reach nothing at all (an E2B sandbox created with allow_internet_access=False).
+OFFLINE_PURPOSE = "sandbox_offline"
+
+
 @dataclass(frozen=True)
 class Policy:
     """The allow-list: `allow[(provider, purpose)]` host patterns, `extra` the operator's additions (for
@@ -72,6 +76,8 @@ class Policy:
 
     def check_name(self, provider: str | None, purpose: str, host: str, port: int) -> None:
         """Refused unless `host:port` is allowed for a connection of this provider and purpose."""
+        if purpose == OFFLINE_PURPOSE:  # before the operator's additions, which every other purpose gets
+            raise Refused(f"{host} refused: this sandbox was created without internet access")
         if port not in self.ports:
             raise Refused(f"{host}:{port} refused: port {port} is not open to VMs "
                           f"(open: {', '.join(map(str, sorted(self.ports)))})")

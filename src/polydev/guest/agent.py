@@ -17,8 +17,9 @@ import time
 from typing import Callable
 
 from polydev import protocol as p
-from polydev.guest import execute
+from polydev.guest import execute, fs
 from polydev.guest.http import HTTPError, Request, serve
+from polydev.guest.tunnel import open_tunnel
 from polydev.guest.watch import wait_for_file
 
 MAX_UPLOAD = 4 * 1024 * 1024 * 1024
@@ -157,6 +158,23 @@ class Agent:
             raise HTTPError(409, f"stdin of exec {spec.exec_id} is closed (start it with keep_stdin_open)") from None
         req.send_json(200, {"written": written})
 
+    def fs(self, req: Request) -> None:
+        spec = p.FsRequest.from_json(req.read_body())
+        try:
+            entries = fs.run(spec)
+        except fs.FsError as exc:
+            raise HTTPError(exc.status, str(exc)) from None
+        req.send_json(200, {"entries": [e.to_json() for e in entries]})
+
+    def resize(self, req: Request) -> None:
+        spec = p.ResizeRequest.from_json(req.read_body())
+        if not execute.resize(spec.exec_id, spec.rows, spec.cols):
+            raise HTTPError(404, f"no running PTY exec {spec.exec_id}")
+        req.send_json(200, {"resized": True})
+
+    def tcp(self, req: Request) -> None:
+        open_tunnel(req)
+
     def watch(self, req: Request) -> None:
         spec = p.WatchRequest.from_json(req.read_body())
         found = wait_for_file(spec.paths, spec.timeout, spec.min_size, req.conn)
@@ -190,6 +208,9 @@ ROUTES = {
     ("POST", "/signal"): Agent.signal,
     ("POST", "/input"): Agent.input,
     ("POST", "/watch"): Agent.watch,
+    ("POST", "/fs"): Agent.fs,
+    ("POST", "/resize"): Agent.resize,
+    ("GET", "/tcp"): Agent.tcp,
     ("POST", "/token"): Agent.token,
 }
 

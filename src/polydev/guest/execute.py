@@ -15,6 +15,7 @@ import select
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import termios
 import threading
@@ -115,6 +116,8 @@ def spawn(req: ExecRequest) -> tuple[str, Exec]:
     try:
         if req.pty:
             master, slave = os.openpty()
+            if req.pty_size is not None:
+                _set_size(master, *req.pty_size)
             try:
                 proc = subprocess.Popen(req.args, stdin=slave, stdout=slave, stderr=slave, cwd=req.cwd, env=env,
                                         start_new_session=True, preexec_fn=_make_controlling_tty)
@@ -173,6 +176,22 @@ def _release(exec_id: str, ex: Exec) -> None:
             pipe.close()
     with _lock:
         RUNNING.pop(exec_id, None)
+
+
+def _set_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def resize(exec_id: str, rows: int, cols: int) -> bool:
+    """Set a running PTY exec's window size (the kernel sends its process group SIGWINCH)."""
+    ex = _running(exec_id)
+    if ex is None or not ex.pty:
+        return False
+    with ex.lock:
+        if ex.stdin is None:
+            return False
+        _set_size(ex.stdin, rows, cols)
+    return True
 
 
 def send_signal(exec_id: str, sig: int) -> bool:

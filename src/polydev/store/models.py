@@ -297,3 +297,32 @@ class EgressUsage(Base):
     last_refusal: Mapped[str | None] = mapped_column(Text, nullable=True)
     first_seen: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+SANDBOX_STATES = ("running", "paused", "killed")
+
+
+class Sandbox(Base):
+    """An E2B-compatible sandbox (polydev.core.sandboxes): one of the user's VMs under an E2B-style id.
+
+    The envd access token must be answered again on every connect, so it is sealed by the vault (with the
+    sandbox's env vars, which may hold secrets) under the pseudo-provider `sandbox:<id>`; `token_hash` lets
+    each envd call be checked without opening the seal."""
+
+    __tablename__ = "sandboxes"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    vm_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)
+    template: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # SANDBOX_STATES
+    metadata_json: Mapped[str] = mapped_column(Text, default="{}")
+    token_hash: Mapped[str] = mapped_column(String(64))
+    sealed: Mapped[str] = mapped_column(Text)  # JSON of the vault's SealedRecord: {"token", "envs"} inside
+    cpu_count: Mapped[int] = mapped_column(Integer)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    auto_pause: Mapped[bool] = mapped_column(Boolean, default=False)
+    internet: Mapped[bool] = mapped_column(Boolean, default=True)
+    started_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    end_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)

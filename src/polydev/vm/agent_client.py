@@ -6,6 +6,7 @@ import base64
 import contextlib
 import functools
 import json
+import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -104,12 +105,12 @@ class AgentClient:
 
     def exec_stream(self, args: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
                     stdin: bytes | None = None, pty: bool = False, timeout_s: float | None = None,
-                    keep_stdin_open: bool = False) -> Iterator[p.ExecEvent]:
+                    keep_stdin_open: bool = False, pty_size: tuple[int, int] | None = None) -> Iterator[p.ExecEvent]:
         """Yield events as the agent sends them. Leaving the loop early closes the connection, which kills
         the process in the guest. With keep_stdin_open (or pty), `write_input` feeds it more input later."""
         req = p.ExecRequest(args=args, env=env or {}, cwd=cwd, pty=pty, timeout_s=timeout_s,
                             stdin=None if stdin is None else base64.b64encode(stdin).decode(),
-                            keep_stdin_open=keep_stdin_open)
+                            keep_stdin_open=keep_stdin_open, pty_size=list(pty_size) if pty_size else None)
         # The read timeout must outlast the command; the agent enforces timeout_s itself.
         read_timeout = None if timeout_s is None else timeout_s + 30
         with _answer(), self._http.stream("POST", "/exec", json=req.to_json(),
@@ -161,6 +162,42 @@ class AgentClient:
             response = self._http.post("/watch", json=req.to_json(), timeout=httpx.Timeout(30.0, read=timeout + 30))
             path = json.loads(self._check(response).content)["path"]
         return None if path is None else str(path)
+
+    def fs(self, op: str, path: str, *, depth: int = 1, destination: str | None = None) -> list[p.FsEntry]:
+        """A file-system operation in the guest (protocol.FsRequest); AgentError 404/409 as the agent says."""
+        req = p.FsRequest(op=op, path=path, depth=depth, destination=destination)
+        with _answer():
+            body = json.loads(self._check(self._http.post("/fs", json=req.to_json())).content)
+        return [p.FsEntry(**e) for e in body["entries"]]
+
+    def resize(self, exec_id: str, rows: int, cols: int) -> None:
+        with _answer():
+            self._check(self._http.post("/resize", json={"exec_id": exec_id, "rows": rows, "cols": cols}))
+
+    def tunnel(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """A connection to the guest's 127.0.0.1:`port` through the agent (GET /tcp): raw bytes both ways.
+        AgentError(503) when nothing listens there."""
+        url = httpx.URL(self.base_url)
+        sock = socket.create_connection((url.host, url.port or 80), timeout=timeout)
+        try:
+            auth = self._http.headers["Authorization"]
+            sock.sendall(f"GET /tcp?port={port} HTTP/1.1\r\nHost: agent\r\nAuthorization: {auth}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(1)  # byte by byte: nothing past the head may be consumed here
+                if not chunk:
+                    raise AgentError(502, "the agent closed the tunnel before answering")
+                head += chunk
+                if len(head) > 65536:
+                    raise AgentError(502, "the agent's answer has no end of head")
+            status = int(head.split(b" ", 2)[1])
+            if status != 200:
+                raise AgentError(status, head.decode("latin-1").split("\r\n", 1)[0])
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return sock
 
     def rotate_token(self, new_token: str) -> None:
         with _answer():

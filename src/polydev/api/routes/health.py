@@ -104,6 +104,7 @@ async def metrics(request: Request, services: ServicesDep) -> Response:
     registry = request.app.state.metrics
     registry.set_login_sessions(await services.login_sessions.repo.count_by_status())
     registry.set_runs(await services.runs.count_by_status())
+    registry.set_sandboxes(await services.sandboxes.live_counts())
     with contextlib.suppress(VmUnavailable):
         registry.set_vms(await services.vm_admin.live_counts())
     registry.set_login_pool(services.login_flow.pool.counts())

@@ -1,0 +1,166 @@
+"""E2B-compatible sandboxes against Polydev's own VM API, one run, real VMs (the test image, TCG on this machine).
+
+    .venv/bin/python bench/sandbox_bench.py [--creates 5] [--round-trips 20] [--profile test]
+
+Starts `polydev serve` on a free loopback port with a data directory of its own, warms the snapshot with one
+untimed VM, then times each operation through the unmodified e2b SDK (E2B_API_URL / E2B_SANDBOX_URL) and the
+same operation through `/api/vms` (create + exec) as the baseline, alternating the two:
+- create → first output of `echo hi`   (SDK: Sandbox.create + commands.run; baseline: POST /api/vms + exec)
+  (every baseline exec runs `/bin/bash -l -c CMD`, the process the SDK asks envd for)
+- a command's round trip in a live sandbox (SDK: commands.run("true"); baseline: POST /api/vms/{id}/exec)
+- 1 MiB written and read back (SDK: files.write + files.read; baseline: exec `cat > f` with stdin, exec `cat f`)
+- pause and resume: printed as not implemented while the server answers 501.
+The machine is shared (two cores, other work running): compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from e2b import Sandbox, SandboxException
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from polydev.config import Settings
+from polydev.vm import images
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def line(name: str, ours: list[float], base: list[float]) -> str:
+    p50, b50 = statistics.median(ours), statistics.median(base)
+    return (f"{name:<36} e2b SDK p50 {p50 * 1000:8.1f} ms  p95 {pct(ours, 0.95) * 1000:8.1f} ms   |   "
+            f"/api/vms p50 {b50 * 1000:8.1f} ms  p95 {pct(base, 0.95) * 1000:8.1f} ms   ratio {p50 / b50:5.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--creates", type=int, default=5)
+    parser.add_argument("--round-trips", type=int, default=20)
+    parser.add_argument("--profile", default="test")
+    args = parser.parse_args()
+
+    cache = Settings().cache_dir
+    images.ensure(cache, args.profile)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="polydev-sandbox-bench-") as tmp:
+        env = {**os.environ, "POLYDEV_DATA_DIR": f"{tmp}/data", "POLYDEV_CACHE_DIR": str(cache), "PORT": str(port),
+               "HOST": "127.0.0.1", "VM_IMAGE_PROFILE": args.profile, "VM_CLI_MEMORY_MB": "1024",
+               "VM_CLI_VCPU": "1", "VM_WARM_POOL_SIZE": "0", "QUOTA_VMS": "50", "QUOTA_VCPUS": "50",
+               "QUOTA_MEMORY_MB": "100000", "MAX_REQUEST_BYTES": str(8 * 1024 * 1024),  # the baseline's 1 MiB body
+               "PYTHONPATH": str(ROOT / "src")}
+        with open(f"{tmp}/server.log", "wb") as log:
+            server = subprocess.Popen([sys.executable, "-m", "polydev", "serve"], env=env, stdout=log, stderr=log)
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            token = Path(f"{tmp}/data/admin.token").read_text().strip()
+            run(url, token, args)
+        finally:
+            server.terminate()
+            server.wait(120)
+
+
+def run(url: str, token: str, args: argparse.Namespace) -> None:
+    conn = {"api_url": url, "sandbox_url": url, "api_key": token}
+    api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=900)
+
+    def api_vm() -> str:
+        r = api.post("/api/vms", json={"purpose": "cli", "ttl_seconds": 900})
+        r.raise_for_status()
+        return str(r.json()["id"])
+
+    def api_exec(vm_id: str, command: str, stdin: str | None = None) -> dict[str, object]:
+        # The shell the SDK asks envd for (`/bin/bash -l -c CMD`), so both sides run the same process.
+        r = api.post(f"/api/vms/{vm_id}/exec", json={"args": ["/bin/bash", "-l", "-c", command],
+                                                     **({"stdin": stdin} if stdin else {})})
+        r.raise_for_status()
+        return dict(r.json())
+
+    t0 = time.perf_counter()
+    warm = Sandbox.create(timeout=900, request_timeout=900, **conn)  # the first VM boots cold: the snapshot
+    print(f"first sandbox (cold boot + snapshot): {time.perf_counter() - t0:.1f} s", flush=True)
+    warm.kill()
+
+    ours, base = [], []
+    for _ in range(args.creates):
+        t0 = time.perf_counter()
+        sbx = Sandbox.create(timeout=900, request_timeout=900, **conn)
+        assert sbx.commands.run("echo hi").stdout == "hi\n"
+        ours.append(time.perf_counter() - t0)
+        sbx.kill()
+        t0 = time.perf_counter()
+        vm_id = api_vm()
+        assert api_exec(vm_id, "echo hi")["stdout"] == "hi\n"
+        base.append(time.perf_counter() - t0)
+        api.delete(f"/api/vms/{vm_id}")
+    print(line("create -> first output of echo hi", ours, base), flush=True)
+
+    sbx = Sandbox.create(timeout=900, request_timeout=900, **conn)
+    vm_id = api_vm()
+    try:
+        ours, base = [], []
+        for _ in range(args.round_trips):
+            ours.append(timed(lambda: sbx.commands.run("true")))
+            base.append(timed(lambda: api_exec(vm_id, "true")))
+        print(line("command round trip (live sandbox)", ours, base), flush=True)
+
+        blob = secrets.token_hex(512 * 1024)  # 1 MiB of text: the baseline's exec takes text stdin
+        ours, base = [], []
+        for _ in range(5):
+            def sdk_io() -> None:
+                sbx.files.write("/root/blob", blob)
+                assert sbx.files.read("/root/blob") == blob
+
+            def api_io() -> None:
+                api_exec(vm_id, "cat > /root/blob", stdin=blob)
+                assert api_exec(vm_id, "cat /root/blob")["stdout"] == blob
+            ours.append(timed(sdk_io))
+            base.append(timed(api_io))
+        print(line("1 MiB write + read", ours, base), flush=True)
+
+        try:
+            sbx.pause()
+            print("pause/resume: measured elsewhere", flush=True)
+        except SandboxException as exc:
+            print(f"pause / resume: not implemented on this server ({str(exc)[:60]})", flush=True)
+    finally:
+        sbx.kill()
+        api.delete(f"/api/vms/{vm_id}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""E2B-compatible sandboxes: the control plane's logic (create, list, get, kill, set the timeout, connect).
+
+A sandbox is one of the user's VMs under an E2B-style id, with an envd access token that the SDK sends on every
+runtime call (checked by `authorize`). The VM is made by the VM engine like any other (quotas, warm pool,
+egress gateway, expiry), so it shows in /api/vms, the dashboard and /metrics as the user's VM; the sandbox row
+(store/sandboxes.py) adds what E2B's API reports: template, metadata, end time, state.
+
+The VM's expiry is the sandbox's end: the engine's supervisor and reaper end the VM then, and a sandbox whose
+end has passed is marked killed when next read. Pause is not implemented yet (see docs/architecture.md).
+Every lookup is by (user, id): another user's sandbox is "not found", exactly as a missing one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import string
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import structlog
+
+from polydev.core.vm_flow import Admit
+from polydev.egress.policy import OFFLINE_PURPOSE
+from polydev.store.models import Sandbox, utcnow
+from polydev.store.sandboxes import LIVE_STATES, SandboxRepo
+from polydev.store.vault import SealedRecord, Vault
+
+if TYPE_CHECKING:
+    from polydev.core.ports import VmPort
+    from polydev.vm.agent_client import AgentClient
+
+log = structlog.get_logger(__name__)
+
+# Template → the VM purpose (size and image profile) it runs on. `base` is the golden image.
+TEMPLATES: dict[str, str] = {"base": "cli"}
+# The envd features we serve: stdin, close_stdin, default user, octet-stream uploads (envd/versions.py in the
+# SDK gates each on this); not file metadata (0.6.2) nor watch entries (0.6.3).
+ENVD_VERSION = "0.5.7"
+DISK_SIZE_MB = 0  # overlays grow on demand; no fixed size to report
+MIN_TIMEOUT_S = 1
+MAX_TIMEOUT_S = 24 * 3600
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+class SandboxError(Exception):
+    """What could not be done; the text is the message for whoever asked."""
+
+
+class SandboxNotFound(SandboxError):
+    pass
+
+
+class TemplateNotFound(SandboxError):
+    pass
+
+
+class SandboxUnavailable(SandboxError):
+    """No VM engine here, or none could be started (the reason says which)."""
+
+
+class SandboxConflict(SandboxError):
+    """The sandbox is not in a state that allows this."""
+
+
+class SandboxNotImplemented(SandboxError):
+    pass
+
+
+@dataclass(frozen=True)
+class SandboxView:
+    """A sandbox as the APIs report it; never its access token (`Opened` carries that, for create and connect)."""
+
+    id: str
+    user_id: uuid.UUID
+    vm_id: uuid.UUID | None
+    template: str
+    state: str
+    metadata: dict[str, str]
+    cpu_count: int
+    memory_mb: int
+    started_at: datetime
+    end_at: datetime
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A created or connected sandbox and its envd access token, which the SDK gets only then."""
+
+    sandbox: SandboxView
+    access_token: str
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    template: str = "base"
+    timeout_s: int = 300
+    metadata: dict[str, str] | None = None
+    env_vars: dict[str, str] | None = None
+    auto_pause: bool = False
+    internet: bool = True
+
+
+def new_id() -> str:
+    # Lower-case letters and digits only: the id is a DNS label in `49983-{id}.{domain}`.
+    return "i" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(19))
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Sandboxes:
+    def __init__(self, repo: SandboxRepo, vault: Vault, engine: Callable[[], tuple[VmPort | None, str | None]],
+                 admit: Admit, sizes: Callable[[str], tuple[int, int]],
+                 proxy: Callable[[], str | None] = lambda: None) -> None:
+        self._repo = repo
+        self._vault = vault
+        self._engine = engine  # () -> (engine, or None with the reason)
+        self._admit = admit
+        self._sizes = sizes  # purpose -> (vcpus, memory MiB)
+        self._proxy = proxy  # () -> the guest's proxy URL (the egress gateway's address), if there is one
+
+    def _port(self) -> VmPort:
+        engine, reason = self._engine()
+        if engine is None:
+            raise SandboxUnavailable(f"sandboxes are unavailable on this server: {reason or 'no VM engine'}")
+        return engine
+
+    # -- control plane ----------------------------------------------------------------------------------
+    async def create(self, user_id: uuid.UUID, spec: CreateSpec) -> Opened:
+        purpose = TEMPLATES.get(spec.template)
+        if purpose is None:
+            raise TemplateNotFound(f"template '{spec.template}' not found; the templates are: "
+                                   f"{', '.join(sorted(TEMPLATES))}")
+        engine = self._port()
+        from polydev.vm.engine import VMCreateError
+
+        await self._admit(user_id, "vm", purpose)  # QuotaExceeded / HostFull reach the API as 429 / 503
+        ttl = timedelta(seconds=spec.timeout_s)
+        try:
+            vm = await engine.create(user_id, purpose, ttl=ttl)  # type: ignore[arg-type]
+        except VMCreateError as exc:
+            raise SandboxUnavailable(f"the sandbox's VM failed to start: {exc.reason}") from None
+        # The egress gateway's purpose: "sandbox" reaches what EGRESS_SANDBOX_OPEN and EGRESS_ALLOW allow;
+        # without internet access, nothing (not even the operator's EGRESS_ALLOW hosts).
+        engine.label(vm.id, purpose="sandbox" if spec.internet else OFFLINE_PURPOSE)
+        sandbox_id = new_id()
+        token = secrets.token_urlsafe(32)
+        vcpus, memory = self._sizes(purpose)
+        now = utcnow()
+        row = Sandbox(id=sandbox_id, user_id=user_id, vm_id=vm.id, template=spec.template, state="running",
+                      metadata_json=json.dumps(spec.metadata or {}), token_hash=hash_token(token),
+                      sealed=self._seal(user_id, sandbox_id, token, spec.env_vars or {}), cpu_count=vcpus,
+                      memory_mb=memory, auto_pause=spec.auto_pause, internet=spec.internet, started_at=now,
+                      end_at=vm.expires_at or now + ttl)
+        try:
+            await self._repo.add(row)
+        except BaseException:
+            await engine.destroy(vm.id)
+            raise
+        log.info("sandbox_created", sandbox_id=sandbox_id, vm_id=str(vm.id), template=spec.template)
+        return Opened(_view(row), token)
+
+    async def list(self, user_id: uuid.UUID | None) -> list[SandboxView]:
+        """A user's live sandboxes; everyone's with None (admins, through Polydev's own API)."""
+        rows = await self._repo.live(user_id=user_id)
+        return [_view(row) for row in rows if not await self._ended(row)]
+
+    async def live_counts(self) -> dict[str, int]:
+        """Live sandboxes by state, every live state present (for /metrics)."""
+        counts = {state: 0 for state in LIVE_STATES}
+        for row in await self._repo.live():
+            counts[row.state] += 1
+        return counts
+
+    async def get(self, user_id: uuid.UUID, sandbox_id: str) -> SandboxView:
+        return _view(await self._row(user_id, sandbox_id))
+
+    async def kill(self, user_id: uuid.UUID, sandbox_id: str) -> None:
+        row = await self._row(user_id, sandbox_id)
+        await self._end(row)
+
+    async def set_timeout(self, user_id: uuid.UUID, sandbox_id: str, timeout_s: int) -> None:
+        """The sandbox ends `timeout_s` from now (E2B's semantics: the new timeout counts from the call)."""
+        row = await self._row(user_id, sandbox_id)
+        if row.vm_id is None:
+            raise SandboxConflict("the sandbox has no running VM")
+        engine = self._port()
+        vm = await engine.assign(row.vm_id, user_id, timedelta(seconds=timeout_s))
+        await self._repo.update(row.id, end_at=vm.expires_at)
+
+    async def connect(self, user_id: uuid.UUID, sandbox_id: str, timeout_s: int | None) -> Opened:
+        """A running sandbox again, with its access token. A paused one would be resumed here."""
+        row = await self._row(user_id, sandbox_id)
+        if row.state == "paused":
+            raise SandboxNotImplemented("resuming a paused sandbox is not implemented on this server yet")
+        if timeout_s is not None:
+            await self.set_timeout(user_id, sandbox_id, timeout_s)
+            row = await self._row(user_id, sandbox_id)
+        return Opened(_view(row), self._open(row)[0])
+
+    async def pause(self, user_id: uuid.UUID, sandbox_id: str) -> None:
+        await self._row(user_id, sandbox_id)  # not found first, as E2B answers
+        raise SandboxNotImplemented("pausing a sandbox is not implemented on this server yet")
+
+    # -- envd ---------------------------------------------------------------------------------------------
+    async def running(self, sandbox_id: str) -> Sandbox:
+        """A running sandbox by id alone, for its ports (`get_host`: public, as on E2B); SandboxNotFound else."""
+        row = await self._repo.get(sandbox_id) if len(sandbox_id) <= 32 else None
+        if row is None or await self._ended(row) or row.state != "running" or row.vm_id is None:
+            raise SandboxNotFound(f"The sandbox {sandbox_id} was not found")
+        return row
+
+    async def authorize(self, sandbox_id: str, token: str | None) -> tuple[Sandbox, dict[str, str]]:
+        """The running sandbox that `token` opens, with its env vars; SandboxNotFound for a missing, ended or
+        paused sandbox and for a wrong token alike, so an id alone tells a caller nothing."""
+        row = await self.running(sandbox_id)
+        if token is None or not hmac.compare_digest(row.token_hash, hash_token(token)):
+            raise SandboxNotFound(f"The sandbox {sandbox_id} was not found")
+        return row, {**self._proxy_env(row), **self._open(row)[1]}
+
+    def _proxy_env(self, row: Sandbox) -> dict[str, str]:
+        """A sandbox's way out is the egress gateway: its processes get the proxy settings tools read."""
+        proxy = self._proxy() if row.internet else None
+        if proxy is None:
+            return {}
+        local = "localhost,127.0.0.1,::1"
+        return {"HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy,
+                "NO_PROXY": local, "no_proxy": local}
+
+    def agent(self, row: Sandbox, timeout: float = 60.0) -> AgentClient:
+        """A client of the sandbox VM's agent; SandboxNotFound when this server does not run that VM."""
+        assert row.vm_id is not None
+        try:
+            return self._port().agent(row.vm_id, timeout=timeout)
+        except (KeyError, SandboxUnavailable):
+            raise SandboxNotFound(f"The sandbox {row.id} was not found") from None
+
+    # -- rows ----------------------------------------------------------------------------------------------
+    async def _row(self, user_id: uuid.UUID, sandbox_id: str) -> Sandbox:
+        row = await self._repo.get(sandbox_id) if len(sandbox_id) <= 32 else None
+        if row is None or row.user_id != user_id or await self._ended(row):
+            raise SandboxNotFound(f"sandbox '{sandbox_id}' not found")
+        return row
+
+    async def _ended(self, row: Sandbox) -> bool:
+        """Killed, past its end, or its VM gone (a server restart, a crash): then marked killed now."""
+        if row.state == "killed":
+            return True
+        if row.state == "running" and (row.end_at <= utcnow() or not await self._vm_alive(row)):
+            await self._end(row)
+            return True
+        return False
+
+    async def _vm_alive(self, row: Sandbox) -> bool:
+        engine, _ = self._engine()
+        if engine is None or row.vm_id is None:
+            return engine is None  # no engine here: the VM's state is not this server's to judge
+        vm = await engine.get(row.vm_id)
+        return vm is not None and vm.status in ("creating", "running")
+
+    async def _end(self, row: Sandbox) -> None:
+        if await self._repo.end(row.id) and row.vm_id is not None:
+            engine, _ = self._engine()
+            if engine is not None:
+                await engine.destroy(row.vm_id)
+            log.info("sandbox_ended", sandbox_id=row.id, vm_id=str(row.vm_id))
+
+    def _seal(self, user_id: uuid.UUID, sandbox_id: str, token: str, envs: dict[str, str]) -> str:
+        record = self._vault.seal(user_id, f"sandbox:{sandbox_id}", json.dumps({"token": token, "envs": envs}).encode())
+        return json.dumps(record.__dict__)
+
+    def _open(self, row: Sandbox) -> tuple[str, dict[str, str]]:
+        plain = json.loads(self._vault.open(row.user_id, f"sandbox:{row.id}", SealedRecord(**json.loads(row.sealed))))
+        return plain["token"], plain["envs"]
+
+
+def _view(row: Sandbox) -> SandboxView:
+    return SandboxView(id=row.id, user_id=row.user_id, vm_id=row.vm_id, template=row.template, state=row.state,
+                       metadata=json.loads(row.metadata_json), cpu_count=row.cpu_count, memory_mb=row.memory_mb,
+                       started_at=row.started_at, end_at=row.end_at)
