@@ -23,7 +23,7 @@ from polydev.api.middleware import (
     BodyTimeoutMiddleware,
     ObservabilityMiddleware,
 )
-from polydev.api.peers import PeerRouting
+from polydev.api.peers import PeerRouting, forward_sandbox
 from polydev.api.routes import (
     credentials,
     egress,
@@ -114,6 +114,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     # envd's requests (file uploads included) have limits of their own: routed before the API's body limit.
     envd = envd_app.build(lambda: app.state.services, lambda request: request.scope.get(SCOPE_KEY))
     app.add_middleware(SandboxRouter, envd=envd, ports=functools.partial(serve_port, lambda: app.state.services),
-                       domain=settings.sandbox_domain)
+                       domain=settings.sandbox_domain,
+                       forward=lambda sid, *asgi: forward_sandbox(getattr(app.state, "services", None), sid, *asgi))
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     return app

@@ -8,8 +8,11 @@ where they arrive: reads, a login's pasted code and cancel, a run's cancel (core
 
     POST /api/auth/sessions/{id}/vnc-ticket, WebSocket /api/auth/sessions/{id}/vnc   the login's host
     POST /api/vms/{id}/exec, DELETE /api/vms/{id}                                     the VM's host
+    POST/DELETE /sandboxes/{id}…, /v2/sandboxes/{id}/…, and every envd or port
+    request for a sandbox (api/e2b/routing.py, through `forward_sandbox`)             the sandbox VM's host
 
-and the requests that create a VM are placed: POST /api/auth/start, POST /api/runs, POST /api/vms go to the
+and the requests that create a VM are placed: POST /api/auth/start, POST /api/runs, POST /api/vms,
+POST /v2/sandboxes go to the
 live server with the most room for the VM, this one when it is as roomy as any (or when none has room: its
 own admission then answers 503). A request that came from a peer (core/cluster.py's peer secret) is always
 answered here, so a request hops at most once. A host that stopped or was taken for dead is not asked: the
@@ -42,7 +45,8 @@ log = structlog.get_logger(__name__)
 _ID = r"(?P<id>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"
 _LOGIN_VNC = re.compile(rf"^/api/auth/sessions/{_ID}/(vnc|vnc-ticket)$")
 _VM_LIVE = re.compile(rf"^/api/vms/{_ID}(/exec)?$")
-_PLACED = {"/api/auth/start": "login", "/api/runs": "run", "/api/vms": "vm"}
+_SANDBOX = re.compile(r"^/(v2/)?sandboxes/(?P<id>[a-z0-9]{1,32})(/[a-z]+)?$")
+_PLACED = {"/api/auth/start": "login", "/api/runs": "run", "/api/vms": "vm", "/v2/sandboxes": "sandbox"}
 
 
 class PeerRouting:
@@ -67,6 +71,8 @@ class PeerRouting:
             host, what = await cluster.servers.host_of_login(uuid.UUID(m["id"])), "login session"
         elif (m := _VM_LIVE.match(path)) is not None and method in ("POST", "DELETE"):
             host, what = await cluster.servers.host_of_vm(uuid.UUID(m["id"])), "VM"
+        elif (m := _SANDBOX.match(path)) is not None and method in ("POST", "DELETE"):
+            host, what = await cluster.servers.host_of_sandbox(m["id"]), "sandbox"
         elif method == "POST" and path in _PLACED:
             await self._place(services, _PLACED[path], scope, receive, send)
             return
@@ -93,6 +99,26 @@ class PeerRouting:
         await forward_http(scope, body, send, load.url, services.cluster.peer_token, kind)
 
 
+async def forward_sandbox(services: Services | None, sandbox_id: str, scope: Scope, receive: Receive,
+                          send: Send) -> Send | None:
+    """Pass an envd or port request for a sandbox to the server hosting its VM (None: it was), or give back
+    the `send` to answer it here with (one server alone, a hop from a peer, a sandbox hosted here or unknown),
+    which names this server when there are several."""
+    if services is None or not services.cluster.registered or scope["type"] != "http":
+        return send
+    cluster = services.cluster
+    send = _stamped(send, cluster.server_id)
+    if cluster.is_peer(_header(scope, PEER_HEADER)):
+        return send
+    host = await cluster.servers.host_of_sandbox(sandbox_id)
+    if host is None or not _elsewhere(host, cluster.server_id):
+        return send
+    body = await _body(scope, receive, send)
+    if body is not None:
+        await forward_http(scope, body, send, host.url, cluster.peer_token, "sandbox")
+    return None
+
+
 def _elsewhere(host: Server, me: uuid.UUID) -> bool:
     return host.id != me and host.stopped_at is None and host.reaped_at is None
 
@@ -101,7 +127,7 @@ def _purpose(services: Services, kind: str, body: bytes) -> str | None:
     """The size of VM the request would make; None for a body the local route should refuse (no hop for it)."""
     if kind == "login":
         return "browser" if services.login_browser() is not None else "cli"
-    if kind == "run":
+    if kind in ("run", "sandbox"):  # a sandbox's template `base` runs on a cli VM (core/sandboxes.py)
         return "cli"
     try:
         data = json.loads(body or b"{}")

@@ -16,7 +16,7 @@ from sqlalchemy import ColumnElement, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from polydev.store.db import session_scope
-from polydev.store.models import AuthSession, Server, VmRecord, utcnow
+from polydev.store.models import AuthSession, Sandbox, Server, VmRecord, utcnow
 from polydev.store.vms import LIVE
 
 
@@ -134,6 +134,11 @@ class ServerRepo:
     async def host_of_login(self, session_id: uuid.UUID) -> Server | None:
         """The server driving a login session, if its row names one."""
         return await self._host(select(AuthSession.server_id).where(AuthSession.session_id == session_id))
+
+    async def host_of_sandbox(self, sandbox_id: str) -> Server | None:
+        """The server hosting an E2B sandbox's VM, if its rows name one."""
+        return await self._host(select(VmRecord.server_id).join(Sandbox, Sandbox.vm_id == VmRecord.vm_id)
+                                .where(Sandbox.id == sandbox_id))
 
     async def _host(self, query: object) -> Server | None:
         async with self._factory() as s:

@@ -13,6 +13,9 @@ from collections.abc import Awaitable, Callable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 PortServer = Callable[[str, int, Scope, Receive, Send], Awaitable[None]]
+# Passes a request for a sandbox hosted by another server there (api/peers.py) and answers None; or answers
+# the `send` to answer it here with.
+Forwarder = Callable[[str, Scope, Receive, Send], Awaitable[Send | None]]
 
 ENVD_PORT = 49983
 SCOPE_KEY = "polydev.sandbox_id"
@@ -40,8 +43,10 @@ def sandbox_of(scope: Scope, domain: str | None) -> tuple[int, str] | None:
 class SandboxRouter:
     """ASGI middleware: sandbox requests to `envd` or to the sandbox's port (`ports`), the rest to the API."""
 
-    def __init__(self, app: ASGIApp, envd: ASGIApp, ports: PortServer, domain: str | None) -> None:
+    def __init__(self, app: ASGIApp, envd: ASGIApp, ports: PortServer, domain: str | None,
+                 forward: Forwarder | None = None) -> None:
         self.app = app
+        self.forward = forward
         self.envd = envd
         self.ports = ports
         self.domain = domain
@@ -52,6 +57,8 @@ class SandboxRouter:
             await self.app(scope, receive, send)
             return
         port, sandbox_id = target
+        if self.forward is not None and (send := await self.forward(sandbox_id, scope, receive, send)) is None:
+            return
         if port == ENVD_PORT:
             await self.envd({**scope, SCOPE_KEY: sandbox_id}, receive, send)
             return
