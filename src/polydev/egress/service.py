@@ -107,6 +107,8 @@ class EgressService:
         self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        if removed := self.gateway.remove_stale_sockets():
+            log.info("egress_stale_sockets_removed", count=removed)
         for user, nbytes in (await self.repo.bytes_today()).items():
             self.gateway.limits.seed_bytes(user, nbytes)
         self._flusher = asyncio.create_task(self._flush_loop(), name="egress-flush")
