@@ -12,7 +12,7 @@ import pytest
 
 from polydev.client import PolydevClient
 from polydev.vm import images
-from tests.reliability.conftest import Row, scripted_server
+from tests.reliability.conftest import LOGIN_TIMEOUT_S, Row, scripted_server
 from tests.support import orphans
 from tests.support.live_server import LiveServer, crash
 from tests.support.load import make_users
@@ -28,7 +28,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def serve(root: Path, test_image: images.Image) -> Iterator[LiveServer]:
-    return scripted_server(root, test_image, LOGIN_TIMEOUT_SECONDS="900")
+    return scripted_server(root, test_image, LOGIN_TIMEOUT_SECONDS=str(LOGIN_TIMEOUT_S))
 
 
 def test_kill_9_at_each_step_of_a_login_and_a_run(root: Path, test_image: images.Image, report: list[Row]) -> None:
