@@ -98,24 +98,29 @@ def measure(n_servers: int, runs: int, clients: int, pg: str, redis: str) -> dic
             "p95": pct(latencies, 0.95), "spread": sorted(hosts.values(), reverse=True)}
 
 
+def report(base_servers: int, n_servers: int, *, runs: int, clients: int) -> None:
+    """Measure `base_servers` then `n_servers` servers and print them side by side (also used by bench/load.py)."""
+    pg, redis = servers.start_postgres(), servers.start_redis()
+    try:
+        rows = [measure(n, runs, clients, pg.url, redis.url) for n in (base_servers, n_servers)]
+    finally:
+        redis.close()
+        pg.close()
+    base = rows[0]["runs_per_s"]
+    print(f"{runs} runs, {clients} clients, round-robin over the servers (scripted CLI, stand-in VMs)")
+    print(f"{'servers':>7}  {'runs/s':>7}  {'p50':>8}  {'p95':>8}  {'vs one':>6}  runs per server")
+    for row in rows:
+        print(f"{row['servers']:>7}  {row['runs_per_s']:>7.2f}  {row['p50'] * 1000:>6.0f}ms  "  # type: ignore[operator]
+              f"{row['p95'] * 1000:>6.0f}ms  {row['runs_per_s'] / base:>5.2f}×  {row['spread']}")  # type: ignore[operator]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", type=int, default=3)
     parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--clients", type=int, default=12)
     args = parser.parse_args()
-    pg, redis = servers.start_postgres(), servers.start_redis()
-    try:
-        rows = [measure(n, args.runs, args.clients, pg.url, redis.url) for n in (1, args.servers)]
-    finally:
-        redis.close()
-        pg.close()
-    base = rows[0]["runs_per_s"]
-    print(f"{args.runs} runs, {args.clients} clients, round-robin over the servers (scripted CLI, stand-in VMs)")
-    print(f"{'servers':>7}  {'runs/s':>7}  {'p50':>8}  {'p95':>8}  {'vs one':>6}  runs per server")
-    for row in rows:
-        print(f"{row['servers']:>7}  {row['runs_per_s']:>7.2f}  {row['p50'] * 1000:>6.0f}ms  "  # type: ignore[operator]
-              f"{row['p95'] * 1000:>6.0f}ms  {row['runs_per_s'] / base:>5.2f}×  {row['spread']}")  # type: ignore[operator]
+    report(1, args.servers, runs=args.runs, clients=args.clients)
 
 
 if __name__ == "__main__":

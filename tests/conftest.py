@@ -74,14 +74,16 @@ async def api(stack: Settings) -> AsyncIterator[Api]:
     await svc.close()
 
 
-VM_TESTS = Path(__file__).resolve().parent / "vm"
+# tests/reliability/ boots real VMs too (under load and faults), in a folder of its own so it runs as one suite.
+VM_TESTS = (Path(__file__).resolve().parent / "vm", Path(__file__).resolve().parent / "reliability")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test that boots a real VM lives in tests/vm/ and carries the `vm` marker, so `-m vm` and the
-    folder name the same set: the marker is given here, and a `vm` test elsewhere is an error."""
+    """Every test that boots a real VM lives in tests/vm/ (or tests/reliability/) and carries the `vm` marker,
+    so `-m vm` and the folders name the same set: the marker is given here, and a `vm` test elsewhere is an
+    error."""
     for item in items:
-        if VM_TESTS in item.path.parents:
+        if any(folder in item.path.parents for folder in VM_TESTS):
             item.add_marker(pytest.mark.vm)
         elif item.get_closest_marker("vm") is not None:
             raise pytest.UsageError(f"{item.nodeid} is marked vm (it boots a real VM): move it to tests/vm/")

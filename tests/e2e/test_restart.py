@@ -6,8 +6,6 @@ PostgreSQL + Redis, where the session store outlives the server and still says t
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ import pytest
 
 from polydev.client import PolydevClient
 from tests.support import servers
-from tests.support.live_server import LiveServer, start_server
+from tests.support.live_server import LiveServer, crash, start_server
 
 LOGIN_LOST = "the server restarted before the login finished; start a new session"
 RUN_LOST = "the server restarted before the run finished"
@@ -54,10 +52,7 @@ def test_the_next_start_fails_what_a_crashed_server_was_driving(deployment: dict
                 if ev["type"] == "text":
                     break  # mid-run: the CLI is sleeping
             assert pd.run(run)["status"] == "running"
-        # A crash, not a shutdown: nothing gets to end the login or the run.
-        assert crashed.process is not None
-        os.kill(crashed.process.pid, signal.SIGKILL)
-        crashed.process.wait()
+        crash(crashed)  # not a shutdown: nothing gets to end the login or the run
     finally:
         first.close()
 

@@ -243,3 +243,15 @@ async def test_pinned_resolution_answers_only_the_pins(monkeypatch: pytest.Monke
         with pytest.raises(Refused) as caught:
             await resolver.resolve(host)
         assert str(caught.value).startswith(said) and caught.value.kind == "dns"
+
+
+async def test_socket_files_a_dead_server_left_are_removed_at_start_up_and_live_ones_kept(stand) -> None:
+    """A server killed with VMs attached leaves their socket files (found by tests/reliability/test_kill9.py);
+    the next start of that data directory's gateway removes them, and never one it serves."""
+    gw, _, _, run_dir = stand
+    served = run_vm()
+    path = await gw.attach(served)
+    stale = run_dir / f"{uuid.uuid4()}.sock"
+    stale.touch()
+    assert gw.remove_stale_sockets() == 1
+    assert not stale.exists() and path is not None and path.exists()

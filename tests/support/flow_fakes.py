@@ -68,6 +68,7 @@ save("from-paste"); print("Login successful.", flush=True)
 # The run: JSON lines; the prompt picks the behaviour.
 RUN = r'''
 import json, os, sys, time
+started = time.monotonic()
 home, prompt = os.environ["HOME"], sys.argv[1]
 def out(**kw): print(json.dumps(kw), flush=True)
 key = os.environ.get("FAKE_API_KEY")
@@ -87,9 +88,15 @@ if prompt.startswith("stall"):  # waits for a network it lacks, saying so on std
     time.sleep(60)
 if prompt.startswith("sleep"):
     out(t="text", v="working"); time.sleep(float(prompt.split()[1]))
+if prompt == "oom":  # grows until the guest's OOM killer ends it (a VM's memory is small in the tests)
+    out(t="text", v="allocating"); hog = []
+    while True:
+        hog.append(bytearray(16 * 1024 * 1024))
 if os.path.exists("note.txt"):
     out(t="tool", id="c1", cmd="cat note.txt"); out(t="result", id="c1", v=open("note.txt").read())
 out(t="text", v="answer to: " + prompt)
+if prompt.startswith("timed"):  # its own time, from its first line to here (bench/load.py subtracts it)
+    out(t="timing", ms=round((time.monotonic() - started) * 1000, 1))
 out(t="done", tokens=7)
 '''
 
@@ -114,6 +121,8 @@ class FakeParser:
             return [event("tool_result", id=d["id"], output=d["v"], is_error=False)]
         if t == "retry":  # as the real parsers show an error the CLI carries on from
             return [event("status", message=d["v"], level="warning")]
+        if t == "timing":
+            return [event("status", message=f"cli_ms {d['ms']}")]
         if t == "done":
             self.done = True
             return [event("done", usage={"output_tokens": d["tokens"]})]
@@ -135,13 +144,18 @@ class FakeAdapter:
     api_key_env = "FAKE_API_KEY"
     egress_hosts = {"run": ("api.fake.test",), "login": ("auth.fake.test",)}
 
-    def __init__(self, login_mode: str = "paste", callback_port: int = 0) -> None:
+    def __init__(self, login_mode: str = "paste", callback_port: int = 0, *, name: str = "claude_code",
+                 interpreter: str = sys.executable) -> None:
         self.login_mode = login_mode
         self.callback_port = callback_port
+        # The scripted CLI stands in for any provider (tests/support/scripted_vm_server.py swaps all three, so a
+        # user can hold three credentials and run three at once); inside a real VM it runs on the guest's python3.
+        self.name = name
+        self.interpreter = interpreter
 
     def login_plan(self, method: str, env: GuestEnv) -> LoginPlan:
         mode = "device" if method == "device" else self.login_mode
-        cmd = Command([sys.executable, "-c", LOGIN, str(self.callback_port), mode], login_env(env),
+        cmd = Command([self.interpreter, "-c", LOGIN, str(self.callback_port), mode], login_env(env),
                       cwd=env.workdir, pty=mode == "paste")
         return LoginPlan(cmd, method, accepts_code=mode == "paste",  # type: ignore[arg-type]
                          callback_port=self.callback_port or None)
@@ -159,7 +173,7 @@ class FakeAdapter:
         environment = {"HOME": env.home, "PATH": "/usr/bin:/bin"}
         if api_key:
             environment[self.api_key_env] = api_key
-        return Command([sys.executable, "-c", RUN, prompt], environment, cwd=env.workdir,
+        return Command([self.interpreter, "-c", RUN, prompt], environment, cwd=env.workdir,
                        files=(GuestFile(f"{env.home}/.fake/settings.json", b"{}", 0o644),))
 
     def new_parser(self) -> FakeParser:

@@ -71,3 +71,45 @@ def test_a_socket_for_this_namespace_needs_no_setns() -> None:
 def test_a_missing_namespace_is_an_error_not_a_socket_in_the_wrong_place() -> None:
     with pytest.raises(OSError):
         handover.socket_in_netns("polydev-no-such-namespace")
+
+
+OK = b'HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 16\r\n\r\n{"rotated": true}'
+REFUSED = b"HTTP/1.1 401 Unauthorized\r\nConnection: close\r\n\r\n"
+
+
+def test_a_handover_whose_answer_was_lost_is_found_done_by_the_new_token(
+        agent: tuple[int, list[bytes], list[bytes]]) -> None:
+    """A slow guest took the new token but its answer came too late (here: never): the retry's old token is
+    refused, and a request with the new one shows the handover had happened (found by tests/reliability)."""
+    port, replies, received = agent
+    replies += [b"", REFUSED, OK]
+    handover.hand_over("127.0.0.1", port, "old-token", "new-token", deadline=time.monotonic() + 30,
+                       alive=lambda: True)
+    bearers = [next(line for line in r.split(b"\r\n") if line.startswith(b"Authorization")) for r in received]
+    assert bearers == [b"Authorization: Bearer old-token"] * 2 + [b"Authorization: Bearer new-token"]
+
+
+def test_a_refusal_of_both_tokens_after_a_retry_is_still_final(agent: tuple[int, list[bytes], list[bytes]]) -> None:
+    port, replies, received = agent
+    replies += [b"", REFUSED, REFUSED]
+    with pytest.raises(handover.HandoverRefused, match="401"):
+        handover.hand_over("127.0.0.1", port, "old-token", "new-token", deadline=time.monotonic() + 30,
+                           alive=lambda: True)
+    assert len(received) == 3
+
+
+def test_a_refusal_at_the_first_attempt_asks_nothing_more(agent: tuple[int, list[bytes], list[bytes]]) -> None:
+    port, replies, received = agent
+    replies += [REFUSED, OK]
+    with pytest.raises(handover.HandoverRefused):
+        handover.hand_over("127.0.0.1", port, "old-token", "new-token", deadline=time.monotonic() + 30,
+                           alive=lambda: True)
+    assert len(received) == 1
+
+
+async def test_the_event_loops_handover_finds_a_lost_answer_too(agent: tuple[int, list[bytes], list[bytes]]) -> None:
+    port, replies, _ = agent
+    replies += [b"", REFUSED, OK]
+    await handover.hand_over_async("127.0.0.1", port, "old-token", "new-token", deadline=time.monotonic() + 30,
+                                   alive=lambda: True)
+    assert replies == []

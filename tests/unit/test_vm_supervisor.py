@@ -41,10 +41,11 @@ def workdir(tmp_path: Path, tag: str) -> Iterator[Path]:
         os.kill(pid, signal.SIGKILL)
 
 
-def start(workdir: Path, tag: str, code: str = SLEEPER, *, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+def start(workdir: Path, tag: str, code: str = SLEEPER, *, pass_fds: tuple[int, ...] = (),
+          nice: int = 0) -> subprocess.Popen[bytes]:
     """The stand-in under its supervisor, the way the backends start a hypervisor; returns once it booted."""
     argv, env = lifetime.supervised([sys.executable, "-c", code, marker_for(tag, uuid.uuid4())], workdir,
-                                    lifetime.deadline_file(workdir))
+                                    lifetime.deadline_file(workdir), nice=nice)
     with open(workdir / "stderr", "wb") as stderr:
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
                                 start_new_session=True, pass_fds=pass_fds)
@@ -183,3 +184,21 @@ def test_what_a_jailer_hands_off_to_is_watched_on(workdir: Path, tag: str) -> No
     assert not process_gone(vmm) and _group(vmm) == proc.pid
     lifetime.set_deadline(deadline, utcnow() - timedelta(seconds=1))
     assert eventually(lambda: process_gone(vmm))
+
+
+def test_a_hypervisor_started_with_a_nice_value_runs_below_the_server_and_its_cpu_group_too(workdir: Path,
+                                                                                          tag: str) -> None:
+    """Restored VMs yield the CPU to the control plane (QEMU's RESTORED_NICE): the process, its supervisor and,
+    where the kernel groups a session's processes for the scheduler (autogroup), the group."""
+    lifetime.set_deadline(lifetime.deadline_file(workdir), None)  # no expiry
+    proc = start(workdir, tag, nice=10)
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == 10
+        assert os.getpriority(os.PRIO_PROCESS, supervisor_of(proc)) == 10
+        autogroup = Path(f"/proc/{proc.pid}/autogroup")
+        if autogroup.exists():
+            assert autogroup.read_text().split()[-1] == "10", autogroup.read_text()
+        assert os.getpriority(os.PRIO_PROCESS, 0) != 10  # the starter's own priority is untouched
+    finally:
+        proc.kill()
+        proc.wait()

@@ -2,7 +2,11 @@
 
 The agent client is synchronous (httpx, one connection per call); the flows are asyncio tasks that must
 never block the server's event loop, so every call here runs in a worker thread. A running process's event
-stream is pumped by its own thread into an asyncio queue.
+stream is pumped by its own thread into an asyncio queue, and a watch (a long-poll of up to a minute) waits in
+a thread of its own pool: in the event loop's default pool (a handful of threads on a small machine) a few
+logins waiting for their URL or credential files held every thread, and every other blocking call of the
+server (VM creation, file puts) queued behind them (tests/reliability/test_load.py: 20 logins and 50 runs
+at once took minutes to get their VMs).
 """
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from polydev import protocol as p
 from polydev.providers.base import Command, GuestEnv, GuestFile
 from polydev.vm.agent_client import AgentClient, AgentError
+
+# Threads are made as watches need them (one per watch waiting at once), up to this many.
+_WATCHES = ThreadPoolExecutor(max_workers=512, thread_name_prefix="guest-watch")
 
 
 def base_files(env: GuestEnv, ca_pem: bytes | None) -> list[GuestFile]:
@@ -123,7 +131,7 @@ class Guest:
 
     async def watch(self, paths: list[str], timeout: float) -> str | None:
         """The first of `paths` to exist complete (not still growing), or None after `timeout`."""
-        return await asyncio.to_thread(self.client.watch, paths, timeout)
+        return await asyncio.get_running_loop().run_in_executor(_WATCHES, self.client.watch, paths, timeout)
 
     async def run(self, argv: list[str], timeout_s: float = 60.0, **kw: object) -> int:
         result = await asyncio.to_thread(self.client.exec, argv, timeout_s=timeout_s, **kw)

@@ -58,6 +58,9 @@ CANCEL_POLL_S = 0.5
 RESTARTED = "the server restarted before the run finished"
 STDERR_LINES = 3  # of a CLI's stderr, kept in a timed-out run's reason
 MAX_REASON = 300  # characters of the CLI's own words in that reason
+KILLED = -9  # the exit code the agent reports for a process ended by SIGKILL
+# What the guest kernel logs when its OOM killer ends a process (mm/oom_kill.c).
+OOM_MARKS = (b"Out of memory: Killed process", b"oom-kill:")
 
 __all__ = ["RunEvents", "RunFlow"]
 
@@ -231,7 +234,10 @@ class RunFlow(VmFlow):
                         warning = ev.get("message") or warning
                     await live.writer.emit(ev)
             exit_code = proc.exit_code
-            final = parser.finish(exit_code if exit_code is not None else -1)
+            # A CLI that ran the VM out of memory dies by SIGKILL: "exited with status -9" does not say why.
+            oom = exit_code == KILLED and not proc.timed_out and await _oom_killed(guest)
+            final = [event("error", message=_out_of_memory(adapter.display_name))] if oom else \
+                parser.finish(exit_code if exit_code is not None else -1)
             if proc.timed_out:
                 status = "timeout"
                 error = _timed_out(timeout, adapter.display_name, warning, bytes(proc.stderr_tail))
@@ -302,6 +308,21 @@ def _timed_out(timeout: int, cli: str, warning: str | None, stderr: bytes) -> st
     lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines() if line.strip()]
     why = warning or " / ".join(lines[-STDERR_LINES:])
     return f"{text}; {cli}'s last error: {clean(why, MAX_REASON)}" if why else text
+
+
+async def _oom_killed(guest: Guest) -> bool:
+    """Whether the guest kernel's OOM killer has ended a process in this VM (its log says so); False when the
+    guest cannot tell (it died with the CLI, say)."""
+    try:
+        result = await asyncio.to_thread(guest.client.exec, ["dmesg"], timeout_s=10)
+    except Exception:  # noqa: BLE001 - no answer is no evidence: the CLI's own exit status stands
+        return False
+    return any(mark in result.stdout for mark in OOM_MARKS)
+
+
+def _out_of_memory(cli: str) -> str:
+    return (f"{cli} ran out of memory: the VM's kernel killed it (out-of-memory killer); the task needs more "
+            "memory than the VM has (VM_CLI_MEMORY_MB)")
 
 
 def _reason(exc: BaseException, vm_started: bool) -> str:

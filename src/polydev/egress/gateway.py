@@ -131,6 +131,18 @@ class EgressGateway:
         for vm_id in list(self._servers):
             await self.detach(vm_id)
 
+    def remove_stale_sockets(self) -> int:
+        """Remove the socket files of VMs this gateway does not serve: left by a server of this data directory
+        that died (kill -9, a crash) with VMs attached. Called at start-up, before any VM is attached; the
+        run directory is this data directory's own. Returns how many it removed."""
+        removed = 0
+        for path in self.run_dir.glob("*.sock") if self.run_dir.is_dir() else ():
+            if path.stem not in {str(vm_id) for vm_id in self._servers}:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        return removed
+
     async def _accept(self, vm_id: uuid.UUID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       peer: str | None = None) -> None:
         task = asyncio.current_task()

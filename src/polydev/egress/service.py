@@ -127,6 +127,8 @@ class EgressService:
             self.changes.announce(user_id)
 
     async def start(self) -> None:
+        if removed := self.gateway.remove_stale_sockets():
+            log.info("egress_stale_sockets_removed", count=removed)
         for user, nbytes in (await self.repo.bytes_today()).items():
             await self.gateway.limits.seed_bytes(user, nbytes)
         if self.shared is not None:

@@ -100,13 +100,24 @@ def rotate_token(host: str, port: int, old_token: str, new_token: str, *, netns:
 
 
 def _attempt(host: str, port: int, old_token: str, new_token: str, netns: str | None,
-             deadline: float) -> OSError | None:
-    """One rotate_token; None when it succeeded, the error when the guest did not answer (yet)."""
+             deadline: float, retried: bool = False) -> OSError | None:
+    """One rotate_token; None when it succeeded, the error when the guest did not answer (yet).
+
+    `retried`: an earlier attempt failed, and it may have failed only after the agent took the new token (its
+    answer came after our timeout: a slow guest on a loaded host). The agent then refuses the old token, so
+    a refusal is checked with the new one before it counts: accepted, the handover had happened."""
+    timeout = max(0.1, min(5.0, deadline - time.monotonic()))
     try:
-        rotate_token(host, port, old_token, new_token, netns=netns,
-                     timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+        rotate_token(host, port, old_token, new_token, netns=netns, timeout=timeout)
     except OSError as exc:
         return exc
+    except HandoverRefused as refused:
+        if not retried:
+            raise
+        try:
+            rotate_token(host, port, new_token, new_token, netns=netns, timeout=timeout)
+        except (OSError, HandoverRefused):
+            raise refused from None
     return None
 
 
@@ -115,9 +126,11 @@ def hand_over(host: str, port: int, old_token: str, new_token: str, *, deadline:
     """Give a restored guest's agent its own token, retrying while its network comes up (a moment after
     the resume). `deadline` is on time.monotonic(); `alive` says whether the VM still runs. Raises
     HandoverTimeout (no answer in time, or the VM died) or HandoverRefused (the agent said no: final)."""
-    while (error := _attempt(host, port, old_token, new_token, netns, deadline)) is not None:
+    retried = False
+    while (error := _attempt(host, port, old_token, new_token, netns, deadline, retried)) is not None:
         if not alive() or time.monotonic() > deadline:
             raise HandoverTimeout(error) from None
+        retried = True
         time.sleep(RETRY_PAUSE_S)
 
 
@@ -125,8 +138,10 @@ async def hand_over_async(host: str, port: int, old_token: str, new_token: str, 
                           alive: Callable[[], bool], netns: str | None = None) -> None:
     """hand_over from the event loop: each attempt in a thread, the pauses on the loop (so a cancel lands
     between attempts)."""
+    retried = False
     while (error := await asyncio.to_thread(_attempt, host, port, old_token, new_token, netns,
-                                            deadline)) is not None:
+                                            deadline, retried)) is not None:
         if not alive() or time.monotonic() > deadline:
             raise HandoverTimeout(error) from None
+        retried = True
         await asyncio.sleep(RETRY_PAUSE_S)

@@ -46,12 +46,13 @@ def hold(workdir: Path) -> Path:
     return path
 
 
-def supervised(argv: Sequence[str], workdir: Path, deadline: Path) -> tuple[list[str], dict[str, str]]:
+def supervised(argv: Sequence[str], workdir: Path, deadline: Path, *, nice: int = 0) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that start `argv` under a supervisor bound to `deadline`, `workdir`
-    and this process."""
+    and this process; `nice` > 0 runs it at that lower CPU priority."""
     args = [str(a) for a in argv]
     if any(supervisor.SEP in a for a in args):
         raise ValueError(f"a command line for the supervisor cannot hold {supervisor.SEP!r}")
     script = str(Path(supervisor.__file__).resolve())
     return ([sys.executable or "python3", "-I", "-S", script, str(workdir.absolute()), str(deadline.absolute()),
-             str(os.getpid())], {**os.environ, supervisor.ARGV_ENV: supervisor.SEP.join(args)})
+             str(os.getpid())], {**os.environ, supervisor.ARGV_ENV: supervisor.SEP.join(args),
+                                 **({supervisor.NICE_ENV: str(nice)} if nice > 0 else {})})

@@ -34,6 +34,7 @@ ARGV_ENV = "POLYDEV_SUPERVISED_ARGV"  # the hypervisor's command line, its argum
 SEP = "\x1f"  # (the ASCII unit separator: in no argument of ours, which lifetime.supervised checks)
 TICK = 1.0  # seconds between looks at the deadline file and the work directory
 SIGKILL = 9
+NICE_ENV = "POLYDEV_SUPERVISED_NICE"  # a lower CPU priority for the hypervisor (lifetime.supervised's `nice`)
 
 
 class _End(Exception):
@@ -85,6 +86,21 @@ def _group_members() -> list[int]:
         if fields[0] != b"Z" and int(fields[2]) == group:
             found.append(int(entry))
     return found
+
+
+def _lower_priority(nice: int) -> None:
+    """`nice` for this process, the hypervisor it becomes and its threads. The hypervisor runs in a session of
+    its own, which with the kernel's autogroup scheduling (sched_autogroup_enabled) is a CPU group of its own,
+    weighed against the server's as an equal whatever the processes' nice values: so the group's is set too."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/autogroup", "w") as f:  # absent without autogroup scheduling: nothing to do then
+            f.write(str(nice))
+    except OSError:
+        pass
 
 
 def _on_signal(signum: int, frame: object) -> None:
@@ -142,6 +158,7 @@ def _watch(hypervisor: int, starter: int, workdir: str, deadline: str) -> None:
 def main(args: list[str]) -> int:
     workdir, deadline, starter = args[0], args[1], int(args[2])
     argv = os.environ.pop(ARGV_ENV).split(SEP)
+    nice = os.environ.pop(NICE_ENV, "")
     try:
         starter_fd = os.pidfd_open(starter)
     except ProcessLookupError:
@@ -153,6 +170,8 @@ def main(args: list[str]) -> int:
     if reason is not None:
         _say(workdir, f"{reason}: not starting it")
         return 1
+    if nice:
+        _lower_priority(int(nice))
     hypervisor = os.getpid()
     if os.fork() == 0:
         try:

@@ -34,6 +34,11 @@ from polydev.vm.backends.qemu.errors import VMError
 log = logging.getLogger(__name__)
 # A kernel under KVM writes its first console line well within this; silence means KVM is not usable here.
 KVM_FIRST_OUTPUT_S = 15.0
+# The CPU priority of a VM restored from a snapshot (the users' VMs): below the control plane's, which under
+# load (tens of busy guests on emulated CPUs) otherwise got a sliver of the CPU and answered 500s (database
+# connections waited out their pool's timeout: tests/reliability/test_load.py). 10 is a tenth of a normal
+# process's CPU weight. A cold boot (the snapshot's template, which every restore waits for) keeps the normal one.
+RESTORED_NICE = 10
 _kvm_usable: bool | None = None  # learnt once per process: the answer does not change while it runs
 # Migration leaves out RAM that is a shared file mapping: the snapshot's RAM is its template's RAM file.
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
@@ -166,7 +171,8 @@ class QemuVM(QemuCommand):
         self.boot_seconds = time.monotonic() - started
         return self.boot_seconds
 
-    def _spawn(self, accel: str, extra: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> float:
+    def _spawn(self, accel: str, extra: list[str] | None = None, pass_fds: tuple[int, ...] = (),
+               nice: int = 0) -> float:
         """Start QEMU with the console reader running; returns the start time."""
         self.qmp_socket.unlink(missing_ok=True)
         # QEMU reads the file when it starts; it is removed as soon as the guest is up (or the boot failed).
@@ -175,7 +181,7 @@ class QemuVM(QemuCommand):
             f.write(self.token)
         # QEMU under its supervisor, which execs it: the pid, the stdio and the marker are QEMU's all the same.
         argv, env = lifetime.supervised([*self.argv(accel), *(extra or [])], self.workdir,
-                                        self.deadline or lifetime.hold(self.workdir))
+                                        self.deadline or lifetime.hold(self.workdir), nice=nice)
         started = time.monotonic()
         stderr = open(self.workdir / "qemu.stderr", "wb")
         try:
@@ -198,7 +204,7 @@ class QemuVM(QemuCommand):
             # The state goes in as an inherited descriptor (no shell, no `cat`); `defer` because the
             # x-ignore-shared capability must be set before the incoming migration starts.
             with open(state, "rb") as stream:
-                started = self._spawn(accel, ["-incoming", "defer"], pass_fds=(stream.fileno(),))
+                started = self._spawn(accel, ["-incoming", "defer"], pass_fds=(stream.fileno(),), nice=RESTORED_NICE)
                 deadline = started + ready_timeout
                 self._resume_when_migrated(deadline, f"fd:{stream.fileno()}")
             self.token_file.unlink(missing_ok=True)
