@@ -17,8 +17,7 @@ import pytest
 
 from polydev.vm import images
 from tests.support.live_server import LiveServer, start_server
-
-pytest_plugins = ["tests.support.vm_fixtures"]
+from tests.support.vm_fixtures import test_image  # noqa: F401  (the fixture; a conftest here may not use pytest_plugins)
 
 LONG = os.environ.get("POLYDEV_RELIABILITY_LONG") == "1"
 MEMORY_MB = 256  # per VM: 70 of them fit beside the rest of the machine; the scripted CLI needs little

@@ -11,6 +11,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -80,10 +81,27 @@ class Server:
     url: str
     stop: list = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None  # a server this run started (None: one given by URL)
+    launch: Callable[[], subprocess.Popen[bytes]] | None = None  # starts it again on its port and data
 
     def close(self) -> None:
         for fn in reversed(self.stop):
             fn()
+
+    def halt(self) -> None:
+        """Stop the server process, keeping its port and data, as an outage would (see `resume`)."""
+        assert self.proc is not None, "only a server this run started can be stopped"
+        # SIGINT: PostgreSQL's fast shutdown (SIGTERM would wait for every client to leave), Redis's shutdown.
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def resume(self) -> None:
+        """Start the halted server again, on the same port and data."""
+        assert self.launch is not None
+        self.proc = self.launch()
 
 
 def start_redis(private: bool = False) -> Server:
@@ -96,18 +114,25 @@ def start_redis(private: bool = False) -> Server:
         _missing("redis-server")
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="polydev-redis-")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir, "--daemonize", "no", "--loglevel", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    _wait_port(port, proc, "redis-server")
+
+    def launch() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", workdir, "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        _wait_port(port, proc, "redis-server")
+        return proc
+
+    server = Server(f"redis://127.0.0.1:{port}/0", [], launch(), launch)
 
     def stop() -> None:
-        stop_process(proc)
+        assert server.proc is not None
+        stop_process(server.proc)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    return Server(f"redis://127.0.0.1:{port}/0", [stop], proc)
+    server.stop.append(stop)
+    return server
 
 
 def _pg_bindir() -> Path | None:
@@ -142,19 +167,26 @@ def start_postgres(private: bool = False) -> Server:
     subprocess.run([str(bindir / "initdb"), "-D", str(datadir), "-U", "polydev", "--auth=trust",
                     "--encoding=UTF8", "--no-sync"],
                    check=True, user=user, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=workdir)
-    proc = subprocess.Popen(
-        [str(bindir / "postgres"), "-D", str(datadir), "-p", str(port), "-k", str(workdir),
-         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-         "-c", "full_page_writes=off", "-c", "max_connections=200"],
-        user=user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir,
-    )
-    _wait_port(port, proc, "postgres")
+
+    def launch() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [str(bindir / "postgres"), "-D", str(datadir), "-p", str(port), "-k", str(workdir),
+             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+             "-c", "full_page_writes=off", "-c", "max_connections=200"],
+            user=user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir,
+        )
+        _wait_port(port, proc, "postgres")
+        return proc
+
+    server = Server(f"postgresql://polydev@127.0.0.1:{port}/postgres", [], launch(), launch)
 
     def stop() -> None:
-        stop_process(proc)  # SIGTERM is PostgreSQL's smart shutdown; every client is gone by now
+        assert server.proc is not None
+        stop_process(server.proc)  # SIGTERM is PostgreSQL's smart shutdown; every client is gone by now
         shutil.rmtree(workdir, ignore_errors=True)
 
-    return Server(f"postgresql://polydev@127.0.0.1:{port}/postgres", [stop], proc)
+    server.stop.append(stop)
+    return server
 
 
 def create_database(admin_url: str, name: str) -> str:
