@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from polydev.api.app import create_app
 from polydev.services import open_services
 from polydev.store.models import Credential, User
-from tests.support.app import Api, make_settings
+from tests.support.app import Api, idle_login, make_settings
 from tests.support.live_asgi import serving
 
 KEY = "sk-test-ABCDEFGHIJKLMNOPQRSTUV0123456789"
@@ -108,7 +108,8 @@ async def test_user_b_gets_404_for_user_a_session_and_tokens(api: Api) -> None:
 async def test_expired_session_answers_410_start_a_new_session(api: Api) -> None:
     uid, token = await api.new_user()
     session = await api.services.login_sessions.start(uuid.UUID(uid), "codex")
-    # Expire it the way the TTL would: the live state disappears from the store.
+    # Expire it the way the TTL would: no activity for the TTL, and the live state gone from the store.
+    await idle_login(api, session["session_id"], api.services.session_store.default_ttl + 5)
     await api.services.session_store.delete(session["session_id"])
     for _ in range(2):  # and it stays expired on every later read
         r = await api.client.get(f"/api/auth/sessions/{session['session_id']}", headers=api.auth(token))
@@ -117,6 +118,22 @@ async def test_expired_session_answers_410_start_a_new_session(api: Api) -> None
         assert r.json()["error"]["action"] == "start_new_session"
     row = await api.services.login_sessions.repo.get_owned(uuid.UUID(uid), uuid.UUID(session["session_id"]))
     assert row is not None and row.status == "timeout" and row.completed_at is not None
+
+
+async def test_a_live_session_the_store_lost_is_published_again_from_its_row(api: Api) -> None:
+    """A Redis restarted without its data loses every live session's state; a session active within the TTL
+    has not expired: its state comes back from the database, and it reads (and goes on) as before."""
+    uid, token = await api.new_user()
+    session = await api.services.login_sessions.start(uuid.UUID(uid), "codex")
+    sid = uuid.UUID(session["session_id"])
+    await api.services.login_sessions.update(sid, status="awaiting_user_auth", auth_url="https://auth.example/x")
+    await api.services.session_store.delete(session["session_id"])
+    r = await api.client.get(f"/api/auth/sessions/{sid}", headers=api.auth(token))
+    assert r.status_code == 200, r.text
+    assert (r.json()["status"], r.json()["auth_url"]) == ("awaiting_user_auth", "https://auth.example/x")
+    assert (await api.services.session_store.get(str(sid)))["status"] == "awaiting_user_auth"
+    row = await api.services.login_sessions.repo.get_owned(uuid.UUID(uid), sid)
+    assert row is not None and row.status == "awaiting_user_auth"
 
 
 async def test_finished_session_reads_from_the_database_after_its_ttl(api: Api) -> None:

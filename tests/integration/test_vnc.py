@@ -28,7 +28,7 @@ from polydev.providers import ADAPTERS
 from polydev.services import build_vm_engine, open_services
 from polydev.store.sessions import MemorySessionStore
 from tests.support.agent_backend import AgentBackend
-from tests.support.app import Api, make_settings
+from tests.support.app import Api, idle_login, make_settings
 from tests.support.flow_fakes import FakeAdapter, host_guest_paths
 from tests.support.live_asgi import serving
 from tests.support.rfb_server import (
@@ -261,7 +261,9 @@ async def test_expired_session_answers_start_a_new_session_everywhere(vnc_stack:
     sid = await vnc_stack.start_login(h)
     await vnc_stack.wait(h, sid, "vnc_url")
     url = (await vnc_stack.ticket(h, sid)).json()["url"]
-    await vnc_stack.api.services.session_store.delete(sid)  # what the store's TTL does to an idle session
+    # What the store's TTL does to an idle session: no activity for the TTL, and its live state gone.
+    await idle_login(vnc_stack.api, sid, vnc_stack.api.services.session_store.default_ttl + 5)
+    await vnc_stack.api.services.session_store.delete(sid)
     got = await vnc_stack.api.client.get(f"/api/auth/sessions/{sid}", headers=h)
     r = await vnc_stack.ticket(h, sid)
     assert got.status_code == r.status_code == 410

@@ -22,12 +22,13 @@ if os.environ.get("POLYDEV_RELIABILITY_LOAD"):  # "LOGINS,RUNS": a smaller load 
 ROUNDS = 3 if LONG else 1
 
 
-def left_behind(server: LiveServer) -> dict[str, int]:
-    """What is left once the server has had a moment to finish destroying the VMs of runs that just ended."""
+def left_behind(server: LiveServer, db_url: str | None = None) -> dict[str, int]:
+    """What is left once the server has had a moment to finish destroying the VMs of runs that just ended
+    (`db_url`: its DATABASE_URL, when not the embedded SQLite)."""
     found: dict[str, int] = {}
 
     def clean() -> bool:
-        found.update(orphans.find(server.data_dir))
+        found.update(orphans.find(server.data_dir, db_url))
         return not any(found.values())
 
     eventually(clean, timeout=60, every=1.0)

@@ -37,3 +37,17 @@ class Api:
         r = await self.client.post(f"/api/users/{uid}/tokens", json={"name": "t"}, headers=self.auth(self.admin_token))
         assert r.status_code == 201, r.text
         return uid, r.json()["token"]
+
+
+async def idle_login(api: Api, session_id: str, seconds: float) -> None:
+    """Make a login session's row say its last activity was `seconds` ago (for the session store's TTL)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from polydev.store.models import AuthSession, utcnow
+
+    async with api.services.factory() as s, s.begin():
+        await s.execute(update(AuthSession).where(AuthSession.session_id == uuid.UUID(session_id))
+                        .values(started_at=utcnow() - timedelta(seconds=seconds),
+                                last_heartbeat=utcnow() - timedelta(seconds=seconds)))

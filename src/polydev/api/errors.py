@@ -11,6 +11,10 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polydev.core.quotas import HostFull, QuotaExceeded
@@ -94,7 +98,23 @@ async def _not_admitted(_request: Request, exc: Exception) -> JSONResponse:
                           limit=exc.limit, used=exc.used, allowed=exc.allowed)
 
 
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The database or Redis cannot be reached (restarting, a network fault): a 503 the client may retry,
+    rather than an internal error. The details (addresses) go to the log only."""
+    store = "the session store (Redis)" if isinstance(exc, RedisError) else "the database"
+    log.warning("store_unavailable", path=request.url.path, store=store, error_type=type(exc).__name__,
+                error=str(exc)[:300])
+    return error_response(503, "store_unavailable", f"{store} cannot be reached right now; try again shortly",
+                          headers={"Retry-After": "5"})
+
+
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OperationalError, InterfaceError, DisconnectionError,
+                ConnectionError)
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, _UNREACHABLE):  # raised outside the routes (a middleware): the same 503 as inside them
+        return await _store_unavailable(request, exc)
     log.error("unhandled_error", path=request.url.path, error_type=type(exc).__name__, exc_info=exc)
     return error_response(500, "internal_error", "internal error; the server log has the details")
 
@@ -105,4 +125,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(QuotaExceeded, _not_admitted)
     app.add_exception_handler(HostFull, _not_admitted)
+    # A connection the database or Redis refused or broke (asyncpg raises the socket's own ConnectionError).
+    for unreachable in _UNREACHABLE:
+        app.add_exception_handler(unreachable, _store_unavailable)
     app.add_exception_handler(Exception, _unhandled)

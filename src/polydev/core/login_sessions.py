@@ -1,7 +1,9 @@
 """The read side of the login flow: live state from the session store, durable record from the database.
 
-A session that has gone from the store before reaching a terminal status has expired; it is marked
-`timeout` in the database so it reads the same way from every replica afterwards.
+A session that has gone from the store before reaching a terminal status has expired when it saw no activity
+for the store's TTL; it is marked `timeout` in the database so it reads the same way from every replica
+afterwards. One that had activity within the TTL was lost by the store (a Redis restarted without its data):
+its state is published again from the row, and the login goes on.
 """
 
 from __future__ import annotations
@@ -10,10 +12,14 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+import structlog
+
 from polydev.core.errors import SessionExpired, SessionNotFound
 from polydev.store.auth_sessions import AuthSessionRepo
 from polydev.store.models import AUTH_SESSION_TERMINAL, AuthSession, utcnow
 from polydev.store.sessions import SessionStore
+
+log = structlog.get_logger(__name__)
 
 EXPIRED_MESSAGE = "session expired after {ttl} s without activity"
 _ROW_COLUMNS = ("status", "auth_url", "vnc_url", "vm_ip")
@@ -82,5 +88,12 @@ class LoginSessions:
             raise SessionExpired(session_id)
         if row.status in AUTH_SESSION_TERMINAL:
             return _from_row(row)
+        active = row.last_heartbeat or row.started_at
+        if (utcnow() - active).total_seconds() < self.store.default_ttl:
+            live = _from_row(row) | {"updated_at": utcnow().isoformat()}
+            await self.store.create(str(session_id), live)
+            log.warning("login_state_republished", session_id=str(session_id),
+                        reason="the session store had lost it (restarted without its data?)")
+            return live
         await self.repo.finish(session_id, "timeout", EXPIRED_MESSAGE.format(ttl=self.store.default_ttl))
         raise SessionExpired(session_id)

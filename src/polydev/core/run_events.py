@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from polydev.store.db import when_reachable
 from polydev.store.runs import RUN_TERMINAL, RunRepo, StoredEvent
 
 KEEP_ALIVE_S = 15  # a reader with nothing to send yields None this often (the caller sends a keep-alive)
@@ -78,11 +79,13 @@ class EventWriter:
         await self._store(ev, seq_from_db)
 
     async def _store(self, ev: dict[str, Any], seq_from_db: bool = False) -> None:
+        # A database restarting under the run: the event waits for it (the CLI's output keeps coming into the
+        # guest's pipe meanwhile), rather than the run failing for it.
         if seq_from_db:
-            self.seq = await self.runs.last_seq(self.run_id)
+            self.seq = await when_reachable(lambda: self.runs.last_seq(self.run_id), "a run's events")
         self.seq += 1
         stored = [StoredEvent(self.seq, ev)]
-        await self.runs.append_events(self.run_id, stored)
+        await when_reachable(lambda: self.runs.append_events(self.run_id, stored), "a run's events")
         self.events.notify(self.run_id, stored)
 
 

@@ -42,6 +42,7 @@ from polydev.providers.base import (
 )
 from polydev.providers.common import clean
 from polydev.store.credentials import CredentialRepo
+from polydev.store.db import when_reachable
 from polydev.store.models import Run
 from polydev.store.runs import RUN_TERMINAL, RunRepo, StoredEvent
 from polydev.store.sessions import SessionStore
@@ -220,7 +221,7 @@ class RunFlow(VmFlow):
             live.proc = proc = guest.start(command, timeout_s=timeout)
             # Stored while the guest starts the CLI (its output is read only after these): the row and the
             # status are not on the way to the CLI's first line.
-            await self.runs.mark_running(run_id, vm.id)
+            await when_reachable(lambda: self.runs.mark_running(run_id, vm.id), "a run's start")
             await live.writer.emit(event("status", message=f"running {adapter.display_name}"))
             parser = adapter.new_parser()
             warning: str | None = None  # the last error the CLI reported and carried on from (a retry)
@@ -280,8 +281,10 @@ class RunFlow(VmFlow):
             if vm_id is not None:
                 with contextlib.suppress(Exception):
                     await engine.destroy(vm_id)
-            await self.runs.finish(run_id, status, error=error, exit_code=exit_code, usage=usage, result=result,
-                                   refreshed=refreshed)
+            # The row must end whatever happened, a database restart included: else it reads running forever.
+            await when_reachable(lambda: self.runs.finish(run_id, status, error=error, exit_code=exit_code,
+                                                          usage=usage, result=result, refreshed=refreshed),
+                                 "a run's end")
             self.events.notify(run_id)
             self._live.pop(run_id, None)
             log.info("run_ended", run_id=str(run_id), status=status, credential_refreshed=refreshed)

@@ -25,6 +25,7 @@ from polydev.egress.route_changes import RouteChanges
 from polydev.egress.routes import DirectRoute, Route, route_for
 from polydev.egress.shared_limits import SharedLimitTracker
 from polydev.store.egress import EgressRepo
+from polydev.store.sessions import redis_client
 
 log = structlog.get_logger(__name__)
 
@@ -115,8 +116,7 @@ class EgressService:
         self.shared: SharedLimitTracker | None = None
         self.changes: RouteChanges | None = None
         if settings.redis_url is not None:
-            self._redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
-                                                  socket_timeout=5, socket_connect_timeout=5)
+            self._redis = redis_client(settings.redis_url.get_secret_value())
             self.shared = self.gateway.limits = SharedLimitTracker(self._redis)
             self.changes = RouteChanges(self._redis, self.routes.forget)
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import structlog
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import ColumnElement, event, false, or_, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -21,6 +22,30 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK_ID = 0x706F6C79
 
 R = TypeVar("R")
+log = structlog.get_logger(__name__)
+
+# A database that cannot be reached for a moment (restarting, a network fault): what the driver raises then.
+# asyncpg raises the socket's own OSError when it cannot connect; SQLAlchemy wraps the rest.
+UNREACHABLE = (OSError, OperationalError, InterfaceError, DisconnectionError)
+STORE_RETRY_S = 180.0
+
+
+async def when_reachable(op: Callable[[], Awaitable[R]], what: str, within: float = STORE_RETRY_S) -> R:
+    """`op()`, tried again (backing off, up to `within` seconds) while the database cannot be reached: a
+    write a flow cannot do without (a run's events, its end) waits out a database restart instead of failing
+    the run, or leaving its row unended, for an outage of seconds."""
+    loop = asyncio.get_running_loop()
+    deadline, delay = loop.time() + within, 0.2
+    while True:
+        try:
+            return await op()
+        except UNREACHABLE as exc:
+            if loop.time() + delay > deadline:
+                raise
+            log.warning("database_unreachable_retrying", what=what, error_type=type(exc).__name__,
+                        retry_in_s=round(delay, 1))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def create_engine(url: str) -> AsyncEngine:

@@ -14,7 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 JSON = dict[str, Any]
 
@@ -111,6 +115,15 @@ class MemorySessionStore(SessionStore):
         return True
 
 
+def redis_client(url: str) -> aioredis.Redis:
+    """A Redis client as every part of the server uses one: short timeouts, and a command retried (3 times,
+    backing off) when its connection broke, so a Redis restart costs the pooled connections it closed a retry
+    rather than each of them an error."""
+    return aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5,
+                                   retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+                                   retry_on_error=[RedisConnectionError, RedisTimeoutError])
+
+
 class RedisSessionStore(SessionStore):
     kind = "redis"
 
@@ -121,8 +134,7 @@ class RedisSessionStore(SessionStore):
 
     @classmethod
     def from_url(cls, url: str, default_ttl: int, prefix: str = "session:") -> RedisSessionStore:
-        client = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
-        return cls(client, default_ttl, prefix)
+        return cls(redis_client(url), default_ttl, prefix)
 
     def _key(self, session_id: str) -> str:
         return f"{self._prefix}{session_id}"
