@@ -119,6 +119,28 @@ def test_new_work_sent_to_a_full_server_runs_on_the_roomiest(trio: list[LiveServ
     assert (r.status_code, r.headers[SERVER_HEADER]) == (204, ids[0]), r.text
 
 
+def test_a_sandbox_placed_through_c_lives_on_a_and_answers_through_b(trio: list[LiveServer], ids: list[str],
+                                                                     user: str) -> None:
+    """The unmodified e2b SDK with its control plane on C (full: the sandbox goes to A) and its envd URL on
+    B: every envd call B gets is passed to A, whose engine runs the sandbox's VM and holds its processes."""
+    from e2b import Sandbox  # the SDK as a test client only
+
+    a, b, c = trio
+    sbx = Sandbox.create(api_url=c.url, sandbox_url=b.url, api_key=user, timeout=300)
+    try:
+        assert sbx.commands.run("echo from the sandbox").stdout == "from the sandbox\n"
+        sbx.files.write("/tmp/scale-out-note", "kept")
+        assert sbx.files.read("/tmp/scale-out-note") == "kept"
+        r = httpx.get(f"{b.url}/health", headers={"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983"},
+                      timeout=30)
+        assert r.headers[SERVER_HEADER] == ids[0], "B passed the envd call to A, the sandbox's host"
+        assert Sandbox.get_info(sbx.sandbox_id, api_url=b.url, api_key=user).sandbox_id == sbx.sandbox_id
+    finally:
+        assert Sandbox.kill(sbx.sandbox_id, api_url=b.url, api_key=user) is True
+    r = httpx.get(f"{c.url}/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": user}, timeout=30)
+    assert r.status_code == 404, r.text
+
+
 def test_a_killed_server_s_work_ends_failed_on_the_others_and_new_work_goes_to_survivors(
         trio: list[LiveServer], ids: list[str], user: str) -> None:
     a, b, c = trio
@@ -159,24 +181,3 @@ def test_a_killed_server_s_work_ends_failed_on_the_others_and_new_work_goes_to_s
         assert list(on_c.run_events(r.json()["id"]))[-1]["type"] == "done"
 
 
-
-def test_a_sandbox_placed_through_c_lives_on_a_and_answers_through_b(trio: list[LiveServer], ids: list[str],
-                                                                     user: str) -> None:
-    """The unmodified e2b SDK with its control plane on C (full: the sandbox goes to A) and its envd URL on
-    B: every envd call B gets is passed to A, whose engine runs the sandbox's VM and holds its processes."""
-    from e2b import Sandbox  # the SDK as a test client only
-
-    a, b, c = trio
-    sbx = Sandbox.create(api_url=c.url, sandbox_url=b.url, api_key=user, timeout=300)
-    try:
-        assert sbx.commands.run("echo from the sandbox").stdout == "from the sandbox\n"
-        sbx.files.write("/tmp/scale-out-note", "kept")
-        assert sbx.files.read("/tmp/scale-out-note") == "kept"
-        r = httpx.get(f"{b.url}/health", headers={"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983"},
-                      timeout=30)
-        assert r.headers[SERVER_HEADER] == ids[0], "B passed the envd call to A, the sandbox's host"
-        assert Sandbox.get_info(sbx.sandbox_id, api_url=b.url, api_key=user).sandbox_id == sbx.sandbox_id
-    finally:
-        assert Sandbox.kill(sbx.sandbox_id, api_url=b.url, api_key=user) is True
-    r = httpx.get(f"{c.url}/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": user}, timeout=30)
-    assert r.status_code == 404, r.text
