@@ -23,24 +23,17 @@ from polydev.egress.resolve import Resolver
 from polydev.egress.route_changes import RouteChanges
 from polydev.egress.shared_limits import SharedLimitTracker
 from tests.integration.test_egress_gateway import Routes, connect, echo_server, run_vm
+from tests.support.clock import ManualClock
 
 pytestmark = pytest.mark.redis
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-async def pair(redis_server: str) -> AsyncIterator[tuple[list[EgressGateway], Routes, int, Clock]]:
+async def pair(redis_server: str) -> AsyncIterator[tuple[list[EgressGateway], Routes, int, ManualClock]]:
     """Two gateways (two servers) with their own sockets, sharing the routes, one Redis and one clock."""
     server, port = await echo_server()
     routes = Routes()
-    clock = Clock()
+    clock = ManualClock(1_000_000.0)
     prefix = f"test-egress-{uuid.uuid4().hex[:8]}:"  # tests share one Redis
     policy = Policy(allow={("claude_code", "run"): ("api.stand.test",)}, ports=frozenset({port}))
     gateways, dirs, clients = [], [], []

@@ -9,23 +9,16 @@ import pytest
 
 from polydev.core.vnc_tickets import VncTickets
 from polydev.store.sessions import MemorySessionStore, RedisSessionStore
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import ManualClock
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
-def tickets(clock: Clock) -> VncTickets:
+def tickets(clock: ManualClock) -> VncTickets:
     return VncTickets(MemorySessionStore(600, clock=clock), ttl_seconds=30)
 
 
@@ -37,7 +30,7 @@ async def test_a_ticket_works_once_for_its_user_and_session(tickets: VncTickets)
     assert await tickets.redeem(ticket.secret, session) is None  # used up
 
 
-async def test_a_ticket_expires(tickets: VncTickets, clock: Clock) -> None:
+async def test_a_ticket_expires(tickets: VncTickets, clock: ManualClock) -> None:
     session = uuid.uuid4()
     ticket = await tickets.issue(uuid.uuid4(), session)
     clock.now += 30.5
