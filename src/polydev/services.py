@@ -45,6 +45,7 @@ from polydev.store.sessions import SessionStore, create_session_store
 from polydev.store.users import UserRepo
 from polydev.store.vault import Vault, key_source_from_settings
 from polydev.store.vms import VmRepo
+from polydev.vm.disk_space import DiskSpace
 
 if TYPE_CHECKING:  # the engine pulls in pyroute2 and the backends: loaded only when the server wires VMs
     from polydev.egress.service import EgressService
@@ -186,7 +187,8 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
     )
     ca_pem = settings.guest_ca_cert_file.read_bytes() if settings.guest_ca_cert_file else None
     capacity = HostCapacity.from_settings(settings)
-    svc.admission = Admission(QuotaRepo(factory), Quota.from_settings(settings), capacity, server_id)
+    svc.admission = Admission(QuotaRepo(factory), Quota.from_settings(settings), capacity, server_id,
+                              disk=DiskSpace(settings.data_dir, settings.host_min_free_disk_mb))
     svc.login_flow = LoginFlow(sessions=svc.login_sessions, credentials=svc.credentials, engine=svc.engine_or_reason,
                                guest_env=svc.guest_env, ca_pem=ca_pem, timeout=settings.login_timeout_seconds,
                                browser=svc.login_browser, pool=settings.login_pool,
@@ -269,7 +271,8 @@ def build_vm_engine(services: Services, backend_factory: BackendFactory | None =
                     memory_mb={p: s.vm_size(p)[1] for p in ("cli", "browser")},
                     keep_failed=s.debug_keep_failed_vms, pool_size=s.vm_warm_pool_size,
                     pool_prepare=services.run_flow.prepare_vm,
-                    egress=services.egress.hook if services.egress is not None else None)
+                    egress=services.egress.hook if services.egress is not None else None,
+                    min_free_disk_mb=s.host_min_free_disk_mb)
 
 
 def build_egress(services: Services, guest_address: str | None = None) -> EgressService:

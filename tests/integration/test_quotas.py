@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from polydev.core.quotas import HostCapacity
 from polydev.store.models import AuthSession, Run, VmRecord
+from polydev.vm.disk_space import DiskSpace
 from tests.support.app import Api
 from tests.support.flow_api import (
     logged_in,
@@ -104,6 +105,27 @@ async def test_a_full_host_refuses_with_503_and_frees_up_after(flows: Api) -> No
     assert (await wait_run(flows, other, await post_run(flows, other, "hi")))["status"] == "succeeded"
     admission.host = replace(admission.host, vcpus=1000)
     await no_vms_left(flows)
+
+
+async def test_a_host_out_of_disk_space_refuses_new_vms_with_503(flows: Api, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    admission = flows.services.admission
+    kept = admission.disk
+    uid, h = await logged_in(flows)
+    before = await counts(flows, uid)
+    # A data directory that must keep more free than its file system holds: every new VM is refused.
+    admission.disk = DiskSpace(tmp_path, DiskSpace(tmp_path, 0).total_mb() + 1)
+    try:
+        r = await flows.client.post("/api/runs", json={"provider": "claude_code", "prompt": "hi"}, headers=h)
+        refused(r, 503, "host_capacity", "disk_mb")
+        assert "out of disk space" in r.json()["error"]["message"]
+        refused(await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=h),
+                503, "host_capacity", "disk_mb")
+        assert await counts(flows, uid) == before
+        host = (await flows.client.get("/api/quotas/host", headers=flows.auth(flows.admin_token))).json()
+        assert host["capacity"]["disk_mb"]["capacity"] == DiskSpace(tmp_path, 0).total_mb()
+    finally:
+        admission.disk = kept
+    assert (await wait_run(flows, h, await post_run(flows, h, "hi")))["status"] == "succeeded"
 
 
 async def test_vms_through_the_api_count_too(flows: Api) -> None:

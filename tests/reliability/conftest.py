@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from polydev.vm import images
@@ -81,3 +82,16 @@ def server(tmp_path_factory: pytest.TempPathFactory, test_image: images.Image) -
     with the logins' time limit raised (LOGIN_TIMEOUT_S)."""
     yield from scripted_server(tmp_path_factory.mktemp("shared"), test_image,
                                LOGIN_TIMEOUT_SECONDS=str(LOGIN_TIMEOUT_S))
+
+
+def ask(method: str, url: str, token: str, **kw: object) -> tuple[int, dict]:
+    """One request as a client would make it: (status, JSON body); (0, {}) when no answer came within the
+    client's patience (30 s)."""
+    try:
+        r = httpx.request(method, url, headers={"Authorization": f"Bearer {token}"}, timeout=30, **kw)  # type: ignore[arg-type]
+    except httpx.HTTPError:
+        return 0, {}
+    try:
+        return r.status_code, r.json()
+    except ValueError:
+        return r.status_code, {"not_json": r.text[:200]}

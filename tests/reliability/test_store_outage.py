@@ -17,7 +17,7 @@ import pytest
 from polydev.client import PolydevClient
 from polydev.store.vault import generate_master_key
 from polydev.vm import images
-from tests.reliability.conftest import LONG, Row, scripted_server
+from tests.reliability.conftest import LONG, Row, ask, scripted_server
 from tests.reliability.test_load import left_behind
 from tests.support import servers
 from tests.support.load import make_users
@@ -40,22 +40,10 @@ def stores() -> Iterator[tuple[servers.Server, servers.Server]]:
     pg.close()
 
 
-def _get(url: str, token: str) -> tuple[int, dict]:
-    """One GET as a client would make it; (0, {}) when no answer came within the client's patience."""
-    try:
-        r = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    except httpx.HTTPError:
-        return 0, {}
-    try:
-        return r.status_code, r.json()
-    except ValueError:
-        return r.status_code, {"not_json": r.text[:200]}
-
-
 def _until_ended(url: str, token: str, ends: tuple[str, ...], timeout: float = 900) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        code, body = _get(url, token)
+        code, body = ask("GET", url, token)
         if code == 200 and body.get("status") in ends:
             return body
         time.sleep(1)
@@ -94,9 +82,9 @@ def test_the_database_and_redis_stopped_and_restarted_under_load(tmp_path_factor
             try:
                 time.sleep(2)
                 token, rid = runs[0]
-                answers = [_get(f"{server.url}/api/runs/{rid}", token),
-                           _get(f"{server.url}/api/auth/sessions/{logins[0][1]}", logins[0][0]),
-                           _get(f"{server.url}/health", token)]
+                answers = [ask("GET", f"{server.url}/api/runs/{rid}", token),
+                           ask("GET", f"{server.url}/api/auth/sessions/{logins[0][1]}", logins[0][0]),
+                           ask("GET", f"{server.url}/health", token)]
                 during[name] = answers
                 time.sleep(OUTAGE_S)
             finally:

@@ -92,6 +92,12 @@ if prompt == "oom":  # grows until the guest's OOM killer ends it (a VM's memory
     out(t="text", v="allocating"); hog = []
     while True:
         hog.append(bytearray(16 * 1024 * 1024))
+if prompt.startswith("write"):  # N MiB to its disk, synced: the VM's disk on the host grows by as much
+    out(t="text", v="writing")
+    with open("written.bin", "wb") as f:
+        for _ in range(int(prompt.split()[1])):
+            f.write(b"w" * (1 << 20))
+        f.flush(); os.fsync(f.fileno())
 if os.path.exists("note.txt"):
     out(t="tool", id="c1", cmd="cat note.txt"); out(t="result", id="c1", v=open("note.txt").read())
 out(t="text", v="answer to: " + prompt)

@@ -104,7 +104,9 @@ async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     store = "the session store (Redis)" if isinstance(exc, RedisError) else "the database"
     log.warning("store_unavailable", path=request.url.path, store=store, error_type=type(exc).__name__,
                 error=str(exc)[:300])
-    return error_response(503, "store_unavailable", f"{store} cannot be reached right now; try again shortly",
+    # SQLite's words when the data directory is full (the embedded database lives there)
+    why = "is out of disk space" if "disk is full" in str(exc) else "cannot be reached"
+    return error_response(503, "store_unavailable", f"{store} {why} right now; try again shortly",
                           headers={"Retry-After": "5"})
 
 

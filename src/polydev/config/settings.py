@@ -170,6 +170,8 @@ class Settings(BaseSettings):
     host_vcpu_overcommit: float = Field(4.0, gt=0)
     host_memory_mb: int = Field(0, ge=0, description="MiB all live VMs may hold")
     host_reserved_memory_mb: int = Field(2048, ge=0, description="MiB kept for the host itself")
+    # VMs' disks grow into the data directory: below this much free space no new VM is admitted (0: no check).
+    host_min_free_disk_mb: int = Field(1024, ge=0, description="MiB the data directory keeps free")
 
     @field_validator("database_url", "redis_url", "credential_encryption_key", "server_url",
                      "credential_encryption_previous_keys", "guest_https_proxy", "guest_ca_cert_file",

@@ -31,6 +31,7 @@ from polydev.core.placement import choose
 from polydev.core.quotas import HostCapacity
 from polydev.core.run_flow import RunFlow
 from polydev.core.tasks import cancel_and_wait
+from polydev.store.db import UNREACHABLE
 from polydev.store.leases import LeaseRepo
 from polydev.store.models import Server
 from polydev.store.servers import Load, ServerRepo
@@ -168,7 +169,9 @@ class Cluster:
                         # A peer took this server for dead (it missed heartbeats: a pause, the database away)
                         # and ended its work; what ended stays ended, new work may come here again.
                         log.error("server_taken_for_dead", server_id=str(self.server_id))
-                except Exception:  # the database may be away for a moment: try again next beat
+                except UNREACHABLE as exc:  # the database away for a moment (or its disk full): next beat
+                    log.warning("server_heartbeat_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+                except Exception:
                     log.exception("server_heartbeat_failed")
                 if sweeping is None or sweeping.done():
                     sweeping = asyncio.get_running_loop().create_task(self._sweep_logged(), name="server-sweep")

@@ -45,7 +45,7 @@ from polydev.core.login_state import Login, VncTarget, publish, vm_ttl
 from polydev.core.login_vnc import start_browser
 from polydev.core.relay import wait_for
 from polydev.core.tasks import cancel_and_wait, end_all
-from polydev.core.vm_flow import Admit, EngineSource, VmFlow, admit_all, egress_error
+from polydev.core.vm_flow import Admit, EngineSource, VmFlow, admit_all, failure_reason
 from polydev.providers import get_adapter
 from polydev.providers.base import GuestEnv, GuestFile, hook_files
 from polydev.store.credentials import CredentialRepo
@@ -293,7 +293,7 @@ class LoginFlow(VmFlow):
             # A login whose page appeared and then was not finished in time did not fail at the egress: a
             # refusal then (the sign-in page's browser pulling something) is incidental, not the reason.
             if status == "failed" or (status == "timeout" and not login.awaiting.is_set()):
-                error = egress_error(engine, login.vm_id, error)
+                error = await failure_reason(engine, login.vm_id, error)
             login.ending.set()  # VNC bridges close before the VM goes; a cancel now waits for the rest
             await cancel_and_wait(helpers)
             for proc in login.browser_procs:  # (the VM takes them along; a stand-in guest would not)

@@ -52,3 +52,7 @@ class VmPort(Protocol):
         """Why the egress gateway last refused or failed one of the VM's connections (to `host`), if it did."""
         ...
 
+    async def stall_reason(self, vm_id: uuid.UUID) -> str | None:
+        """Why the hypervisor holds the VM paused (its disk could not grow: the host is out of space), if it does."""
+        ...
+

@@ -5,8 +5,9 @@ retry.
 Each user has limits on live VMs, logins and runs not yet ended, and the vCPUs and memory their live VMs
 hold (QUOTA_* settings, overridden per user by admins). The host admits a VM only while the vCPUs and
 memory of all live VMs stay within its capacity: HOST_VCPUS and HOST_MEMORY_MB, by default read off the
-machine (its CPUs × HOST_VCPU_OVERCOMMIT, its memory less HOST_RESERVED_MEMORY_MB). With several servers on
-one database each host's capacity is its own: only the VMs its server hosts count against it.
+machine (its CPUs × HOST_VCPU_OVERCOMMIT, its memory less HOST_RESERVED_MEMORY_MB), and while its data
+directory keeps HOST_MIN_FREE_DISK_MB free (the VMs' disks grow into it). With several servers on one
+database each host's capacity is its own: only the VMs its server hosts count against it.
 
 Use is counted from the database, so the limits hold across restarts and replicas; two requests that
 arrive at the same instant may both pass (the engine's own slot pool still bounds tap-mode VMs).
@@ -24,7 +25,7 @@ from polydev.store.quotas import Usage
 
 LIMITS = ("vms", "logins", "runs", "vcpus", "memory_mb")
 WHAT = {"vms": "live VMs", "logins": "logins in progress", "runs": "runs in progress", "vcpus": "vCPUs",
-        "memory_mb": "MiB of VM memory"}
+        "memory_mb": "MiB of VM memory", "disk_mb": "MiB of disk"}
 # What a client should wait before trying again: a login or run usually ends within minutes.
 RETRY_AFTER_S = 60
 
@@ -90,10 +91,20 @@ class QuotaExceeded(Exception):
 class HostFull(Exception):
     """The host's capacity: answered 503 with Retry-After."""
 
-    def __init__(self, resource: str, used: int, needed: int, capacity: int) -> None:
+    def __init__(self, resource: str, used: int, needed: int, capacity: int, message: str | None = None) -> None:
         self.limit, self.used, self.allowed, self.retry_after = resource, used, capacity, RETRY_AFTER_S
-        super().__init__(f"the host is full: {used} of {capacity} {WHAT[resource]} in use, {needed} more needed; "
-                         "try again later")
+        super().__init__(message or f"the host is full: {used} of {capacity} {WHAT[resource]} in use, {needed} "
+                         "more needed; try again later")
+
+
+class FreeSpace(Protocol):
+    """The data directory's free space (polydev.vm.disk_space.DiskSpace)."""
+
+    min_free_mb: int
+
+    def free_mb(self) -> int: ...
+
+    def total_mb(self) -> int: ...
 
 
 class UsageSource(Protocol):
@@ -106,10 +117,11 @@ class UsageSource(Protocol):
 
 class Admission:
     def __init__(self, repo: UsageSource, defaults: Quota, host: HostCapacity,
-                 server_id: uuid.UUID | None = None) -> None:
+                 server_id: uuid.UUID | None = None, disk: FreeSpace | None = None) -> None:
         self.repo = repo
         self.defaults = defaults
         self.host = host
+        self.disk = disk
         self.server_id = server_id  # the host's use is this server's VMs (None: every VM, one server alone)
 
     async def quota(self, user_id: uuid.UUID) -> Quota:
@@ -129,6 +141,17 @@ class Admission:
             have, cap = getattr(total, name), getattr(self.host, name)
             if have + wanted[name] > cap:
                 raise HostFull(name, have, wanted[name], cap)
+        self._check_disk()
+
+    def _check_disk(self) -> None:
+        if self.disk is None or not self.disk.min_free_mb:
+            return
+        free, total, keep = self.disk.free_mb(), self.disk.total_mb(), self.disk.min_free_mb
+        if free < keep:  # used of allowed: of the file system less what it keeps free for disks to grow
+            raise HostFull("disk_mb", total - free, keep, total - keep,
+                           f"the host is out of disk space: {total - free} MiB of its data directory's "
+                           f"{total - keep} MiB in use ({keep} MiB are kept free for VMs' disks to grow into); "
+                           "try again later")
 
     async def report(self, user_id: uuid.UUID) -> dict[str, object] | None:
         """A user's limits (their own overrides marked), and their use against each; None for no such user."""
@@ -145,5 +168,9 @@ class Admission:
     async def host_report(self) -> dict[str, dict[str, int]]:
         """The host's capacity and what the live VMs it hosts hold of it (for /metrics and the admin page)."""
         total = await self.repo.usage(None, self.server_id)
-        return {f.name: {"used": getattr(total, f.name), "capacity": getattr(self.host, f.name)}
-                for f in fields(self.host)}
+        report = {f.name: {"used": getattr(total, f.name), "capacity": getattr(self.host, f.name)}
+                  for f in fields(self.host)}
+        if self.disk is not None:  # the data directory's file system, whoever else fills it
+            size = self.disk.total_mb()
+            report["disk_mb"] = {"used": size - self.disk.free_mb(), "capacity": size}
+        return report

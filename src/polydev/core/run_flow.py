@@ -31,7 +31,7 @@ from polydev.core.guest import Guest, GuestProcess, base_files
 from polydev.core.relay import StoreRelay, wait_for
 from polydev.core.run_events import EventWriter, RunEvents, stream
 from polydev.core.tasks import LiveTask, end_all
-from polydev.core.vm_flow import Admit, EngineSource, VmFlow, admit_all, egress_error
+from polydev.core.vm_flow import Admit, EngineSource, VmFlow, admit_all, failure_reason
 from polydev.providers import get_adapter
 from polydev.providers.base import (
     CredentialBundle,
@@ -269,7 +269,7 @@ class RunFlow(VmFlow):
             log.warning("run_failed", run_id=str(run_id), error=error)
         finally:
             if status in ("failed", "timeout"):
-                error = egress_error(engine, vm_id, error)
+                error = await failure_reason(engine, vm_id, error)
             live.ending.set()
             with contextlib.suppress(Exception):  # a failure to store it has failed the run already
                 await live.writer.settle()

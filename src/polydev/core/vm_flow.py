@@ -43,6 +43,21 @@ class VmFlow:
         return engine
 
 
+async def failure_reason(engine: VmPort, vm_id: uuid.UUID | None, error: str | None) -> str | None:
+    """A failed login's or run's reason, from the host's side when it knows better than the CLI or the
+    agent: the VM paused because the host's disk is full (the agent just stops answering), else the egress
+    gateway's refusal (egress_error), else `error`. Asked before the VM is destroyed."""
+    if vm_id is not None:
+        try:
+            stalled = await engine.stall_reason(vm_id)
+        except Exception:  # noqa: BLE001 - no answer from the hypervisor is no evidence
+            stalled = None
+        if stalled is not None:
+            log.warning("flow_failed_vm_paused", vm_id=str(vm_id), error=error, reason=stalled)
+            return stalled
+    return egress_error(engine, vm_id, error)
+
+
 def egress_error(engine: VmPort, vm_id: uuid.UUID | None, error: str | None) -> str | None:
     """A failed login's or run's reason: the egress gateway's, in words, when it refused or could not reach a
     host for this VM (the CLI itself only says e.g. `getaddrinfo ETIMEOUT` or `403`); else `error`."""

@@ -40,6 +40,7 @@ from polydev.store.leases import LeaseRepo, PoolExhausted
 from polydev.store.models import VmRecord, utcnow
 from polydev.store.vms import CleanupTaskRepo, VmRepo
 from polydev.vm import lifetime
+from polydev.vm.disk_space import OUT_OF_DISK, DiskSpace, DiskWatch
 from polydev.vm.network import VNC_PORT, Slot, SlotNetwork
 from polydev.vm.pool import WarmPool
 from polydev.vm.proc import engine_tag, find_marked_processes, marker_for
@@ -83,7 +84,8 @@ class VMEngine:
                  data_dir: Path, network: SlotNetwork | None = None, vcpus: dict[str, int] | None = None,
                  memory_mb: dict[str, int] | None = None, keep_failed: bool = False, pool_size: int = 0,
                  pool_prepare: PoolPrepare | None = None, egress: EgressHook | None = None,
-                 process_finder: Callable[[str], dict[uuid.UUID, int]] = find_marked_processes) -> None:
+                 process_finder: Callable[[str], dict[uuid.UUID, int]] = find_marked_processes,
+                 min_free_disk_mb: int = 0) -> None:
         self.backend = backend
         self.vms = vms
         self.cleanup = cleanup
@@ -109,6 +111,9 @@ class VMEngine:
         self.pool = WarmPool(vms=vms, size=pool_size, prepare=pool_prepare,
                              start=lambda: self._create(None, "cli", ttl=None), prepare_vm=self._prepare)
         self.reaper = Reaper(self)
+        # VMs paused on a full data directory are resumed once space is back (on the reaper's beat).
+        self.disk = DiskWatch(DiskSpace(data_dir, min_free_disk_mb), backend,
+                              lambda: [self.workdir(vm_id) for vm_id in self._tokens])
 
     # -- paths --------------------------------------------------------------------------------------------
     def workdir(self, vm_id: uuid.UUID) -> Path:
@@ -156,6 +161,13 @@ class VMEngine:
     def egress_refusal(self, vm_id: uuid.UUID, host: str | None = None) -> str | None:
         """Why the egress gateway last refused or failed a connection of this VM (to `host`), if it did."""
         return self.egress.last_refusal(vm_id, host) if self.egress is not None else None
+
+    async def stall_reason(self, vm_id: uuid.UUID) -> str | None:
+        """Why the hypervisor holds this VM paused, if it does: its disk could not grow (the data directory
+        is full). A flow whose VM stopped answering asks before it says so."""
+        if vm_id not in self._tokens or not await self.disk.paused(self.workdir(vm_id)):
+            return None
+        return OUT_OF_DISK
 
     async def fill_pool(self) -> int:
         """Start VMs until the pool holds its size; returns how many it started."""

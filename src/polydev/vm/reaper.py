@@ -87,6 +87,7 @@ class Reaper:
         on another machine: that server reaps it). Returns how many VMs it destroyed."""
         engine = self.engine
         done = 0
+        await engine.disk.check()  # VMs paused on a full disk go on once space is back
         for row in await engine.vms.expired():
             if await engine.destroy(row.vm_id):
                 done += 1

@@ -143,6 +143,28 @@ class QemuBackend:
         directory = self.snapshot_dir(vcpus, memory_mb, "tap" if slot else "user")
         return Snapshot.load(self.snapshots.ensure(directory, make))
 
+    def _vm(self, workdir: Path) -> QemuVM | None:
+        with self._lock:
+            vm = self._vms.get(workdir)
+        return vm if vm is not None and vm.alive() else None
+
+    def io_paused(self, workdir: Path) -> bool:
+        """Whether QEMU paused this VM on a disk error (ENOSPC: its overlay could not grow)."""
+        vm = self._vm(workdir)
+        try:
+            return vm is not None and vm.qmp("query-status")["status"] == "io-error"
+        except Exception:  # noqa: BLE001 - QEMU gone or its QMP socket busy: not known to be paused
+            return False
+
+    def resume(self, workdir: Path) -> bool:
+        """Let a VM paused on a disk error go on (its failed write is retried)."""
+        vm = self._vm(workdir)
+        try:
+            return vm is not None and vm.qmp("cont") == {}
+        except Exception:  # noqa: BLE001
+            log.warning("could not resume the VM in %s", workdir, exc_info=True)
+            return False
+
     async def stop(self, pid: int | None, workdir: Path) -> None:
         await asyncio.to_thread(self._stop, pid, workdir)
 
