@@ -24,7 +24,7 @@ from polydev.core.egress_admin import EgressAdmin
 from polydev.core.login_browser import LoginBrowser
 from polydev.core.login_flow import LoginFlow
 from polydev.core.login_sessions import LoginSessions
-from polydev.core.quotas import Admission, HostCapacity, Kind, Quota
+from polydev.core.quotas import Admission, Hold, HostCapacity, Kind, Quota
 from polydev.core.run_flow import RunFlow
 from polydev.core.sandbox_procs import ProcessTable
 from polydev.core.sandboxes import Sandboxes
@@ -113,9 +113,9 @@ class Services:
                 return None
         return LoginBrowser()
 
-    async def admit(self, user_id: uuid.UUID, kind: Kind, purpose: str) -> None:
+    async def admit(self, user_id: uuid.UUID, kind: Kind, purpose: str) -> Hold:
         """Quotas and the host's capacity for one more login, run or VM of `purpose` (cli or browser)."""
-        await self.admission.check(user_id, kind, *self.settings.vm_size(purpose))
+        return await self.admission.check(user_id, kind, *self.settings.vm_size(purpose))
 
     def guest_env(self, provider: str) -> GuestEnv:
         """How a VM for `provider` reaches the outside, per the settings."""

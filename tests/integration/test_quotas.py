@@ -4,6 +4,7 @@ fixture): a login, run or VM past a user's limit answers 429 `quota_exceeded`, p
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import replace
 
@@ -15,6 +16,7 @@ from polydev.store.models import AuthSession, Run, VmRecord
 from polydev.vm.disk_space import DiskSpace
 from tests.support.app import Api
 from tests.support.flow_api import (
+    api_key_user,
     logged_in,
     no_vms_left,
     post_run,
@@ -104,6 +106,30 @@ async def test_a_full_host_refuses_with_503_and_frees_up_after(flows: Api) -> No
     await wait_run(flows, h, first)
     assert (await wait_run(flows, other, await post_run(flows, other, "hi")))["status"] == "succeeded"
     admission.host = replace(admission.host, vcpus=1000)
+    await no_vms_left(flows)
+
+
+async def test_requests_arriving_together_cannot_all_pass_on_the_same_room(flows: Api) -> None:
+    """Six runs posted at once on a host with room for two CLI VMs: two are admitted, four refused, though no
+    VM row exists yet when the later ones are checked (each admitted run holds its share until its VM's row
+    does)."""
+    admission = flows.services.admission
+    s = flows.services.settings
+    users = [await api_key_user(flows) for _ in range(6)]
+    admission.host = HostCapacity(vcpus=2 * s.vm_cli_vcpu, memory_mb=100_000)
+    try:
+        answers = await asyncio.gather(*(flows.client.post(
+            "/api/runs", json={"provider": "claude_code", "prompt": "sleep 5"}, headers=h) for h in users))
+        assert sorted(r.status_code for r in answers) == [202, 202, 503, 503, 503, 503], [r.text for r in answers]
+        for r in answers:
+            if r.status_code == 503:
+                assert r.json()["error"]["limit"] == "vcpus", r.text
+        for h, r in zip(users, answers, strict=True):
+            if r.status_code == 202:
+                assert (await wait_run(flows, h, r.json()["id"]))["status"] == "succeeded"
+        assert admission._held == []  # nothing held once the VMs' rows (and then their ends) count them
+    finally:
+        admission.host = replace(admission.host, vcpus=1000)
     await no_vms_left(flows)
 
 

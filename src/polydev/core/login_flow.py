@@ -89,19 +89,25 @@ class LoginFlow(VmFlow):
             raise ValueError(f"{provider} supports login method(s) {', '.join(adapter.login_methods)}, "
                              f"not {method!r}")
         engine = self._running_engine()
-        await self.admit(user_id, "login", "browser" if self._browser() is not None else self.vm_purpose)
-        env = self._guest_env(provider)
-        plan = adapter.login_plan(method, env)  # type: ignore[arg-type]
-        live = await self.sessions.start(user_id, provider, method)
-        sid = uuid.UUID(live["session_id"])
-        pooled = self.pool.take(provider, method)
-        if pooled is not None:
-            adopted = await hand_over(pooled, sid, user_id, engine=engine, sessions=self.sessions,
-                                      timeout=self.timeout, track=self._track)
-            if adopted is not None:
-                return adopted
-        live = await self.sessions.update(sid, accepts_code=plan.accepts_code) or live
-        login = Login(sid, user_id, adapter, plan, env, browser=self._browser())
+        hold = await self.admit(user_id, "login", "browser" if self._browser() is not None else self.vm_purpose)
+        try:
+            env = self._guest_env(provider)
+            plan = adapter.login_plan(method, env)  # type: ignore[arg-type]
+            live = await self.sessions.start(user_id, provider, method)
+            hold.counted("logins")  # its session's row counts it from here on
+            sid = uuid.UUID(live["session_id"])
+            pooled = self.pool.take(provider, method)
+            if pooled is not None:
+                adopted = await hand_over(pooled, sid, user_id, engine=engine, sessions=self.sessions,
+                                          timeout=self.timeout, track=self._track)
+                if adopted is not None:
+                    hold.release()  # the pre-started login's VM, now its user's, counts it
+                    return adopted
+            live = await self.sessions.update(sid, accepts_code=plan.accepts_code) or live
+        except BaseException:
+            hold.release()
+            raise
+        login = Login(sid, user_id, adapter, plan, env, browser=self._browser(), hold=hold)
         self._track(login)
         login.task = asyncio.create_task(self._drive(login, engine), name=f"login-{sid}")
         log.info("login_started", session_id=str(sid), provider=provider, method=method)
@@ -255,7 +261,10 @@ class LoginFlow(VmFlow):
         try:
             async with asyncio.timeout(limit) as login.deadline:
                 purpose: Purpose = "browser" if login.browser is not None else self.vm_purpose
-                vm = await engine.create(login.user_id, purpose, ttl=vm_ttl(budget))
+                try:
+                    vm = await engine.create(login.user_id, purpose, ttl=vm_ttl(budget))
+                finally:
+                    login.release_hold()  # its VM's row counts it now (or there is none)
                 engine.label(vm.id, purpose="login", provider=login.adapter.name, browser=login.browser is not None)
                 async with login.publishing:
                     login.vm_id = vm.id
@@ -294,6 +303,7 @@ class LoginFlow(VmFlow):
             # refusal then (the sign-in page's browser pulling something) is incidental, not the reason.
             if status == "failed" or (status == "timeout" and not login.awaiting.is_set()):
                 error = await failure_reason(engine, login.vm_id, error)
+            login.release_hold()  # (ended before its VM was asked for)
             login.ending.set()  # VNC bridges close before the VM goes; a cancel now waits for the rest
             await cancel_and_wait(helpers)
             for proc in login.browser_procs:  # (the VM takes them along; a stand-in guest would not)

@@ -12,6 +12,7 @@ from typing import Any
 from polydev.core.guest import Guest, GuestProcess
 from polydev.core.login_browser import LoginBrowser
 from polydev.core.login_sessions import LoginSessions
+from polydev.core.quotas import Hold
 from polydev.core.rfb import new_password
 from polydev.core.tasks import LiveTask
 from polydev.providers.base import GuestEnv, LoginPlan, ProviderAdapter
@@ -44,6 +45,12 @@ class Login(LiveTask):
     unpublished: dict[str, Any] = field(default_factory=dict)
     deadline: asyncio.Timeout | None = None
     publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # What its admission holds for its VM until that VM's row exists (core/quotas.Hold); None: pre-started.
+    hold: Hold | None = None
+
+    def release_hold(self) -> None:
+        if self.hold is not None:
+            self.hold.release()
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,10 @@ machine (its CPUs × HOST_VCPU_OVERCOMMIT, its memory less HOST_RESERVED_MEMORY_
 directory keeps HOST_MIN_FREE_DISK_MB free (the VMs' disks grow into it). With several servers on one
 database each host's capacity is its own: only the VMs its server hosts count against it.
 
-Use is counted from the database, so the limits hold across restarts and replicas; two requests that
-arrive at the same instant may both pass (the engine's own slot pool still bounds tap-mode VMs).
+Use is counted from the database, so the limits hold across restarts and replicas. What a request was
+admitted for is held (`Hold`) until the rows that count it exist (its login or run row, then its VM's row),
+so requests arriving together on one server cannot all pass on the same free room; two servers admitting at
+the same instant may still both pass (the engine's own slot pool still bounds tap-mode VMs).
 """
 
 from __future__ import annotations
@@ -97,6 +99,27 @@ class HostFull(Exception):
                          "more needed; try again later")
 
 
+class Hold:
+    """What an admitted login, run or VM will take, counted by the admission that made it until the rows that
+    count it exist: `counted(kind)` once its login or run row is written, `release()` once its VM's row is
+    (or when it will never be). Both are idempotent."""
+
+    def __init__(self, user_id: uuid.UUID, wanted: dict[str, int], book: list[Hold] | None = None) -> None:
+        self.user_id, self.wanted, self._book = user_id, wanted, book
+
+    @classmethod
+    def nothing(cls, user_id: uuid.UUID) -> Hold:
+        """A hold on nothing (no admission control)."""
+        return cls(user_id, {})
+
+    def counted(self, name: str) -> None:
+        self.wanted[name] = 0
+
+    def release(self) -> None:
+        if self._book is not None and self in self._book:
+            self._book.remove(self)
+
+
 class FreeSpace(Protocol):
     """The data directory's free space (polydev.vm.disk_space.DiskSpace)."""
 
@@ -122,26 +145,35 @@ class Admission:
         self.defaults = defaults
         self.host = host
         self.disk = disk
+        self._held: list[Hold] = []  # admitted here, not yet (all) in the rows that count them
         self.server_id = server_id  # the host's use is this server's VMs (None: every VM, one server alone)
 
     async def quota(self, user_id: uuid.UUID) -> Quota:
         return self.defaults.merged(await self.repo.overrides(user_id))
 
-    async def check(self, user_id: uuid.UUID, kind: Kind, vcpus: int, memory_mb: int) -> None:
-        """QuotaExceeded or HostFull when a new `kind` with a VM of this size cannot be admitted now."""
+    async def check(self, user_id: uuid.UUID, kind: Kind, vcpus: int, memory_mb: int) -> Hold:
+        """QuotaExceeded or HostFull when a new `kind` with a VM of this size cannot be admitted now; else
+        what it was admitted for, held until its rows count it (see Hold)."""
         quota, used = await self.quota(user_id), await self.repo.usage(user_id)
+        total = await self.repo.usage(None, self.server_id)
+        # From here to the hold's booking nothing awaits: another request's check sees this one's hold.
         wanted = {"vms": 1, "logins": int(kind == "login"), "runs": int(kind == "run"), "vcpus": vcpus,
                   "memory_mb": memory_mb}
         for name in LIMITS:
-            have, limit = getattr(used, name), getattr(quota, name)
+            have, limit = getattr(used, name) + self._holding(name, user_id), getattr(quota, name)
             if wanted[name] and have + wanted[name] > limit:
                 raise QuotaExceeded(name, have, limit)
-        total = await self.repo.usage(None, self.server_id)
         for name in ("vcpus", "memory_mb"):
-            have, cap = getattr(total, name), getattr(self.host, name)
+            have, cap = getattr(total, name) + self._holding(name), getattr(self.host, name)
             if have + wanted[name] > cap:
                 raise HostFull(name, have, wanted[name], cap)
         self._check_disk()
+        hold = Hold(user_id, wanted, self._held)
+        self._held.append(hold)
+        return hold
+
+    def _holding(self, name: str, user_id: uuid.UUID | None = None) -> int:
+        return sum(h.wanted.get(name, 0) for h in self._held if user_id is None or h.user_id == user_id)
 
     def _check_disk(self) -> None:
         if self.disk is None or not self.disk.min_free_mb:

@@ -28,6 +28,7 @@ from polydev.core import run_warmup
 from polydev.core.credential_sync import write_back
 from polydev.core.errors import NoCredential, describe
 from polydev.core.guest import Guest, GuestProcess, base_files
+from polydev.core.quotas import Hold
 from polydev.core.relay import StoreRelay, wait_for
 from polydev.core.run_events import EventWriter, RunEvents, stream
 from polydev.core.tasks import LiveTask, end_all
@@ -103,14 +104,19 @@ class RunFlow(VmFlow):
         if found is None:
             raise NoCredential(provider)
         engine = self._running_engine()
-        await self.admit(user_id, "run", "cli")
+        hold = await self.admit(user_id, "run", "cli")
         kind, secret = found
         bundle = CredentialBundle.from_bytes(secret, kind)
         timeout = timeout or self.default_timeout
-        row = await self.runs.create(user_id, provider, prompt, timeout_seconds=timeout, credential_kind=kind)
+        try:
+            row = await self.runs.create(user_id, provider, prompt, timeout_seconds=timeout, credential_kind=kind)
+        except BaseException:
+            hold.release()
+            raise
+        hold.counted("runs")  # its row counts it from here on; its VM's share is held until that VM's row
         live = _Live(row.id, self._writer(row.id))
         self._live[row.id] = live
-        live.task = asyncio.create_task(self._drive(live, row, adapter, bundle, files or {}, engine),
+        live.task = asyncio.create_task(self._drive(live, row, adapter, bundle, files or {}, engine, hold),
                                         name=f"run-{row.id}")
         if self._cancels is not None:
             self._cancels.watch(lambda: list(self._live.items()), self._relayed_cancel)
@@ -193,7 +199,7 @@ class RunFlow(VmFlow):
         return EventWriter(self.runs, self.events, run_id)
 
     async def _drive(self, live: _Live, row: Run, adapter: ProviderAdapter, bundle: CredentialBundle,
-                     files: dict[str, bytes], engine: VmPort) -> None:
+                     files: dict[str, bytes], engine: VmPort, hold: Hold) -> None:
         run_id = row.id
         timeout = row.timeout_seconds or self.default_timeout
         env = self._guest_env(adapter.name)
@@ -207,7 +213,10 @@ class RunFlow(VmFlow):
         try:
             # Stored while the VM is handed out and the CLI started: neither needs to wait for it.
             live.writer.emit_soon(event("status", message="starting a VM"))
-            vm = await engine.create(row.user_id, "cli", ttl=timedelta(seconds=timeout + 180))
+            try:
+                vm = await engine.create(row.user_id, "cli", ttl=timedelta(seconds=timeout + 180))
+            finally:
+                hold.release()  # its VM's row counts it now (or there is none)
             vm_id = vm.id
             engine.label(vm.id, purpose="run", provider=adapter.name)
             guest = Guest(engine.agent(vm.id, timeout=timeout + 60))
@@ -268,6 +277,7 @@ class RunFlow(VmFlow):
             error = _reason(exc, vm_id is not None)
             log.warning("run_failed", run_id=str(run_id), error=error)
         finally:
+            hold.release()  # (cancelled before its VM was asked for)
             if status in ("failed", "timeout"):
                 error = await failure_reason(engine, vm_id, error)
             live.ending.set()

@@ -129,13 +129,15 @@ class VmAdmin:
         from polydev.vm.engine import VMCapacityError, VMCreateError
 
         ttl = timedelta(seconds=ttl_seconds) if ttl_seconds else self.default_ttl
-        await self.admit(user_id, "vm", purpose)
+        hold = await self.admit(user_id, "vm", purpose)
         try:
             return await engine.create(user_id, purpose, ttl=ttl)
         except VMCapacityError as exc:
             raise VmNoCapacity(f"no capacity for another VM right now: {exc.reason}", exc.vm_id) from None
         except VMCreateError as exc:
             raise VmCreateFailed(str(exc), exc.vm_id) from None
+        finally:
+            hold.release()  # its VM's row counts it now (or there is none)
 
     async def get(self, vm_id: uuid.UUID) -> VM:
         return await self._get(self._port(), vm_id)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 from polydev.core.errors import FlowUnavailable
+from polydev.core.quotas import Hold
 from polydev.providers.base import GuestEnv
 from polydev.store.credentials import CredentialRepo
 
@@ -18,12 +19,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 EngineSource = Callable[[], "tuple[VmPort | None, str | None]"]  # the VM engine, or None and why there is none
-# Admission (core/quotas.py): (user, what: login/run/vm, VM purpose: cli/browser) → raises when refused.
-Admit = Callable[[uuid.UUID, Literal["login", "run", "vm"], str], Awaitable[None]]
+# Admission (core/quotas.py): (user, what: login/run/vm, VM purpose: cli/browser) → raises when refused, else
+# what it admitted, held until the rows that count it exist (Hold: the flow says when).
+Admit = Callable[[uuid.UUID, Literal["login", "run", "vm"], str], Awaitable[Hold]]
 
 
-async def admit_all(user_id: uuid.UUID, kind: Literal["login", "run", "vm"], purpose: str) -> None:
+async def admit_all(user_id: uuid.UUID, kind: Literal["login", "run", "vm"], purpose: str) -> Hold:
     """No quotas (a flow built without admission control)."""
+    return Hold.nothing(user_id)
 
 
 class VmFlow:
