@@ -97,8 +97,17 @@ async def test_a_full_host_refuses_with_503_and_frees_up_after(flows: Api) -> No
     refused(await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=other),
             503, "host_capacity", "vcpus")
     assert await counts(flows, other_uid) == before
-    host = (await flows.client.get("/api/quotas/host", headers=flows.auth(flows.admin_token))).json()["capacity"]
+    report = (await flows.client.get("/api/quotas/host", headers=flows.auth(flows.admin_token))).json()
+    host = report["capacity"]
     assert host["vcpus"] == {"used": s.vm_cli_vcpu, "capacity": s.vm_cli_vcpu}
+    assert report["servers"] == []  # this server has not joined a cluster (its heartbeat is not running)
+    await flows.services.cluster.start(runs_vms=True)
+    try:  # every server that runs VMs, this one marked (here the only one): its VMs' use as the database has it
+        [this] = (await flows.client.get("/api/quotas/host", headers=flows.auth(flows.admin_token))).json()["servers"]
+        assert this["this"] and this["server_id"] == str(flows.services.server_id)
+        assert this["vcpus"] == {"used": s.vm_cli_vcpu, "capacity": flows.services.cluster.capacity.vcpus}
+    finally:
+        await flows.services.cluster.stop()
     metrics = (await flows.client.get("/metrics")).text
     assert f'polydev_host_used{{resource="vcpus"}} {float(s.vm_cli_vcpu)}' in metrics
     assert f'polydev_host_capacity{{resource="vcpus"}} {float(s.vm_cli_vcpu)}' in metrics

@@ -150,6 +150,10 @@ class Cluster:
             vms += 1
         return {"logins": logins, "runs": runs, "vms": vms}
 
+    async def loads(self) -> list[Load]:
+        """Every live server that runs VMs, with what its VMs hold of its host's capacity."""
+        return await self.servers.live_loads(self.stale_after)
+
     async def place(self, vcpus: int, memory_mb: int) -> Load | None:
         """The server a new VM of this size should go to, when it is another one (None: here). A server
         without a VM engine sends all such work to one that has one."""

@@ -262,9 +262,9 @@ class LoginFlow(VmFlow):
             async with asyncio.timeout(limit) as login.deadline:
                 purpose: Purpose = "browser" if login.browser is not None else self.vm_purpose
                 try:
-                    vm = await engine.create(login.user_id, purpose, ttl=vm_ttl(budget))
+                    vm = await engine.create(login.user_id, purpose, ttl=vm_ttl(budget), on_row=login.release_hold)
                 finally:
-                    login.release_hold()  # its VM's row counts it now (or there is none)
+                    login.release_hold()  # (called at its row already, unless it failed before one)
                 engine.label(vm.id, purpose="login", provider=login.adapter.name, browser=login.browser is not None)
                 async with login.publishing:
                     login.vm_id = vm.id

@@ -102,7 +102,7 @@ class HostFull(Exception):
 class Hold:
     """What an admitted login, run or VM will take, counted by the admission that made it until the rows that
     count it exist: `counted(kind)` once its login or run row is written, `release()` once its VM's row is
-    (or when it will never be). Both are idempotent."""
+    (the engine's `on_row`), or when it will never be. Both are idempotent."""
 
     def __init__(self, user_id: uuid.UUID, wanted: dict[str, int], book: list[Hold] | None = None) -> None:
         self.user_id, self.wanted, self._book = user_id, wanted, book

@@ -214,9 +214,10 @@ class RunFlow(VmFlow):
             # Stored while the VM is handed out and the CLI started: neither needs to wait for it.
             live.writer.emit_soon(event("status", message="starting a VM"))
             try:
-                vm = await engine.create(row.user_id, "cli", ttl=timedelta(seconds=timeout + 180))
+                vm = await engine.create(row.user_id, "cli", ttl=timedelta(seconds=timeout + 180),
+                                         on_row=hold.release)
             finally:
-                hold.release()  # its VM's row counts it now (or there is none)
+                hold.release()  # (called at its row already, unless it failed before one)
             vm_id = vm.id
             engine.label(vm.id, purpose="run", provider=adapter.name)
             guest = Guest(engine.agent(vm.id, timeout=timeout + 60))

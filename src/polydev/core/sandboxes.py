@@ -144,11 +144,11 @@ class Sandboxes:
         hold = await self._admit(user_id, "vm", purpose)  # QuotaExceeded / HostFull reach the API as 429 / 503
         ttl = timedelta(seconds=spec.timeout_s)
         try:
-            vm = await engine.create(user_id, purpose, ttl=ttl)  # type: ignore[arg-type]
+            vm = await engine.create(user_id, purpose, ttl=ttl, on_row=hold.release)  # type: ignore[arg-type]
         except VMCreateError as exc:
             raise SandboxUnavailable(f"the sandbox's VM failed to start: {exc.reason}") from None
         finally:
-            hold.release()  # its VM's row counts it now (or there is none)
+            hold.release()  # (called at its row already, unless it failed before one)
         # The egress gateway's purpose: "sandbox" reaches what EGRESS_SANDBOX_OPEN and EGRESS_ALLOW allow;
         # without internet access, nothing (not even the operator's EGRESS_ALLOW hosts).
         engine.label(vm.id, purpose="sandbox" if spec.internet else OFFLINE_PURPOSE)

@@ -128,13 +128,16 @@ class VMEngine:
 
     # -- create / destroy ---------------------------------------------------------------------------------
     async def create(self, user_id: uuid.UUID | None, purpose: Purpose = "cli",
-                     ttl: timedelta = timedelta(minutes=30)) -> VM:
+                     ttl: timedelta = timedelta(minutes=30), on_row: Callable[[], None] | None = None) -> VM:
+        """`on_row`: called once the VM has its row (its user's and its host's use count it from then on)."""
         if purpose == "cli" and (pooled := self.pool.take(user_id, ttl)) is not None:
             self._extend(pooled.id, pooled.expires_at)
             if self.egress is not None:
                 self.egress.update(pooled.id, user_id=user_id)
+            if on_row is not None:
+                on_row()
             return pooled
-        return await self._create(user_id, purpose, ttl)
+        return await self._create(user_id, purpose, ttl, on_row)
 
     async def assign(self, vm_id: uuid.UUID, user_id: uuid.UUID | None, ttl: timedelta) -> VM:
         """Give a running VM that was started for nobody (a pooled one) to its user, with a new expiry."""
@@ -194,19 +197,20 @@ class VMEngine:
                 raise VMCreateError(vm.id, reason, kept) from exc
             raise
 
-    async def _create(self, user_id: uuid.UUID | None, purpose: Purpose, ttl: timedelta | None) -> VM:
+    async def _create(self, user_id: uuid.UUID | None, purpose: Purpose, ttl: timedelta | None,
+                      on_row: Callable[[], None] | None = None) -> VM:
         vm_id = uuid.uuid4()
         if self._closing:
             raise VMCreateError(vm_id, "the VM engine is shutting down")
         ended = self._creating[vm_id] = asyncio.Event()
         try:
-            return await self._make(vm_id, user_id, purpose, ttl)
+            return await self._make(vm_id, user_id, purpose, ttl, on_row)
         finally:
             del self._creating[vm_id]
             ended.set()
 
     async def _make(self, vm_id: uuid.UUID, user_id: uuid.UUID | None, purpose: Purpose,
-                    ttl: timedelta | None) -> VM:
+                    ttl: timedelta | None, on_row: Callable[[], None] | None = None) -> VM:
         workdir = self.workdir(vm_id)
         expires = utcnow() + ttl if ttl is not None else None  # pooled VMs do not expire until handed out
         try:
@@ -219,6 +223,8 @@ class VMEngine:
             with contextlib.suppress(Exception):
                 await self.vms.mark_failed(vm_id, CANCELLED)
             raise
+        if on_row is not None:
+            on_row()
         token = secrets.token_urlsafe(32)
         slot: Slot | None = None
         try:

@@ -32,8 +32,18 @@ class QuotasOut(BaseModel):
     usage: dict[str, int] = Field(description="what the user holds now, against each limit")
 
 
+class ServerOut(BaseModel):
+    server_id: uuid.UUID
+    this: bool = Field(description="the server that answered")
+    vcpus: dict[str, int] = Field(description="used and capacity")
+    memory_mb: dict[str, int] = Field(description="used and capacity")
+
+
 class HostOut(BaseModel):
-    capacity: dict[str, dict[str, int]] = Field(description="per resource (vcpus, memory_mb): used and capacity")
+    capacity: dict[str, dict[str, int]] = Field(description="this server's host, per resource (vcpus, memory_mb, "
+                                                            "disk_mb): used and capacity")
+    servers: list[ServerOut] = Field(default_factory=list, description="every live server that runs VMs, with "
+                                     "what its VMs hold of its host (several servers on one database)")
 
 
 _NOT_FOUND = {404: {"description": "no such user (`not_found`)"}}
@@ -78,5 +88,11 @@ async def set_quotas(user_id: uuid.UUID, body: QuotasIn, _: AdminUser, services:
 
 @router.get("/quotas/host", response_model=HostOut)
 async def host_capacity(_: AdminUser, services: ServicesDep) -> HostOut:
-    """The host's capacity and what all live VMs hold of it (admins)."""
-    return HostOut(capacity=await services.admission.host_report())
+    """This server's host's capacity and what its live VMs hold of it, and the same for every live server
+    that runs VMs (admins): any server answers for the whole deployment."""
+    loads = await services.cluster.loads()
+    return HostOut(capacity=await services.admission.host_report(),
+                   servers=[ServerOut(server_id=load.server_id, this=load.server_id == services.server_id,
+                                      vcpus={"used": load.used_vcpus, "capacity": load.vcpus},
+                                      memory_mb={"used": load.used_memory_mb, "capacity": load.memory_mb})
+                            for load in loads])
