@@ -1,7 +1,9 @@
 """The reliability suite: real servers booting real VMs (QEMU, the `test` image) whose CLIs are the scripted stand-in
 (tests/support/scripted_vm_server.py), under load and under faults. Each scenario adds a row to the table printed
 at the end of the run (pytest's terminal summary, so CI's output shows it): what load it held, what fault it
-injected, how many logins and runs ended with a status and a reason, the orphans found and the 5xx answers.
+injected, how many logins and runs ended with a status and a reason, the orphans found and the 5xx answers
+(not counting a 503 that names the store or the disk that is out, with Retry-After: the answer designed for
+that fault).
 
 POLYDEV_RELIABILITY_LONG=1 runs the longer version (more rounds of load) instead of the one CI runs.
 """

@@ -40,6 +40,12 @@ def stores() -> Iterator[tuple[servers.Server, servers.Server]]:
     pg.close()
 
 
+def _names_the_store(code: int, body: dict) -> bool:
+    """/health says which part is down (503 "degraded"); the API answers 503 store_unavailable."""
+    return code == 503 and (body.get("error", {}).get("code") == "store_unavailable"
+                            or body.get("status") == "degraded")
+
+
 def _until_ended(url: str, token: str, ends: tuple[str, ...], timeout: float = 900) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -105,17 +111,14 @@ def test_the_database_and_redis_stopped_and_restarted_under_load(tmp_path_factor
     jobs = ended_logins + ended_runs
     with_reason = [j for j in jobs if j["status"] in ("completed", "succeeded") or
                    (j["status"] is not None and j.get("error_message"))]
-    server_errors = [code for answers in during.values() for code, _ in answers if code >= 500 or code == 0]
+    # A 503 naming the store that is down (with Retry-After) is the answer designed for an outage, not an error.
+    server_errors = [code for answers in during.values() for code, body in answers
+                     if code == 0 or code >= 500 and not _names_the_store(code, body)]
     report.append(Row("database and Redis restarted", f"{USERS} logins + {RUNS} runs under way",
                       f"PostgreSQL, then Redis, down {OUTAGE_S + 2} s each", f"{len(with_reason)}/{len(jobs)}",
                       sum(found.values()), len(server_errors)))
     # While a store was down, answers were clear JSON errors or answers, never a hang or a bare 500.
-    for name, answers in during.items():
-        for code, body in answers:
-            assert code != 0, f"no answer within 30 s while {name} was down"
-            # /health says which part is down (503 "degraded"); the API answers 503 store_unavailable.
-            assert code < 500 or code == 503 and (body.get("error", {}).get("code") == "store_unavailable"
-                                                  or body.get("status") == "degraded"), (name, code, body)
+    assert server_errors == [], during
     assert health.status_code == 200, health.text
     assert len(with_reason) == len(jobs), jobs
     # Nothing lost: the logins finished with the code sent after the outages.
