@@ -39,7 +39,7 @@ import structlog
 from polydev.store.leases import LeaseRepo, PoolExhausted
 from polydev.store.models import VmRecord, utcnow
 from polydev.store.vms import CleanupTaskRepo, VmRepo
-from polydev.vm import lifetime
+from polydev.vm import hibernation, lifetime
 from polydev.vm.disk_space import OUT_OF_DISK, DiskSpace, DiskWatch
 from polydev.vm.network import VNC_PORT, Slot, SlotNetwork
 from polydev.vm.pool import WarmPool
@@ -376,6 +376,16 @@ class VMEngine:
 
         url, token = self.agent_endpoint(vm_id)
         return AgentClient(url, token, timeout=timeout)
+
+    # -- hibernation (polydev.vm.hibernation) -------------------------------------------------------------
+    async def hibernate(self, vm_id: uuid.UUID) -> str:
+        """Save the running VM to its work directory and end its process; returns its agent's token, which
+        `wake` needs (this engine forgets it). CannotHibernate says why not."""
+        return await hibernation.hibernate(self, vm_id)
+
+    async def wake(self, vm_id: uuid.UUID, token: str, ttl: timedelta) -> VM:
+        """Start a hibernated VM again as it was; VMCreateError when it fails (its files are kept)."""
+        return await hibernation.wake(self, vm_id, token, ttl)
 
     # -- reconcile and reaping (polydev.vm.reaper) ---------------------------------------------------------
     async def reconcile(self, keep: Collection[uuid.UUID] = ()) -> dict[str, int]:

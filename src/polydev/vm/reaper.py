@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from polydev.vm import hibernation
+
 if TYPE_CHECKING:
     from polydev.vm.engine import VMEngine
 
@@ -68,14 +70,16 @@ class Reaper:
         if engine.network is not None:
             live_slots = {r.slot_index for r in live_rows.values() if r.slot_index is not None}
             counts["slots"] = len(await asyncio.to_thread(engine.network.reclaim, live_slots))
-        # 3. disks
+        # 3. disks (a hibernated VM's are its state: kept, and the VM adopted by this server)
+        counts["adopted"] = await hibernation.adopt(engine, set(keep))
+        hibernated = {r.vm_id for r in await engine.vms.list(live_only=False) if r.status == hibernation.HIBERNATED}
         if engine.vms_dir.exists():
             for child in engine.vms_dir.iterdir():
                 try:
                     vm_id = uuid.UUID(child.name)
                 except ValueError:
                     continue
-                if vm_id not in live_rows:
+                if vm_id not in live_rows and vm_id not in hibernated:
                     shutil.rmtree(child, ignore_errors=True)
                     counts["disks"] += 1
         if any(counts.values()):

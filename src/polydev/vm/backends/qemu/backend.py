@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shutil
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 from polydev.vm import lifetime, proc
 from polydev.vm.backends.qemu import snapshot
 from polydev.vm.backends.qemu.machine import QemuVM, free_port, kvm_available, kvm_usable
+from polydev.vm.backends.qemu.errors import VMError
 from polydev.vm.backends.qemu.snapshot import Snapshot
 from polydev.vm.forwards import RELAY_MISSING, GuestForward, relay_path
 from polydev.vm.images import Image
@@ -25,6 +27,8 @@ from polydev.vm.snapshots import SnapshotCache, Template, Workspace
 from polydev.vm.types import BackendInfo, Started, VMSpec
 
 log = logging.getLogger(__name__)
+# A hibernated VM's files beside its overlay: its memory and device state, and what it was started with.
+HIBERNATED_STATE, HIBERNATED_META = "hibernated.state", "hibernated.json"
 
 
 class QemuBackend:
@@ -164,6 +168,47 @@ class QemuBackend:
         except Exception:  # noqa: BLE001
             log.warning("could not resume the VM in %s", workdir, exc_info=True)
             return False
+
+    # -- hibernation (polydev.vm.hibernation) -------------------------------------------------------------
+    def hibernate(self, workdir: Path) -> None:
+        """Save the running VM of `workdir` to files there (its memory and device state, and what it was
+        started with) and end its process; its overlay stays. Blocking."""
+        vm = self._vm(workdir)
+        if vm is None:
+            raise VMError(f"no running VM in {workdir}")
+        vm.hibernate(workdir / HIBERNATED_STATE)
+        meta = {"vcpus": vm.vcpus, "memory_mb": vm.memory_mb, "accel": vm.accel, "vnc": bool(vm.vnc_port),
+                "backing": [str(vm.backing[0]), vm.backing[1]] if vm.backing else None,
+                "ram_file": str(vm.ram_file[0]) if vm.ram_file else None}
+        (workdir / HIBERNATED_META).write_text(json.dumps(meta))
+        with self._lock:
+            self._vms.pop(workdir, None)
+
+    def hibernated(self, workdir: Path) -> bool:
+        return (workdir / HIBERNATED_META).exists() and (workdir / HIBERNATED_STATE).exists()
+
+    async def wake(self, spec: VMSpec) -> Started:
+        """Start the VM hibernated in `spec.workdir` again, as it was; its agent keeps its token (spec.token)."""
+        return await asyncio.to_thread(self._wake, spec)
+
+    def _wake(self, spec: VMSpec) -> Started:
+        meta = json.loads((spec.workdir / HIBERNATED_META).read_text())
+        egress = ((self.egress_guest_address, spec.egress_socket)
+                  if self.egress_guest_address and spec.egress_socket is not None else None)
+        backing = (Path(meta["backing"][0]), meta["backing"][1]) if meta["backing"] else None
+        vm = QemuVM(self.image, spec.workdir, token=spec.token, vcpus=meta["vcpus"], memory_mb=meta["memory_mb"],
+                    accel=meta["accel"], name=spec.marker, slot=spec.slot, backing=backing,
+                    guest_forwards=self.guest_forwards, egress=egress, deadline=spec.deadline,
+                    ram_file=(Path(meta["ram_file"]), False) if meta["ram_file"] else None)
+        vm.vnc_port = free_port() if meta["vnc"] and spec.slot is None else 0
+        vm.resume_from(spec.workdir / HIBERNATED_STATE, meta["accel"])
+        (spec.workdir / HIBERNATED_STATE).unlink(missing_ok=True)  # (RAM-sized: not kept once running)
+        (spec.workdir / HIBERNATED_META).unlink(missing_ok=True)
+        assert vm.pid is not None
+        with self._lock:
+            self._vms[spec.workdir] = vm
+        return Started(pid=vm.pid, agent_url=vm.agent_url, agent_port=vm.port, socket_path=str(vm.qmp_socket),
+                       vnc_address=("127.0.0.1", vm.vnc_port) if vm.vnc_port else None)
 
     async def stop(self, pid: int | None, workdir: Path) -> None:
         await asyncio.to_thread(self._stop, pid, workdir)

@@ -219,6 +219,45 @@ class QemuVM(QemuCommand):
         self.boot_seconds = time.monotonic() - started
         return self.boot_seconds
 
+    def resume_from(self, state: Path, accel: str, ready_timeout: float = 120.0) -> float:
+        """Start again a VM this work directory holds hibernated (`hibernate`): its overlay as it was, its
+        memory and devices from `state`, its agent still holding this VM's token. Returns seconds from QEMU
+        start to running. On failure QEMU is killed and the files are kept (the VM can be woken again)."""
+        self.accel = accel
+        self.port = free_port()
+        try:
+            with open(state, "rb") as stream:
+                started = self._spawn(accel, ["-incoming", "defer"], pass_fds=(stream.fileno(),), nice=RESTORED_NICE)
+                self._resume_when_migrated(started + ready_timeout, f"fd:{stream.fileno()}")
+        except BaseException as exc:
+            tail = list(self._tail)
+            self.kill()
+            if isinstance(exc, VMError) or not isinstance(exc, Exception):
+                raise
+            raise VMError(f"waking failed: {exc}", tail) from exc
+        finally:
+            self.token_file.unlink(missing_ok=True)
+        self.boot_seconds = time.monotonic() - started
+        return self.boot_seconds
+
+    def hibernate(self, state: Path) -> None:
+        """Stop the guest and write its memory and device state to `state` (QEMU migration; a restored VM's
+        RAM is its own private copy, so all of it goes in), then end QEMU keeping the overlay."""
+        self.qmp("stop")
+        if self.ram_file is not None:  # as its restore was told: the template's shared RAM is not in a stream
+            self.qmp("migrate-set-capabilities", IGNORE_SHARED)
+        self.qmp("migrate", {"uri": f"exec:cat > {state}"})
+        while True:
+            status = self.qmp("query-migrate").get("status")
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                self.qmp("cont")
+                raise VMError(f"hibernation: the migration {status}", list(self._tail))
+            time.sleep(0.05)
+        self.kill()
+        self.qmp_socket.unlink(missing_ok=True)
+
     def _resume_when_migrated(self, deadline: float, uri: str) -> None:
         from qemu.qmp import QMPClient
         from qemu.qmp.protocol import ConnectError

@@ -1,0 +1,113 @@
+"""Hibernation: a running VM saved to its work directory (memory and device state beside its overlay) with no
+process left, and woken later, by this server or by the next start of a server on the same data directory,
+as it was: its processes still running, its files and memory intact, its agent holding the same token.
+
+The engine keeps agent tokens in memory only, so `hibernate` hands the token to the caller (which keeps it
+sealed, e.g. in the sandbox's row) and `wake` takes it back. A hibernated VM's row says `hibernated`: it holds
+no process, slot or host capacity, it does not expire, reconcile keeps its files, and a server started on the
+same data directory adopts it (`adopt`). User networking only: a tap slot would have to be held meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import structlog
+
+from polydev.store.models import utcnow
+from polydev.vm import lifetime
+from polydev.vm.proc import marker_for
+from polydev.vm.types import VM, Started, VMCreateError, VMSpec
+
+if TYPE_CHECKING:
+    from polydev.vm.engine import VMEngine
+
+log = structlog.get_logger(__name__)
+
+HIBERNATED = "hibernated"
+
+
+@runtime_checkable
+class Hibernates(Protocol):
+    """A backend that can save a running VM to its work directory and start it again from there."""
+
+    def hibernate(self, workdir: Path) -> None: ...
+
+    def hibernated(self, workdir: Path) -> bool: ...
+
+    async def wake(self, spec: VMSpec) -> Started: ...
+
+
+class CannotHibernate(Exception):
+    """The VM cannot be hibernated or woken (the reason in words)."""
+
+
+def _backend(engine: VMEngine) -> Hibernates:
+    if not isinstance(engine.backend, Hibernates):
+        raise CannotHibernate(f"the {engine.backend.name} backend cannot hibernate VMs")
+    if engine.network is not None:
+        raise CannotHibernate("VMs on tap networking cannot be hibernated yet (their slot would stay held)")
+    return engine.backend
+
+
+async def hibernate(engine: VMEngine, vm_id: uuid.UUID) -> str:
+    """Save the running VM and end its process; returns its agent's token (for `wake`)."""
+    backend = _backend(engine)
+    row = await engine.vms.get(vm_id)
+    token = engine._tokens.get(vm_id)
+    if row is None or row.status != "running" or token is None:
+        raise CannotHibernate("the VM is not running on this server")
+    workdir = engine.workdir(vm_id)
+    await asyncio.to_thread(backend.hibernate, workdir)
+    for known in (engine._tokens, engine._urls, engine._vnc):
+        known.pop(vm_id, None)
+    if engine.egress is not None:
+        await engine.egress.detach(vm_id)
+    await engine.vms.update(vm_id, status=HIBERNATED, backend_pid=None, agent_port=None, expires_at=None)
+    log.info("vm_hibernated", vm_id=str(vm_id))
+    return token
+
+
+async def wake(engine: VMEngine, vm_id: uuid.UUID, token: str, ttl: timedelta) -> VM:
+    """Start a hibernated VM again, as it was, living `ttl` from now. CannotHibernate when there is none here."""
+    backend = _backend(engine)
+    row = await engine.vms.get(vm_id)
+    workdir = engine.workdir(vm_id)
+    if row is None or row.status != HIBERNATED or not engine.hosts(row) or not backend.hibernated(workdir):
+        raise CannotHibernate("no hibernated VM by that id on this server")
+    expires = utcnow() + ttl
+    lifetime.set_deadline(lifetime.deadline_file(workdir), expires)
+    egress_socket = await engine.egress.attach(vm_id, row.user_id) if engine.egress is not None else None
+    await engine.vms.update(vm_id, status="creating", expires_at=expires)
+    spec = VMSpec(vm_id, row.purpose, row.vcpu_count or 1, row.memory_mb or 0, workdir, token,  # type: ignore[arg-type]
+                  marker_for(engine.tag, vm_id), None, egress_socket, lifetime.deadline_file(workdir))
+    try:
+        started = await backend.wake(spec)
+    except Exception as exc:
+        # Its files stay: a later wake may succeed (the cause may be passing, e.g. memory).
+        await engine.vms.update(vm_id, status=HIBERNATED, expires_at=None)
+        if engine.egress is not None:
+            await engine.egress.detach(vm_id)
+        raise VMCreateError(vm_id, f"waking the VM failed: {str(exc).splitlines()[0]}") from exc
+    log.info("vm_woken", vm_id=str(vm_id))
+    return await engine._running(row, token, None, started)
+
+
+async def adopt(engine: VMEngine, keep: frozenset[uuid.UUID] | set[uuid.UUID]) -> int:
+    """At start-up: the hibernated VMs whose files are in this data directory and whose server is not a live
+    peer become this server's (a restart gives a server a new id). Returns how many."""
+    if not isinstance(engine.backend, Hibernates) or engine.vms.server_id is None:
+        return 0
+    adopted = 0
+    for row in await engine.vms.list(live_only=False):
+        if row.status != HIBERNATED or (row.server_id is not None and row.server_id in keep):
+            continue
+        if engine.backend.hibernated(engine.workdir(row.vm_id)) and row.server_id != engine.vms.server_id:
+            await engine.vms.update(row.vm_id, server_id=engine.vms.server_id)
+            adopted += 1
+    return adopted
+
