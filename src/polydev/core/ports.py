@@ -53,6 +53,16 @@ class VmPort(Protocol):
         """Why the egress gateway last refused or failed one of the VM's connections (to `host`), if it did."""
         ...
 
+    async def hibernate(self, vm_id: uuid.UUID) -> str:
+        """Save the running VM (memory, devices, disk) and end its process; returns its agent's token, which
+        `wake` needs. CannotHibernate (polydev.vm.hibernation) says why it cannot."""
+        ...
+
+    async def wake(self, vm_id: uuid.UUID, token: str, ttl: timedelta) -> VM:
+        """Start a hibernated VM again as it was, living `ttl`; CannotHibernate when there is none here,
+        VMCreateError when it fails (its files are kept)."""
+        ...
+
     async def stall_reason(self, vm_id: uuid.UUID) -> str | None:
         """Why the hypervisor holds the VM paused (its disk could not grow: the host is out of space), if it does."""
         ...

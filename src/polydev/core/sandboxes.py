@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -198,18 +198,54 @@ class Sandboxes:
         await self._repo.update(row.id, end_at=vm.expires_at)
 
     async def connect(self, user_id: uuid.UUID, sandbox_id: str, timeout_s: int | None) -> Opened:
-        """A running sandbox again, with its access token. A paused one would be resumed here."""
+        """A running sandbox again, with its access token; a paused one is resumed first (its VM woken as it
+        was: processes, files and memory), living `timeout_s` (default: the create's default) from now."""
         row = await self._row(user_id, sandbox_id)
         if row.state == "paused":
-            raise SandboxNotImplemented("resuming a paused sandbox is not implemented on this server yet")
-        if timeout_s is not None:
+            await self._resume(row, timeout_s or CreateSpec.timeout_s)
+            row = await self._row(user_id, sandbox_id)
+        elif timeout_s is not None:
             await self.set_timeout(user_id, sandbox_id, timeout_s)
             row = await self._row(user_id, sandbox_id)
         return Opened(_view(row), self._open(row)[0])
 
     async def pause(self, user_id: uuid.UUID, sandbox_id: str) -> None:
-        await self._row(user_id, sandbox_id)  # not found first, as E2B answers
-        raise SandboxNotImplemented("pausing a sandbox is not implemented on this server yet")
+        """Save the sandbox's VM (memory, devices, disk) and end its process: it holds no host capacity until
+        `connect` resumes it, and survives a restart of the server. SandboxConflict when already paused."""
+        row = await self._row(user_id, sandbox_id)  # not found first, as E2B answers
+        if row.state == "paused":
+            raise SandboxConflict(f"sandbox '{sandbox_id}' is already paused")
+        if row.vm_id is None:
+            raise SandboxConflict("the sandbox has no running VM")
+        from polydev.vm.hibernation import CannotHibernate
+
+        try:
+            agent_token = await self._port().hibernate(row.vm_id)
+        except CannotHibernate as exc:
+            raise SandboxNotImplemented(f"this sandbox cannot be paused here: {exc}") from None
+        token, envs = self._open(row)
+        # The agent's token is the engine's to forget: kept sealed with the sandbox's own until it resumes.
+        await self._repo.update(row.id, state="paused",
+                                sealed=self._seal(row.user_id, row.id, token, envs, agent=agent_token))
+        log.info("sandbox_paused", sandbox_id=row.id, vm_id=str(row.vm_id))
+
+    async def _resume(self, row: Sandbox, timeout_s: int) -> None:
+        from polydev.vm.engine import VMCreateError
+        from polydev.vm.hibernation import CannotHibernate
+
+        assert row.vm_id is not None
+        engine = self._port()
+        plain = self._unseal(row)
+        try:
+            vm = await engine.wake(row.vm_id, plain["agent"], timedelta(seconds=timeout_s))
+        except CannotHibernate:
+            raise SandboxNotFound(f"sandbox '{row.id}' not found") from None  # its files are not on this host
+        except VMCreateError as exc:
+            raise SandboxUnavailable(f"the sandbox could not be resumed: {exc.reason}") from None
+        engine.label(vm.id, purpose="sandbox" if row.internet else OFFLINE_PURPOSE)
+        await self._repo.update(row.id, state="running", end_at=vm.expires_at,
+                                sealed=self._seal(row.user_id, row.id, plain["token"], plain["envs"]))
+        log.info("sandbox_resumed", sandbox_id=row.id, vm_id=str(vm.id))
 
     # -- envd ---------------------------------------------------------------------------------------------
     async def running(self, sandbox_id: str) -> Sandbox:
@@ -274,12 +310,18 @@ class Sandboxes:
                 await engine.destroy(row.vm_id)
             log.info("sandbox_ended", sandbox_id=row.id, vm_id=str(row.vm_id))
 
-    def _seal(self, user_id: uuid.UUID, sandbox_id: str, token: str, envs: dict[str, str]) -> str:
-        record = self._vault.seal(user_id, f"sandbox:{sandbox_id}", json.dumps({"token": token, "envs": envs}).encode())
+    def _seal(self, user_id: uuid.UUID, sandbox_id: str, token: str, envs: dict[str, str],
+              agent: str | None = None) -> str:
+        """The sandbox's secrets, sealed: its access token, its env vars and, while paused, its agent's token."""
+        plain = {"token": token, "envs": envs, **({"agent": agent} if agent else {})}
+        record = self._vault.seal(user_id, f"sandbox:{sandbox_id}", json.dumps(plain).encode())
         return json.dumps(record.__dict__)
 
+    def _unseal(self, row: Sandbox) -> dict[str, Any]:
+        return json.loads(self._vault.open(row.user_id, f"sandbox:{row.id}", SealedRecord(**json.loads(row.sealed))))
+
     def _open(self, row: Sandbox) -> tuple[str, dict[str, str]]:
-        plain = json.loads(self._vault.open(row.user_id, f"sandbox:{row.id}", SealedRecord(**json.loads(row.sealed))))
+        plain = self._unseal(row)
         return plain["token"], plain["envs"]
 
 

@@ -12,13 +12,11 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from polydev.vm.backends.qemu.command import GUEST_ADDR, GUEST_GATEWAY, TCG_CPU
-from polydev.vm.backends.qemu.errors import VMError
-from polydev.vm.backends.qemu.machine import IGNORE_SHARED, QemuVM
+from polydev.vm.backends.qemu.machine import QemuVM
 from polydev.vm.forwards import GuestForward
 from polydev.vm.images import Image
 from polydev.vm.network import Slot
@@ -73,19 +71,10 @@ def make(space: Workspace, image: Image, *, vcpus: int, memory_mb: int, accel: s
                       keep_console=False, guest_forwards=guest_forwards, slot=slot, ram_file=(work / "ram.bin", True))
     try:
         template.start()
-        template.qmp("stop")  # from here the RAM file holds the guest's memory as the state will describe it
-        template.qmp("migrate-set-capabilities", IGNORE_SHARED)
-        state = work / "state.bin"
-        template.qmp("migrate", {"uri": f"exec:cat > {state}"})
-        while True:
-            status = template.qmp("query-migrate").get("status")
-            if status == "completed":
-                break
-            if status in ("failed", "cancelled"):
-                raise VMError(f"snapshot migration {status}")
-            time.sleep(0.02)
+        # Stopped first, so the RAM file holds the guest's memory as the state describes it; its RAM, a
+        # shared file mapping, is left out of the state (x-ignore-shared); QEMU ends with the files kept.
+        template.hibernate(work / "state.bin")
         booted_under = template.accel
-        template.kill()
         os.replace(template.overlay, work / "disk.qcow2")
         os.chmod(work / "disk.qcow2", 0o400)  # frozen: every restored VM's overlay builds on it
         # Restored VMs map ram.bin privately; it must never change under them (a new snapshot is a new

@@ -1,0 +1,65 @@
+"""Pause and resume for real, through the unmodified e2b SDK against a live `polydev serve` on QEMU: a sandbox
+paused (its VM's memory, devices and disk saved, its process gone, no host capacity held), the server stopped
+and started again on the same data directory, and `Sandbox.connect` brings the same VM back: a background
+process still counting from where it was, a file intact; pausing twice answers False."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from e2b import Sandbox, SandboxQuery, SandboxState
+
+from polydev.vm import images
+from polydev.vm.engine import engine_tag, find_marked_processes
+from tests.support.e2b_checks import new_user
+from tests.support.live_server import start_server
+
+pytest_plugins = ["tests.support.vm_fixtures"]
+
+COUNTER = "sh -c 'i=0; while true; do i=$((i+1)); echo $i > $HOME/count; sleep 0.2; done'"
+
+
+def _count(sbx: Sandbox) -> int:
+    return int(sbx.files.read("count").strip() or 0)
+
+
+def test_pause_a_server_restart_and_resume_bring_the_same_vm_back(tmp_path, test_image: images.Image) -> None:  # type: ignore[no-untyped-def]
+    env = {"POLYDEV_CACHE_DIR": str(test_image.dir.parent.parent), "VM_IMAGE_PROFILE": "test",
+           "VM_CLI_MEMORY_MB": "512", "VM_CLI_VCPU": "1", "VM_WARM_POOL_SIZE": "0"}
+    running = start_server(tmp_path, "polydev", env)
+    server = next(running)
+    try:
+        user = {"api_key": new_user(server.url, server.admin_token, "pauser")}
+        sbx = Sandbox.create(timeout=1800, request_timeout=900, api_url=server.url, sandbox_url=server.url, **user)
+        sbx.files.write("kept.txt", "intact")
+        sbx.commands.run(COUNTER, background=True)
+        time.sleep(2)
+        before = _count(sbx)
+        assert before > 0
+        assert sbx.pause() is True
+        assert Sandbox.pause(sbx.sandbox_id, api_url=server.url, **user) is False  # already paused
+        [info] = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED]), api_url=server.url, **user).next_items()
+        assert info.sandbox_id == sbx.sandbox_id
+        assert find_marked_processes(engine_tag(server.data_dir)) == {}  # no VM process while paused
+        host = httpx.get(f"{server.url}/api/quotas/host", headers={"Authorization": f"Bearer {server.admin_token}"})
+        assert host.json()["capacity"]["memory_mb"]["used"] == 0  # nor capacity held
+    finally:
+        running.close()
+
+    running = start_server(tmp_path, "polydev", env)  # the same data directory: a restart
+    server = next(running)
+    try:
+        same = Sandbox.connect(sbx.sandbox_id, timeout=600, api_url=server.url, sandbox_url=server.url,
+                               request_timeout=300, **user)
+        assert same.files.read("kept.txt") == "intact"
+        after = _count(same)
+        assert after >= before  # counting on from where it was, not started again
+        time.sleep(1.5)
+        assert _count(same) > after  # and still counting
+        assert same.get_info().state == "running"
+        same.kill()
+        assert find_marked_processes(engine_tag(server.data_dir)) == {}
+        assert not any((server.data_dir / "vms").iterdir())  # its saved state and disk went with it
+    finally:
+        running.close()
