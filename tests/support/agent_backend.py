@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polydev
@@ -14,6 +15,8 @@ from polydev import protocol as p
 from polydev.vm.engine import Started, VMSpec
 from tests.support.engine_fakes import FakeBackend
 from tests.support.servers import free_port
+
+AGENT_START_S = 60.0  # for the agent process to print its READY line
 
 SRC = Path(polydev.__file__).resolve().parents[1]
 # The guest agent as a host process; the VM's marker rides along as an argument reconcile can find.
@@ -39,7 +42,10 @@ class AgentBackend(FakeBackend):
                                      str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.started.append(spec)
-        for _ in range(1000):  # the agent prints its READY line once it listens
+        # The agent prints its READY line once it listens: a Python start, which on a loaded 2-core machine
+        # (load 20+) took longer than the 10 s once allowed here.
+        deadline = time.monotonic() + AGENT_START_S
+        while time.monotonic() < deadline:
             if p.READY_MARKER.encode() in self.console_log(spec.workdir).read_bytes():
                 vnc = self.vnc_endpoint if spec.purpose == "browser" else None
                 return Started(pid=proc.pid, agent_url=f"http://127.0.0.1:{port}", agent_port=port,
