@@ -142,6 +142,7 @@ class Services:
     async def close(self) -> None:
         # Flows first (they destroy their VMs), then VMs: destroying them updates their rows, so the
         # database must still be there.
+        await self.sandboxes.stop_sweeper()
         await self.login_flow.close()
         await self.run_flow.close()
         if self.engine is not None:
@@ -205,7 +206,8 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
                           login_flow=svc.login_flow, run_flow=svc.run_flow, vms=VmRepo(factory, server_id),
                           leases=LeaseRepo(factory))
     svc.sandboxes = Sandboxes(SandboxRepo(factory), vault, svc.engine_or_reason, admit=svc.admit,
-                              sizes=settings.vm_size, proxy=lambda: svc.guest_env("sandbox").https_proxy)
+                              sizes=settings.vm_size, proxy=lambda: svc.guest_env("sandbox").https_proxy,
+                              limit=settings.sandbox_limit_per_user)
     svc.egress_admin = EgressAdmin(
         EgressRepo(factory, svc.credentials), svc.users, settings.egress_address_pool,
         Limits.from_settings(settings),

@@ -32,12 +32,14 @@ from tests.support.servers import free_port
 from tests.support.threaded_server import ThreadedServer, threaded_server
 
 SANDBOX_DOMAIN = "sbx.polydev.test"
+LIMIT = 3  # sandboxes per user, running or paused (below QUOTA_VMS: 4)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
     tmp = tmp_path_factory.mktemp("e2b")
-    with threaded_server(make_settings(tmp, VM_WARM_POOL_SIZE=0, SANDBOX_DOMAIN=SANDBOX_DOMAIN)) as running:
+    with threaded_server(make_settings(tmp, VM_WARM_POOL_SIZE=0, SANDBOX_DOMAIN=SANDBOX_DOMAIN,
+                                       SANDBOX_LIMIT_PER_USER=LIMIT)) as running:
         yield running
 
 
@@ -279,6 +281,20 @@ def test_a_user_past_their_quota_gets_the_sdks_rate_limit_error(server: Threaded
     with pytest.raises(RateLimitException) as refused:  # at once: Should-Retry: false, no minutes of retries
         Sandbox.create(**{**conn, "api_key": carol})
     assert "quota vms" in str(refused.value)
+
+
+def test_past_the_sandboxes_per_user_the_sdks_rate_limit_error_and_a_kill_makes_room(server: ThreadedServer,
+                                                                                       conn: dict[str, str]) -> None:
+    dave = {**conn, "api_key": server.new_user("dave")}
+    mine = [Sandbox.create(timeout=300, **dave) for _ in range(LIMIT)]
+    with pytest.raises(RateLimitException) as refused:  # at once (Should-Retry: false)
+        Sandbox.create(**dave)
+    assert f"{LIMIT} sandboxes running or paused" in str(refused.value)
+    Sandbox.create(timeout=300, **conn).kill()  # another user is not held back by dave's
+    mine.pop().kill()
+    mine.append(Sandbox.create(timeout=300, **dave))  # room again
+    for sbx in mine:
+        sbx.kill()
 
 
 async def test_the_async_sdk_works_too(conn: dict[str, str], tmp_path: Path) -> None:

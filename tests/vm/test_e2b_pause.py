@@ -1,7 +1,8 @@
 """Pause and resume for real, through the unmodified e2b SDK against a live `polydev serve` on QEMU: a sandbox
 paused (its VM's memory, devices and disk saved, its process gone, no host capacity held), the server stopped
 and started again on the same data directory, and `Sandbox.connect` brings the same VM back: a background
-process still counting from where it was, a file intact; pausing twice answers False."""
+process still counting from where it was, a file intact; pausing twice answers False. A sandbox made with
+autoPause is paused, not killed, at its timeout."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from polydev.vm import images
 from polydev.vm.engine import engine_tag, find_marked_processes
 from tests.support.e2b_checks import new_user
 from tests.support.live_server import start_server
+from tests.support.waits import eventually
 
 pytest_plugins = ["tests.support.vm_fixtures"]
 
@@ -61,5 +63,15 @@ def test_pause_a_server_restart_and_resume_bring_the_same_vm_back(tmp_path, test
         same.kill()
         assert find_marked_processes(engine_tag(server.data_dir)) == {}
         assert not any((server.data_dir / "vms").iterdir())  # its saved state and disk went with it
+
+        # autoPause: the sandbox's timeout pauses it instead of killing it, and connect resumes it.
+        conn = {"api_url": server.url, "sandbox_url": server.url, **user}
+        napper = Sandbox.create(timeout=3, lifecycle={"on_timeout": "pause"}, request_timeout=300, **conn)
+        napper.files.write("nap.txt", "still here")
+        assert eventually(lambda: Sandbox.get_info(napper.sandbox_id, **conn).state == "paused", timeout=120,
+                          every=1.0)
+        back = Sandbox.connect(napper.sandbox_id, timeout=600, request_timeout=300, **conn)
+        assert back.files.read("nap.txt") == "still here"
+        back.kill()
     finally:
         running.close()

@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 # Logins and runs an earlier start of this server, or a server now gone, was driving lost their
                 # VMs with it: say so (core/cluster.py).
                 ended = await svc.cluster.start(runs_vms=svc.engine is not None)
+                svc.sandboxes.start_sweeper()  # sandboxes past their end: paused (autoPause) or killed
                 if ended["logins"] or ended["runs"]:
                     log.warning("flows_reclaimed", login_sessions=ended["logins"], runs=ended["runs"])
             log.info("started", database=svc.db_engine.dialect.name, session_store=svc.session_store.kind,

@@ -147,6 +147,7 @@ class Settings(BaseSettings):
     egress_allow: Annotated[tuple[str, ...], NoDecode] = Field((), description="host names (or *.suffix) "
                                                                "every VM may reach, beside the providers' own")
     egress_sandbox_open: bool = Field(False, description="sandbox VMs may reach any public host on 80/443")
+    sandbox_limit_per_user: int = Field(20, ge=0, description="E2B sandboxes a user may have running or paused")
     sandbox_domain: str | None = Field(None, pattern=r"^[a-z0-9.-]+(:[0-9]+)?$", description="E2B sandboxes: "
                                        "the domain whose wildcard DNS (49983-{id}.DOMAIN) reaches this server")
     # Names answered without DNS, JSON {"name": ["address", ...]}: trusted as given (the address checks do not

@@ -12,6 +12,8 @@ Every lookup is by (user, id): another user's sandbox is "not found", exactly as
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -45,6 +47,10 @@ ENVD_VERSION = "0.5.7"
 DISK_SIZE_MB = 0  # overlays grow on demand; no fixed size to report
 MIN_TIMEOUT_S = 1
 MAX_TIMEOUT_S = 24 * 3600
+# A sandbox made with autoPause: its VM lives this long past the sandbox's end, for the sweep (every SWEEP_S)
+# to pause it in between.
+AUTO_PAUSE_GRACE = timedelta(seconds=120)
+SWEEP_S = 5.0
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -66,6 +72,10 @@ class SandboxUnavailable(SandboxError):
 
 class SandboxConflict(SandboxError):
     """The sandbox is not in a state that allows this."""
+
+
+class SandboxLimit(SandboxError):
+    """The user has as many sandboxes as they may (running and paused): E2B's rate-limit error."""
 
 
 class SandboxNotImplemented(SandboxError):
@@ -118,13 +128,15 @@ def hash_token(token: str) -> str:
 class Sandboxes:
     def __init__(self, repo: SandboxRepo, vault: Vault, engine: Callable[[], tuple[VmPort | None, str | None]],
                  admit: Admit, sizes: Callable[[str], tuple[int, int]],
-                 proxy: Callable[[], str | None] = lambda: None) -> None:
+                 proxy: Callable[[], str | None] = lambda: None, limit: int = 20) -> None:
         self._repo = repo
         self._vault = vault
         self._engine = engine  # () -> (engine, or None with the reason)
         self._admit = admit
         self._sizes = sizes  # purpose -> (vcpus, memory MiB)
         self._proxy = proxy  # () -> the guest's proxy URL (the egress gateway's address), if there is one
+        self._limit = limit  # sandboxes running or paused per user (paused ones hold their disk and memory files)
+        self._sweeper: asyncio.Task[None] | None = None
 
     def _port(self) -> VmPort:
         engine, reason = self._engine()
@@ -141,10 +153,14 @@ class Sandboxes:
         engine = self._port()
         from polydev.vm.engine import VMCreateError
 
+        if len(await self._repo.live(user_id=user_id)) >= self._limit:
+            raise SandboxLimit(f"you have {self._limit} sandboxes running or paused, the most allowed; kill one "
+                               "(or an admin can raise SANDBOX_LIMIT_PER_USER)")
         hold = await self._admit(user_id, "vm", purpose)  # QuotaExceeded / HostFull reach the API as 429 / 503
         ttl = timedelta(seconds=spec.timeout_s)
         try:
-            vm = await engine.create(user_id, purpose, ttl=ttl, on_row=hold.release)  # type: ignore[arg-type]
+            vm = await engine.create(user_id, purpose, ttl=_vm_ttl(ttl, spec.auto_pause),  # type: ignore[arg-type]
+                                     on_row=hold.release)
         except VMCreateError as exc:
             raise SandboxUnavailable(f"the sandbox's VM failed to start: {exc.reason}") from None
         finally:
@@ -160,7 +176,7 @@ class Sandboxes:
                       metadata_json=json.dumps(spec.metadata or {}), token_hash=hash_token(token),
                       sealed=self._seal(user_id, sandbox_id, token, spec.env_vars or {}), cpu_count=vcpus,
                       memory_mb=memory, auto_pause=spec.auto_pause, internet=spec.internet, started_at=now,
-                      end_at=vm.expires_at or now + ttl)
+                      end_at=now + ttl)
         try:
             await self._repo.add(row)
         except BaseException:
@@ -194,8 +210,9 @@ class Sandboxes:
         if row.vm_id is None:
             raise SandboxConflict("the sandbox has no running VM")
         engine = self._port()
-        vm = await engine.assign(row.vm_id, user_id, timedelta(seconds=timeout_s))
-        await self._repo.update(row.id, end_at=vm.expires_at)
+        ttl = timedelta(seconds=timeout_s)
+        await engine.assign(row.vm_id, user_id, _vm_ttl(ttl, row.auto_pause))
+        await self._repo.update(row.id, end_at=utcnow() + ttl)
 
     async def connect(self, user_id: uuid.UUID, sandbox_id: str, timeout_s: int | None) -> Opened:
         """A running sandbox again, with its access token; a paused one is resumed first (its VM woken as it
@@ -215,6 +232,9 @@ class Sandboxes:
         row = await self._row(user_id, sandbox_id)  # not found first, as E2B answers
         if row.state == "paused":
             raise SandboxConflict(f"sandbox '{sandbox_id}' is already paused")
+        await self._pause(row)
+
+    async def _pause(self, row: Sandbox) -> None:
         if row.vm_id is None:
             raise SandboxConflict("the sandbox has no running VM")
         from polydev.vm.hibernation import CannotHibernate
@@ -237,13 +257,13 @@ class Sandboxes:
         engine = self._port()
         plain = self._unseal(row)
         try:
-            vm = await engine.wake(row.vm_id, plain["agent"], timedelta(seconds=timeout_s))
+            vm = await engine.wake(row.vm_id, plain["agent"], _vm_ttl(timedelta(seconds=timeout_s), row.auto_pause))
         except CannotHibernate:
             raise SandboxNotFound(f"sandbox '{row.id}' not found") from None  # its files are not on this host
         except VMCreateError as exc:
             raise SandboxUnavailable(f"the sandbox could not be resumed: {exc.reason}") from None
         engine.label(vm.id, purpose="sandbox" if row.internet else OFFLINE_PURPOSE)
-        await self._repo.update(row.id, state="running", end_at=vm.expires_at,
+        await self._repo.update(row.id, state="running", end_at=utcnow() + timedelta(seconds=timeout_s),
                                 sealed=self._seal(row.user_id, row.id, plain["token"], plain["envs"]))
         log.info("sandbox_resumed", sandbox_id=row.id, vm_id=str(vm.id))
 
@@ -287,11 +307,51 @@ class Sandboxes:
             raise SandboxNotFound(f"sandbox '{sandbox_id}' not found")
         return row
 
+    async def sweep(self) -> int:
+        """The sandboxes past their end: those created with autoPause are paused (their VMs outlive their end
+        by AUTO_PAUSE_GRACE for this), the others killed. Returns how many it paused."""
+        from polydev.vm.hibernation import CannotHibernate
+
+        paused = 0
+        for row in await self._repo.expired():
+            if row.state != "running":
+                continue
+            if not row.auto_pause:
+                await self._ended(row)
+                continue
+            try:
+                await self._pause(row)
+                paused += 1
+            except (SandboxError, CannotHibernate) as exc:  # another server's VM, or it cannot be saved
+                log.info("sandbox_auto_pause_skipped", sandbox_id=row.id, reason=str(exc))
+        return paused
+
+    def start_sweeper(self, interval: float = SWEEP_S) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await self.sweep()
+                except Exception:
+                    log.exception("sandbox_sweep_failed")
+
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(loop(), name="sandbox-sweep")
+
+    async def stop_sweeper(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
     async def _ended(self, row: Sandbox) -> bool:
-        """Killed, past its end, or its VM gone (a server restart, a crash): then marked killed now."""
+        """Killed, past its end, or its VM gone (a server restart, a crash): then marked killed now. One made
+        with autoPause is not ended at its end: the sweep pauses it (its VM lives AUTO_PAUSE_GRACE longer)."""
         if row.state == "killed":
             return True
-        if row.state == "running" and (row.end_at <= utcnow() or not await self._vm_alive(row)):
+        past = row.end_at <= utcnow() and not (row.auto_pause and row.end_at + AUTO_PAUSE_GRACE > utcnow())
+        if row.state == "running" and (past or not await self._vm_alive(row)):
             await self._end(row)
             return True
         return False
@@ -323,6 +383,12 @@ class Sandboxes:
     def _open(self, row: Sandbox) -> tuple[str, dict[str, str]]:
         plain = self._unseal(row)
         return plain["token"], plain["envs"]
+
+
+def _vm_ttl(ttl: timedelta, auto_pause: bool) -> timedelta:
+    """A sandbox VM's lifetime: the sandbox's, and AUTO_PAUSE_GRACE more when it is to be paused at its end
+    (past that its supervisor kills it, paused or not: nothing outlives its expiry)."""
+    return ttl + AUTO_PAUSE_GRACE if auto_pause else ttl
 
 
 def _view(row: Sandbox) -> SandboxView:

@@ -31,6 +31,7 @@ from polydev.core.sandboxes import (
     Opened,
     SandboxConflict,
     SandboxError,
+    SandboxLimit,
     SandboxNotFound,
     SandboxNotImplemented,
     SandboxUnavailable,
@@ -42,7 +43,7 @@ from polydev.store.models import User
 CLIENT_ID = "polydev"
 MAX_PAGE = 100
 _STATUS: dict[type[SandboxError], int] = {SandboxNotFound: 404, TemplateNotFound: 404, SandboxConflict: 409,
-                                          SandboxNotImplemented: 501, SandboxUnavailable: 503}
+                                          SandboxLimit: 429, SandboxNotImplemented: 501, SandboxUnavailable: 503}
 
 
 class E2bError(Exception):
@@ -81,7 +82,8 @@ class E2bRoute(APIRoute):
                 return e2b_error(status, str(exc), {"Retry-After": str(exc.retry_after), "Should-Retry": "false"})
             except SandboxError as exc:
                 status = _STATUS.get(type(exc), 500)
-                return e2b_error(status, str(exc), {"Should-Retry": "false"} if status == 503 else None)
+                # (a limit or a host that cannot serve it now is not helped by the SDK's quick retries)
+                return e2b_error(status, str(exc), {"Should-Retry": "false"} if status in (429, 503) else None)
 
         return handle
 
@@ -161,8 +163,6 @@ async def create_sandbox(request: Request, user: E2bUser, services: ServicesDep)
     if body.network and any(body.network.get(k) for k in ("allowOut", "denyOut", "maskRequestHost")):
         raise E2bError(400, "per-sandbox network rules are not supported by this server; "
                             "use allow_internet_access")
-    if body.autoPause:
-        raise E2bError(400, "autoPause is not supported by this server yet (pause is not implemented)")
     spec = CreateSpec(template=body.templateID, timeout_s=body.timeout, metadata=body.metadata,
                       env_vars=body.envVars, auto_pause=body.autoPause,
                       internet=body.allow_internet_access is not False)
