@@ -13,7 +13,6 @@ Every lookup is by (user, id): another user's sandbox is "not found", exactly as
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from polydev.core.tasks import cancel_and_wait
 from polydev.core.vm_flow import Admit
 from polydev.egress.policy import OFFLINE_PURPOSE
 from polydev.store.models import Sandbox, utcnow
@@ -339,11 +339,8 @@ class Sandboxes:
             self._sweeper = asyncio.get_running_loop().create_task(loop(), name="sandbox-sweep")
 
     async def stop_sweeper(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        sweeper, self._sweeper = self._sweeper, None
+        await cancel_and_wait([sweeper])
 
     async def _ended(self, row: Sandbox) -> bool:
         """Killed, past its end, or its VM gone (a server restart, a crash): then marked killed now. One made
