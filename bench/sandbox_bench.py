@@ -1,6 +1,6 @@
 """E2B-compatible sandboxes against Polydev's own VM API, one run, real VMs (the test image, TCG on this machine).
 
-    .venv/bin/python bench/sandbox_bench.py [--creates 5] [--round-trips 20] [--profile test]
+    .venv/bin/python bench/sandbox_bench.py [--creates 5] [--round-trips 20] [--pauses 5] [--profile test]
 
 Starts `polydev serve` on a free loopback port with a data directory of its own, warms the snapshot with one
 untimed VM, then times each operation through the unmodified e2b SDK (E2B_API_URL / E2B_SANDBOX_URL) and the
@@ -9,7 +9,8 @@ same operation through `/api/vms` (create + exec) as the baseline, alternating t
   (every baseline exec runs `/bin/bash -l -c CMD`, the process the SDK asks envd for)
 - a command's round trip in a live sandbox (SDK: commands.run("true"); baseline: POST /api/vms/{id}/exec)
 - 1 MiB written and read back (SDK: files.write + files.read; baseline: exec `cat > f` with stdin, exec `cat f`)
-- pause and resume: printed as not implemented while the server answers 501.
+- pause (SDK: pause; baseline: DELETE /api/vms/{id}) and resume → first output (SDK: Sandbox.connect of the
+  paused sandbox + commands.run; baseline: a new VM's create → first output).
 The machine is shared (two cores, other work running): compare within one run.
 """
 
@@ -64,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--creates", type=int, default=5)
     parser.add_argument("--round-trips", type=int, default=20)
+    parser.add_argument("--pauses", type=int, default=5)
     parser.add_argument("--profile", default="test")
     args = parser.parse_args()
 
@@ -152,11 +154,26 @@ def run(url: str, token: str, args: argparse.Namespace) -> None:
             base.append(timed(api_io))
         print(line("1 MiB write + read", ours, base), flush=True)
 
+        # Pause saves the VM (memory by migration to a file) and ends its process; resume starts it again from
+        # there. Their nearest /api/vms operations: deleting a VM, and a new one's create → first output.
+        paused, resumed, deleted, created = [], [], [], []
         try:
-            sbx.pause()
-            print("pause/resume: measured elsewhere", flush=True)
+            for _ in range(args.pauses):
+                sbx.files.write("/root/marker", "kept")
+                paused.append(timed(sbx.pause))
+                t0 = time.perf_counter()
+                sbx = Sandbox.connect(sbx.sandbox_id, timeout=900, request_timeout=900, **conn)
+                assert sbx.commands.run("cat /root/marker").stdout == "kept"
+                resumed.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                other = api_vm()
+                assert api_exec(other, "echo hi")["stdout"] == "hi\n"
+                created.append(time.perf_counter() - t0)
+                deleted.append(timed(lambda: api.delete(f"/api/vms/{other}").raise_for_status()))
+            print(line("pause (vs deleting a VM)", paused, deleted), flush=True)
+            print(line("resume -> first output (vs create)", resumed, created), flush=True)
         except SandboxException as exc:
-            print(f"pause / resume: not implemented on this server ({str(exc)[:60]})", flush=True)
+            print(f"pause / resume: not available on this server ({str(exc)[:80]})", flush=True)
     finally:
         sbx.kill()
         api.delete(f"/api/vms/{vm_id}")
