@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -295,6 +296,14 @@ def test_past_the_sandboxes_per_user_the_sdks_rate_limit_error_and_a_kill_makes_
     mine.append(Sandbox.create(timeout=300, **dave))  # room again
     for sbx in mine:
         sbx.kill()
+
+
+def test_get_metrics_reports_the_sandboxs_use_now(sandbox: Sandbox) -> None:
+    [now] = sandbox.get_metrics()
+    assert now.cpu_count >= 1 and 0 <= now.cpu_used_pct <= 100
+    assert 0 < now.mem_used < now.mem_total and 0 < now.disk_used < now.disk_total
+    later = datetime.now(UTC) + timedelta(hours=1)
+    assert sandbox.get_metrics(start=later) == []  # nothing from the future
 
 
 async def test_the_async_sdk_works_too(conn: dict[str, str], tmp_path: Path) -> None:

@@ -127,6 +127,13 @@ def test_files(sandbox: Sandbox) -> None:
         sandbox.files.read("/root/work/hello.txt")
 
 
+def test_get_metrics_is_sampled_in_the_vm(sandbox: Sandbox) -> None:
+    [now] = sandbox.get_metrics()
+    assert now.cpu_count == 1  # VM_CLI_VCPU, not the host's CPUs
+    assert 0 < now.mem_used < now.mem_total <= 1024 * 1024 * 1024  # VM_CLI_MEMORY_MB
+    assert 0 < now.disk_used < now.disk_total
+
+
 def test_list_info_timeout_and_kill(alice: dict[str, str], sandbox: Sandbox) -> None:
     info = sandbox.get_info()
     assert (info.sandbox_id, info.template_id, info.metadata) == (sandbox.sandbox_id, "base", {"suite": "vm"})

@@ -267,6 +267,16 @@ class Sandboxes:
                                 sealed=self._seal(row.user_id, row.id, plain["token"], plain["envs"]))
         log.info("sandbox_resumed", sandbox_id=row.id, vm_id=str(vm.id))
 
+    async def metrics(self, user_id: uuid.UUID, sandbox_id: str) -> list[dict[str, Any]]:
+        """Its resource use now, sampled in its VM (core/sandbox_metrics.py); none while it is paused."""
+        from polydev.core.sandbox_metrics import sample
+
+        row = await self._row(user_id, sandbox_id)
+        if row.state != "running" or row.vm_id is None:
+            return []
+        with self.agent(row) as agent:
+            return [await asyncio.to_thread(sample, agent)]
+
     # -- envd ---------------------------------------------------------------------------------------------
     async def running(self, sandbox_id: str) -> Sandbox:
         """A running sandbox by id alone, for its ports (`get_host`: public, as on E2B); SandboxNotFound else."""

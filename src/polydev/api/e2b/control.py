@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from polydev.api.deps import ServicesDep
 from polydev.core.quotas import HostFull, QuotaExceeded
+from polydev.core.sandbox_metrics import MetricsUnavailable
 from polydev.core.sandboxes import (
     ENVD_VERSION,
     MAX_TIMEOUT_S,
@@ -241,6 +242,12 @@ async def pause_sandbox(sandbox_id: str, user: E2bUser, services: ServicesDep) -
 
 
 @router.get("/sandboxes/{sandbox_id}/metrics")
-async def sandbox_metrics(sandbox_id: str, user: E2bUser, services: ServicesDep) -> Response:
-    await services.sandboxes.get(user.id, sandbox_id)
-    raise E2bError(501, "sandbox metrics are not implemented on this server yet")
+async def sandbox_metrics(sandbox_id: str, user: E2bUser, services: ServicesDep,
+                          start: int | None = None, end: int | None = None) -> JSONResponse:
+    """Its use now, one sample taken in its VM (E2B keeps a series; `start`/`end`, Unix seconds, bound it)."""
+    try:
+        samples = await services.sandboxes.metrics(user.id, sandbox_id)
+    except MetricsUnavailable as exc:
+        raise E2bError(503, str(exc), {"Should-Retry": "false"}) from None
+    return JSONResponse([m for m in samples if (start is None or m["timestampUnix"] >= start)
+                         and (end is None or m["timestampUnix"] <= end)])
