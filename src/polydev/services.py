@@ -142,7 +142,7 @@ class Services:
     async def close(self) -> None:
         # Flows first (they destroy their VMs), then VMs: destroying them updates their rows, so the
         # database must still be there.
-        await self.sandboxes.stop_sweeper()
+        await self.sandboxes.close()
         await self.login_flow.close()
         await self.run_flow.close()
         if self.engine is not None:

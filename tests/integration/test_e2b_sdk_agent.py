@@ -4,6 +4,7 @@ end to end over real HTTP, in seconds. tests/vm/test_e2b_sdk.py runs the SDK aga
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from e2b import (
     AuthenticationException,
     CommandExitException,
     FileNotFoundException,
+    FilesystemEventType,
     InvalidArgumentException,
     NotFoundException,
     RateLimitException,
@@ -31,6 +33,7 @@ from tests.support.app import make_settings
 from tests.support.e2b_checks import invisible_to, pty_sizes, stdin_and_kill
 from tests.support.servers import free_port
 from tests.support.threaded_server import ThreadedServer, threaded_server
+from tests.support.waits import eventually
 
 SANDBOX_DOMAIN = "sbx.polydev.test"
 LIMIT = 3  # sandboxes per user, running or paused (below QUOTA_VMS: 4)
@@ -298,6 +301,29 @@ def test_past_the_sandboxes_per_user_the_sdks_rate_limit_error_and_a_kill_makes_
         sbx.kill()
 
 
+def test_watch_dir_reports_creates_writes_and_removes(sandbox: Sandbox, tmp_path: Path) -> None:
+    watched = tmp_path / "watched"
+    sandbox.files.make_dir(str(watched))
+    handle = sandbox.files.watch_dir(str(watched))
+    seen: list[tuple[str, FilesystemEventType]] = []
+
+    def saw(event: tuple[str, FilesystemEventType]) -> bool:
+        seen.extend((e.name, e.type) for e in handle.get_new_events())
+        return event in seen
+
+    sandbox.files.write(f"{watched}/a.txt", "1")
+    assert eventually(lambda: saw(("a.txt", FilesystemEventType.CREATE)), timeout=30, every=0.2), seen
+    sandbox.files.write(f"{watched}/a.txt", "22")
+    assert eventually(lambda: saw(("a.txt", FilesystemEventType.WRITE)), timeout=30, every=0.2), seen
+    sandbox.files.remove(f"{watched}/a.txt")
+    assert eventually(lambda: saw(("a.txt", FilesystemEventType.REMOVE)), timeout=30, every=0.2), seen
+    handle.stop()
+    with pytest.raises(SandboxException):  # stopped: its id is gone
+        handle.get_new_events()
+    with pytest.raises(SandboxException):  # NotFoundException: no such directory
+        sandbox.files.watch_dir(str(tmp_path / "missing"))
+
+
 def test_get_metrics_reports_the_sandboxs_use_now(sandbox: Sandbox) -> None:
     [now] = sandbox.get_metrics()
     assert now.cpu_count >= 1 and 0 <= now.cpu_used_pct <= 100
@@ -314,6 +340,16 @@ async def test_the_async_sdk_works_too(conn: dict[str, str], tmp_path: Path) -> 
         assert result.stdout == "async\n" and out == ["async\n"]
         await sbx.files.write(str(tmp_path / "a.txt"), "from async")
         assert await sbx.files.read(str(tmp_path / "a.txt")) == "from async"
+        # The async SDK watches over envd's WatchDir stream (the sync one polls GetWatcherEvents).
+        events: list[tuple[str, FilesystemEventType]] = []
+        handle = await sbx.files.watch_dir(str(tmp_path), on_event=lambda e: events.append((e.name, e.type)))
+        await sbx.files.write(str(tmp_path / "b.txt"), "new")
+        for _ in range(300):
+            if ("b.txt", FilesystemEventType.CREATE) in events:
+                break
+            await asyncio.sleep(0.1)
+        assert ("b.txt", FilesystemEventType.CREATE) in events, events
+        await handle.stop()
     finally:
         await sbx.kill()
 

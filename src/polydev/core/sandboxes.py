@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from polydev.core.sandbox_watch import Watchers
 from polydev.core.tasks import cancel_and_wait
 from polydev.core.vm_flow import Admit
 from polydev.egress.policy import OFFLINE_PURPOSE
@@ -137,6 +138,7 @@ class Sandboxes:
         self._proxy = proxy  # () -> the guest's proxy URL (the egress gateway's address), if there is one
         self._limit = limit  # sandboxes running or paused per user (paused ones hold their disk and memory files)
         self._sweeper: asyncio.Task[None] | None = None
+        self.watchers = Watchers()  # envd's directory watchers of the sandboxes this server runs
 
     def _port(self) -> VmPort:
         engine, reason = self._engine()
@@ -348,9 +350,11 @@ class Sandboxes:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(loop(), name="sandbox-sweep")
 
-    async def stop_sweeper(self) -> None:
+    async def close(self) -> None:
+        """Stop the sweep and the directory watchers (the server is stopping)."""
         sweeper, self._sweeper = self._sweeper, None
         await cancel_and_wait([sweeper])
+        await self.watchers.close()
 
     async def _ended(self, row: Sandbox) -> bool:
         """Killed, past its end, or its VM gone (a server restart, a crash): then marked killed now. One made
