@@ -218,6 +218,31 @@ def test_admin_lists_and_destroys_vms(page: Page, server: LiveServer, admin: Pol
     assert admin.vm(vm["id"])["status"] == "destroyed"
 
 
+def test_sandboxes_page_lists_mine_and_kills_one(page: Page, server: LiveServer, admin: PolydevClient,
+                                               other_token: str) -> None:
+    from e2b import Sandbox
+
+    mine = Sandbox.create(timeout=300, api_url=server.url, sandbox_url=server.url, api_key=server.admin_token)
+    theirs = Sandbox.create(timeout=300, api_url=server.url, sandbox_url=server.url, api_key=other_token)
+    try:
+        sign_in(page, server.url, server.admin_token)
+        page.get_by_role("link", name="Sandboxes").click()
+        row = page.locator(f'tr[data-sandbox="{mine.sandbox_id}"]')
+        expect(row.locator("[data-state]")).to_have_attribute("data-state", "running")
+        expect(row).to_contain_text("you")
+        expect(page.locator(f'tr[data-sandbox="{theirs.sandbox_id}"]')).to_have_count(0)  # the admin's own only
+        page.get_by_label("Everyone's").check()
+        other_row = page.locator(f'tr[data-sandbox="{theirs.sandbox_id}"]')
+        expect(other_row).to_have_count(1)
+        expect(other_row.get_by_role("button")).to_have_count(0)  # only its owner may kill it
+        shot(page, "09-sandboxes")
+        row.get_by_role("button", name=re.compile("^Kill")).click()
+        expect(row).to_have_count(0)
+        assert [s.sandbox_id for s in Sandbox.list(api_url=server.url, api_key=server.admin_token).next_items()] == []
+    finally:
+        theirs.kill()
+
+
 def test_egress_usage_and_an_admin_switches_a_users_mode(page: Page, server: LiveServer, admin: PolydevClient,
                                                          other_token: str) -> None:
     user = admin.create_user(f"egress-{uuid.uuid4().hex[:6]}")

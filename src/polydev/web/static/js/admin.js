@@ -80,8 +80,9 @@ function quotas(root, signal) {
       + "PUT /api/users/{id}/quotas)."));
   Promise.all([api("GET", "/api/quotas", undefined, { signal }), api("GET", "/api/quotas/host", undefined, { signal })])
     .then(([rows, cap]) => {
+      const units = { vcpus: "vCPUs", memory_mb: "MiB of memory", disk_mb: "MiB of disk" };
       replace(host, "Host: " + Object.entries(cap.capacity)
-        .map(([k, v]) => `${v.used} of ${v.capacity} ${k === "vcpus" ? "vCPUs" : "MiB of memory"} in use`).join(", "));
+        .map(([k, v]) => `${v.used} of ${v.capacity} ${units[k] || k} in use`).join(", "));
       replace(body, rows.map((q) => h("tr", { "data-user": q.user_id },
         h("td", {}, q.user_name || q.user_id.slice(0, 8)),
         ...LIMITS.map(([k]) => h("td", { "data-limit": k },

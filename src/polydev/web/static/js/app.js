@@ -8,6 +8,7 @@ import * as egress from "./egress.js";
 import * as login from "./login.js";
 import * as providers from "./providers.js";
 import * as runs from "./runs.js";
+import * as sandboxes from "./sandboxes.js";
 
 const main = document.getElementById("main");
 const ROUTES = [
@@ -19,8 +20,10 @@ const ROUTES = [
   [/^\/app\/runs\/(?<run>[0-9a-f-]+)$/, runs.renderRun, "Run"],
   [/^\/app\/admin$/, admin.render, "Admin"],
   [/^\/app\/egress$/, egress.render, "Egress"],
+  [/^\/app\/sandboxes$/, sandboxes.render, "Sandboxes"],
 ];
-const NAV = [["/app/providers", "Providers"], ["/app/run", "Run"], ["/app/runs", "History"], ["/app/egress", "Egress"]];
+const NAV = [["/app/providers", "Providers"], ["/app/run", "Run"], ["/app/runs", "History"], ["/app/sandboxes", "Sandboxes"],
+  ["/app/egress", "Egress"]];
 
 let me = null;          // GET /api/me, once per sign-in
 let cleanup = null;     // the current view's: aborts its streams and timers
