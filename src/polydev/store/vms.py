@@ -52,11 +52,14 @@ class VmRepo:
             return await s.get(VmRecord, vm_id)
 
     async def list(self, *, live_only: bool = True, user_id: uuid.UUID | None = None,
-                   servers: Collection[uuid.UUID | None] | None = None) -> list[VmRecord]:
-        """VMs (live ones by default); given `servers`, only those hosted by one of them (None: rows that
-        name no server)."""
+                   servers: Collection[uuid.UUID | None] | None = None,
+                   statuses: Collection[str] | None = None) -> list[VmRecord]:
+        """VMs (live ones by default, or those in `statuses`); given `servers`, only those hosted by one of
+        them (None: rows that name no server)."""
         q = select(VmRecord).order_by(VmRecord.created_at)
-        if live_only:
+        if statuses is not None:
+            q = q.where(VmRecord.status.in_(tuple(statuses)))
+        elif live_only:
             q = q.where(VmRecord.status.in_(LIVE))
         if user_id is not None:
             q = q.where(VmRecord.user_id == user_id)

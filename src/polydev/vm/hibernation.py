@@ -103,8 +103,8 @@ async def adopt(engine: VMEngine, keep: frozenset[uuid.UUID] | set[uuid.UUID]) -
     if not isinstance(engine.backend, Hibernates) or engine.vms.server_id is None:
         return 0
     adopted = 0
-    for row in await engine.vms.list(live_only=False):
-        if row.status != HIBERNATED or (row.server_id is not None and row.server_id in keep):
+    for row in await engine.vms.list(statuses=(HIBERNATED,)):
+        if row.server_id is not None and row.server_id in keep:
             continue
         if engine.backend.hibernated(engine.workdir(row.vm_id)) and row.server_id != engine.vms.server_id:
             await engine.vms.update(row.vm_id, server_id=engine.vms.server_id)

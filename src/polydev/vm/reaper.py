@@ -72,7 +72,7 @@ class Reaper:
             counts["slots"] = len(await asyncio.to_thread(engine.network.reclaim, live_slots))
         # 3. disks (a hibernated VM's are its state: kept, and the VM adopted by this server)
         counts["adopted"] = await hibernation.adopt(engine, set(keep))
-        hibernated = {r.vm_id for r in await engine.vms.list(live_only=False) if r.status == hibernation.HIBERNATED}
+        hibernated = {r.vm_id for r in await engine.vms.list(statuses=(hibernation.HIBERNATED,))}
         if engine.vms_dir.exists():
             for child in engine.vms_dir.iterdir():
                 try:
