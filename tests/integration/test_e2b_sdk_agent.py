@@ -5,11 +5,15 @@ end to end over real HTTP, in seconds. tests/vm/test_e2b_sdk.py runs the SDK aga
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -271,6 +275,53 @@ def test_get_host_reaches_a_server_in_the_sandbox(conn: dict[str, str], sandbox:
             assert agent.status_code == 403  # the guest agent's port is never forwarded
             gone = c.get("/", headers={"Host": f"{port}-inosuchsandbox.{SANDBOX_DOMAIN}"})
             assert gone.status_code == 502 and "was not found" in gone.json()["message"]
+    finally:
+        sandbox.commands.kill(server.pid)
+
+
+ECHO = """
+import asyncio
+from websockets.asyncio.server import serve
+async def echo(ws):
+    async for message in ws:
+        await ws.send(message)
+async def main():
+    async with serve(echo, "127.0.0.1", {port}):
+        await asyncio.Future()
+asyncio.run(main())
+"""
+
+
+def test_get_host_carries_websockets_to_a_server_in_the_sandbox(conn: dict[str, str], sandbox: Sandbox,
+                                                                tmp_path: Path) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    port = free_port()
+    (tmp_path / "echo.py").write_text(ECHO.format(port=port))
+    server = sandbox.commands.run(f"exec {sys.executable} {tmp_path / 'echo.py'}", background=True)
+    api = urlsplit(conn["api_url"])
+
+    def dial(host: str) -> Any:
+        return connect(f"ws://{host}/echo", sock=socket.create_connection((api.hostname, api.port)), open_timeout=30)
+
+    try:
+        host = sandbox.get_host(port)
+        for _ in range(600):  # until the server in the sandbox listens (the handshake is refused until then)
+            try:
+                ws = dial(host)
+                break
+            except InvalidStatus:
+                time.sleep(0.05)
+        with ws:
+            ws.send("hello")
+            assert ws.recv(timeout=30) == "hello"
+            ws.send(b"\x00\x01" * 40_000)  # binary, and more than one read's worth
+            assert ws.recv(timeout=30) == b"\x00\x01" * 40_000
+        with pytest.raises(InvalidStatus):  # a sandbox that does not exist: refused
+            dial(f"{port}-inosuchsandbox.{SANDBOX_DOMAIN}")
+        with pytest.raises(InvalidStatus):  # the guest agent's port: never
+            dial(f"8080-{sandbox.sandbox_id}.{SANDBOX_DOMAIN}")
     finally:
         sandbox.commands.kill(server.pid)
 

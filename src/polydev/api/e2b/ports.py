@@ -4,7 +4,7 @@
 Each request gets its own tunnel and is spoken as HTTP/1.1 with `Connection: close` by h11 (the request body
 is read whole first, up to MAX_BODY, and sent with its length). A closed port answers 502 "… port is not
 open" and a missing sandbox 502 "… was not found", the messages E2B's proxy gives (the SDK matches them).
-WebSocket upgrades are not forwarded yet.
+WebSockets go to ports_ws.py.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable
 import h11
 from starlette.types import Receive, Scope, Send
 
+from polydev.api.e2b.ports_ws import serve_websocket
 from polydev.core.sandboxes import SandboxNotFound
 from polydev.protocol import AGENT_PORT
 from polydev.services import Services
@@ -51,6 +52,9 @@ async def _body(receive: Receive) -> bytes | None:
 
 async def serve_port(services: Callable[[], Services], sandbox_id: str, port: int, scope: Scope, receive: Receive,
                      send: Send) -> None:
+    if scope["type"] == "websocket":
+        await serve_websocket(services, sandbox_id, port, scope, receive, send)
+        return
     svc = services()
     try:
         sandbox = await svc.sandboxes.running(sandbox_id)

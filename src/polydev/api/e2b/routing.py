@@ -52,11 +52,14 @@ class SandboxRouter:
         self.domain = domain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        target = sandbox_of(scope, self.domain) if scope["type"] == "http" else None
-        if target is None:
+        target = sandbox_of(scope, self.domain) if scope["type"] in ("http", "websocket") else None
+        if target is None or scope["type"] == "websocket" and target[0] == ENVD_PORT:
             await self.app(scope, receive, send)
             return
         port, sandbox_id = target
+        if scope["type"] == "websocket":  # to a port in a sandbox this server runs (not forwarded to peers yet)
+            await self.ports(sandbox_id, port, scope, receive, send)
+            return
         if self.forward is not None and (send := await self.forward(sandbox_id, scope, receive, send)) is None:
             return
         if port == ENVD_PORT:
