@@ -33,6 +33,7 @@ from e2b import (
 )
 
 from polydev.api.e2b.connect import frame
+from polydev.config import Settings
 from tests.support.app import make_settings
 from tests.support.e2b_checks import invisible_to, pty_sizes, stdin_and_kill
 from tests.support.servers import free_port
@@ -178,6 +179,9 @@ def test_bad_inputs_get_the_sdks_errors(conn: dict[str, str], sandbox: Sandbox) 
     with pytest.raises(SandboxException) as missing:  # what the SDK makes of a 404 on create
         Sandbox.create(template="nope", **conn)
     assert "404" in str(missing.value) and "base" in str(missing.value)
+    profile = Settings().vm_image_profile  # the server's image profile is a template too
+    assert f"base, {profile}" in str(missing.value) or f"{profile}, base" in str(missing.value)
+    Sandbox.create(template=profile, timeout=60, **conn).kill()
     with pytest.raises(SandboxException):
         Sandbox.create(timeout=10 ** 9, **conn)
     with pytest.raises(SandboxNotFoundException):

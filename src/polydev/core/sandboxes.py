@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-# Template → the VM purpose (size and image profile) it runs on. `base` is the golden image.
+# Template → the VM purpose (size) it runs on. `base` is the golden image; the image profile the server boots
+# (VM_IMAGE_PROFILE: `full` or `test`) is a template of the same name (Sandboxes' `profile`).
 TEMPLATES: dict[str, str] = {"base": "cli"}
 # The envd features we serve: stdin, close_stdin, default user, octet-stream uploads (envd/versions.py in the
 # SDK gates each on this); not file metadata (0.6.2) nor watch entries (0.6.3).
@@ -129,13 +130,15 @@ def hash_token(token: str) -> str:
 class Sandboxes:
     def __init__(self, repo: SandboxRepo, vault: Vault, engine: Callable[[], tuple[VmPort | None, str | None]],
                  admit: Admit, sizes: Callable[[str], tuple[int, int]],
-                 proxy: Callable[[], str | None] = lambda: None, limit: int = 20) -> None:
+                 proxy: Callable[[], str | None] = lambda: None, limit: int = 20, profile: str | None = None
+                 ) -> None:
         self._repo = repo
         self._vault = vault
         self._engine = engine  # () -> (engine, or None with the reason)
         self._admit = admit
         self._sizes = sizes  # purpose -> (vcpus, memory MiB)
         self._proxy = proxy  # () -> the guest's proxy URL (the egress gateway's address), if there is one
+        self.templates = {**TEMPLATES, **({profile: "cli"} if profile else {})}
         self._limit = limit  # sandboxes running or paused per user (paused ones hold their disk and memory files)
         self._sweeper: asyncio.Task[None] | None = None
         self.watchers = Watchers()  # envd's directory watchers of the sandboxes this server runs
@@ -148,10 +151,10 @@ class Sandboxes:
 
     # -- control plane ----------------------------------------------------------------------------------
     async def create(self, user_id: uuid.UUID, spec: CreateSpec) -> Opened:
-        purpose = TEMPLATES.get(spec.template)
+        purpose = self.templates.get(spec.template)
         if purpose is None:
             raise TemplateNotFound(f"template '{spec.template}' not found; the templates are: "
-                                   f"{', '.join(sorted(TEMPLATES))}")
+                                   f"{', '.join(sorted(self.templates))}")
         engine = self._port()
         from polydev.vm.engine import VMCreateError
 
