@@ -18,7 +18,7 @@ from polydev.api.e2b.connect import (
     frame,
     parse_envelope,
 )
-from polydev.api.e2b.routing import ENVD_PORT, sandbox_of
+from polydev.api.e2b.routing import ENVD_PORT, named, sandbox_of
 
 
 def test_a_frame_is_flag_length_and_json() -> None:
@@ -70,3 +70,12 @@ def test_routing_by_host_name_under_the_sandbox_domain_or_by_header() -> None:
         (ENVD_PORT, "iabc123")
     assert sandbox_of(scope(host="127.0.0.1:8000", E2b_Sandbox_Id="../etc"), domain) == (ENVD_PORT, "-")
     assert sandbox_of(scope(host="polydev.example"), domain) is None
+
+
+def test_a_request_passed_to_a_peer_names_its_sandbox_and_port_without_the_host() -> None:
+    """The Host (`{port}-{id}.{domain}`) does not survive the hop to the sandbox's server: the headers do."""
+    original = scope(host="8080-iabc123.sbx.example", E2b_Sandbox_Port="1")
+    passed = named(original, "iabc123", 8080)
+    without_host = {**passed, "headers": [(k, v) for k, v in passed["headers"] if k != b"host"]}  # type: ignore[union-attr]
+    assert sandbox_of(without_host, None) == (8080, "iabc123")  # on a peer with no SANDBOX_DOMAIN even
+    assert [v for k, v in passed["headers"] if k == b"e2b-sandbox-port"] == [b"8080"]  # type: ignore[union-attr]

@@ -8,8 +8,9 @@ where they arrive: reads, a login's pasted code and cancel, a run's cancel (core
 
     POST /api/auth/sessions/{id}/vnc-ticket, WebSocket /api/auth/sessions/{id}/vnc   the login's host
     POST /api/vms/{id}/exec, DELETE /api/vms/{id}                                     the VM's host
-    POST/DELETE /sandboxes/{id}…, /v2/sandboxes/{id}/…, and every envd or port
-    request for a sandbox (api/e2b/routing.py, through `forward_sandbox`)             the sandbox VM's host
+    POST/DELETE /sandboxes/{id}…, /v2/sandboxes/{id}/…, GET …/metrics, and every
+    envd or port request (HTTP or WebSocket) for a sandbox (api/e2b/routing.py,
+    through `forward_sandbox`, which names the sandbox and port by headers)           the sandbox VM's host
 
 and the requests that create a VM are placed: POST /api/auth/start, POST /api/runs, POST /api/vms,
 POST /v2/sandboxes go to the
@@ -71,7 +72,7 @@ class PeerRouting:
             host, what = await cluster.servers.host_of_login(uuid.UUID(m["id"])), "login session"
         elif (m := _VM_LIVE.match(path)) is not None and method in ("POST", "DELETE"):
             host, what = await cluster.servers.host_of_vm(uuid.UUID(m["id"])), "VM"
-        elif (m := _SANDBOX.match(path)) is not None and method in ("POST", "DELETE"):
+        elif (m := _SANDBOX.match(path)) is not None and (method in ("POST", "DELETE") or path.endswith("/metrics")):
             host, what = await cluster.servers.host_of_sandbox(m["id"]), "sandbox"
         elif method == "POST" and path in _PLACED:
             await self._place(services, _PLACED[path], scope, receive, send)
@@ -104,7 +105,7 @@ async def forward_sandbox(services: Services | None, sandbox_id: str, scope: Sco
     """Pass an envd or port request for a sandbox to the server hosting its VM (None: it was), or give back
     the `send` to answer it here with (one server alone, a hop from a peer, a sandbox hosted here or unknown),
     which names this server when there are several."""
-    if services is None or not services.cluster.registered or scope["type"] != "http":
+    if services is None or not services.cluster.registered:
         return send
     cluster = services.cluster
     send = _stamped(send, cluster.server_id)
@@ -113,6 +114,9 @@ async def forward_sandbox(services: Services | None, sandbox_id: str, scope: Sco
     host = await cluster.servers.host_of_sandbox(sandbox_id)
     if host is None or not _elsewhere(host, cluster.server_id):
         return send
+    if scope["type"] == "websocket":  # to a port in the sandbox
+        await forward_websocket(scope, receive, send, host.url, cluster.peer_token, "sandbox")
+        return None
     body = await _body(scope, receive, send)
     if body is not None:
         await forward_http(scope, body, send, host.url, cluster.peer_token, "sandbox")

@@ -40,6 +40,14 @@ def sandbox_of(scope: Scope, domain: str | None) -> tuple[int, str] | None:
     return None
 
 
+def named(scope: Scope, sandbox_id: str, port: int) -> Scope:
+    """The request with the sandbox and port also named by headers: a peer it is passed to routes it by them
+    (the Host, `{port}-{id}.{domain}`, does not survive the hop)."""
+    headers = [(k, v) for k, v in scope.get("headers") or [] if k not in (b"e2b-sandbox-id", b"e2b-sandbox-port")]
+    headers += [(b"e2b-sandbox-id", sandbox_id.encode()), (b"e2b-sandbox-port", str(port).encode())]
+    return {**scope, "headers": headers}
+
+
 class SandboxRouter:
     """ASGI middleware: sandbox requests to `envd` or to the sandbox's port (`ports`), the rest to the API."""
 
@@ -57,10 +65,11 @@ class SandboxRouter:
             await self.app(scope, receive, send)
             return
         port, sandbox_id = target
-        if scope["type"] == "websocket":  # to a port in a sandbox this server runs (not forwarded to peers yet)
-            await self.ports(sandbox_id, port, scope, receive, send)
+        if self.forward is not None and (send := await self.forward(sandbox_id, named(scope, sandbox_id, port),
+                                                                    receive, send)) is None:
             return
-        if self.forward is not None and (send := await self.forward(sandbox_id, scope, receive, send)) is None:
+        if scope["type"] == "websocket":  # to a port in the sandbox (envd speaks no WebSocket)
+            await self.ports(sandbox_id, port, scope, receive, send)
             return
         if port == ENVD_PORT:
             await self.envd({**scope, SCOPE_KEY: sandbox_id}, receive, send)
