@@ -331,14 +331,14 @@ class Sandboxes:
         for row in await self._repo.expired():
             if row.state != "running":
                 continue
-            if not row.auto_pause:
+            if not row.auto_pause or row.end_at + AUTO_PAUSE_GRACE <= utcnow():  # (past the grace: its VM is gone)
                 await self._ended(row)
                 continue
             try:
                 await self._pause(row)
                 paused += 1
-            except (SandboxError, CannotHibernate) as exc:  # another server's VM, or it cannot be saved
-                log.info("sandbox_auto_pause_skipped", sandbox_id=row.id, reason=str(exc))
+            except (SandboxError, CannotHibernate) as exc:  # another server's VM (that server pauses it)
+                log.debug("sandbox_auto_pause_skipped", sandbox_id=row.id, reason=str(exc))
         return paused
 
     def start_sweeper(self, interval: float = SWEEP_S) -> None:
