@@ -2,7 +2,7 @@
 // the quotas: each user's use against their limits, and the host's capacity.
 
 import { api } from "./api.js";
-import { age, h, notice, replace, say, when } from "./dom.js";
+import { age, h, notice, poller, replace, say, when } from "./dom.js";
 
 export function render(root, _params, { me, signal }) {
   root.append(h("h1", {}, "Virtual machines"));
@@ -19,7 +19,6 @@ export function render(root, _params, { me, signal }) {
 
   let names = {};
   let vms = [];
-  let poll = null;
 
   function draw() {
     const now = Date.now();
@@ -42,18 +41,9 @@ export function render(root, _params, { me, signal }) {
       : h("tr", {}, h("td", { colspan: "7" }, "No VMs.")));
   }
 
-  async function load() {
-    clearTimeout(poll);
-    try {
-      const fresh = await api("GET", `/api/vms${all.checked ? "?all=true" : ""}`, undefined, { signal });
-      // Redraw only on a change, so a button is not swapped out from under the pointer.
-      if (JSON.stringify(fresh) !== JSON.stringify(vms) || !body.firstChild) { vms = fresh; draw(); }
-    } catch (e) {
-      if (e.name === "AbortError") return;
-      say(message, e.message, "error");
-    }
-    poll = setTimeout(load, 3000);  // status changes show up within seconds, without a reload
-  }
+  const list = poller((sig) => api("GET", `/api/vms${all.checked ? "?all=true" : ""}`, undefined, { signal: sig }),
+    (fresh) => { vms = fresh; draw(); }, message, signal);
+  const load = list.load;
 
   api("GET", "/api/users", undefined, { signal }).then((users) => {
     names = Object.fromEntries(users.map((u) => [u.id, u.name]));
@@ -64,7 +54,7 @@ export function render(root, _params, { me, signal }) {
   const ticker = setInterval(() => {  // ages tick
     for (const td of body.querySelectorAll("td[data-created]")) td.textContent = age(td.dataset.created);
   }, 1000);
-  return () => { clearTimeout(poll); clearInterval(ticker); };
+  return () => { list.stop(); clearInterval(ticker); };
 }
 
 const LIMITS = [["vms", "VMs"], ["logins", "Logins"], ["runs", "Runs"], ["vcpus", "vCPUs"], ["memory_mb", "Memory (MiB)"]];

@@ -48,3 +48,23 @@ export function say(el, text, kind) {
   el.textContent = text || "";
   el.hidden = !text;
 }
+
+// A list kept current: `fetch(signal)` every `ms`, `draw(rows)` only when the answer changed (so a button is not
+// swapped out from under the pointer), failures said in `message`. Returns { load, stop }: load() now.
+export function poller(fetch, draw, message, signal, ms = 3000) {
+  let last = null;
+  let timer = null;
+  async function load() {
+    clearTimeout(timer);
+    try {
+      const fresh = await fetch(signal);
+      const text = JSON.stringify(fresh);
+      if (text !== last) { last = text; draw(fresh); }
+    } catch (e) {
+      if (e.name === "AbortError") return;
+      say(message, e.message, "error");
+    }
+    timer = setTimeout(load, ms);
+  }
+  return { load, stop: () => clearTimeout(timer) };
+}

@@ -2,21 +2,20 @@
 // current by polling, each with a Kill button for its owner.
 
 import { api } from "./api.js";
-import { age, h, notice, replace, say, when } from "./dom.js";
+import { age, h, notice, poller, replace, say, when } from "./dom.js";
 
 export function render(root, _params, { me, signal }) {
   root.append(h("h1", {}, "Sandboxes"),
     h("p", { class: "help" }, "E2B-compatible sandboxes, made with the e2b SDK pointed at this server "
       + "(E2B_API_URL, E2B_SANDBOX_URL, your API token as E2B_API_KEY)."));
   const message = notice();
-  const everyone = h("input", { id: "all-sandboxes", type: "checkbox", onchange: () => load() });
+  const everyone = h("input", { id: "all-sandboxes", type: "checkbox" });
   const body = h("tbody");
   if (me.role === "admin") root.append(h("p", { class: "row" }, everyone, h("label", { for: "all-sandboxes" }, "Everyone's")));
   root.append(message, h("table", { class: "table" }, h("thead", {}, h("tr", {},
     ["Sandbox", "Owner", "Template", "State", "Started", "Ends", ""].map((t) => h("th", { scope: "col" }, t)))), body));
 
   let rows = [];
-  let poll = null;
 
   function draw() {
     const now = Date.now();
@@ -34,23 +33,14 @@ export function render(root, _params, { me, signal }) {
           e.target.disabled = true;
           try { await api("DELETE", `/api/sandboxes/${s.id}`); say(message, `Sandbox ${s.id} killed.`, "ok"); }
           catch (err) { say(message, err.message, "error"); }
-          load();
+          list.load();
         } }, "Kill"))))
       : h("tr", {}, h("td", { colspan: "7" }, "No sandboxes.")));
   }
 
-  async function load() {
-    clearTimeout(poll);
-    try {
-      const fresh = await api("GET", `/api/sandboxes${everyone.checked ? "?all=true" : ""}`, undefined, { signal });
-      if (JSON.stringify(fresh) !== JSON.stringify(rows) || !body.firstChild) { rows = fresh; draw(); }
-    } catch (e) {
-      if (e.name === "AbortError") return;
-      say(message, e.message, "error");
-    }
-    poll = setTimeout(load, 3000);
-  }
-
-  load();
-  return () => clearTimeout(poll);
+  const list = poller((sig) => api("GET", `/api/sandboxes${everyone.checked ? "?all=true" : ""}`, undefined,
+    { signal: sig }), (fresh) => { rows = fresh; draw(); }, message, signal);
+  everyone.onchange = () => list.load();
+  list.load();
+  return list.stop;
 }
