@@ -262,9 +262,10 @@ class LoginFlow(VmFlow):
             async with asyncio.timeout(limit) as login.deadline:
                 purpose: Purpose = "browser" if login.browser is not None else self.vm_purpose
                 try:
-                    vm = await engine.create(login.user_id, purpose, ttl=vm_ttl(budget), on_row=login.release_hold)
-                finally:
-                    login.release_hold()  # (called at its row already, unless it failed before one)
+                    vm = await engine.create(login.user_id, purpose, ttl=vm_ttl(budget), on_row=login.hold_at_row)
+                except BaseException:
+                    login.release_hold()
+                    raise
                 engine.label(vm.id, purpose="login", provider=login.adapter.name, browser=login.browser is not None)
                 async with login.publishing:
                     login.vm_id = vm.id
@@ -303,7 +304,7 @@ class LoginFlow(VmFlow):
             # refusal then (the sign-in page's browser pulling something) is incidental, not the reason.
             if status == "failed" or (status == "timeout" and not login.awaiting.is_set()):
                 error = await failure_reason(engine, login.vm_id, error)
-            login.release_hold()  # (ended before its VM was asked for)
+            login.release_hold()  # its VM goes now (or never came)
             login.ending.set()  # VNC bridges close before the VM goes; a cancel now waits for the rest
             await cancel_and_wait(helpers)
             for proc in login.browser_procs:  # (the VM takes them along; a stand-in guest would not)

@@ -52,6 +52,10 @@ class Login(LiveTask):
         if self.hold is not None:
             self.hold.release()
 
+    def hold_at_row(self, vm_id: uuid.UUID) -> None:
+        if self.hold is not None:
+            self.hold.at_row(vm_id)
+
 
 @dataclass(frozen=True)
 class VncTarget:

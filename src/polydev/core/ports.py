@@ -20,9 +20,9 @@ class VmPort(Protocol):
     """The VM engine as the flows and the admin VM service use it."""
 
     async def create(self, user_id: uuid.UUID | None, purpose: Purpose = "cli",
-                     ttl: timedelta = timedelta(minutes=30), on_row: Callable[[], None] | None = None) -> VM:
+                     ttl: timedelta = timedelta(minutes=30), on_row: Callable[[uuid.UUID], None] | None = None) -> VM:
         """A running VM whose agent answers (from the warm pool when one is ready); VMCreateError, or its
-        subclass VMCapacityError, when none can be had. `on_row` is called once the VM has its row."""
+        subclass VMCapacityError, when none can be had. `on_row` is called with its id once the VM has its row."""
         ...
 
     async def assign(self, vm_id: uuid.UUID, user_id: uuid.UUID | None, ttl: timedelta) -> VM:

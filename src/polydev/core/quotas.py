@@ -18,6 +18,7 @@ the same instant may still both pass (the engine's own slot pool still bounds ta
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, Protocol
@@ -30,6 +31,8 @@ WHAT = {"vms": "live VMs", "logins": "logins in progress", "runs": "runs in prog
         "memory_mb": "MiB of VM memory", "disk_mb": "MiB of disk"}
 # What a client should wait before trying again: a login or run usually ends within minutes.
 RETRY_AFTER_S = 60
+# How long a hold is kept after its VM's row was written: longer than any check's read takes.
+ROW_SEEN_S = 30.0
 
 Kind = Literal["login", "run", "vm"]
 
@@ -101,11 +104,17 @@ class HostFull(Exception):
 
 class Hold:
     """What an admitted login, run or VM will take, counted by the admission that made it until the rows that
-    count it exist: `counted(kind)` once its login or run row is written, `release()` once its VM's row is
-    (the engine's `on_row`), or when it will never be. Both are idempotent."""
+    count it exist: `counted(kind)` once its login or run row is written, `at_row(vm_id)` once its VM's row is
+    (the engine's `on_row`), `release()` once its work is over (its VM failed, or ended). All are idempotent.
+
+    A check whose database read began before a VM's row was written may not see that row, though the row
+    exists by the time the check adds up: so a hold that reached its row stays in the book, with the VM's id,
+    for ROW_SEEN_S more, and is counted by a check that began before the row and did not read that VM."""
 
     def __init__(self, user_id: uuid.UUID, wanted: dict[str, int], book: list[Hold] | None = None) -> None:
         self.user_id, self.wanted, self._book = user_id, wanted, book
+        self.vm_id: uuid.UUID | None = None
+        self.row_at: float | None = None  # (monotonic) when its VM's row was written
 
     @classmethod
     def nothing(cls, user_id: uuid.UUID) -> Hold:
@@ -115,9 +124,18 @@ class Hold:
     def counted(self, name: str) -> None:
         self.wanted[name] = 0
 
+    def at_row(self, vm_id: uuid.UUID) -> None:
+        if self.row_at is None:
+            self.vm_id, self.row_at = vm_id, time.monotonic()
+
     def release(self) -> None:
+        """Its work is over (its VM failed to start, or has ended): nothing is held any more."""
         if self._book is not None and self in self._book:
             self._book.remove(self)
+
+    def counts(self, seen: frozenset[uuid.UUID], began: float) -> bool:
+        """Whether a check that began at `began` (monotonic) and read the live VMs `seen` must count this hold."""
+        return self.row_at is None or self.row_at > began and self.vm_id not in seen
 
 
 class FreeSpace(Protocol):
@@ -154,17 +172,20 @@ class Admission:
     async def check(self, user_id: uuid.UUID, kind: Kind, vcpus: int, memory_mb: int) -> Hold:
         """QuotaExceeded or HostFull when a new `kind` with a VM of this size cannot be admitted now; else
         what it was admitted for, held until its rows count it (see Hold)."""
+        began = time.monotonic()
         quota, used = await self.quota(user_id), await self.repo.usage(user_id)
         total = await self.repo.usage(None, self.server_id)
+        now = time.monotonic()  # holds past their time after their row: every read since sees that row
+        self._held[:] = [h for h in self._held if h.row_at is None or now - h.row_at < ROW_SEEN_S]
         # From here to the hold's booking nothing awaits: another request's check sees this one's hold.
         wanted = {"vms": 1, "logins": int(kind == "login"), "runs": int(kind == "run"), "vcpus": vcpus,
                   "memory_mb": memory_mb}
         for name in LIMITS:
-            have, limit = getattr(used, name) + self._holding(name, user_id), getattr(quota, name)
+            have, limit = getattr(used, name) + self._holding(name, used.vm_ids, began, user_id), getattr(quota, name)
             if wanted[name] and have + wanted[name] > limit:
                 raise QuotaExceeded(name, have, limit)
         for name in ("vcpus", "memory_mb"):
-            have, cap = getattr(total, name) + self._holding(name), getattr(self.host, name)
+            have, cap = getattr(total, name) + self._holding(name, total.vm_ids, began), getattr(self.host, name)
             if have + wanted[name] > cap:
                 raise HostFull(name, have, wanted[name], cap)
         self._check_disk()
@@ -172,8 +193,9 @@ class Admission:
         self._held.append(hold)
         return hold
 
-    def _holding(self, name: str, user_id: uuid.UUID | None = None) -> int:
-        return sum(h.wanted.get(name, 0) for h in self._held if user_id is None or h.user_id == user_id)
+    def _holding(self, name: str, seen: frozenset[uuid.UUID], began: float, user_id: uuid.UUID | None = None) -> int:
+        return sum(h.wanted.get(name, 0) for h in self._held
+                   if (user_id is None or h.user_id == user_id) and h.counts(seen, began))
 
     def _check_disk(self) -> None:
         if self.disk is None or not self.disk.min_free_mb:
@@ -190,8 +212,9 @@ class Admission:
         overrides = await self.repo.overrides(user_id)
         if overrides is None:
             return None
+        used = await self.repo.usage(user_id)
         return {"limits": asdict(self.defaults.merged(overrides)), "overrides": overrides,
-                "usage": asdict(await self.repo.usage(user_id))}
+                "usage": {name: getattr(used, name) for name in LIMITS}}
 
     async def set_overrides(self, user_id: uuid.UUID, limits: dict[str, int]) -> bool:
         """Replace a user's own limits (checked with `check_overrides`); False for no such user."""

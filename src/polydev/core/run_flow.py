@@ -215,9 +215,10 @@ class RunFlow(VmFlow):
             live.writer.emit_soon(event("status", message="starting a VM"))
             try:
                 vm = await engine.create(row.user_id, "cli", ttl=timedelta(seconds=timeout + 180),
-                                         on_row=hold.release)
-            finally:
-                hold.release()  # (called at its row already, unless it failed before one)
+                                         on_row=hold.at_row)
+            except BaseException:
+                hold.release()
+                raise
             vm_id = vm.id
             engine.label(vm.id, purpose="run", provider=adapter.name)
             guest = Guest(engine.agent(vm.id, timeout=timeout + 60))
@@ -278,7 +279,7 @@ class RunFlow(VmFlow):
             error = _reason(exc, vm_id is not None)
             log.warning("run_failed", run_id=str(run_id), error=error)
         finally:
-            hold.release()  # (cancelled before its VM was asked for)
+            hold.release()  # its VM is gone (or never came)
             if status in ("failed", "timeout"):
                 error = await failure_reason(engine, vm_id, error)
             live.ending.set()

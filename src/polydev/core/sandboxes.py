@@ -165,11 +165,12 @@ class Sandboxes:
         ttl = timedelta(seconds=spec.timeout_s)
         try:
             vm = await engine.create(user_id, purpose, ttl=_vm_ttl(ttl, spec.auto_pause),  # type: ignore[arg-type]
-                                     on_row=hold.release)
-        except VMCreateError as exc:
-            raise SandboxUnavailable(f"the sandbox's VM failed to start: {exc.reason}") from None
-        finally:
-            hold.release()  # (called at its row already, unless it failed before one)
+                                     on_row=hold.at_row)
+        except BaseException as exc:
+            hold.release()  # (a VM that started stays held a moment past its row: Hold)
+            if isinstance(exc, VMCreateError):
+                raise SandboxUnavailable(f"the sandbox's VM failed to start: {exc.reason}") from None
+            raise
         # The egress gateway's purpose: "sandbox" reaches what EGRESS_SANDBOX_OPEN and EGRESS_ALLOW allow;
         # without internet access, nothing (not even the operator's EGRESS_ALLOW hosts).
         engine.label(vm.id, purpose="sandbox" if spec.internet else OFFLINE_PURPOSE)

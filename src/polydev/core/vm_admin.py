@@ -131,13 +131,14 @@ class VmAdmin:
         ttl = timedelta(seconds=ttl_seconds) if ttl_seconds else self.default_ttl
         hold = await self.admit(user_id, "vm", purpose)
         try:
-            return await engine.create(user_id, purpose, ttl=ttl, on_row=hold.release)
-        except VMCapacityError as exc:
-            raise VmNoCapacity(f"no capacity for another VM right now: {exc.reason}", exc.vm_id) from None
-        except VMCreateError as exc:
-            raise VmCreateFailed(str(exc), exc.vm_id) from None
-        finally:
-            hold.release()  # (called at its row already, unless it failed before one)
+            return await engine.create(user_id, purpose, ttl=ttl, on_row=hold.at_row)
+        except BaseException as exc:
+            hold.release()  # (a VM that started stays held a moment past its row: Hold)
+            if isinstance(exc, VMCapacityError):
+                raise VmNoCapacity(f"no capacity for another VM right now: {exc.reason}", exc.vm_id) from None
+            if isinstance(exc, VMCreateError):
+                raise VmCreateFailed(str(exc), exc.vm_id) from None
+            raise
 
     async def get(self, vm_id: uuid.UUID) -> VM:
         return await self._get(self._port(), vm_id)

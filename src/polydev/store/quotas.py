@@ -26,6 +26,7 @@ class Usage:
     runs: int = 0
     vcpus: int = 0
     memory_mb: int = 0
+    vm_ids: frozenset[uuid.UUID] = frozenset()  # the live VMs counted (admission matches its holds to them)
 
 
 class QuotaRepo:
@@ -34,22 +35,25 @@ class QuotaRepo:
 
     async def usage(self, user_id: uuid.UUID | None = None, server_id: uuid.UUID | None = None) -> Usage:
         """One user's use, or (None) the whole deployment's; given `server_id`, only the VMs that server hosts
-        (its host's capacity is its own)."""
-        vms = select(func.count(), func.coalesce(func.sum(VmRecord.vcpu_count), 0),
-                     func.coalesce(func.sum(VmRecord.memory_mb), 0)).where(VmRecord.status.in_(LIVE))
+        (its host's capacity is its own). With the ids of the live VMs counted."""
+        live = [VmRecord.status.in_(LIVE)]
+        if user_id is not None:
+            live.append(VmRecord.user_id == user_id)
+        if server_id is not None:
+            live.append(VmRecord.server_id == server_id)
+        vms = select(VmRecord.vm_id, VmRecord.vcpu_count, VmRecord.memory_mb).where(*live)
         logins = select(func.count()).select_from(AuthSession).where(
             AuthSession.status.not_in(AUTH_SESSION_TERMINAL))
         runs = select(func.count()).select_from(Run).where(Run.status.not_in(RUN_TERMINAL))
         if user_id is not None:
-            vms = vms.where(VmRecord.user_id == user_id)
             logins = logins.where(AuthSession.user_id == user_id)
             runs = runs.where(Run.user_id == user_id)
-        if server_id is not None:
-            vms = vms.where(VmRecord.server_id == server_id)
         async with self._factory() as s:
-            n_vms, vcpus, memory = (await s.execute(vms)).one()
-            return Usage(int(n_vms), int(await s.scalar(logins) or 0), int(await s.scalar(runs) or 0),
-                         int(vcpus), int(memory))
+            # One read of the rows, so the ids are exactly the VMs the sums count.
+            rows = (await s.execute(vms)).all()
+            return Usage(len(rows), int(await s.scalar(logins) or 0), int(await s.scalar(runs) or 0),
+                         sum(int(r.vcpu_count or 0) for r in rows), sum(int(r.memory_mb or 0) for r in rows),
+                         frozenset(r.vm_id for r in rows))
 
     async def overrides(self, user_id: uuid.UUID) -> dict[str, int] | None:
         """The user's own limits ({} when none), or None for a user that does not exist."""

@@ -128,14 +128,15 @@ class VMEngine:
 
     # -- create / destroy ---------------------------------------------------------------------------------
     async def create(self, user_id: uuid.UUID | None, purpose: Purpose = "cli",
-                     ttl: timedelta = timedelta(minutes=30), on_row: Callable[[], None] | None = None) -> VM:
+                     ttl: timedelta = timedelta(minutes=30), on_row: Callable[[uuid.UUID], None] | None = None
+                     ) -> VM:
         """`on_row`: called once the VM has its row (its user's and its host's use count it from then on)."""
         if purpose == "cli" and (pooled := self.pool.take(user_id, ttl)) is not None:
             self._extend(pooled.id, pooled.expires_at)
             if self.egress is not None:
                 self.egress.update(pooled.id, user_id=user_id)
             if on_row is not None:
-                on_row()
+                on_row(pooled.id)
             return pooled
         return await self._create(user_id, purpose, ttl, on_row)
 
@@ -198,7 +199,7 @@ class VMEngine:
             raise
 
     async def _create(self, user_id: uuid.UUID | None, purpose: Purpose, ttl: timedelta | None,
-                      on_row: Callable[[], None] | None = None) -> VM:
+                      on_row: Callable[[uuid.UUID], None] | None = None) -> VM:
         vm_id = uuid.uuid4()
         if self._closing:
             raise VMCreateError(vm_id, "the VM engine is shutting down")
@@ -210,7 +211,7 @@ class VMEngine:
             ended.set()
 
     async def _make(self, vm_id: uuid.UUID, user_id: uuid.UUID | None, purpose: Purpose,
-                    ttl: timedelta | None, on_row: Callable[[], None] | None = None) -> VM:
+                    ttl: timedelta | None, on_row: Callable[[uuid.UUID], None] | None = None) -> VM:
         workdir = self.workdir(vm_id)
         expires = utcnow() + ttl if ttl is not None else None  # pooled VMs do not expire until handed out
         try:
@@ -224,7 +225,7 @@ class VMEngine:
                 await self.vms.mark_failed(vm_id, CANCELLED)
             raise
         if on_row is not None:
-            on_row()
+            on_row(vm_id)
         token = secrets.token_urlsafe(32)
         slot: Slot | None = None
         try:
