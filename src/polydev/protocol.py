@@ -25,6 +25,10 @@ Wire summary (all JSON bodies are UTF-8 objects; process output is base64 becaus
 - `POST /fs` body `FsRequest`        → `{"entries": [FsEntry…]}`: stat, list (to `depth`), mkdir (with parents), move,
                                         remove (recursive). 404 no such path, 409 mkdir of an existing path.
 - `POST /resize` body `ResizeRequest` sets a PTY exec's window size → `{"resized": true}`.
+- `POST /attach` body `AttachRequest` → the NDJSON events of a `detach` exec whose `seq` is above `after`, from
+                                        its backlog and then as they come, up to its `exit`. 404 unknown exec.
+- `GET /execs`                       → `{"execs": [DetachedExec…]}`: the detach execs the agent holds, running or
+                                        finished (the last MAX_FINISHED_DETACHED of those).
 - `GET /tcp?port=N`                  → `200`, then the connection is a raw byte pipe to the guest's 127.0.0.1:N
                                         (503 when nothing listens there).
 - `POST /token` body `TokenRequest`  replaces the token (after a snapshot restore the host hands each clone its own)
@@ -52,6 +56,11 @@ CMDLINE_TOKEN = "polydev.token"
 CMDLINE_ADDR = "polydev.addr"  # e.g. 10.0.2.15/24
 CMDLINE_GATEWAY = "polydev.gw"
 CMDLINE_PORT = "polydev.port"
+# A `detach` exec outlives its client: the agent keeps its last DETACHED_BACKLOG_BYTES of output for the
+# next /attach, and remembers the last MAX_FINISHED_DETACHED that ended (with their exit) for a late one.
+DETACHED_BACKLOG_BYTES = 1024 * 1024
+MAX_FINISHED_DETACHED = 32
+MAX_META_BYTES = 16 * 1024
 INPUT_WAIT_S = 10.0  # how long one POST /input waits for a process that does not read its input
 MAX_WATCH_PATHS = 16
 MAX_WATCH_S = 300.0
@@ -129,11 +138,15 @@ class ExecRequest(_Fields):
     timeout_s: float | None = None  # the process group is killed when it runs longer
     keep_stdin_open: bool = False  # a pipe exec's stdin stays open for POST /input (a PTY's always does)
     pty_size: list[int] | None = None  # [rows, cols] of a PTY's window
+    # The process is not killed when its client leaves: its output waits in a backlog for POST /attach.
+    detach: bool = False
+    meta: str | None = None  # a detach exec's note from the host, given back by GET /execs (MAX_META_BYTES)
 
     @classmethod
     def from_json(cls, raw: bytes | str | dict[str, Any]) -> ExecRequest:
         data = _obj(raw)
-        _check_keys(data, {"args", "env", "cwd", "stdin", "pty", "timeout_s", "keep_stdin_open", "pty_size"}, "exec")
+        _check_keys(data, {"args", "env", "cwd", "stdin", "pty", "timeout_s", "keep_stdin_open", "pty_size",
+                           "detach", "meta"}, "exec")
         if "args" not in data:
             raise ProtocolError("exec: args is required")
         args = _str_list(data["args"], "args")
@@ -154,7 +167,13 @@ class ExecRequest(_Fields):
         if size is not None and (not isinstance(size, list) or len(size) != 2
                                  or not all(type(n) is int and 0 < n < 65536 for n in size)):
             raise ProtocolError("pty_size must be [rows, cols], each from 1 to 65535")
-        return cls(args=args, pty_size=size, env=env, cwd=_opt(data.get("cwd"), str, "cwd"),
+        meta = _opt(data.get("meta"), str, "meta")
+        if meta is not None and len(meta.encode()) > MAX_META_BYTES:
+            raise ProtocolError(f"meta must be at most {MAX_META_BYTES} bytes")
+        detach = bool(_opt(data.get("detach"), bool, "detach"))
+        if meta is not None and not detach:
+            raise ProtocolError("meta is kept only for a detach exec")
+        return cls(args=args, pty_size=size, env=env, cwd=_opt(data.get("cwd"), str, "cwd"), detach=detach, meta=meta,
                    stdin=None if stdin is None else _b64(stdin, "stdin"),
                    pty=bool(_opt(data.get("pty"), bool, "pty")),
                    timeout_s=None if timeout is None else float(timeout),
@@ -358,6 +377,41 @@ class ResizeRequest(_Fields):
         if not exec_id or rows is None or cols is None or not (0 < rows < 65536 and 0 < cols < 65536):
             raise ProtocolError("resize: exec_id, and rows and cols from 1 to 65535, are required")
         return cls(exec_id=exec_id, rows=rows, cols=cols)
+
+
+@dataclass
+class AttachRequest(_Fields):
+    exec_id: str
+    after: int = -1  # the last seq the caller has; -1 for everything the backlog still holds
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> AttachRequest:
+        data = _obj(raw)
+        _check_keys(data, {"exec_id", "after"}, "attach")
+        exec_id = _opt(data.get("exec_id"), str, "exec_id")
+        after = _opt(data.get("after", -1), int, "after")
+        if not exec_id or after is None or after < -1:
+            raise ProtocolError("attach: exec_id is required and after must be -1 or a seq")
+        return cls(exec_id=exec_id, after=after)
+
+
+@dataclass
+class DetachedExec(_Fields):
+    exec_id: str
+    pid: int
+    running: bool
+    last_seq: int  # the seq of its newest event so far
+    first_seq: int  # the oldest event its backlog still holds (older output was dropped)
+    meta: str | None = None
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> DetachedExec:
+        data = _obj(raw)
+        try:
+            return cls(exec_id=str(data["exec_id"]), pid=int(data["pid"]), running=bool(data["running"]),
+                       last_seq=int(data["last_seq"]), first_seq=int(data["first_seq"]), meta=data.get("meta"))
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError(f"not a detached exec: {data!r:.200}") from None
 
 
 def signal_number(name: str) -> int | None:

@@ -208,6 +208,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
     svc.sandboxes = Sandboxes(SandboxRepo(factory), vault, svc.engine_or_reason, admit=svc.admit,
                               sizes=settings.vm_size, proxy=lambda: svc.guest_env("sandbox").https_proxy,
                               limit=settings.sandbox_limit_per_user, profile=settings.vm_image_profile)
+    svc.sandboxes.on_end.append(svc.sandbox_procs.forget)
     svc.egress_admin = EgressAdmin(
         EgressRepo(factory, svc.credentials), svc.users, settings.egress_address_pool,
         Limits.from_settings(settings),

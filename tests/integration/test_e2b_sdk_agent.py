@@ -211,10 +211,13 @@ def test_bad_requests_answer_in_the_sdks_error_shapes(conn: dict[str, str], sand
                              ("GET", "/v2/sandboxes?limit=0", {}),
                              ("GET", "/v2/sandboxes?nextToken=%%%", {}),
                              ("GET", "/v2/sandboxes?state=gone", {}),
+                             ("POST", "/v2/sandboxes", {"json": {"templateID": "base", "autoPauseMemory": "x"}}),
+                             ("POST", f"/sandboxes/{sandbox.sandbox_id}/pause", {"json": {"memory": "x"}}),
                              ("POST", f"/sandboxes/{sandbox.sandbox_id}/timeout", {"json": {"timeout": "x"}})):
         r = api.request(method, path, **kw)
         assert r.status_code == 400, (path, r.text)
         assert isinstance(r.json()["code"], int) and isinstance(r.json()["message"], str)
+    assert sandbox.get_info().state == "running"  # the refused pause changed nothing
     r = httpx.get(f"{conn['api_url']}/v2/sandboxes", timeout=30)
     assert r.status_code == 401 and r.json()["code"] == 401
     r = api.get("/sandboxes/" + "x" * 300)

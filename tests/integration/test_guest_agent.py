@@ -346,3 +346,54 @@ def test_watch_ends_when_the_client_disconnects(agent: AgentClient, scratch: str
         s.sendall(head + body)
         assert _eventually(lambda: _agent_threads(agent) > before), "the watch never started"
     assert _eventually(lambda: _agent_threads(agent) <= before), "the watch outlived its client"
+
+
+# -- detach execs: they outlive their connection, and /attach follows them again --------------------------------
+
+def test_detached_exec_outlives_its_client_and_attach_resumes_from_seq(agent: AgentClient, scratch: str) -> None:
+    marker = f"{scratch}-detached"
+    events = agent.exec_stream(["sh", "-c", f"for i in 1 2 3 4 5 6; do echo $i; sleep 0.3; done; touch {marker}"],
+                               detach=True, meta='{"tag": "counter"}')
+    start = next(events)
+    first = next(events)
+    assert start.type == "start" and first.type == "stdout" and first.bytes() == b"1\n"
+    events.close()  # the client goes; an ordinary exec would be killed now
+    listed = {d.exec_id: d for d in agent.execs()}
+    assert start.exec_id in listed and listed[start.exec_id].meta == '{"tag": "counter"}'
+    assert listed[start.exec_id].pid == start.pid
+    rest = list(agent.attach(start.exec_id, after=first.seq))
+    assert rest[0].seq == first.seq + 1 and [e.seq for e in rest] == list(range(first.seq + 1, rest[-1].seq + 1))
+    assert b"".join(e.bytes() for e in rest if e.type == "stdout") == b"2\n3\n4\n5\n6\n"
+    assert rest[-1].type == "exit" and rest[-1].code == 0
+    assert agent.exec(["test", "-e", marker]).exit_code == 0  # it ran to its end
+    agent.exec(["rm", "-f", marker])
+    # Finished, it is still listed (with its exit) for a late attach, which gets just the exit.
+    done = {d.exec_id: d for d in agent.execs()}[start.exec_id]
+    assert not done.running and done.last_seq == rest[-1].seq
+    late = list(agent.attach(start.exec_id, after=rest[-2].seq))
+    assert [e.type for e in late] == ["exit"]
+
+
+def test_detached_exec_takes_signals_and_input_like_any(agent: AgentClient) -> None:
+    events = agent.exec_stream(["cat"], detach=True, keep_stdin_open=True)
+    start = next(events)
+    events.close()
+    assert agent.write_input(start.exec_id or "", b"hello\n", eof=True) == 6
+    got = list(agent.attach(start.exec_id or ""))
+    assert got[0].type == "start"  # after=-1: everything the backlog holds
+    assert b"".join(e.bytes() for e in got if e.type == "stdout") == b"hello\n"
+    assert got[-1].type == "exit" and got[-1].code == 0
+    sleeper = agent.exec_stream(["sleep", "60"], detach=True)
+    pid_event = next(sleeper)
+    sleeper.close()
+    agent.signal(pid_event.exec_id or "", "KILL")
+    assert list(agent.attach(pid_event.exec_id or ""))[-1].code == -9
+
+
+def test_attach_refuses_unknown_and_meta_without_detach(agent: AgentClient) -> None:
+    with pytest.raises(AgentError) as exc:
+        list(agent.attach("0123456789abcdef"))
+    assert exc.value.status == 404
+    with pytest.raises(AgentError) as exc:
+        list(agent.exec_stream(["true"], meta="x"))
+    assert exc.value.status == 400 and "detach" in exc.value.reason

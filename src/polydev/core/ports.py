@@ -53,9 +53,10 @@ class VmPort(Protocol):
         """Why the egress gateway last refused or failed one of the VM's connections (to `host`), if it did."""
         ...
 
-    async def hibernate(self, vm_id: uuid.UUID) -> str:
-        """Save the running VM (memory, devices, disk) and end its process; returns its agent's token, which
-        `wake` needs. CannotHibernate (polydev.vm.hibernation) says why it cannot."""
+    async def hibernate(self, vm_id: uuid.UUID, memory: bool = True) -> str:
+        """Save the running VM (memory, devices, disk; only the disk without `memory`, and the wake boots it
+        cold) and end its process; returns its agent's token, which `wake` needs. CannotHibernate
+        (polydev.vm.hibernation) says why it cannot."""
         ...
 
     async def wake(self, vm_id: uuid.UUID, token: str, ttl: timedelta) -> VM:

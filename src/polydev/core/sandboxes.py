@@ -115,6 +115,7 @@ class CreateSpec:
     metadata: dict[str, str] | None = None
     env_vars: dict[str, str] | None = None
     auto_pause: bool = False
+    auto_pause_memory: bool = True  # False: the timeout's pause keeps only the disk (mode "filesystem")
     internet: bool = True
 
 
@@ -142,6 +143,7 @@ class Sandboxes:
         self._limit = limit  # sandboxes running or paused per user (paused ones hold their disk and memory files)
         self._sweeper: asyncio.Task[None] | None = None
         self.watchers = Watchers()  # envd's directory watchers of the sandboxes this server runs
+        self.on_end: list[Callable[[str], None]] = []  # told each sandbox id that ends (its processes go)
 
     def _port(self) -> VmPort:
         engine, reason = self._engine()
@@ -181,7 +183,8 @@ class Sandboxes:
         row = Sandbox(id=sandbox_id, user_id=user_id, vm_id=vm.id, template=spec.template, state="running",
                       metadata_json=json.dumps(spec.metadata or {}), token_hash=hash_token(token),
                       sealed=self._seal(user_id, sandbox_id, token, spec.env_vars or {}), cpu_count=vcpus,
-                      memory_mb=memory, auto_pause=spec.auto_pause, internet=spec.internet, started_at=now,
+                      memory_mb=memory, auto_pause=spec.auto_pause,
+                      auto_pause_memory=spec.auto_pause_memory, internet=spec.internet, started_at=now,
                       end_at=now + ttl)
         try:
             await self._repo.add(row)
@@ -232,22 +235,38 @@ class Sandboxes:
             row = await self._row(user_id, sandbox_id)
         return Opened(_view(row), self._open(row)[0])
 
-    async def pause(self, user_id: uuid.UUID, sandbox_id: str) -> None:
+    async def pause(self, user_id: uuid.UUID, sandbox_id: str, memory: bool = True, strict: bool = False) -> None:
         """Save the sandbox's VM (memory, devices, disk) and end its process: it holds no host capacity until
-        `connect` resumes it, and survives a restart of the server. SandboxConflict when already paused."""
+        `connect` resumes it, and survives a restart of the server. Without `memory` only its disk is kept
+        (E2B's mode "filesystem"): the resume boots it cold, its files there and its processes gone. With
+        `strict`, a sandbox whose agent does not answer is not paused (SandboxUnavailable) and runs on.
+        SandboxConflict when already paused."""
         row = await self._row(user_id, sandbox_id)  # not found first, as E2B answers
         if row.state == "paused":
             raise SandboxConflict(f"sandbox '{sandbox_id}' is already paused")
-        await self._pause(row)
+        if strict and memory and not await self._agent_answers(row):
+            raise SandboxUnavailable(f"sandbox '{sandbox_id}' is not paused: its agent does not answer")
+        await self._pause(row, memory)
 
-    async def _pause(self, row: Sandbox) -> None:
+    async def _agent_answers(self, row: Sandbox) -> bool:
+        def probe() -> bool:
+            with self.agent(row, timeout=10.0) as agent:
+                return agent.livez()
+        try:
+            return await asyncio.to_thread(probe)
+        except Exception:  # noqa: BLE001 - unreachable, or not on this server: either way, no answer
+            return False
+
+    async def _pause(self, row: Sandbox, memory: bool = True) -> None:
         if row.vm_id is None:
             raise SandboxConflict("the sandbox has no running VM")
         from polydev.vm.hibernation import CannotHibernate
 
         try:
-            agent_token = await self._port().hibernate(row.vm_id)
+            agent_token = await self._port().hibernate(row.vm_id, memory)
         except CannotHibernate as exc:
+            if not memory:  # the agent could not sync the disk: the sandbox runs on, unharmed
+                raise SandboxUnavailable(f"the sandbox is not paused: {exc}") from None
             raise SandboxNotImplemented(f"this sandbox cannot be paused here: {exc}") from None
         token, envs = self._open(row)
         # The agent's token is the engine's to forget: kept sealed with the sandbox's own until it resumes.
@@ -336,7 +355,7 @@ class Sandboxes:
                 await self._ended(row)
                 continue
             try:
-                await self._pause(row)
+                await self._pause(row, row.auto_pause_memory)
                 paused += 1
             except (SandboxError, CannotHibernate) as exc:  # another server's VM (that server pauses it)
                 log.debug("sandbox_auto_pause_skipped", sandbox_id=row.id, reason=str(exc))
@@ -379,6 +398,8 @@ class Sandboxes:
         return vm is not None and vm.status in ("creating", "running")
 
     async def _end(self, row: Sandbox) -> None:
+        for listener in self.on_end:
+            listener(row.id)
         if await self._repo.end(row.id) and row.vm_id is not None:
             engine, _ = self._engine()
             if engine is not None:

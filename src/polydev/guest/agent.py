@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from polydev import protocol as p
-from polydev.guest import execute, fs
+from polydev.guest import backlog, execute, fs
 from polydev.guest.http import HTTPError, Request, serve
 from polydev.guest.tunnel import open_tunnel
 from polydev.guest.watch import wait_for_file
@@ -79,6 +79,12 @@ class Agent:
             exec_id, ex = execute.spawn(spec)
         except execute.SpawnError as exc:
             raise HTTPError(422, f"cannot start {spec.args[0]!r}: {exc}") from None
+        if spec.detach:  # runs on in its own thread; this connection only follows its output
+            log = execute.detach(spec, exec_id, ex)
+            req.start(200, {"Content-Type": p.NDJSON, "X-Polydev-Exec-Id": exec_id}, chunked=True)
+            log.follow(-1, req.conn, req.send_chunk)
+            req.end_chunks()
+            return
         try:
             req.start(200, {"Content-Type": p.NDJSON, "X-Polydev-Exec-Id": exec_id}, chunked=True)
         except BaseException:
@@ -86,6 +92,18 @@ class Agent:
             raise
         execute.stream(spec, exec_id, ex, req.conn, req.send_chunk)
         req.end_chunks()
+
+    def attach(self, req: Request) -> None:
+        spec = p.AttachRequest.from_json(req.read_body())
+        log = backlog.get(spec.exec_id)
+        if log is None:
+            raise HTTPError(404, f"no detach exec {spec.exec_id}")
+        req.start(200, {"Content-Type": p.NDJSON}, chunked=True)
+        log.follow(spec.after, req.conn, req.send_chunk)
+        req.end_chunks()
+
+    def execs(self, req: Request) -> None:
+        req.send_json(200, {"execs": [d.to_json() for d in backlog.listing()]})
 
     def files_put(self, req: Request) -> None:
         path = _abs_path(req)
@@ -210,6 +228,8 @@ ROUTES = {
     ("POST", "/watch"): Agent.watch,
     ("POST", "/fs"): Agent.fs,
     ("POST", "/resize"): Agent.resize,
+    ("POST", "/attach"): Agent.attach,
+    ("GET", "/execs"): Agent.execs,
     ("GET", "/tcp"): Agent.tcp,
     ("POST", "/token"): Agent.token,
 }

@@ -23,6 +23,7 @@ import time
 import uuid
 from typing import Callable
 
+from polydev.guest import backlog
 from polydev.guest.http import client_gone
 from polydev.protocol import INPUT_WAIT_S, ExecEvent, ExecRequest
 
@@ -240,8 +241,25 @@ def _feed_stdin(ex: Exec, data: bytes, close: bool) -> None:
     ex.fed.set()
 
 
-def stream(req: ExecRequest, exec_id: str, ex: Exec, client: socket.socket, emit: Callable[[bytes], None]) -> None:
-    """Pump output into `emit` as NDJSON lines until the process exits; kill it if the client leaves or time runs out."""
+def detach(req: ExecRequest, exec_id: str, ex: Exec) -> backlog.Backlog:
+    """Pump a detach exec's events into a backlog of its own, in a thread, with no client to watch."""
+    log = backlog.Backlog(exec_id, ex.proc.pid, req.meta)
+    backlog.register(log)
+
+    def pump() -> None:
+        try:
+            stream(req, exec_id, ex, None, log.add)
+        finally:
+            backlog.finished(log)
+
+    threading.Thread(target=pump, name=f"exec-{exec_id}", daemon=True).start()
+    return log
+
+
+def stream(req: ExecRequest, exec_id: str, ex: Exec, client: socket.socket | None,
+           emit: Callable[[bytes], None]) -> None:
+    """Pump output into `emit` as NDJSON lines until the process exits; kill it if time runs out, or if the
+    client leaves (without a client, as for a detach exec, only the process's end or its timeout stop it)."""
     started = time.monotonic()
     seq = 0
     proc = ex.proc
@@ -268,7 +286,8 @@ def stream(req: ExecRequest, exec_id: str, ex: Exec, client: socket.socket, emit
             close = not (ex.pty or req.keep_stdin_open)
             threading.Thread(target=_feed_stdin, args=(ex, base64.b64decode(req.stdin), close), daemon=True).start()
         sel.register(pidfd, selectors.EVENT_READ, "exit")
-        sel.register(client, selectors.EVENT_READ, "client")
+        if client is not None:
+            sel.register(client, selectors.EVENT_READ, "client")
         deadline = None if req.timeout_s is None else started + req.timeout_s
         timed_out = False
         exited = False
@@ -284,7 +303,7 @@ def stream(req: ExecRequest, exec_id: str, ex: Exec, client: socket.socket, emit
                 if key.data == "exit":
                     exited = True
                 elif key.data == "client":
-                    if client_gone(client):
+                    if client is not None and client_gone(client):
                         kill_group(proc)
                         raise BrokenPipeError("client disconnected")
                     sel.unregister(client)  # it sent bytes we do not expect; stop watching rather than spin

@@ -20,6 +20,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -322,6 +323,8 @@ class Sandbox(Base):
     cpu_count: Mapped[int] = mapped_column(Integer)
     memory_mb: Mapped[int] = mapped_column(Integer)
     auto_pause: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The pause at its timeout keeps its memory (processes run on after resume), or only its disk (a cold boot).
+    auto_pause_memory: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     internet: Mapped[bool] = mapped_column(Boolean, default=True)
     started_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     end_at: Mapped[datetime] = mapped_column(Timestamp, index=True)

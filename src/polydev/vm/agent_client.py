@@ -105,15 +105,31 @@ class AgentClient:
 
     def exec_stream(self, args: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
                     stdin: bytes | None = None, pty: bool = False, timeout_s: float | None = None,
-                    keep_stdin_open: bool = False, pty_size: tuple[int, int] | None = None) -> Iterator[p.ExecEvent]:
+                    keep_stdin_open: bool = False, pty_size: tuple[int, int] | None = None, detach: bool = False,
+                    meta: str | None = None) -> Iterator[p.ExecEvent]:
         """Yield events as the agent sends them. Leaving the loop early closes the connection, which kills
-        the process in the guest. With keep_stdin_open (or pty), `write_input` feeds it more input later."""
+        the process in the guest, unless `detach`: then it runs on, and `attach` follows it again (`execs`
+        lists such processes, each with its `meta`). With keep_stdin_open (or pty), `write_input` feeds it
+        more input later."""
         req = p.ExecRequest(args=args, env=env or {}, cwd=cwd, pty=pty, timeout_s=timeout_s,
                             stdin=None if stdin is None else base64.b64encode(stdin).decode(),
-                            keep_stdin_open=keep_stdin_open, pty_size=list(pty_size) if pty_size else None)
+                            keep_stdin_open=keep_stdin_open, pty_size=list(pty_size) if pty_size else None,
+                            detach=detach, meta=meta)
         # The read timeout must outlast the command; the agent enforces timeout_s itself.
         read_timeout = None if timeout_s is None else timeout_s + 30
-        with _answer(), self._http.stream("POST", "/exec", json=req.to_json(),
+        yield from self._events("/exec", req.to_json(), read_timeout)
+
+    def attach(self, exec_id: str, after: int = -1) -> Iterator[p.ExecEvent]:
+        """A detach exec's events above seq `after`, those the agent still holds and then as they come."""
+        yield from self._events("/attach", p.AttachRequest(exec_id=exec_id, after=after).to_json(), None)
+
+    def execs(self) -> list[p.DetachedExec]:
+        with _answer():
+            body = self._check(self._http.get("/execs")).json()
+        return [p.DetachedExec.from_json(item) for item in body.get("execs", [])]
+
+    def _events(self, path: str, body: dict[str, object], read_timeout: float | None) -> Iterator[p.ExecEvent]:
+        with _answer(), self._http.stream("POST", path, json=body,
                                           timeout=httpx.Timeout(30.0, read=read_timeout)) as response:
             self._check(response)
             for line in response.iter_lines():

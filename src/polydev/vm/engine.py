@@ -379,10 +379,10 @@ class VMEngine:
         return AgentClient(url, token, timeout=timeout)
 
     # -- hibernation (polydev.vm.hibernation) -------------------------------------------------------------
-    async def hibernate(self, vm_id: uuid.UUID) -> str:
-        """Save the running VM to its work directory and end its process; returns its agent's token, which
-        `wake` needs (this engine forgets it). CannotHibernate says why not."""
-        return await hibernation.hibernate(self, vm_id)
+    async def hibernate(self, vm_id: uuid.UUID, memory: bool = True) -> str:
+        """Save the running VM to its work directory (without `memory`: only its disk) and end its process;
+        returns its agent's token, which `wake` needs (this engine forgets it). CannotHibernate says why not."""
+        return await hibernation.hibernate(self, vm_id, memory)
 
     async def wake(self, vm_id: uuid.UUID, token: str, ttl: timedelta) -> VM:
         """Start a hibernated VM again as it was; VMCreateError when it fails (its files are kept)."""

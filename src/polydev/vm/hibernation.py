@@ -29,13 +29,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 HIBERNATED = "hibernated"
+SYNC_TIMEOUT_S = 60.0
 
 
 @runtime_checkable
 class Hibernates(Protocol):
     """A backend that can save a running VM to its work directory and start it again from there."""
 
-    def hibernate(self, workdir: Path) -> None: ...
+    def hibernate(self, workdir: Path, memory: bool = True) -> None: ...
 
     def hibernated(self, workdir: Path) -> bool: ...
 
@@ -54,15 +55,19 @@ def _backend(engine: VMEngine) -> Hibernates:
     return engine.backend
 
 
-async def hibernate(engine: VMEngine, vm_id: uuid.UUID) -> str:
-    """Save the running VM and end its process; returns its agent's token (for `wake`)."""
+async def hibernate(engine: VMEngine, vm_id: uuid.UUID, memory: bool = True) -> str:
+    """Save the running VM and end its process; returns its agent's token (for `wake`). Without `memory`
+    only its disk is kept, synced by its agent first (CannotHibernate when the agent does not answer), and
+    `wake` boots it cold: its files are there, its processes are not."""
     backend = _backend(engine)
     row = await engine.vms.get(vm_id)
     token = engine._tokens.get(vm_id)
     if row is None or row.status != "running" or token is None:
         raise CannotHibernate("the VM is not running on this server")
     workdir = engine.workdir(vm_id)
-    await asyncio.to_thread(backend.hibernate, workdir)
+    if not memory:
+        await _sync_disk(engine, vm_id)
+    await asyncio.to_thread(backend.hibernate, workdir, memory)
     for known in (engine._tokens, engine._urls, engine._vnc):
         known.pop(vm_id, None)
     if engine.egress is not None:
@@ -70,6 +75,21 @@ async def hibernate(engine: VMEngine, vm_id: uuid.UUID) -> str:
     await engine.vms.update(vm_id, status=HIBERNATED, backend_pid=None, agent_port=None, expires_at=None)
     log.info("vm_hibernated", vm_id=str(vm_id))
     return token
+
+
+async def _sync_disk(engine: VMEngine, vm_id: uuid.UUID) -> None:
+    """The guest writes what its page cache holds: a power-off loses nothing written before this."""
+    from polydev.vm.agent_client import AgentError
+
+    def sync() -> int:
+        with engine.agent(vm_id, timeout=SYNC_TIMEOUT_S) as agent:
+            return agent.exec(["sync"], timeout_s=SYNC_TIMEOUT_S).exit_code
+    try:
+        code = await asyncio.to_thread(sync)
+    except (AgentError, OSError) as exc:
+        raise CannotHibernate(f"the VM's agent does not answer, so its disk cannot be synced: {exc}") from None
+    if code != 0:
+        raise CannotHibernate(f"sync in the VM exited with {code}")
 
 
 async def wake(engine: VMEngine, vm_id: uuid.UUID, token: str, ttl: timedelta) -> VM:

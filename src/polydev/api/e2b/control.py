@@ -114,11 +114,18 @@ class NewSandbox(BaseModel):
     metadata: _Meta | None = Field(None, max_length=64)
     envVars: _Meta | None = Field(None, max_length=256)
     autoPause: bool = False
+    autoPauseMemory: bool | None = None  # False: the timeout's pause keeps only the disk (mode "filesystem")
     autoResume: Any = None
     allow_internet_access: bool | None = None
     network: dict[str, Any] | None = None
     volumeMounts: list[Any] | None = None
     mcp: dict[str, Any] | None = None
+
+
+class Pause(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    memory: bool = True  # False: E2B's mode "filesystem" (only the disk is kept; the resume boots it cold)
+    requireHealthyGuest: bool = False  # the SDK's strict: refuse the pause when the agent does not answer
 
 
 class Timeout(BaseModel):
@@ -166,6 +173,7 @@ async def create_sandbox(request: Request, user: E2bUser, services: ServicesDep)
                             "use allow_internet_access")
     spec = CreateSpec(template=body.templateID, timeout_s=body.timeout, metadata=body.metadata,
                       env_vars=body.envVars, auto_pause=body.autoPause,
+                      auto_pause_memory=body.autoPauseMemory is not False,
                       internet=body.allow_internet_access is not False)
     opened = await services.sandboxes.create(user.id, spec)
     return JSONResponse(_created(opened, services.settings.sandbox_domain), status_code=201)
@@ -217,7 +225,6 @@ async def get_sandbox(sandbox_id: str, user: E2bUser, services: ServicesDep) -> 
 @router.delete("/sandboxes/{sandbox_id}", status_code=204)
 async def kill_sandbox(sandbox_id: str, user: E2bUser, services: ServicesDep) -> Response:
     await services.sandboxes.kill(user.id, sandbox_id)
-    services.sandbox_procs.forget(sandbox_id)
     return Response(status_code=204)
 
 
@@ -236,8 +243,9 @@ async def connect_sandbox(sandbox_id: str, request: Request, user: E2bUser, serv
 
 
 @router.post("/sandboxes/{sandbox_id}/pause", status_code=204)
-async def pause_sandbox(sandbox_id: str, user: E2bUser, services: ServicesDep) -> Response:
-    await services.sandboxes.pause(user.id, sandbox_id)
+async def pause_sandbox(sandbox_id: str, request: Request, user: E2bUser, services: ServicesDep) -> Response:
+    body: Pause = await _json_body(request, Pause)
+    await services.sandboxes.pause(user.id, sandbox_id, memory=body.memory, strict=body.requireHealthyGuest)
     return Response(status_code=204)
 
 

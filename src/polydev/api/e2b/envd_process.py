@@ -28,7 +28,7 @@ from polydev.api.e2b.connect import (
 from polydev.core.sandbox_procs import Command, Exit, Proc, ProcessTable, StartFailed
 from polydev.core.sandboxes import Sandboxes
 from polydev.store.models import Sandbox
-from polydev.vm.agent_client import AgentError
+from polydev.vm.agent_client import AgentClient, AgentError
 
 HOME = "/root"
 MAX_KEEPALIVE_S = 60.0
@@ -134,15 +134,21 @@ async def handle(method: str, request: Request, sandboxes: Sandboxes, table: Pro
     streaming = method in STREAMS
     try:
         msg = await read_message(request, streaming)
+
+        def agents() -> AgentClient:
+            return sandboxes.agent(sandbox, timeout=60.0)
+
         if method == "Start":
             command = _command(msg, envs)
             try:
-                proc, queue = await table.start(sandbox.id, sandboxes.agent(sandbox, timeout=60.0), command)
+                proc, queue = await table.start(sandbox.id, agents, command)
             except StartFailed as exc:
                 raise RpcError("invalid_argument", f"cannot start the process: {exc}") from None
-            except (AgentError, OSError, RuntimeError):
+            except Exception:  # the agent unreachable, its stream broken, the VM not on this server
                 raise RpcError("unavailable", "the sandbox's agent could not start the process") from None
             return stream_answer(_follow(table, proc, queue, _keepalive(request)))
+        # After a pause or a restart of this server, its processes are followed again (and listed) first.
+        await table.sync(sandbox.id, agents)
         if method == "Connect":
             proc = _selected(table, sandbox, msg)
             return stream_answer(_follow(table, proc, proc.follow(), _keepalive(request)))

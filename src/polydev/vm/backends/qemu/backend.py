@@ -170,14 +170,20 @@ class QemuBackend:
             return False
 
     # -- hibernation (polydev.vm.hibernation) -------------------------------------------------------------
-    def hibernate(self, workdir: Path) -> None:
+    def hibernate(self, workdir: Path, memory: bool = True) -> None:
         """Save the running VM of `workdir` to files there (its memory and device state, and what it was
-        started with) and end its process; its overlay stays. Blocking."""
+        started with) and end its process; its overlay stays. Without `memory` only the disk is kept (the
+        caller has had the guest sync it): QEMU quits, flushing the overlay, and `wake` boots it cold.
+        Blocking."""
         vm = self._vm(workdir)
         if vm is None:
             raise VMError(f"no running VM in {workdir}")
-        vm.hibernate(workdir / HIBERNATED_STATE)
-        meta = {"vcpus": vm.vcpus, "memory_mb": vm.memory_mb, "accel": vm.accel, "vnc": bool(vm.vnc_port),
+        if memory:
+            vm.hibernate(workdir / HIBERNATED_STATE)
+        else:
+            vm.power_off()
+        meta = {"memory": memory, "vcpus": vm.vcpus, "memory_mb": vm.memory_mb, "accel": vm.accel,
+                "vnc": bool(vm.vnc_port),
                 "backing": [str(vm.backing[0]), vm.backing[1]] if vm.backing else None,
                 "ram_file": str(vm.ram_file[0]) if vm.ram_file else None}
         (workdir / HIBERNATED_META).write_text(json.dumps(meta))
@@ -185,7 +191,11 @@ class QemuBackend:
             self._vms.pop(workdir, None)
 
     def hibernated(self, workdir: Path) -> bool:
-        return (workdir / HIBERNATED_META).exists() and (workdir / HIBERNATED_STATE).exists()
+        try:
+            meta = json.loads((workdir / HIBERNATED_META).read_text())
+        except (OSError, ValueError):
+            return False
+        return not meta.get("memory", True) or (workdir / HIBERNATED_STATE).exists()
 
     async def wake(self, spec: VMSpec) -> Started:
         """Start the VM hibernated in `spec.workdir` again, as it was; its agent keeps its token (spec.token)."""
@@ -201,7 +211,10 @@ class QemuBackend:
                     guest_forwards=self.guest_forwards, egress=egress, deadline=spec.deadline,
                     ram_file=(Path(meta["ram_file"]), False) if meta["ram_file"] else None)
         vm.vnc_port = free_port() if meta["vnc"] and spec.slot is None else 0
-        vm.resume_from(spec.workdir / HIBERNATED_STATE, meta["accel"])
+        if meta.get("memory", True):
+            vm.resume_from(spec.workdir / HIBERNATED_STATE, meta["accel"])
+        else:
+            vm.boot_from_disk(meta["accel"])
         (spec.workdir / HIBERNATED_STATE).unlink(missing_ok=True)  # (RAM-sized: not kept once running)
         (spec.workdir / HIBERNATED_META).unlink(missing_ok=True)
         assert vm.pid is not None

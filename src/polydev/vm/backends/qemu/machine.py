@@ -240,6 +240,26 @@ class QemuVM(QemuCommand):
         self.boot_seconds = time.monotonic() - started
         return self.boot_seconds
 
+    def boot_from_disk(self, accel: str, ready_timeout: float = 300.0) -> float:
+        """Boot cold from the overlay this work directory keeps (a VM powered off by `power_off`): its files
+        as they were, nothing of its memory. On failure QEMU is killed and the overlay kept."""
+        try:
+            return self._boot(accel, ready_timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def power_off(self) -> None:
+        """End QEMU keeping the overlay: `quit` flushes what the block layer holds (the guest has synced its
+        own caches first), then the process is reaped."""
+        try:
+            self.qmp("quit")
+            assert self._proc is not None
+            self._proc.wait(timeout=30)
+        finally:
+            self.kill()
+            self.qmp_socket.unlink(missing_ok=True)
+
     def hibernate(self, state: Path) -> None:
         """Stop the guest and write its memory and device state to `state` (QEMU migration; a restored VM's
         RAM is its own private copy, so all of it goes in), then end QEMU keeping the overlay."""
