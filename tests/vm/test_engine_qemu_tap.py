@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest
 
@@ -168,6 +169,37 @@ async def test_tap_mode_vms_are_reachable_and_isolated(tap_engine: tuple[VMEngin
         assert {d.host for d in gateway.usage.drain()} == {"api.stand.test"}
     finally:
         listener.close()
+    for vm in (a, b):
+        assert await engine.destroy(vm.id)
+    assert find_marked_processes(engine.tag) == {}
+    assert await asyncio.to_thread(engine.network.existing) == set()  # type: ignore[union-attr]
+
+
+async def test_a_hibernated_tap_vm_frees_its_slot_and_wakes_in_another(tap_engine: tuple[VMEngine, str],
+                                                                       echo_port: int) -> None:
+    engine, host = tap_engine
+    a = await engine.create(None, "cli")
+    assert a.slot_index == 0
+    url, token = engine.agent_endpoint(a.id)
+    out = call(host, url, token, ["sh", "-c", "echo intact > /root/kept; (sleep 3600 &) ; echo started"])
+    assert out["exit"] == 0
+    token_kept = await engine.hibernate(a.id)
+    # Asleep, it holds no slot: no lease, no namespace, and the next VM gets the slot it had.
+    assert await engine.leases.held() == {}
+    assert await asyncio.to_thread(engine.network.existing) == set()  # type: ignore[union-attr]
+    b = await engine.create(None, "cli")
+    assert b.slot_index == 0
+    woken = await engine.wake(a.id, token_kept, timedelta(minutes=10))
+    assert woken.slot_index == 1
+    url, token = engine.agent_endpoint(a.id)
+    assert url.startswith(f"http://{engine.network.address(1).ns_ip}:")  # type: ignore[union-attr]
+    out = call(host, url, token, ["sh", "-c", "cat /root/kept; pgrep -x sleep >/dev/null && echo running"])
+    assert out["out"].split() == ["intact", "running"]  # its disk and its processes, as they were
+    # Its traffic still leaves through the gateway, as this VM, from its new slot.
+    engine.label(a.id, purpose="run", provider="claude_code")
+    out = await asyncio.to_thread(call, host, url, token, [
+        "python3", "-c", CONNECT_PROBE, net.GATEWAY_IP, str(net.EGRESS_PORT), f"api.stand.test:{echo_port}"])
+    assert out["exit"] == 0 and out["out"].splitlines()[-1] == "echo ping from the guest", out
     for vm in (a, b):
         assert await engine.destroy(vm.id)
     assert find_marked_processes(engine.tag) == {}

@@ -232,18 +232,7 @@ class VMEngine:
             workdir.mkdir(parents=True, mode=0o700)
             deadline = lifetime.deadline_file(workdir)
             lifetime.set_deadline(deadline, expires)  # before anything starts: the hypervisor's supervisor reads it
-            if self.network is not None:
-                index = await self.leases.acquire(vm_id, self.network.capacity,
-                                                  lambda i: self.network.address(i).host_ip)  # type: ignore[union-attr]
-                await self.vms.update(vm_id, slot_index=index)
-                slot = await asyncio.to_thread(self.network.create, index)
-            egress_socket = None
-            if self.egress is not None and self.network is None:  # user networking: QEMU forwards to it
-                egress_socket = await self.egress.attach(vm_id, user_id)
-            elif self.egress is not None and slot is not None and self.network.egress_port:  # type: ignore[union-attr]
-                # tap: the slot DNATs the guest's proxy address to this listener at its host end
-                listener = await asyncio.to_thread(self.network.listen, slot)  # type: ignore[union-attr]
-                await self.egress.attach(vm_id, user_id, listener=listener, peer=slot.ns_ip)
+            slot, egress_socket = await self.plug(vm_id, user_id)
             if self._closing:  # close() began while this waited: it must not start a VM it would not destroy
                 raise VMCreateError(vm_id, "the VM engine is shutting down")
             spec = VMSpec(vm_id, purpose, self.vcpus[purpose], self.memory_mb[purpose], workdir, token,
@@ -259,6 +248,38 @@ class VMEngine:
                 raise error(vm_id, reason, kept) from exc
             raise
         return await self._running(row, token, slot, started)
+
+    async def plug(self, vm_id: uuid.UUID, user_id: uuid.UUID) -> tuple[Slot | None, int | None]:
+        """The VM's network: its slot (tap mode: a lease, a namespace and a TAP) and its link to the egress
+        gateway (the socket QEMU forwards to, under user networking). Undone by `unplug` (and egress detach)."""
+        slot: Slot | None = None
+        if self.network is not None:
+            index = await self.leases.acquire(vm_id, self.network.capacity,
+                                              lambda i: self.network.address(i).host_ip)  # type: ignore[union-attr]
+            await self.vms.update(vm_id, slot_index=index)
+            slot = await asyncio.to_thread(self.network.create, index)
+        egress_socket = None
+        if self.egress is not None and self.network is None:  # user networking: QEMU forwards to it
+            egress_socket = await self.egress.attach(vm_id, user_id)
+        elif self.egress is not None and slot is not None and self.network.egress_port:  # type: ignore[union-attr]
+            # tap: the slot DNATs the guest's proxy address to this listener at its host end
+            listener = await asyncio.to_thread(self.network.listen, slot)  # type: ignore[union-attr]
+            await self.egress.attach(vm_id, user_id, listener=listener, peer=slot.ns_ip)
+        return slot, egress_socket
+
+    async def unplug(self, vm_id: uuid.UUID, index: int | None) -> list[str]:
+        """Its network slot and lease (tap mode) released; returns what failed."""
+        errors: list[str] = []
+        if self.network is not None:
+            if index is None:
+                index = next((i for i, v in (await self.leases.held()).items() if v == vm_id), None)
+            if index is not None:
+                try:
+                    await asyncio.to_thread(self.network.destroy, index)
+                except Exception as exc:
+                    errors.append(f"network: {exc}")
+        await self.leases.release(vm_id)
+        return errors
 
     async def _running(self, row: VmRecord, token: str, slot: Slot | None, started: Started) -> VM:
         vm_id = row.vm_id
@@ -327,16 +348,7 @@ class VMEngine:
             await self.backend.stop(pid, workdir)
         except Exception as exc:  # keep going: a stuck process must not keep its disk and address forever
             errors.append(f"stop: {exc}")
-        if self.network is not None:
-            index = row.slot_index
-            if index is None:
-                index = next((i for i, v in (await self.leases.held()).items() if v == vm_id), None)
-            if index is not None:
-                try:
-                    await asyncio.to_thread(self.network.destroy, index)
-                except Exception as exc:
-                    errors.append(f"network: {exc}")
-        await self.leases.release(vm_id)
+        errors += await self.unplug(vm_id, row.slot_index)
         kept = self.keep_console(workdir, vm_id) if (failed or self.keep_failed) else None
         shutil.rmtree(workdir, ignore_errors=True)
         if errors:

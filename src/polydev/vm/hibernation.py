@@ -5,7 +5,8 @@ as it was: its processes still running, its files and memory intact, its agent h
 The engine keeps agent tokens in memory only, so `hibernate` hands the token to the caller (which keeps it
 sealed, e.g. in the sandbox's row) and `wake` takes it back. A hibernated VM's row says `hibernated`: it holds
 no process, slot or host capacity, it does not expire, reconcile keeps its files, and a server started on the
-same data directory adopts it (`adopt`). User networking only: a tap slot would have to be held meanwhile.
+same data directory adopts it (`adopt`). In tap mode its network slot is freed while it sleeps and the wake takes
+whichever is free.
 """
 
 from __future__ import annotations
@@ -50,8 +51,6 @@ class CannotHibernate(Exception):
 def _backend(engine: VMEngine) -> Hibernates:
     if not isinstance(engine.backend, Hibernates):
         raise CannotHibernate(f"the {engine.backend.name} backend cannot hibernate VMs")
-    if engine.network is not None:
-        raise CannotHibernate("VMs on tap networking cannot be hibernated yet (their slot would stay held)")
     return engine.backend
 
 
@@ -72,7 +71,13 @@ async def hibernate(engine: VMEngine, vm_id: uuid.UUID, memory: bool = True) -> 
         known.pop(vm_id, None)
     if engine.egress is not None:
         await engine.egress.detach(vm_id)
-    await engine.vms.update(vm_id, status=HIBERNATED, backend_pid=None, agent_port=None, expires_at=None)
+    # Its slot is freed for other VMs: every slot looks the same to a guest (address, gateway, MACs), so the
+    # wake may take any.
+    errors = await engine.unplug(vm_id, row.slot_index)
+    if errors:
+        log.warning("vm_hibernated_slot_not_freed", vm_id=str(vm_id), errors=errors)
+    await engine.vms.update(vm_id, status=HIBERNATED, backend_pid=None, agent_port=None, expires_at=None,
+                            slot_index=None)
     log.info("vm_hibernated", vm_id=str(vm_id))
     return token
 
@@ -101,20 +106,21 @@ async def wake(engine: VMEngine, vm_id: uuid.UUID, token: str, ttl: timedelta) -
         raise CannotHibernate("no hibernated VM by that id on this server")
     expires = utcnow() + ttl
     lifetime.set_deadline(lifetime.deadline_file(workdir), expires)
-    egress_socket = await engine.egress.attach(vm_id, row.user_id) if engine.egress is not None else None
     await engine.vms.update(vm_id, status="creating", expires_at=expires)
-    spec = VMSpec(vm_id, row.purpose, row.vcpu_count or 1, row.memory_mb or 0, workdir, token,  # type: ignore[arg-type]
-                  marker_for(engine.tag, vm_id), None, egress_socket, lifetime.deadline_file(workdir))
     try:
+        slot, egress_socket = await engine.plug(vm_id, row.user_id)
+        spec = VMSpec(vm_id, row.purpose, row.vcpu_count or 1, row.memory_mb or 0, workdir, token,  # type: ignore[arg-type]
+                      marker_for(engine.tag, vm_id), slot, egress_socket, lifetime.deadline_file(workdir))
         started = await backend.wake(spec)
     except Exception as exc:
-        # Its files stay: a later wake may succeed (the cause may be passing, e.g. memory).
-        await engine.vms.update(vm_id, status=HIBERNATED, expires_at=None)
+        # Its files stay: a later wake may succeed (the cause may be passing: memory, a free slot).
         if engine.egress is not None:
             await engine.egress.detach(vm_id)
+        await engine.unplug(vm_id, None)
+        await engine.vms.update(vm_id, status=HIBERNATED, expires_at=None, slot_index=None)
         raise VMCreateError(vm_id, f"waking the VM failed: {str(exc).splitlines()[0]}") from exc
     log.info("vm_woken", vm_id=str(vm_id))
-    return await engine._running(row, token, None, started)
+    return await engine._running(row, token, slot, started)
 
 
 async def adopt(engine: VMEngine, keep: frozenset[uuid.UUID] | set[uuid.UUID]) -> int:
