@@ -87,10 +87,11 @@ def guest_sources() -> dict[str, Path]:
 
 
 def guest_digest() -> str:
-    """Everything of the guest's boot chain that this repository writes: agent, init, initramfs."""
+    """Everything of the guest's boot chain that this repository writes: agent, init, initramfs, and the build
+    steps (the guest layer's files, such as the login shell's, are written there)."""
     here = Path(__file__).resolve().parent
     files = {**guest_sources(), "guest/initramfs_init.sh": here.parent / "guest" / "initramfs_init.sh",
-             "vm/initramfs.py": here / "initramfs.py"}
+             "vm/initramfs.py": here / "initramfs.py", "vm/build_steps.py": here / "build_steps.py"}
     h = hashlib.sha256()
     for name, path in sorted(files.items()):
         h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
