@@ -30,6 +30,8 @@ from polydev.core.sandbox_procs import ProcessTable
 from polydev.core.sandboxes import Sandboxes
 from polydev.core.vm_admin import VmAdmin
 from polydev.core.vnc_tickets import VncTickets
+from polydev.core.workspaces import Limits as WorkspaceLimits
+from polydev.core.workspaces import Workspaces
 from polydev.egress.limits import Limits
 from polydev.providers.base import GuestEnv
 from polydev.store import db
@@ -45,6 +47,7 @@ from polydev.store.sessions import SessionStore, create_session_store
 from polydev.store.users import UserRepo
 from polydev.store.vault import Vault, key_source_from_settings
 from polydev.store.vms import VmRepo
+from polydev.store.workspaces import WorkspaceRepo
 from polydev.vm.disk_space import DiskSpace
 
 if TYPE_CHECKING:  # the engine pulls in pyroute2 and the backends: loaded only when the server wires VMs
@@ -97,6 +100,7 @@ class Services:
     # E2B-compatible sandboxes (api/e2b/): their rows and VMs, and the processes envd clients started in them.
     sandboxes: Sandboxes = None  # type: ignore[assignment]
     sandbox_procs: ProcessTable = field(default_factory=ProcessTable)
+    workspaces: Workspaces = None  # type: ignore[assignment]
 
     def engine_or_reason(self) -> tuple[VMEngine | None, str | None]:
         return self.engine, self.engine_unavailable
@@ -143,6 +147,7 @@ class Services:
         # Flows first (they destroy their VMs), then VMs: destroying them updates their rows, so the
         # database must still be there.
         await self.sandboxes.close()
+        await self.workspaces.close()  # (pauses its running VMs: before the engine goes)
         await self.login_flow.close()
         await self.run_flow.close()
         if self.engine is not None:
@@ -209,6 +214,11 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
                               sizes=settings.vm_size, proxy=lambda: svc.guest_env("sandbox").https_proxy,
                               limit=settings.sandbox_limit_per_user, profile=settings.vm_image_profile)
     svc.sandboxes.on_end.append(svc.sandbox_procs.forget)
+    svc.workspaces = Workspaces(WorkspaceRepo(factory), vault, svc.engine_or_reason, admit=svc.admit,
+                                limits=WorkspaceLimits(workspaces=settings.workspace_limit_per_user,
+                                                       total_bytes=settings.workspace_bytes_per_user,
+                                                       upload_bytes=settings.workspace_upload_max_bytes),
+                                idle_pause_s=settings.workspace_idle_pause_seconds)
     svc.egress_admin = EgressAdmin(
         EgressRepo(factory, svc.credentials), svc.users, settings.egress_address_pool,
         Limits.from_settings(settings),
@@ -327,6 +337,7 @@ async def start_vm_engine(services: Services, backend_factory: BackendFactory | 
     try:
         if services.egress is not None:
             await services.egress.start()
+        engine.keeps_disk = services.workspaces.holds_vm  # before reconcile: a lost workspace VM's disk stays
         counts = await engine.reconcile(keep)
     except Exception as exc:
         # Without a successful reconcile, orphans may still hold slots and addresses: refuse to create more.

@@ -35,6 +35,7 @@ from polydev.api.routes import (
     users,
     vms,
     vnc,
+    workspaces,
 )
 from polydev.config import Settings, get_settings
 from polydev.services import BackendFactory, Services, open_services, start_vm_engine
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 # VMs with it: say so (core/cluster.py).
                 ended = await svc.cluster.start(runs_vms=svc.engine is not None)
                 svc.sandboxes.start_sweeper()  # sandboxes past their end: paused (autoPause) or killed
+                svc.workspaces.start_sweeper()  # idle workspaces: their VMs paused
                 if ended["logins"] or ended["runs"]:
                     log.warning("flows_reclaimed", login_sessions=ended["logins"], runs=ended["runs"])
             log.info("started", database=svc.db_engine.dialect.name, session_store=svc.session_store.kind,
@@ -103,7 +105,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.metrics = metrics
     install_error_handlers(app)
     for router in (health.router, users.router, credentials.router, login_sessions.router, vnc.router,
-                   runs.router, vms.router, egress.router, quotas.router, sandboxes.router,
+                   runs.router, vms.router, egress.router, quotas.router, sandboxes.router, workspaces.router,
                    e2b_control.router):
         app.include_router(router)
     install_dashboard(app, settings, error_response)  # after the API: its /app catch-all must not shadow a route
@@ -111,7 +113,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     # pass what needs another server's VM on to it (api/peers.py).
     app.add_middleware(PeerRouting)
     app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_seconds)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes,
+                       paths={"/api/workspaces/upload": settings.workspace_upload_max_bytes})
     # envd's requests (file uploads included) have limits of their own: routed before the API's body limit.
     envd = envd_app.build(lambda: app.state.services, lambda request: request.scope.get(SCOPE_KEY))
     app.add_middleware(SandboxRouter, envd=envd, ports=functools.partial(serve_port, lambda: app.state.services),

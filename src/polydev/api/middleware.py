@@ -36,11 +36,13 @@ class _HttpMiddleware:
 class BodyLimitMiddleware(_HttpMiddleware):
     """Answer 413 for bodies over `limit` bytes, whether announced by Content-Length or streamed."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, paths: dict[str, int] | None = None) -> None:
         super().__init__(app)
-        self.limit = limit
+        self.default = limit
+        self.paths = paths or {}  # routes with a limit of their own (an archive upload), by exact path
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.paths.get(scope.get("path", ""), self.default)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -50,8 +52,8 @@ class BodyLimitMiddleware(_HttpMiddleware):
                 if declared < 0:
                     await error_response(400, "bad_request", "invalid Content-Length")(scope, receive, send)
                     return
-                if declared > self.limit:
-                    await self._too_large(scope, receive, send)
+                if declared > limit:
+                    await self._too_large(scope, receive, send, limit)
                     return
         seen = 0
 
@@ -60,15 +62,15 @@ class BodyLimitMiddleware(_HttpMiddleware):
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     # Raised inside the route's body read, so the app's error handlers answer it.
-                    raise HTTPException(413, f"request body larger than {self.limit} bytes")
+                    raise HTTPException(413, f"request body larger than {limit} bytes")
             return message
 
         await self.app(scope, limited, send)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await error_response(413, "payload_too_large", f"request body larger than {self.limit} bytes")(
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        await error_response(413, "payload_too_large", f"request body larger than {limit} bytes")(
             scope, receive, send)
 
 

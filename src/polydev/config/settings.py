@@ -148,6 +148,14 @@ class Settings(BaseSettings):
                                                                "every VM may reach, beside the providers' own")
     egress_sandbox_open: bool = Field(False, description="sandbox VMs may reach any public host on 80/443")
     sandbox_limit_per_user: int = Field(20, ge=0, description="E2B sandboxes a user may have running or paused")
+    # Workspaces (polydev.core.workspaces): projects the CLIs work on across turns, each on a VM of its own.
+    workspace_limit_per_user: int = Field(10, ge=0, description="workspaces a user may have")
+    workspace_bytes_per_user: int = Field(5 * 1024**3, ge=0, description="bytes all of a user's workspaces "
+                                          "may hold (as last measured)")
+    workspace_upload_max_bytes: int = Field(100 * 1024**2, ge=1, description="the largest archive a workspace "
+                                            "may be made from")
+    workspace_idle_pause_seconds: int = Field(600, ge=1, description="a workspace unused this long has its VM "
+                                              "paused (hibernated) until it is next used")
     sandbox_domain: str | None = Field(None, pattern=r"^[a-z0-9.-]+(:[0-9]+)?$", description="E2B sandboxes: "
                                        "the domain whose wildcard DNS (49983-{id}.DOMAIN) reaches this server")
     # Names answered without DNS, JSON {"name": ["address", ...]}: trusted as given (the address checks do not

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from polydev.core.sandbox_watch import Watchers
-from polydev.core.tasks import cancel_and_wait
+from polydev.core.tasks import cancel_and_wait, every
 from polydev.core.vm_flow import Admit
 from polydev.egress.policy import OFFLINE_PURPOSE
 from polydev.store.models import Sandbox, utcnow
@@ -362,16 +362,8 @@ class Sandboxes:
         return paused
 
     def start_sweeper(self, interval: float = SWEEP_S) -> None:
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(interval)
-                try:
-                    await self.sweep()
-                except Exception:
-                    log.exception("sandbox_sweep_failed")
-
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(loop(), name="sandbox-sweep")
+            self._sweeper = every(interval, self.sweep, "sandbox-sweep")
 
     async def close(self) -> None:
         """Stop the sweep and the directory watchers (the server is stopping)."""

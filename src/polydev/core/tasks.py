@@ -1,12 +1,31 @@
-"""The flows' background tasks: one per login or run, and the one rule for ending them early."""
+"""The flows' background tasks: one per login or run, the one rule for ending them early, and the periodic
+sweeps of the services."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+def every(interval: float, work: Callable[[], Awaitable[object]], name: str) -> asyncio.Task[None]:
+    """`work` every `interval` seconds in the background (the first after one interval), until cancelled; a
+    failure is logged and the next round goes on."""
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await work()
+            except Exception:
+                log.exception("periodic_task_failed", task=name)
+
+    return asyncio.get_running_loop().create_task(loop(), name=name)
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any] | None]) -> None:

@@ -329,3 +329,29 @@ class Sandbox(Base):
     started_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     end_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
     ended_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+WORKSPACE_STATES = ("creating", "ready", "paused", "failed", "deleted")
+WORKSPACE_SOURCES = ("empty", "archive", "git")
+
+
+class Workspace(Base):
+    """A project the CLIs work on across turns (polydev.core.workspaces): its files live on the disk of a VM of
+    its own, under /workspace; the VM runs while it is used and is hibernated when idle."""
+
+    __tablename__ = "workspaces"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    source: Mapped[str] = mapped_column(String(16))  # WORKSPACE_SOURCES
+    repo_url: Mapped[str | None] = mapped_column(Text, nullable=True)  # git: as given, never with a token in it
+    state: Mapped[str] = mapped_column(String(16), index=True)  # WORKSPACE_STATES
+    vm_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # of /workspace, as last measured
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # While its VM sleeps: the VM agent's token, sealed by the vault (the engine keeps tokens in memory only).
+    sealed_agent: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    used_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)  # the last call that needed its VM
+    deleted_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)

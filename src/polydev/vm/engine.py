@@ -29,7 +29,7 @@ import contextlib
 import secrets
 import shutil
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,6 +91,9 @@ class VMEngine:
         self.cleanup = cleanup
         self.leases = leases
         self.network = network
+        # Asked by the start-up reconcile of each VM lost with its server: whether its disk is still needed
+        # (a workspace's files), to be kept and booted cold rather than removed. Set before reconcile.
+        self.keeps_disk: Callable[[uuid.UUID], Awaitable[bool]] | None = None
         self.data_dir = data_dir
         self.vms_dir = data_dir / "vms"  # a work directory per VM (its disk, console, sockets)
         self.logs_dir = data_dir / "logs"  # console logs kept after their VM is gone

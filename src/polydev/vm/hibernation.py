@@ -25,6 +25,7 @@ from polydev.vm.proc import marker_for
 from polydev.vm.types import VM, Started, VMCreateError, VMSpec
 
 if TYPE_CHECKING:
+    from polydev.store.models import VmRecord
     from polydev.vm.engine import VMEngine
 
 log = structlog.get_logger(__name__)
@@ -40,6 +41,8 @@ class Hibernates(Protocol):
     def hibernate(self, workdir: Path, memory: bool = True) -> None: ...
 
     def hibernated(self, workdir: Path) -> bool: ...
+
+    def keep_disk(self, workdir: Path) -> bool: ...
 
     async def wake(self, spec: VMSpec) -> Started: ...
 
@@ -121,6 +124,20 @@ async def wake(engine: VMEngine, vm_id: uuid.UUID, token: str, ttl: timedelta) -
         raise VMCreateError(vm_id, f"waking the VM failed: {str(exc).splitlines()[0]}") from exc
     log.info("vm_woken", vm_id=str(vm_id))
     return await engine._running(row, token, slot, started)
+
+
+async def keep_disk(engine: VMEngine, row: VmRecord) -> bool:
+    """At start-up, for a VM lost with its server whose disk the engine was told to keep (a workspace's):
+    hibernated without memory, adopted by this server; the next `wake` boots it cold. False when it cannot."""
+    if not isinstance(engine.backend, Hibernates) or engine.vms.server_id is None:
+        return False
+    workdir = Path(row.workdir) if row.workdir else engine.workdir(row.vm_id)
+    if not await asyncio.to_thread(engine.backend.keep_disk, workdir):
+        return False
+    await engine.vms.update(row.vm_id, status=HIBERNATED, backend_pid=None, agent_port=None, expires_at=None,
+                            slot_index=None, server_id=engine.vms.server_id)
+    log.info("vm_disk_kept", vm_id=str(row.vm_id))
+    return True
 
 
 async def adopt(engine: VMEngine, keep: frozenset[uuid.UUID] | set[uuid.UUID]) -> int:

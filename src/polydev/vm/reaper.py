@@ -56,6 +56,11 @@ class Reaper:
         for row in await engine.vms.list():
             if row.vm_id in mine or (row.server_id is not None and row.server_id in keep):
                 continue
+            # A disk someone still needs (a workspace's files) is kept, to be booted cold when next used.
+            if engine.keeps_disk is not None and await engine.keeps_disk(row.vm_id) \
+                    and await hibernation.keep_disk(engine, row):
+                counts["kept"] = counts.get("kept", 0) + 1
+                continue
             kept = engine.keep_console(Path(row.workdir) if row.workdir else engine.workdir(row.vm_id), row.vm_id)
             reason = "lost when the control plane stopped" + (f" (console log: {kept})" if kept else "")
             await engine.vms.mark_failed(row.vm_id, reason)

@@ -29,6 +29,9 @@ from polydev.vm.types import BackendInfo, Started, VMSpec
 log = logging.getLogger(__name__)
 # A hibernated VM's files beside its overlay: its memory and device state, and what it was started with.
 HIBERNATED_STATE, HIBERNATED_META = "hibernated.state", "hibernated.json"
+# What a VM's disk is made of (its overlay's backing file) and its size, written at every start: a VM lost with
+# its server can be kept as a disk to boot cold (`keep_disk`).
+DISK_META = "disk.json"
 
 
 class QemuBackend:
@@ -127,6 +130,7 @@ class QemuBackend:
             vm.vnc_port = vnc_port
             vm.restore(made.state, made.accel, spec.token)
         assert vm.pid is not None
+        _write_disk_meta(vm)
         with self._lock:
             self._vms[spec.workdir] = vm
         return Started(pid=vm.pid, agent_url=vm.agent_url, agent_port=vm.port,
@@ -190,6 +194,19 @@ class QemuBackend:
         with self._lock:
             self._vms.pop(workdir, None)
 
+    def keep_disk(self, workdir: Path) -> bool:
+        """A VM whose process is gone (its server died), kept as hibernated without memory: its overlay is
+        booted cold by the next `wake`. False when there is no disk to keep."""
+        try:
+            disk = json.loads((workdir / DISK_META).read_text())
+        except (OSError, ValueError):
+            return False
+        if not (workdir / "disk.qcow2").exists():
+            return False
+        (workdir / HIBERNATED_STATE).unlink(missing_ok=True)
+        (workdir / HIBERNATED_META).write_text(json.dumps({**disk, "memory": False, "ram_file": None}))
+        return True
+
     def hibernated(self, workdir: Path) -> bool:
         try:
             meta = json.loads((workdir / HIBERNATED_META).read_text())
@@ -218,6 +235,7 @@ class QemuBackend:
         (spec.workdir / HIBERNATED_STATE).unlink(missing_ok=True)  # (RAM-sized: not kept once running)
         (spec.workdir / HIBERNATED_META).unlink(missing_ok=True)
         assert vm.pid is not None
+        _write_disk_meta(vm)
         with self._lock:
             self._vms[spec.workdir] = vm
         return Started(pid=vm.pid, agent_url=vm.agent_url, agent_port=vm.port, socket_path=str(vm.qmp_socket),
@@ -235,3 +253,9 @@ class QemuBackend:
             # A VM of an earlier engine process: no QMP session or console reader of ours, just the process,
             # whose marker holds the VM id (the work directory's name).
             proc.kill_vm_process(pid, workdir.name)
+
+
+def _write_disk_meta(vm: QemuVM) -> None:
+    meta = {"vcpus": vm.vcpus, "memory_mb": vm.memory_mb, "accel": vm.accel, "vnc": bool(vm.vnc_port),
+            "backing": [str(vm.backing[0]), vm.backing[1]] if vm.backing else None}
+    (vm.workdir / DISK_META).write_text(json.dumps(meta))
