@@ -247,3 +247,24 @@ def test_codex_device_login_plan_prints_the_code_the_parser_finds(
     assert prompt.device_code == next(iter(standins.oauth.device.values()))["user_code"]
     assert prompt.verification_url == "https://auth.openai.com/codex/device"
     assert _complete_json(Path(genv.home_path(".codex/auth.json")))
+
+
+def test_a_resumed_session_sends_the_earlier_turn_to_the_model(
+        provider: str, exe: Path, standins: Standins, genv: GuestEnv) -> None:
+    """A conversation's follow-up: `run_command(resume=session)` with the session id the first turn's `session
+    started` status named continues the CLI's own session, so the model gets the first turn in its history."""
+    first = "remember-" + secrets.token_hex(6)
+    run = adapters.run(standins, ADAPTERS[provider].run_command(f"Remember the word {first}.", genv,
+                                                                api_key=KEYS[provider]), exe)
+    assert run.returncode == 0, run.stderr[-3000:]
+    events = _parse(provider, run)
+    sessions = {e["session_id"] for e in events if e["type"] == "status" and e.get("session_id")}
+    assert len(sessions) == 1, events
+    asked = len(standins.api.model_turns())
+    run = adapters.run(standins, ADAPTERS[provider].run_command("Which word did I ask you to remember?", genv,
+                                                                api_key=KEYS[provider], resume=sessions.pop()), exe)
+    assert run.returncode == 0, run.stderr[-3000:]
+    follow_up = standins.api.model_turns()[asked:]
+    assert follow_up, "the follow-up reached no model"
+    sent = json.dumps(follow_up[-1].body)
+    assert first in sent and "Which word did I ask you to remember?" in sent

@@ -197,8 +197,11 @@ class ProviderAdapter(Protocol):
         """The bytes to write to the login's input for a code the user pasted."""
         ...
 
-    def run_command(self, prompt: str, env: GuestEnv, *, api_key: str | None = None) -> Command:
-        """The one-shot, non-interactive run. With `api_key` None the stored credential files are used."""
+    def run_command(self, prompt: str, env: GuestEnv, *, api_key: str | None = None,
+                    resume: str | None = None) -> Command:
+        """The one-shot, non-interactive run. With `api_key` None the stored credential files are used. With
+        `resume` (the session id a parser's `session started` status gave), the CLI continues that session of
+        its own, run in the same working directory: the model sees the earlier turns."""
         ...
 
     def new_parser(self) -> RunParser: ...

@@ -43,13 +43,14 @@ class ClaudeCodeAdapter(ProviderFacts):
         # The hosted page shows `code#state`; Enter on a PTY is a carriage return.
         return code.strip().encode() + b"\r"
 
-    def run_command(self, prompt: str, env: GuestEnv, *, api_key: str | None = None) -> Command:
+    def run_command(self, prompt: str, env: GuestEnv, *, api_key: str | None = None,
+                    resume: str | None = None) -> Command:
         # bypassPermissions: the VM is the sandbox, so every tool may run without asking (in `-p` mode a tool
         # needing approval is simply denied). As root it is refused unless IS_SANDBOX=1 says we are sandboxed.
         # The prompt goes on stdin (read to its end by `-p` with no prompt argument): an argument is capped at
         # 128 KiB by Linux, would show in process lists, and could be read as an option if it began with "-".
         argv = [EXECUTABLE, "-p", "--output-format", "stream-json", "--verbose",
-                "--permission-mode", "bypassPermissions"]
+                "--permission-mode", "bypassPermissions", *(["--resume", resume] if resume else [])]
         extra = {**self._cli_env(env), "ANTHROPIC_BASE_URL": env.api_base_url, "IS_SANDBOX": "1",
                  self.api_key_env: api_key}
         return Command(argv, run_env(env, extra), env.workdir, stdin=prompt.encode())

@@ -70,7 +70,8 @@ class CodexAdapter(ProviderFacts):
     def code_input(self, code: str) -> bytes:
         raise ValueError(f"{self.display_name} does not accept a pasted code (use the device login)")
 
-    def run_command(self, prompt: str, env: GuestEnv, *, api_key: str | None = None) -> Command:
+    def run_command(self, prompt: str, env: GuestEnv, *, api_key: str | None = None,
+                    resume: str | None = None) -> Command:
         # `-s danger-full-access`: the VM is the sandbox. The prompt goes on stdin (`-` as the prompt): an
         # argument is capped at 128 KiB by Linux, would show in process lists, and could look like an option.
         argv = [EXECUTABLE, "exec", "--json", "--skip-git-repo-check", *background_off(),
@@ -79,7 +80,10 @@ class CodexAdapter(ProviderFacts):
             argv += provider_args(env.api_base_url, api_key_env=self.api_key_env if api_key else None)
             argv += ["-m", CUSTOM_PROVIDER_MODEL]
         extra = {**self._cli_env(env), self.api_key_env: api_key}
-        return Command([*argv, "-"], run_env(env, extra), env.workdir, stdin=prompt.encode())
+        # `exec resume ID -`: the thread `thread.started` named, found under ~/.codex/sessions; exec's options
+        # above stay in force.
+        tail = ["resume", resume, "-"] if resume else ["-"]
+        return Command([*argv, *tail], run_env(env, extra), env.workdir, stdin=prompt.encode())
 
     def new_parser(self) -> RunParser:
         return CodexParser()

@@ -61,11 +61,13 @@ class GeminiCliAdapter(ProviderFacts):
     def code_input(self, code: str) -> bytes:
         raise ValueError(f"{self.display_name} does not accept a pasted code in the browser login")
 
-    def run_command(self, prompt: str, env: GuestEnv, *, api_key: str | None = None) -> Command:
+    def run_command(self, prompt: str, env: GuestEnv, *, api_key: str | None = None,
+                    resume: str | None = None) -> Command:
         # --yolo: the VM is the sandbox; without it run_shell_command is not even offered to the model.
         # The prompt goes on stdin (with stdin not a terminal and no --prompt it runs non-interactively): an
         # argument is capped at 128 KiB by Linux and would show in process lists.
-        argv = [EXECUTABLE, "--output-format", "stream-json", "--yolo"]
+        # --resume UUID: the session `init` named, looked up in the project's chats (so: the same cwd).
+        argv = [EXECUTABLE, "--output-format", "stream-json", "--yolo", *(["--resume", resume] if resume else [])]
         extra = {**self._cli_env(env, api_key_mode=api_key is not None), self.api_key_env: api_key}
         auth_type = API_KEY_AUTH_TYPE if api_key is not None else OAUTH_AUTH_TYPE
         return Command(argv, run_env(env, extra), env.workdir, stdin=prompt.encode(),

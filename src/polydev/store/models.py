@@ -212,6 +212,16 @@ class Run(Base):
     usage_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     result_text: Mapped[str | None] = mapped_column(Text, nullable=True)
     server_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)  # the one driving it
+    # A turn of a conversation on a workspace (polydev.core.workspaces); NULL for a one-off run in a fresh VM.
+    workspace_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)
+    conversation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)
+    # "ws:<workspace>" while the turn is live, NULL once it ended: one live turn per workspace, as live_key
+    # makes one live run per credential.
+    turn_key: Mapped[str | None] = mapped_column(String(80), nullable=True, unique=True)
+    # What the turn changed in the workspace (git, against the turn's start): [{path, status, binary}], and
+    # the whole diff as a patch (binary files named, not included).
+    changes_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    patch: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class RunEvent(Base):
@@ -355,3 +365,19 @@ class Workspace(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     used_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)  # the last call that needed its VM
     deleted_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class Conversation(Base):
+    """Turns on a workspace that continue one provider CLI session: each turn's run resumes `cli_session`."""
+
+    __tablename__ = "conversations"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    workspace_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("workspaces.id", ondelete="CASCADE"),
+                                                    index=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    cli_session: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the CLI's own session id
+    turns: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)

@@ -22,7 +22,11 @@ MAX_EVENT_SEQ = 2**31 - 1
 
 
 class CredentialBusy(Exception):
-    """Another run holds this user's credential for the provider."""
+    """Another run holds this user's credential for the provider (or, for a turn, its workspace)."""
+
+
+class WorkspaceTurnBusy(Exception):
+    """Another turn is live on this workspace."""
 
 
 def live_key(user_id: uuid.UUID, provider: str) -> str:
@@ -41,12 +45,31 @@ class RunRepo:
         self.server_id = server_id  # stamped on the runs this process creates (and so drives)
 
     async def create(self, user_id: uuid.UUID, provider: str, prompt: str, *, timeout_seconds: int,
-                     credential_kind: str) -> Run:
-        """A queued run holding the credential; CredentialBusy if a live run already holds it."""
+                     credential_kind: str, workspace_id: uuid.UUID | None = None,
+                     conversation_id: uuid.UUID | None = None) -> Run:
+        """A queued run holding the credential (and, for a turn, its workspace); CredentialBusy if a live run
+        already holds the credential, WorkspaceBusyTurn if one holds the workspace."""
         row = Run(user_id=user_id, provider=provider, prompt=prompt, status="queued",
                   live_key=live_key(user_id, provider), timeout_seconds=timeout_seconds,
-                  credential_kind=credential_kind, server_id=self.server_id)
+                  credential_kind=credential_kind, server_id=self.server_id, workspace_id=workspace_id,
+                  conversation_id=conversation_id, turn_key=f"ws:{workspace_id}" if workspace_id else None)
+        if workspace_id is not None and await self.live_turn(workspace_id) is not None:
+            raise WorkspaceTurnBusy(str(workspace_id))
         return await add_unique(self._factory, row, CredentialBusy(provider))
+
+    async def live_turn(self, workspace_id: uuid.UUID) -> Run | None:
+        async with self._factory() as s:
+            return await s.scalar(select(Run).where(Run.turn_key == f"ws:{workspace_id}"))
+
+    async def set_changes(self, run_id: uuid.UUID, changes: list[dict[str, Any]], patch: str) -> None:
+        async with session_scope(self._factory) as s:
+            await s.execute(update(Run).where(Run.id == run_id)
+                            .values(changes_json=json.dumps(changes), patch=patch))
+
+    async def turns(self, conversation_id: uuid.UUID) -> list[Run]:
+        async with self._factory() as s:
+            return list(await s.scalars(select(Run).where(Run.conversation_id == conversation_id)
+                                        .order_by(Run.created_at, Run.id)))
 
     async def get(self, run_id: uuid.UUID) -> Run | None:
         async with self._factory() as s:
@@ -84,7 +107,7 @@ class RunRepo:
         async with session_scope(self._factory) as s:
             res = await s.execute(
                 update(Run).where(Run.id == run_id, Run.status.in_(RUN_LIVE))
-                .values(status=status, error_message=error, exit_code=exit_code, live_key=None,
+                .values(status=status, error_message=error, exit_code=exit_code, live_key=None, turn_key=None,
                         usage_json=json.dumps(usage) if usage is not None else None, result_text=result,
                         credential_refreshed=refreshed, finished_at=utcnow()))
             return res.rowcount == 1
