@@ -36,6 +36,7 @@ from polydev.egress.limits import Limits
 from polydev.providers.base import GuestEnv
 from polydev.store import db
 from polydev.store.auth_sessions import AuthSessionRepo
+from polydev.store.conversations import ConversationRepo
 from polydev.store.credentials import CredentialRepo
 from polydev.store.egress import EgressRepo
 from polydev.store.leases import LeaseRepo
@@ -147,9 +148,9 @@ class Services:
         # Flows first (they destroy their VMs), then VMs: destroying them updates their rows, so the
         # database must still be there.
         await self.sandboxes.close()
-        await self.workspaces.close()  # (pauses its running VMs: before the engine goes)
         await self.login_flow.close()
         await self.run_flow.close()
+        await self.workspaces.close()  # (after the turns ended: pauses its running VMs, before the engine goes)
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await engine.close()
@@ -219,6 +220,8 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
                                                        total_bytes=settings.workspace_bytes_per_user,
                                                        upload_bytes=settings.workspace_upload_max_bytes),
                                 idle_pause_s=settings.workspace_idle_pause_seconds)
+    svc.run_flow.workspaces = svc.workspaces
+    svc.run_flow.conversations = ConversationRepo(factory)
     svc.egress_admin = EgressAdmin(
         EgressRepo(factory, svc.credentials), svc.users, settings.egress_address_pool,
         Limits.from_settings(settings),

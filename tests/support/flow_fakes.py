@@ -175,7 +175,8 @@ class FakeAdapter:
     def code_input(self, code: str) -> bytes:
         return code.encode() + b"\r"
 
-    def run_command(self, prompt: str, env: GuestEnv, *, api_key: str | None = None) -> Command:
+    def run_command(self, prompt: str, env: GuestEnv, *, api_key: str | None = None,
+                    resume: str | None = None) -> Command:
         environment = {"HOME": env.home, "PATH": "/usr/bin:/bin"}
         if api_key:
             environment[self.api_key_env] = api_key

@@ -337,6 +337,78 @@ async def test_run_streams_a_tool_round_trip(stand: Stand, provider: str) -> Non
     await no_vms_left(stand.api)
 
 
+# -- b2: a conversation on a workspace: two turns, the second continuing the CLI's session -------------------
+
+async def workspace_ready(st: Stand, h: dict[str, str], name: str) -> str:
+    r = await st.api.client.post("/api/workspaces", json={"name": name}, headers=h)
+    assert r.status_code == 202, r.text
+    wid = r.json()["id"]
+
+    async def ready() -> bool:
+        body = (await st.api.client.get(f"/api/workspaces/{wid}", headers=h)).json()
+        assert body["state"] != "failed", body
+        return body["state"] == "ready"
+
+    await until(f"workspace {wid} to be ready", ready)
+    return str(wid)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_conversation_continues_the_cli_session_on_a_workspace(stand: Stand, provider: str) -> None:
+    uid, h = stand.user(provider)
+    client = stand.api.client
+    wid = await workspace_ready(stand, h, f"conversation-{provider}")
+    nonce = "remember-" + secrets.token_hex(6)
+    stand.standin.script = standin_api.Script(tool=SHELL_TOOL[provider](f"echo {nonce} > notes.txt"),
+                                              final_text="Noted: {tool_output}")
+    r = await client.post("/api/runs", json={"provider": provider, "workspace_id": wid,
+                                             "prompt": f"Remember the word {nonce} and write it to notes.txt."},
+                          headers=h)
+    assert r.status_code == 202, r.text
+    first = await run_ended(stand, h, r.json()["id"])
+    assert first["status"] == "succeeded", first
+    conversation = first["conversation_id"]
+    assert first["workspace_id"] == wid and conversation
+    assert first["changes"] == [{"path": "notes.txt", "status": "added", "binary": False}]
+    patch = (await client.get(f"/api/runs/{first['id']}/diff", headers=h)).text
+    assert "+++ b/notes.txt" in patch and f"+{nonce}" in patch
+    # The credential is not left in the workspace's VM between turns.
+    vm_id = uuid.UUID((await client.get(f"/api/workspaces/{wid}", headers=h)).json()["vm_id"])
+    creds = stand.services.guest_env(provider).home_path(ADAPTERS[provider].required_credential_files[0])
+    assert stand.services.engine is not None
+    with stand.services.engine.agent(vm_id) as agent:
+        assert agent.exec(["test", "-e", creds]).exit_code == 1
+
+    asked = len(stand.standin.model_turns())
+    stand.standin.script = standin_api.Script(text="You asked me to remember a word.")
+    r = await client.post("/api/runs", json={"provider": provider, "conversation_id": conversation,
+                                             "prompt": "Which word did I ask you to remember?"}, headers=h)
+    assert r.status_code == 202, r.text
+    second = await run_ended(stand, h, r.json()["id"])
+    assert second["status"] == "succeeded" and second["conversation_id"] == conversation, second
+    follow_up = stand.standin.model_turns()[asked:]
+    assert follow_up and nonce in json.dumps(follow_up[-1].body)  # the model saw the first turn
+    assert second["changes"] == []
+    listed = (await client.get(f"/api/workspaces/{wid}/conversations", headers=h)).json()
+    assert [(c["id"], c["provider"], c["turns"], c["runs"]) for c in listed] == [
+        (conversation, provider, 2, [first["id"], second["id"]])]
+
+    # Another user sees none of it; a conversation keeps its provider.
+    other = stand.api.auth((await stand.api.new_user(f"nosy-{provider}"))[1])
+    assert (await client.get(f"/api/workspaces/{wid}/conversations", headers=other)).status_code == 404
+    r = await client.post("/api/runs", json={"provider": provider, "conversation_id": conversation,
+                                             "prompt": "hi"}, headers=other)
+    assert r.status_code in (404, 409), r.text  # (409: that user has no credential; never the conversation)
+    assert (await client.get(f"/api/runs/{first['id']}/diff", headers=other)).status_code == 404
+    wrong = next(p for p in PROVIDERS if p != provider)
+    r = await client.post("/api/runs", json={"provider": wrong, "conversation_id": conversation, "prompt": "hi"},
+                          headers=h)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "bad_turn"
+    assert (await client.delete(f"/api/workspaces/{wid}", headers=h)).status_code == 204
+    await only_expected_hosts(stand)
+    await no_vms_left(stand.api)
+
+
 # -- c: the stand-in forces a refresh; the new tokens are written back ----------------------------------------
 
 @pytest.mark.parametrize("provider", PROVIDERS)

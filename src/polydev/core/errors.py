@@ -53,3 +53,12 @@ def describe(exc: BaseException) -> str:
 
 __all__ = ["BadRunFiles", "RunFilesTooLarge", "CodeRejected", "CredentialBusy", "FlowUnavailable", "LoginError", "NoCredential",
            "SessionExpired", "SessionNotFound", "SessionNotLive", "describe"]
+
+
+class TurnRefused(ValueError):
+    """A turn that cannot be: its conversation is missing (not_found), with another provider, or on another
+    workspace (the text says which)."""
+
+    def __init__(self, message: str, not_found: bool = False) -> None:
+        super().__init__(message)
+        self.not_found = not_found

@@ -18,15 +18,15 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from polydev.core import run_warmup
+from polydev.core import run_warmup, turns
 from polydev.core.credential_sync import write_back
-from polydev.core.errors import NoCredential, describe
+from polydev.core.errors import NoCredential, TurnRefused, describe
 from polydev.core.guest import Guest, GuestProcess, base_files
 from polydev.core.quotas import Hold
 from polydev.core.relay import StoreRelay, wait_for
@@ -51,6 +51,9 @@ from polydev.vm.agent_client import AgentError, AgentUnreachable
 
 if TYPE_CHECKING:
     from polydev.core.ports import VmPort
+    from polydev.core.workspaces import Workspaces
+    from polydev.store.conversations import ConversationRepo
+    from polydev.store.models import Conversation
     from polydev.vm.agent_client import AgentClient
     from polydev.vm.engine import VM
 
@@ -89,6 +92,9 @@ class RunFlow(VmFlow):
         self.events = events or RunEvents()
         self.poll_interval = poll_interval
         self._live: dict[uuid.UUID, _Live] = {}
+        # Turns on workspaces (set by the services once both exist): a run with a workspace runs in its VM.
+        self.workspaces: Workspaces | None = None
+        self.conversations: ConversationRepo | None = None
         # With a store other replicas share (Redis), a cancel that reaches a replica not driving the run is
         # left there for the one that does; with the in-process store there is no other replica.
         self._signals = signals if signals is not None and signals.kind != "memory" else None
@@ -98,30 +104,68 @@ class RunFlow(VmFlow):
     # -- API-facing ---------------------------------------------------------------------------------------
 
     async def start(self, user_id: uuid.UUID, provider: str, prompt: str, *, files: dict[str, bytes] | None = None,
-                    timeout: int | None = None) -> Run:
+                    timeout: int | None = None, workspace_id: uuid.UUID | None = None,
+                    conversation_id: uuid.UUID | None = None) -> Run:
+        """A run in a fresh VM; or, given a workspace or a conversation, a turn in the workspace's VM that
+        continues the conversation (a new one when none is given)."""
         adapter = get_adapter(provider)
+        conversation = await self._conversation(user_id, provider, workspace_id, conversation_id)
+        if conversation is not None:
+            workspace_id = conversation.workspace_id
+        if workspace_id is not None:
+            assert self.workspaces is not None
+            await self.workspaces.get(user_id, workspace_id)  # WorkspaceNotFound for another user's
         found = await self.credentials.reveal_with_kind(user_id, provider)
         if found is None:
             raise NoCredential(provider)
         engine = self._running_engine()
-        hold = await self.admit(user_id, "run", "cli")
+        # A turn's VM is its workspace's, admitted when the workspace was made.
+        hold = await self.admit(user_id, "run", "cli") if workspace_id is None else Hold.nothing(user_id)
         kind, secret = found
         bundle = CredentialBundle.from_bytes(secret, kind)
         timeout = timeout or self.default_timeout
+        made = False
         try:
-            row = await self.runs.create(user_id, provider, prompt, timeout_seconds=timeout, credential_kind=kind)
+            if workspace_id is not None and conversation is None:
+                assert self.conversations is not None
+                conversation = await self.conversations.create(user_id, workspace_id, provider)
+                made = True
+            row = await self.runs.create(user_id, provider, prompt, timeout_seconds=timeout, credential_kind=kind,
+                                         workspace_id=workspace_id,
+                                         conversation_id=conversation.id if conversation else None)
         except BaseException:
             hold.release()
+            if made and conversation is not None and self.conversations is not None:
+                with contextlib.suppress(Exception):  # a refused turn leaves no conversation behind
+                    await self.conversations.delete(conversation.id)
             raise
         hold.counted("runs")  # its row counts it from here on; its VM's share is held until that VM's row
         live = _Live(row.id, self._writer(row.id))
         self._live[row.id] = live
-        live.task = asyncio.create_task(self._drive(live, row, adapter, bundle, files or {}, engine, hold),
+        resume = conversation.cli_session if conversation is not None else None
+        live.task = asyncio.create_task(self._drive(live, row, adapter, bundle, files or {}, engine, hold, resume),
                                         name=f"run-{row.id}")
         if self._cancels is not None:
             self._cancels.watch(lambda: list(self._live.items()), self._relayed_cancel)
-        log.info("run_started", run_id=str(row.id), provider=provider, credential_kind=kind)
+        log.info("run_started", run_id=str(row.id), provider=provider, credential_kind=kind,
+                 workspace_id=str(workspace_id) if workspace_id else None)
         return row
+
+    async def _conversation(self, user_id: uuid.UUID, provider: str, workspace_id: uuid.UUID | None,
+                            conversation_id: uuid.UUID | None) -> Conversation | None:
+        if conversation_id is None:
+            return None
+        if self.conversations is None:
+            raise TurnRefused("no such conversation", not_found=True)
+        conversation = await self.conversations.get_owned(user_id, conversation_id)
+        if conversation is None:
+            raise TurnRefused("no such conversation", not_found=True)
+        if workspace_id is not None and conversation.workspace_id != workspace_id:
+            raise TurnRefused("the conversation is on another workspace")
+        if conversation.provider != provider:
+            raise TurnRefused(f"the conversation is with {conversation.provider}: a conversation keeps its "
+                              "provider (start another on the same workspace)")
+        return conversation
 
     async def cancel(self, user_id: uuid.UUID, run_id: uuid.UUID) -> Run | None:
         row = await self.runs.get_owned(user_id, run_id)
@@ -199,8 +243,12 @@ class RunFlow(VmFlow):
         return EventWriter(self.runs, self.events, run_id)
 
     async def _drive(self, live: _Live, row: Run, adapter: ProviderAdapter, bundle: CredentialBundle,
-                     files: dict[str, bytes], engine: VmPort, hold: Hold) -> None:
+                     files: dict[str, bytes], engine: VmPort, hold: Hold, resume: str | None = None) -> None:
         run_id = row.id
+        turn = row.workspace_id is not None  # in the workspace's VM, which stays; else a fresh VM, destroyed
+        began = False  # the workspace's turn began (its VM is kept running until end_turn)
+        base: str | None = None  # the workspace's commit the turn started from
+        session: str | None = None  # the CLI's own session id, as its first events name it
         timeout = row.timeout_seconds or self.default_timeout
         env = self._guest_env(adapter.name)
         vm_id: uuid.UUID | None = None
@@ -212,33 +260,46 @@ class RunFlow(VmFlow):
         ended = False  # a done or error event has been sent
         try:
             # Stored while the VM is handed out and the CLI started: neither needs to wait for it.
-            live.writer.emit_soon(event("status", message="starting a VM"))
-            try:
-                vm = await engine.create(row.user_id, "cli", ttl=timedelta(seconds=timeout + 180),
-                                         on_row=hold.at_row)
-            except BaseException:
-                hold.release()
-                raise
-            vm_id = vm.id
-            engine.label(vm.id, purpose="run", provider=adapter.name)
-            guest = Guest(engine.agent(vm.id, timeout=timeout + 60))
+            live.writer.emit_soon(event("status", message="waking the workspace" if turn else "starting a VM"))
+            prepared = False
+            if turn:
+                assert self.workspaces is not None and row.workspace_id is not None
+                began = True
+                workspace = await self.workspaces.begin_turn(row.user_id, row.workspace_id)
+                vm_id = workspace.vm_id
+                env = replace(env, workdir=turns.ROOT)  # the CLI works on the workspace, where its session is
+            else:
+                try:
+                    vm = await engine.create(row.user_id, "cli", ttl=timedelta(seconds=timeout + 180),
+                                             on_row=hold.at_row)
+                except BaseException:
+                    hold.release()
+                    raise
+                vm_id, prepared = vm.id, vm.prepared
+            assert vm_id is not None
+            engine.label(vm_id, purpose="run", provider=adapter.name)
+            guest = Guest(engine.agent(vm_id, timeout=timeout + 60))
+            if turn:
+                base = await asyncio.to_thread(turns.start, guest.client)
             command = adapter.run_command(row.prompt, env, api_key=bundle.api_key if bundle.kind == "api_key"
-                                          else None)
+                                          else None, resume=resume)
             to_put = self._files_for(env, bundle, files, command.files)
-            if vm.prepared:  # the pool's preparation put these already
+            if prepared:  # the pool's preparation put these already
                 staged = self.staged_files()
                 to_put = [f for f in to_put if f not in staged]
             await guest.put(*to_put)
             live.proc = proc = guest.start(command, timeout_s=timeout)
             # Stored while the guest starts the CLI (its output is read only after these): the row and the
             # status are not on the way to the CLI's first line.
-            await when_reachable(lambda: self.runs.mark_running(run_id, vm.id), "a run's start")
+            await when_reachable(lambda: self.runs.mark_running(run_id, vm_id), "a run's start")
             await live.writer.emit(event("status", message=f"running {adapter.display_name}"))
             parser = adapter.new_parser()
             warning: str | None = None  # the last error the CLI reported and carried on from (a retry)
             # stderr too: the parsers ignore its noise but take crash reasons from it.
             async for line in proc.lines("stdout", "stderr"):
                 for ev in parser.feed(line):
+                    if ev["type"] == "status" and ev.get("session_id") and session is None:
+                        session = str(ev["session_id"])
                     ended = ended or ev["type"] in ("done", "error")
                     usage = ev.get("usage", usage) if ev["type"] == "done" else usage
                     result = ev.get("result", result) if ev["type"] == "done" else result
@@ -288,9 +349,15 @@ class RunFlow(VmFlow):
             if status != "succeeded" and (not ended or status == "cancelled"):
                 with contextlib.suppress(Exception):  # every stream ends in done or error
                     await live.writer.emit(event("error", message=error or "the run failed"))
+            if turn and guest is not None:
+                with contextlib.suppress(Exception):  # a workspace whose VM died with the turn has nothing to say
+                    await self._end_turn(guest, env, bundle, row, base, session)
             if guest is not None:
                 guest.close()
-            if vm_id is not None:
+            if began:
+                assert self.workspaces is not None and row.workspace_id is not None
+                await self.workspaces.end_turn(row.workspace_id)
+            elif vm_id is not None:
                 with contextlib.suppress(Exception):
                     await engine.destroy(vm_id)
             # The row must end whatever happened, a database restart included: else it reads running forever.
@@ -300,6 +367,20 @@ class RunFlow(VmFlow):
             self.events.notify(run_id)
             self._live.pop(run_id, None)
             log.info("run_ended", run_id=str(run_id), status=status, credential_refreshed=refreshed)
+
+    async def _end_turn(self, guest: Guest, env: GuestEnv, bundle: CredentialBundle, row: Run, base: str | None,
+                        session: str | None) -> None:
+        """The workspace's VM stays: the credential files are taken out of it (read back already), what the
+        turn changed is committed and kept with the run, and the conversation counts the turn."""
+        paths = [env.home_path(rel) for rel in bundle.files]
+        if paths:
+            await asyncio.to_thread(guest.client.exec, ["rm", "-f", "--", *paths], timeout_s=60)
+        if base is not None:
+            message = f"polydev turn: {row.prompt.strip().splitlines()[0][:72] if row.prompt.strip() else ''}"
+            changes, patch = await asyncio.to_thread(turns.finish, guest.client, base, message)
+            await self.runs.set_changes(row.id, changes, patch)
+        if row.conversation_id is not None and self.conversations is not None:
+            await self.conversations.turn_done(row.conversation_id, session)
 
     def _files_for(self, env: GuestEnv, bundle: CredentialBundle, files: dict[str, bytes],
                    command_files: tuple[GuestFile, ...]) -> list[GuestFile]:

@@ -114,6 +114,7 @@ class Workspaces:
         self._locks: dict[uuid.UUID, asyncio.Lock] = {}
         self._making: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._busy: set[uuid.UUID] = set()  # a turn runs on it: neither paused by the sweep nor deleted
 
     def _port(self) -> VmPort:
         engine, reason = self._engine()
@@ -172,6 +173,8 @@ class Workspaces:
     async def delete(self, user_id: uuid.UUID, workspace_id: uuid.UUID) -> None:
         """Its VM (running or asleep), disk, saved memory and row go."""
         row = await self._row(user_id, workspace_id)
+        if workspace_id in self._busy:
+            raise WorkspaceBusy("a turn is running on the workspace: cancel it first")
         making = self._making.pop(workspace_id, None)
         if making is not None:
             making.cancel()
@@ -216,6 +219,22 @@ class Workspaces:
             await self._repo.update(row.id, used_at=utcnow())
             return await self._row(user_id, workspace_id)
 
+    async def begin_turn(self, user_id: uuid.UUID, workspace_id: uuid.UUID) -> Workspace:
+        """A turn starts: the workspace's VM running (woken if it slept), kept so until `end_turn`."""
+        row = await self.ready(user_id, workspace_id)
+        self._busy.add(workspace_id)
+        return row
+
+    async def end_turn(self, workspace_id: uuid.UUID) -> None:
+        self._busy.discard(workspace_id)
+        with contextlib.suppress(Exception):  # the workspace was deleted meanwhile, or the store is away
+            await self._repo.update(workspace_id, used_at=utcnow())
+        row = await self._repo.get(workspace_id)
+        engine, _ = self._engine()
+        if row is not None and row.vm_id is not None and engine is not None:
+            with contextlib.suppress(KeyError):  # its VM is gone (it failed with the turn)
+                engine.label(row.vm_id, purpose="workspace")
+
     async def holds_vm(self, vm_id: uuid.UUID) -> bool:
         """For the engine's start-up reconcile: whether a lost VM's disk is a workspace's, to be kept."""
         return any(row.vm_id == vm_id for row in await self._repo.live(states=("ready", "paused")))
@@ -226,7 +245,7 @@ class Workspaces:
         paused = 0
         for row in await self._repo.idle(utcnow() - self.idle_pause):
             lock = self._lock(row.id)
-            if lock.locked():
+            if lock.locked() or row.id in self._busy:
                 continue  # in use right now
             async with lock:
                 current = await self._repo.get(row.id)
@@ -293,7 +312,9 @@ class Workspaces:
                 _run(agent, unpack, "unpacking the archive", user_error=True)
                 agent.exec(["rm", "-f", UPLOAD])
             script = (f"cd {shlex.quote(ROOT)} && if [ ! -e .git ]; then git init -q -b main && git add -A && "
-                      f"git {' '.join(GIT_IDENTITY)} commit -q --allow-empty -m 'workspace created'; fi && sync")
+                      f"git {' '.join(GIT_IDENTITY)} commit -q --allow-empty -m 'workspace created'; fi && "
+                      # The marker file every run puts in its working directory is Polydev's, not the project's.
+                      "echo /.polydev >> .git/info/exclude && sync")
             _run(agent, ["sh", "-c", script], "making the workspace a git repository")
             return _size(agent)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from polydev.store.db import session_scope
@@ -21,6 +21,10 @@ class ConversationRepo:
         async with session_scope(self._factory) as s:
             s.add(row)
         return row
+
+    async def delete(self, conversation_id: uuid.UUID) -> None:
+        async with session_scope(self._factory) as s:
+            await s.execute(delete(Conversation).where(Conversation.id == conversation_id))
 
     async def get_owned(self, user_id: uuid.UUID, conversation_id: uuid.UUID) -> Conversation | None:
         async with self._factory() as s:

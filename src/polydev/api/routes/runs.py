@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from polydev.api.deps import SSE_HEADERS, CurrentUser, Provider, ServicesDep
@@ -21,10 +21,12 @@ from polydev.core.errors import (
     FlowUnavailable,
     NoCredential,
     RunFilesTooLarge,
+    TurnRefused,
 )
+from polydev.core.workspaces import WorkspaceNotFound
 from polydev.core.run_files import check_files
 from polydev.store.models import Run
-from polydev.store.runs import MAX_EVENT_SEQ
+from polydev.store.runs import MAX_EVENT_SEQ, WorkspaceTurnBusy
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 
@@ -38,6 +40,10 @@ class RunIn(BaseModel):
                                          "directory, keyed by relative path (segments separated by `/`, "
                                          "none empty, `.` or `..`; no control or format characters)")
     timeout: int | None = Field(None, ge=10, description="seconds before the run is stopped")
+    workspace_id: uuid.UUID | None = Field(None, description="run as a turn in this workspace's VM (a new "
+                                           "conversation), instead of in a fresh VM")
+    conversation_id: uuid.UUID | None = Field(None, description="a follow-up: continue this conversation (the "
+                                              "CLI resumes its session, on the conversation's workspace)")
 
 
 class RunOut(BaseModel):
@@ -53,6 +59,11 @@ class RunOut(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    workspace_id: uuid.UUID | None = None
+    conversation_id: uuid.UUID | None = None
+    changes: list[dict[str, Any]] | None = Field(None, description="a turn's files changed: path, status "
+                                                 "(added, modified, deleted, renamed …), binary; the patch is "
+                                                 "at /api/runs/{id}/diff")
 
     @classmethod
     def of(cls, r: Run) -> RunOut:
@@ -60,7 +71,9 @@ class RunOut(BaseModel):
                    error_message=r.error_message, exit_code=r.exit_code,
                    usage=json.loads(r.usage_json) if r.usage_json else None, result=r.result_text,
                    credential_refreshed=bool(r.credential_refreshed), created_at=r.created_at,
-                   started_at=r.started_at, finished_at=r.finished_at)
+                   started_at=r.started_at, finished_at=r.finished_at, workspace_id=r.workspace_id,
+                   conversation_id=r.conversation_id,
+                   changes=json.loads(r.changes_json) if r.changes_json else None)
 
 
 @router.post("", response_model=RunOut, status_code=202, responses={409: {}, 413: {}, 422: {}, 503: {}})
@@ -84,7 +97,15 @@ async def start_run(body: RunIn, user: CurrentUser, services: ServicesDep) -> Ru
         raise ApiError(422, "bad_files", str(exc)) from None
     provider = body.provider.value
     try:
-        row = await services.run_flow.start(user.id, provider, body.prompt, files=files, timeout=body.timeout)
+        row = await services.run_flow.start(user.id, provider, body.prompt, files=files, timeout=body.timeout,
+                                            workspace_id=body.workspace_id, conversation_id=body.conversation_id)
+    except TurnRefused as exc:
+        raise ApiError(404 if exc.not_found else 422, "not_found" if exc.not_found else "bad_turn", str(exc)) from None
+    except WorkspaceNotFound:
+        raise ApiError(404, "not_found", "no such workspace") from None
+    except WorkspaceTurnBusy:
+        raise ApiError(409, "workspace_busy", "a turn is already running on this workspace; wait for it to "
+                       "finish or cancel it") from None
     except NoCredential:
         raise ApiError(409, "no_credential",
                        f"no stored credential for {provider}: connect the account first (POST /api/auth/start "
@@ -150,6 +171,16 @@ async def run_events(run_id: uuid.UUID, request: Request, user: CurrentUser, ser
             yield f"id: {ev.seq}\nevent: {ev.data.get('type', 'message')}\ndata: {json.dumps(ev.data)}\n\n".encode()
 
     return StreamingResponse(gen(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.get("/{run_id}/diff", responses={200: {"content": {"text/x-diff": {}}}, 404: {}})
+async def run_diff(run_id: uuid.UUID, user: CurrentUser, services: ServicesDep) -> Response:
+    """A turn's changes to its workspace as a patch (`git diff` against the turn's start; binary files are
+    named, not included). 404 for a run that is not a turn, or has not ended."""
+    row = await _owned(services, user.id, run_id)
+    if row.patch is None:
+        raise ApiError(404, "not_found", "no diff: the run is not a turn on a workspace, or has not ended")
+    return Response(row.patch, media_type="text/x-diff")
 
 
 @router.post("/{run_id}/cancel", response_model=RunOut, responses={404: {}})

@@ -9,6 +9,7 @@ like a missing one.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request, Response
@@ -115,6 +116,31 @@ async def pause_workspace(workspace_id: uuid.UUID, user: CurrentUser, services: 
         return await services.workspaces.pause(user.id, workspace_id)
     except WorkspaceError as exc:
         raise _domain(exc) from None
+
+
+class ConversationOut(BaseModel):
+    id: uuid.UUID
+    provider: str
+    turns: int
+    runs: list[uuid.UUID]  # its turns, oldest first (GET /api/runs/{id}, …/events, …/diff)
+    created_at: datetime
+    updated_at: datetime
+
+
+@router.get("/{workspace_id}/conversations", response_model=list[ConversationOut], responses={404: {}})
+async def list_conversations(workspace_id: uuid.UUID, user: CurrentUser, services: ServicesDep
+                             ) -> list[ConversationOut]:
+    try:
+        await services.workspaces.get(user.id, workspace_id)
+    except WorkspaceError as exc:
+        raise _domain(exc) from None
+    assert services.run_flow.conversations is not None
+    out = []
+    for c in await services.run_flow.conversations.for_workspace(workspace_id):
+        runs = [r.id for r in await services.runs.turns(c.id)]
+        out.append(ConversationOut(id=c.id, provider=c.provider, turns=c.turns, runs=runs, created_at=c.created_at,
+                                   updated_at=c.updated_at))
+    return out
 
 
 @router.get("/{workspace_id}/archive", responses={200: {"content": {"application/gzip": {}}}, 404: {}, 409: {}})
