@@ -186,10 +186,7 @@ class QemuBackend:
             vm.hibernate(workdir / HIBERNATED_STATE)
         else:
             vm.power_off()
-        meta = {"memory": memory, "vcpus": vm.vcpus, "memory_mb": vm.memory_mb, "accel": vm.accel,
-                "vnc": bool(vm.vnc_port),
-                "backing": [str(vm.backing[0]), vm.backing[1]] if vm.backing else None,
-                "ram_file": str(vm.ram_file[0]) if vm.ram_file else None}
+        meta = {**_disk_meta(vm), "memory": memory, "ram_file": str(vm.ram_file[0]) if vm.ram_file else None}
         (workdir / HIBERNATED_META).write_text(json.dumps(meta))
         with self._lock:
             self._vms.pop(workdir, None)
@@ -255,7 +252,11 @@ class QemuBackend:
             proc.kill_vm_process(pid, workdir.name)
 
 
-def _write_disk_meta(vm: QemuVM) -> None:
-    meta = {"vcpus": vm.vcpus, "memory_mb": vm.memory_mb, "accel": vm.accel, "vnc": bool(vm.vnc_port),
+def _disk_meta(vm: QemuVM) -> dict[str, Any]:
+    """What a VM's disk is and the machine it ran in: enough to start it again from the overlay."""
+    return {"vcpus": vm.vcpus, "memory_mb": vm.memory_mb, "accel": vm.accel, "vnc": bool(vm.vnc_port),
             "backing": [str(vm.backing[0]), vm.backing[1]] if vm.backing else None}
-    (vm.workdir / DISK_META).write_text(json.dumps(meta))
+
+
+def _write_disk_meta(vm: QemuVM) -> None:
+    (vm.workdir / DISK_META).write_text(json.dumps(_disk_meta(vm)))
