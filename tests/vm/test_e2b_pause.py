@@ -19,7 +19,8 @@ from tests.support.waits import eventually
 
 pytest_plugins = ["tests.support.vm_fixtures"]
 
-COUNTER = "sh -c 'i=0; while true; do i=$((i+1)); echo $i > $HOME/count; echo $i; sleep 0.2; done'"
+# Written to a side file and renamed, so a read never finds the file truncated but not yet rewritten.
+COUNTER = "sh -c 'i=0; while true; do i=$((i+1)); echo $i > $HOME/count.new; mv $HOME/count.new $HOME/count; echo $i; sleep 0.2; done'"
 
 
 def _count(sbx: Sandbox) -> int:

@@ -21,7 +21,9 @@ from polydev.vm.hibernation import HIBERNATED
 
 pytest_plugins = ["tests.support.vm_fixtures"]
 
-COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done"
+# The count is written to a side file and renamed: a reader never sees the file truncated but not yet written
+# (a snapshot can be taken between the two, and then the first read after waking found it empty).
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /root/count.new; mv /root/count.new /root/count; sleep 0.2; done"
 
 
 @pytest.fixture
