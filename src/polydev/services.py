@@ -30,7 +30,8 @@ from polydev.core.sandbox_procs import ProcessTable
 from polydev.core.sandboxes import Sandboxes
 from polydev.core.vm_admin import VmAdmin
 from polydev.core.vnc_tickets import VncTickets
-from polydev.core.workspaces import Limits as WorkspaceLimits
+from polydev.core.workspace_models import GitAccess
+from polydev.core.workspace_models import Limits as WorkspaceLimits
 from polydev.core.workspaces import Workspaces
 from polydev.egress.limits import Limits
 from polydev.providers.base import GuestEnv
@@ -84,6 +85,7 @@ class Services:
     guest_paths: GuestEnv = field(default_factory=GuestEnv)
     login_flow: LoginFlow = None  # type: ignore[assignment]  # wired right after construction
     vnc_tickets: VncTickets = None  # type: ignore[assignment]
+    terminal_tickets: VncTickets = None  # type: ignore[assignment]  # a workspace's terminal WebSocket
     run_flow: RunFlow = None  # type: ignore[assignment]
     vm_admin: VmAdmin = None  # type: ignore[assignment]  # the admin VM API's service
     # The egress gateway, when this process runs VMs that reach the outside through it (started with the
@@ -201,6 +203,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
                                browser=svc.login_browser, pool=settings.login_pool,
                                pool_max_age=settings.login_pool_max_age_seconds, vault=vault, admit=svc.admit)
     svc.vnc_tickets = VncTickets(store, settings.vnc_ticket_seconds)
+    svc.terminal_tickets = VncTickets(store, settings.vnc_ticket_seconds, prefix="terminal-ticket:")
     svc.run_flow = RunFlow(runs=svc.runs, credentials=svc.credentials, engine=svc.engine_or_reason,
                            guest_env=svc.guest_env, ca_pem=ca_pem, default_timeout=settings.run_timeout_seconds,
                            signals=store, admit=svc.admit)
@@ -218,8 +221,11 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
     svc.workspaces = Workspaces(WorkspaceRepo(factory), vault, svc.engine_or_reason, admit=svc.admit,
                                 limits=WorkspaceLimits(workspaces=settings.workspace_limit_per_user,
                                                        total_bytes=settings.workspace_bytes_per_user,
-                                                       upload_bytes=settings.workspace_upload_max_bytes),
-                                idle_pause_s=settings.workspace_idle_pause_seconds)
+                                                       upload_bytes=settings.workspace_upload_max_bytes,
+                                                       paused=settings.workspace_paused_per_user),
+                                idle_pause_s=settings.workspace_idle_pause_seconds,
+                                git=GitAccess(proxy=lambda: svc.guest_env("workspace").https_proxy, ca_pem=ca_pem,
+                                              hosts=settings.workspace_git_hosts))
     svc.run_flow.workspaces = svc.workspaces
     svc.run_flow.conversations = ConversationRepo(factory)
     svc.egress_admin = EgressAdmin(

@@ -23,7 +23,7 @@ async def test_migrations_create_every_table_and_rerun_cleanly(services: Service
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
     assert {"users", "api_tokens", "vms", "auth_sessions", "credentials", "vm_cleanup_tasks", "runs",
             "network_leases", "servers", "sandboxes"} <= tables
-    assert version == "0012"  # head: bump with every new revision
+    assert version == "0013"  # head: bump with every new revision
 
 
 async def test_seed_columns_hold_only_ciphertext(services: Services) -> None:

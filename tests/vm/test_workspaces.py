@@ -6,7 +6,6 @@ answer their errors; deleting one leaves nothing behind."""
 from __future__ import annotations
 
 import io
-import tarfile
 import time
 import zipfile
 
@@ -14,59 +13,35 @@ import httpx
 
 from polydev.vm import images
 from polydev.vm.engine import engine_tag, find_marked_processes
-from tests.support.e2b_checks import new_user
 from tests.support.live_server import crash, start_server
+from tests.support.workspace_checks import state, targz, untar, user_api, vm_env
 from tests.support.waits import eventually
 
 pytest_plugins = ["tests.support.vm_fixtures"]
 
 
-def _targz(files: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
-def _files(archive: bytes) -> dict[str, bytes]:
-    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-        return {m.name.removeprefix("./"): tar.extractfile(m).read()  # type: ignore[union-attr]
-                for m in tar.getmembers() if m.isfile()}
-
-
-def _state(api: httpx.Client, workspace_id: str) -> str:
-    return api.get(f"/api/workspaces/{workspace_id}").json()["state"]
-
-
 def test_workspaces_live_across_pauses_a_restart_and_a_crash(tmp_path, test_image: images.Image) -> None:  # type: ignore[no-untyped-def]
-    env = {"POLYDEV_CACHE_DIR": str(test_image.dir.parent.parent), "VM_IMAGE_PROFILE": "test",
-           "VM_CLI_MEMORY_MB": "512", "VM_CLI_VCPU": "1", "VM_WARM_POOL_SIZE": "0",
-           "WORKSPACE_IDLE_PAUSE_SECONDS": "3", "WORKSPACE_LIMIT_PER_USER": "2",
-           "WORKSPACE_UPLOAD_MAX_BYTES": "200000"}
+    env = vm_env(test_image, WORKSPACE_IDLE_PAUSE_SECONDS="3", WORKSPACE_LIMIT_PER_USER="2",
+                 WORKSPACE_UPLOAD_MAX_BYTES="200000")
     running = start_server(tmp_path, "polydev", env)
     server = next(running)
     try:
-        alice = httpx.Client(base_url=server.url, timeout=300, headers={
-            "Authorization": f"Bearer {new_user(server.url, server.admin_token, 'alice')}"})
-        bob = httpx.Client(base_url=server.url, timeout=60, headers={
-            "Authorization": f"Bearer {new_user(server.url, server.admin_token, 'bob')}"})
+        alice = user_api(server.url, server.admin_token, "alice")
+        bob = user_api(server.url, server.admin_token, "bob", timeout=60)
         made = alice.post("/api/workspaces", json={"name": "scratch"})
         assert made.status_code == 202 and made.json()["state"] == "creating", made.text
         empty = made.json()["id"]
         project = {"README.md": b"# demo\n", "src/hello.py": b"print('hello')\n"}
-        up = alice.post("/api/workspaces/upload", params={"name": "demo"}, content=_targz(project),
+        up = alice.post("/api/workspaces/upload", params={"name": "demo"}, content=targz(project),
                         headers={"Content-Type": "application/gzip"})
         assert up.status_code == 202, up.text
         demo = up.json()["id"]
-        assert eventually(lambda: _state(alice, empty) == "ready" and _state(alice, demo) == "ready", timeout=180)
+        assert eventually(lambda: state(alice, empty) == "ready" and state(alice, demo) == "ready", timeout=180)
 
-        got = _files(alice.get(f"/api/workspaces/{demo}/archive").content)
+        got = untar(alice.get(f"/api/workspaces/{demo}/archive").content)
         assert {k: got[k] for k in project} == project
         assert "HEAD" in {k.split("/")[-1] for k in got if k.startswith(".git/")}  # a git repository
-        assert ".git/HEAD" in _files(alice.get(f"/api/workspaces/{empty}/archive").content)
+        assert ".git/HEAD" in untar(alice.get(f"/api/workspaces/{empty}/archive").content)
         assert alice.get(f"/api/workspaces/{demo}").json()["size_bytes"] > 0
 
         # Another user's workspace is a missing one, whatever the call.
@@ -87,7 +62,7 @@ def test_workspaces_live_across_pauses_a_restart_and_a_crash(tmp_path, test_imag
         # A broken archive: the workspace fails, says why, and holds no VM.
         broken = bob.post("/api/workspaces/upload", params={"name": "broken"}, content=b"not a tar at all",
                           headers={"Content-Type": "application/x-tar"}).json()
-        assert eventually(lambda: _state(bob, broken["id"]) == "failed", timeout=120)
+        assert eventually(lambda: state(bob, broken["id"]) == "failed", timeout=120)
         failed = bob.get(f"/api/workspaces/{broken['id']}").json()
         assert "unpacking the archive failed" in failed["error"] and failed["vm_id"] is None
         assert bob.get(f"/api/workspaces/{broken['id']}/archive").status_code == 409
@@ -96,26 +71,26 @@ def test_workspaces_live_across_pauses_a_restart_and_a_crash(tmp_path, test_imag
             z.writestr("notes/todo.txt", "zip works\n")
         bob_zip = bob.post("/api/workspaces/upload", params={"name": "zipped"}, content=zipped.getvalue(),
                            headers={"Content-Type": "application/zip"}).json()
-        assert eventually(lambda: _state(bob, bob_zip["id"]) == "ready", timeout=180)
-        assert _files(bob.get(f"/api/workspaces/{bob_zip['id']}/archive").content)["notes/todo.txt"] == b"zip works\n"
+        assert eventually(lambda: state(bob, bob_zip["id"]) == "ready", timeout=180)
+        assert untar(bob.get(f"/api/workspaces/{bob_zip['id']}/archive").content)["notes/todo.txt"] == b"zip works\n"
         assert bob.delete(f"/api/workspaces/{bob_zip['id']}").status_code == 204
 
         # Idle: paused by the sweep (no VM process for it); the next use wakes it as it was.
-        assert eventually(lambda: _state(alice, demo) == "paused", timeout=60, every=1.0)
+        assert eventually(lambda: state(alice, demo) == "paused", timeout=60, every=1.0)
         vm_id = alice.get(f"/api/workspaces/{demo}").json()["vm_id"]
         assert vm_id not in {str(k) for k in find_marked_processes(engine_tag(server.data_dir))}
-        assert {k: v for k, v in _files(alice.get(f"/api/workspaces/{demo}/archive").content).items()
+        assert {k: v for k, v in untar(alice.get(f"/api/workspaces/{demo}/archive").content).items()
                 if k in project} == project
-        assert _state(alice, demo) == "ready"
+        assert state(alice, demo) == "ready"
     finally:
         running.close()  # a stop: its running workspaces are paused first
 
     running = start_server(tmp_path, "polydev", env)
     server = next(running)
     try:
-        assert _state(alice_again := httpx.Client(base_url=server.url, timeout=300, headers=alice.headers),
+        assert state(alice_again := httpx.Client(base_url=server.url, timeout=300, headers=alice.headers),
                       demo) == "paused"
-        assert _files(alice_again.get(f"/api/workspaces/{demo}/archive").content)["src/hello.py"] == project[
+        assert untar(alice_again.get(f"/api/workspaces/{demo}/archive").content)["src/hello.py"] == project[
             "src/hello.py"]
         time.sleep(0.5)
         crash(server)  # no stop: its VM dies with it, unpaused
@@ -127,7 +102,7 @@ def test_workspaces_live_across_pauses_a_restart_and_a_crash(tmp_path, test_imag
     try:
         alice_again = httpx.Client(base_url=server.url, timeout=300, headers=alice.headers)
         # The disk was kept by the start-up reconcile; the next use boots it cold.
-        assert _files(alice_again.get(f"/api/workspaces/{demo}/archive").content)["README.md"] == b"# demo\n"
+        assert untar(alice_again.get(f"/api/workspaces/{demo}/archive").content)["README.md"] == b"# demo\n"
         for workspace_id in (demo, empty):
             assert alice_again.delete(f"/api/workspaces/{workspace_id}").status_code == 204
             assert alice_again.get(f"/api/workspaces/{workspace_id}").status_code == 404

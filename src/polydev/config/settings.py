@@ -156,6 +156,13 @@ class Settings(BaseSettings):
                                             "may be made from")
     workspace_idle_pause_seconds: int = Field(600, ge=1, description="a workspace unused this long has its VM "
                                               "paused (hibernated) until it is next used")
+    workspace_paused_per_user: int = Field(3, ge=0, description="workspaces a user may have paused with their "
+                                           "memory saved; past it the next is paused with its disk only and "
+                                           "boots cold when used")
+    workspace_git_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("github.com", "gitlab.com", "bitbucket.org", "codeberg.org"),
+        description="git hosts (or *.suffix) workspaces may be cloned from and pushed to, through the egress "
+                    "gateway (HTTPS)")
     sandbox_domain: str | None = Field(None, pattern=r"^[a-z0-9.-]+(:[0-9]+)?$", description="E2B sandboxes: "
                                        "the domain whose wildcard DNS (49983-{id}.DOMAIN) reaches this server")
     # Names answered without DNS, JSON {"name": ["address", ...]}: trusted as given (the address checks do not
@@ -196,7 +203,7 @@ class Settings(BaseSettings):
     def _parse_address_pool(cls, value: Any) -> Any:
         return AddressPool.parse(value) if isinstance(value, str) else value
 
-    @field_validator("egress_allow", mode="before")
+    @field_validator("egress_allow", "workspace_git_hosts", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return tuple(v.strip().lower() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
@@ -271,7 +278,7 @@ class Settings(BaseSettings):
                 value = format_login_pool(value)
             elif name == "egress_address_pool":
                 value = value.describe()
-            elif name == "egress_allow":
+            elif name in ("egress_allow", "workspace_git_hosts"):
                 value = ",".join(value)
             prefixed = name in ("data_dir", "cache_dir", "web_vendor_dir")  # their variables start POLYDEV_
             out[f"POLYDEV_{name.upper()}" if prefixed else name.upper()] = value
@@ -288,7 +295,9 @@ class Settings(BaseSettings):
 
 def normalize_database_url(url: str) -> str:
     """Accept the URLs operators write (postgres://, postgresql://, sqlite:///) and pick async drivers."""
-    from sqlalchemy.engine import make_url  # imported here: SQLAlchemy costs ~0.3 s, and most commands never need it
+    from sqlalchemy.engine import (
+        make_url,  # imported here: SQLAlchemy costs ~0.3 s, and most commands never need it
+    )
 
     if url.startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://"):]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from polydev.core.workspaces import GIT_IDENTITY, ROOT
+from polydev.core.workspace_vm import GIT_IDENTITY, ROOT
 from polydev.vm.agent_client import AgentClient
 
 MAX_PATCH_BYTES = 2 * 1024 * 1024  # larger patches are cut there (the archive has everything)

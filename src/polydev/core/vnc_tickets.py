@@ -31,15 +31,16 @@ class Ticket:
 
 
 class VncTickets:
-    def __init__(self, store: SessionStore, ttl_seconds: int = 30) -> None:
+    def __init__(self, store: SessionStore, ttl_seconds: int = 30, prefix: str = TICKET_PREFIX) -> None:
+        """`prefix` keeps each kind of ticket (VNC, a workspace's terminal) its own: one is never the other."""
         if not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
             raise ValueError(f"VNC ticket lifetime must be 1..{MAX_TTL_SECONDS} s")
         self.store = store
         self.ttl = ttl_seconds
+        self.prefix = prefix
 
-    @staticmethod
-    def _key(secret: str) -> str:
-        return TICKET_PREFIX + hashlib.sha256(secret.encode()).hexdigest()
+    def _key(self, secret: str) -> str:
+        return self.prefix + hashlib.sha256(secret.encode()).hexdigest()
 
     async def issue(self, user_id: uuid.UUID, session_id: uuid.UUID) -> Ticket:
         secret = secrets.token_urlsafe(32)

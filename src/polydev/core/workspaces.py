@@ -1,10 +1,13 @@
 """Workspaces: a project the CLIs work on across turns, kept on the disk of a VM of its own.
 
-A workspace is made empty, from an uploaded archive (tar, tar.gz or zip), or (later) from a git repository;
-its files are under /workspace in its VM, always a git repository (an archive or an empty one gets a first
-commit), so each turn's changes are a `git diff` away. The VM runs while the workspace is used and is
+A workspace is made empty, from an uploaded archive (tar, tar.gz or zip), or cloned from a git repository
+(core/workspace_git.py: through the egress gateway, a private one with the user's token, sealed; a branch can
+be pushed back); its files are under /workspace in its VM, always a git repository (an archive or an empty
+one gets a first commit), so each turn's changes are a `git diff` away. A terminal (core/workspace_terminal.py)
+is a login shell there. The VM runs while the workspace is used and is
 hibernated (vm/hibernation.py: memory, devices and disk) once idle for `idle_pause_s`, or when this server
-stops; whatever needs it next wakes it. The agent's token, which the engine keeps in memory only, is sealed
+stops; whatever needs it next wakes it. A user may have `Limits.paused` workspaces sleeping with their memory
+saved (each costs about its RAM on disk); past that one is paused with its disk only and boots cold. The agent's token, which the engine keeps in memory only, is sealed
 in the row while the VM sleeps.
 
 If the server dies without stopping (kill -9, power), the VM dies with it, but its disk is kept: the engine's
@@ -16,105 +19,69 @@ each turn ends with a `sync`.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import secrets
-import shlex
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from datetime import timedelta
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 
+from polydev.core import workspace_git
 from polydev.core.tasks import every
 from polydev.core.vm_flow import Admit
+from polydev.core.workspace_git import GitUrlError, Remote
+from polydev.core.workspace_models import (
+    GitAccess,
+    Limits,
+    Pushed,
+    Source,
+    WorkspaceBusy,
+    WorkspaceError,
+    WorkspaceInvalid,
+    WorkspaceLimit,
+    WorkspaceNotFound,
+    WorkspaceUnavailable,
+    WorkspaceView,
+)
+from polydev.core.workspace_terminal import Terminal, TerminalError
+from polydev.core.workspace_vm import PREPARE_TIMEOUT_S, ROOT, InVm, size, stream_stdout
+from polydev.egress.policy import WORKSPACE_PURPOSE
 from polydev.store.models import Workspace, utcnow
 from polydev.store.vault import SealedRecord, Vault
 from polydev.store.workspaces import WorkspaceRepo
 
 if TYPE_CHECKING:
     from polydev.core.ports import VmPort
-    from polydev.vm.agent_client import AgentClient
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
-ROOT = "/workspace"
-UPLOAD = "/tmp/polydev-workspace-upload"
-ARCHIVE_KINDS = ("tar", "zip")  # tar: plain or compressed (tar finds out), zip
-PREPARE_TIMEOUT_S = 600
 SWEEP_S = 10.0
 # How long past its idle pause a workspace VM may live before its supervisor ends it: long enough that the
 # sweep always pauses it first; each use pushes it out again.
 VM_MARGIN = timedelta(hours=1)
-GIT_IDENTITY = ["-c", "user.name=Polydev", "-c", "user.email=polydev@localhost"]
-
-
-class WorkspaceError(Exception):
-    """Base: the text is the reason, as the API gives it."""
-
-
-class WorkspaceNotFound(WorkspaceError):
-    pass
-
-
-class WorkspaceLimit(WorkspaceError):
-    pass
-
-
-class WorkspaceUnavailable(WorkspaceError):
-    pass
-
-
-class WorkspaceBusy(WorkspaceError):
-    """Not ready for that now (still being made, or it failed); the text says which."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    workspaces: int = 10  # per user, whatever their state
-    total_bytes: int = 5 * 1024**3  # of all the user's workspaces, as last measured
-    upload_bytes: int = 100 * 1024**2  # one archive
-
-
-@dataclass(frozen=True)
-class WorkspaceView:
-    id: uuid.UUID
-    user_id: uuid.UUID
-    name: str
-    source: str
-    repo_url: str | None
-    state: str
-    size_bytes: int
-    error: str | None
-    vm_id: uuid.UUID | None
-    created_at: datetime
-    used_at: datetime
-
-
-@dataclass(frozen=True)
-class Source:
-    kind: str  # empty | archive (git comes with the egress rules for repository hosts)
-    archive: bytes | None = None
-    archive_kind: str | None = None  # ARCHIVE_KINDS
 
 
 class Workspaces:
     def __init__(self, repo: WorkspaceRepo, vault: Vault, engine: Callable[[], tuple[VmPort | None, str | None]],
-                 admit: Admit, limits: Limits = Limits(), idle_pause_s: int = 600) -> None:
+                 admit: Admit, limits: Limits = Limits(), idle_pause_s: int = 600,
+                 git: GitAccess = GitAccess()) -> None:
         self._repo = repo
         self._vault = vault
         self._engine = engine
         self._admit = admit
         self.limits = limits
+        self.git = git
+        self._vm = InVm(git, self._refusal)
         self.idle_pause = timedelta(seconds=idle_pause_s)
         self._locks: dict[uuid.UUID, asyncio.Lock] = {}
         self._making: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._busy: set[uuid.UUID] = set()  # a turn runs on it: neither paused by the sweep nor deleted
+        self._terminals: dict[uuid.UUID, int] = {}  # open terminals: not paused by the sweep meanwhile
 
     def _port(self) -> VmPort:
         engine, reason = self._engine()
@@ -137,6 +104,7 @@ class Workspaces:
         if count >= self.limits.workspaces:
             raise WorkspaceLimit(f"you have {count} workspaces, the most allowed ({self.limits.workspaces}); delete "
                                  "one first")
+        remote = self._remote(source)
         incoming = len(source.archive or b"")
         if used + incoming > self.limits.total_bytes:
             raise WorkspaceLimit(f"your workspaces hold {used} bytes; with this one they would pass the "
@@ -152,15 +120,18 @@ class Workspaces:
             if isinstance(exc, VMCreateError):
                 raise WorkspaceUnavailable(f"the workspace's VM failed to start: {exc.reason}") from None
             raise
-        engine.label(vm.id, purpose="workspace")
-        row = Workspace(user_id=user_id, name=name, source=source.kind, state="creating", vm_id=vm.id,
-                        size_bytes=incoming)
+        engine.label(vm.id, purpose=WORKSPACE_PURPOSE)
+        row = Workspace(id=uuid.uuid4(), user_id=user_id, name=name, source=source.kind, state="creating",
+                        vm_id=vm.id, size_bytes=incoming, repo_url=remote.url if remote else None,
+                        branch=remote.branch if remote else None)
+        if source.git_token:
+            row.sealed_git_token = self._seal_git(row, source.git_token)
         try:
             await self._repo.add(row)
         except BaseException:
             await engine.destroy(vm.id)
             raise
-        self._making[row.id] = asyncio.create_task(self._make(row, source), name=f"workspace-{row.id}")
+        self._making[row.id] = asyncio.create_task(self._make(row, source, remote), name=f"workspace-{row.id}")
         log.info("workspace_created", workspace_id=str(row.id), vm_id=str(vm.id), source=source.kind)
         return _view(row)
 
@@ -189,19 +160,80 @@ class Workspaces:
         self._locks.pop(workspace_id, None)
         log.info("workspace_deleted", workspace_id=str(workspace_id))
 
-    async def pause(self, user_id: uuid.UUID, workspace_id: uuid.UUID) -> WorkspaceView:
+    async def pause(self, user_id: uuid.UUID, workspace_id: uuid.UUID, memory: bool = True) -> WorkspaceView:
+        """Pause it now: with its memory (WorkspaceLimit past the user's paused limit), or its disk only."""
         row = await self._row(user_id, workspace_id)
+        if workspace_id in self._busy:
+            raise WorkspaceBusy("a turn is running on the workspace")
         async with self._lock(workspace_id):
             row = await self._row(user_id, workspace_id)
             if row.state == "ready":
-                await self._pause(row)
+                if memory and not await self._may_keep_memory(user_id):
+                    raise WorkspaceLimit(f"you have {self.limits.paused} workspaces paused with their memory, the "
+                                         "most allowed: pause with memory=false (its disk only; it boots cold "
+                                         "when used), or use or delete one of them")
+                await self._pause(row, memory=memory)
         return await self.get(user_id, workspace_id)
+
+    async def push(self, user_id: uuid.UUID, workspace_id: uuid.UUID, branch: str) -> Pushed:
+        """The workspace's HEAD (every turn is committed) pushed to `branch` on the repository it was cloned
+        from, with the user's stored token; never forced."""
+        row = await self._row(user_id, workspace_id)
+        if row.source != "git" or not row.repo_url:
+            raise WorkspaceBusy("only a workspace cloned from a git repository can be pushed")
+        try:
+            workspace_git.check_branch(branch)
+        except GitUrlError as exc:
+            raise WorkspaceInvalid(str(exc)) from None
+        if workspace_id in self._busy:
+            raise WorkspaceBusy("a turn is running on the workspace: push once it has ended")
+        row = await self.ready(user_id, workspace_id)
+        token = self._unseal_git(row)
+        remote = Remote(url=row.repo_url or "", host=_host(row.repo_url or ""))
+        commit = await asyncio.to_thread(self._in_vm, row.vm_id, self._vm.push, remote, branch, token)
+        log.info("workspace_pushed", workspace_id=str(row.id), host=remote.host, branch=branch)
+        return Pushed(branch=branch, commit=commit, remote=remote.url)
+
+    async def terminal(self, user_id: uuid.UUID, workspace_id: uuid.UUID, rows: int, cols: int) -> Terminal:
+        """A login shell in /workspace on the workspace's VM (woken if it slept), started; the workspace is
+        not paused while the terminal is open (`close_terminal`)."""
+        row = await self.ready(user_id, workspace_id)
+        engine = self._port()
+        vm_id = row.vm_id
+        assert vm_id is not None
+        env = {"TERM": "xterm-256color", "LANG": "C.UTF-8"}
+        proxy = self.git.proxy()
+        if proxy:  # git and curl in the shell go out through the gateway, as the workspace's VM may
+            env.update({"https_proxy": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "HTTP_PROXY": proxy})
+        term = Terminal(lambda: engine.agent(vm_id, timeout=60), rows=rows, cols=cols, cwd=ROOT, env=env)
+        self._terminals[workspace_id] = self._terminals.get(workspace_id, 0) + 1
+        try:
+            await term.start()
+        except BaseException as exc:
+            self._terminal_closed(workspace_id)
+            if isinstance(exc, TerminalError):
+                raise WorkspaceUnavailable(f"the terminal did not start: {exc}") from None
+            raise
+        return term
+
+    async def close_terminal(self, workspace_id: uuid.UUID, term: Terminal) -> None:
+        await term.close()
+        self._terminal_closed(workspace_id)
+        with contextlib.suppress(Exception):  # the workspace was deleted meanwhile
+            await self._repo.update(workspace_id, used_at=utcnow())
+
+    def _terminal_closed(self, workspace_id: uuid.UUID) -> None:
+        left = self._terminals.get(workspace_id, 1) - 1
+        if left > 0:
+            self._terminals[workspace_id] = left
+        else:
+            self._terminals.pop(workspace_id, None)
 
     async def archive(self, user_id: uuid.UUID, workspace_id: uuid.UUID) -> AsyncIterator[bytes]:
         """/workspace as a tar.gz stream (its .git included), the VM woken first if it sleeps."""
         row = await self.ready(user_id, workspace_id)
         agent = self._port().agent(row.vm_id, timeout=PREPARE_TIMEOUT_S)  # type: ignore[arg-type]
-        return _stream_stdout(agent, ["tar", "-czf", "-", "-C", ROOT, "."])
+        return stream_stdout(agent, ["tar", "-czf", "-", "-C", ROOT, "."])
 
     async def ready(self, user_id: uuid.UUID, workspace_id: uuid.UUID) -> Workspace:
         """The workspace with its VM running (woken if it slept), marked used now; WorkspaceBusy when it is
@@ -233,7 +265,7 @@ class Workspaces:
         engine, _ = self._engine()
         if row is not None and row.vm_id is not None and engine is not None:
             with contextlib.suppress(KeyError):  # its VM is gone (it failed with the turn)
-                engine.label(row.vm_id, purpose="workspace")
+                engine.label(row.vm_id, purpose=WORKSPACE_PURPOSE)
 
     async def holds_vm(self, vm_id: uuid.UUID) -> bool:
         """For the engine's start-up reconcile: whether a lost VM's disk is a workspace's, to be kept."""
@@ -245,14 +277,14 @@ class Workspaces:
         paused = 0
         for row in await self._repo.idle(utcnow() - self.idle_pause):
             lock = self._lock(row.id)
-            if lock.locked() or row.id in self._busy:
+            if lock.locked() or row.id in self._busy or row.id in self._terminals:
                 continue  # in use right now
             async with lock:
                 current = await self._repo.get(row.id)
                 if current is None or current.state != "ready" or current.used_at >= utcnow() - self.idle_pause:
                     continue
                 try:
-                    await self._pause(current)
+                    await self._pause(current, memory=await self._may_keep_memory(current.user_id))
                     paused += 1
                 except WorkspaceError as exc:
                     log.debug("workspace_idle_pause_skipped", workspace_id=str(row.id), reason=str(exc))
@@ -277,20 +309,21 @@ class Workspaces:
         for row in await self._repo.live(states=("ready",)):
             if await self._vm_running(row):
                 try:
-                    await self._pause(row)
+                    await self._pause(row, memory=await self._may_keep_memory(row.user_id))
                 except Exception as exc:  # noqa: BLE001 - its disk is still kept (holds_vm) for a cold boot
                     log.warning("workspace_pause_at_stop_failed", workspace_id=str(row.id), reason=str(exc))
 
     # -- the VM ---------------------------------------------------------------------------------------------
-    async def _make(self, row: Workspace, source: Source) -> None:
+    async def _make(self, row: Workspace, source: Source, remote: Remote | None) -> None:
         try:
-            size = await asyncio.to_thread(self._prepare, row.vm_id, source)
-            await self._repo.update(row.id, state="ready", size_bytes=size, used_at=utcnow())
-            log.info("workspace_ready", workspace_id=str(row.id), size_bytes=size)
+            measured = await asyncio.to_thread(self._in_vm, row.vm_id, self._vm.prepare, source, remote)
+            await self._repo.update(row.id, state="ready", size_bytes=measured, used_at=utcnow())
+            log.info("workspace_ready", workspace_id=str(row.id), size_bytes=measured)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             reason = str(exc) if isinstance(exc, WorkspaceError) else f"preparing the workspace failed: {exc}"
+            reason = workspace_git.redact(reason, source.git_token)
             engine, _ = self._engine()
             if engine is not None and row.vm_id is not None:
                 await engine.destroy(row.vm_id)  # a failed workspace holds no VM; its row says why
@@ -299,24 +332,26 @@ class Workspaces:
         finally:
             self._making.pop(row.id, None)
 
-    def _prepare(self, vm_id: uuid.UUID | None, source: Source) -> int:
-        """In a thread: put the files under ROOT and make it a git repository with a first commit."""
+    def _in_vm(self, vm_id: uuid.UUID | None, call: Callable[..., T], *args: object) -> T:
+        """In a thread: `call(agent, vm_id, *args)` with a client for the VM's agent."""
         assert vm_id is not None
         with self._port().agent(vm_id, timeout=PREPARE_TIMEOUT_S) as agent:
-            _run(agent, ["mkdir", "-p", ROOT], "making the workspace directory")
-            if source.kind == "archive":
-                assert source.archive is not None
-                agent.put_file(UPLOAD, source.archive, 0o600)
-                unpack = (["tar", "-xf", UPLOAD, "-C", ROOT, "--no-same-owner"] if source.archive_kind == "tar"
-                          else ["python3", "-m", "zipfile", "-e", UPLOAD, ROOT])
-                _run(agent, unpack, "unpacking the archive", user_error=True)
-                agent.exec(["rm", "-f", UPLOAD])
-            script = (f"cd {shlex.quote(ROOT)} && if [ ! -e .git ]; then git init -q -b main && git add -A && "
-                      f"git {' '.join(GIT_IDENTITY)} commit -q --allow-empty -m 'workspace created'; fi && "
-                      # The marker file every run puts in its working directory is Polydev's, not the project's.
-                      "echo /.polydev >> .git/info/exclude && sync")
-            _run(agent, ["sh", "-c", script], "making the workspace a git repository")
-            return _size(agent)
+            return call(agent, vm_id, *args)
+
+    def _refusal(self, vm_id: uuid.UUID, host: str) -> str | None:
+        engine, _ = self._engine()
+        return engine.egress_refusal(vm_id, host) if engine is not None else None
+
+    def _remote(self, source: Source) -> Remote | None:
+        if source.kind != "git":
+            return None
+        try:
+            return workspace_git.parse_remote(source.repo_url or "", source.branch, self.git.hosts)
+        except GitUrlError as exc:
+            raise WorkspaceInvalid(str(exc)) from None
+
+    async def _may_keep_memory(self, user_id: uuid.UUID) -> bool:
+        return await self._repo.paused_with_memory(user_id) < self.limits.paused
 
     async def _vm_running(self, row: Workspace) -> bool:
         if row.vm_id is None:
@@ -324,7 +359,7 @@ class Workspaces:
         vm = await self._port().get(row.vm_id)
         return vm is not None and vm.status == "running"
 
-    async def _pause(self, row: Workspace) -> None:
+    async def _pause(self, row: Workspace, memory: bool = True) -> None:
         """Caller holds the workspace's lock."""
         from polydev.vm.hibernation import CannotHibernate
 
@@ -333,15 +368,15 @@ class Workspaces:
         with contextlib.suppress(Exception):  # the size is a courtesy: a VM that cannot answer still pauses
             await self._repo.update(row.id, size_bytes=await asyncio.to_thread(self._measure, row.vm_id))
         try:
-            token = await engine.hibernate(row.vm_id)
+            token = await engine.hibernate(row.vm_id, memory=memory)
         except CannotHibernate as exc:
             raise WorkspaceUnavailable(f"the workspace could not be paused: {exc}") from None
-        await self._repo.update(row.id, state="paused", sealed_agent=self._seal(row, token))
-        log.info("workspace_paused", workspace_id=str(row.id), vm_id=str(row.vm_id))
+        await self._repo.update(row.id, state="paused", sealed_agent=self._seal(row, token), paused_memory=memory)
+        log.info("workspace_paused", workspace_id=str(row.id), vm_id=str(row.vm_id), memory=memory)
 
     def _measure(self, vm_id: uuid.UUID) -> int:
         with self._port().agent(vm_id, timeout=60) as agent:
-            return _size(agent)
+            return size(agent)
 
     async def _wake(self, row: Workspace) -> None:
         """Caller holds the workspace's lock. A VM kept from a crash has no sealed token and no memory: it
@@ -358,8 +393,8 @@ class Workspaces:
             raise WorkspaceUnavailable("the workspace's VM is not on this server") from None
         except VMCreateError as exc:
             raise WorkspaceUnavailable(f"the workspace could not be woken: {exc.reason}") from None
-        engine.label(vm.id, purpose="workspace")
-        await self._repo.update(row.id, state="ready", sealed_agent=None)
+        engine.label(vm.id, purpose=WORKSPACE_PURPOSE)
+        await self._repo.update(row.id, state="ready", sealed_agent=None, paused_memory=False)
         log.info("workspace_woken", workspace_id=str(row.id), vm_id=str(vm.id))
 
     # -- rows and secrets ---------------------------------------------------------------------------------
@@ -377,71 +412,25 @@ class Workspaces:
         record = SealedRecord(**json.loads(row.sealed_agent or "{}"))
         return self._vault.open(row.user_id, f"workspace:{row.id}", record).decode()
 
+    def _seal_git(self, row: Workspace, token: str) -> str:
+        return json.dumps(self._vault.seal(row.user_id, f"workspace-git:{row.id}", token.encode()).__dict__)
 
-def _run(agent: AgentClient, args: list[str], what: str, user_error: bool = False) -> None:
-    result = agent.exec(args, timeout_s=PREPARE_TIMEOUT_S)
-    if result.exit_code != 0:
-        detail = (result.stderr or result.stdout).decode("utf-8", "replace").strip().splitlines()[-3:]
-        reason = f"{what} failed: {' / '.join(detail) or f'exit status {result.exit_code}'}"
-        raise (WorkspaceBusy if user_error else WorkspaceError)(reason[:500])
-
-
-def _size(agent: AgentClient) -> int:
-    result = agent.exec(["du", "-sb", ROOT], timeout_s=120)
-    try:
-        return int(result.stdout.split()[0])
-    except (IndexError, ValueError):
-        return 0
+    def _unseal_git(self, row: Workspace) -> str | None:
+        if not row.sealed_git_token:
+            return None
+        record = SealedRecord(**json.loads(row.sealed_git_token))
+        return self._vault.open(row.user_id, f"workspace-git:{row.id}", record).decode()
 
 
-async def _stream_stdout(agent: AgentClient, args: list[str]) -> AsyncIterator[bytes]:
-    """A command's stdout as it comes, read in a thread, at most a few chunks ahead of the reader (an archive
-    may be large, its reader slow); when the reader stops, so does the thread, and the command is killed."""
-    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=16)
-    loop = asyncio.get_running_loop()
-    stopped = threading.Event()
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
 
-    def put(item: bytes | BaseException | None) -> bool:
-        while not stopped.is_set():
-            future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
-            try:
-                future.result(timeout=1.0)
-                return True
-            except concurrent.futures.TimeoutError:
-                if not future.cancel():  # it went in just then
-                    return True
-        return False
-
-    def pump() -> None:
-        try:
-            for event in agent.exec_stream(args, timeout_s=PREPARE_TIMEOUT_S):
-                if event.type == "stdout" and not put(event.bytes()):
-                    return  # leaving the stream closes its connection: the agent kills the command
-                if event.type == "exit" and event.code != 0:
-                    raise WorkspaceError(f"{args[0]} exited with status {event.code}")
-            put(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the reader, who raises it
-            put(exc)
-        finally:
-            agent.close()
-
-    worker = asyncio.ensure_future(asyncio.to_thread(pump))
-    try:
-        while True:
-            item = await queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stopped.set()
-        with contextlib.suppress(BaseException):
-            await worker
+    return (urlsplit(url).hostname or "").lower()
 
 
 def _view(row: Workspace) -> WorkspaceView:
     return WorkspaceView(id=row.id, user_id=row.user_id, name=row.name, source=row.source, repo_url=row.repo_url,
+                         branch=row.branch,
                          state=row.state, size_bytes=row.size_bytes or 0, error=row.error, vm_id=row.vm_id,
                          created_at=row.created_at, used_at=row.used_at)
 

@@ -60,6 +60,8 @@ def address_refusal(ip: IPAddress, refused: Iterable[IPNetwork] = ()) -> str | N
 
 # A VM that may reach nothing at all (an E2B sandbox created with allow_internet_access=False).
 OFFLINE_PURPOSE = "sandbox_offline"
+# A workspace's VM between turns (core/workspaces.py): it reaches the git hosts (WORKSPACE_GIT_HOSTS) only.
+WORKSPACE_PURPOSE = "workspace"
 
 
 @dataclass(frozen=True)

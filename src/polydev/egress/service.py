@@ -19,7 +19,7 @@ import structlog
 from polydev.config import Settings
 from polydev.egress.gateway import EgressGateway, Identity
 from polydev.egress.limits import Limits
-from polydev.egress.policy import Policy, Refused
+from polydev.egress.policy import WORKSPACE_PURPOSE, Policy, Refused
 from polydev.egress.resolve import Resolver
 from polydev.egress.route_changes import RouteChanges
 from polydev.egress.routes import DirectRoute, Route, route_for
@@ -34,10 +34,12 @@ ROUTE_CACHE_S = 5.0
 
 
 def build_policy(settings: Settings, provider_hosts: Mapping[str, Mapping[str, tuple[str, ...]]]) -> Policy:
-    """The allow-list: each provider's hosts per purpose (providers/catalog.toml), the operator's additions,
-    and the purposes that may reach any public host (the login browser; sandboxes when allowed)."""
+    """The allow-list: each provider's hosts per purpose (providers/catalog.toml), the git hosts for workspace
+    VMs between turns (clone, push, the user's terminal), the operator's additions, and the purposes that may
+    reach any public host (the login browser; sandboxes when allowed)."""
     allow = {(provider, purpose): tuple(hosts) for provider, by_purpose in provider_hosts.items()
              for purpose, hosts in by_purpose.items()}
+    allow[("", WORKSPACE_PURPOSE)] = tuple(settings.workspace_git_hosts)
     open_purposes = {"login_browser"} | ({"sandbox"} if settings.egress_sandbox_open else set())
     return Policy(allow=allow, extra=settings.egress_allow, open_purposes=frozenset(open_purposes),
                   refused_networks=tuple(settings.egress_address_pool.networks()))

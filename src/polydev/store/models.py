@@ -4,8 +4,8 @@ vocabularies) plus users, api_tokens and runs. Every change here needs an Alembi
 from __future__ import annotations
 
 import uuid
-from typing import Any
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -20,6 +20,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    false,
     true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -356,12 +357,19 @@ class Workspace(Base):
     name: Mapped[str] = mapped_column(String(100))
     source: Mapped[str] = mapped_column(String(16))  # WORKSPACE_SOURCES
     repo_url: Mapped[str | None] = mapped_column(Text, nullable=True)  # git: as given, never with a token in it
+    branch: Mapped[str | None] = mapped_column(String(255), nullable=True)  # git: the one cloned (None: default)
+    # git: the user's token for the repository (clone and push), sealed by the vault; never leaves it but into
+    # the environment of the one git command that needs it.
+    sealed_git_token: Mapped[str | None] = mapped_column(Text, nullable=True)
     state: Mapped[str] = mapped_column(String(16), index=True)  # WORKSPACE_STATES
     vm_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # of /workspace, as last measured
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     # While its VM sleeps: the VM agent's token, sealed by the vault (the engine keeps tokens in memory only).
     sealed_agent: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Paused with its memory (a hibernated VM: ~its RAM on disk), which count against the per-user limit;
+    # past it a workspace is paused with its disk only and boots cold.
+    paused_memory: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     used_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)  # the last call that needed its VM
     deleted_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)

@@ -61,3 +61,10 @@ class WorkspaceRepo:
         q = select(Workspace).where(Workspace.state == "ready", Workspace.used_at < before)
         async with self._factory() as s:
             return list(await s.scalars(q))
+
+    async def paused_with_memory(self, user_id: uuid.UUID) -> int:
+        """How many of the user's workspaces sleep with their memory saved (the per-user paused-VM limit)."""
+        q = select(func.count()).where(Workspace.user_id == user_id, Workspace.state == "paused",
+                                       Workspace.paused_memory.is_(True))
+        async with self._factory() as s:
+            return int((await s.execute(q)).scalar_one())

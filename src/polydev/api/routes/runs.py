@@ -23,8 +23,8 @@ from polydev.core.errors import (
     RunFilesTooLarge,
     TurnRefused,
 )
-from polydev.core.workspaces import WorkspaceNotFound
 from polydev.core.run_files import check_files
+from polydev.core.workspace_models import WorkspaceNotFound
 from polydev.store.models import Run
 from polydev.store.runs import MAX_EVENT_SEQ, WorkspaceTurnBusy
 
