@@ -7,23 +7,36 @@
         run = pd.start_run("claude_code", "explain this repo")
         for event in pd.run_events(run["id"]):           # text, tool_call, tool_result, status, error, done
             print(event)
+        ws = pd.upload_workspace("demo", open("demo.tar.gz", "rb"), "application/gzip")
+        pd.wait_workspace(ws["id"])                      # ready, or failed with its error
+        turn = pd.start_run("claude_code", "add tests", workspace_id=ws["id"])
+        ...                                              # follow it as above; then
+        print(pd.run_diff(turn["id"]))                   # the turn's patch
+        pd.download_workspace(ws["id"], "demo-after.tar.gz")
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import httpx
+
+from polydev.client_archives import CHUNK, Download, counted, filename_from
 
 DEFAULT_URL = "http://127.0.0.1:4000"
 SESSION_TERMINAL = ("completed", "failed", "timeout", "cancelled")
 RUN_TERMINAL = ("succeeded", "failed", "cancelled", "timeout")
 CREATE_VM_TIMEOUT_S = 600.0
+WORKSPACE_MADE = ("ready", "paused", "failed")  # a workspace is no longer being made (paused: made, then idle)
+
 
 
 class PolydevError(Exception):
@@ -55,16 +68,26 @@ class PolydevClient:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise PolydevError(0, "unreachable", f"cannot reach Polydev at {self.url}: {exc}") from None
-        if response.status_code >= 400:
-            self._raise(response)
+    def _call(self, method: str, path: str, *, wrap_transport_errors: bool = True, **kwargs: Any) -> Any:
+        response = self._request(method, path, wrap_transport_errors, **kwargs)
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
+
+    def _text(self, method: str, path: str, **kwargs: Any) -> str:
+        """A call whose answer is text (a patch), not JSON."""
+        return self._request(method, path, True, **kwargs).text
+
+    def _request(self, method: str, path: str, wrap_transport_errors: bool, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            if not wrap_transport_errors:
+                raise
+            raise PolydevError(0, "unreachable", f"cannot reach Polydev at {self.url}: {exc}") from None
+        if response.status_code >= 400:
+            self._raise(response)
+        return response
 
     @staticmethod
     def _raise(response: httpx.Response) -> None:
@@ -130,13 +153,22 @@ class PolydevClient:
 
     # -- runs -------------------------------------------------------------------------------------------
     def start_run(self, provider: str, prompt: str, *, files: dict[str, str] | None = None,
-                  timeout: int | None = None) -> dict[str, Any]:
+                  timeout: int | None = None, workspace_id: str | None = None,
+                  conversation_id: str | None = None) -> dict[str, Any]:
+        """Start a run: in a fresh VM, or as a turn on a workspace (`workspace_id`: a new conversation;
+        `conversation_id`: a follow-up in that conversation, on its workspace)."""
         body: dict[str, Any] = {"provider": provider, "prompt": prompt}
         if files:
             body["files"] = files
-        if timeout is not None:
-            body["timeout"] = timeout
+        for name, value in (("timeout", timeout), ("workspace_id", workspace_id),
+                            ("conversation_id", conversation_id)):
+            if value is not None:
+                body[name] = value
         return self._call("POST", "/api/runs", json=body)
+
+    def run_diff(self, run_id: str) -> str:
+        """A workspace turn's changes as a patch (404 `not_found` for a run that is not a turn, or not ended)."""
+        return self._text("GET", f"/api/runs/{run_id}/diff")
 
     def run(self, run_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/runs/{run_id}")
@@ -170,6 +202,142 @@ class PolydevClient:
                 if failures > reconnects:
                     raise PolydevError(0, "unreachable", f"lost the event stream of run {run_id}: {exc}") from None
                 time.sleep(min(2.0, 0.2 * failures))
+
+    # -- workspaces ---------------------------------------------------------------------------------------
+    def workspaces(self, *, all_users: bool = False) -> list[dict[str, Any]]:
+        """Your workspaces, or everyone's (`all_users`, admin)."""
+        return self._call("GET", "/api/workspaces", params={"all": "true"} if all_users else None)
+
+    def workspace(self, workspace_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/workspaces/{workspace_id}")
+
+    def create_workspace(self, name: str, *, git_url: str | None = None, branch: str | None = None,
+                         git_token: str | None = None) -> dict[str, Any]:
+        """A new workspace, empty or (`git_url`) cloned from a repository; answers at once (`creating`).
+        `git_token` is for a private repository: sent to the server once, in the body, never in the URL."""
+        body: dict[str, Any] = {"name": name, "source": "empty"}
+        if git_url is not None:
+            body |= {"source": "git", "repo_url": git_url}
+            if branch is not None:
+                body["branch"] = branch
+            if git_token is not None:
+                body["git_token"] = git_token
+        # The server starts the workspace's VM before it answers: a cold boot under emulation takes minutes.
+        return self._call("POST", "/api/workspaces", json=body, timeout=CREATE_VM_TIMEOUT_S)
+
+    def upload_workspace(self, name: str, archive: bytes | IO[bytes], content_type: str, *,
+                         size: int | None = None, progress: Callable[[int], None] | None = None
+                         ) -> dict[str, Any]:
+        """A new workspace made from an archive (tar, tar.gz or zip: `content_type` as `archive_type` gives
+        it). A file is sent in chunks as it is read, not loaded whole; `size` (found from the file when not
+        given) is sent as Content-Length, so a server whose limit it passes refuses it before it is sent.
+        `progress` is called with each chunk's length."""
+        if isinstance(archive, bytes | bytearray):
+            size = len(archive) if size is None else size
+            content: bytes | Iterable[bytes] = counted([bytes(archive)], progress) if progress else bytes(archive)
+        else:
+            if size is None:
+                with contextlib.suppress(OSError):  # not seekable (a pipe): sent chunked, size unannounced
+                    here = archive.tell()
+                    size = archive.seek(0, os.SEEK_END) - here
+                    archive.seek(here)
+            content = counted(iter(lambda: archive.read(CHUNK), b""), progress)
+        headers = {"Content-Type": content_type}
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        try:
+            return self._call("POST", "/api/workspaces/upload", params={"name": name}, content=content,
+                              headers=headers, timeout=httpx.Timeout(60.0, read=CREATE_VM_TIMEOUT_S),
+                              wrap_transport_errors=False)
+        except httpx.WriteError as exc:
+            # The server answers before reading a body it will not take (one over its size limit), and closes
+            # the connection: what the client sees is the write failing, not the answer.
+            raise PolydevError(0, "upload_failed", f"the server stopped taking the archive ({exc}): is it over "
+                               "the server's size limit (WORKSPACE_UPLOAD_MAX_BYTES)?") from None
+        except httpx.TransportError as exc:
+            raise PolydevError(0, "unreachable", f"cannot reach Polydev at {self.url}: {exc}") from None
+
+    def wait_workspace(self, workspace_id: str, *, timeout: float = 900.0, interval: float = 1.0,
+                       on_state: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the workspace is made (`ready`; or `failed`, with its `error`); returns it.
+        `on_state` sees each state polled."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ws = self.workspace(workspace_id)
+            if on_state is not None:
+                on_state(ws)
+            if ws["state"] in WORKSPACE_MADE:
+                return ws
+            if time.monotonic() > deadline:
+                raise PolydevError(0, "timeout", f"workspace still {ws['state']} after {timeout:.0f} s")
+            time.sleep(interval)
+
+    def delete_workspace(self, workspace_id: str) -> None:
+        self._call("DELETE", f"/api/workspaces/{workspace_id}", timeout=120)
+
+    def pause_workspace(self, workspace_id: str, *, memory: bool = True) -> dict[str, Any]:
+        """Hibernate the workspace's VM now (without `memory`: keep its disk only, it boots cold); the next
+        use wakes it."""
+        return self._call("POST", f"/api/workspaces/{workspace_id}/pause", params={"memory": str(memory).lower()},
+                          timeout=CREATE_VM_TIMEOUT_S)
+
+    def push_workspace(self, workspace_id: str, branch: str) -> dict[str, Any]:
+        """Push the workspace's commits to `branch` of the repository it was cloned from:
+        {branch, commit, remote}."""
+        return self._call("POST", f"/api/workspaces/{workspace_id}/push", json={"branch": branch},
+                          timeout=CREATE_VM_TIMEOUT_S)
+
+    def conversations(self, workspace_id: str) -> list[dict[str, Any]]:
+        """The workspace's conversations: id, provider, turns, runs (their ids, oldest first), times."""
+        return self._call("GET", f"/api/workspaces/{workspace_id}/conversations")
+
+    @contextlib.contextmanager
+    def workspace_archive(self, workspace_id: str) -> Iterator[Download]:
+        """The workspace's files as a tar.gz, streamed: read `chunks` inside the `with`. A paused workspace
+        is woken for it, which can take a while before the first byte."""
+        try:
+            with self._http.stream("GET", f"/api/workspaces/{workspace_id}/archive",
+                                   timeout=httpx.Timeout(30.0, read=CREATE_VM_TIMEOUT_S)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise(response)
+                length = response.headers.get("content-length")
+                yield Download(filename_from(response.headers.get("content-disposition"), workspace_id),
+                               int(length) if length and length.isdigit() else None,
+                               self._chunks(response))
+        except httpx.TransportError as exc:
+            raise PolydevError(0, "unreachable", f"cannot reach Polydev at {self.url}: {exc}") from None
+
+    def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
+        try:
+            yield from response.iter_bytes(CHUNK)
+        except httpx.TransportError as exc:  # cut mid-way: the archive is incomplete
+            raise PolydevError(0, "download_failed", f"the download was cut off: {exc}") from None
+
+    def download_workspace(self, workspace_id: str, dest: str | Path, *,
+                           progress: Callable[[int], None] | None = None) -> Path:
+        """Save the workspace's tar.gz at `dest` (a file, or a directory for the server's file name), streamed
+        to disk. It is written to a temporary file beside it and renamed only once whole, so `dest` is never
+        left half-written (nor an older copy lost) when the download fails. The file is left mode 0600, as
+        the temporary file is made: a workspace may hold the user's secrets. Returns the path written."""
+        dest = Path(dest)
+        with self.workspace_archive(workspace_id) as download:
+            target = dest / download.filename if dest.is_dir() else dest
+            fd, part = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    for chunk in download.chunks:
+                        out.write(chunk)
+                        if progress is not None:
+                            progress(len(chunk))
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(part, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(part)
+                raise
+        return target
 
     # -- VMs (admin) ------------------------------------------------------------------------------------
     def vms(self, *, include_ended: bool = False) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from polydev.cli import (
     serve,
     users,
     web,
+    workspaces,
 )
 
 app = typer.Typer(help="Polydev: AI coding CLIs in disposable microVMs.", no_args_is_help=True,
@@ -25,6 +26,9 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(users.app, name="users")
 app.command("login")(flows.login)
 app.command("run")(flows.run)
+app.add_typer(workspaces.app, name="workspace")
+app.command("diff")(workspaces.diff)
+app.command("pull")(workspaces.pull)
 app.add_typer(remote.credentials, name="credentials")
 app.add_typer(remote.vm, name="vm")
 app.add_typer(egress.app, name="egress")

@@ -90,9 +90,14 @@ def run(provider: str = typer.Argument(..., help=PROVIDER_HELP),
         file: list[str] = typer.Option([], "--file", "-f", help="a local text file to put in the run's "
                                        "working directory (repeatable)"),
         timeout: int = typer.Option(None, "--timeout", help="stop the run after this many seconds"),
+        workspace: str = typer.Option(None, "--workspace", metavar="ID", help="run as a turn on this workspace "
+                                      "(a new conversation) instead of in a fresh VM"),
+        conversation: str = typer.Option(None, "--conversation", metavar="ID", help="a follow-up: continue this "
+                                         "conversation, on its workspace, where the CLI left it"),
         json_out: bool = typer.Option(False, "--json", help="print each event as a JSON line"),
         url: str = URL_OPTION, token: str = TOKEN_OPTION) -> None:
-    """Run PROMPT with PROVIDER's CLI in a fresh VM and stream what it does. Exits 0 when the run succeeds."""
+    """Run PROMPT with PROVIDER's CLI in a fresh VM (or on a workspace) and stream what it does. Exits 0 when
+    the run succeeds. A workspace turn ends with the files it changed (`polydev diff RUN_ID` for the patch)."""
     import json
     from pathlib import Path
 
@@ -106,9 +111,11 @@ def run(provider: str = typer.Argument(..., help=PROVIDER_HELP),
         except (OSError, UnicodeDecodeError) as exc:
             _say(f"error: cannot read {name}: {exc}", fg="red")
             raise typer.Exit(2) from None
-    started = call_api(url, token, lambda pd: pd.start_run(provider, prompt, files=files or None, timeout=timeout))
+    started = call_api(url, token, lambda pd: pd.start_run(provider, prompt, files=files or None, timeout=timeout,
+                                                           workspace_id=workspace, conversation_id=conversation))
     rid = started["id"]
-    _say(f"run {rid}", dim=True)
+    _say(f"run {rid}" + (f" on workspace {started['workspace_id']}" if started.get("workspace_id") else ""),
+         dim=True)
     def stream(pd: PolydevClient) -> dict[str, Any]:
         for ev in pd.run_events(rid):
             if json_out:
@@ -118,9 +125,41 @@ def run(provider: str = typer.Argument(..., help=PROVIDER_HELP),
         return pd.run(rid)
 
     final = _follow(url, token, stream, lambda pd: pd.cancel_run(rid))
+    if final.get("workspace_id"):
+        _show_changes(final)
     if final["status"] != "succeeded":
         _say(f"run {final['status']}: {final.get('error_message') or ''}", fg="red")
         raise typer.Exit(1)
+
+
+STATUS_LETTERS = {"added": "A", "modified": "M", "deleted": "D", "renamed": "R", "copied": "C",
+                  "type_changed": "T"}
+
+
+def changes_summary(run: dict[str, Any]) -> list[str]:
+    """A workspace turn's changed files as `git status --short` would list them, then how to go on. On
+    stderr with the rest of the run's commentary: stdout keeps only the CLI's answer."""
+    changes = run.get("changes")
+    lines = []
+    if changes is None:  # the turn ended before its changes were read (it failed early, or was cancelled)
+        lines.append("changes: unknown")
+    elif not changes:
+        lines.append("no files changed")
+    else:
+        lines.append(f"{len(changes)} file{'s' if len(changes) != 1 else ''} changed "
+                     f"(the patch: polydev diff {run['id']}):")
+        for c in changes:
+            letter = STATUS_LETTERS.get(c.get("status", ""), "?")
+            path = f"{c['from']} -> {c['path']}" if c.get("from") else c["path"]
+            lines.append(f"  {letter} {path}{' (binary)' if c.get('binary') else ''}")
+    if run.get("conversation_id"):
+        lines.append(f"follow up: polydev run {run['provider']} PROMPT --conversation {run['conversation_id']}")
+    return lines
+
+
+def _show_changes(run: dict[str, Any]) -> None:
+    for line in changes_summary(run):
+        _say(line, bold=line[:1] != " " and not line.startswith("follow up"))
 
 
 def _show(ev: dict[str, Any]) -> None:
