@@ -198,3 +198,25 @@ async def test_an_engine_reaps_and_destroys_only_the_vms_its_server_hosts(server
         bystander.kill()
         await bystander.wait()
         await engine.close()
+
+
+async def test_a_workspace_and_its_conversations_are_hosted_where_its_vm_is(servers: Opener) -> None:
+    """The peer routing (api/peers.py) passes a workspace's calls and its turns to the server named here."""
+    from polydev.store.conversations import ConversationRepo
+    from polydev.store.models import Workspace
+    from polydev.store.workspaces import WorkspaceRepo
+
+    a = await servers("a")
+    b = await servers("b")
+    await a.cluster.start(runs_vms=True)
+    await b.cluster.start(runs_vms=True)
+    user = await a.users.create("hosted")
+    vm = await VmRepo(a.factory, b.server_id).create(purpose="cli", backend="fake", vcpu_count=1, memory_mb=256)
+    workspace = Workspace(user_id=user.id, name="w", source="empty", state="paused", vm_id=vm.vm_id)
+    await WorkspaceRepo(a.factory).add(workspace)
+    conversation = await ConversationRepo(a.factory).create(user.id, workspace.id, "codex")
+    for repo in (a.cluster.servers, b.cluster.servers):
+        assert (await repo.host_of_workspace(workspace.id)).id == b.server_id  # type: ignore[union-attr]
+        assert (await repo.host_of_conversation(conversation.id)).id == b.server_id  # type: ignore[union-attr]
+        assert await repo.host_of_workspace(uuid.uuid4()) is None
+        assert await repo.host_of_conversation(uuid.uuid4()) is None

@@ -208,3 +208,45 @@ async def test_token_cache_trusts_for_its_ttl_and_revocation_here_is_immediate(s
     assert await cached.authenticate(second.secret) is not None
     assert await cached.revoke_token(user.id, second.token.id)
     assert await cached.authenticate(second.secret) is None
+
+
+async def test_one_live_turn_per_workspace_and_run_per_credential_each_refused_by_name(services: Services) -> None:
+    """The database holds both rules (runs.live_key, runs.turn_key); a refused insert names the rule it broke,
+    also when the read before it saw nothing (two turns racing)."""
+    from polydev.store.models import Workspace
+    from polydev.store.runs import CredentialBusy, RunRepo, WorkspaceTurnBusy
+    from polydev.store.workspaces import WorkspaceRepo
+
+    user = await services.users.create("turns")
+    workspace = Workspace(user_id=user.id, name="w", source="empty", state="ready")
+    await WorkspaceRepo(services.factory).add(workspace)
+    runs = RunRepo(services.factory, None)
+    first = await runs.create(user.id, "codex", "one", timeout_seconds=60, credential_kind="api_key",
+                              workspace_id=workspace.id)
+    with pytest.raises(WorkspaceTurnBusy):
+        await runs.create(user.id, "claude_code", "two", timeout_seconds=60, credential_kind="api_key",
+                          workspace_id=workspace.id)
+
+    async def nothing_live(_workspace_id: uuid.UUID) -> None:  # the read that lost the race
+        return None
+
+    racing = RunRepo(services.factory, None)
+    racing.live_turn = _once(nothing_live, racing.live_turn)  # type: ignore[method-assign]
+    with pytest.raises(WorkspaceTurnBusy):  # the database refused it, and the read after says why
+        await racing.create(user.id, "gemini_cli", "three", timeout_seconds=60, credential_kind="api_key",
+                            workspace_id=workspace.id)
+    with pytest.raises(CredentialBusy):
+        await runs.create(user.id, "codex", "same credential", timeout_seconds=60, credential_kind="api_key")
+    assert (await runs.live_turn(workspace.id)).id == first.id  # type: ignore[union-attr]
+
+
+def _once(first, then):  # type: ignore[no-untyped-def]
+    """A callable that answers with `first` on its first call and `then` after."""
+    calls = 0
+
+    async def call(*args):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return await (first if calls == 1 else then)(*args)
+
+    return call

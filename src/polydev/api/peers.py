@@ -11,9 +11,11 @@ where they arrive: reads, a login's pasted code and cancel, a run's cancel (core
     POST/DELETE /sandboxes/{id}…, /v2/sandboxes/{id}/…, GET …/metrics, and every
     envd or port request (HTTP or WebSocket) for a sandbox (api/e2b/routing.py,
     through `forward_sandbox`, which names the sandbox and port by headers)           the sandbox VM's host
+    POST/DELETE /api/workspaces/{id}…, GET …/archive, WebSocket …/terminal,
+    POST /api/runs with a workspace_id or conversation_id (a turn)                    the workspace VM's host
 
 and the requests that create a VM are placed: POST /api/auth/start, POST /api/runs, POST /api/vms,
-POST /v2/sandboxes go to the
+POST /v2/sandboxes, POST /api/workspaces (and …/upload) go to the
 live server with the most room for the VM, this one when it is as roomy as any (or when none has room: its
 own admission then answers 503). A request that came from a peer (core/cluster.py's peer secret) is always
 answered here, so a request hops at most once. A host that stopped or was taken for dead is not asked: the
@@ -47,7 +49,9 @@ _ID = r"(?P<id>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a
 _LOGIN_VNC = re.compile(rf"^/api/auth/sessions/{_ID}/(vnc|vnc-ticket)$")
 _VM_LIVE = re.compile(rf"^/api/vms/{_ID}(/exec)?$")
 _SANDBOX = re.compile(r"^/(v2/)?sandboxes/(?P<id>[a-z0-9]{1,32})(/[a-z]+)?$")
-_PLACED = {"/api/auth/start": "login", "/api/runs": "run", "/api/vms": "vm", "/v2/sandboxes": "sandbox"}
+_WORKSPACE = re.compile(rf"^/api/workspaces/{_ID}(?P<what>/(pause|archive|push|terminal|terminal-ticket))?$")
+_PLACED = {"/api/auth/start": "login", "/api/runs": "run", "/api/vms": "vm", "/v2/sandboxes": "sandbox",
+           "/api/workspaces": "workspace", "/api/workspaces/upload": "workspace"}
 
 
 class PeerRouting:
@@ -74,6 +78,9 @@ class PeerRouting:
             host, what = await cluster.servers.host_of_vm(uuid.UUID(m["id"])), "VM"
         elif (m := _SANDBOX.match(path)) is not None and (method in ("POST", "DELETE") or path.endswith("/metrics")):
             host, what = await cluster.servers.host_of_sandbox(m["id"]), "sandbox"
+        elif (m := _WORKSPACE.match(path)) is not None and (method in ("POST", "DELETE") or m["what"] in (
+                "/archive", "/terminal")):
+            host, what = await cluster.servers.host_of_workspace(uuid.UUID(m["id"])), "workspace"
         elif method == "POST" and path in _PLACED:
             await self._place(services, _PLACED[path], scope, receive, send)
             return
@@ -90,6 +97,13 @@ class PeerRouting:
     async def _place(self, services: Services, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
         body = await _body(scope, receive, send)
         if body is None:
+            return
+        if kind == "run" and (host := await _turn_host(services, body)) is not None:
+            # A turn runs where its workspace's VM is, not where there is most room.
+            if _elsewhere(host, services.cluster.server_id):
+                await forward_http(scope, body, send, host.url, services.cluster.peer_token, "workspace")
+            else:
+                await self.app(scope, _replay(body, receive), send)
             return
         purpose = _purpose(services, kind, body)
         load = None if purpose is None else await services.cluster.place(*services.settings.vm_size(purpose))
@@ -131,7 +145,7 @@ def _purpose(services: Services, kind: str, body: bytes) -> str | None:
     """The size of VM the request would make; None for a body the local route should refuse (no hop for it)."""
     if kind == "login":
         return "browser" if services.login_browser() is not None else "cli"
-    if kind in ("run", "sandbox"):  # a sandbox's template `base` runs on a cli VM (core/sandboxes.py)
+    if kind in ("run", "sandbox", "workspace"):  # a sandbox's template `base` runs on a cli VM
         return "cli"
     try:
         data = json.loads(body or b"{}")
@@ -139,6 +153,22 @@ def _purpose(services: Services, kind: str, body: bytes) -> str | None:
         return None
     purpose = data.get("purpose", "cli") if isinstance(data, dict) else None
     return purpose if purpose in ("cli", "browser") else None
+
+
+async def _turn_host(services: Services, body: bytes) -> Server | None:
+    """For a run that is a turn on a workspace: the server hosting the workspace's VM (None: not a turn, or
+    no host known, and the local route answers)."""
+    try:
+        data = json.loads(body or b"{}")
+        if not isinstance(data, dict):
+            return None
+        if data.get("conversation_id"):
+            return await services.cluster.servers.host_of_conversation(uuid.UUID(str(data["conversation_id"])))
+        if data.get("workspace_id"):
+            return await services.cluster.servers.host_of_workspace(uuid.UUID(str(data["workspace_id"])))
+    except ValueError:  # not JSON, or not an id: the route refuses it
+        return None
+    return None
 
 
 def _header(scope: Scope, name: str) -> str | None:

@@ -41,6 +41,10 @@ class VmPort(Protocol):
         """A client of the VM's guest agent; KeyError when this engine runs no such VM."""
         ...
 
+    def runs_here(self, vm_id: uuid.UUID) -> bool:
+        """Whether this engine runs the VM now (with several servers, another may)."""
+        ...
+
     def vnc_endpoint(self, vm_id: uuid.UUID) -> tuple[str, int]:
         """(host, port) of a `browser` VM's VNC server as this process reaches it; KeyError when none."""
         ...

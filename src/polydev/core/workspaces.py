@@ -279,6 +279,8 @@ class Workspaces:
             lock = self._lock(row.id)
             if lock.locked() or row.id in self._busy or row.id in self._terminals:
                 continue  # in use right now
+            if not await self._vm_running(row):
+                continue  # its VM runs on another server (whose sweep pauses it), or is not running
             async with lock:
                 current = await self._repo.get(row.id)
                 if current is None or current.state != "ready" or current.used_at >= utcnow() - self.idle_pause:
@@ -356,8 +358,9 @@ class Workspaces:
     async def _vm_running(self, row: Workspace) -> bool:
         if row.vm_id is None:
             return False
-        vm = await self._port().get(row.vm_id)
-        return vm is not None and vm.status == "running"
+        engine = self._port()
+        vm = await engine.get(row.vm_id)
+        return vm is not None and vm.status == "running" and engine.runs_here(row.vm_id)
 
     async def _pause(self, row: Workspace, memory: bool = True) -> None:
         """Caller holds the workspace's lock."""

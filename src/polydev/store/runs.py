@@ -48,14 +48,21 @@ class RunRepo:
                      credential_kind: str, workspace_id: uuid.UUID | None = None,
                      conversation_id: uuid.UUID | None = None) -> Run:
         """A queued run holding the credential (and, for a turn, its workspace); CredentialBusy if a live run
-        already holds the credential, WorkspaceBusyTurn if one holds the workspace."""
+        already holds the credential, WorkspaceTurnBusy if one holds the workspace."""
         row = Run(user_id=user_id, provider=provider, prompt=prompt, status="queued",
                   live_key=live_key(user_id, provider), timeout_seconds=timeout_seconds,
                   credential_kind=credential_kind, server_id=self.server_id, workspace_id=workspace_id,
                   conversation_id=conversation_id, turn_key=f"ws:{workspace_id}" if workspace_id else None)
         if workspace_id is not None and await self.live_turn(workspace_id) is not None:
             raise WorkspaceTurnBusy(str(workspace_id))
-        return await add_unique(self._factory, row, CredentialBusy(provider))
+        try:
+            return await add_unique(self._factory, row, CredentialBusy(provider))
+        except CredentialBusy:
+            # The database refused it: the credential's live_key, or (two turns racing past the read above)
+            # the workspace's turn_key. Say which.
+            if workspace_id is not None and await self.live_turn(workspace_id) is not None:
+                raise WorkspaceTurnBusy(str(workspace_id)) from None
+            raise
 
     async def live_turn(self, workspace_id: uuid.UUID) -> Run | None:
         async with self._factory() as s:

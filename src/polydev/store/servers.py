@@ -16,7 +16,7 @@ from sqlalchemy import ColumnElement, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from polydev.store.db import session_scope
-from polydev.store.models import AuthSession, Sandbox, Server, VmRecord, utcnow
+from polydev.store.models import AuthSession, Conversation, Sandbox, Server, VmRecord, Workspace, utcnow
 from polydev.store.vms import LIVE
 
 
@@ -139,6 +139,17 @@ class ServerRepo:
         """The server hosting an E2B sandbox's VM, if its rows name one."""
         return await self._host(select(VmRecord.server_id).join(Sandbox, Sandbox.vm_id == VmRecord.vm_id)
                                 .where(Sandbox.id == sandbox_id))
+
+    async def host_of_workspace(self, workspace_id: uuid.UUID) -> Server | None:
+        """The server hosting a workspace's VM (running or paused there), if its rows name one."""
+        return await self._host(select(VmRecord.server_id).join(Workspace, Workspace.vm_id == VmRecord.vm_id)
+                                .where(Workspace.id == workspace_id))
+
+    async def host_of_conversation(self, conversation_id: uuid.UUID) -> Server | None:
+        """The server hosting the VM of a conversation's workspace, if its rows name one."""
+        return await self._host(select(VmRecord.server_id).join(Workspace, Workspace.vm_id == VmRecord.vm_id)
+                                .join(Conversation, Conversation.workspace_id == Workspace.id)
+                                .where(Conversation.id == conversation_id))
 
     async def _host(self, query: object) -> Server | None:
         async with self._factory() as s:

@@ -387,6 +387,9 @@ class VMEngine:
         the host end alone). KeyError when this engine runs no such VM."""
         return self._vnc[vm_id]
 
+    def runs_here(self, vm_id: uuid.UUID) -> bool:
+        return vm_id in self._tokens
+
     def agent(self, vm_id: uuid.UUID, timeout: float = 60.0) -> AgentClient:
         from polydev.vm.agent_client import AgentClient
 
