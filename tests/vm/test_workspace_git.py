@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+import uuid
 
 import pytest
 from websockets.asyncio.client import connect
@@ -130,7 +132,15 @@ def test_git_workspaces_push_and_terminal(tmp_path, test_image: images.Image) ->
             assert alice.post(f"/api/workspaces/{ws['id']}/pause", params={"memory": "false"}).json()["state"] == "paused"
             assert untar(alice.get(f"/api/workspaces/{ws['id']}/archive").content)["NOTE"] == b"pushed\n"
 
+            def sealed_token() -> str | None:
+                with sqlite3.connect(server.data_dir / "polydev.db") as db:
+                    row = db.execute("SELECT sealed_git_token FROM workspaces WHERE id = ?",
+                                     (uuid.UUID(ws["id"]).hex,)).fetchone()
+                return row[0]
+
+            assert sealed_token() and TOKEN not in (sealed_token() or "")  # sealed, not the token itself
             assert alice.delete(f"/api/workspaces/{ws['id']}").status_code == 204
+            assert sealed_token() is None  # deleting it drops the secrets it held
             assert bob.delete(f"/api/workspaces/{bob_made['id']}").status_code == 204
             assert find_marked_processes(engine_tag(server.data_dir)) == {}
         finally:

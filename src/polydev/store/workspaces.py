@@ -33,11 +33,13 @@ class WorkspaceRepo:
             await s.execute(update(Workspace).where(Workspace.id == workspace_id).values(**fields))
 
     async def delete(self, workspace_id: uuid.UUID) -> bool:
-        """Marked deleted, once: False when it already was."""
+        """Marked deleted, once: False when it already was. The secrets it held (the git token, a sleeping
+        VM's agent token) go with it; the row stays as the record that it was."""
         async with session_scope(self._factory) as s:
             done = await s.execute(update(Workspace).where(Workspace.id == workspace_id,
                                                            Workspace.state != "deleted")
-                                   .values(state="deleted", deleted_at=utcnow(), vm_id=None))
+                                   .values(state="deleted", deleted_at=utcnow(), vm_id=None, sealed_git_token=None,
+                                           sealed_agent=None))
             return bool(done.rowcount)  # type: ignore[attr-defined]
 
     async def live(self, *, user_id: uuid.UUID | None = None, states: tuple[str, ...] = LIVE_STATES
