@@ -35,8 +35,9 @@ def crash(server: LiveServer) -> None:
 
 
 def start_server(root: Path, module: str, extra_env: dict[str, str] | None = None,
-                 admin_token: str | None = None) -> Iterator[LiveServer]:
-    """`admin_token`: the admin's token when the database is another server's (which bootstrapped the admin)."""
+                 admin_token: str | None = None, stop_timeout: float = 20) -> Iterator[LiveServer]:
+    """`admin_token`: the admin's token when the database is another server's (which bootstrapped the admin).
+    `stop_timeout`: how long its stop may take before it is killed (pausing big VMs to disk takes a while)."""
     port = free_port()
     # An empty image cache: whatever images this machine has built, the server finds none, so its VM engine
     # is unavailable (with the reason) and nothing here boots a real VM.
@@ -59,4 +60,4 @@ def start_server(root: Path, module: str, extra_env: dict[str, str] | None = Non
         token = admin_token or (root / "data" / "admin.token").read_text().strip()
         yield LiveServer(url, token, root / "data", log, proc)
     finally:
-        stop_process(proc)
+        stop_process(proc, stop_timeout)

@@ -22,7 +22,7 @@ pytest_plugins = ["tests.support.vm_fixtures"]
 
 def test_workspaces_live_across_pauses_a_restart_and_a_crash(tmp_path, test_image: images.Image) -> None:  # type: ignore[no-untyped-def]
     env = vm_env(test_image, WORKSPACE_IDLE_PAUSE_SECONDS="3", WORKSPACE_LIMIT_PER_USER="2",
-                 WORKSPACE_UPLOAD_MAX_BYTES="200000")
+                 WORKSPACE_UPLOAD_MAX_BYTES="200000", WORKSPACE_BYTES_PER_USER="300000")
     running = start_server(tmp_path, "polydev", env)
     server = next(running)
     try:
@@ -55,6 +55,14 @@ def test_workspaces_live_across_pauses_a_restart_and_a_crash(tmp_path, test_imag
         too_big = bob.post("/api/workspaces/upload", params={"name": "big"}, content=b"x" * 200_001,
                            headers={"Content-Type": "application/x-tar"})
         assert too_big.status_code == 413
+        # Under the upload limit, but past what the user may hold in all (their workspaces' bytes with it).
+        first = bob.post("/api/workspaces/upload", params={"name": "a"}, content=b"x" * 190_000,
+                         headers={"Content-Type": "application/x-tar"})
+        assert first.status_code == 202, first.text
+        over_bytes = bob.post("/api/workspaces/upload", params={"name": "b"}, content=b"x" * 190_000,
+                              headers={"Content-Type": "application/x-tar"})
+        assert over_bytes.status_code == 429 and "300000 bytes allowed" in over_bytes.json()["error"]["message"]
+        assert bob.delete(f"/api/workspaces/{first.json()['id']}").status_code == 204
         assert bob.post("/api/workspaces/upload", params={"name": "x"}, content=b"zz",
                         headers={"Content-Type": "text/plain"}).status_code == 415
         assert bob.post("/api/workspaces", json={"name": ""}).status_code == 422
