@@ -10,11 +10,12 @@ profile=${POLYDEV_IMAGE_PROFILE:-full}
 if [ "${POLYDEV_SKIP_IMAGE:-0}" != 1 ]; then
   apt_install qemu-system-x86 qemu-utils debootstrap e2fsprogs kmod linux-image-cloud-amd64 socat
 fi
-# npm fetches the CLIs for the image and the dashboard's noVNC.
+# npm fetches the CLIs for the image and the dashboard's noVNC and xterm.js.
 command -v npm >/dev/null || apt_install npm
 ensure_venv ""
-# The dashboard's noVNC, pinned and integrity-checked; the API runs without it (the login view says so).
-"$VENV/bin/polydev" web vendor || say "warning: noVNC not installed: the dashboard cannot show the login browser"
+# The dashboard's noVNC and xterm.js, pinned and integrity-checked; the API runs without them (the login view
+# and the terminal panel say so).
+"$VENV/bin/polydev" web vendor || say "warning: noVNC/xterm.js not installed: the dashboard cannot show the login browser or a workspace terminal"
 if [ "${POLYDEV_SKIP_IMAGE:-0}" != 1 ]; then
   if [ "$(id -u)" -eq 0 ]; then
     "$VENV/bin/polydev" image build --profile "$profile"

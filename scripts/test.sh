@@ -19,7 +19,8 @@ apt_install tinyproxy dante-server
 # npm fetches Node and the CLIs from the npm registry; a machine with its own Node already has it.
 command -v npm >/dev/null || apt_install npm
 ensure_venv test
-# The dashboard's noVNC, from its npm package (pinned, integrity-checked), into the cache the server serves.
+# The dashboard's noVNC and xterm.js, from their npm packages (pinned, integrity-checked), into the cache the
+# server serves.
 "$VENV/bin/polydev" web vendor
 cd "$ROOT"
 # Server-backed tests fail instead of skipping when their server cannot start.

@@ -3,13 +3,18 @@ claude_code is the scripted CLI of tests/support/flow_fakes.py and whose "VMs" a
 in, connect a provider by pasting its code, run a prompt and watch it stream, history, admin, egress, and what another
 user cannot see. Each page's screenshot goes to $POLYDEV_ARTIFACTS/dashboard (default tests/artifacts/).
 
-The same flow with a real VM, the login page drawn in the noVNC canvas, is test_dashboard_vm.py."""
+The workspace views (list, create, a conversation's thread with its diff, the terminal) are driven against the
+API's answers played in the browser (tests/support/workspace_stub.py): this server's "VMs" cannot hold a workspace.
+
+The same flows with real VMs: the login page drawn in the noVNC canvas is test_dashboard_vm.py; workspaces,
+conversations and the terminal are test_dashboard_workspaces.py."""
 
 from __future__ import annotations
 
 import re
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -17,11 +22,12 @@ import pytest
 
 from polydev.client import PolydevClient
 from polydev.config import Settings
-from polydev.web.vendor import novnc_installed, vendor_root
+from polydev.web.vendor import installed, vendor_root
 from tests.e2e.test_egress_cli import record_usage
 from tests.support.dashboard_browser import artifacts_dir, launch, sign_in
 from tests.support.live_server import LiveServer, start_server
 from tests.support.required import import_module, unmet
+from tests.support.workspace_stub import Turn, WorkspaceApi
 
 # Not pytest.importorskip: under POLYDEV_REQUIRE_SERVERS=1 a missing Playwright fails the run.
 import_module("playwright", "pip install -e '.[test]'")
@@ -33,14 +39,14 @@ WAIT_MS = 60_000
 expect.set_options(timeout=WAIT_MS)
 
 
-def vendor_installed() -> bool:
-    return novnc_installed(Settings())
+def vendor_installed(key: str = "novnc") -> bool:
+    return installed(Settings(), key)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     root = tmp_path_factory.mktemp("dashboard")
-    # The noVNC this machine vendored (the fake flow has no VNC, but the page may load it).
+    # The noVNC and xterm.js this machine vendored (the fake flow has no VNC, but the page may load it).
     env = {"POLYDEV_TEST_FAKE_CLI": str(root / "guest"), "POLYDEV_WEB_VENDOR_DIR": str(vendor_root(Settings()))}
     yield from start_server(root, "tests.support.fake_vm_server", env)
 
@@ -70,6 +76,15 @@ def page(browser: Browser, server: LiveServer) -> Iterator[Page]:
     page.on("dialog", lambda dialog: dialog.accept())  # the confirm() before Disconnect / Destroy
     yield page
     context.close()
+
+
+def until(page: Page, probe: Callable[[], object], what: str, timeout_s: float = WAIT_MS / 1000) -> None:
+    """Wait for `probe()` while Playwright keeps handling the page's routed calls (time.sleep would not)."""
+    deadline = time.monotonic() + timeout_s
+    while not probe():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        page.wait_for_timeout(100)
 
 
 def shot(page: Page, name: str) -> None:
@@ -344,3 +359,195 @@ def test_novnc_loads_as_es_modules_under_the_page_policy(page: Page, server: Liv
         return typeof mod.default;
     }""")
     assert kind == "function"
+
+
+PATCH = """diff --git a/notes.txt b/notes.txt
+new file mode 100644
+index 0000000..3b18e51
+--- /dev/null
++++ b/notes.txt
+@@ -0,0 +1,2 @@
++hello world
++<img src=x onerror="document.title='pwned'">
+diff --git a/old.txt b/old.txt
+deleted file mode 100644
+index 1f2a4c1..0000000
+--- a/old.txt
++++ /dev/null
+@@ -1 +0,0 @@
+--- bye
+"""
+
+
+def test_workspaces_list_create_and_a_conversation_with_its_diff(page: Page, server: LiveServer) -> None:
+    stub = WorkspaceApi(server.admin_token)
+    demo = stub.add_workspace("demo", size=2048)
+    stub.add_workspace("broken", state="failed", source="archive", error="unpacking the archive failed: not a tar")
+    first = stub.add_turn(demo["id"], "Write hello to notes.txt and delete old.txt.", Turn(
+        events=[{"type": "text", "text": "Writing the notes."},
+                {"type": "tool_call", "id": "t1", "name": "Bash", "input": {"command": "echo hello world > notes.txt"}},
+                {"type": "tool_result", "id": "t1", "output": ""},
+                {"type": "text", "text": "Noted, and old.txt is gone."}, {"type": "done", "usage": {"output_tokens": 9}}],
+        changes=[{"path": "notes.txt", "status": "added", "binary": False},
+                 {"path": "old.txt", "status": "deleted", "binary": False},
+                 {"path": "logo.png", "status": "added", "binary": True}],
+        patch=PATCH))
+    stub.install(page)
+    sign_in(page, server.url, server.admin_token)
+
+    # The list: each workspace's name, source, state and size; a failed one says why.
+    page.get_by_role("link", name="Workspaces").click()
+    expect(page.get_by_role("heading", name="Workspaces")).to_be_visible()
+    row = page.locator(f'tr[data-workspace="{demo["id"]}"]')
+    expect(row.locator("[data-state]")).to_have_attribute("data-state", "ready")
+    expect(row).to_contain_text("2.0 KB")
+    expect(page.locator("tr[data-workspace]", has_text="broken")).to_contain_text("unpacking the archive failed")
+
+    # Made empty, from an uploaded archive (the name taken from the file's), and from a git repository.
+    page.get_by_label("Name", exact=True).fill("scratch")
+    page.get_by_role("button", name="Create workspace").click()
+    expect(page.get_by_text("scratch is being made.")).to_be_visible()
+    scratch = page.locator("tr[data-workspace]", has_text="scratch")
+    expect(scratch.locator("[data-state]")).to_have_attribute("data-state", "ready")  # the next look
+    page.get_by_label("An archive (.tar, .tar.gz, .zip)").check()
+    page.get_by_label("Archive", exact=True).set_input_files(
+        {"name": "project.tar.gz", "mimeType": "application/gzip", "buffer": b"\x1f\x8b tarball"})
+    expect(page.get_by_label("Name", exact=True)).to_have_value("project")
+    page.get_by_role("button", name="Create workspace").click()
+    expect(page.get_by_text("project is being made.")).to_be_visible()
+    page.get_by_label("A git repository").check()
+    page.get_by_label("Repository URL").fill("https://github.com/octo/hello.git")
+    page.get_by_label("Branch (optional)").fill("main")
+    page.get_by_label("Access token (optional)").fill("ghp_not-a-real-token")
+    page.get_by_role("button", name="Create workspace").click()
+    expect(page.get_by_text("hello is being made.")).to_be_visible()
+    expect(page.locator("tr[data-workspace]", has_text="octo/hello.git")).to_contain_text("(main)")
+    expect(page.get_by_label("Access token (optional)")).to_have_value("")
+    assert stub.created == [{"name": "scratch"}, {"name": "hello", "source": "git", "branch": "main",
+                                                  "repo_url": "https://github.com/octo/hello.git",
+                                                  "git_token": "ghp_not-a-real-token"}]
+    assert stub.uploads == [("project", "application/gzip", b"\x1f\x8b tarball")]
+    assert "ghp_not-a-real-token" not in page.content()
+    shot(page, "11-workspaces")
+
+    # Download (fetched with the token, saved under the server's name), pause, delete.
+    with page.expect_download() as download:
+        row.get_by_role("button", name="Download demo").click()
+    assert download.value.suggested_filename == "demo.tar.gz"
+    assert Path(download.value.path()).read_bytes() == stub.archive
+    row.get_by_role("button", name="Pause demo").click()
+    expect(row.locator("[data-state]")).to_have_attribute("data-state", "paused")
+    scratch.get_by_role("button", name="Delete scratch").click()
+    expect(scratch).to_have_count(0)
+
+    # The workspace's page: its conversation as a thread, the turn's events, changed files and diff.
+    row.get_by_role("link", name="demo").click()
+    expect(page).to_have_url(f"{server.url}/app/workspaces/{demo['id']}")
+    expect(page.get_by_role("heading", name="demo", exact=True)).to_be_visible()
+    turn = page.locator(f'li.turn[data-run="{first["id"]}"]')
+    expect(turn.locator(".prompt")).to_have_text("Write hello to notes.txt and delete old.txt.")
+    expect(turn.get_by_role("log")).to_contain_text("Noted, and old.txt is gone.")
+    expect(turn.get_by_role("log")).to_contain_text("echo hello world > notes.txt")
+    expect(turn.locator('li[data-path="notes.txt"]')).to_contain_text("added")
+    expect(turn.locator('li[data-path="old.txt"]')).to_contain_text("deleted")
+    expect(turn.locator('li[data-path="logo.png"]')).to_contain_text("(binary)")
+    diff = turn.locator("pre.diff")
+    expect(diff.locator("[data-line=add]")).to_have_text(["+hello world", """+<img src=x onerror="document.title='pwned'">"""])
+    expect(diff.locator("[data-line=del]")).to_have_text(["--- bye"])  # a removed line, not a file header
+    expect(diff.locator("[data-line=file]")).to_have_count(2)
+    expect(diff.locator("[data-line=hunk]")).to_have_count(2)
+    assert diff.locator("img").count() == 0 and "pwned" not in page.title()  # text, never markup
+    assert page.evaluate("""() => getComputedStyle(document.querySelector("pre.diff [data-line=add]")).backgroundColor""") \
+        != page.evaluate("""() => getComputedStyle(document.querySelector("pre.diff [data-line=del]")).backgroundColor""")
+    shot(page, "12-workspace-thread")
+
+    # A follow-up on that conversation: its provider is the conversation's; the new turn streams in.
+    stub.next_turn = Turn(events=[{"type": "text", "text": "You asked me to write hello."},
+                                  {"type": "done", "usage": {"output_tokens": 4}}])
+    page.get_by_role("button", name="Follow up on conversation 1").click()
+    expect(page.get_by_label("Provider")).to_be_disabled()
+    page.get_by_label("Prompt").fill("What did I ask you to write?")
+    page.get_by_role("button", name="Send").click()
+    second = page.locator("li.turn").nth(1)
+    expect(second.get_by_role("log")).to_contain_text("You asked me to write hello.")
+    expect(second.locator(".run-status [data-status]")).to_have_attribute("data-status", "succeeded")
+    expect(second.locator("[data-changes=none]")).to_have_text("No files changed.")
+    conversation = stub.conversations[demo["id"]][0]["id"]
+    assert stub.asked[-1] == {"provider": "claude_code", "prompt": "What did I ask you to write?",
+                              "conversation_id": conversation}
+    expect(page.locator("article.conversation")).to_have_count(1)
+
+    # A new conversation on the same workspace.
+    stub.next_turn = Turn(events=[{"type": "text", "text": "Started over."}, {"type": "done"}],
+                          changes=[{"path": "notes.txt", "status": "modified", "binary": False}],
+                          patch="diff --git a/notes.txt b/notes.txt\n@@ -1 +1 @@\n-hello world\n+hi\n")
+    page.get_by_label("Conversation", exact=True).select_option("")
+    page.get_by_label("Prompt").fill("Say hi instead.")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("article.conversation")).to_have_count(2)
+    latest = page.locator("article.conversation").nth(1)
+    expect(latest.locator("pre.diff [data-line=add]")).to_have_text(["+hi"])
+    assert stub.asked[-1] == {"provider": "claude_code", "prompt": "Say hi instead.", "workspace_id": demo["id"]}
+    expect(page.get_by_label("Conversation", exact=True)).to_have_value(stub.conversations[demo["id"]][1]["id"])
+    assert stub.unauthenticated == []
+    shot(page, "13-workspace-follow-up")
+
+
+def test_workspace_terminal_types_resizes_reconnects_and_closes(page: Page, server: LiveServer) -> None:
+    if not vendor_installed("xterm") or not vendor_installed("xterm-addon-fit"):
+        unmet("xterm.js is not vendored on this machine: run `polydev web vendor` (scripts/test.sh does)")
+    stub = WorkspaceApi(server.admin_token)
+    demo = stub.add_workspace("demo")
+    stub.install(page)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    sign_in(page, server.url, server.admin_token)
+    page.goto(f"{server.url}/app/workspaces/{demo['id']}")
+    page.get_by_role("button", name="Open terminal").click()
+    status = page.locator("[data-terminal]")
+    expect(status).to_have_attribute("data-terminal", "open")
+    screen = page.locator(".term-screen .xterm-rows")
+    expect(screen).to_contain_text("workspace:/workspace$")
+    url = stub.shell.urls[-1]
+    assert url.startswith(f"ws://127.0.0.1:{server.url.rsplit(':', 1)[1]}/api/workspaces/{demo['id']}/terminal?ticket=ticket-1&")
+    assert re.search(r"&rows=\d+&cols=\d+$", url) and server.admin_token not in url
+    # xterm's own styles apply under the page's policy (its theme: white text on black).
+    assert page.evaluate("getComputedStyle(document.querySelector('.xterm-rows')).color") == "rgb(255, 255, 255)"
+
+    page.locator(".term-screen").click()
+    page.keyboard.type("echo hello-terminal")
+    page.keyboard.press("Enter")
+    expect(screen).to_contain_text("hello-terminal$")  # the answer line, then the prompt
+    expect(screen.locator("div", has_text=re.compile(r"^hello-terminal\s*$"))).to_have_count(1)
+    assert bytes(stub.shell.keys) == b"echo hello-terminal\r"
+    shot(page, "14-workspace-terminal")
+
+    # A resize is a JSON text frame with the new size.
+    before = [c for c in stub.shell.controls if c["type"] == "resize"]
+    page.set_viewport_size({"width": 800, "height": 860})
+    resizes = lambda: [c for c in stub.shell.controls if c["type"] == "resize"]  # noqa: E731
+    until(page, lambda: len(resizes()) > len(before), "a resize message")
+    assert resizes()[-1]["cols"] < before[-1]["cols"] and resizes()[-1]["rows"] == before[-1]["rows"], resizes()
+
+    # The shell exits: said, with Reconnect; a refusal is said with the server's reason; then it connects again.
+    page.keyboard.type("exit")
+    page.keyboard.press("Enter")
+    expect(status).to_have_attribute("data-terminal", "ended")
+    expect(status).to_have_text("The shell exited.")
+    stub.shell.refuse = (4409, "a turn is running on the workspace")
+    page.get_by_role("button", name="Reconnect").click()
+    expect(status).to_have_text("The workspace is busy or unavailable. a turn is running on the workspace")
+    stub.shell.refuse = None
+    page.get_by_role("button", name="Reconnect").click()
+    expect(status).to_have_attribute("data-terminal", "open")
+    assert stub.tickets == 3  # a fresh single-use ticket each time
+
+    # Closing the panel closes the socket; the workspace stays.
+    page.get_by_role("button", name="Close terminal").click()
+    expect(page.get_by_role("button", name="Open terminal")).to_be_visible()
+    expect(page.locator(".term-screen")).to_be_hidden()
+    # (the first: the shell's exit; the second: the page's close)
+    until(page, lambda: stub.shell.closes == [1000, 1000], "the page to close the socket")
+    assert demo["id"] in stub.workspaces
+    assert page.evaluate("document.adoptedStyleSheets.length") == 0
+    assert errors == []

@@ -1,8 +1,9 @@
-"""The dashboard's serving: pages and their headers, its static files, and noVNC's vendor step (integrity
-check, what is unpacked, the message when it is missing)."""
+"""The dashboard's serving: pages and their headers, its static files, and the vendor step of noVNC and xterm.js
+(integrity check, what is unpacked, the message when it is missing)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tarfile
 from collections.abc import AsyncIterator
@@ -23,20 +24,48 @@ async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
+def _package(path: Path, files: dict[str, bytes], links: tuple[str, ...] = ()) -> Path:
+    """A stand-in npm tarball: `files` under package/, plus symlinks the vendor step must leave out."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name in links:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+    return path
+
+
 def _tarball(path: Path) -> Path:
     """A stand-in @novnc/novnc tarball, with entries the vendor step must leave out."""
-    with tarfile.open(path, "w:gz") as tar:
-        def add(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname, info.size = kind, link, len(data)
-            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
-        add("package/core/rfb.js", b"export default class RFB {}\n")
-        add("package/vendor/pako/lib/zlib/inflate.js", b"export const inflate = 1;\n")
-        add("package/LICENSE.txt", b"MPL-2.0\n")
-        add("package/docs/API.md", b"# docs\n")
-        add("package/core/../../escape.js", b"bad\n")
-        add("package/core/link.js", kind=tarfile.SYMTYPE, link="/etc/passwd")
-    return path
+    return _package(path, {
+        "package/core/rfb.js": b"export default class RFB {}\n",
+        "package/vendor/pako/lib/zlib/inflate.js": b"export const inflate = 1;\n",
+        "package/LICENSE.txt": b"MPL-2.0\n",
+        "package/docs/API.md": b"# docs\n",
+        "package/core/../../escape.js": b"bad\n",
+    }, links=("package/core/link.js",))
+
+
+def _xterm_tarball(path: Path) -> Path:
+    """A stand-in @xterm/xterm tarball: the ES module and the stylesheet are kept; the UMD build, source maps,
+    sources and docs are not."""
+    return _package(path, {
+        "package/lib/xterm.mjs": b"export class Terminal {}\n",
+        "package/lib/xterm.mjs.map": b"{}\n",
+        "package/lib/xterm.js": b"(function(){})()\n",
+        "package/css/xterm.css": b".xterm { position: relative; }\n",
+        "package/src/browser/Terminal.ts": b"export {}\n",
+        "package/LICENSE": b"MIT\n",
+        "package/README.md": b"# xterm\n",
+    }, links=("package/lib/evil.mjs",))
+
+
+def _pin(monkeypatch: pytest.MonkeyPatch, key: str, tarball: Path) -> None:
+    """Pin `key` to this stand-in tarball, as if it were the release."""
+    monkeypatch.setitem(vendor.PACKAGES, key, dataclasses.replace(vendor.PACKAGES[key], integrity=vendor._sri(tarball)))
 
 
 async def test_root_redirects_and_every_view_is_the_page(client: httpx.AsyncClient) -> None:
@@ -80,12 +109,12 @@ async def test_vendor_checks_integrity_and_unpacks_only_the_package(
     settings = make_settings(tmp_path)
     tgz = _tarball(tmp_path / "novnc.tgz")
     with pytest.raises(vendor.VendorError, match="integrity"):
-        vendor.install_novnc(settings, tarball=tgz)  # not the pinned release
-    assert not vendor.novnc_installed(settings)
+        vendor.install(settings, "novnc", tarball=tgz)  # not the pinned release
+    assert not vendor.installed(settings, "novnc")
 
-    monkeypatch.setattr(vendor, "NOVNC_INTEGRITY", vendor._sri(tgz))
-    path = vendor.install_novnc(settings, tarball=tgz)
-    assert vendor.novnc_installed(settings)
+    _pin(monkeypatch, "novnc", tgz)
+    path = vendor.install(settings, "novnc", tarball=tgz)
+    assert vendor.installed(settings, "novnc")
     files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() or p.is_symlink())
     assert files == [".polydev-integrity", "LICENSE.txt", "core/rfb.js", "vendor/pako/lib/zlib/inflate.js"]
     assert not (tmp_path / "cache" / "escape.js").exists()
@@ -94,3 +123,47 @@ async def test_vendor_checks_integrity_and_unpacks_only_the_package(
     r = await client.get("/app/vendor/novnc/core/rfb.js")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript")
     assert "class RFB" in r.text
+
+
+async def test_xterm_is_refused_unless_it_is_the_pinned_release_then_served(
+        client: httpx.AsyncClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = make_settings(tmp_path)
+    r = await client.get("/app/vendor/xterm/lib/xterm.mjs")
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "xterm_missing" and "polydev web vendor" in r.json()["error"]["message"]
+    assert (await client.get("/app/vendor/xterm-addon-fit/lib/addon-fit.mjs")).json()["error"]["code"] == \
+        "xterm_addon_fit_missing"
+
+    tgz = _xterm_tarball(tmp_path / "xterm.tgz")
+    with pytest.raises(vendor.VendorError, match="is not @xterm/xterm@6.0.0: integrity"):
+        vendor.install(settings, "xterm", tarball=tgz)
+    assert not vendor.installed(settings, "xterm")
+    assert not vendor.package_dir(settings, "xterm").exists()  # nothing of the wrong tarball is kept
+
+    _pin(monkeypatch, "xterm", tgz)
+    path = vendor.install(settings, "xterm", tarball=tgz)
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() or p.is_symlink())
+    assert files == [".polydev-integrity", "LICENSE", "css/xterm.css", "lib/xterm.mjs"]
+    r = await client.get("/app/vendor/xterm/lib/xterm.mjs")
+    assert r.status_code == 200 and "javascript" in r.headers["content-type"]  # an ES module the page imports
+    assert "class Terminal" in r.text
+    r = await client.get("/app/vendor/xterm/css/xterm.css")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/css")
+
+
+def test_install_all_takes_given_tarballs_by_their_integrity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = make_settings(tmp_path)
+    novnc, xterm = _tarball(tmp_path / "a.tgz"), _xterm_tarball(tmp_path / "b.tgz")
+    fit = _package(tmp_path / "c.tgz", {"package/lib/addon-fit.mjs": b"export class FitAddon {}\n"})
+    junk = _package(tmp_path / "junk.tgz", {"package/lib/xterm.mjs": b"alert(1)\n"})
+    for key, tgz in (("novnc", novnc), ("xterm", xterm), ("xterm-addon-fit", fit)):
+        _pin(monkeypatch, key, tgz)
+    with pytest.raises(vendor.VendorError, match="junk.tgz is none of the pinned packages"):
+        vendor.install_all(settings, tarballs=[xterm, junk], npm="no-such-npm")
+    assert not any(vendor.installed(settings, key) for key in vendor.PACKAGES)
+
+    # In any order; npm is not asked (it is not there).
+    done = vendor.install_all(settings, tarballs=[fit, novnc, xterm], npm="no-such-npm")
+    assert [pkg.key for pkg, _ in done] == ["novnc", "xterm", "xterm-addon-fit"]
+    assert all(vendor.installed(settings, key) for key in vendor.PACKAGES)
+    assert (vendor.package_dir(settings, "xterm-addon-fit") / "lib" / "addon-fit.mjs").is_file()

@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from polydev.vm import images
 from polydev.vm.engine import engine_tag, find_marked_processes
@@ -49,6 +49,12 @@ async def _terminal(base: str, url: str) -> tuple[str, str]:
         await ws.send(json.dumps({"type": "resize", "rows": 33, "cols": 111}))
         await ws.send(b"stty size\r")
         sized = (await until(b"33 111")).decode(errors="replace")
+        await ws.send(b"exit 3\r")  # the shell ends: the server closes the socket saying so
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(ws.recv(), 60)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000, closed.value
+        assert "shell exited (3)" in closed.value.rcvd.reason
         return first, sized
 
 

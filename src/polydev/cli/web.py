@@ -1,4 +1,5 @@
-"""`polydev web vendor`: install the dashboard's noVNC (pinned version, integrity-checked) before serving."""
+"""`polydev web vendor`: install the dashboard's noVNC and xterm.js (pinned versions, integrity-checked) before
+serving."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ app = typer.Typer(help="The web dashboard.", no_args_is_help=True)
 
 
 @app.command("vendor")
-def vendor(tarball: Annotated[Path | None, typer.Option(
-        exists=True, dir_okay=False, help="use this @novnc/novnc .tgz instead of asking npm (offline installs)")] = None,
+def vendor(tarball: Annotated[list[Path] | None, typer.Option(
+        exists=True, dir_okay=False, help="use this package .tgz (@novnc/novnc, @xterm/xterm or @xterm/addon-fit, "
+        "told apart by their pinned integrity) instead of asking npm (offline installs); repeatable")] = None,
            ) -> None:
-    """Install noVNC from its npm package into the vendor directory the server serves."""
+    """Install noVNC and xterm.js from their npm packages into the vendor directory the server serves."""
     from polydev.config import get_settings
-    from polydev.web.vendor import NOVNC_VERSION, VendorError, install_novnc
+    from polydev.web.vendor import VendorError, install_all
 
     try:
-        path = install_novnc(get_settings(), tarball=tarball)
+        done = install_all(get_settings(), tarballs=tarball or ())
     except VendorError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"noVNC {NOVNC_VERSION} in {path}")
+    for pkg, path in done:
+        typer.echo(f"{pkg.title} {pkg.version} in {path}")

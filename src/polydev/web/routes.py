@@ -19,13 +19,15 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from polydev.config import Settings
-from polydev.web.vendor import NOVNC_VERSION, novnc_dir, novnc_installed
+from polydev.web.vendor import PACKAGES, installed, package_dir
 
 STATIC = Path(__file__).parent / "static"
 _HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
-# Only the page's own files; the VNC WebSocket is same-origin (ws:/wss: spelled out: older browsers do not
-# count them as 'self'). No inline script or style, no framing by other sites.
+# Only the page's own files; the VNC and terminal WebSockets are same-origin (ws:/wss: spelled out: older
+# browsers do not count them as 'self'). No inline script or style, no framing by other sites. (xterm.js
+# writes its sizes and colours into <style> elements, which this refuses: js/terminal.js copies them into a
+# constructed stylesheet, which it allows.)
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
        "connect-src 'self' {ws}; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 PAGE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
@@ -35,19 +37,22 @@ PAGE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
 ErrorResponse = Callable[[int, str, str], Response]
 
 
-class NoVncFiles:
-    """noVNC's files from the vendor directory, or a JSON 404 that says how to install them (the page shows
+class VendorFiles:
+    """A vendored package's files (vendor.py), or a JSON 404 that says how to install them (the page shows
     that message). Checked per request, so a `polydev web vendor` after start-up is picked up."""
 
-    def __init__(self, settings: Settings, error_response: ErrorResponse) -> None:
+    def __init__(self, settings: Settings, key: str, error_response: ErrorResponse) -> None:
         self.settings = settings
+        self.key = key
         self.error_response = error_response
-        self.files = StaticFiles(directory=novnc_dir(settings), check_dir=False)
+        self.files = StaticFiles(directory=package_dir(settings, key), check_dir=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not novnc_installed(self.settings):
-            response = self.error_response(404, "novnc_missing", f"noVNC {NOVNC_VERSION} is not installed on this "
-                                      "server: run `polydev web vendor` (scripts/run.sh does)")
+        if not installed(self.settings, self.key):
+            pkg = PACKAGES[self.key]
+            response = self.error_response(404, f"{pkg.key.replace('-', '_')}_missing", f"{pkg.title} "
+                                           f"{pkg.version} is not installed on this server: run `polydev web "
+                                           "vendor` (scripts/run.sh does)")
             await response(scope, receive, send)
             return
         await self.files(scope, receive, send)
@@ -64,7 +69,8 @@ def _page(request: Request) -> Response:
 def install_dashboard(app: FastAPI, settings: Settings, error_response: ErrorResponse) -> None:
     """Mount the dashboard; call after the API routers (the /app catch-all must not shadow anything)."""
     app.mount("/app/static", StaticFiles(directory=STATIC), name="web-static")
-    app.mount("/app/vendor/novnc", NoVncFiles(settings, error_response), name="web-novnc")
+    for key in PACKAGES:
+        app.mount(f"/app/vendor/{key}", VendorFiles(settings, key, error_response), name=f"web-{key}")
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

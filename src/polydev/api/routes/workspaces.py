@@ -311,8 +311,7 @@ async def _bridge_terminal(websocket: WebSocket, term: Terminal) -> tuple[int, s
             log.info("terminal_lost", error=str(exc) or type(exc).__name__)
             return CLOSE_LOST, "terminal_lost"
     finally:
-        for task in tasks:
-            await cancel_and_wait(task)
+        await cancel_and_wait(tasks)
 
 
 async def _control(term: Terminal, text: str) -> None:

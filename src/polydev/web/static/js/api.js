@@ -66,6 +66,55 @@ export async function api(method, path, body, { signal, signOutOn401 = true } = 
   return res.status === 204 ? null : res.json();
 }
 
+// A call whose body or answer is not JSON (an upload, a diff, an archive): the Response, or ApiError.
+export async function request(method, path, { body, type, accept = "*/*", signal } = {}) {
+  const init = { method, signal, headers: headers({ Accept: accept, ...(type ? { "Content-Type": type } : {}) }) };
+  if (body !== undefined) init.body = body;
+  const res = await send(path, init);
+  if (!res.ok) throw await failure(res);
+  return res;
+}
+
+// An authenticated download (the token is a header, so no plain link can fetch it): read as a blob, then
+// saved under the name the server gives (Content-Disposition) or `fallback`.
+export async function download(path, fallback, { signal } = {}) {
+  const res = await request("GET", path, { signal });
+  const name = /filename="([^"/\\]+)"/.exec(res.headers.get("Content-Disposition") || "")?.[1] || fallback;
+  const url = URL.createObjectURL(await res.blob());
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = name;
+  a.hidden = true;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  return name;
+}
+
+// A module from the server's vendor directory (`polydev web vendor`); when it is missing, the error says
+// why: the server answers a JSON error naming the fix.
+export async function importVendored(path, what) {
+  try {
+    return await import(path);
+  } catch {
+    let reason = `${what} could not be loaded`;
+    try {
+      const res = await fetch(path, { credentials: "omit" });
+      if (!res.ok) reason = (await res.json()).error?.message || reason;
+    } catch { /* unreachable: keep the generic reason */ }
+    throw new Error(reason);
+  }
+}
+
+// A same-origin address as a WebSocket URL (ws: or wss:, as the page is http: or https:).
+export function wsUrl(url) {
+  const u = new URL(url, location.href);
+  if (u.protocol === "http:") u.protocol = "ws:";
+  if (u.protocol === "https:") u.protocol = "wss:";
+  return u;
+}
+
 // Server-sent events over fetch (EventSource cannot send the Authorization header): calls onEvent with
 // {id, event, data} for each event until the server ends the stream; throws ApiError for an error answer.
 export async function readEvents(path, { signal, lastEventId, onEvent }) {

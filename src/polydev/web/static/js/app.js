@@ -9,6 +9,7 @@ import * as login from "./login.js";
 import * as providers from "./providers.js";
 import * as runs from "./runs.js";
 import * as sandboxes from "./sandboxes.js";
+import * as workspaces from "./workspaces.js";
 
 const main = document.getElementById("main");
 const ROUTES = [
@@ -21,9 +22,11 @@ const ROUTES = [
   [/^\/app\/admin$/, admin.render, "Admin"],
   [/^\/app\/egress$/, egress.render, "Egress"],
   [/^\/app\/sandboxes$/, sandboxes.render, "Sandboxes"],
+  [/^\/app\/workspaces$/, workspaces.renderList, "Workspaces"],
+  [/^\/app\/workspaces\/(?<workspace>[0-9a-f-]+)$/, workspaces.renderWorkspace, "Workspace"],
 ];
-const NAV = [["/app/providers", "Providers"], ["/app/run", "Run"], ["/app/runs", "History"], ["/app/sandboxes", "Sandboxes"],
-  ["/app/egress", "Egress"]];
+const NAV = [["/app/providers", "Providers"], ["/app/run", "Run"], ["/app/runs", "History"],
+  ["/app/workspaces", "Workspaces"], ["/app/sandboxes", "Sandboxes"], ["/app/egress", "Egress"]];
 
 let me = null;          // GET /api/me, once per sign-in
 let cleanup = null;     // the current view's: aborts its streams and timers
@@ -122,7 +125,7 @@ function signin(root, _params, { navigate: go }) {
 // Same-origin /app links change the view without reloading the page.
 document.addEventListener("click", (e) => {
   const a = e.target.closest("a[href]");
-  if (!a || a.target || a.getAttribute("href").startsWith("#") || e.defaultPrevented || e.button !== 0 || e.metaKey || e.ctrlKey || e.shiftKey) return;
+  if (!a || a.target || a.hasAttribute("download") || a.getAttribute("href").startsWith("#") || e.defaultPrevented || e.button !== 0 || e.metaKey || e.ctrlKey || e.shiftKey) return;
   const url = new URL(a.href, location.href);
   if (url.origin !== location.origin || !url.pathname.startsWith("/app")) return;
   e.preventDefault();

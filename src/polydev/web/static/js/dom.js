@@ -34,6 +34,16 @@ export function age(iso, now = Date.now()) {
   return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
 }
 
+// Bytes as "2.0 MB".
+export function size(n) {
+  let value = n;
+  for (const unit of ["B", "KB", "MB", "GB"]) {
+    if (value < 1024 || unit === "GB") return unit === "B" ? `${value} B` : `${value.toFixed(1)} ${unit}`;
+    value /= 1024;
+  }
+  return `${n} B`;
+}
+
 export function when(iso) {
   return iso ? new Date(iso).toLocaleString() : "";
 }

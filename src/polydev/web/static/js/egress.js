@@ -3,7 +3,7 @@
 // never shown again: the API answers only scheme://host:port.
 
 import { api } from "./api.js";
-import { h, notice, replace, say, when } from "./dom.js";
+import { h, notice, replace, say, size, when } from "./dom.js";
 
 const MODES = [
   ["direct", "Direct: the host's own route"],
@@ -15,15 +15,6 @@ const LIMITS = [
   ["per_minute", "New connections per minute"],
   ["bytes_per_day", "Bytes per day"],
 ];
-
-export function size(n) {
-  let value = n;
-  for (const unit of ["B", "KB", "MB", "GB"]) {
-    if (value < 1024 || unit === "GB") return unit === "B" ? `${value} B` : `${value.toFixed(1)} ${unit}`;
-    value /= 1024;
-  }
-  return `${n} B`;
-}
 
 export function render(root, _params, { me, signal }) {
   const admin = me.role === "admin";

@@ -2,6 +2,7 @@
 
 import { api, followRun, PROVIDERS, providerName, RUN_TERMINAL } from "./api.js";
 import { h, notice, replace, say, when } from "./dom.js";
+import { eventView, statusBadge } from "./events.js";
 
 export function renderForm(root, _params, { navigate, signal }) {
   const wanted = new URLSearchParams(location.search).get("provider");
@@ -42,10 +43,6 @@ export function renderForm(root, _params, { navigate, signal }) {
   }).catch(() => {});
 }
 
-function statusBadge(status) {
-  return h("span", { class: `badge ${status}`, "data-status": status }, status);
-}
-
 // One run: its events from the start, then live until it ends.
 export function renderRun(root, { run: runId }, { signal }) {
   const badge = h("span", { class: "run-status", role: "status" });
@@ -55,46 +52,6 @@ export function renderRun(root, { run: runId }, { signal }) {
   const actions = h("div", { class: "actions" });
   root.append(h("h1", {}, "Run"), h("p", {}, "Status: ", badge), meta, actions, message,
     h("h2", {}, "Output"), output);
-
-  let text = null;  // the text block that `text` events are appended to
-  // Gemini streams a message as deltas (one text event each); Claude Code and Codex send whole blocks.
-  let deltas = false;
-  function add(node) {
-    output.append(node);
-    output.scrollTop = output.scrollHeight;
-  }
-  function show(ev) {
-    switch (ev.type) {
-      case "text":
-        if (!text || !deltas) { text = h("div", { class: "text" }); add(text); }
-        text.append(ev.text);
-        return;
-      case "tool_call":
-        text = null;
-        add(h("div", { class: "tool call" }, h("span", { class: "label" }, `tool ${ev.name || ""}`),
-          h("pre", {}, ev.input?.command ?? JSON.stringify(ev.input ?? {}, null, 2))));
-        return;
-      case "tool_result":
-        text = null;
-        add(h("div", { class: `tool result${ev.is_error ? " error" : ""}` }, h("span", { class: "label" }, "result"),
-          h("pre", {}, typeof ev.output === "string" ? ev.output : JSON.stringify(ev.output, null, 2))));
-        return;
-      case "status":
-        add(h("p", { class: "event note" }, ev.message || ""));
-        return;
-      case "error":
-        text = null;
-        add(h("p", { class: "event error" }, `Error: ${ev.message || ""}`));
-        return;
-      case "done": {
-        text = null;
-        const tokens = ev.usage?.output_tokens;
-        add(h("p", { class: "event done" }, `Done${tokens != null ? ` · ${tokens} output tokens` : ""}`));
-        return;
-      }
-      default:
-    }
-  }
 
   function draw(run) {
     replace(badge, statusBadge(run.status));
@@ -115,7 +72,7 @@ export function renderRun(root, { run: runId }, { signal }) {
   (async () => {
     try {
       let run = await api("GET", `/api/runs/${runId}`, undefined, { signal });
-      deltas = run.provider === "gemini_cli";
+      const show = eventView(output, run.provider);
       draw(run);
       await followRun(runId, { signal, onEvent: (ev) => {
         if (run.status === "queued") { run = { ...run, status: "running" }; draw(run); }

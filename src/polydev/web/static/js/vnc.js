@@ -1,37 +1,16 @@
 // The login browser inside the VM, through the control plane's VNC WebSocket, drawn by noVNC.
 // noVNC's core/ is plain ES modules: imported straight from the server's vendor directory, no bundler.
 
-import { api, ApiError, sleep } from "./api.js";
+import { api, ApiError, importVendored, sleep, wsUrl } from "./api.js";
 
 const RFB_PATH = "/app/vendor/novnc/core/rfb.js";
-
-async function loadRfb() {
-  try {
-    return (await import(RFB_PATH)).default;
-  } catch {
-    // Say why: the server answers a JSON error naming the fix (`polydev web vendor`) when it is missing.
-    let reason = "the noVNC viewer could not be loaded";
-    try {
-      const res = await fetch(RFB_PATH, { credentials: "omit" });
-      if (!res.ok) reason = (await res.json()).error?.message || reason;
-    } catch { /* unreachable: keep the generic reason */ }
-    throw new Error(reason);
-  }
-}
-
-function wsUrl(url) {
-  const u = new URL(url, location.href);
-  if (u.protocol === "http:") u.protocol = "ws:";
-  if (u.protocol === "https:") u.protocol = "wss:";
-  return u.href;
-}
 
 // Shows the VM's screen in `container` until `signal` aborts; reconnects with a fresh single-use ticket if
 // the connection drops while the session lives. onState("connecting" | "connected" | "error", message).
 export async function showVnc(container, sessionId, { signal, onState }) {
   let RFB;
   try {
-    RFB = await loadRfb();
+    RFB = (await importVendored(RFB_PATH, "the noVNC viewer")).default;
   } catch (e) {
     onState("error", e.message);
     return;
@@ -54,7 +33,7 @@ export async function showVnc(container, sessionId, { signal, onState }) {
       if (!retry) return;
       continue;
     }
-    const rfb = new RFB(container, wsUrl(ticket.url), { shared: true });
+    const rfb = new RFB(container, wsUrl(ticket.url).href, { shared: true });
     rfb.scaleViewport = true;   // the VM's screen fits the box; clicks are scaled back
     rfb.focusOnClick = true;
     const ended = new Promise((resolve) => {
