@@ -17,11 +17,8 @@ The machine is shared (two cores, other work running): compare within one run.
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +31,8 @@ from e2b import Sandbox, SandboxException
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from live_server import serve
+
 from polydev.config import Settings
 from polydev.vm import images
 
@@ -41,12 +40,6 @@ from polydev.vm import images
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -71,29 +64,12 @@ def main() -> None:
 
     cache = Settings().cache_dir
     images.ensure(cache, args.profile)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="polydev-sandbox-bench-") as tmp:
-        env = {**os.environ, "POLYDEV_DATA_DIR": f"{tmp}/data", "POLYDEV_CACHE_DIR": str(cache), "PORT": str(port),
-               "HOST": "127.0.0.1", "VM_IMAGE_PROFILE": args.profile, "VM_CLI_MEMORY_MB": "1024",
+        env = {"VM_IMAGE_PROFILE": args.profile, "VM_CLI_MEMORY_MB": "1024",
                "VM_CLI_VCPU": "1", "VM_WARM_POOL_SIZE": "0", "QUOTA_VMS": "50", "QUOTA_VCPUS": "50",
-               "QUOTA_MEMORY_MB": "100000", "MAX_REQUEST_BYTES": str(8 * 1024 * 1024),  # the baseline's 1 MiB body
-               "PYTHONPATH": str(ROOT / "src")}
-        with open(f"{tmp}/server.log", "wb") as log:
-            server = subprocess.Popen([sys.executable, "-m", "polydev", "serve"], env=env, stdout=log, stderr=log)
-        try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-            token = Path(f"{tmp}/data/admin.token").read_text().strip()
+               "QUOTA_MEMORY_MB": "100000", "MAX_REQUEST_BYTES": str(8 * 1024 * 1024)}  # the baseline's 1 MiB body
+        with serve(tmp, cache, env) as (url, token):
             run(url, token, args)
-        finally:
-            server.terminate()
-            server.wait(120)
 
 
 def run(url: str, token: str, args: argparse.Namespace) -> None:
