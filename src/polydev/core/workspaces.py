@@ -63,6 +63,7 @@ SWEEP_S = 10.0
 # How long past its idle pause a workspace VM may live before its supervisor ends it: long enough that the
 # sweep always pauses it first; each use pushes it out again.
 VM_MARGIN = timedelta(hours=1)
+TERMINAL_KEEPALIVE = timedelta(minutes=5)  # how often an open terminal marks its workspace used
 
 
 class Workspaces:
@@ -273,7 +274,14 @@ class Workspaces:
 
     # -- idle pause and shutdown --------------------------------------------------------------------------
     async def sweep(self) -> int:
-        """Pause the workspaces idle for `idle_pause`; returns how many."""
+        """Pause the workspaces idle for `idle_pause`; returns how many. A workspace with a terminal open is in
+        use: its VM's lifetime is pushed out again, or its supervisor would end it under the user's shell."""
+        for workspace_id in list(self._terminals):
+            row = await self._repo.get(workspace_id)
+            if row is not None and row.vm_id is not None and row.used_at < utcnow() - TERMINAL_KEEPALIVE:
+                with contextlib.suppress(Exception):  # its VM went away: the terminal says so itself
+                    await self._port().assign(row.vm_id, row.user_id, self._vm_ttl)
+                    await self._repo.update(workspace_id, used_at=utcnow())
         paused = 0
         for row in await self._repo.idle(utcnow() - self.idle_pause):
             lock = self._lock(row.id)
