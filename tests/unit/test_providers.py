@@ -441,3 +441,55 @@ def test_non_json_lines_of_a_real_login_run_are_ignored() -> None:
     # Gemini's login prints its question on stdout before the stream-json of the prompt it then runs.
     events = parse("gemini_cli", recorded("gemini_browser_login", "out"), 0)
     assert [e["type"] for e in events] == ["status", "text", "done"]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in INDEX if (DATA / f"{n}.stdout").exists()))
+def test_every_event_type_in_the_real_recordings_is_one_the_adapter_knows(name: str) -> None:
+    events = parse_recording(INDEX[name]["provider"], name)
+    assert not [e for e in events if "raw_type" in e], "a recorded CLI event was taken for an unknown one"
+
+
+@pytest.mark.parametrize(("provider", "name"), [(p, n) for p, n, _, _ in ROUND_TRIPS])
+def test_an_event_type_a_newer_cli_might_send_becomes_a_status_naming_it(provider: str, name: str) -> None:
+    """The stream goes on as before around it: the run still ends done, with nothing else changed."""
+    lines = recorded(name)
+    unknown = json.dumps({"type": "telemetry.sampled", "detail": "x" * 5000})
+    mixed = [lines[0], unknown, *lines[1:]]
+    events = parse(provider, mixed, INDEX[name]["exit_code"])
+    status = [e for e in events if e.get("raw_type") == "telemetry.sampled"]
+    assert len(status) == 1 and status[0]["type"] == "status" and "telemetry.sampled" in status[0]["message"]
+    assert status[0]["raw"].startswith('{"type": "telemetry.sampled"') and len(status[0]["raw"]) <= 2001
+    assert [e for e in events if e is not status[0]] == parse(provider, lines, INDEX[name]["exit_code"])
+    assert events[-1]["type"] == "done"
+    no_type = parse(provider, [lines[0], json.dumps({"hello": 1}), *lines[1:]], INDEX[name]["exit_code"])
+    assert [e.get("raw_type") for e in no_type if "raw_type" in e] == ["None"]
+
+
+def test_each_adapter_was_written_for_the_version_the_image_installs_by_default() -> None:
+    from polydev.vm.images import CLI_PACKAGES
+
+    assert {a.package: a.written_for for a in ADAPTERS.values()} == dict(CLI_PACKAGES)
+
+
+def test_a_newer_cli_is_said_in_the_runs_first_status() -> None:
+    from polydev.core.run_flow import first_status
+    from polydev.providers.base import newer_than_written_for
+    from polydev.vm.types import EngineInfo
+
+    claude = adapter("claude_code")
+
+    class Engine:
+        def __init__(self, version: str | None) -> None:
+            self.clis = {claude.package: version} if version else {}
+
+        def describe(self) -> EngineInfo:
+            return EngineInfo(backend="qemu", accel="tcg", network_mode="user", image_clis=self.clis)
+
+    assert first_status(claude, Engine(claude.written_for), turn=False) == {"type": "status", "message": "starting a VM"}
+    assert first_status(claude, Engine(None), turn=True)["message"] == "waking the workspace"
+    newer = first_status(claude, Engine("2.10.0"), turn=False)  # numerically newer, not by string order
+    assert newer["cli_version"] == "2.10.0" and newer["written_for"] == claude.written_for
+    assert newer["message"] == (f"starting a VM; Claude Code 2.10.0 is newer than {claude.written_for}, the version "
+                                "this adapter was written for")
+    assert not newer_than_written_for(claude, "2.1.9")  # older
+    assert newer_than_written_for(claude, "v3.0.0-beta.1") and not newer_than_written_for(claude, "weird")

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from polydev.vm.agent_client import AgentClient
 from polydev.vm.engine import VM, Purpose
+from polydev.vm.types import EngineInfo
 
 
 class VmPort(Protocol):
@@ -39,6 +40,10 @@ class VmPort(Protocol):
 
     def agent(self, vm_id: uuid.UUID, timeout: float = 60.0) -> AgentClient:
         """A client of the VM's guest agent; KeyError when this engine runs no such VM."""
+        ...
+
+    def describe(self) -> EngineInfo:
+        """The backend, its acceleration and network mode, and what its guest image holds."""
         ...
 
     def runs_here(self, vm_id: uuid.UUID) -> bool:

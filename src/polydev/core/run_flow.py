@@ -40,6 +40,7 @@ from polydev.providers.base import (
     GuestFile,
     ProviderAdapter,
     event,
+    newer_than_written_for,
 )
 from polydev.providers.common import clean
 from polydev.store.credentials import CredentialRepo
@@ -260,7 +261,7 @@ class RunFlow(VmFlow):
         ended = False  # a done or error event has been sent
         try:
             # Stored while the VM is handed out and the CLI started: neither needs to wait for it.
-            live.writer.emit_soon(event("status", message="waking the workspace" if turn else "starting a VM"))
+            live.writer.emit_soon(first_status(adapter, engine, turn))
             prepared = False
             if turn:
                 assert self.workspaces is not None and row.workspace_id is not None
@@ -426,3 +427,15 @@ def _reason(exc: BaseException, vm_started: bool) -> str:
     if isinstance(exc, AgentUnreachable) or vm_started and isinstance(exc, (AgentError, OSError)):
         return f"the VM stopped responding during the run ({text})"
     return text
+
+
+def first_status(adapter: ProviderAdapter, engine: VmPort, turn: bool) -> dict[str, Any]:
+    """The run's first status: what it is doing first, and the CLI's version in the image when it is newer
+    than the one its adapter was written for (events it does not know then come as status, see
+    providers/common.py)."""
+    doing = "waking the workspace" if turn else "starting a VM"
+    version = engine.describe().image_clis.get(adapter.package)
+    if not newer_than_written_for(adapter, version):
+        return event("status", message=doing)
+    return event("status", message=f"{doing}; {adapter.display_name} {version} is newer than {adapter.written_for}, "
+                 "the version this adapter was written for", cli_version=version, written_for=adapter.written_for)

@@ -149,6 +149,9 @@ class ProviderFacts:
     credential_files: tuple[str, ...]
     required_credential_files: tuple[str, ...]
     api_key_env: str
+    # The CLI's version this adapter was written and tested for (the image's default; FACTS.md records what
+    # was observed at which version). A newer one is said in a run's first status event.
+    written_for: str = ""
     # The hosts the CLI reaches (providers/FACTS.md, "Hosts a run reaches"), per purpose: "run" (a prompt,
     # including token refreshes) and "login" (the CLI's own sign-in and token calls; a login with the in-VM
     # browser may reach any public host). The egress gateway's allow-list is built from these.
@@ -262,3 +265,19 @@ class CredentialBundle:
             return cls("api_key", api_key=str(doc["api_key"]))
         files = {path: (base64.b64decode(f["data"]), int(f["mode"])) for path, f in doc["files"].items()}
         return cls("oauth", files=files)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    """1.2.10 → (1, 2, 10); a pre-release or build suffix is ignored (2.0.0-beta.1 → (2, 0, 0))."""
+    core = version.strip().lstrip("v").split("-", 1)[0].split("+", 1)[0]
+    return tuple(int(part) for part in core.split(".") if part.isdigit())
+
+
+def newer_than_written_for(facts: ProviderFacts, version: str | None) -> bool:
+    """Whether `version` of the CLI is newer than the one its adapter was written for."""
+    if not version or not facts.written_for:
+        return False
+    try:
+        return _version_key(version) > _version_key(facts.written_for)
+    except ValueError:
+        return False

@@ -74,6 +74,7 @@ class ClaudeParser(StreamParser):
     """`claude -p --output-format stream-json --verbose`: one JSON object per line."""
 
     cli = "claude"
+    known_types = frozenset({"system", "assistant", "user", "result", "rate_limit_event", "stream_event"})
 
     def _map(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         kind = obj.get("type")

@@ -122,6 +122,8 @@ class CodexParser(StreamParser):
     """`codex exec --json`: thread/turn/item events, one JSON object per line."""
 
     cli = "codex"
+    known_types = frozenset({"thread.started", "turn.started", "item.started", "item.updated", "item.completed",
+                             "turn.completed", "turn.failed", "error"})
 
     def __init__(self) -> None:
         super().__init__()

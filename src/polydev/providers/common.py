@@ -22,6 +22,7 @@ GUEST_PATH = "/usr/local/bin:/usr/bin:/bin"
 # How much of a CLI's non-JSON output is kept to explain a crash, and how long one message may be.
 TAIL_LINES = 5
 MAX_MESSAGE = 500
+MAX_RAW = 2000  # an unknown event kept as status: its object, cut to this many characters
 # A tool's output goes into every event store and stream; the model saw (at most) the CLI's own cut anyway.
 MAX_TOOL_OUTPUT = 64 * 1024
 
@@ -91,6 +92,10 @@ class StreamParser:
     cli = "cli"  # the name used in crash messages
     # What an exit code means, for CLIs whose codes say it better than their last output line.
     exit_reasons: ClassVar[Mapping[int, str]] = {}
+    # The event types (the objects' `type`) this parser was written for, those it ignores on purpose
+    # included. A newer CLI may send others: each is passed on as a `status` event naming its raw type (with
+    # the object, cut short), never dropped unseen or taken for one it resembles.
+    known_types: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self) -> None:
         self._terminal: dict[str, Any] | None = None  # the done / error decided by the stream
@@ -106,6 +111,9 @@ class StreamParser:
             if line.strip():
                 self._tail.append(line.strip())
             return []
+        kind = obj.get("type")
+        if self.known_types and kind not in self.known_types:
+            return [self._unknown(kind, obj)]
         return self._map(obj)
 
     def finish(self, exit_code: int) -> list[dict[str, Any]]:
@@ -139,6 +147,11 @@ class StreamParser:
     def _fail(self, message: object) -> None:
         if self._terminal is None:
             self._terminal = event("error", message=clean(message or f"{self.cli} reported an error"))
+
+    def _unknown(self, kind: object, obj: dict[str, Any]) -> dict[str, Any]:
+        raw = json.dumps(obj, ensure_ascii=False)
+        return event("status", message=f"{self.cli} sent an event of a type this adapter does not know: {kind!r}",
+                     raw_type=str(kind), raw=raw if len(raw) <= MAX_RAW else raw[:MAX_RAW] + "…")
 
     def _warn(self, message: object) -> list[dict[str, Any]]:
         """A non-fatal error the CLI reported (a retry, a warning): shown as status, kept for a crash."""

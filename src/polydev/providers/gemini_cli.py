@@ -81,6 +81,7 @@ class GeminiParser(StreamParser):
     """`gemini -p … --output-format stream-json`: init, message, tool_use, tool_result, error, result."""
 
     cli = "gemini"
+    known_types = frozenset({"init", "message", "tool_use", "tool_result", "error", "result"})
     # Observed at 0.61.0. 41 comes with "Manual authorization is required but the current session is
     # non-interactive" on stderr when the stored login is missing or no longer accepted.
     exit_reasons: ClassVar[Mapping[int, str]] = {

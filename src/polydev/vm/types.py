@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -79,6 +79,8 @@ class BackendInfo:
     accel: str | None = None
     # The Debian packages of the guest image (its manifest); empty when the backend has no image manifest.
     image_packages: frozenset[str] = frozenset()
+    # The CLIs in the guest image, npm package → version (its manifest); empty when it has none.
+    image_clis: Mapping[str, str] = field(default_factory=dict)
     # Where its guests reach the egress gateway (IP:PORT) when it forwards them there; None: it does not.
     egress_guest_address: str | None = None
 
@@ -147,6 +149,7 @@ class EngineInfo:
     accel: str | None
     network_mode: Literal["user", "tap"]
     image_packages: frozenset[str] = frozenset()
+    image_clis: Mapping[str, str] = field(default_factory=dict)  # npm package → version, from the manifest
     pool: PoolView = field(default_factory=lambda: PoolView(0, ()))
 
     @property

@@ -86,7 +86,9 @@ class QemuBackend:
 
     def describe(self) -> BackendInfo:
         packages = self.image.manifest.get("debian_packages", {})
+        clis = self.image.manifest.get("clis", {})
         return BackendInfo(accel=self.accel, image_packages=frozenset(packages if isinstance(packages, dict) else ()),
+                           image_clis={str(k): str(v) for k, v in clis.items()} if isinstance(clis, dict) else {},
                            egress_guest_address=self.egress_guest_address)
 
     def console_log(self, workdir: Path) -> Path:
