@@ -88,3 +88,55 @@ def test_prune_keeps_current_recipes_only(tmp_path: Path) -> None:
     removed = images.prune(tmp_path)
     assert sorted(removed) == sorted([f"images/{stale.name}", "base/0123456789abcdef"])
     assert current.is_dir() and base_now.is_dir() and not stale.exists() and not base_old.exists()
+
+
+def test_cli_versions_override_the_tested_ones_and_latest_is_resolved_into_the_recipe() -> None:
+    asked: list[str] = []
+
+    def registry(package: str) -> str:
+        asked.append(package)
+        return "0.180.0"
+
+    default = images.recipe_for("test")
+    assert dict(default.clis) == dict(images.CLI_PACKAGES)
+    pinned = images.recipe_for("test", {"claude_code": "2.1.210"}, resolve=registry)
+    assert dict(pinned.clis)["@anthropic-ai/claude-code"] == "2.1.210" and asked == []
+    assert dict(pinned.clis)["@openai/codex"] == dict(images.CLI_PACKAGES)["@openai/codex"]
+    latest = images.recipe_for("test", {"codex": "latest"}, resolve=registry)
+    assert asked == ["@openai/codex"] and dict(latest.clis)["@openai/codex"] == "0.180.0"
+    # The hash covers the resolved version: `latest` today and the same version pinned are one image.
+    assert latest.hash == images.recipe_for("test", {"codex": "0.180.0"}).hash != default.hash
+    assert len({default.hash, pinned.hash, latest.hash}) == 3
+    with pytest.raises(ValueError, match="unknown CLI provider"):
+        images.recipe_for("test", {"cursor": "1.0.0"})
+
+
+def test_a_latest_the_registry_cannot_resolve_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build_steps.shutil, "which", lambda _name: None)
+    with pytest.raises(images.VersionUnresolved, match="npm is not installed"):
+        images.recipe_for("test", {"gemini_cli": "latest"})
+
+
+def test_the_cli_versions_setting_and_option_parse_or_name_the_bad_item() -> None:
+    from polydev.config import PROVIDERS
+    from polydev.config.cli_versions import check_cli_versions, format_cli_versions, parse_cli_versions
+
+    parsed = parse_cli_versions(" claude_code=2.1.210, codex=latest ,")
+    assert parsed == {"claude_code": "2.1.210", "codex": "latest"}
+    assert parse_cli_versions(["gemini_cli=0.62.0-preview.1"]) == {"gemini_cli": "0.62.0-preview.1"}
+    assert format_cli_versions(parsed) == "claude_code=2.1.210,codex=latest"
+    for bad in ("codex", "codex=", "codex=^1.2.0", "codex=1.2", "=1.2.3", "codex=1.2.3;rm"):
+        with pytest.raises(ValueError, match="PROVIDER=VERSION"):
+            parse_cli_versions(bad)
+    with pytest.raises(ValueError, match="unknown provider"):
+        check_cli_versions({"cursor": "1.0.0"}, PROVIDERS)
+
+
+def test_image_build_refuses_a_bad_cli_option_before_building(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from polydev.cli import app
+
+    monkeypatch.setattr(images, "ensure", lambda *a, **k: pytest.fail("nothing may be built"))
+    result = CliRunner().invoke(app, ["image", "build", "--cli", "codex=not-a-version"])
+    assert result.exit_code == 2 and "PROVIDER=VERSION" in result.output

@@ -19,12 +19,15 @@ from polydev.vm import images
 app = typer.Typer(help="Build, list and test the golden VM image.", no_args_is_help=True)
 console = Console()
 STAGES = ["host packages", "kernel", "debootstrap", "node", "CLIs", "trim", "guest agent", "ext4", "done"]
-# The in-VM checks `image test` runs; background traffic off as CLI-FACTS.md says (and restrict=on blocks it).
+# The in-VM checks `image test` runs, by npm package; background traffic off as CLI-FACTS.md says (and
+# restrict=on blocks it). Each must print the version the image's manifest records.
 VERSION_CHECKS = {
-    "claude": ["claude", "--version"],
-    "codex": ["codex", "-c", "analytics.enabled=false", "--version"],
-    "gemini": ["gemini", "--version"],
+    "@anthropic-ai/claude-code": ["claude", "--version"],
+    "@openai/codex": ["codex", "-c", "analytics.enabled=false", "--version"],
+    "@google/gemini-cli": ["gemini", "--version"],
 }
+CLI_OPTION = typer.Option([], "--cli", metavar="PROVIDER=VERSION", help="a CLI's version in the image (an exact "
+                          "version or latest; repeatable), over POLYDEV_CLI_VERSIONS, e.g. codex=0.180.0")
 QUIET_ENV = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "GEMINI_CLI_TRUST_WORKSPACE": "true",
              "DISABLE_AUTOUPDATER": "1", "NO_UPDATE_NOTIFIER": "1"}
 GEMINI_SETTINGS = {"privacy": {"usageStatisticsEnabled": False}}
@@ -34,7 +37,19 @@ def _cache_dir() -> Path:
     return get_settings().cache_dir
 
 
-def build_with_progress(profile: str, rebuild: bool = False) -> tuple[images.Image, bool, float]:
+def cli_versions(cli: list[str]) -> dict[str, str]:
+    """POLYDEV_CLI_VERSIONS with the --cli options over it; a bad one ends the command with usage status 2."""
+    from polydev.config import PROVIDERS
+    from polydev.config.cli_versions import check_cli_versions, parse_cli_versions
+
+    try:
+        return {**get_settings().cli_versions, **check_cli_versions(parse_cli_versions(cli), PROVIDERS)}
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--cli") from None
+
+
+def build_with_progress(profile: str, rebuild: bool = False,
+                        versions: dict[str, str] | None = None) -> tuple[images.Image, bool, float]:
     started = time.monotonic()
     columns = (SpinnerColumn(), TextColumn("[bold]{task.fields[stage]:<13}"), BarColumn(bar_width=20),
                TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
@@ -51,20 +66,27 @@ def build_with_progress(profile: str, rebuild: bool = False) -> tuple[images.Ima
                 last_stage[0] = stage
                 console.print(f"{time.monotonic() - started:7.1f} s  {stage}: {line[:100]}")
 
-        image, built = images.ensure(_cache_dir(), profile, report, rebuild=rebuild)
+        try:
+            image, built = images.ensure(_cache_dir(), profile, report, rebuild=rebuild, versions=versions)
+        except images.VersionUnresolved as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from None
         bar.update(task, completed=len(STAGES), stage="done", description=str(image.dir))
     return image, built, time.monotonic() - started
 
 
 @app.command("build")
 def build(profile: str = typer.Option("test", help="test (no browser) or full (Xtigervnc + Chromium)"),
-          rebuild: bool = typer.Option(False, help="build even if the cache has this recipe")) -> None:
+          rebuild: bool = typer.Option(False, help="build even if the cache has this recipe"),
+          cli: list[str] = CLI_OPTION) -> None:
     """Build the image for a profile, or reuse the cached one when its recipe is unchanged."""
     if profile not in images.PROFILES:
         raise typer.BadParameter(f"choose one of {', '.join(images.PROFILES)}", param_hint="--profile")
-    image, built, seconds = build_with_progress(profile, rebuild)
+    image, built, seconds = build_with_progress(profile, rebuild, cli_versions(cli))
     verb = "built" if built else "reused from cache"
+    clis = ", ".join(f"{k.rsplit('/', 1)[-1]} {v}" for k, v in dict(image.manifest.get("clis") or {}).items())
     console.print(f"[green]{verb}[/] {profile} image {image.hash} in {seconds:.2f} s: {image.dir}")
+    console.print(f"CLIs: {clis}")
 
 
 @app.command("ls")
@@ -90,12 +112,15 @@ def ls(as_json: bool = typer.Option(False, "--json", help="machine-readable outp
 
 @app.command("test")
 def test(profile: str = typer.Option("test", help="which cached image to boot (built first if missing)"),
-         accel: str = typer.Option("auto", help="auto (KVM, else TCG), kvm or tcg")) -> None:
-    """Boot the image once, wait for the agent, run the three CLIs' --version inside, print the timings."""
+         accel: str = typer.Option("auto", help="auto (KVM, else TCG), kvm or tcg"),
+         cli: list[str] = CLI_OPTION) -> None:
+    """Boot the image once, wait for the agent, run the three CLIs' --version inside and check each reports
+    the version the image's manifest records; print the timings. Exits 1 when one does not."""
     from polydev.vm.backends.qemu.machine import QemuVM
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    image, _, _ = build_with_progress(profile)
+    image, _, _ = build_with_progress(profile, versions=cli_versions(cli))
+    expected = dict(image.manifest.get("clis") or {})
     failed = False
     with tempfile.TemporaryDirectory(prefix="polydev-image-test-") as tmp:
         vm = QemuVM(image, Path(tmp) / "vm", accel=accel, keep_console=False)
@@ -106,26 +131,36 @@ def test(profile: str = typer.Option("test", help="which cached image to boot (b
         try:
             with vm.client(timeout=120) as agent:
                 agent.put_file("/root/.gemini/settings.json", json.dumps(GEMINI_SETTINGS).encode(), 0o600)
-                table = Table("CLI", "exit", "seconds", "output")
-                for name, args in VERSION_CHECKS.items():
+                table = Table("CLI", "exit", "seconds", "expected", "output")
+                for package, args in VERSION_CHECKS.items():
                     with console.status(f"{' '.join(args)} …"):
                         result = agent.exec(args, env=QUIET_ENV, timeout_s=300)
-                    failed |= result.exit_code != 0
                     text = (result.stdout or result.stderr).decode(errors="replace").strip()
-                    table.add_row(name, str(result.exit_code), f"{result.duration_s:.1f}", text[:80])
+                    want = str(expected.get(package, "?"))
+                    ok = result.exit_code == 0 and reports_version(text, want)
+                    failed |= not ok
+                    table.add_row(args[0], str(result.exit_code), f"{result.duration_s:.1f}",
+                                  want if ok else f"[red]{want}[/]", text[:80])
                 if profile == "full":
                     with console.status("chromium --headless --dump-dom about:blank …"):
                         result = agent.exec(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
                                              "--no-first-run", "--disable-background-networking",
                                              "--dump-dom", "about:blank"], timeout_s=300)
                     failed |= result.exit_code != 0 or b"<html" not in result.stdout
-                    table.add_row("chromium", str(result.exit_code), f"{result.duration_s:.1f}",
+                    table.add_row("chromium", str(result.exit_code), f"{result.duration_s:.1f}", "",
                                   result.stdout.decode(errors="replace").strip()[:80])
                 console.print(table)
         finally:
             vm.stop()
     if failed:
         raise typer.Exit(1)
+
+
+def reports_version(output: str, version: str) -> bool:
+    """Whether a CLI's `--version` output names exactly `version` (2.1.19 is not 2.1.197)."""
+    import re
+
+    return re.search(rf"(?<![\w.]){re.escape(version)}(?![\w.])", output) is not None
 
 
 @app.command("rm")
@@ -139,5 +174,9 @@ def rm(image_hash: str) -> None:
 @app.command("prune")
 def prune() -> None:
     """Remove cached images and base trees that no current recipe uses (stop VMs on old images first)."""
-    removed = images.prune(_cache_dir())
+    try:
+        removed = images.prune(_cache_dir(), get_settings().cli_versions)
+    except images.VersionUnresolved as exc:
+        console.print(f"[red]error:[/] nothing removed: which image the settings use is not known: {exc}")
+        raise typer.Exit(1) from None
     console.print("\n".join(f"removed {name}" for name in removed) or "nothing to remove")

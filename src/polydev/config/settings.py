@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from polydev.config.cli_versions import CliVersions, check_cli_versions, format_cli_versions, parse_cli_versions
 from polydev.config.egress import AddressPool
 from polydev.config.forwards import GuestForward, format_guest_forwards, parse_guest_forwards
 from polydev.config.login_pool import LoginPoolSizes, check_login_pool, format_login_pool, parse_login_pool
@@ -124,6 +125,9 @@ class Settings(BaseSettings):
     # replaced: keep that below what the CLI and the provider allow a login (Codex's device code lasts 15
     # minutes) minus the user's time. (NoDecode: the environment value is this list syntax, not JSON.)
     login_pool: Annotated[LoginPoolSizes, NoDecode] = Field(default_factory=dict)
+    # POLYDEV_CLI_VERSIONS (config/cli_versions.py): the CLIs' versions in the image where they differ from the
+    # release's tested ones, e.g. `claude_code=2.1.210,codex=latest`.
+    cli_versions: Annotated[CliVersions, NoDecode] = Field(default_factory=dict, validation_alias="POLYDEV_CLI_VERSIONS")
     login_pool_max_age_seconds: int = Field(300, ge=30, le=3600, description="a pre-started login nobody "
                                             "took by then is ended and replaced")
     vnc_ticket_seconds: int = Field(30, ge=1, le=60, description="lifetime of a single-use VNC WebSocket ticket")
@@ -225,6 +229,16 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown provider(s) {', '.join(unknown)}; use {', '.join(PROVIDERS)}")
         return value
 
+    @field_validator("cli_versions", mode="before")
+    @classmethod
+    def _parse_cli_versions(cls, value: Any) -> Any:
+        return parse_cli_versions(value) if isinstance(value, str) else value
+
+    @field_validator("cli_versions")
+    @classmethod
+    def _check_cli_versions(cls, value: CliVersions) -> CliVersions:
+        return check_cli_versions(value, PROVIDERS)
+
     @field_validator("login_pool", mode="before")
     @classmethod
     def _parse_login_pool(cls, value: Any) -> Any:
@@ -276,11 +290,13 @@ class Settings(BaseSettings):
                 value = format_guest_forwards(value)
             elif name == "login_pool":
                 value = format_login_pool(value)
+            elif name == "cli_versions":
+                value = format_cli_versions(value)
             elif name == "egress_address_pool":
                 value = value.describe()
             elif name in ("egress_allow", "workspace_git_hosts"):
                 value = ",".join(value)
-            prefixed = name in ("data_dir", "cache_dir", "web_vendor_dir")  # their variables start POLYDEV_
+            prefixed = name in ("data_dir", "cache_dir", "web_vendor_dir", "cli_versions")  # their variables start POLYDEV_
             out[f"POLYDEV_{name.upper()}" if prefixed else name.upper()] = value
         out["DATABASE_URL"] = redact_url(self.effective_database_url)
         if self.redis_url is not None:

@@ -95,6 +95,34 @@ def _npm_env(npm_cache: Path) -> dict[str, str]:
             "npm_config_fund": "false", "npm_config_audit": "false"}
 
 
+def npm_view_version(package: str, tag: str, timeout: float) -> str:
+    """The version a dist-tag (`latest`) of `package` names in the npm registry now; VersionUnresolved saying
+    why when npm cannot tell."""
+    if shutil.which("npm") is None:
+        raise im.VersionUnresolved(f"{package}@{tag}: npm is not installed (Debian: apt-get install npm)")
+    try:
+        out = subprocess.run(["npm", "view", f"{package}@{tag}", "version", "--json"], capture_output=True,
+                             text=True, timeout=timeout, check=False, env={**os.environ, **_npm_env_base()})
+    except subprocess.TimeoutExpired:
+        raise im.VersionUnresolved(f"{package}@{tag}: the npm registry did not answer in {timeout:.0f} s") from None
+    try:
+        version = json.loads(out.stdout or "null")
+    except ValueError:
+        version = None
+    if isinstance(version, list):  # a range answers a list; a tag answers one
+        version = version[-1] if version else None
+    if out.returncode != 0 or not isinstance(version, str) or not re.match(r"^\d+\.\d+\.\d+", version):
+        said = [line.removeprefix("npm error").strip() for line in out.stderr.splitlines()
+                if line.strip() and "complete log" not in line]
+        detail = " / ".join(said[:2]) or "no version in its answer"
+        raise im.VersionUnresolved(f"{package}@{tag}: npm view failed: {detail[:300]}")
+    return version
+
+
+def _npm_env_base() -> dict[str, str]:
+    return {"npm_config_update_notifier": "false", "npm_config_fund": "false", "npm_config_audit": "false"}
+
+
 def node(root: Path, recipe: im.Recipe, npm_cache: Path, work: Path, progress: Progress) -> None:
     name, version = recipe.node
     run(["npm", "pack", f"{name}@{version}", "--pack-destination", work], env=_npm_env(npm_cache), cwd=work,

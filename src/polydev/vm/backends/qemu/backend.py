@@ -58,7 +58,10 @@ class QemuBackend:
 
         if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
             raise BackendUnavailable("QEMU is not installed (Debian: apt-get install qemu-system-x86 qemu-utils)")
-        image = images.find(settings.cache_dir, images.recipe_for(settings.vm_image_profile))
+        try:
+            image = images.find_configured(settings.cache_dir, settings.vm_image_profile, settings.cli_versions)
+        except images.VersionUnresolved as exc:
+            raise BackendUnavailable(f"the image's CLI versions (POLYDEV_CLI_VERSIONS): {exc}") from None
         if image is None:
             raise BackendUnavailable(f"no {settings.vm_image_profile} image in {settings.cache_dir}: run "
                                      f"`polydev image build --profile {settings.vm_image_profile}`")
