@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -300,3 +301,41 @@ async def test_tap_mode_needs_root_and_builds_a_slot_pool_of_its_own(tmp_path: P
             build_vm_engine(svc, lambda _s: FakeBackend())
     finally:
         await svc.close()
+
+
+async def test_admins_see_the_image_in_use_the_active_one_and_the_registrys_versions(
+        vm_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from polydev.api.routes import images as images_route
+    from polydev.vm import image_updates, images
+    from tests.support.image_fakes import fake_built
+
+    cache = vm_api.services.settings.cache_dir
+    in_use = fake_built(cache, images.recipe_for("test"))
+    newer = fake_built(cache, images.recipe_for("test", {"codex": "0.180.0"}))
+    image_updates.activate(cache, newer)
+    (images.images_dir(cache) / ".build-feedfacefeedface-42").mkdir()
+    info = fake(vm_api).describe()
+    monkeypatch.setattr(FakeBackend, "describe", lambda self: replace(info, image_hash=in_use.hash))
+    monkeypatch.setattr(vm_api.services.settings, "vm_image_profile", "test")
+    asked: list[str] = []
+
+    def registry(package: str) -> str:
+        asked.append(package)
+        return "0.180.0" if package == "@openai/codex" else dict(images.CLI_PACKAGES)[package]
+
+    monkeypatch.setattr(images, "npm_latest", registry)
+    images_route._registry.clear()
+    h = vm_api.auth(vm_api.admin_token)
+    body = (await vm_api.client.get("/api/images", headers=h)).json()
+    assert body["in_use"]["hash"] == in_use.hash and body["active"]["hash"] == newer.hash
+    assert body["active"]["clis"]["@openai/codex"] == "0.180.0"
+    assert body["building"] == [".build-feedfacefeedface-42"] and body["updates"] is None and asked == []
+    body = (await vm_api.client.get("/api/images", params={"check": "true"}, headers=h)).json()
+    assert {u["package"]: u["newer"] for u in body["updates"]} == {
+        "@anthropic-ai/claude-code": False, "@openai/codex": True, "@google/gemini-cli": False}
+    assert len(asked) == 3
+    again = (await vm_api.client.get("/api/images", headers=h)).json()  # the registry's answer is kept a while
+    assert again["updates"] == body["updates"] and len(asked) == 3
+    _, user_token = await vm_api.new_user()
+    refused = await vm_api.client.get("/api/images", headers=vm_api.auth(user_token))
+    assert refused.status_code == 403

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from polydev.vm import build_steps, images
-
-
-def fake_image(cache: Path, recipe: images.Recipe) -> Path:
-    d = images.images_dir(cache) / recipe.hash
-    d.mkdir(parents=True)
-    for name in (images.ROOTFS, images.KERNEL, images.INITRD):
-        (d / name).write_bytes(b"x")
-    (d / images.MANIFEST).write_text(json.dumps({"recipe": recipe.to_json(), "built_at": "2026-01-01T00:00:00Z"}))
-    return d
+from tests.support.image_fakes import fake_built, fake_image
 
 
 def test_hash_is_stable_and_covers_the_recipe() -> None:
@@ -140,3 +131,58 @@ def test_image_build_refuses_a_bad_cli_option_before_building(monkeypatch: pytes
     monkeypatch.setattr(images, "ensure", lambda *a, **k: pytest.fail("nothing may be built"))
     result = CliRunner().invoke(app, ["image", "build", "--cli", "codex=not-a-version"])
     assert result.exit_code == 2 and "PROVIDER=VERSION" in result.output
+
+
+def test_the_active_image_is_used_unless_versions_are_pinned_and_prune_keeps_it(tmp_path: Path) -> None:
+    from polydev.vm import image_updates
+
+    tested = fake_built(tmp_path, images.recipe_for("test"))
+    newer = fake_built(tmp_path, images.recipe_for("test", {"codex": "0.180.0"}))
+    pinned = fake_built(tmp_path, images.recipe_for("test", {"gemini_cli": "0.62.0"}))
+    assert image_updates.in_use(tmp_path, "test").dir == tested.dir  # type: ignore[union-attr]
+    image_updates.activate(tmp_path, newer)
+    assert image_updates.active(tmp_path, "test").dir == newer.dir  # type: ignore[union-attr]
+    assert image_updates.active(tmp_path, "full") is None
+    assert image_updates.in_use(tmp_path, "test").dir == newer.dir  # type: ignore[union-attr]
+    # Explicit configuration wins over the active image.
+    assert image_updates.in_use(tmp_path, "test", {"gemini_cli": "0.62.0"}).dir == pinned.dir  # type: ignore[union-attr]
+    removed = images.prune(tmp_path, also_keep=(newer,))
+    assert removed == [f"images/{pinned.hash}"] and tested.dir.is_dir() and newer.dir.is_dir()
+    # A pointer to an image no longer in the cache (or a damaged one) is ignored, not followed.
+    images.remove(tmp_path, newer.hash)
+    assert image_updates.in_use(tmp_path, "test").dir == tested.dir  # type: ignore[union-attr]
+    image_updates.pointer(tmp_path, "test").write_text('{"hash": "../../etc"}')
+    assert image_updates.active(tmp_path, "test") is None
+
+
+def test_updates_compare_the_image_with_the_registry() -> None:
+    from polydev.vm import image_updates
+
+    image = images.Image(dir=Path("/nonexistent"), manifest={"clis": dict(images.CLI_PACKAGES)})
+    latest = {"@anthropic-ai/claude-code": "2.1.197", "@openai/codex": "0.180.0", "@google/gemini-cli": "0.61.0"}
+    found = image_updates.updates(image, resolve=latest.__getitem__)
+    assert [(u.provider, u.newer) for u in found] == [("claude_code", False), ("codex", True), ("gemini_cli", False)]
+    assert image_updates.latest_versions(found) == {"claude_code": "2.1.197", "codex": "0.180.0",
+                                                    "gemini_cli": "0.61.0"}
+    assert all(u.newer for u in image_updates.updates(None, resolve=latest.__getitem__))
+
+
+def test_image_update_check_reports_and_builds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from polydev.cli import app
+    from polydev.config import get_settings
+
+    fake_built(tmp_path, images.recipe_for("test"))
+    monkeypatch.setenv("POLYDEV_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("POLYDEV_CLI_VERSIONS", raising=False)
+    get_settings.cache_clear()
+    monkeypatch.setattr(images, "npm_latest", lambda package: "0.180.0" if package == "@openai/codex"
+                        else dict(images.CLI_PACKAGES)[package])
+    monkeypatch.setattr(images, "ensure", lambda *a, **k: pytest.fail("--check builds nothing"))
+    try:
+        result = CliRunner().invoke(app, ["image", "update", "--check", "--profile", "test"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert "0.180.0" in result.output and "newer" in result.output and "up to date" not in result.output

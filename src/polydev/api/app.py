@@ -28,6 +28,7 @@ from polydev.api.routes import (
     credentials,
     egress,
     health,
+    images,
     login_sessions,
     quotas,
     runs,
@@ -106,7 +107,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     install_error_handlers(app)
     for router in (health.router, users.router, credentials.router, login_sessions.router, vnc.router,
                    runs.router, vms.router, egress.router, quotas.router, sandboxes.router, workspaces.router,
-                   e2b_control.router):
+                   images.router, e2b_control.router):
         app.include_router(router)
     install_dashboard(app, settings, error_response)  # after the API: its /app catch-all must not shadow a route
     # Outermost first: observe everything (413s and 408s included), then enforce the size and time limits, then

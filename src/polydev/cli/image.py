@@ -116,10 +116,17 @@ def test(profile: str = typer.Option("test", help="which cached image to boot (b
          cli: list[str] = CLI_OPTION) -> None:
     """Boot the image once, wait for the agent, run the three CLIs' --version inside and check each reports
     the version the image's manifest records; print the timings. Exits 1 when one does not."""
-    from polydev.vm.backends.qemu.machine import QemuVM
-
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     image, _, _ = build_with_progress(profile, versions=cli_versions(cli))
+    if not check_image(image, accel):
+        raise typer.Exit(1)
+
+
+def check_image(image: images.Image, accel: str = "auto") -> bool:
+    """Boot `image`, run each CLI's --version (and Chromium for `full`) in it; print the table; True when all
+    started and reported the manifest's versions."""
+    from polydev.vm.backends.qemu.machine import QemuVM
+
     expected = dict(image.manifest.get("clis") or {})
     failed = False
     with tempfile.TemporaryDirectory(prefix="polydev-image-test-") as tmp:
@@ -141,7 +148,7 @@ def test(profile: str = typer.Option("test", help="which cached image to boot (b
                     failed |= not ok
                     table.add_row(args[0], str(result.exit_code), f"{result.duration_s:.1f}",
                                   want if ok else f"[red]{want}[/]", text[:80])
-                if profile == "full":
+                if image.profile == "full":
                     with console.status("chromium --headless --dump-dom about:blank …"):
                         result = agent.exec(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
                                              "--no-first-run", "--disable-background-networking",
@@ -152,8 +159,47 @@ def test(profile: str = typer.Option("test", help="which cached image to boot (b
                 console.print(table)
         finally:
             vm.stop()
-    if failed:
+    return not failed
+
+
+@app.command("update")
+def update(profile: str = typer.Option(None, help="the profile to follow (default: VM_IMAGE_PROFILE)"),
+           check: bool = typer.Option(False, "--check", help="only report what the npm registry has"),
+           accel: str = typer.Option("auto", help="for the image's test: auto (KVM, else TCG), kvm or tcg")) -> None:
+    """Follow the CLIs: ask the npm registry for newer versions, build an image with them, test it (every CLI
+    starts and reports its version) and only then make it the active image, which servers use from their
+    next start. A failed build or test leaves the active image as it was. Exits 0 when up to date or updated."""
+    from polydev.vm import image_updates
+
+    settings = get_settings()
+    profile = profile or settings.vm_image_profile
+    if settings.cli_versions:
+        console.print("[yellow]note:[/] POLYDEV_CLI_VERSIONS pins versions; servers use those, not the active "
+                      "image, until it is unset")
+    current = image_updates.in_use(_cache_dir(), profile)
+    try:
+        found = image_updates.updates(current)
+    except images.VersionUnresolved as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    table = Table("CLI", "in use", "latest", "")
+    for u in found:
+        table.add_row(u.package, u.current or "-", u.latest, "[green]newer[/]" if u.newer else "")
+    console.print(f"{profile} image in use: {current.hash if current else 'none built'}")
+    console.print(table)
+    if not any(u.newer for u in found):
+        console.print("up to date")
+        return
+    if check:
+        return
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    image, _, _ = build_with_progress(profile, versions=image_updates.latest_versions(found))
+    if not check_image(image, accel):
+        console.print(f"[red]the new image {image.hash} failed its test:[/] the active image is unchanged")
         raise typer.Exit(1)
+    image_updates.activate(_cache_dir(), image)
+    console.print(f"[green]active:[/] {profile} image {image.hash}; servers use it from their next start "
+                  "(`polydev image prune` then removes what no server uses)")
 
 
 def reports_version(output: str, version: str) -> bool:
@@ -175,7 +221,10 @@ def rm(image_hash: str) -> None:
 def prune() -> None:
     """Remove cached images and base trees that no current recipe uses (stop VMs on old images first)."""
     try:
-        removed = images.prune(_cache_dir(), get_settings().cli_versions)
+        from polydev.vm import image_updates
+
+        active = tuple(i for p in images.PROFILES if (i := image_updates.active(_cache_dir(), p)) is not None)
+        removed = images.prune(_cache_dir(), get_settings().cli_versions, also_keep=active)
     except images.VersionUnresolved as exc:
         console.print(f"[red]error:[/] nothing removed: which image the settings use is not known: {exc}")
         raise typer.Exit(1) from None

@@ -71,11 +71,11 @@ def image_checks(settings: Settings) -> list[Check]:
         else:
             checks.append(_check("kernel", kernel_problem(kernel), f"kernel {kernel}"))
         return checks
-    from polydev.vm import images
+    from polydev.vm import image_updates, images
 
     profile = settings.vm_image_profile
     try:
-        found = images.find_configured(settings.cache_dir, profile, settings.cli_versions)
+        found = image_updates.in_use(settings.cache_dir, profile, settings.cli_versions)
     except images.VersionUnresolved as exc:
         return [Check("image", "fail", f"the image's CLI versions (POLYDEV_CLI_VERSIONS): {exc}")]
     others = ", ".join(f"{i.profile} {i.hash}" for i in images.list_images(settings.cache_dir)) or "none"

@@ -127,7 +127,8 @@ class VMEngine:
         info = self.backend.describe()
         return EngineInfo(backend=self.backend.name, accel=info.accel,
                           network_mode="tap" if self.network is not None else "user",
-                          image_packages=info.image_packages, image_clis=info.image_clis, pool=self.pool.view())
+                          image_packages=info.image_packages, image_clis=info.image_clis, image_hash=info.image_hash,
+                          pool=self.pool.view())
 
     # -- create / destroy ---------------------------------------------------------------------------------
     async def create(self, user_id: uuid.UUID | None, purpose: Purpose = "cli",

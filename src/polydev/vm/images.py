@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from polydev.vm import proc
 
@@ -75,6 +76,12 @@ class Recipe:
     def to_json(self) -> dict[str, object]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Recipe:
+        """The recipe an image's manifest records (same hash)."""
+        return cls(**{**data, "packages": tuple(data["packages"]), "node": tuple(data["node"]),
+                      "clis": tuple((str(p), str(v)) for p, v in data["clis"])})
+
     @property
     def hash(self) -> str:
         canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
@@ -114,9 +121,10 @@ def npm_latest(package: str) -> str:
 
 
 def cli_versions(overrides: Mapping[str, str] | None = None,
-                 resolve: Callable[[str], str] = npm_latest) -> tuple[tuple[str, str], ...]:
+                 resolve: Callable[[str], str] | None = None) -> tuple[tuple[str, str], ...]:
     """The image's CLIs as (package, version): the tested versions, with `overrides` (provider → version or
-    "latest") in their place; `latest` is resolved by `resolve(package)`."""
+    "latest") in their place; `latest` is resolved by `resolve(package)` (default: the npm registry)."""
+    resolve = resolve or npm_latest
     wanted = dict(overrides or {})
     unknown = sorted(set(wanted) - set(CLI_PROVIDERS))
     if unknown:
@@ -130,7 +138,7 @@ def cli_versions(overrides: Mapping[str, str] | None = None,
 
 
 def recipe_for(profile: str, versions: Mapping[str, str] | None = None,
-               resolve: Callable[[str], str] = npm_latest) -> Recipe:
+               resolve: Callable[[str], str] | None = None) -> Recipe:
     """The recipe for `profile`, with the CLI versions asked for (config/cli_versions.py) resolved."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -299,13 +307,15 @@ def remove(cache_dir: Path, image_hash: str) -> bool:
     return True
 
 
-def prune(cache_dir: Path, versions: Mapping[str, str] | None = None) -> list[str]:
-    """Remove images and base trees that no current recipe (with the CLI `versions` the settings ask for) uses.
-    Manual only: a running VM's overlay may still have an old image as its backing file, so nothing prunes
-    behind the operator's back."""
+def prune(cache_dir: Path, versions: Mapping[str, str] | None = None, also_keep: tuple[Image, ...] = ()
+          ) -> list[str]:
+    """Remove images and base trees that no current recipe (with the CLI `versions` the settings ask for) uses,
+    nor `also_keep` (the active images). Manual only: a running VM's overlay may still have an old image as its
+    backing file, so nothing prunes behind the operator's back."""
     recipes = [recipe_for(profile, versions) for profile in PROFILES]
-    keep_images = {r.hash for r in recipes}
-    keep_bases = {base_hash(r) for r in recipes}
+    kept = [Recipe.from_json(i.manifest["recipe"]) for i in also_keep]  # type: ignore[arg-type]
+    keep_images = {r.hash for r in recipes} | {i.hash for i in also_keep}
+    keep_bases = {base_hash(r) for r in [*recipes, *kept]}
     removed = []
     for root, keep in ((images_dir(cache_dir), keep_images), (cache_dir / "base", keep_bases)):
         if not root.is_dir():

@@ -81,6 +81,7 @@ class BackendInfo:
     image_packages: frozenset[str] = frozenset()
     # The CLIs in the guest image, npm package → version (its manifest); empty when it has none.
     image_clis: Mapping[str, str] = field(default_factory=dict)
+    image_hash: str | None = None  # the guest image's recipe hash, when it has one
     # Where its guests reach the egress gateway (IP:PORT) when it forwards them there; None: it does not.
     egress_guest_address: str | None = None
 
@@ -150,6 +151,7 @@ class EngineInfo:
     network_mode: Literal["user", "tap"]
     image_packages: frozenset[str] = frozenset()
     image_clis: Mapping[str, str] = field(default_factory=dict)  # npm package → version, from the manifest
+    image_hash: str | None = None
     pool: PoolView = field(default_factory=lambda: PoolView(0, ()))
 
     @property

@@ -74,10 +74,10 @@ def rootfs_for(settings: Any) -> Path | str:
     if settings.firecracker_golden_rootfs is not None:
         rootfs: Path = settings.firecracker_golden_rootfs
         return rootfs if rootfs.is_file() else f"FIRECRACKER_GOLDEN_ROOTFS {rootfs} does not exist"
-    from polydev.vm import images
+    from polydev.vm import image_updates, images
 
     try:
-        image = images.find_configured(settings.cache_dir, settings.vm_image_profile, settings.cli_versions)
+        image = image_updates.in_use(settings.cache_dir, settings.vm_image_profile, settings.cli_versions)
     except images.VersionUnresolved as exc:
         return f"the image's CLI versions (POLYDEV_CLI_VERSIONS): {exc}"
     if image is None:

@@ -53,13 +53,13 @@ class QemuBackend:
 
     @classmethod
     def from_settings(cls, settings: Any) -> QemuBackend:
-        from polydev.vm import images
+        from polydev.vm import image_updates, images
         from polydev.vm.backends import BackendUnavailable
 
         if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
             raise BackendUnavailable("QEMU is not installed (Debian: apt-get install qemu-system-x86 qemu-utils)")
         try:
-            image = images.find_configured(settings.cache_dir, settings.vm_image_profile, settings.cli_versions)
+            image = image_updates.in_use(settings.cache_dir, settings.vm_image_profile, settings.cli_versions)
         except images.VersionUnresolved as exc:
             raise BackendUnavailable(f"the image's CLI versions (POLYDEV_CLI_VERSIONS): {exc}") from None
         if image is None:
@@ -92,6 +92,7 @@ class QemuBackend:
         clis = self.image.manifest.get("clis", {})
         return BackendInfo(accel=self.accel, image_packages=frozenset(packages if isinstance(packages, dict) else ()),
                            image_clis={str(k): str(v) for k, v in clis.items()} if isinstance(clis, dict) else {},
+                           image_hash=self.image.hash,
                            egress_guest_address=self.egress_guest_address)
 
     def console_log(self, workdir: Path) -> Path:
