@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from polydev.config import Settings
 from polydev.core.cluster import Cluster
 from polydev.core.egress_admin import EgressAdmin
+from polydev.core.image_follow import ImageFollower
 from polydev.core.login_browser import LoginBrowser
 from polydev.core.login_flow import LoginFlow
 from polydev.core.login_sessions import LoginSessions
@@ -104,6 +105,7 @@ class Services:
     sandboxes: Sandboxes = None  # type: ignore[assignment]
     sandbox_procs: ProcessTable = field(default_factory=ProcessTable)
     workspaces: Workspaces = None  # type: ignore[assignment]
+    image_follower: ImageFollower | None = None  # once the engine runs: follows `polydev image update`
 
     def engine_or_reason(self) -> tuple[VMEngine | None, str | None]:
         return self.engine, self.engine_unavailable
@@ -153,6 +155,8 @@ class Services:
         await self.login_flow.close()
         await self.run_flow.close()
         await self.workspaces.close()  # (after the turns ended: pauses its running VMs, before the engine goes)
+        if self.image_follower is not None:
+            await self.image_follower.close()
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await engine.close()
@@ -361,6 +365,11 @@ async def start_vm_engine(services: Services, backend_factory: BackendFactory | 
     engine.start_pool()
     services.login_flow.start_pool()
     services.engine = engine
+    services.image_follower = ImageFollower(
+        lambda: services.engine, services.login_flow.renew_pool, cache_dir=services.settings.cache_dir,
+        data_dir=services.settings.data_dir, profile=services.settings.vm_image_profile,
+        pinned=bool(services.settings.cli_versions))
+    services.image_follower.start()
     services.engine_unavailable = None
     log.info("vm_engine_started", backend=engine.backend.name, network_mode=services.settings.network_mode,
              accel=engine.describe().accel, reclaimed=counts)

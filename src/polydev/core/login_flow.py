@@ -193,6 +193,13 @@ class LoginFlow(VmFlow):
         await self.pool.close()
         await end_all([x for x in list(self._pooled) if x.session_id is None])
 
+    async def renew_pool(self) -> int:
+        """End the pre-started logins nobody has taken (their VMs are of an image the engine no longer starts);
+        the pool starts new ones. Logins users hold go on. Returns how many were ended."""
+        idle = [x for x in list(self._pooled) if x.session_id is None]
+        await end_all(idle)
+        return len(idle)
+
     def _prestart(self, provider: str, method: str) -> Login | None:
         """One login driven, for nobody, up to its URL; it waits there for a user (or its max age)."""
         engine, _ = self._engine()

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from polydev.vm.agent_client import AgentClient
 from polydev.vm.engine import VM, Purpose
+from polydev.vm.images import Image
 from polydev.vm.types import EngineInfo
 
 
@@ -44,6 +45,11 @@ class VmPort(Protocol):
 
     def describe(self) -> EngineInfo:
         """The backend, its acceleration and network mode, and what its guest image holds."""
+        ...
+
+    async def switch_image(self, image: Image) -> int:
+        """New VMs (the warm pool's too) from `image`; returns how many pooled VMs were replaced. ValueError
+        when the backend cannot switch while it runs."""
         ...
 
     def runs_here(self, vm_id: uuid.UUID) -> bool:

@@ -60,6 +60,7 @@ from polydev.vm.types import (
 
 if TYPE_CHECKING:
     from polydev.vm.agent_client import AgentClient
+    from polydev.vm.images import Image
 
 __all__ = ["VM", "Backend", "EngineInfo", "PoolPrepare", "Purpose", "Started", "VMCapacityError", "VMCreateError",
            "VMEngine", "VMSpec", "engine_tag", "find_marked_processes", "marker_for"]
@@ -396,6 +397,20 @@ class VMEngine:
 
         url, token = self.agent_endpoint(vm_id)
         return AgentClient(url, token, timeout=timeout)
+
+    # -- the guest image (polydev.vm.image_updates) ---------------------------------------------------------
+    async def switch_image(self, image: Image) -> int:
+        """New VMs from `image` from now on, the warm pool's too: its ready VMs (of the old image) are replaced.
+        VMs in use run on; returns how many pooled VMs were replaced. ValueError when the backend cannot."""
+        use = getattr(self.backend, "use_image", None)
+        if use is None:
+            raise ValueError(f"the {self.backend.name} backend cannot switch images while it runs")
+        use(image)
+        old = list(self.pool.ready)
+        for vm_id in old:
+            await self.destroy(vm_id)  # (the pool refills from the new image)
+        log.info("image_switched", image=image.hash, pooled_replaced=len(old))
+        return len(old)
 
     # -- hibernation (polydev.vm.hibernation) -------------------------------------------------------------
     async def hibernate(self, vm_id: uuid.UUID, memory: bool = True) -> str:

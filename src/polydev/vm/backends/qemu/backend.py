@@ -87,6 +87,11 @@ class QemuBackend:
             return "tcg"
         return "kvm" if usable else "kvm (untested)"
 
+    def use_image(self, image: Image) -> None:
+        """New VMs start from `image` (its own snapshot, made by the next VM of a size); running and
+        hibernated VMs keep theirs (their disks' base and their wake, from their metadata)."""
+        self.image = image
+
     def describe(self) -> BackendInfo:
         packages = self.image.manifest.get("debian_packages", {})
         clis = self.image.manifest.get("clis", {})
@@ -226,7 +231,10 @@ class QemuBackend:
         egress = ((self.egress_guest_address, spec.egress_socket)
                   if self.egress_guest_address and spec.egress_socket is not None else None)
         backing = (Path(meta["backing"][0]), meta["backing"][1]) if meta["backing"] else None
-        vm = QemuVM(self.image, spec.workdir, token=spec.token, vcpus=meta["vcpus"], memory_mb=meta["memory_mb"],
+        # It wakes on the image it was started from (its kernel, its disk's base), even after the server
+        # switched to a newer one (vm/image_updates.py); that one only if its own is gone.
+        image = (Image.load(Path(meta["image"])) if meta.get("image") else None) or self.image
+        vm = QemuVM(image, spec.workdir, token=spec.token, vcpus=meta["vcpus"], memory_mb=meta["memory_mb"],
                     accel=meta["accel"], name=spec.marker, slot=spec.slot, backing=backing,
                     guest_forwards=self.guest_forwards, egress=egress, deadline=spec.deadline,
                     ram_file=(Path(meta["ram_file"]), False) if meta["ram_file"] else None)
@@ -261,7 +269,7 @@ class QemuBackend:
 def _disk_meta(vm: QemuVM) -> dict[str, Any]:
     """What a VM's disk is and the machine it ran in: enough to start it again from the overlay."""
     return {"vcpus": vm.vcpus, "memory_mb": vm.memory_mb, "accel": vm.accel, "vnc": bool(vm.vnc_port),
-            "backing": [str(vm.backing[0]), vm.backing[1]] if vm.backing else None}
+            "backing": [str(vm.backing[0]), vm.backing[1]] if vm.backing else None, "image": str(vm.image.dir)}
 
 
 def _write_disk_meta(vm: QemuVM) -> None:
