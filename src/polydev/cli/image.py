@@ -167,8 +167,9 @@ def update(profile: str = typer.Option(None, help="the profile to follow (defaul
            check: bool = typer.Option(False, "--check", help="only report what the npm registry has"),
            accel: str = typer.Option("auto", help="for the image's test: auto (KVM, else TCG), kvm or tcg")) -> None:
     """Follow the CLIs: ask the npm registry for newer versions, build an image with them, test it (every CLI
-    starts and reports its version) and only then make it the active image, which servers use from their
-    next start. A failed build or test leaves the active image as it was. Exits 0 when up to date or updated."""
+    starts and reports its version) and only then make it the active image: running servers switch to it
+    within seconds, with no downtime (work in progress finishes on the old one). A failed build or test leaves
+    the active image as it was. Exits 0 when up to date or updated."""
     from polydev.vm import image_updates
 
     settings = get_settings()
@@ -198,8 +199,8 @@ def update(profile: str = typer.Option(None, help="the profile to follow (defaul
         console.print(f"[red]the new image {image.hash} failed its test:[/] the active image is unchanged")
         raise typer.Exit(1)
     image_updates.activate(_cache_dir(), image)
-    console.print(f"[green]active:[/] {profile} image {image.hash}; servers use it from their next start "
-                  "(`polydev image prune` then removes what no server uses)")
+    console.print(f"[green]active:[/] {profile} image {image.hash}; running servers switch to it within 15 s "
+                  "(new VMs; work in progress finishes on the old image, which is removed once unused)")
 
 
 def reports_version(output: str, version: str) -> bool:

@@ -2,9 +2,9 @@
 
 The active image of a profile is the one `polydev image update` built, tested and made active: a pointer file
 `images/active-<profile>.json` beside the images, written last (atomically) once the image has passed its
-test, so a failed build or test leaves the one in use untouched. The server uses it unless
-POLYDEV_CLI_VERSIONS pins versions (then those are the image: explicit configuration wins); with neither, the
-release's tested versions (vm/images.py).
+test, so a failed build or test leaves the one in use untouched. A server uses it from its start, and a
+running one switches to it (core/image_follow.py), unless POLYDEV_CLI_VERSIONS pins versions (then those are
+the image: explicit configuration wins); with neither, the release's tested versions (vm/images.py).
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ class UpdateOut(BaseModel):
 class ImagesOut(BaseModel):
     profile: str
     in_use: ImageOut | None = Field(None, description="the image this server's new VMs start from")
-    active: ImageOut | None = Field(None, description="the image `polydev image update` made active (used from "
-                                    "a server's next start unless POLYDEV_CLI_VERSIONS pins versions)")
+    active: ImageOut | None = Field(None, description="the image `polydev image update` made active (servers "
+                                    "switch to it within 15 s unless POLYDEV_CLI_VERSIONS pins versions)")
     building: list[str] = Field(description="image builds in progress in the cache (their work directories)")
     cached: list[ImageOut]
     updates: list[UpdateOut] | None = Field(None, description="each CLI in use beside the registry's latest; "
