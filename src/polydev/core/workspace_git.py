@@ -22,7 +22,6 @@ from polydev.egress.policy import host_matches
 from polydev.providers.base import GUEST_CA_PATH
 from polydev.vm.agent_client import AgentClient
 
-GIT_TIMEOUT_S = 600
 # The system's trust store and the operator's extra CA (GUEST_CA_CERT_FILE), one file for git to trust.
 CA_BUNDLE = "/usr/local/share/polydev/git-ca.pem"
 SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -55,7 +54,11 @@ def parse_remote(url: str, branch: str | None, allowed_hosts: tuple[str, ...]) -
     host = (parts.hostname or "").lower()
     if not host or not parts.path.strip("/"):
         raise GitUrlError("the repository URL names no host or no repository path")
-    if parts.port not in (None, 443):
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        port = -1
+    if port not in (None, 443):
         raise GitUrlError("the repository must be served on port 443")
     if parts.query or parts.fragment:
         raise GitUrlError("the repository URL may not have a query or fragment")
