@@ -266,6 +266,10 @@ async def terminal_socket(websocket: WebSocket, workspace_id: uuid.UUID, ticket:
     except WorkspaceError as exc:
         await websocket.close(CLOSE_UNAVAILABLE, str(exc)[:120])
         return
+    except Exception as exc:  # noqa: BLE001 - the VM's agent failed under us: say so, not a bare drop
+        log.warning("terminal_failed", workspace_id=str(workspace_id), error=str(exc) or type(exc).__name__)
+        await websocket.close(CLOSE_LOST, "terminal_lost")
+        return
     log.info("terminal_open", workspace_id=str(workspace_id))
     try:
         code, reason = await _bridge_terminal(websocket, term)
