@@ -16,6 +16,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import httpx
 import pytest
@@ -231,6 +233,127 @@ def test_admin_lists_and_destroys_vms(page: Page, server: LiveServer, admin: Pol
     row.get_by_role("button", name=re.compile("^Destroy")).click()
     expect(row).to_have_count(0)
     assert admin.vm(vm["id"])["status"] == "destroyed"
+
+
+IN_USE = {"hash": "a1" * 32, "profile": "default", "built_at": "2025-10-01T09:30:00Z",
+          "clis": {"@anthropic-ai/claude-code": "2.0.14", "@openai/codex": "0.46.0", "@google/gemini-cli": "0.8.2"}}
+ACTIVE = {**IN_USE, "hash": "b2" * 32, "built_at": "2025-10-02T10:00:00Z",
+          "clis": {**IN_USE["clis"], "@openai/codex": "0.47.0"}}
+UPDATES = [{"provider": "claude_code", "package": "@anthropic-ai/claude-code", "current": "2.0.14",
+            "latest": "2.0.14", "newer": False},
+           {"provider": "codex", "package": "@openai/codex", "current": "0.46.0", "latest": "0.47.0", "newer": True},
+           {"provider": "gemini_cli", "package": "@google/gemini-cli", "current": "0.8.2", "latest": "0.8.2",
+            "newer": False}]
+REGISTRY_DOWN = "@openai/codex@latest: the npm registry did not answer in 60 s"
+
+
+class ImagesApi:
+    """GET /api/images[?check=true] (api/routes/images.py) answered in the browser: this server has no image, so
+    its answer has none in use. `checks` are the answers to ?check=true in turn (an int: that HTTP error)."""
+
+    def __init__(self, checks: list[dict[str, Any] | int]) -> None:
+        self.base = {"profile": "default", "in_use": IN_USE, "active": ACTIVE, "building": [".build-feedface-42"],
+                     "cached": [IN_USE, ACTIVE], "updates": None, "updates_error": None, "checked_at": None}
+        self.checks = checks
+        self.calls: list[tuple[dict[str, list[str]], str | None]] = []  # (query, Authorization)
+
+    def install(self, page: Page) -> None:
+        page.route(lambda url: urlparse(url).path == "/api/images", self._answer)
+
+    def _answer(self, route: Any) -> None:
+        query = parse_qs(urlparse(route.request.url).query)
+        self.calls.append((query, route.request.headers.get("authorization")))
+        if query.get("check") != ["true"]:
+            route.fulfill(json=self.base)
+            return
+        answer = self.checks.pop(0)
+        if isinstance(answer, int):
+            route.fulfill(status=answer, json={"error": {"code": "bad_gateway", "message": "the images went away"}})
+            return
+        route.fulfill(json={**self.base, **answer, "checked_at": time.time()})
+
+
+def test_admin_image_in_use_active_and_updates(page: Page, server: LiveServer, other_token: str) -> None:
+    stub = ImagesApi([{"updates": UPDATES}, {"updates_error": REGISTRY_DOWN}, 502])
+    stub.install(page)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    sign_in(page, server.url, server.admin_token)
+    page.get_by_role("link", name="Admin").click()
+    section = page.get_by_role("region", name="Image")
+
+    # The image in use: its hash, when it was built, each CLI's version.
+    in_use = section.locator('dl[data-image="in-use"]')
+    expect(in_use.locator("[data-hash]")).to_have_text(IN_USE["hash"])
+    expect(in_use.locator('dd[title="2025-10-01T09:30:00Z"]')).to_be_visible()
+    for package, version in IN_USE["clis"].items():
+        expect(in_use.locator(f'li[data-package="{package}"] [data-version]')).to_have_text(version)
+    # The active one is another: said, with how servers follow it.
+    expect(section.locator("[data-active-note]")).to_contain_text("servers switch to it within 15 s")
+    active = section.locator('dl[data-image="active"]')
+    expect(active.locator("[data-hash]")).to_have_text(ACTIVE["hash"])
+    expect(active.locator('li[data-package="@openai/codex"] [data-version]')).to_have_text("0.47.0")
+    expect(section.locator("[data-building]")).to_have_text("Builds in progress: .build-feedface-42")
+    expect(section).to_contain_text("Not checked yet.")
+    expect(section).to_contain_text("polydev image update` on the host builds")
+    assert stub.calls == [({}, f"Bearer {server.admin_token}")]
+
+    # Check for updates: the registry asked (check=true, with the token); the newer version marked.
+    section.get_by_role("button", name="Check for updates").click()
+    table = section.locator('table[data-table="image-updates"]')
+    codex = table.locator('tr[data-package="@openai/codex"]')
+    expect(codex).to_have_attribute("data-newer", "true")
+    expect(codex.locator("[data-current]")).to_have_text("0.46.0")
+    expect(codex.locator("[data-latest]")).to_have_text("0.47.0 newer")
+    claude = table.locator('tr[data-package="@anthropic-ai/claude-code"]')
+    expect(claude).to_have_attribute("data-newer", "false")
+    expect(claude.locator("[data-latest]")).to_have_text("2.0.14")
+    expect(table.locator("tr.newer")).to_have_count(1)
+    expect(section.locator("[data-checked]")).to_contain_text("1 newer version available (checked ")
+    background = "(sel) => getComputedStyle(document.querySelector(sel)).backgroundColor"
+    assert page.evaluate(background, 'tr[data-package="@openai/codex"] td') \
+        != page.evaluate(background, 'tr[data-package="@anthropic-ai/claude-code"] td')
+    assert stub.calls[-1] == ({"check": ["true"]}, f"Bearer {server.admin_token}")
+    shot(page, "08-admin-image")
+
+    # The registry could not tell: its reason, no table.
+    section.get_by_role("button", name="Check for updates").click()
+    expect(section.locator("[data-updates-error]")).to_have_text(f"The npm registry could not tell: {REGISTRY_DOWN}")
+    expect(table).to_have_count(0)
+    # The API fails: said as the admin page says its errors; what was shown stays.
+    section.get_by_role("button", name="Check for updates").click()
+    expect(section.locator("p.notice.error:not([data-updates-error])")).to_have_text("the images went away")
+    expect(section.get_by_role("button", name="Check for updates")).to_be_enabled()
+    expect(in_use.locator("[data-hash]")).to_have_text(IN_USE["hash"])
+    assert [q for q, _ in stub.calls] == [{}, {"check": ["true"]}, {"check": ["true"]}, {"check": ["true"]}]
+    assert {auth for _, auth in stub.calls} == {f"Bearer {server.admin_token}"}
+    assert errors == []
+
+    # Another user: the admin page refuses them before anything is asked, so no Image section.
+    calls = len(stub.calls)
+    page.get_by_role("button", name="Sign out").click()
+    sign_in(page, server.url, other_token)
+    expect(page.get_by_role("link", name="Admin")).to_have_count(0)
+    page.goto(f"{server.url}/app/admin")
+    expect(page.get_by_role("alert")).to_have_text("This page is for admins.")
+    expect(page.get_by_role("region", name="Image")).to_have_count(0)
+    expect(page.locator(".image")).to_have_count(0)
+    assert len(stub.calls) == calls and errors == []
+
+
+def test_admin_image_without_one(page: Page, server: LiveServer) -> None:
+    """The real API: this server has no image, so none in use and none active."""
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    sign_in(page, server.url, server.admin_token)
+    page.get_by_role("link", name="Admin").click()
+    section = page.get_by_role("region", name="Image")
+    expect(section.locator('[data-image="none"]')).to_have_text(re.compile(r"^No image: this server's VMs have no "
+                                                                            r"\S+ image to start from\."))
+    expect(section.locator("[data-building]")).to_have_text("No build in progress.")
+    expect(section.get_by_role("button", name="Check for updates")).to_be_enabled()
+    expect(section.locator("[data-active-note], dl[data-image], p.notice.error")).to_have_count(0)
+    assert errors == []
 
 
 def test_sandboxes_page_lists_mine_and_kills_one(page: Page, server: LiveServer, admin: PolydevClient,

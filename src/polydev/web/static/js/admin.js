@@ -1,8 +1,9 @@
-// Admin: the VMs (status, age, backend, owner) kept current by polling the list, with a destroy button; and
-// the quotas: each user's use against their limits, and the host's capacity.
+// Admin: the VMs (status, age, backend, owner) kept current by polling the list, with a destroy button; the
+// quotas: each user's use against their limits, and the host's capacity; and the guest image (images.js).
 
 import { api } from "./api.js";
 import { age, h, notice, poller, replace, say, when } from "./dom.js";
+import { section as imageSection } from "./images.js";
 
 export function render(root, _params, { me, signal }) {
   root.append(h("h1", {}, "Virtual machines"));
@@ -51,6 +52,7 @@ export function render(root, _params, { me, signal }) {
   }).catch(() => {});
   load();
   quotas(root, signal);
+  imageSection(root, signal);
   const ticker = setInterval(() => {  // ages tick
     for (const td of body.querySelectorAll("td[data-created]")) td.textContent = age(td.dataset.created);
   }, 1000);
