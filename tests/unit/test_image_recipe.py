@@ -186,3 +186,39 @@ def test_image_update_check_reports_and_builds_nothing(tmp_path: Path, monkeypat
         get_settings.cache_clear()
     assert result.exit_code == 0, result.output
     assert "0.180.0" in result.output and "newer" in result.output and "up to date" not in result.output
+
+
+def test_a_new_cli_version_reuses_the_os_tree_and_leaves_it_as_it_was(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def debootstrap(root: Path, recipe: images.Recipe, debs: Path, progress: object) -> None:
+        calls.append("debootstrap")
+        (root / "etc").mkdir(parents=True)
+        (root / "etc/os-release").write_text("debian\n")
+
+    def node(root: Path, recipe: images.Recipe, npm: Path, work: Path, progress: object) -> None:
+        (root / "usr/local/bin").mkdir(parents=True)
+        (root / "usr/local/bin/node").write_text("node\n")
+
+    def clis(root: Path, recipe: images.Recipe, npm: Path, progress: object) -> None:
+        calls.append("clis " + ",".join(v for _, v in recipe.clis))
+        (root / "usr/local/lib").mkdir(parents=True)
+        (root / "usr/local/lib/clis.txt").write_text(repr(recipe.clis))
+
+    monkeypatch.setattr(build_steps, "debootstrap", debootstrap)
+    monkeypatch.setattr(build_steps, "node", node)
+    monkeypatch.setattr(build_steps, "clis", clis)
+    monkeypatch.setattr(build_steps, "manifest", lambda root, recipe, kernel: {"clis": dict(recipe.clis)})
+    tested, newer = images.recipe_for("test"), images.recipe_for("test", {"codex": "0.180.0"})
+    assert images.os_hash(tested) == images.os_hash(newer) and images.base_hash(tested) != images.base_hash(newer)
+    root_a, manifest_a = images._base_tree(tmp_path, tested, lambda *a: None)
+    root_b, manifest_b = images._base_tree(tmp_path, newer, lambda *a: None)
+    assert calls == ["debootstrap", f"clis {','.join(v for _, v in tested.clis)}",
+                     f"clis {','.join(v for _, v in newer.clis)}"]  # Debian once, the CLIs per version
+    assert manifest_b["clis"]["@openai/codex"] == "0.180.0" and manifest_a != manifest_b
+    assert "0.180.0" in (root_b / "usr/local/lib/clis.txt").read_text()
+    assert "0.180.0" not in (root_a / "usr/local/lib/clis.txt").read_text()
+    os_root = tmp_path / "os" / images.os_hash(tested) / "rootfs"
+    assert not (os_root / "usr/local/lib").exists() and (os_root / "usr/local/bin/node").is_file()
+    assert images._base_tree(tmp_path, newer, lambda *a: None)[0] == root_b and len(calls) == 3  # cached

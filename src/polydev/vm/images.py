@@ -271,23 +271,29 @@ def base_hash(recipe: Recipe) -> str:
     return replace(recipe, guest_digest="").hash
 
 
+def os_hash(recipe: Recipe) -> str:
+    return replace(recipe, clis=(), guest_digest="").hash
+
+
 def _base_tree(cache_dir: Path, recipe: Recipe, progress: Progress) -> tuple[Path, dict[str, object]]:
-    """The root file system without the guest code, built once per base recipe and kept under base/."""
+    """The root file system without the guest code, built once per base recipe and kept under base/: the OS
+    tree (Debian, Node; os/, cached without the CLIs, so a new CLI version costs only their install) with
+    the CLIs installed into a hard-linked copy of it."""
     from polydev.vm import build_steps as steps
 
     home = cache_dir / "base" / base_hash(recipe)
     if (home / "manifest.json").is_file():
         progress("debootstrap", f"base tree {home.name} from cache")
         return home / "rootfs", json.loads((home / "manifest.json").read_text())
+    os_root = _os_tree(cache_dir, recipe, progress)
     work = cache_dir / "base" / f".build-{home.name}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         root = work / "rootfs"
-        steps.debootstrap(root, recipe, cache_dir / "debs", progress)
-        steps.node(root, recipe, cache_dir / "npm", work, progress)
+        # Hard links: the CLIs' install only adds files (under /usr/local), so the OS tree is never modified.
+        proc.run(["cp", "-al", os_root, root])
         steps.clis(root, recipe, cache_dir / "npm", progress)
-        steps.compile_cache_dir(root)
         manifest = steps.manifest(root, recipe, "")
         steps.trim(root, TRIM, progress)
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -297,6 +303,32 @@ def _base_tree(cache_dir: Path, recipe: Recipe, progress: Progress) -> tuple[Pat
         shutil.rmtree(work, ignore_errors=True)
         raise
     return home / "rootfs", manifest
+
+
+def _os_tree(cache_dir: Path, recipe: Recipe, progress: Progress) -> Path:
+    """Debian (debootstrap) and Node, trimmed: the base tree's part that does not depend on the CLIs."""
+    from polydev.vm import build_steps as steps
+
+    home = cache_dir / "os" / os_hash(recipe)
+    if (home / "done").is_file():
+        progress("debootstrap", f"OS tree {home.name} from cache")
+        return home / "rootfs"
+    work = cache_dir / "os" / f".build-{home.name}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        root = work / "rootfs"
+        steps.debootstrap(root, recipe, cache_dir / "debs", progress)
+        steps.node(root, recipe, cache_dir / "npm", work, progress)
+        steps.compile_cache_dir(root)
+        steps.trim(root, TRIM, progress)
+        (work / "done").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
+        shutil.rmtree(home, ignore_errors=True)
+        work.rename(home)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return home / "rootfs"
 
 
 def remove(cache_dir: Path, image_hash: str) -> bool:
@@ -316,8 +348,10 @@ def prune(cache_dir: Path, versions: Mapping[str, str] | None = None, also_keep:
     kept = [Recipe.from_json(i.manifest["recipe"]) for i in also_keep]  # type: ignore[arg-type]
     keep_images = {r.hash for r in recipes} | {i.hash for i in also_keep}
     keep_bases = {base_hash(r) for r in [*recipes, *kept]}
+    keep_os = {os_hash(r) for r in [*recipes, *kept]}
     removed = []
-    for root, keep in ((images_dir(cache_dir), keep_images), (cache_dir / "base", keep_bases)):
+    for root, keep in ((images_dir(cache_dir), keep_images), (cache_dir / "base", keep_bases),
+                       (cache_dir / "os", keep_os)):
         if not root.is_dir():
             continue
         for entry in sorted(root.iterdir()):
