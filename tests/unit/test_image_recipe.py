@@ -222,3 +222,42 @@ def test_a_new_cli_version_reuses_the_os_tree_and_leaves_it_as_it_was(tmp_path: 
     os_root = tmp_path / "os" / images.os_hash(tested) / "rootfs"
     assert not (os_root / "usr/local/lib").exists() and (os_root / "usr/local/bin/node").is_file()
     assert images._base_tree(tmp_path, newer, lambda *a: None)[0] == root_b and len(calls) == 3  # cached
+
+
+@pytest.mark.parametrize("passes", [True, False])
+def test_image_update_activates_only_an_image_that_passed_its_test(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passes: bool) -> None:
+    from typer.testing import CliRunner
+
+    from polydev.cli import app
+    from polydev.cli import image as image_cli
+    from polydev.config import get_settings
+    from polydev.vm import image_updates
+
+    current = fake_built(tmp_path, images.recipe_for("test"))
+    image_updates.activate(tmp_path, current)
+    monkeypatch.setenv("POLYDEV_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("POLYDEV_CLI_VERSIONS", raising=False)
+    get_settings.cache_clear()
+    monkeypatch.setattr(images, "npm_latest", lambda package: "0.180.0" if package == "@openai/codex"
+                        else dict(images.CLI_PACKAGES)[package])
+    built: list[dict[str, str] | None] = []
+
+    def build(cache: Path, profile: str, progress: object, rebuild: bool = False,
+              versions: dict[str, str] | None = None) -> tuple[images.Image, bool]:
+        built.append(versions)
+        return fake_built(tmp_path, images.recipe_for(profile, versions)), True
+
+    monkeypatch.setattr(images, "ensure", build)
+    monkeypatch.setattr(image_cli, "check_image", lambda image, accel="auto": passes)
+    try:
+        result = CliRunner().invoke(app, ["image", "update", "--profile", "test"])
+    finally:
+        get_settings.cache_clear()
+    assert built and built[0]["codex"] == "0.180.0"  # type: ignore[index]
+    active = image_updates.active(tmp_path, "test")
+    assert active is not None
+    if passes:
+        assert result.exit_code == 0 and dict(active.manifest["clis"])["@openai/codex"] == "0.180.0"  # type: ignore[call-overload]
+    else:
+        assert result.exit_code == 1 and "failed its test" in result.output and active.hash == current.hash
