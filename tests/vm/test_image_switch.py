@@ -1,7 +1,8 @@
 """Following a new CLI version on a live server with real VMs: an image built with Gemini CLI at another version
-from the npm registry, made active while a VM of the old image is in use and a run of the real Claude Code on
-the old image is mid-way (its tool call sleeping, the model played by the stand-ins of tests/standins/vm.py);
-the server switches within its follow interval (no restart), the run streams to its end and succeeds, new VMs
+from the npm registry, made active while a VM of the old image is in use, a Codex device login on it waits for
+the user, and a run of the real Claude Code on it is mid-way (its tool call sleeping; the providers played by
+the stand-ins of tests/standins/vm.py); the server switches within its follow interval (no restart), the login
+completes once the user approves, the run streams to its end and succeeds, new VMs
 come from the new image (its CLI at the new version), the VM in use runs on on the old one, and the old image
 goes once no VM uses it.
 
@@ -53,6 +54,10 @@ def _events(api: httpx.Client, run_id: str) -> list[dict[str, object]]:
     return out
 
 
+def _session(api: httpx.Client, session_id: str) -> str:
+    return str(api.get(f"/api/auth/sessions/{session_id}").json()["status"])
+
+
 def _gemini_version(api: httpx.Client, vm_id: str) -> str:
     r = api.post(f"/api/vms/{vm_id}/exec", json={"args": [
         "cat", "/usr/local/lib/node_modules/@google/gemini-cli/package.json"]})
@@ -84,6 +89,8 @@ def test_a_running_server_follows_a_new_image_and_drops_the_old_one(tmp_path, te
             standins.api.script = standin_api.Script(tool=clis.claude_shell_tool("sleep 60; echo slept"),
                                                      final_text="Done: {tool_output}")
             run = api.post("/api/runs", json={"provider": "claude_code", "prompt": "Sleep, then say so."}).json()["id"]
+            login = api.post("/api/auth/start", json={"provider": "codex", "method": "device"}).json()["session_id"]
+            assert eventually(lambda: _session(api, login) == "awaiting_user_auth", timeout=300, every=1.0)
             assert eventually(lambda: any(e.get("type") == "tool_call" for e in _events(api, run)), timeout=300,
                               every=1.0)  # mid-way: its command is running in the old image's VM
 
@@ -91,6 +98,10 @@ def test_a_running_server_follows_a_new_image_and_drops_the_old_one(tmp_path, te
             assert eventually(lambda: api.get("/api/images").json()["in_use"]["hash"] == new.hash, timeout=120,
                               every=1.0)
             assert api.get(f"/api/runs/{run}").json()["status"] == "running"  # the switch did not touch it
+            assert _session(api, login) == "awaiting_user_auth"  # nor the login
+            assert standins.oauth.approve_device_codes() >= 1  # the user types the code on the provider's page
+            assert eventually(lambda: _session(api, login) == "completed", timeout=300, every=1.0)
+            assert sorted(c["provider"] for c in api.get("/api/credentials").json()) == ["claude_code", "codex"]
             assert eventually(lambda: api.get(f"/api/runs/{run}").json()["status"] != "running", timeout=300, every=1.0)
             ended = api.get(f"/api/runs/{run}").json()
             assert ended["status"] == "succeeded" and "slept" in (ended["result"] or ""), ended
