@@ -168,6 +168,30 @@ async def test_an_unclaimed_login_is_replaced_at_its_max_age(flows: Api) -> None
     await no_vms_left(flows)
 
 
+async def test_renewing_the_pool_replaces_unclaimed_logins_and_leaves_taken_ones(flows: Api) -> None:  # noqa: F811
+    """After an image switch (core/image_follow.py) the logins nobody took are ended and started again (on the
+    new image); one a user holds goes on."""
+    use_pool(flows, n=2)
+    await pooled_ready(flows, n=2)
+    uid, token = await flows.new_user("renewer")
+    r = await flows.client.post("/api/auth/start", json={"provider": "claude_code"}, headers=flows.auth(token))
+    assert r.status_code == 202 and r.json()["status"] == "awaiting_user_auth", r.text
+    session = r.json()["session_id"]
+    await pooled_ready(flows, n=2)  # the taken one replaced
+    before = set(await unowned_vms(flows))
+    assert len(before) == 2
+    assert await flows.services.login_flow.renew_pool() == 2
+
+    async def renewed() -> bool:
+        now = set(await unowned_vms(flows))
+        return len(now) == 2 and not (now & before)
+    await until(renewed, timeout=180, what="two new pre-started logins")
+    state = (await flows.client.get(f"/api/auth/sessions/{session}", headers=flows.auth(token))).json()
+    assert state["status"] == "awaiting_user_auth"  # the user's login was not touched
+    await flows.services.login_flow.close()
+    await no_vms_left(flows)
+
+
 async def test_a_cli_failing_before_its_url_is_not_restarted_hot(flows: Api,  # noqa: F811
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(ADAPTERS, "claude_code", FakeAdapter("fail"))
