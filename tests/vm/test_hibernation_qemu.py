@@ -5,6 +5,7 @@ was: a background process still counting from where it stopped, a file intact, t
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -86,3 +87,33 @@ async def test_a_hibernated_vm_wakes_in_the_next_server_as_it_was(services: Serv
     assert await asyncio.to_thread(count, second, vm.id) > after  # and still counting
     assert await second.destroy(vm.id)
     assert not second.workdir(vm.id).exists()
+
+
+async def test_a_vm_hibernated_before_an_image_switch_wakes_on_its_own_image(
+        services: Services, test_image: images.Image, engines: list[VMEngine], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The engine switched to another image meanwhile (core/image_follow.py): the sleeping VM's disk and
+    memory are of the old one, and its metadata names it. (The other image here is the same files under
+    another name: the wake must take the one the VM's metadata names, not the backend's current one.)"""
+    other_dir = tmp_path / "images" / "0ther1mage0000ff"
+    other_dir.mkdir(parents=True)
+    for name in (images.ROOTFS, images.KERNEL, images.INITRD, images.MANIFEST):
+        (other_dir / name).symlink_to(test_image.dir / name)
+    other = images.Image.load(other_dir)
+    assert other is not None
+
+    engine = server_engine(services, test_image)
+    engines.append(engine)
+    vm = await engine.create(None, "cli")
+    with engine.agent(vm.id) as agent:
+        agent.put_file("/root/kept", b"before the switch")
+    token = await engine.hibernate(vm.id)
+    await engine.switch_image(other)
+    assert engine.describe().image_hash == other.hash
+    await engine.wake(vm.id, token, timedelta(minutes=10))
+    with engine.agent(vm.id) as agent:
+        assert agent.get_file("/root/kept")[0] == b"before the switch"
+    meta = json.loads((engine.workdir(vm.id) / "disk.json").read_text())
+    assert meta["image"] == str(test_image.dir)  # its own image, not the one new VMs now get
+    fresh = await engine.create(None, "cli")
+    assert json.loads((engine.workdir(fresh.id) / "disk.json").read_text())["image"] == str(other.dir)
+    assert await engine.destroy(vm.id) and await engine.destroy(fresh.id)
