@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 import polydev.client
 from polydev.cli import app
 from polydev.cli.archives import ArchiveError, safe_extract
+from tests.support.workspace_checks import targz
 
 API_TOKEN = "pd_unit_test_api_token_123"
 GIT_TOKEN = "ghp_secret_git_token_456"
@@ -90,17 +91,6 @@ def cli(*args: str, input: str | None = None, env: dict[str, str] | None = None)
     return result
 
 
-def targz(files: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
-# -- create ---------------------------------------------------------------------------------------------------
 def test_create_from_a_directory_uploads_it_as_targz_and_waits_until_ready(api: FakeApi, tmp_path: Path) -> None:
     project = tmp_path / "project"
     (project / "src").mkdir(parents=True)

@@ -39,5 +39,12 @@ def check_cli_versions(versions: CliVersions, providers: tuple[str, ...]) -> Cli
     return versions
 
 
+def version_key(version: str) -> tuple[int, ...]:
+    """For ordering npm versions: 1.2.10 → (1, 2, 10); a leading v, a pre-release or build part are ignored
+    (2.0.0-beta.1 → (2, 0, 0)); text without numbers → ()."""
+    core = version.strip().lstrip("v").split("-", 1)[0].split("+", 1)[0]
+    return tuple(int(part) for part in core.split(".") if part.isdigit())
+
+
 def format_cli_versions(versions: CliVersions) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(versions.items()))

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from polydev.config.cli_versions import version_key
+
 ProviderName = Literal["claude_code", "codex", "gemini_cli"]
 LoginMethod = Literal["browser", "device"]
 EventType = Literal["text", "tool_call", "tool_result", "status", "error", "done"]
@@ -267,17 +269,8 @@ class CredentialBundle:
         return cls("oauth", files=files)
 
 
-def _version_key(version: str) -> tuple[int, ...]:
-    """1.2.10 → (1, 2, 10); a pre-release or build suffix is ignored (2.0.0-beta.1 → (2, 0, 0))."""
-    core = version.strip().lstrip("v").split("-", 1)[0].split("+", 1)[0]
-    return tuple(int(part) for part in core.split(".") if part.isdigit())
-
-
 def newer_than_written_for(facts: ProviderFacts, version: str | None) -> bool:
     """Whether `version` of the CLI is newer than the one its adapter was written for."""
     if not version or not facts.written_for:
         return False
-    try:
-        return _version_key(version) > _version_key(facts.written_for)
-    except ValueError:
-        return False
+    return version_key(version) > version_key(facts.written_for)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from polydev.config.cli_versions import version_key
 from polydev.vm import images
 
 
@@ -28,12 +29,7 @@ class Update:
 
     @property
     def newer(self) -> bool:
-        return self.current != self.latest and _key(self.latest) > _key(self.current or "0")
-
-
-def _key(version: str) -> tuple[int, ...]:
-    core = version.split("-", 1)[0].split("+", 1)[0]
-    return tuple(int(p) for p in core.split(".") if p.isdigit())
+        return self.current != self.latest and version_key(self.latest) > version_key(self.current or "0")
 
 
 def pointer(cache_dir: Path, profile: str) -> Path:
