@@ -120,12 +120,12 @@ def run(url: str, token: str, args: argparse.Namespace) -> None:
         ours, base = [], []
         for _ in range(5):
             def sdk_io() -> None:
-                sbx.files.write("/root/blob", blob)
-                assert sbx.files.read("/root/blob") == blob
+                sbx.files.write("/tmp/blob", blob)
+                assert sbx.files.read("/tmp/blob") == blob
 
             def api_io() -> None:
-                api_exec(vm_id, "cat > /root/blob", stdin=blob)
-                assert api_exec(vm_id, "cat /root/blob")["stdout"] == blob
+                api_exec(vm_id, "cat > /tmp/blob", stdin=blob)
+                assert api_exec(vm_id, "cat /tmp/blob")["stdout"] == blob
             ours.append(timed(sdk_io))
             base.append(timed(api_io))
         print(line("1 MiB write + read", ours, base), flush=True)
@@ -135,11 +135,11 @@ def run(url: str, token: str, args: argparse.Namespace) -> None:
         paused, resumed, deleted, created = [], [], [], []
         try:
             for _ in range(args.pauses):
-                sbx.files.write("/root/marker", "kept")
+                sbx.files.write("marker", "kept")
                 paused.append(timed(sbx.pause))
                 t0 = time.perf_counter()
                 sbx = Sandbox.connect(sbx.sandbox_id, timeout=900, request_timeout=900, **conn)
-                assert sbx.commands.run("cat /root/marker").stdout == "kept"
+                assert sbx.commands.run("cat marker").stdout == "kept"
                 resumed.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 other = api_vm()

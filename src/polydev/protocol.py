@@ -1,18 +1,18 @@
 """Host ⇄ guest wire protocol: the one module the guest agent shares with the host side.
 
-Why plain dataclasses and not pydantic (as DESIGN.md §2 first said): this module is imported by the agent
-inside the VM, where it must start in well under a second on an emulated (TCG) CPU and where the image
-carries only Debian's python3. Importing pydantic costs ~0.2 s natively and several seconds under TCG, and it
-would drag a compiled wheel (pydantic-core) into the image. So the types here are stdlib dataclasses with
-explicit validation (`from_json` raises `ProtocolError` with a reason the agent answers as HTTP 400). The host
-may wrap them in pydantic models at the API edge if it wants; the wire format is defined only here.
+Why plain dataclasses and not pydantic (as DESIGN.md §2 first said): the agent imports this module inside the
+VM, where it must start in well under a second on an emulated (TCG) CPU with only Debian's python3; pydantic
+costs seconds to import under TCG and would drag a compiled wheel (pydantic-core) into the image. So the types
+here are stdlib dataclasses with explicit validation (`from_json` raises `ProtocolError` with a reason the agent
+answers as HTTP 400). The host may wrap them in pydantic models at its API edge; the wire format is only here.
 
 Wire summary (all JSON bodies are UTF-8 objects; process output is base64 because it is arbitrary bytes):
 - `GET /livez`                       no token; answers `ok`. A bare liveness probe.
 - `GET /health`                      → `Health`
 - `POST /exec` body `ExecRequest`    → `application/x-ndjson` stream of `ExecEvent`, one per line, `seq` from 0:
                                         `start`, then `stdout`/`stderr` chunks, then exactly one `exit`.
-- `PUT /files?path=ABS&mode=0644`    raw body → `FileInfo`;  `GET /files?path=ABS` → raw body + `X-Polydev-Mode`.
+- `PUT /files?path=ABS&mode=0644[&owner=USER]` raw body → `FileInfo` (it and the directories made: USER's).
+- `GET /files?path=ABS`              → raw body + `X-Polydev-Mode`.
 - `POST /signal` body `SignalRequest` → `{"delivered": true}`
 - `POST /input` body `InputRequest`  → `{"written": n}`: more input for a running exec: a PTY exec's terminal, or
                                         a pipe exec started with `keep_stdin_open`. `eof` closes a pipe; on a PTY
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -100,6 +101,13 @@ def _str_list(value: Any, name: str) -> list[str]:
     return value
 
 
+def user_name(value: Any) -> str | None:
+    """An account name as `useradd` takes it (the guest looks it up; None: the agent's own, root)."""
+    if value is not None and (not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value)):
+        raise ProtocolError(f"user must be an account name, not {value!r:.40}")
+    return value
+
+
 def _b64(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise ProtocolError(f"{name} must be a base64 string")
@@ -141,12 +149,13 @@ class ExecRequest(_Fields):
     # The process is not killed when its client leaves: its output waits in a backlog for POST /attach.
     detach: bool = False
     meta: str | None = None  # a detach exec's note from the host, given back by GET /execs (MAX_META_BYTES)
+    user: str | None = None  # an account of the guest to run as (its groups, HOME; cwd its home); None: root
 
     @classmethod
     def from_json(cls, raw: bytes | str | dict[str, Any]) -> ExecRequest:
         data = _obj(raw)
         _check_keys(data, {"args", "env", "cwd", "stdin", "pty", "timeout_s", "keep_stdin_open", "pty_size",
-                           "detach", "meta"}, "exec")
+                           "detach", "meta", "user"}, "exec")
         if "args" not in data:
             raise ProtocolError("exec: args is required")
         args = _str_list(data["args"], "args")
@@ -174,7 +183,7 @@ class ExecRequest(_Fields):
         if meta is not None and not detach:
             raise ProtocolError("meta is kept only for a detach exec")
         return cls(args=args, pty_size=size, env=env, cwd=_opt(data.get("cwd"), str, "cwd"), detach=detach, meta=meta,
-                   stdin=None if stdin is None else _b64(stdin, "stdin"),
+                   stdin=None if stdin is None else _b64(stdin, "stdin"), user=user_name(data.get("user")),
                    pty=bool(_opt(data.get("pty"), bool, "pty")),
                    timeout_s=None if timeout is None else float(timeout),
                    keep_stdin_open=bool(_opt(data.get("keep_stdin_open"), bool, "keep_stdin_open")))
@@ -328,11 +337,12 @@ class FsRequest(_Fields):
     path: str  # absolute
     depth: int = 1  # list: 1 lists the directory's own entries, 2 their children too, ...
     destination: str | None = None  # move: absolute
+    user: str | None = None  # mkdir: the directories made are owned by this account of the guest
 
     @classmethod
     def from_json(cls, raw: bytes | str | dict[str, Any]) -> FsRequest:
         data = _obj(raw)
-        _check_keys(data, {"op", "path", "depth", "destination"}, "fs")
+        _check_keys(data, {"op", "path", "depth", "destination", "user"}, "fs")
         op = _opt(data.get("op"), str, "op")
         if op not in FS_OPS:
             raise ProtocolError(f"op must be one of {', '.join(FS_OPS)}")
@@ -345,7 +355,7 @@ class FsRequest(_Fields):
         depth = _opt(data.get("depth", 1), int, "depth")
         if depth is None or not 1 <= depth <= MAX_LIST_DEPTH:
             raise ProtocolError(f"depth must be from 1 to {MAX_LIST_DEPTH}")
-        return cls(op=op, path=paths[0], depth=depth, destination=destination)
+        return cls(op=op, path=paths[0], depth=depth, destination=destination, user=user_name(data.get("user")))
 
 
 @dataclass

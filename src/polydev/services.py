@@ -220,7 +220,8 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
                           leases=LeaseRepo(factory))
     svc.sandboxes = Sandboxes(SandboxRepo(factory), vault, svc.engine_or_reason, admit=svc.admit,
                               sizes=settings.vm_size, proxy=lambda: svc.guest_env("sandbox").https_proxy,
-                              limit=settings.sandbox_limit_per_user, profile=settings.vm_image_profile)
+                              limit=settings.sandbox_limit_per_user, profile=settings.vm_image_profile,
+                              default_user=settings.sandbox_default_user)
     svc.sandboxes.on_end.append(svc.sandbox_procs.forget)
     svc.workspaces = Workspaces(WorkspaceRepo(factory), vault, svc.engine_or_reason, admit=svc.admit,
                                 limits=WorkspaceLimits(workspaces=settings.workspace_limit_per_user,

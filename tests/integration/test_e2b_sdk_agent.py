@@ -48,7 +48,9 @@ LIMIT = 3  # sandboxes per user, running or paused (below QUOTA_VMS: 4)
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
     tmp = tmp_path_factory.mktemp("e2b")
     with threaded_server(make_settings(tmp, VM_WARM_POOL_SIZE=0, SANDBOX_DOMAIN=SANDBOX_DOMAIN,
-                                       SANDBOX_LIMIT_PER_USER=LIMIT)) as running:
+                                       SANDBOX_LIMIT_PER_USER=LIMIT,
+                                       # The agent runs on this host, which has no E2B `user` account.
+                                       SANDBOX_DEFAULT_USER="root")) as running:
         yield running
 
 
@@ -426,10 +428,18 @@ def test_polydevs_own_api_lists_sandboxes_by_owner(server: ThreadedServer, conn:
     assert listed(conn["api_key"], everyone=True).status_code == 403
 
 
-def test_acting_as_root_works_and_another_user_is_refused(sandbox: Sandbox, tmp_path: Path) -> None:
+def test_acting_as_root_works_and_an_account_the_guest_lacks_is_refused(sandbox: Sandbox, tmp_path: Path) -> None:
     assert sandbox.commands.run("id -un", user="root").stdout == "root\n"
+    assert sandbox.commands.run("id -un; pwd").stdout == "root\n/root\n"  # the server's default account, home
     with pytest.raises(InvalidArgumentException) as refused:
-        sandbox.commands.run("id -un", user="user")
-    assert "run as 'root'" in str(refused.value)
+        sandbox.commands.run("id -un", user="nosuchaccount")
+    assert "user 'nosuchaccount' does not exist" in str(refused.value)
+    with pytest.raises(InvalidArgumentException) as refused:
+        sandbox.commands.run("id -un", user="No Such/Name")  # type: ignore[arg-type]
+    assert "not an account name" in str(refused.value)
+    with pytest.raises(SandboxException) as refused:
+        sandbox.files.write(str(tmp_path / "x"), "x", user="nosuchaccount")  # type: ignore[arg-type]
+    assert "does not exist" in str(refused.value) and not (tmp_path / "x").exists()
     with pytest.raises(SandboxException):
-        sandbox.files.write(str(tmp_path / "x"), "x", user="user")
+        sandbox.files.make_dir(str(tmp_path / "d"), user="nosuchaccount")  # type: ignore[arg-type]
+    assert not (tmp_path / "d").exists()

@@ -126,6 +126,27 @@ def test_file_round_trip_with_mode(agent: AgentClient, scratch: str) -> None:
     agent.exec(["rm", "-r", scratch])
 
 
+def test_exec_and_files_as_another_account(agent: AgentClient, scratch: str) -> None:
+    # `nobody` is in every Debian system, the host's and the image's; its home does not exist, so cwd is /.
+    ran = agent.exec(["sh", "-c", 'id -u; id -g; echo "$HOME $USER"; pwd'], user="nobody")
+    assert ran.stdout.decode().split("\n")[:4] == ["65534", "65534", "/nonexistent nobody", "/"]
+    assert agent.exec(["id", "-un"], user="nobody", env={"USER": "kept"}, cwd="/tmp").exit_code == 0
+    agent.put_file(f"{scratch}/made/by/agent.txt", b"x", owner="nobody")
+    owners = agent.exec(["stat", "-c", "%u", scratch, f"{scratch}/made", f"{scratch}/made/by/agent.txt"])
+    assert owners.stdout.split() == [b"65534"] * 3
+    entry = agent.fs("mkdir", f"{scratch}/made/dir/deeper", user="nobody")[0]
+    assert entry.owner == "nobody" and agent.fs("stat", f"{scratch}/made/dir")[0].owner == "nobody"
+    assert agent.exec(["touch", f"{scratch}/made/by/mine"], user="nobody").exit_code == 0  # it is theirs
+    for call in (lambda: agent.exec(["true"], user="nosuchaccount"),
+                 lambda: agent.put_file(f"{scratch}/no", b"x", owner="nosuchaccount"),
+                 lambda: agent.fs("mkdir", f"{scratch}/nodir", user="nosuchaccount")):
+        with pytest.raises(AgentError) as refused:
+            call()
+        assert refused.value.status == 422 and "does not exist" in refused.value.reason
+    assert agent.exec(["sh", "-c", f"test ! -e {scratch}/no && test ! -e {scratch}/nodir"]).exit_code == 0
+    agent.exec(["rm", "-r", scratch])
+
+
 def test_file_errors(agent: AgentClient, scratch: str) -> None:
     with pytest.raises(AgentError) as missing:
         agent.get_file(f"{scratch}/nope")

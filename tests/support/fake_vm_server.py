@@ -43,6 +43,8 @@ def _host_guest(root: str, fake_cli: bool) -> None:
 
 
 def main() -> None:
+    # The "guest" is this host, which has no E2B `user` account: sandbox calls run as root unless told otherwise.
+    os.environ.setdefault("SANDBOX_DEFAULT_USER", "root")
     settings = get_settings()
     fake_root = os.environ.get("POLYDEV_TEST_FAKE_CLI")
     _host_guest(fake_root or str(settings.data_dir / "guest"), fake_cli=bool(fake_root))

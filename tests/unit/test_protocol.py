@@ -18,8 +18,9 @@ def test_exec_request_defaults_and_round_trip() -> None:
     again = p.ExecRequest.from_json(json.dumps(req.to_json()))
     assert again == req
     full = p.ExecRequest.from_json({"args": ["x"], "env": {"A": "1"}, "cwd": "/", "stdin": "aGk=", "pty": True,
-                                    "timeout_s": 3})
-    assert full.timeout_s == 3.0 and full.pty and full.env == {"A": "1"}
+                                    "timeout_s": 3, "user": "user"})
+    assert full.timeout_s == 3.0 and full.pty and full.env == {"A": "1"} and full.user == "user"
+    assert p.FsRequest.from_json({"op": "mkdir", "path": "/d", "user": "_svc-1"}).user == "_svc-1"
 
 
 @pytest.mark.parametrize("raw, needle", [
@@ -27,6 +28,8 @@ def test_exec_request_defaults_and_round_trip() -> None:
     ('{"args": ["a\\u0000b"]}', "NUL"), ('{"args": ["a"], "env": {"A=B": "c"}}', "env names"),
     ('{"args": ["a"], "timeout_s": true}', "timeout_s"), ('{"args": ["a"], "timeout_s": 0}', "positive"),
     ('{"args": ["a"], "cwd": 5}', "cwd"), ('{"args": ["a"], "extra": 1}', "extra"),
+    ('{"args": ["a"], "user": "Root"}', "account name"), ('{"args": ["a"], "user": "../x"}', "account name"),
+    ('{"args": ["a"], "user": ""}', "account name"), ('{"args": ["a"], "user": 0}', "account name"),
 ])
 def test_exec_request_rejects_with_reason(raw: str, needle: str) -> None:
     with pytest.raises(p.ProtocolError, match=needle):

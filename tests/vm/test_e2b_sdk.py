@@ -16,6 +16,7 @@ import pytest
 from e2b import (
     CommandExitException,
     FileNotFoundException,
+    InvalidArgumentException,
     Sandbox,
     SandboxException,
     SandboxQuery,
@@ -109,22 +110,38 @@ def test_a_pty_session(sandbox: Sandbox) -> None:
 
 
 def test_files(sandbox: Sandbox) -> None:
-    sandbox.files.write("/root/work/hello.txt", "hello")
-    assert sandbox.commands.run("cat /root/work/hello.txt").stdout == "hello"
-    sandbox.commands.run("mkdir -p /root/work/d/e && printf 12345 > /root/work/d/e/f")
+    sandbox.files.write("/home/user/work/hello.txt", "hello")
+    assert sandbox.commands.run("cat /home/user/work/hello.txt").stdout == "hello"
+    sandbox.commands.run("mkdir -p /home/user/work/d/e && printf 12345 > /home/user/work/d/e/f")
     payload = bytes(range(256)) * 4096  # 1 MiB, every byte value
     sandbox.files.write("work/blob.bin", io.BytesIO(payload))  # relative to home, octet-stream
-    assert sandbox.files.read("/root/work/blob.bin", format="bytes") == payload
-    names = {e.path for e in sandbox.files.list("/root/work", depth=3)}
-    assert {"/root/work/hello.txt", "/root/work/blob.bin", "/root/work/d/e/f"} <= names
-    assert sandbox.files.get_info("/root/work/d/e/f").size == 5
-    assert sandbox.files.exists("/root/work/hello.txt") and not sandbox.files.exists("/root/work/none")
-    assert sandbox.files.make_dir("/root/work/new/dir") is True and sandbox.files.make_dir("/root/work/new/dir") is False
-    assert sandbox.files.rename("/root/work/hello.txt", "/root/work/new/hi.txt").path == "/root/work/new/hi.txt"
-    sandbox.files.remove("/root/work/d")
-    assert not sandbox.files.exists("/root/work/d")
+    assert sandbox.files.read("/home/user/work/blob.bin", format="bytes") == payload
+    names = {e.path for e in sandbox.files.list("/home/user/work", depth=3)}
+    assert {"/home/user/work/hello.txt", "/home/user/work/blob.bin", "/home/user/work/d/e/f"} <= names
+    assert sandbox.files.get_info("/home/user/work/d/e/f").size == 5
+    assert sandbox.files.exists("/home/user/work/hello.txt") and not sandbox.files.exists("/home/user/work/none")
+    assert sandbox.files.make_dir("/home/user/work/new/dir") is True and sandbox.files.make_dir("/home/user/work/new/dir") is False
+    assert sandbox.files.rename("/home/user/work/hello.txt", "/home/user/work/new/hi.txt").path == "/home/user/work/new/hi.txt"
+    sandbox.files.remove("/home/user/work/d")
+    assert not sandbox.files.exists("/home/user/work/d")
     with pytest.raises(FileNotFoundException):
-        sandbox.files.read("/root/work/hello.txt")
+        sandbox.files.read("/home/user/work/hello.txt")
+
+
+def test_calls_run_as_e2b_user_unless_they_ask_for_root(sandbox: Sandbox) -> None:
+    assert sandbox.commands.run("id -un; pwd; echo $HOME").stdout == "user\n/home/user\n/home/user\n"
+    assert sandbox.commands.run("id -un; pwd", user="root").stdout == "root\n/root\n"
+    sandbox.files.write("notes/a.txt", "mine")  # relative: in the user's home, and theirs
+    assert sandbox.commands.run("stat -c %U notes notes/a.txt; cat notes/a.txt").stdout == "user\nuser\nmine"
+    assert sandbox.files.make_dir("notes/sub") and sandbox.files.get_info("notes/sub").owner == "user"
+    sandbox.files.write("/root/only-root.txt", "r", user="root")
+    with pytest.raises(CommandExitException) as denied:
+        sandbox.commands.run("cat /root/only-root.txt")  # root's home is root's alone
+    assert "Permission denied" in denied.value.stderr
+    assert sandbox.commands.run("cat /root/only-root.txt", user="root").stdout == "r"
+    with pytest.raises(InvalidArgumentException) as refused:
+        sandbox.commands.run("true", user="nosuchaccount")  # type: ignore[arg-type]
+    assert "does not exist" in str(refused.value)
 
 
 def test_get_metrics_is_sampled_in_the_vm(sandbox: Sandbox) -> None:
@@ -182,8 +199,8 @@ def test_internet_goes_through_the_egress_gateway_and_can_be_off(alice: dict[str
 
 
 def test_get_host_reaches_an_http_server_in_the_vm(server: LiveServer, sandbox: Sandbox) -> None:
-    sandbox.files.write("/root/www/index.html", "hello from the VM")
-    web = sandbox.commands.run("cd /root/www && exec python3 -m http.server 8000 --bind 127.0.0.1", background=True)
+    sandbox.files.write("www/index.html", "hello from the VM")  # in the home of E2B's `user`
+    web = sandbox.commands.run("cd www && exec python3 -m http.server 8000 --bind 127.0.0.1", background=True)
     host = sandbox.get_host(8000)
     assert host == f"8000-{sandbox.sandbox_id}.{SANDBOX_DOMAIN}"
     try:

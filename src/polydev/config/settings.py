@@ -152,6 +152,9 @@ class Settings(BaseSettings):
                                                                "every VM may reach, beside the providers' own")
     egress_sandbox_open: bool = Field(False, description="sandbox VMs may reach any public host on 80/443")
     sandbox_limit_per_user: int = Field(20, ge=0, description="E2B sandboxes a user may have running or paused")
+    sandbox_default_user: str = Field("user", pattern=r"^[a-z_][a-z0-9_-]{0,31}$",
+                                      description="E2B sandboxes: the guest account a call runs as when it names "
+                                                  "none (E2B's is `user`, home /home/user; `root` also exists)")
     # Workspaces (polydev.core.workspaces): projects the CLIs work on across turns, each on a VM of its own.
     workspace_limit_per_user: int = Field(10, ge=0, description="workspaces a user may have")
     workspace_bytes_per_user: int = Field(5 * 1024**3, ge=0, description="bytes all of a user's workspaces "

@@ -57,6 +57,7 @@ class Command:
     tag: str | None = None
     stdin: bool = False
     pty_size: tuple[int, int] | None = None  # (rows, cols): a terminal
+    user: str | None = None  # the guest account it runs as (None: the agent's own, root)
 
     def meta(self) -> str:
         """What the guest keeps beside the process, so a server that did not start it can list it. The env
@@ -69,7 +70,8 @@ class Command:
             data = json.loads(meta or "")
             size = data.get("pty_size")
             return cls(cmd=str(data["cmd"]), args=[str(a) for a in data["args"]], envs={}, cwd=data.get("cwd"),
-                       tag=data.get("tag"), stdin=bool(data.get("stdin")), pty_size=tuple(size) if size else None)
+                       tag=data.get("tag"), stdin=bool(data.get("stdin")), pty_size=tuple(size) if size else None,
+                       user=data.get("user"))
         except (ValueError, KeyError, TypeError, AttributeError):
             return cls(cmd="", args=[], envs={}, cwd=None)  # not one of ours: listed by pid only
 
@@ -151,7 +153,8 @@ class ProcessTable:
         def events(agent: AgentClient) -> Iterator[ExecEvent]:
             return agent.exec_stream([command.cmd, *command.args], env=command.envs, cwd=command.cwd,
                                      pty=command.pty_size is not None, pty_size=command.pty_size,
-                                     keep_stdin_open=command.stdin, detach=True, meta=command.meta())
+                                     keep_stdin_open=command.stdin, detach=True, meta=command.meta(),
+                                     user=command.user)
 
         self._follow(sandbox_id, None, command, agents, events, on_start, on_fail)
         return await started, first

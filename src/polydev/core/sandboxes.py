@@ -131,8 +131,8 @@ def hash_token(token: str) -> str:
 class Sandboxes:
     def __init__(self, repo: SandboxRepo, vault: Vault, engine: Callable[[], tuple[VmPort | None, str | None]],
                  admit: Admit, sizes: Callable[[str], tuple[int, int]],
-                 proxy: Callable[[], str | None] = lambda: None, limit: int = 20, profile: str | None = None
-                 ) -> None:
+                 proxy: Callable[[], str | None] = lambda: None, limit: int = 20, profile: str | None = None,
+                 default_user: str = "user") -> None:
         self._repo = repo
         self._vault = vault
         self._engine = engine  # () -> (engine, or None with the reason)
@@ -141,6 +141,7 @@ class Sandboxes:
         self._proxy = proxy  # () -> the guest's proxy URL (the egress gateway's address), if there is one
         self.templates = {**TEMPLATES, **({profile: "cli"} if profile else {})}
         self._limit = limit  # sandboxes running or paused per user (paused ones hold their disk and memory files)
+        self.default_user = default_user  # the guest account envd calls run as when they name none
         self._sweeper: asyncio.Task[None] | None = None
         self.watchers = Watchers()  # envd's directory watchers of the sandboxes this server runs
         self.on_end: list[Callable[[str], None]] = []  # told each sandbox id that ends (its processes go)

@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from polydev import protocol as p
-from polydev.guest import backlog, execute, fs
+from polydev.guest import accounts, backlog, execute, fs
 from polydev.guest.http import HTTPError, Request, serve
 from polydev.guest.tunnel import open_tunnel
 from polydev.guest.watch import wait_for_file
@@ -109,8 +109,10 @@ class Agent:
         path = _abs_path(req)
         mode = p.parse_mode(req.query.get("mode", "0644"))
         length = req.content_length(MAX_UPLOAD)
-        parent = os.path.dirname(path)
+        owner = _owner(req.query.get("owner"))
+        parent, made = os.path.dirname(path), accounts.missing_parents(path)
         os.makedirs(parent, exist_ok=True)
+        accounts.give(made, owner)
         if os.path.isdir(path):
             raise HTTPError(409, f"{path} is a directory")
         # Write beside the target and rename, so a reader never sees half a file and a failed upload
@@ -127,6 +129,7 @@ class Agent:
                     out.write(chunk)
                     remaining -= len(chunk)
             os.chmod(tmp, mode)
+            accounts.give([tmp], owner)
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
@@ -233,6 +236,13 @@ ROUTES = {
     ("GET", "/tcp"): Agent.tcp,
     ("POST", "/token"): Agent.token,
 }
+
+
+def _owner(name: str | None) -> accounts.Account | None:
+    try:
+        return None if name is None else accounts.lookup(p.user_name(name) or "")
+    except (p.ProtocolError, accounts.NoSuchUser) as exc:
+        raise HTTPError(422, str(exc)) from None
 
 
 def _abs_path(req: Request) -> str:

@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Callable
 
-from polydev.guest import backlog
+from polydev.guest import accounts, backlog
 from polydev.guest.http import client_gone
 from polydev.protocol import INPUT_WAIT_S, ExecEvent, ExecRequest
 
@@ -112,26 +112,31 @@ def _make_controlling_tty() -> None:
 
 def spawn(req: ExecRequest) -> tuple[str, Exec]:
     """Start the process and register it under a new exec id."""
-    env = {**DEFAULT_ENV, **req.env}
+    env, cwd, ids = {**DEFAULT_ENV, **req.env}, req.cwd, {}
     master = None
     try:
+        if req.user is not None:
+            account = accounts.lookup(req.user)
+            env = {**DEFAULT_ENV, **account.env(), **req.env}
+            cwd = cwd or (account.home if os.path.isdir(account.home) else "/")
+            ids = {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)}
         if req.pty:
             master, slave = os.openpty()
             if req.pty_size is not None:
                 _set_size(master, *req.pty_size)
             try:
-                proc = subprocess.Popen(req.args, stdin=slave, stdout=slave, stderr=slave, cwd=req.cwd, env=env,
-                                        start_new_session=True, preexec_fn=_make_controlling_tty)
+                proc = subprocess.Popen(req.args, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                                        start_new_session=True, preexec_fn=_make_controlling_tty, **ids)
             finally:
                 os.close(slave)
             stdin = master
         else:
             piped = req.stdin is not None or req.keep_stdin_open
             proc = subprocess.Popen(req.args, stdin=subprocess.PIPE if piped else subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=req.cwd, env=env,
-                                    start_new_session=True)
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
+                                    start_new_session=True, **ids)
             stdin = proc.stdin.fileno() if proc.stdin is not None else None
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+    except (OSError, ValueError, subprocess.SubprocessError, accounts.NoSuchUser) as exc:
         if master is not None:
             os.close(master)
         raise SpawnError(str(exc)) from None

@@ -11,6 +11,7 @@ import os
 import pwd
 import stat
 
+from polydev.guest import accounts
 from polydev.protocol import MAX_LIST_ENTRIES, FsEntry, FsRequest
 
 
@@ -34,7 +35,10 @@ def run(req: FsRequest) -> list[FsEntry]:
         if req.op == "mkdir":
             if os.path.lexists(path):
                 raise FsError(409, f"{path} already exists")
+            owner = None if req.user is None else accounts.lookup(req.user)
+            made = [*accounts.missing_parents(path), path]
             os.makedirs(path)
+            accounts.give(made, owner)
             return [entry(path)]
         if req.op == "move":
             assert req.destination is not None
@@ -57,6 +61,8 @@ def run(req: FsRequest) -> list[FsEntry]:
         raise FsError(409, exc.strerror or str(exc)) from None
     except PermissionError as exc:
         raise FsError(403, exc.strerror or str(exc)) from None
+    except accounts.NoSuchUser as exc:
+        raise FsError(422, str(exc)) from None
 
 
 def _walk(directory: str, depth: int, out: list[FsEntry]) -> None:

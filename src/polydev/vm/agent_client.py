@@ -106,7 +106,7 @@ class AgentClient:
     def exec_stream(self, args: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
                     stdin: bytes | None = None, pty: bool = False, timeout_s: float | None = None,
                     keep_stdin_open: bool = False, pty_size: tuple[int, int] | None = None, detach: bool = False,
-                    meta: str | None = None) -> Iterator[p.ExecEvent]:
+                    meta: str | None = None, user: str | None = None) -> Iterator[p.ExecEvent]:
         """Yield events as the agent sends them. Leaving the loop early closes the connection, which kills
         the process in the guest, unless `detach`: then it runs on, and `attach` follows it again (`execs`
         lists such processes, each with its `meta`). With keep_stdin_open (or pty), `write_input` feeds it
@@ -114,7 +114,7 @@ class AgentClient:
         req = p.ExecRequest(args=args, env=env or {}, cwd=cwd, pty=pty, timeout_s=timeout_s,
                             stdin=None if stdin is None else base64.b64encode(stdin).decode(),
                             keep_stdin_open=keep_stdin_open, pty_size=list(pty_size) if pty_size else None,
-                            detach=detach, meta=meta)
+                            detach=detach, meta=meta, user=user)
         # The read timeout must outlast the command; the agent enforces timeout_s itself.
         read_timeout = None if timeout_s is None else timeout_s + 30
         yield from self._events("/exec", req.to_json(), read_timeout)
@@ -146,9 +146,11 @@ class AgentClient:
         return ExecResult(exit_code=last.code if last.code is not None else -1, stdout=out, stderr=err,
                           timed_out=last.timed_out, duration_s=last.duration_s or 0.0, events=events)
 
-    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> dict[str, object]:
+    def put_file(self, path: str, data: bytes, mode: int = 0o644, owner: str | None = None) -> dict[str, object]:
+        """Write a file in the guest; `owner` (an account there) gets it and the directories made for it."""
+        params = {"path": path, "mode": format(mode, "04o"), **({"owner": owner} if owner else {})}
         with _answer():
-            response = self._http.put("/files", params={"path": path, "mode": format(mode, "04o")}, content=data)
+            response = self._http.put("/files", params=params, content=data)
             return json.loads(self._check(response).content)
 
     def get_file(self, path: str) -> tuple[bytes, int]:
@@ -179,9 +181,10 @@ class AgentClient:
             path = json.loads(self._check(response).content)["path"]
         return None if path is None else str(path)
 
-    def fs(self, op: str, path: str, *, depth: int = 1, destination: str | None = None) -> list[p.FsEntry]:
+    def fs(self, op: str, path: str, *, depth: int = 1, destination: str | None = None,
+           user: str | None = None) -> list[p.FsEntry]:
         """A file-system operation in the guest (protocol.FsRequest); AgentError 404/409 as the agent says."""
-        req = p.FsRequest(op=op, path=path, depth=depth, destination=destination)
+        req = p.FsRequest(op=op, path=path, depth=depth, destination=destination, user=user)
         with _answer():
             body = json.loads(self._check(self._http.post("/fs", json=req.to_json())).content)
         return [p.FsEntry(**e) for e in body["entries"]]

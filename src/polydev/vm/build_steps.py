@@ -157,6 +157,7 @@ def guest(root: Path, sources: dict[str, Path], progress: Progress) -> None:
     init.write_text(GUEST_INIT)
     init.chmod(0o755)
     login_shell(root)
+    sandbox_user(root)
     # Byte-compile with the guest's own Python so the first boot does not pay for it.
     run(["chroot", root, "/usr/bin/python3", "-m", "compileall", "-q", im.GUEST_ROOT])
     progress("guest agent", f"installed in {im.GUEST_ROOT}")
@@ -179,6 +180,33 @@ def login_shell(root: Path) -> None:
         tmp.write_text(text.replace(old, new))
         shutil.copymode(path, tmp)
         os.replace(tmp, path)
+
+
+def sandbox_user(root: Path, name: str = "user", uid: int = 1000) -> None:
+    """E2B's sandboxes run commands as `user` (uid 1000, home /home/user) unless a call asks for root, and its
+    users' scripts write to /home/user: the image has that account. The account files are replaced, not
+    appended to: the tree's files are hard links to the cached base."""
+    entries = {"etc/passwd": f"{name}:x:{uid}:{uid}::/home/{name}:/bin/bash",
+               "etc/shadow": f"{name}:*:20000:0:99999:7:::", "etc/group": f"{name}:x:{uid}:",
+               "etc/gshadow": f"{name}:!::"}
+    for rel, line in entries.items():
+        path = root / rel
+        text = path.read_text() if path.exists() else ""
+        if any(row.split(":", 1)[0] == name for row in text.splitlines()):
+            continue
+        tmp = path.with_name(path.name + ".polydev")
+        tmp.write_text(text + ("" if text.endswith("\n") or not text else "\n") + line + "\n")
+        if path.exists():
+            shutil.copystat(path, tmp)
+            os.chown(tmp, path.stat().st_uid, path.stat().st_gid)
+        os.replace(tmp, path)
+    home = root / "home" / name
+    home.mkdir(parents=True, exist_ok=True)
+    if (root / "etc/skel").is_dir():
+        shutil.copytree(root / "etc/skel", home, symlinks=True, dirs_exist_ok=True)
+    for path in [home, *home.rglob("*")]:
+        os.lchown(path, uid, uid)
+    home.chmod(0o750)
 
 
 def compile_cache_dir(root: Path) -> None:

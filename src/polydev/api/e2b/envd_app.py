@@ -20,12 +20,12 @@ from starlette.routing import Route
 from polydev.api.e2b import envd_files, envd_fs, envd_process
 from polydev.api.e2b.connect import RpcError, stream_error, unary_error
 from polydev.core.sandboxes import SandboxNotFound
+from polydev.protocol import ProtocolError, user_name
 from polydev.services import Services
 from polydev.store.models import Sandbox
 
 SANDBOX_HEADER = "e2b-sandbox-id"
 TOKEN_HEADER = "x-access-token"
-GUEST_USER = "root"  # the guest's one user: everything runs as root
 
 
 def requested_user(request: Request) -> str | None:
@@ -39,12 +39,14 @@ def requested_user(request: Request) -> str | None:
     return request.query_params.get("username")
 
 
-def _other_user(request: Request) -> str | None:
-    """Why the request cannot be served as asked: a user other than the guest's (None when it can)."""
-    user = requested_user(request)
-    if user is None or user == GUEST_USER:
-        return None
-    return f"user {user!r} does not exist in this sandbox: commands and files run as {GUEST_USER!r}"
+def acting_user(request: Request, default: str) -> str:
+    """The guest account the call runs as: the one it names, else the sandbox's default (E2B's `user`).
+    ValueError for a name no account can have; one the guest lacks fails there, in envd's words."""
+    user = requested_user(request) or default
+    try:
+        return user_name(user) or default
+    except ProtocolError:
+        raise ValueError(f"user {user!r:.40} is not an account name") from None
 
 
 def build(services: Callable[[], Services], sandbox_id: Callable[[Request], str | None]) -> Starlette:
@@ -64,15 +66,16 @@ def build(services: Callable[[], Services], sandbox_id: Callable[[Request], str 
             error = RpcError("unavailable", str(exc))
             return stream_error(error) if streaming else Response(
                 unary_error(error).body, status_code=502, media_type="application/json")
-        refusal = _other_user(request)
-        if refusal is not None:
-            error = RpcError("invalid_argument", refusal)
-            return stream_error(error) if streaming else unary_error(error)
         svc = services()
+        try:
+            user = acting_user(request, svc.sandboxes.default_user)
+        except ValueError as exc:
+            error = RpcError("invalid_argument", str(exc))
+            return stream_error(error) if streaming else unary_error(error)
         if service == "process.Process":
-            return await envd_process.handle(method, request, svc.sandboxes, svc.sandbox_procs, sandbox, envs)
+            return await envd_process.handle(method, request, svc.sandboxes, svc.sandbox_procs, sandbox, envs, user)
         if service == "filesystem.Filesystem":
-            return await envd_fs.handle(method, request, svc.sandboxes, sandbox)
+            return await envd_fs.handle(method, request, svc.sandboxes, sandbox, user)
         error = RpcError("unimplemented", f"no service {service}")
         return stream_error(error) if streaming else unary_error(error)
 
@@ -81,12 +84,13 @@ def build(services: Callable[[], Services], sandbox_id: Callable[[Request], str 
             sandbox, _ = await authorized(request)
         except SandboxNotFound as exc:
             return envd_files.error(502, str(exc))
-        refusal = _other_user(request)
-        if refusal is not None:
-            return envd_files.error(400, refusal)
+        try:
+            user = acting_user(request, services().sandboxes.default_user)
+        except ValueError as exc:
+            return envd_files.error(400, str(exc))
         if request.method == "GET":
-            return await envd_files.download(request, services().sandboxes, sandbox)
-        return await envd_files.upload(request, services().sandboxes, sandbox)
+            return await envd_files.download(request, services().sandboxes, sandbox, user)
+        return await envd_files.upload(request, services().sandboxes, sandbox, user)
 
     async def health(request: Request) -> Response:
         try:

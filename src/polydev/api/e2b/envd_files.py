@@ -28,23 +28,24 @@ def error(status: int, message: str) -> Response:
 
 
 def _agent_error(exc: AgentError) -> Response:
-    if exc.status in (400, 403, 404, 409, 413):
-        return error(exc.status if exc.status != 409 else 400, exc.reason)
+    if exc.status in (400, 403, 404, 409, 413, 422):
+        return error(exc.status if exc.status not in (409, 422) else 400, exc.reason)
     return error(502, f"the sandbox's agent answered {exc.status}")
 
 
-def _query_path(request: Request) -> str | None:
+def _query_path(request: Request, user: str) -> str | None:
     path = request.query_params.get("path")
     if path is None:
         return None
     if not path or "\0" in path:
         raise ValueError("path must be non-empty, without NUL")
-    return resolve(path)
+    return resolve(path, user)
 
 
-async def download(request: Request, sandboxes: Sandboxes, sandbox: Sandbox) -> Response:
+async def download(request: Request, sandboxes: Sandboxes, sandbox: Sandbox, user: str) -> Response:
+    """The file's bytes, a relative path being in `user`'s home."""
     try:
-        path = _query_path(request)
+        path = _query_path(request, user)
     except ValueError as exc:
         return error(400, str(exc))
     if path is None:
@@ -87,9 +88,10 @@ def _multipart(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
     return files
 
 
-async def upload(request: Request, sandboxes: Sandboxes, sandbox: Sandbox) -> Response:
+async def upload(request: Request, sandboxes: Sandboxes, sandbox: Sandbox, user: str) -> Response:
+    """Write the files as the agent (root) and give them, with the directories made for them, to `user`."""
     try:
-        path = _query_path(request)
+        path = _query_path(request, user)
         body = await _body(request)
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
@@ -98,7 +100,7 @@ async def upload(request: Request, sandboxes: Sandboxes, sandbox: Sandbox) -> Re
                 return error(400, "the form has no `file` field")
             if path is not None and len(files) == 1:
                 files = [(path, files[0][1])]
-            targets = [(resolve(name), data) for name, data in files]
+            targets = [(resolve(name, user), data) for name, data in files]
         else:
             if path is None:
                 return error(400, "the path query parameter is required")
@@ -115,7 +117,7 @@ async def upload(request: Request, sandboxes: Sandboxes, sandbox: Sandbox) -> Re
     def run() -> None:
         with sandboxes.agent(sandbox) as agent:
             for name, data in targets:
-                agent.put_file(name, data)
+                agent.put_file(name, data, owner=user)
     try:
         await asyncio.to_thread(run)
     except AgentError as exc:

@@ -31,7 +31,7 @@ TYPES = {"file": "FILE_TYPE_FILE", "dir": "FILE_TYPE_DIRECTORY", "symlink": "FIL
 STREAMS = ("WatchDir",)
 R = TypeVar("R")
 _STATUS = {404: "not_found", 409: "already_exists", 403: "permission_denied", 400: "invalid_argument",
-           413: "resource_exhausted"}
+           422: "invalid_argument", 413: "resource_exhausted"}
 
 
 def entry_info(e: FsEntry) -> dict[str, Any]:
@@ -82,15 +82,16 @@ async def _watch_stream(lister: Callable[[], list[FsEntry]], root: str) -> Async
             yield {"filesystem": {"name": name, "type": kind}}
 
 
-def _path(msg: dict[str, Any], name: str = "path") -> str:
-    path = field(msg, name, default="")
-    if not path or "\0" in path:
-        raise RpcError("invalid_argument", f"{name} is required (without NUL)")
-    return resolve(path)
-
-
-async def handle(method: str, request: Request, sandboxes: Sandboxes, sandbox: Sandbox) -> Response:
+async def handle(method: str, request: Request, sandboxes: Sandboxes, sandbox: Sandbox, user: str) -> Response:
+    """One call, as the guest account `user`: relative paths are in its home and directories made are its."""
     streaming = method in STREAMS
+
+    def _path(msg: dict[str, Any], name: str = "path") -> str:
+        path = field(msg, name, default="")
+        if not path or "\0" in path:
+            raise RpcError("invalid_argument", f"{name} is required (without NUL)")
+        return resolve(path, user)
+
     try:
         msg = await read_message(request, streaming)
         if method == "Stat":
@@ -102,7 +103,8 @@ async def handle(method: str, request: Request, sandboxes: Sandboxes, sandbox: S
             entries = await _fs(sandboxes, sandbox, "list", _path(msg), depth=depth)
             return unary_answer({"entries": [entry_info(e) for e in entries]})
         if method == "MakeDir":
-            return unary_answer({"entry": entry_info((await _fs(sandboxes, sandbox, "mkdir", _path(msg)))[0])})
+            made = await _fs(sandboxes, sandbox, "mkdir", _path(msg), user=user)
+            return unary_answer({"entry": entry_info(made[0])})
         if method == "Move":
             moved = await _fs(sandboxes, sandbox, "move", _path(msg, "source"),
                               destination=_path(msg, "destination"))

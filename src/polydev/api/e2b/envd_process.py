@@ -1,8 +1,8 @@
 """envd's `process.Process` service over the sandbox's guest agent (core/sandbox_procs.py holds the processes).
 
 The SDK runs `/bin/bash -l -c CMD` by Start; the first event of the stream is `start{pid}` (the guest's pid),
-then `data{stdout|stderr|pty}` (base64), then `end`. Processes run as root in /root unless the request says
-otherwise: the guest has one user.
+then `data{stdout|stderr|pty}` (base64), then `end`. A process runs as the account the call names (`user`,
+by default the sandbox's: E2B's `user`), in its home unless the call gives a `cwd`.
 """
 
 from __future__ import annotations
@@ -30,16 +30,20 @@ from polydev.core.sandboxes import Sandboxes
 from polydev.store.models import Sandbox
 from polydev.vm.agent_client import AgentClient, AgentError
 
-HOME = "/root"
 MAX_KEEPALIVE_S = 60.0
 # envd's signal enum names → the agent's signal names.
 SIGNALS = {"SIGNAL_SIGKILL": "KILL", "SIGNAL_SIGTERM": "TERM", "SIGNAL_SIGINT": "INT", "SIGNAL_SIGHUP": "HUP"}
 STREAMS = ("Start", "Connect")
 
 
-def resolve(path: str) -> str:
+def home_of(user: str) -> str:
+    """The account's home as E2B's images lay them out (and Polydev's image: vm/build_steps.sandbox_user)."""
+    return "/root" if user == "root" else f"/home/{user}"
+
+
+def resolve(path: str, user: str) -> str:
     """envd resolves a relative path against the user's home."""
-    return posixpath.normpath(path if path.startswith("/") else posixpath.join(HOME, path))
+    return posixpath.normpath(path if path.startswith("/") else posixpath.join(home_of(user), path))
 
 
 def _end_event(exit: Exit) -> dict[str, Any]:
@@ -86,7 +90,7 @@ def _str_map(value: Any, name: str) -> dict[str, str]:
     return value
 
 
-def _command(msg: dict[str, Any], envs: dict[str, str]) -> Command:
+def _command(msg: dict[str, Any], envs: dict[str, str], user: str) -> Command:
     cmd = field(msg, "process", "cmd", default="")
     args = field(msg, "process", "args", kind=list, default=[])
     if not cmd or "\0" in cmd or not all(isinstance(a, str) and "\0" not in a for a in args):
@@ -100,7 +104,7 @@ def _command(msg: dict[str, Any], envs: dict[str, str]) -> Command:
             raise RpcError("invalid_argument", "pty.size rows and cols must be from 1 to 65535")
         size = (rows, cols)
     return Command(cmd=cmd, args=list(args), envs={**envs, **_str_map(field(msg, "process", "envs", kind=dict), "envs")},
-                   cwd=resolve(cwd) if cwd else HOME, tag=field(msg, "tag"),
+                   cwd=resolve(cwd, user) if cwd else None, tag=field(msg, "tag"), user=user,
                    stdin=bool(field(msg, "stdin", kind=bool, default=False)), pty_size=size)
 
 
@@ -130,7 +134,7 @@ async def _agent_call(sandboxes: Sandboxes, sandbox: Sandbox, call: str, *args: 
 
 
 async def handle(method: str, request: Request, sandboxes: Sandboxes, table: ProcessTable, sandbox: Sandbox,
-                 envs: dict[str, str]) -> Response:
+                 envs: dict[str, str], user: str) -> Response:
     streaming = method in STREAMS
     try:
         msg = await read_message(request, streaming)
@@ -139,7 +143,7 @@ async def handle(method: str, request: Request, sandboxes: Sandboxes, table: Pro
             return sandboxes.agent(sandbox, timeout=60.0)
 
         if method == "Start":
-            command = _command(msg, envs)
+            command = _command(msg, envs, user)
             try:
                 proc, queue = await table.start(sandbox.id, agents, command)
             except StartFailed as exc:
