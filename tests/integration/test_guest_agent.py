@@ -147,6 +147,37 @@ def test_exec_and_files_as_another_account(agent: AgentClient, scratch: str) -> 
     agent.exec(["rm", "-r", scratch])
 
 
+def _waiting_shells(agent: AgentClient, marker: str) -> set[int]:
+    """Pids of the agent's waiting login shells whose environment holds `marker` (read by root in /proc)."""
+    found = agent.exec(["sh", "-c", f"grep -lsz {marker} /proc/[0-9]*/environ; true"]).stdout.decode()
+    pids = {int(line.split("/")[2]) for line in found.split()}
+    args = {pid: agent.exec(["cat", f"/proc/{pid}/cmdline"]).stdout for pid in pids}
+    return {pid for pid, cmdline in args.items() if b"__polydev_command" in cmdline}
+
+
+def test_a_login_shell_exec_is_run_by_a_shell_started_before_it(agent: AgentClient) -> None:
+    marker = f"WARM_TEST={secrets.token_hex(6)}"
+    env, shell = {"WARM_TEST": marker.split("=")[1]}, ["/bin/bash", "-l", "-c"]
+    first = agent.exec([*shell, 'echo "$WARM_TEST"'], env=env, cwd="/tmp")
+    assert first.stdout.decode() == f"{env['WARM_TEST']}\n"
+    deadline = time.monotonic() + 60
+    while not (waiting := _waiting_shells(agent, marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(waiting) == 1  # one shell like the last, ready
+    script = 'echo "$WARM_TEST $$ $0 ${__polydev_command-unset}"; pwd; read -r x; echo "read $?"\n' \
+             "echo $(ps -o ni= -p $$); echo 'it''s' err >&2; exit 7\n"
+    second = agent.exec([*shell, script], env=env, cwd="/tmp")
+    pid = second.events[0].pid
+    assert pid in waiting
+    assert second.stdout.decode().split("\n") == [f"{env['WARM_TEST']} {pid} /bin/bash unset", "/tmp", "read 1",
+                                                   "0", ""]  # its priority back to normal, stdin at its end
+    assert (second.stderr, second.exit_code) == (b"its err\n", 7)
+    other = agent.exec([*shell, "echo $$; cd /; pwd"], env={**env, "MORE": "1"})  # not like the waiting one
+    assert other.stdout.decode().split()[1] == "/" and int(other.stdout.split()[0]) not in waiting
+    broken = agent.exec([*shell, "if then"], env=env, cwd="/tmp")  # a syntax error, as bash -c reports it
+    assert broken.exit_code == 2 and b"syntax error" in broken.stderr
+
+
 def test_file_errors(agent: AgentClient, scratch: str) -> None:
     with pytest.raises(AgentError) as missing:
         agent.get_file(f"{scratch}/nope")

@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Callable
 
-from polydev.guest import accounts, backlog
+from polydev.guest import accounts, backlog, warm
 from polydev.guest.http import client_gone
 from polydev.protocol import INPUT_WAIT_S, ExecEvent, ExecRequest
 
@@ -120,7 +120,13 @@ def spawn(req: ExecRequest) -> tuple[str, Exec]:
             env = {**DEFAULT_ENV, **account.env(), **req.env}
             cwd = cwd or (account.home if os.path.isdir(account.home) else "/")
             ids = {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)}
-        if req.pty:
+        warm_key = warm.key_of(req, env, cwd, ids)
+        proc = None if warm_key is None else warm.take(warm_key, req.args[3])
+        if warm_key is not None:
+            warm.prepare(warm_key, env, cwd, ids)  # the next one like it
+        if proc is not None:
+            stdin = None
+        elif req.pty:
             master, slave = os.openpty()
             if req.pty_size is not None:
                 _set_size(master, *req.pty_size)
