@@ -160,6 +160,9 @@ def test_a_login_shell_exec_is_run_by_a_shell_started_before_it(agent: AgentClie
     env, shell = {"WARM_TEST": marker.split("=")[1]}, ["/bin/bash", "-l", "-c"]
     first = agent.exec([*shell, 'echo "$WARM_TEST"'], env=env, cwd="/tmp")
     assert first.stdout.decode() == f"{env['WARM_TEST']}\n"
+    time.sleep(0.5)
+    assert not _waiting_shells(agent, marker)  # a kind asked for once gets none
+    agent.exec([*shell, "true"], env=env, cwd="/tmp")
     deadline = time.monotonic() + 60
     while not (waiting := _waiting_shells(agent, marker)) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -176,6 +179,20 @@ def test_a_login_shell_exec_is_run_by_a_shell_started_before_it(agent: AgentClie
     assert other.stdout.decode().split()[1] == "/" and int(other.stdout.split()[0]) not in waiting
     broken = agent.exec([*shell, "if then"], env=env, cwd="/tmp")  # a syntax error, as bash -c reports it
     assert broken.exit_code == 2 and b"syntax error" in broken.stderr
+    as_nobody = ([*shell, 'echo "$(id -u) $(id -G) $HOME $$"'], {"env": env, "user": "nobody", "cwd": "/tmp"})
+    for _ in range(2):  # asked for twice: a shell under nobody's ids is started ahead (through setpriv)
+        assert agent.exec(as_nobody[0], **as_nobody[1]).stdout.decode().split()[:3] == ["65534", "65534",
+                                                                                          "/nonexistent"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        theirs = {pid for pid in _waiting_shells(agent, marker)
+                  if b"Uid:\t65534" in agent.exec(["cat", f"/proc/{pid}/status"]).stdout}
+        if theirs:
+            break
+        time.sleep(0.2)
+    third = agent.exec(as_nobody[0], **as_nobody[1])
+    assert third.stdout.decode().split() == ["65534", "65534", "/nonexistent", str(third.events[0].pid)]
+    assert third.events[0].pid in theirs
 
 
 def test_file_errors(agent: AgentClient, scratch: str) -> None:
