@@ -147,12 +147,18 @@ def test_exec_and_files_as_another_account(agent: AgentClient, scratch: str) -> 
     agent.exec(["rm", "-r", scratch])
 
 
-def _waiting_shells(agent: AgentClient, marker: str) -> set[int]:
-    """Pids of the agent's waiting login shells whose environment holds `marker` (read by root in /proc)."""
+def _waiting_shells(agent: AgentClient, marker: str, ready_only: bool = True) -> set[int]:
+    """Pids of the agent's login shells started ahead whose environment holds `marker` and that are ready: their
+    ready pipe (`printf . >&N`) closed, as it is once their login files have run (read by root in /proc)."""
     found = agent.exec(["sh", "-c", f"grep -lsz {marker} /proc/[0-9]*/environ; true"]).stdout.decode()
-    pids = {int(line.split("/")[2]) for line in found.split()}
-    args = {pid: agent.exec(["cat", f"/proc/{pid}/cmdline"]).stdout for pid in pids}
-    return {pid for pid, cmdline in args.items() if b"__polydev_command" in cmdline}
+    ready = set()
+    for pid in {int(line.split("/")[2]) for line in found.split()}:
+        cmdline = agent.exec(["cat", f"/proc/{pid}/cmdline"]).stdout.decode(errors="replace")
+        if "__polydev_command" in cmdline:
+            fd = cmdline.split("printf . >&", 1)[1].split(";", 1)[0]
+            if not ready_only or agent.exec(["test", "-e", f"/proc/{pid}/fd/{fd}"]).exit_code != 0:
+                ready.add(pid)
+    return ready
 
 
 def test_a_login_shell_exec_is_run_by_a_shell_started_before_it(agent: AgentClient) -> None:
@@ -193,6 +199,28 @@ def test_a_login_shell_exec_is_run_by_a_shell_started_before_it(agent: AgentClie
     third = agent.exec(as_nobody[0], **as_nobody[1])
     assert third.stdout.decode().split() == ["65534", "65534", "/nonexistent", str(third.events[0].pid)]
     assert third.events[0].pid in theirs
+
+
+def test_a_login_shell_still_reading_its_login_files_is_left_for_a_later_exec(agent: AgentClient, scratch: str
+                                                                              ) -> None:
+    # A HOME of its own whose login is slow only in a shell started ahead (which waits at nice 19: the agent
+    # renices it right after its exec, well within the first 0.2 s).
+    agent.put_file(f"{scratch}/.bash_profile",
+                   b'sleep 0.2; read -r -a f < /proc/$$/stat; if [ "${f[18]}" = 19 ]; then sleep 2; fi\n')
+    marker = f"WARM_SLOW={secrets.token_hex(6)}"
+    env = {"HOME": scratch, "WARM_SLOW": marker.split("=")[1]}
+    run = ["/bin/bash", "-l", "-c", "echo $$"]
+    for _ in range(2):  # the second starts one ahead, which is in its login files for 2 s more
+        agent.exec(run, env=env)
+    starting = _waiting_shells(agent, marker, ready_only=False)
+    assert len(starting) == 1 and not _waiting_shells(agent, marker)
+    third = agent.exec(run, env=env)  # a fresh shell, not the one still starting
+    assert int(third.stdout) not in starting and int(third.stdout) == third.events[0].pid
+    deadline = time.monotonic() + 60
+    while not _waiting_shells(agent, marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert int(agent.exec(run, env=env).stdout) in starting  # once ready, it is taken
+    agent.exec(["rm", "-r", scratch])
 
 
 def test_file_errors(agent: AgentClient, scratch: str) -> None:

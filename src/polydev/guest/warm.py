@@ -3,13 +3,14 @@
 E2B's SDK runs every command as `/bin/bash -l -c CMD`. Under an emulated CPU starting that shell (fork, exec,
 the dynamic loader, the login files) costs 120-170 ms, several times the rest of a command's round trip
 (bench/README.md). So after each such exec the agent starts the next shell of the same kind (account,
-environment, cwd) at the lowest CPU priority, and that shell reads the login files and waits for its command
-on a pipe of its own. An exec that matches takes it: the command is written to the pipe (which holds it if the
-shell is still in its login files: it has a head start either way), the shell gets its normal priority back,
-and it `eval`s the command. The process, its pid, its output pipes and its exit status are those a fresh
-`bash -l -c CMD` would have had; the login files simply ran earlier. An exec that matches none starts bash as
-usual. A kind gets a shell started ahead only once it has been asked for twice: commands that each bring an
-environment of their own would otherwise pay for two shells each.
+environment, cwd) at the lowest CPU priority, and that shell reads the login files, says it is ready on one
+pipe and waits for its command on another. An exec that matches a ready shell takes it: the command is written
+to the pipe, the shell gets its normal priority back, and it `eval`s the command. The process, its pid, its
+output pipes and its exit status are those a fresh `bash -l -c CMD` would have had; the login files simply ran
+earlier. An exec that finds none ready starts bash as usual: one still in its login files, starved by the
+commands before it at nice 19, would be slower than a fresh start (measured back to back). A kind gets a
+shell started ahead only once it has been asked for twice: commands that each bring an environment of their
+own would otherwise pay for two shells each.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ from polydev.protocol import ExecRequest
 
 LOGIN_SHELL = ("/bin/bash", "-l", "-c")
 MAX_WARM = 2  # shells kept ready at once, the least recently asked-for ended first
-FORK_WAIT_S = 2.0  # a match waits this long for a shell whose fork is under way (it is further along)
 MAX_SEEN = 16  # kinds of shell remembered as asked for
 # Another account's shell changes its ids through setpriv: Popen's own user= forks the agent instead of
 # vforking it, and under TCG that copy slows the command running meanwhile by ~15 ms (measured).
 SETPRIV = "/usr/bin/setpriv"
 IDLE_NICE = 19  # while it waits: the command running now keeps the CPU
-# The shell reads its command from the pipe (up to a NUL or the pipe's end), closes it, then runs it in the
-# shell itself, as `bash -c` would. `{fd}` is the pipe's number, the same in the shell (pass_fds).
-SCRIPT = 'IFS= read -r -d "" __polydev_command <&{fd}; exec {fd}<&-; eval "unset __polydev_command; $__polydev_command"'
+# Once the login files have run, the shell writes a byte to the ready pipe and closes it, reads its command
+# from the command pipe (up to a NUL or the pipe's end), closes that, and runs the command in the shell itself,
+# as `bash -c` would. `{ready}` and `{fd}` are the pipes' numbers, the same in the shell (pass_fds).
+SCRIPT = ('printf . >&{ready}; exec {ready}>&-; IFS= read -r -d "" __polydev_command <&{fd}; exec {fd}<&-; '
+          'eval "unset __polydev_command; $__polydev_command"')
 
 Key = tuple[Any, ...]
 
@@ -46,26 +48,39 @@ def key_of(req: ExecRequest, env: dict[str, str], cwd: str | None, ids: dict[str
 
 
 class _Shell:
-    def __init__(self, proc: subprocess.Popen[bytes], command_fd: int) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], command_fd: int, ready_fd: int) -> None:
         self.proc = proc
         self.command_fd = command_fd  # our end of its command pipe
+        self.ready_fd = ready_fd  # our end of its ready pipe (non-blocking)
+
+    def ready(self) -> bool | None:
+        """True once its login files have run; False while they run; None if it ended before."""
+        try:
+            return bool(os.read(self.ready_fd, 1)) or None
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        os.close(self.command_fd)
+        os.close(self.ready_fd)
 
 
 _ready: OrderedDict[Key, _Shell] = OrderedDict()
 _starting: set[Key] = set()
 _seen: OrderedDict[Key, None] = OrderedDict()
-_lock = threading.Condition()
+_lock = threading.Lock()
 
 
 def take(key: Key, command: str) -> subprocess.Popen[bytes] | None:
-    """The waiting shell for `key`, now running `command`; None if there is none (or it has died)."""
+    """The ready shell for `key`, now running `command`; None if there is none ready (or it has died)."""
     with _lock:
-        _lock.wait_for(lambda: key not in _starting, FORK_WAIT_S)
-        shell = _ready.pop(key, None)
-    if shell is None:
-        return None
+        shell = _ready.get(key)
+        ready = None if shell is None else shell.ready()
+        if shell is None or ready is False:
+            return None  # one still starting stays for a later exec
+        del _ready[key]
     try:
-        if shell.proc.poll() is not None:
+        if not ready or shell.proc.poll() is not None:
             raise OSError("the waiting shell has ended")
         os.setpriority(os.PRIO_PROCESS, shell.proc.pid, 0)
         # A command is at most the size of an exec request; the pipe takes 64 KiB before it blocks, and the
@@ -75,7 +90,7 @@ def take(key: Key, command: str) -> subprocess.Popen[bytes] | None:
         _end(shell)
         return None
     finally:
-        os.close(shell.command_fd)
+        shell.close()
     return shell.proc
 
 
@@ -100,7 +115,9 @@ def prepare(key: Key, env: dict[str, str], cwd: str | None, ids: dict[str, Any])
 
 def _start(key: Key, env: dict[str, str], cwd: str | None, ids: dict[str, Any]) -> None:
     read_end, write_end = os.pipe()
-    argv = [*LOGIN_SHELL, SCRIPT.format(fd=read_end)]
+    ready_read, ready_write = os.pipe()
+    os.set_blocking(ready_read, False)
+    argv = [*LOGIN_SHELL, SCRIPT.format(fd=read_end, ready=ready_write)]
     if ids and os.path.exists(SETPRIV):
         groups = ",".join(str(g) for g in ids["extra_groups"])
         argv = [SETPRIV, f"--reuid={ids['user']}", f"--regid={ids['group']}",
@@ -108,25 +125,28 @@ def _start(key: Key, env: dict[str, str], cwd: str | None, ids: dict[str, Any]) 
         ids = {}
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, env=env, start_new_session=True, pass_fds=(read_end,), **ids)
-        os.setpriority(os.PRIO_PROCESS, proc.pid, IDLE_NICE)  # (a preexec_fn would cost vfork)
+                                cwd=cwd, env=env, start_new_session=True, pass_fds=(read_end, ready_write), **ids)
     except (OSError, ValueError, subprocess.SubprocessError):
         os.close(write_end)
+        os.close(ready_read)
         with _lock:
             _starting.discard(key)
-            _lock.notify_all()
         return
     finally:
         os.close(read_end)
+        os.close(ready_write)
+    try:
+        os.setpriority(os.PRIO_PROCESS, proc.pid, IDLE_NICE)  # (a preexec_fn would cost vfork)
+    except OSError:  # it ended already: the first exec to find it sees so
+        pass
     evicted: list[_Shell] = []
     with _lock:
         _starting.discard(key)
-        _ready[key] = _Shell(proc, write_end)
-        _lock.notify_all()
+        _ready[key] = _Shell(proc, write_end, ready_read)
         while len(_ready) > MAX_WARM:
             evicted.append(_ready.popitem(last=False)[1])
     for shell in evicted:
-        os.close(shell.command_fd)
+        shell.close()
         _end(shell)
 
 
