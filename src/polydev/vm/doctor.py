@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from polydev.config import Settings
+from polydev.vm.backends import kvm_host
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -52,6 +53,9 @@ def accel_check(settings: Settings) -> Check:
     problem = kvm_problem(Path("/dev/kvm"))
     if settings.vm_backend == "firecracker":
         return _check("kvm", problem, "/dev/kvm answers (Firecracker needs it)")
+    if problem is None and kvm_host.pvm_only():
+        return Check("kvm", "warn", f"{kvm_host.PVM_ONLY}: QEMU tries it and then uses TCG (software emulation, "
+                                    "several times slower)")
     if problem is None:
         return Check("kvm", "ok", "/dev/kvm answers: VMs try KVM first and fall back to TCG if the guest "
                                   "kernel does not come up under it")

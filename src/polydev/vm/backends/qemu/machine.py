@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 from polydev import protocol as p
 from polydev.vm import handover, lifetime
 from polydev.vm.agent_client import AgentClient
+from polydev.vm.backends import kvm_host
 from polydev.vm.backends.qemu.command import QemuCommand
 from polydev.vm.backends.qemu.errors import VMError
 
@@ -122,7 +123,8 @@ class QemuVM(QemuCommand):
                 # anything. Only a TCG success after a KVM failure shows KVM itself is the problem here.
                 seconds = self._boot("tcg", ready_timeout)
                 _kvm_usable = False
-                log.warning("KVM is not usable here (%s); falling back to TCG (software emulation)", kvm_error)
+                why = f"{kvm_error}; {kvm_host.PVM_ONLY}" if kvm_host.pvm_only() else kvm_error
+                log.warning("KVM is not usable here (%s); falling back to TCG (software emulation)", why)
                 return seconds
             return self._boot("tcg", ready_timeout)
         except BaseException:
