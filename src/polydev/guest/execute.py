@@ -119,7 +119,8 @@ def spawn(req: ExecRequest) -> tuple[str, Exec]:
             account = accounts.lookup(req.user)
             env = {**DEFAULT_ENV, **account.env(), **req.env}
             cwd = cwd or (account.home if os.path.isdir(account.home) else "/")
-            ids = {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)}
+            if account.uid != os.geteuid():  # (the agent's own account needs no switch, and keeps vfork)
+                ids = {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)}
         warm_key = warm.key_of(req, env, cwd, ids)
         proc = None if warm_key is None else warm.take(warm_key, req.args[3])
         if warm_key is not None:
