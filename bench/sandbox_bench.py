@@ -156,7 +156,7 @@ def run(url: str, token: str, args: argparse.Namespace) -> None:
                 created.append(time.perf_counter() - t0)
                 deleted.append(timed(lambda: api.delete(f"/api/vms/{other}").raise_for_status()))
             print(line("pause (vs deleting a VM)", paused, deleted), flush=True)
-            # The first is the sandbox's first pause: a VM restored from the snapshot reads all its memory then.
+            # The first is the sandbox's first pause, the slow one (bench/README.md).
             print("  pauses in order: " + ", ".join(f"{t:.2f} s" for t in paused), flush=True)
             print(line("resume -> first output (vs create)", resumed, created), flush=True)
         except SandboxException as exc:
