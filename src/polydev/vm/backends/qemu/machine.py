@@ -29,6 +29,7 @@ from polydev import protocol as p
 from polydev.vm import handover, lifetime
 from polydev.vm.agent_client import AgentClient
 from polydev.vm.backends import kvm_host
+from polydev.vm.backends.qemu import ram_cache
 from polydev.vm.backends.qemu.command import QemuCommand
 from polydev.vm.backends.qemu.errors import VMError
 
@@ -43,6 +44,9 @@ RESTORED_NICE = 10
 _kvm_usable: bool | None = None  # learnt once per process: the answer does not change while it runs
 # Migration leaves out RAM that is a shared file mapping: the snapshot's RAM is its template's RAM file.
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+# The guest is stopped before its state is saved: no downtime to keep short, so QEMU's live-migration limits
+# (32 MiB/s, 300 ms of downtime) only slow the save.
+HIBERNATE_PARAMETERS = {"max-bandwidth": 64 * 1024**3, "downtime-limit": 60_000}
 
 
 def free_port() -> int:
@@ -228,6 +232,8 @@ class QemuVM(QemuCommand):
         self.accel = accel
         self.port = free_port()
         try:
+            if self.ram_file is not None and not self.ram_file[1]:
+                ram_cache.read_ahead(self.ram_file[0])  # the incoming state is written over those pages too
             with open(state, "rb") as stream:
                 started = self._spawn(accel, ["-incoming", "defer"], pass_fds=(stream.fileno(),), nice=RESTORED_NICE)
                 self._resume_when_migrated(started + ready_timeout, f"fd:{stream.fileno()}")
@@ -269,9 +275,12 @@ class QemuVM(QemuCommand):
     def hibernate(self, state: Path) -> None:
         """Stop the guest and write its memory and device state to `state` (QEMU migration; a restored VM's
         RAM is its own private copy, so all of it goes in), then end QEMU keeping the overlay."""
+        if self.ram_file is not None and not self.ram_file[1]:
+            ram_cache.read_ahead(self.ram_file[0])
         self.qmp("stop")
         if self.ram_file is not None:  # as its restore was told: the template's shared RAM is not in a stream
             self.qmp("migrate-set-capabilities", IGNORE_SHARED)
+        self.qmp("migrate-set-parameters", HIBERNATE_PARAMETERS)
         self.qmp("migrate", {"uri": f"exec:cat > {state}"})
         while True:
             status = self.qmp("query-migrate").get("status")

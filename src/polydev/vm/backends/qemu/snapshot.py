@@ -15,6 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from polydev.vm.backends.qemu import ram_cache
 from polydev.vm.backends.qemu.command import GUEST_ADDR, GUEST_GATEWAY, TCG_CPU
 from polydev.vm.backends.qemu.machine import QemuVM
 from polydev.vm.forwards import GuestForward
@@ -74,6 +75,7 @@ def make(space: Workspace, image: Image, *, vcpus: int, memory_mb: int, accel: s
         # Stopped first, so the RAM file holds the guest's memory as the state describes it; its RAM, a
         # shared file mapping, is left out of the state (x-ignore-shared); QEMU ends with the files kept.
         template.hibernate(work / "state.bin")
+        ram_cache.warm_in_background(work / "ram.bin")  # for the first pause of a VM restored from it
         booted_under = template.accel
         os.replace(template.overlay, work / "disk.qcow2")
         os.chmod(work / "disk.qcow2", 0o400)  # frozen: every restored VM's overlay builds on it
