@@ -56,3 +56,7 @@ def test_a_missing_file_is_only_logged(tmp_path: Path, caplog: pytest.LogCapture
     with caplog.at_level(logging.INFO, logger=ram_cache.__name__):
         ram_cache.read_ahead(tmp_path / "gone.bin")
     assert "could not read the snapshot's memory file ahead" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=ram_cache.__name__):
+        ram_cache.warm_in_background(tmp_path / "gone.bin")  # a snapshot is still made without it
+    assert "could not read the snapshot's memory file ahead" in caplog.text

@@ -24,7 +24,11 @@ CHUNK = 64 << 20
 def warm_in_background(path: Path) -> None:
     """Read a new snapshot's memory file ahead at the lowest priority, so the first pause of the first VM
     restored from it does not pay for it. The file is held open: its rename into place does not matter."""
-    src = open(path, "rb")
+    try:
+        src = open(path, "rb")
+    except OSError as exc:  # only slower without it
+        log.info("could not read the snapshot's memory file ahead: %s", exc)
+        return
 
     def run() -> None:
         with src:
