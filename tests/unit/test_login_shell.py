@@ -42,6 +42,7 @@ def test_the_sandbox_account_is_added_once_without_touching_the_base(tmp_path: P
         os.link(base / "etc" / name, root / "etc" / name)
     (root / "etc/shadow").chmod(0o640)
     (root / "etc/skel/.profile").write_text("# skel\n")
+    (root / "etc/sudoers.d").mkdir()  # the image's sudo package made it
     sandbox_user(root)
     sandbox_user(root)  # again: still one entry each
     passwd = (root / "etc/passwd").read_text().splitlines()
@@ -53,3 +54,6 @@ def test_the_sandbox_account_is_added_once_without_touching_the_base(tmp_path: P
     home = root / "home/user"
     assert (home / ".profile").read_text() == "# skel\n"
     assert (home.stat().st_uid, (home / ".profile").stat().st_gid) == (1000, 1000)
+    rule = root / "etc/sudoers.d/user"
+    assert rule.read_text() == "user ALL=(ALL:ALL) NOPASSWD: ALL\n" and rule.stat().st_mode & 0o777 == 0o440
+    assert os.listdir(root / "etc/sudoers.d") == ["user"]

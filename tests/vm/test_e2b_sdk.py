@@ -131,6 +131,7 @@ def test_files(sandbox: Sandbox) -> None:
 def test_calls_run_as_e2b_user_unless_they_ask_for_root(sandbox: Sandbox) -> None:
     assert sandbox.commands.run("id -un; pwd; echo $HOME").stdout == "user\n/home/user\n/home/user\n"
     assert sandbox.commands.run("id -un; pwd", user="root").stdout == "root\n/root\n"
+    assert sandbox.commands.run("sudo -n id -un").stdout == "root\n"  # as in E2B: sudo without a password
     sandbox.files.write("notes/a.txt", "mine")  # relative: in the user's home, and theirs
     assert sandbox.commands.run("stat -c %U notes notes/a.txt; cat notes/a.txt").stdout == "user\nuser\nmine"
     assert sandbox.files.make_dir("notes/sub") and sandbox.files.get_info("notes/sub").owner == "user"

@@ -184,8 +184,9 @@ def login_shell(root: Path) -> None:
 
 def sandbox_user(root: Path, name: str = "user", uid: int = 1000) -> None:
     """E2B's sandboxes run commands as `user` (uid 1000, home /home/user) unless a call asks for root, and its
-    users' scripts write to /home/user: the image has that account. The account files are replaced, not
-    appended to: the tree's files are hard links to the cached base."""
+    users' scripts write to /home/user: the image has that account, with sudo and no password as in E2B (the
+    VM is the boundary, not the account). The account files are replaced, not appended to: the tree's files are
+    hard links to the cached base."""
     entries = {"etc/passwd": f"{name}:x:{uid}:{uid}::/home/{name}:/bin/bash",
                "etc/shadow": f"{name}:*:20000:0:99999:7:::", "etc/group": f"{name}:x:{uid}:",
                "etc/gshadow": f"{name}:!::"}
@@ -200,6 +201,11 @@ def sandbox_user(root: Path, name: str = "user", uid: int = 1000) -> None:
             shutil.copystat(path, tmp)
             os.chown(tmp, path.stat().st_uid, path.stat().st_gid)
         os.replace(tmp, path)
+    if (root / "etc/sudoers.d").is_dir():
+        rule = root / "etc/sudoers.d" / f".{name}.polydev"  # sudo skips names with a dot until the rename
+        rule.write_text(f"{name} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+        rule.chmod(0o440)  # sudo ignores a rule file others may write
+        os.replace(rule, rule.with_name(name))
     home = root / "home" / name
     home.mkdir(parents=True, exist_ok=True)
     if (root / "etc/skel").is_dir():

@@ -32,7 +32,8 @@ GUEST_ROOT = "/opt/polydev/lib"  # where the agent's package lives inside the im
 INIT_PATH = "/sbin/polydev-init"
 NODE_COMPILE_CACHE = "/var/cache/node-compile-cache"
 
-BASE_PACKAGES = ("python3", "git", "ca-certificates", "iproute2", "procps")
+# sudo: E2B's `user` may run root's commands without a password, as in E2B's own sandboxes.
+BASE_PACKAGES = ("python3", "git", "ca-certificates", "iproute2", "procps", "sudo")
 # Browser login: a VNC X server and Chromium, with fonts but no desktop environment.
 FULL_PACKAGES = ("tigervnc-standalone-server", "chromium", "fonts-dejavu-core", "fonts-liberation",
                  # dconf-service (via Chromium) needs a session bus; debootstrap cannot pick one for a
