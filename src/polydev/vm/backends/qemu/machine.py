@@ -232,8 +232,7 @@ class QemuVM(QemuCommand):
         self.accel = accel
         self.port = free_port()
         try:
-            if self.ram_file is not None and not self.ram_file[1]:
-                ram_cache.read_ahead(self.ram_file[0])  # the incoming state is written over those pages too
+            self._read_ram_ahead()  # the incoming state is written over those pages too
             with open(state, "rb") as stream:
                 started = self._spawn(accel, ["-incoming", "defer"], pass_fds=(stream.fileno(),), nice=RESTORED_NICE)
                 self._resume_when_migrated(started + ready_timeout, f"fd:{stream.fileno()}")
@@ -275,8 +274,7 @@ class QemuVM(QemuCommand):
     def hibernate(self, state: Path) -> None:
         """Stop the guest and write its memory and device state to `state` (QEMU migration; a restored VM's
         RAM is its own private copy, so all of it goes in), then end QEMU keeping the overlay."""
-        if self.ram_file is not None and not self.ram_file[1]:
-            ram_cache.read_ahead(self.ram_file[0])
+        self._read_ram_ahead()
         self.qmp("stop")
         if self.ram_file is not None:  # as its restore was told: the template's shared RAM is not in a stream
             self.qmp("migrate-set-capabilities", IGNORE_SHARED)
@@ -292,6 +290,10 @@ class QemuVM(QemuCommand):
             time.sleep(0.05)
         self.kill()
         self.qmp_socket.unlink(missing_ok=True)
+
+    def _read_ram_ahead(self) -> None:
+        if self.ram_file is not None and not self.ram_file[1]:  # a private mapping of the snapshot's RAM file
+            ram_cache.read_ahead(self.ram_file[0])
 
     def _resume_when_migrated(self, deadline: float, uri: str) -> None:
         from qemu.qmp import QMPClient

@@ -24,10 +24,8 @@ CHUNK = 64 << 20
 def warm_in_background(path: Path) -> None:
     """Read a new snapshot's memory file ahead at the lowest priority, so the first pause of the first VM
     restored from it does not pay for it. The file is held open: its rename into place does not matter."""
-    try:
-        src = open(path, "rb")
-    except OSError as exc:  # only slower without it
-        log.info("could not read the snapshot's memory file ahead: %s", exc)
+    src = _open(path)
+    if src is None:
         return
 
     def run() -> None:
@@ -39,11 +37,18 @@ def warm_in_background(path: Path) -> None:
 
 def read_ahead(path: Path) -> None:
     """Read `path` into the page cache: sendfile to /dev/null, so a file already cached costs no copy."""
-    try:
-        with open(path, "rb") as src:
+    src = _open(path)
+    if src is not None:
+        with src:
             _read(src, path)
+
+
+def _open(path: Path) -> BinaryIO | None:
+    try:
+        return open(path, "rb")
     except OSError as exc:  # only slower without it
         log.info("could not read the snapshot's memory file ahead: %s", exc)
+        return None
 
 
 def _read(src: BinaryIO, path: Path) -> None:
